@@ -1,0 +1,20 @@
+"""fused_tau: Triton kernels for everything that divides logits by a temperature τ.
+
+    import fused_tau
+    loss = fused_tau.cross_entropy(logits, target, tau=0.07)   # == F.cross_entropy(logits / 0.07, target)
+
+CUDA tensors run the Triton kernels; other devices run the torch path with the
+same numerics (see ``fused_tau._dispatch``).
+"""
+from . import reference
+from ._dispatch import backend_for
+from .cross_entropy import CrossEntropyFunction, cross_entropy
+from .modules import CrossEntropyLoss
+from .softmax import LogSumExpFunction, SoftmaxFunction, log_softmax, logsumexp, softmax
+from .version import __version__
+
+__all__ = [
+    "softmax", "log_softmax", "logsumexp", "cross_entropy", "CrossEntropyLoss",
+    "SoftmaxFunction", "LogSumExpFunction", "CrossEntropyFunction", "reference", "backend_for",
+    "__version__",
+]

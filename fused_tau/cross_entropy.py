@@ -1,0 +1,126 @@
+"""Temperature cross-entropy on the row engine: a drop-in for
+``F.cross_entropy(input / tau, target, ...)``.
+
+The forward reads the logits once and keeps two fp32 numbers per row; the
+backward recomputes the probabilities and writes the gradient once.  No
+N × C temporary exists besides the gradient, and no fp32 copy of bf16 logits.
+"""
+import torch
+
+from . import reference
+from ._checks import (check_same_device, check_tensor, data_check, reduce_tau_grad, tau_for_kernel,
+                      tau_tensor)
+from ._dispatch import backend_for, row_engine
+from .softmax import view3
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """F.cross_entropy(input / τ, target, weight, ...) with gradients for input and τ."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, tau, ignore_index, reduction, label_smoothing,
+                inplace_backward, backend):
+        engine = row_engine(backend)
+        x3, A, C, B = view3(input, 1 if input.ndim > 1 else 0)
+        prob_target = target.is_floating_point()
+        tgt = target.reshape(A, C, B) if prob_target else target.reshape(-1).to(torch.int64).contiguous()
+        cdtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+        w = weight.detach().to(cdtype).contiguous() if weight is not None else None
+        tau_k = tau_for_kernel(tau, input)
+        loss, wy, m, s, a = engine.ce_fwd(x3, tgt, w, tau_k, ignore_index, label_smoothing, prob_target)
+        if reduction == "none":
+            out = loss.view(tuple(input.shape[:1]) + tuple(input.shape[2:]) if input.ndim > 1 else ())
+            denom = None
+        else:
+            out = loss.sum()
+            denom = None
+            if reduction == "mean":
+                denom = torch.full((), float(A * B), dtype=cdtype, device=input.device) if prob_target \
+                    else wy.sum()
+                out = out / denom
+        ctx.engine, ctx.input_shape, ctx.B = engine, input.shape, B
+        ctx.options = (ignore_index, label_smoothing, prob_target, reduction, inplace_backward)
+        ctx.save_for_backward(x3, tgt, w, tau_k, m, s, a, denom, tau)
+        return out.to(input.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x3, tgt, w, tau_k, m, s, a, denom, tau = ctx.saved_tensors
+        ignore_index, label_smoothing, prob_target, reduction, inplace = ctx.options
+        tau_grad = ctx.needs_input_grad[3]
+        g = grad.detach().to(m.dtype)
+        if reduction == "none":
+            g = g.reshape(-1).contiguous()
+        elif reduction == "mean":
+            g = (g / denom).reshape(1)
+        else:
+            g = g.reshape(1)
+        dx, dtau = ctx.engine.ce_bwd(x3, tgt, w, tau_k, m, s, a, g, ignore_index, label_smoothing,
+                                     prob_target, tau_grad, inplace=inplace)
+        dtau = reduce_tau_grad(dtau, tau, ctx.B) if tau_grad else None
+        dx = dx.reshape(ctx.input_shape) if ctx.needs_input_grad[0] else None
+        return dx, None, None, dtau, None, None, None, None, None
+
+
+def _check(input, target, weight, ignore_index, reduction, label_smoothing):
+    check_tensor(input, "input")
+    check_tensor(target, "target", floating=False)
+    if input.ndim == 0:
+        raise ValueError("input must have at least one dimension (the classes), got a 0-dim tensor")
+    check_same_device(target, "target", input, "input")
+    class_dim = 1 if input.ndim > 1 else 0
+    C = input.shape[class_dim]
+    if target.is_floating_point():
+        if target.shape != input.shape:
+            raise ValueError(f"probability target must have input's shape {tuple(input.shape)}, "
+                             f"got {tuple(target.shape)}")
+    else:
+        if target.dtype in (torch.bool, torch.complex64, torch.complex128) or target.is_complex():
+            raise TypeError(f"target must hold class indices (an integer dtype) or probabilities, got {target.dtype}")
+        expected = tuple(input.shape[:1]) + tuple(input.shape[2:]) if input.ndim > 1 else ()
+        if tuple(target.shape) != expected:
+            raise ValueError(f"target must have shape {expected} for input of shape {tuple(input.shape)}, "
+                             f"got {tuple(target.shape)}")
+    if weight is not None:
+        check_tensor(weight, "weight")
+        check_same_device(weight, "weight", input, "input")
+        if weight.shape != (C,):
+            raise ValueError(f"weight must have shape ({C},), one per class, got {tuple(weight.shape)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing <= 1.0):
+        raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+    if not target.is_floating_point() and target.numel() > 0:
+        ok = ((target >= 0) & (target < C)) | (target == ignore_index)
+        data_check(ok.all(), f"target holds a class index outside [0, {C}) that is not "
+                             f"ignore_index={ignore_index}", IndexError)
+    return class_dim
+
+
+def cross_entropy(input, target, tau=1.0, weight=None, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0, *, inplace_backward=False):
+    """``F.cross_entropy(input / tau, target, weight, ignore_index=..., reduction=..., label_smoothing=...)``.
+
+    Per row, with z = input / τ and lse = logsumexp(z):
+    class index y: ``(1-ε) w_y (lse - z_y) + (ε/C) Σ_c w_c (lse - z_c)``, 0 where y == ignore_index;
+    probabilities t: ``Σ_c w_c ((1-ε) t_c + ε/C) (lse - z_c)``.
+    ``mean`` divides by Σ w_y over non-ignored rows (class indices) or by the row count
+    (probabilities), as torch does.  Inputs (C,), (N, C) and (N, C, d1, ...).
+
+    τ: a positive float, a one-element tensor, or one τ per sample (shape (N,)); a
+    tensor τ that requires grad gets dL/dτ = Σ_rows (z_y - Σ p z) / τ (hard labels).
+    ``inplace_backward=True`` writes the gradient into ``input``'s memory (saves one
+    N × C buffer; only when nothing else needs ``input`` after the loss).
+    """
+    _check(input, target, weight, ignore_index, reduction, label_smoothing)
+    outer = tuple(input.shape[:1]) if input.ndim > 1 else ()
+    tau_t = tau_tensor(tau, input, outer)
+    backend = backend_for(input)
+    if backend == "reference" or input.numel() == 0:
+        return reference.cross_entropy(input, target, tau_t, weight, ignore_index, reduction, label_smoothing)
+    return CrossEntropyFunction.apply(input, target, weight, tau_t, ignore_index, reduction,
+                                      float(label_smoothing), bool(inplace_backward), backend)

@@ -1,0 +1,103 @@
+"""softmax, log_softmax and logsumexp with a temperature, on the row engine.
+
+Layers: kernels/row.py (or the torch path) -> ``SoftmaxFunction`` /
+``LogSumExpFunction`` -> the public functions below.
+"""
+import math
+
+import torch
+
+from . import reference
+from ._checks import check_dim, check_tensor, reduce_tau_grad, tau_for_kernel, tau_tensor
+from ._dispatch import MODE_LOG_SOFTMAX, MODE_LSE, MODE_SOFTMAX, backend_for, row_engine
+
+
+def view3(x, dim):
+    """x as (A, C, B) around ``dim`` (a view whenever one exists), and (A, C, B)."""
+    shape = tuple(x.shape) if x.ndim else (1,)
+    A = math.prod(shape[:dim])
+    C = shape[dim]
+    B = math.prod(shape[dim + 1:])
+    return x.reshape(A, C, B), A, C, B
+
+
+class SoftmaxFunction(torch.autograd.Function):
+    """softmax(x / τ) or log_softmax(x / τ) along ``dim``; τ may require grad."""
+
+    @staticmethod
+    def forward(ctx, x, tau, dim, log, backend):
+        engine = row_engine(backend)
+        x3, A, C, B = view3(x, dim)
+        tau_k = tau_for_kernel(tau, x)
+        out, m, s = engine.softmax_fwd(x3, tau_k, MODE_LOG_SOFTMAX if log else MODE_SOFTMAX)
+        ctx.engine, ctx.log, ctx.shape3 = engine, log, (A, C, B)
+        tau_grad = ctx.needs_input_grad[1]
+        ctx.save_for_backward(out, x3 if tau_grad else None, m, s, tau_k, tau)
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, x3, m, s, tau_k, tau = ctx.saved_tensors
+        tau_grad = ctx.needs_input_grad[1]
+        g = grad.reshape(out.shape).contiguous()
+        dx, dtau = ctx.engine.softmax_bwd(out, g, x3 if tau_grad else out, m, s, tau_k, ctx.log, tau_grad)
+        dtau = reduce_tau_grad(dtau, tau, ctx.shape3[2]) if tau_grad else None
+        return dx.view(grad.shape), dtau, None, None, None
+
+
+class LogSumExpFunction(torch.autograd.Function):
+    """τ · logsumexp(x / τ) along ``dim``; τ may require grad."""
+
+    @staticmethod
+    def forward(ctx, x, tau, dim, backend):
+        engine = row_engine(backend)
+        x3, A, C, B = view3(x, dim)
+        tau_k = tau_for_kernel(tau, x)
+        out, m, s = engine.softmax_fwd(x3, tau_k, MODE_LSE)
+        ctx.engine, ctx.x_shape, ctx.B = engine, x.shape, B
+        ctx.save_for_backward(x3, m, s, tau_k, tau)
+        return out.view(tuple(x.shape[:dim]) + tuple(x.shape[dim + 1:]))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x3, m, s, tau_k, tau = ctx.saved_tensors
+        tau_grad = ctx.needs_input_grad[1]
+        dx, dtau = ctx.engine.lse_bwd(x3, m, s, tau_k, grad.reshape(-1).contiguous(), tau_grad)
+        dtau = reduce_tau_grad(dtau, tau, ctx.B) if tau_grad else None
+        return dx.view(ctx.x_shape), dtau, None, None
+
+
+def _prepare(x, tau, dim):
+    check_tensor(x, "x")
+    dim = check_dim(dim, x.ndim)
+    tau_t = tau_tensor(tau, x, tuple(x.shape[:dim]))
+    return dim, tau_t, backend_for(x)
+
+
+def softmax(x, tau=1.0, dim=-1):
+    """``torch.softmax(x / tau, dim)`` in one fused pass.
+
+    τ: a positive float, a one-element tensor, or one τ per row (shape
+    ``x.shape[:dim]``); a tensor τ that requires grad gets its gradient.
+    """
+    dim, tau_t, backend = _prepare(x, tau, dim)
+    if backend == "reference" or x.numel() == 0:
+        return reference.softmax(x, tau_t, dim)
+    return SoftmaxFunction.apply(x, tau_t, dim, False, backend)
+
+
+def log_softmax(x, tau=1.0, dim=-1):
+    """``torch.log_softmax(x / tau, dim)``; the argmax's value is -log1p(Σ others), exact at small τ."""
+    dim, tau_t, backend = _prepare(x, tau, dim)
+    if backend == "reference" or x.numel() == 0:
+        return reference.log_softmax(x, tau_t, dim)
+    return SoftmaxFunction.apply(x, tau_t, dim, True, backend)
+
+
+def logsumexp(x, tau=1.0, dim=-1, keepdim=False):
+    """``tau * torch.logsumexp(x / tau, dim, keepdim)``: the smooth max, → max(x) as τ → 0."""
+    dim, tau_t, backend = _prepare(x, tau, dim)
+    if backend == "reference" or x.numel() == 0:
+        return reference.logsumexp(x, tau_t, dim, keepdim)
+    out = LogSumExpFunction.apply(x, tau_t, dim, backend)
+    return out.unsqueeze(dim) if keepdim and x.ndim else out

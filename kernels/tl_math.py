@@ -1,0 +1,79 @@
+"""Pure ``@triton.jit`` math shared by every row-engine kernel (no loads or stores).
+
+The online statistics of a row z = x / τ are kept per lane of a block as
+``(m, s)``: the running max ``m`` and ``s = Σ_{j ≠ argmax} exp(z_j - m)``, the sum
+over every element *but one* that attains the max.  The log-sum-exp is then
+``lse = m + log1p(s)``, and the cross-entropy of the argmax class is ``log1p(s)``
+with full relative precision even when it is 1e-9 (where ``log(1 + s)`` rounds
+to 0 in fp32).  This is the small-τ promise of DESIGN.md ("Numerics").
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def log1p(x):
+    """log(1 + x), exact to an ulp, from core ops only.
+
+    ``libdevice.log1p`` returns None under the Triton interpreter, so this is the
+    classic compensated form: with u = 1 + x, log1p(x) = log(u) * x / (u - 1).
+    """
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+
+@triton.jit
+def online_update(m, s, z):
+    """Fold a block ``z`` (masked lanes are -inf) into per-lane ``(m, s)``.
+
+    One exp per element: a new lane max rescales the old sum and adds the old
+    max's own term; otherwise the element is added to the sum of the others.
+    """
+    is_new = z > m
+    d = tl.where(is_new, m - z, z - m)
+    # -inf - -inf is NaN: a lane that holds only masked values adds nothing.
+    e = tl.exp(tl.where(z == float("-inf"), float("-inf"), d))
+    s = tl.where(is_new, s * e + e, s + e)
+    m = tl.maximum(m, z)
+    return m, s
+
+
+@triton.jit
+def online_finalize(m, s):
+    """Reduce per-lane ``(m, s)`` to the row's ``(M, S)``, S = Σ_{j ≠ argmax} exp(z_j - M).
+
+    Lanes whose max is below M contribute their max's term as well; among the
+    lanes that attain M all but one contribute their 1.  The -1 only matters
+    for a row with no finite element, where S = -1 makes lse = -inf.
+    """
+    M = tl.max(m, 0)
+    valid = m > float("-inf")
+    scale = tl.exp(tl.where(valid, m - M, float("-inf")))
+    at_top = valid & (m == M)
+    S = tl.sum(s * scale, 0) + tl.sum(tl.where(valid & (m < M), scale, 0.0), 0)
+    S = S + (tl.sum(at_top.to(tl.float32), 0) - 1.0)
+    return M, S
+
+
+@triton.jit
+def weighted_gap_update(m, A, D, z, a):
+    """Per-lane ``A = Σ a_j`` and ``D = Σ a_j (m - z_j)`` under the *old* lane max ``m``.
+
+    Every term of D is non-negative, so ``Σ_j a_j (lse - z_j) = D + A log1p(S)``
+    (after :func:`weighted_gap_finalize`) has no cancellation at small τ.  This is
+    the label-smoothing and probability-target part of the cross-entropy.
+    Coefficients a_j = 0 contribute exactly 0, also where z_j = -inf.
+    """
+    m_new = tl.maximum(m, z)
+    D = tl.where((z > m) & (A != 0.0), D + A * (z - m), D)
+    # A class at -inf costs +inf (as log_softmax = -inf does), even while the lane max is -inf too.
+    gap = tl.where(z == float("-inf"), float("inf"), m_new - z)
+    D = D + tl.where(a != 0.0, a * gap, 0.0)
+    return A + a, D
+
+
+@triton.jit
+def weighted_gap_finalize(m, A, D, M):
+    """Reduce per-lane ``(A, D)`` to the row: ``(Σ a_j, Σ a_j (M - z_j))``."""
+    D = tl.where(A != 0.0, D + A * (M - m), 0.0)
+    return tl.sum(A, 0), tl.sum(D, 0)

@@ -1,0 +1,28 @@
+"""fused_tau: kernels/ is installed as the subpackage fused_tau.kernels (never a top-level `kernels`)."""
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+here = Path(__file__).parent
+version = re.search(r'__version__ = "([^"]+)"', (here / "fused_tau" / "version.py").read_text()).group(1)
+
+setup(
+    name="fused_tau",
+    version=version,
+    description="Triton kernels for temperature softmax, cross-entropy, InfoNCE and distillation",
+    long_description=(here / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["fused_tau", "fused_tau.kernels"],
+    package_dir={"fused_tau": "fused_tau", "fused_tau.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.1",
+        "triton>=3.0; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "numpy"],
+        "bench": ["pytest-benchmark>=4", "numpy"],
+    },
+    license="Apache-2.0",
+)
