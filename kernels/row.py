@@ -16,11 +16,14 @@ Memory traffic (bytes of the logits dtype, R rows × C): cross-entropy forward
 reads R·C, backward reads R·C and writes R·C; no R × C temporary exists.
 Offsets are int64 (the row index is widened before any stride product).
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from .tl_math import log1p, online_finalize, online_update, weighted_gap_finalize, weighted_gap_update
+from .tl_math import (log1p, online_finalize, online_update, to_store, weighted_gap_finalize,
+                      weighted_gap_update)
 
 # Largest block a row is streamed in.  4096 fp32 lanes over 8 warps is 16
 # registers a lane per live tensor: no spills on sm_80/sm_90 (tests/test_aot.py).
@@ -41,9 +44,11 @@ def row_config(n_cols):
 
 
 @triton.jit
-def _load_z(x_row, c, C, stride_xc, inv_tau):
+def _load_z(x_row, c, C, stride_xc, tau):
+    """z = x / τ for columns ``c`` of a row, -inf past the end.  An IEEE-rounded division,
+    not x * (1/τ): at |z| ~ 1e3 the second rounding alone would double fp32's error in exp(z - M)."""
     x = tl.load(x_row + c.to(tl.int64) * stride_xc, mask=c < C, other=float("-inf"))
-    return x.to(tl.float32) * inv_tau
+    return tl.math.div_rn(x.to(tl.float32), tau)
 
 
 @triton.jit
@@ -55,7 +60,7 @@ def _softmax_fwd_kernel(
     # strides of x, and of τ (0: one τ; 1: one τ per a)
     stride_xa, stride_xc, stride_xb, stride_tau,
     # constants
-    MODE: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    MODE: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """MODE 0: out[r] = τ·logsumexp(x_r / τ); 1: softmax(x_r / τ); 2: log_softmax(x_r / τ)."""
     r = tl.program_id(0).to(tl.int64)
@@ -63,21 +68,20 @@ def _softmax_fwd_kernel(
     b = r % B
     x_row = x_ptr + a * stride_xa + b * stride_xb
     tau = tl.load(tau_ptr + a * stride_tau).to(tl.float32)
-    inv_tau = 1.0 / tau
     cols = tl.arange(0, BLOCK)
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK], tl.float32)
     if ONE_BLOCK:
-        z_kept = _load_z(x_row, cols, C, stride_xc, inv_tau)
+        z_kept = _load_z(x_row, cols, C, stride_xc, tau)
         m, s = online_update(m, s, z_kept)
     else:
         for start in range(0, C, BLOCK):
-            m, s = online_update(m, s, _load_z(x_row, start + cols, C, stride_xc, inv_tau))
+            m, s = online_update(m, s, _load_z(x_row, start + cols, C, stride_xc, tau))
     M, S = online_finalize(m, s)
     tl.store(m_ptr + r, M)
     tl.store(s_ptr + r, S)
     if MODE == 0:
-        tl.store(out_ptr + r, (tau * (M + log1p(S))).to(out_ptr.dtype.element_ty))
+        tl.store(out_ptr + r, to_store(tau * (M + log1p(S)), out_ptr, INTERPRETED))
     else:
         out_row = out_ptr + a * C * B + b
         inv_total = 1.0 / (1.0 + S)
@@ -87,12 +91,12 @@ def _softmax_fwd_kernel(
             if ONE_BLOCK:
                 z = z_kept
             else:
-                z = _load_z(x_row, c, C, stride_xc, inv_tau)
+                z = _load_z(x_row, c, C, stride_xc, tau)
             if MODE == 1:
                 y = tl.exp(z - M) * inv_total
             else:
                 y = (z - M) - log_total
-            tl.store(out_row + c.to(tl.int64) * B, y.to(out_ptr.dtype.element_ty), mask=c < C)
+            tl.store(out_row + c.to(tl.int64) * B, to_store(y, out_ptr, INTERPRETED), mask=c < C)
 
 
 @triton.jit
@@ -105,6 +109,7 @@ def _softmax_bwd_kernel(
     stride_xa, stride_xc, stride_xb, stride_tau,
     # constants
     LOG: tl.constexpr, TAU_GRAD: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     """dz = y (g - Σ g y) for softmax, dz = g - exp(y) Σ g for log_softmax; dx = dz / τ.
 
@@ -157,9 +162,9 @@ def _softmax_bwd_kernel(
             dz = g - tl.exp(y) * red
         else:
             dz = y * (g - red)
-        tl.store(dx_ptr + base + offs, (dz * inv_tau).to(dx_ptr.dtype.element_ty), mask=c < C)
+        tl.store(dx_ptr + base + offs, to_store(dz * inv_tau, dx_ptr, INTERPRETED), mask=c < C)
         if TAU_GRAD:
-            z = _load_z(x_row, c, C, stride_xc, inv_tau)
+            z = _load_z(x_row, c, C, stride_xc, tau)
             tau_acc += tl.where(dz != 0.0, (z - lse) * dz, 0.0)
     if TAU_GRAD:
         tl.store(dtau_ptr + r, -inv_tau * tl.sum(tau_acc, 0))
@@ -174,7 +179,7 @@ def _lse_bwd_kernel(
     # strides of x and τ; dx is contiguous
     stride_xa, stride_xc, stride_xb, stride_tau,
     # constants
-    TAU_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    TAU_GRAD: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """out = τ·lse(x/τ): dx = g·softmax(x/τ); dL/dτ = g·(lse - Σ p z) = g·(log1p(S) + Σ p (M - z))."""
     r = tl.program_id(0).to(tl.int64)
@@ -182,7 +187,8 @@ def _lse_bwd_kernel(
     b = r % B
     x_row = x_ptr + a * stride_xa + b * stride_xb
     dx_row = dx_ptr + a * C * B + b
-    inv_tau = 1.0 / tl.load(tau_ptr + a * stride_tau).to(tl.float32)
+    tau = tl.load(tau_ptr + a * stride_tau).to(tl.float32)
+    inv_tau = 1.0 / tau
     M = tl.load(m_ptr + r)
     S = tl.load(s_ptr + r)
     g = tl.load(g_ptr + r).to(tl.float32)
@@ -191,9 +197,9 @@ def _lse_bwd_kernel(
     tau_acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         c = start + cols
-        z = _load_z(x_row, c, C, stride_xc, inv_tau)
+        z = _load_z(x_row, c, C, stride_xc, tau)
         p = tl.exp(z - M) * inv_total
-        tl.store(dx_row + c.to(tl.int64) * B, (g * p).to(dx_ptr.dtype.element_ty), mask=c < C)
+        tl.store(dx_row + c.to(tl.int64) * B, to_store(g * p, dx_ptr, INTERPRETED), mask=c < C)
         if TAU_GRAD:
             tau_acc += tl.where(p != 0.0, p * (M - z), 0.0)
     if TAU_GRAD:
@@ -241,7 +247,7 @@ def _ce_fwd_kernel(
     b = r % B
     x_row = x_ptr + a * stride_xa + b * stride_xb
     t_row = target_ptr + a * stride_ta + b * stride_tb
-    inv_tau = 1.0 / tl.load(tau_ptr + a * stride_tau).to(tl.float32)
+    tau = tl.load(tau_ptr + a * stride_tau).to(tl.float32)
     cols = tl.arange(0, BLOCK)
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK], tl.float32)
@@ -249,7 +255,7 @@ def _ce_fwd_kernel(
     D = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         c = start + cols
-        z = _load_z(x_row, c, C, stride_xc, inv_tau)
+        z = _load_z(x_row, c, C, stride_xc, tau)
         if PROB_TARGET or SMOOTH:
             coef = _ce_coefficient(t_row, weight_ptr, c, C, stride_tc, smoothing,
                                    HAS_WEIGHT, PROB_TARGET, SMOOTH)
@@ -274,7 +280,7 @@ def _ce_fwd_kernel(
         else:
             w_y = 1.0
         w_y = tl.where(valid, w_y, 0.0)
-        z_y = tl.load(x_row + y_safe * stride_xc).to(tl.float32) * inv_tau
+        z_y = tl.math.div_rn(tl.load(x_row + y_safe * stride_xc).to(tl.float32), tau)
         loss = (1.0 - smoothing) * w_y * ((M - z_y) + log_total) + loss
         loss = tl.where(valid, loss, 0.0)
         tl.store(wy_ptr + r, w_y)
@@ -294,7 +300,7 @@ def _ce_bwd_kernel(
     ignore_index, smoothing,
     # constants
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, SMOOTH: tl.constexpr,
-    TAU_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    TAU_GRAD: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """dL/dz_c = g_r [h (p_c - δ_{c,y}) + A p_c - a_c], h = (1-ε) w_y, A = Σ a_c; dx = dL/dz / τ.
 
@@ -306,7 +312,8 @@ def _ce_bwd_kernel(
     x_row = x_ptr + a * stride_xa + b * stride_xb
     t_row = target_ptr + a * stride_ta + b * stride_tb
     dx_row = dx_ptr + a * stride_da + b * stride_db
-    inv_tau = 1.0 / tl.load(tau_ptr + a * stride_tau).to(tl.float32)
+    tau = tl.load(tau_ptr + a * stride_tau).to(tl.float32)
+    inv_tau = 1.0 / tau
     M = tl.load(m_ptr + r)
     S = tl.load(s_ptr + r)
     inv_total = 1.0 / (1.0 + S)
@@ -328,7 +335,7 @@ def _ce_bwd_kernel(
     tau_acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         c = start + cols
-        z = _load_z(x_row, c, C, stride_xc, inv_tau)
+        z = _load_z(x_row, c, C, stride_xc, tau)
         p = tl.exp(z - M) * inv_total
         dz = tl.zeros([BLOCK], tl.float32)
         if not PROB_TARGET:
@@ -339,7 +346,7 @@ def _ce_bwd_kernel(
                                    HAS_WEIGHT, PROB_TARGET, SMOOTH)
             dz += A_row * p - coef
         dz = tl.where(valid, g * dz, 0.0)
-        tl.store(dx_row + c.to(tl.int64) * stride_dc, (dz * inv_tau).to(dx_ptr.dtype.element_ty), mask=c < C)
+        tl.store(dx_row + c.to(tl.int64) * stride_dc, to_store(dz * inv_tau, dx_ptr, INTERPRETED), mask=c < C)
         if TAU_GRAD:
             tau_acc += tl.where(dz != 0.0, (z - M) * dz, 0.0)
     if TAU_GRAD:
@@ -351,6 +358,10 @@ def _ce_bwd_kernel(
 # fused_tau (shapes, dtypes, devices); ``x3`` is the (A, C, B) view of the logits,
 # ``tau`` a float32 tensor of one element or of A elements (one per row group).
 # ----------------------------------------------------------------------------
+
+def _interpreted():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
 
 def _rows(x3):
     A, C, B = x3.shape
@@ -372,7 +383,7 @@ def softmax_fwd(x3, tau, mode):
     block, one_block, num_warps = row_config(C)
     _softmax_fwd_kernel[(R,)](
         x3, out, m, s, tau, C, B, *x3.stride(), _tau_stride(tau),
-        MODE=mode, BLOCK=block, ONE_BLOCK=one_block, num_warps=num_warps,
+        MODE=mode, BLOCK=block, ONE_BLOCK=one_block, INTERPRETED=_interpreted(), num_warps=num_warps,
     )
     return out, m, s
 
@@ -385,7 +396,8 @@ def softmax_bwd(y, g, x3, m, s, tau, log, tau_grad):
     block, one_block, num_warps = row_config(C)
     _softmax_bwd_kernel[(R,)](
         y, g, dx, x3, m, s, tau, dtau, C, B, *x3.stride(), _tau_stride(tau),
-        LOG=log, TAU_GRAD=tau_grad, BLOCK=block, ONE_BLOCK=one_block, num_warps=num_warps,
+        LOG=log, TAU_GRAD=tau_grad, BLOCK=block, ONE_BLOCK=one_block, INTERPRETED=_interpreted(),
+        num_warps=num_warps,
     )
     return dx, (dtau if tau_grad else None)
 
@@ -398,7 +410,7 @@ def lse_bwd(x3, m, s, tau, g, tau_grad):
     block, _, num_warps = row_config(C)
     _lse_bwd_kernel[(R,)](
         x3, m, s, tau, g, dx, dtau, C, B, *x3.stride(), _tau_stride(tau),
-        TAU_GRAD=tau_grad, BLOCK=block, num_warps=num_warps,
+        TAU_GRAD=tau_grad, BLOCK=block, INTERPRETED=_interpreted(), num_warps=num_warps,
     )
     return dx, (dtau if tau_grad else None)
 
@@ -440,6 +452,6 @@ def ce_bwd(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_ta
         C, B, *x3.stride(), *t_strides, *dx.stride(), _tau_stride(tau), 0 if g.numel() == 1 else 1,
         ignore_index, float(smoothing),
         HAS_WEIGHT=weight is not None, PROB_TARGET=prob_target, SMOOTH=smoothing > 0,
-        TAU_GRAD=tau_grad, BLOCK=block, num_warps=num_warps,
+        TAU_GRAD=tau_grad, BLOCK=block, INTERPRETED=_interpreted(), num_warps=num_warps,
     )
     return dx, (dtau if tau_grad else None)

@@ -77,3 +77,24 @@ def weighted_gap_finalize(m, A, D, M):
     """Reduce per-lane ``(A, D)`` to the row: ``(Σ a_j, Σ a_j (M - z_j))``."""
     D = tl.where(A != 0.0, D + A * (M - m), 0.0)
     return tl.sum(A, 0), tl.sum(D, 0)
+
+
+@triton.jit
+def _bf16_round_nearest_even(x):
+    bits = x.to(tl.int32, bitcast=True)
+    bits = bits + (0x7FFF + ((bits >> 16) & 1))
+    return (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def to_store(y, ptr, INTERPRETED: tl.constexpr):
+    """``y`` cast to the element type of ``ptr``, rounded to nearest even.
+
+    Third interpreter trap (Triton 3.9, checked): under ``TRITON_INTERPRET=1`` an
+    fp32 -> bf16 cast truncates (0.99988 -> 0.9961 instead of 1.0), with or
+    without ``fp_downcast_rounding``.  Launchers set INTERPRETED only under the
+    interpreter; compiled code casts directly (RTNE on the GPU).
+    """
+    if INTERPRETED and ptr.dtype.element_ty == tl.bfloat16:
+        return _bf16_round_nearest_even(y)
+    return y.to(ptr.dtype.element_ty)

@@ -1,0 +1,46 @@
+"""Test setup: kernels run under the Triton interpreter when there is no GPU.
+
+Every numeric test takes the ``backend`` fixture and runs once per backend:
+``triton`` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``) and ``torch``
+(the fallback).  ``FUSED_TAU_TEST_BACKENDS=triton`` narrows the run (on a GPU).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before triton.jit decorates the kernels (first import of fused_tau.kernels).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fused_tau._dispatch import triton_available  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_BACKENDS = [b for b in os.environ.get("FUSED_TAU_TEST_BACKENDS", "triton,torch").split(",") if b]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(params=_BACKENDS)
+def backend(request, monkeypatch):
+    """Force one backend for the test; ``triton`` also streams rows in small
+    blocks so that odd sizes cross several block boundaries."""
+    name = request.param
+    if name == "triton":
+        if not triton_available():
+            pytest.skip("triton is not installed")
+        import fused_tau.kernels.row as row
+
+        monkeypatch.setattr(row, "MAX_BLOCK", 16 if DEVICE == "cpu" else row.MAX_BLOCK)
+    monkeypatch.setenv("FUSED_TAU_BACKEND", name)
+    return name

@@ -1,0 +1,221 @@
+"""cross_entropy against F.cross_entropy(input / tau, ...) in float64, on every backend."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_tau
+from fused_tau import reference
+
+from .tolerances import assert_close_to_ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _targets(shape, C, device, ignore=True):
+    y = torch.randint(0, C, shape, device=device)
+    if ignore and y.numel() > 2:
+        y.view(-1)[1] = -100
+    return y
+
+
+def _check(input, target, tau, dtype, tau_tol_scale=1.0, **opts):
+    """Loss and gradients (input, and τ when it is a tensor) against the float64 reference."""
+    x = input.to(dtype).requires_grad_()
+    out = fused_tau.cross_entropy(x, target, tau, **opts)
+    assert out.dtype == dtype
+    g = torch.rand(out.shape, device=x.device) + 0.5
+    (out.float() * g).sum().backward()
+
+    x64 = x.detach().double().requires_grad_()
+    tau64 = tau.detach().double().requires_grad_() if isinstance(tau, torch.Tensor) else tau
+    t64 = target.double() if target.is_floating_point() else target
+    opts64 = dict(opts)
+    if opts.get("weight") is not None:
+        opts64["weight"] = opts["weight"].double()
+    ref = reference.cross_entropy(x64, t64, tau64, **opts64)
+    (ref * g.double()).sum().backward()
+    # fp32 cannot beat its own conditioning (|z| = |x|/τ ~ 1e3 makes exp(z - M) off by 1e3 ulp):
+    # there the bound is torch's own fp32 error, as tests/tolerances.py explains.
+    torch_out = torch_grad = None
+    if dtype == torch.float32:
+        x32 = x.detach().clone().requires_grad_()
+        torch_out = reference.cross_entropy(x32, target, tau.detach() if isinstance(tau, torch.Tensor) else tau,
+                                            **opts)
+        (torch_out * g).sum().backward()
+        torch_grad = x32.grad
+    assert_close_to_ref(out, ref, dtype, torch_same_dtype=torch_out)
+    assert_close_to_ref(x.grad, x64.grad, dtype, torch_same_dtype=torch_grad)
+    assert x.grad.dtype == dtype
+    if isinstance(tau, torch.Tensor) and tau.requires_grad:
+        assert tau.grad.shape == tau.shape
+        assert_close_to_ref(tau.grad, tau64.grad, torch.float32 if dtype == torch.float32 else dtype,
+                            scale=tau_tol_scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.15])
+@pytest.mark.parametrize("tau", [0.05, 1.0, 20.0])
+def test_class_index_targets(backend, device, dtype, reduction, weighted, label_smoothing, tau):
+    N, C = 7, 37
+    x = torch.randn(N, C, device=device) * 3
+    w = torch.rand(C, device=device) + 0.1 if weighted else None
+    _check(x, _targets((N,), C, device), tau, dtype, weight=w, reduction=reduction,
+           label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_spatial_inputs(backend, device, dtype, reduction, label_smoothing):
+    """(N, C, d1, d2) inputs, class dim 1, read in place (no transposed copy)."""
+    N, C = 3, 19
+    x = torch.randn(N, C, 4, 5, device=device) * 2
+    w = torch.rand(C, device=device) + 0.1
+    _check(x, _targets((N, 4, 5), C, device), 0.3, dtype, weight=w, reduction=reduction,
+           label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_probability_targets(backend, device, dtype, reduction, weighted, label_smoothing):
+    N, C = 6, 29
+    x = torch.randn(N, C, device=device) * 3
+    t = torch.softmax(torch.randn(N, C, device=device) * 2, -1).to(dtype)
+    w = torch.rand(C, device=device) + 0.1 if weighted else None
+    _check(x, t, 0.5, dtype, weight=w, reduction=reduction, label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["index", "index_smooth_weight", "prob", "spatial"])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_learnable_tau_gradient(backend, device, dtype, kind, per_sample):
+    """τ as a tensor that requires grad (CLIP's learnable temperature); per sample too."""
+    N, C = 5, 23
+    shape = (N, C, 3) if kind == "spatial" else (N, C)
+    x = torch.randn(shape, device=device) * 2
+    if per_sample:
+        tau = (torch.rand(N, device=device) * 0.5 + 0.1).requires_grad_()
+    else:
+        tau = torch.tensor(0.2, device=device, requires_grad=True)
+    opts = {}
+    if kind == "prob":
+        target = torch.softmax(torch.randn(shape, device=device), 1)
+    else:
+        target = _targets((N, 3) if kind == "spatial" else (N,), C, device)
+    if kind == "index_smooth_weight":
+        opts = dict(weight=torch.rand(C, device=device) + 0.5, label_smoothing=0.1)
+    _check(x, target, tau, dtype, tau_tol_scale=10.0, **opts)
+
+
+@pytest.mark.parametrize("tau", [1e-3, 1e-2, 0.1, 1.0, 10.0, 1e3])
+@pytest.mark.parametrize("magnitude", [1.0, 1e4])
+def test_tau_and_logit_range(backend, device, tau, magnitude):
+    """τ from 1e-3 to 1e3 and logits up to ±1e4: finite, and as exact as fp32 allows."""
+    x = (torch.rand(6, 45, device=device) * 2 - 1) * magnitude
+    y = torch.randint(0, 45, (6,), device=device)
+    y[0] = x[0].argmax()
+    _check(x, y, torch.tensor(tau, device=device, requires_grad=True), torch.float32,
+           tau_tol_scale=50.0, reduction="none")
+
+
+def test_small_tau_precision_promise(backend, device):
+    """DESIGN.md: F.cross_entropy in fp32 returns 0.0 at τ = 0.05 on [1, 2, 3] where the exact
+    loss is 2.06e-9, and gives the target a gradient of 0 instead of -4.1e-8."""
+    x = torch.tensor([[1.0, 2.0, 3.0]], device=device, requires_grad=True)
+    y = torch.tensor([2], device=device)
+    loss = fused_tau.cross_entropy(x, y, tau=0.05)
+    loss.backward()
+    x64 = x.detach().double().requires_grad_()
+    exact = F.cross_entropy(x64 / 0.05, y)
+    exact.backward()
+    assert F.cross_entropy(x.detach() / 0.05, y).item() == 0.0  # torch's fp32 loses it all
+    assert abs(loss.item() - 2.0611536e-9) < 1e-15
+    assert abs(loss.item() - exact.item()) <= 1e-6 * exact.item()
+    assert abs(x.grad[0, 2].item() - (-4.1223e-8)) < 1e-11
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-6, atol=0)
+    # the row's gradient sums to zero (to the rounding of its largest term)
+    assert abs(x.grad.double().sum().item()) <= 1e-6 * x.grad.abs().max().item()
+    # τ = 0.1: torch's fp32 is 3.7e-4 off relatively; ours keeps full precision
+    l01 = fused_tau.cross_entropy(x.detach(), y, tau=0.1).item()
+    e01 = F.cross_entropy(x64.detach() / 0.1, y).item()
+    assert abs(l01 - e01) <= 1e-6 * e01
+
+
+def test_masked_classes_and_all_ignored(backend, device):
+    x = torch.randn(5, 21, device=device)
+    x[:, 3] = float("-inf")  # masked classes behave as in the reference: no NaN
+    y = torch.randint(4, 21, (5,), device=device)
+    _check(x, y, 0.3, torch.float32, label_smoothing=0.0)
+    ignored = torch.full((5,), -100, device=device)
+    for reduction in ("mean", "sum", "none"):
+        xi = torch.randn(5, 21, device=device, requires_grad=True)
+        out = fused_tau.cross_entropy(xi, ignored, 0.3, reduction=reduction)
+        ref = F.cross_entropy(xi.detach() / 0.3, ignored, reduction=reduction)
+        torch.testing.assert_close(out, ref, equal_nan=True)  # mean of nothing is NaN, as in torch
+        if reduction != "mean":
+            out.sum().backward()
+            assert torch.equal(xi.grad, torch.zeros_like(xi))
+
+
+def test_inplace_backward_is_opt_in(backend, device):
+    x = torch.randn(6, 33, device=device)
+    y = torch.randint(0, 33, (6,), device=device)
+    a = x.clone().requires_grad_()
+    fused_tau.cross_entropy(a, y, 0.5).backward()
+    assert torch.equal(a.detach(), x)  # the default never writes into the caller's logits
+    leaf = x.clone().requires_grad_()
+    z = leaf * 1.0  # a buffer the caller no longer needs
+    fused_tau.cross_entropy(z, y, 0.5, inplace_backward=True).backward()
+    torch.testing.assert_close(leaf.grad, a.grad)
+
+
+def test_one_dim_input_and_int32_targets(backend, device):
+    x = torch.randn(17, device=device, requires_grad=True)
+    y = torch.tensor(4, device=device)
+    out = fused_tau.cross_entropy(x, y, 0.5, reduction="none")
+    ref = F.cross_entropy(x.detach().double() / 0.5, y, reduction="none")
+    assert out.shape == ref.shape == ()
+    assert_close_to_ref(out, ref, torch.float32)
+    x2 = torch.randn(4, 17, device=device)
+    y32 = torch.randint(0, 17, (4,), device=device, dtype=torch.int32)
+    assert_close_to_ref(fused_tau.cross_entropy(x2, y32, 0.5), F.cross_entropy(x2.double() / 0.5, y32.long()),
+                        torch.float32)
+
+
+def test_non_contiguous_logits(backend, device):
+    base = torch.randn(40, 30, device=device)
+    x = base.t()[:, 5:]  # (30, 35), class stride 30
+    y = torch.randint(0, 35, (30,), device=device)
+    _check(x, y, 0.4, torch.float32, label_smoothing=0.1)
+
+
+def test_module_matches_functional(backend, device):
+    w = torch.rand(11, device=device) + 0.5
+    mod = fused_tau.CrossEntropyLoss(weight=w, label_smoothing=0.1, tau=0.2, reduction="sum")
+    x = torch.randn(4, 11, device=device)
+    y = torch.randint(0, 11, (4,), device=device)
+    torch.testing.assert_close(mod(x, y), fused_tau.cross_entropy(x, y, 0.2, w, reduction="sum",
+                                                                  label_smoothing=0.1))
+    learn = fused_tau.CrossEntropyLoss(tau=torch.nn.Parameter(torch.tensor(0.5, device=device)))
+    learn(x, y).backward()
+    assert learn.tau.grad is not None and torch.isfinite(learn.tau.grad)
+
+
+def test_offsets_are_int64(backend, device):
+    """A row starting past 2^31 elements: its offset must not wrap in int32.  The storage is
+    4 GiB of bf16 but only the three rows' pages are ever touched."""
+    if device != "cpu":
+        pytest.skip("the strided-storage trick is for the interpreter on CPU")
+    C, stride = 16, (1 << 30) + 16
+    storage = torch.empty(2 * stride + C, dtype=torch.bfloat16)
+    x = storage.as_strided((3, C), (stride, 1))
+    for i in range(3):
+        x[i] = torch.randn(C).to(torch.bfloat16)
+    y = torch.tensor([1, 2, 3])
+    out = fused_tau.cross_entropy(x, y, 0.5, reduction="none")
+    ref = F.cross_entropy(x.double() / 0.5, y, reduction="none")
+    assert_close_to_ref(out, ref, torch.bfloat16)
