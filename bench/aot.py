@@ -1,0 +1,138 @@
+"""Ahead-of-time compile of every kernel config for sm_80 and sm_90, without a GPU.
+
+    python -m bench.aot            # table of registers, spills (local memory) and shared memory
+    python -m bench.aot --json     # the same as JSON (tests/test_aot.py reads it)
+
+Each config is compiled with ``triton.compile(..., target=GPUTarget("cuda", cap, 32))``
+and its cubin read with ``cuobjdump --dump-resource-usage`` (shipped in Triton's
+nvidia backend).  A config passes when LOCAL is 0 (no spills) and SHARED fits
+the architecture's per-block limit.  Must run without TRITON_INTERPRET=1.
+"""
+import argparse
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes of shared memory a block may use (A100, H100)
+
+
+def _row_configs():
+    from fused_tau.kernels import row
+
+    block = row.MAX_BLOCK
+    _, _, warps = row.row_config(block)
+    small = 1024
+    _, _, small_warps = row.row_config(small)
+    # the JIT specialises unit strides and B == 1 (dim=-1): compile the common case that way
+    unit = dict(B=1, stride_xc=1)
+    yield "softmax_fwd", row._softmax_fwd_kernel, warps, dict(
+        MODE=[0, 1, 2], ONE_BLOCK=[False], BLOCK=[block], **{k: [v] for k, v in unit.items()})
+    yield "softmax_fwd", row._softmax_fwd_kernel, small_warps, dict(
+        MODE=[1, 2], ONE_BLOCK=[True], BLOCK=[small], **{k: [v] for k, v in unit.items()})
+    yield "softmax_bwd", row._softmax_bwd_kernel, warps, dict(
+        LOG=[False, True], TAU_GRAD=[False, True], ONE_BLOCK=[False], BLOCK=[block], B=[1], stride_xc=[1])
+    yield "softmax_bwd", row._softmax_bwd_kernel, small_warps, dict(
+        LOG=[False, True], TAU_GRAD=[True], ONE_BLOCK=[True], BLOCK=[small], B=[1], stride_xc=[1])
+    yield "lse_bwd", row._lse_bwd_kernel, warps, dict(TAU_GRAD=[False, True], BLOCK=[block], B=[1], stride_xc=[1])
+    ce_flags = [dict(HAS_WEIGHT=False, PROB_TARGET=False, SMOOTH=False),
+                dict(HAS_WEIGHT=True, PROB_TARGET=False, SMOOTH=True),
+                dict(HAS_WEIGHT=True, PROB_TARGET=True, SMOOTH=True)]
+    for flags in ce_flags:
+        yield "ce_fwd", row._ce_fwd_kernel, warps, dict(
+            BLOCK=[block], B=[1], stride_xc=[1], **{k: [v] for k, v in flags.items()})
+        yield "ce_bwd", row._ce_bwd_kernel, warps, dict(
+            BLOCK=[block], B=[1], stride_xc=[1], stride_dc=[1], TAU_GRAD=[True],
+            **{k: [v] for k, v in flags.items()})
+
+
+# element type of each pointer argument, by the dtype of the logits
+def _pointer_type(name, dtype):
+    if name in ("x_ptr", "out_ptr", "y_ptr", "g_ptr", "dx_ptr"):
+        return "*" + dtype
+    if name == "target_ptr":
+        return "*i64"
+    return "*fp32"
+
+
+def _signature(fn, dtype, constants):
+    sig = {}
+    for p in fn.params:
+        name = p.name
+        if p.is_constexpr or name in constants:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = _pointer_type(name, dtype)
+        elif name == "smoothing":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _cuobjdump():
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def _resources(cubin):
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out))
+    return {k.lower(): int(v) for k, v in fields.items()}
+
+
+def compile_all(dtypes=("bf16", "fp32"), caps=(80, 90)):
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("run bench.aot without TRITON_INTERPRET=1: the interpreter has no compiler")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    records = []
+    for name, fn, warps, grid in _row_configs():
+        keys = list(grid)
+        for values in itertools.product(*(grid[k] for k in keys)):
+            constants = dict(zip(keys, values))
+            if "INTERPRETED" in fn.arg_names:
+                constants["INTERPRETED"] = False
+            for dtype, cap in itertools.product(dtypes, caps):
+                src = ASTSource(fn=fn, signature=_signature(fn, dtype, constants), constexprs=constants)
+                kernel = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": warps})
+                res = _resources(kernel.asm["cubin"])
+                res.update(kernel=name, dtype=dtype, sm=cap, num_warps=warps,
+                           config={k: v for k, v in constants.items() if k not in ("INTERPRETED",)},
+                           shared_limit=SHARED_LIMIT[cap])
+                res["ok"] = res.get("local", 0) == 0 and res.get("shared", 0) <= SHARED_LIMIT[cap]
+                records.append(res)
+    return records
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true", help="print JSON records")
+    args = parser.parse_args(argv)
+    records = compile_all()
+    if args.json:
+        json.dump(records, sys.stdout)
+        return 0 if all(r["ok"] for r in records) else 1
+    print(f"{'kernel':12} {'dtype':5} {'sm':3} {'warps':5} {'reg':>4} {'local':>5} {'shared':>7}  config")
+    for r in records:
+        cfg = ",".join(f"{k}={v}" for k, v in r["config"].items() if k.isupper())
+        flag = "" if r["ok"] else "  <-- FAILS"
+        print(f"{r['kernel']:12} {r['dtype']:5} {r['sm']:3} {r['num_warps']:5} {r['reg']:4} {r['local']:5} "
+              f"{r['shared']:7}  {cfg}{flag}")
+    return 0 if all(r["ok"] for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
