@@ -1,15 +1,18 @@
 """The torch path of the row engine: the launchers of ``kernels/row.py`` with the
 same arguments and results, written with torch ops, for devices without Triton.
 
-Same numerics as the kernels (the ``(M, S)`` statistics and the exact small-τ
-forms), computed in fp32 (fp64 for fp64 inputs) over chunks of rows, so a
-temporary is never larger than ``CHUNK_ELEMENTS`` elements whatever the input.
+Same numerics as the kernels: the statistics ``M = max z`` and
+``S = Σ_{j ≠ argmax} exp(z_j - M)`` per row, and the exact small-τ forms built
+on them.  S comes from torch's own (vectorised) softmax p without cancellation:
+``S = (Σ_{j ≠ argmax} p_j) / p_argmax``.  Work is done in fp32 (fp64 for fp64
+inputs) over chunks of about ``CHUNK_ELEMENTS`` elements, small enough that a
+chunk's passes stay in cache and no temporary grows with the input.
 """
 import torch
 
 from ._dispatch import MODE_LSE, MODE_SOFTMAX
 
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 20
 
 
 def _compute_dtype(x):
@@ -35,22 +38,26 @@ def _chunks(R, C):
 
 def _tau_rows(tau, A, B, dtype):
     t = tau.to(dtype).reshape(-1)
-    return t.expand(A * B) if t.numel() == 1 else t.repeat_interleave(B)
-
-
-def _stats(z):
-    """M = max z and S = Σ_{j ≠ argmax} exp(z_j - M) per row (see kernels/tl_math.py)."""
-    M = z.amax(-1, keepdim=True)
-    valid = z > float("-inf")
-    at_top = valid & (z == M)
-    e = torch.exp(torch.where(valid, z - M, float("-inf")))
-    # (count - 1) first: adding 1.0 to a sum of 1e-9 and subtracting it again would round to 0.
-    S = torch.where(at_top, 0.0, e).sum(-1) + (at_top.sum(-1) - 1).to(z.dtype)
-    return M.squeeze(-1), S
+    return (t.expand(A * B) if t.numel() == 1 else t.repeat_interleave(B)).unsqueeze(-1)
 
 
 def _z(X, sl, tau_r, cd):
-    return X[sl].to(cd) / tau_r[sl].unsqueeze(-1)
+    """A fresh compute-dtype buffer holding x / τ (one pass; bf16 / fp32 promotes)."""
+    z = torch.div(X[sl], tau_r[sl])
+    return z if z.dtype == cd else z.to(cd)
+
+
+def _stats(z):
+    """(p, M, S, idx): p = softmax(z), M = max z, S = Σ_{j≠argmax} exp(z_j - M), idx the argmax.
+
+    Rows with no finite value get M = -inf and S = -1 (so lse = M + log1p(S) = -inf)."""
+    p = torch.softmax(z, -1)
+    p_max, idx = p.max(-1, keepdim=True)
+    M = z.gather(-1, idx).squeeze(-1)
+    others = p.scatter_(-1, idx, 0.0).sum(-1)
+    p.scatter_(-1, idx, p_max)
+    S = torch.where(M == float("-inf"), -1.0, others / p_max.squeeze(-1))
+    return p, M, S, idx
 
 
 def softmax_fwd(x3, tau, mode):
@@ -62,14 +69,15 @@ def softmax_fwd(x3, tau, mode):
     out = torch.empty(R if mode == MODE_LSE else (R, C), device=x3.device, dtype=x3.dtype)
     for sl in _chunks(R, C):
         z = _z(X, sl, tau_r, cd)
-        M, S = _stats(z)
+        p, M, S, idx = _stats(z)
         m[sl], s[sl] = M, S
         if mode == MODE_LSE:
-            out[sl] = tau_r[sl] * (M + torch.log1p(S))
+            out[sl] = tau_r[sl].squeeze(-1) * (M + torch.log1p(S))
         elif mode == MODE_SOFTMAX:
-            out[sl] = torch.exp(z - M.unsqueeze(-1)) / (1.0 + S).unsqueeze(-1)
+            out[sl] = p
         else:
-            out[sl] = (z - M.unsqueeze(-1)) - torch.log1p(S).unsqueeze(-1)
+            # log p_j = (z_j - M) - log1p(S): exactly -log1p(S) at the argmax
+            out[sl] = z.sub_(M.unsqueeze(-1)).sub_(torch.log1p(S).unsqueeze(-1))
     if mode != MODE_LSE:
         out = _from_rows(out, A, B).contiguous()
     return out, m, s
@@ -84,14 +92,14 @@ def softmax_bwd(y, g, x3, m, s, tau, log, tau_grad):
     for sl in _chunks(R, C):
         yy, gg = Y[sl].to(cd), G[sl].to(cd)
         if log:
-            dz = gg - torch.exp(yy) * gg.sum(-1, keepdim=True)
+            dz = gg - yy.exp_().mul_(gg.sum(-1, keepdim=True))
         else:
-            dz = yy * (gg - (gg * yy).sum(-1, keepdim=True))
-        dx[sl] = dz / tau_r[sl].unsqueeze(-1)
+            dz = yy.mul_(gg - (gg * yy).sum(-1, keepdim=True))
         if tau_grad:
             lse = (m[sl] + torch.log1p(s[sl])).unsqueeze(-1)
-            z = _z(X, sl, tau_r, cd)
-            dtau[sl] = -torch.where(dz != 0, (z - lse) * dz, 0.0).sum(-1) / tau_r[sl]
+            lp = _z(X, sl, tau_r, cd).sub_(lse)
+            dtau[sl] = -(lp * dz).nansum(-1) / tau_r[sl].squeeze(-1)  # 0·(-inf) terms are 0
+        dx[sl] = dz.div_(tau_r[sl])
     return _from_rows(dx, A, B).contiguous(), dtau
 
 
@@ -103,30 +111,32 @@ def lse_bwd(x3, m, s, tau, g, tau_grad):
     dtau = torch.empty(R, device=x3.device, dtype=cd) if tau_grad else None
     for sl in _chunks(R, C):
         z = _z(X, sl, tau_r, cd)
-        M = m[sl].unsqueeze(-1)
-        p = torch.exp(z - M) / (1.0 + s[sl]).unsqueeze(-1)
-        gg = g[sl].to(cd).unsqueeze(-1)
-        dx[sl] = gg * p
+        p = torch.softmax(z, -1)
+        gg = g[sl].to(cd)
         if tau_grad:
-            gap = torch.where(p != 0, p * (M - z), 0.0).sum(-1)
-            dtau[sl] = gg.squeeze(-1) * (torch.log1p(s[sl]) + gap)
+            gap = (p * z.sub_(m[sl].unsqueeze(-1))).nansum(-1)  # Σ p (z - M) <= 0
+            dtau[sl] = gg * (torch.log1p(s[sl]) - gap)
+        dx[sl] = p.mul_(gg.unsqueeze(-1))
     return _from_rows(dx, A, B).contiguous(), dtau
 
 
-def _coefficients(T, sl, weight, C, smoothing, prob_target, cd, like):
-    """a_c of Σ_c a_c (lse - z_c) (see kernels/row.py, _ce_coefficient)."""
-    w = weight.to(cd) if weight is not None else torch.ones(C, device=like.device, dtype=cd)
+def _coefficients(T, sl, weight, C, smoothing, prob_target, cd, device):
+    """a_c of Σ_c a_c (lse - z_c) (see kernels/row.py, _ce_coefficient); broadcastable to (rows, C)."""
+    w = weight.to(cd) if weight is not None else torch.ones(C, device=device, dtype=cd)
     if prob_target:
         t = T[sl].to(cd)
         if smoothing > 0:
             t = t * (1.0 - smoothing) + smoothing / C
         return w * t
-    return (w * (smoothing / C)).expand_as(like)
+    return w * (smoothing / C)
 
 
-def _gap(z, M, a):
-    """Σ_c a_c (M - z_c), a_c = 0 terms exactly 0."""
-    return torch.where(a != 0, a * (M.unsqueeze(-1) - z), 0.0).sum(-1)
+def _hard_target(target, sl, weight, ignore_index, cd, like):
+    y = target[sl]
+    valid = y != ignore_index
+    y_safe = torch.where(valid, y, 0).unsqueeze(-1)
+    w_y = weight.to(cd)[y_safe.squeeze(-1)] if weight is not None else torch.ones_like(like)
+    return valid, y_safe, torch.where(valid, w_y, 0.0)
 
 
 def ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target):
@@ -141,23 +151,19 @@ def ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target):
     wy = None if prob_target else torch.empty(R, **new)
     for sl in _chunks(R, C):
         z = _z(X, sl, tau_r, cd)
-        M, S = _stats(z)
+        _, M, S, _ = _stats(z)
         m[sl], s[sl] = M, S
         L = torch.log1p(S)
         part = torch.zeros_like(M)
         if has_a:
-            a = _coefficients(T, sl, weight, C, smoothing, prob_target, cd, z)
-            a_rows[sl] = a.sum(-1)
-            part = _gap(z, M, a) + a_rows[sl] * L
+            a = _coefficients(T, sl, weight, C, smoothing, prob_target, cd, x3.device)
+            a_rows[sl] = a_sum = a.sum(-1).expand(M.shape[0])
+            gap = (a * (M.unsqueeze(-1) - z)).nansum(-1)  # Σ a_c (M - z_c) >= 0; a_c = 0 terms are 0
+            part = gap + a_sum * L
         if not prob_target:
-            y = target[sl]
-            valid = y != ignore_index
-            y_safe = torch.where(valid, y, 0)
-            w_y = weight.to(cd)[y_safe] if weight is not None else torch.ones_like(M)
-            w_y = torch.where(valid, w_y, 0.0)
-            z_y = z.gather(-1, y_safe.unsqueeze(-1)).squeeze(-1)
-            part = (1.0 - smoothing) * w_y * ((M - z_y) + L) + part
-            part = torch.where(valid, part, 0.0)
+            valid, y_safe, w_y = _hard_target(target, sl, weight, ignore_index, cd, M)
+            z_y = z.gather(-1, y_safe).squeeze(-1)
+            part = torch.where(valid, (1.0 - smoothing) * w_y * ((M - z_y) + L) + part, 0.0)
             wy[sl] = w_y
         loss[sl] = part
     return loss, wy, m, s, a_rows
@@ -172,26 +178,35 @@ def ce_bwd(x3, target, weight, tau, m, s, a_rows, g, ignore_index, smoothing, pr
     g = g.to(cd).reshape(-1).expand(R)
     dx = torch.empty((R, C), device=x3.device, dtype=x3.dtype)
     dtau = torch.empty(R, device=x3.device, dtype=cd) if tau_grad else None
-    cols = torch.arange(C, device=x3.device)
     for sl in _chunks(R, C):
         z = _z(X, sl, tau_r, cd)
-        M, S = m[sl].unsqueeze(-1), s[sl].unsqueeze(-1)
-        p = torch.exp(z - M) / (1.0 + S)
-        dz = torch.zeros_like(z)
-        valid = torch.ones_like(M, dtype=torch.bool)
+        M, S = m[sl], s[sl]
+        A_row = a_rows[sl] if a_rows is not None else torch.zeros_like(S)
+        scale = g[sl] / tau_r[sl].squeeze(-1)  # dx = (g / τ) dz
+        if prob_target:
+            h = torch.zeros_like(S)
+        else:
+            valid, y_safe, w_y = _hard_target(target, sl, weight, ignore_index, cd, S)
+            h = (1.0 - smoothing) * w_y
+            scale = torch.where(valid, scale, 0.0)
+        # dz = h (p - δ_y) + A p - a
+        p = torch.softmax(z, -1)
         if not prob_target:
-            y = target[sl].unsqueeze(-1)
-            valid = y != ignore_index
-            w_y = weight.to(cd)[torch.where(valid, y, 0)] if weight is not None else torch.ones_like(M)
-            q = torch.where(z == M, S / (1.0 + S), 1.0 - p)
-            dz = (1.0 - smoothing) * w_y * torch.where(cols == y, -q, p)
+            # the target's p_y - 1 is -Σ_{j≠y} p_j = -S/(1+S) when y is the argmax
+            p_y = p.gather(-1, y_safe).squeeze(-1)
+            at_top = z.gather(-1, y_safe).squeeze(-1) == M
+            q_y = torch.where(at_top, S / (1.0 + S), 1.0 - p_y)
+            fix = scale * (-h * q_y + A_row * p_y)
+        dz = p.mul_((scale * (h + A_row)).unsqueeze(-1))
+        if not prob_target:
+            dz.scatter_(-1, y_safe, fix.unsqueeze(-1))
         if a_rows is not None:
-            a = _coefficients(T, sl, weight, C, smoothing, prob_target, cd, z)
-            dz = dz + a_rows[sl].unsqueeze(-1) * p - a
-        dz = torch.where(valid, g[sl].unsqueeze(-1) * dz, 0.0)
-        dx[sl] = dz / tau_r[sl].unsqueeze(-1)
+            dz.sub_(_coefficients(T, sl, weight, C, smoothing, prob_target, cd, x3.device)
+                    * scale.unsqueeze(-1))
         if tau_grad:
-            dtau[sl] = -torch.where(dz != 0, (z - M) * dz, 0.0).sum(-1) / tau_r[sl]
+            # dL/dτ = -(1/τ) Σ z dL/dz = -Σ (z - M) dx  (Σ dz = 0)
+            dtau[sl] = -(z.sub_(M.unsqueeze(-1)) * dz).nansum(-1)
+        dx[sl] = dz
     dx = _from_rows(dx, A, B)
     if inplace:
         return x3.copy_(dx), dtau

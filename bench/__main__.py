@@ -1,0 +1,120 @@
+"""``python -m bench``: fused_tau against the PyTorch composition (eager and torch.compile).
+
+On a GPU it runs the sizes of real runs (bf16, N = 8192 and 32768, C = 32000
+and 128256); on a CPU the torch path at sizes a 2-core machine can do.  It
+prints a table and writes every raw number to a JSON file (default
+bench/results/<device>-<date>.json).
+"""
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from . import cases as C
+from .harness import environment, peak_bytes, time_ms
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sizes", default=None,
+                   help="N x C list, e.g. '8192x32000,32768x128256' (default: by device)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--providers", default="fused_tau,torch,torch.compile")
+    p.add_argument("--modes", default="fwd,fwd+bwd")
+    p.add_argument("--out", default=None, help="JSON file (default bench/results/<device>-<date>.json)")
+    p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per case on CPU")
+    return p.parse_args(argv)
+
+
+def run(args):
+    device = torch.device(args.device)
+    if args.sizes:
+        sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",")]
+    else:
+        sizes = C.GPU_SIZES if device.type == "cuda" else C.CPU_SIZES
+    if args.dtype:
+        dtypes = [getattr(torch, args.dtype)]
+    else:
+        dtypes = C.GPU_DTYPES if device.type == "cuda" else C.CPU_DTYPES
+    providers = args.providers.split(",")
+    records = []
+    for case in C.cases(sizes, dtypes, modes=tuple(args.modes.split(","))):
+        for provider in providers:
+            rec = dict(case=case.name, op=case.op, mode=case.mode, n=case.n, c=case.c,
+                       dtype=str(case.dtype).replace("torch.", ""), provider=provider)
+            try:
+                x, y = C.make_inputs(case, device)
+                step = C.runner(case, provider, x, y)
+                ms = time_ms(step, device, budget_s=args.budget)
+                rec.update(status="ok", ms=ms, gbps=case.bytes_moved() / ms / 1e6,
+                           peak_mib=peak_bytes(step, device) / 2**20)
+            except Exception as exc:  # a provider that cannot run this case is reported, not hidden
+                rec.update(status=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+            finally:
+                x = y = step = None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            records.append(rec)
+            print(_line(rec), file=sys.stderr, flush=True)
+    return dict(environment=environment(device), bytes_formula=C.__doc__.strip(), results=records)
+
+
+def _line(r):
+    if r["status"] != "ok":
+        return f"{r['case']:42} {r['provider']:14} {r['status']}"
+    return f"{r['case']:42} {r['provider']:14} {r['ms']:10.3f} ms {r['gbps']:8.1f} GB/s {r['peak_mib']:10.1f} MiB"
+
+
+def table(report):
+    """Markdown: one row per case, each provider's ms / GB/s / peak MiB, and fused_tau's speed-up."""
+    by_case = {}
+    providers = []
+    for r in report["results"]:
+        by_case.setdefault(r["case"], {})[r["provider"]] = r
+        if r["provider"] not in providers:
+            providers.append(r["provider"])
+    head = "| case | " + " | ".join(f"{p} ms (GB/s, MiB)" for p in providers)
+    others = [p for p in providers if p != "fused_tau"]
+    head += " | " + " | ".join(f"speed-up vs {p}" for p in others) + " |"
+    lines = [head, "|" + "---|" * (1 + len(providers) + len(others))]
+    for case, row in by_case.items():
+        cells = []
+        for p in providers:
+            r = row.get(p)
+            cells.append(f"{r['ms']:.3f} ({r['gbps']:.0f}, {r['peak_mib']:.0f})" if r and r["status"] == "ok"
+                         else (r["status"][:40] if r else "-"))
+        ours = row.get("fused_tau")
+        for p in others:
+            r = row.get(p)
+            ok = ours and r and ours["status"] == "ok" and r["status"] == "ok"
+            cells.append(f"{r['ms'] / ours['ms']:.2f}x" if ok else "-")
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def default_out(report):
+    env = report["environment"]
+    name = re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-").lower() or "device"
+    return Path(__file__).parent / "results" / f"{name}-{env['date'][:10]}.json"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    report = run(args)
+    out = Path(args.out) if args.out else default_out(report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    env = report["environment"]
+    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  {env['date']}")
+    print(table(report))
+    print(f"\nraw numbers: {os.path.relpath(out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
