@@ -51,8 +51,9 @@ def run(args):
                 x, y = C.make_inputs(case, device)
                 step = C.runner(case, provider, x, y)
                 ms = time_ms(step, device, budget_s=args.budget)
+                peak = peak_bytes(step, device, compiled=provider == "torch.compile")
                 rec.update(status="ok", ms=ms, gbps=case.bytes_moved() / ms / 1e6,
-                           peak_mib=peak_bytes(step, device) / 2**20)
+                           peak_mib=None if peak is None else peak / 2**20)
             except Exception as exc:  # a provider that cannot run this case is reported, not hidden
                 rec.update(status=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
             finally:
@@ -67,7 +68,12 @@ def run(args):
 def _line(r):
     if r["status"] != "ok":
         return f"{r['case']:42} {r['provider']:14} {r['status']}"
-    return f"{r['case']:42} {r['provider']:14} {r['ms']:10.3f} ms {r['gbps']:8.1f} GB/s {r['peak_mib']:10.1f} MiB"
+    return (f"{r['case']:42} {r['provider']:14} {r['ms']:10.3f} ms {r['gbps']:8.1f} GB/s "
+            f"{_mib(r['peak_mib']):>10} MiB")
+
+
+def _mib(v, fmt="{:.1f}"):
+    return "n/a" if v is None else fmt.format(v)
 
 
 def table(report):
@@ -86,7 +92,8 @@ def table(report):
         cells = []
         for p in providers:
             r = row.get(p)
-            cells.append(f"{r['ms']:.3f} ({r['gbps']:.0f}, {r['peak_mib']:.0f})" if r and r["status"] == "ok"
+            cells.append(f"{r['ms']:.3f} ({r['gbps']:.1f}, {_mib(r['peak_mib'], '{:.0f}')})"
+                         if r and r["status"] == "ok"
                          else (r["status"][:40] if r else "-"))
         ours = row.get("fused_tau")
         for p in others:
