@@ -50,7 +50,7 @@ def test_cross_entropy_matches_reference(backend, case):
     out.sum().backward()
 
     x64 = x.double().requires_grad_()
-    tau64 = torch.tensor(float(tau), dtype=torch.float64, requires_grad=True)
+    tau64 = torch.tensor(case["tau"], dtype=torch.float64, requires_grad=True)
     opts64 = dict(opts, weight=w.double() if w is not None else None)
     ref = reference.cross_entropy(x64, target.double() if case["prob"] else target, tau64, **opts64)
     ref.sum().backward()
