@@ -21,30 +21,30 @@ SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes of shared memory a block may us
 
 
 def _row_configs():
-    from fused_tau.kernels import row
+    from fused_tau.kernels import row_ce, row_engine, row_softmax
 
-    block = row.MAX_BLOCK
-    _, _, warps = row.row_config(block)
+    block = row_engine.MAX_BLOCK
+    _, _, warps = row_engine.row_config(block)
     small = 1024
-    _, _, small_warps = row.row_config(small)
+    _, _, small_warps = row_engine.row_config(small)
     # the JIT specialises unit strides and B == 1 (dim=-1): compile the common case that way
     unit = dict(B=1, stride_xc=1)
-    yield "softmax_fwd", row._softmax_fwd_kernel, warps, dict(
+    yield "softmax_fwd", row_softmax._softmax_fwd_kernel, warps, dict(
         MODE=[0, 1, 2], ONE_BLOCK=[False], BLOCK=[block], **{k: [v] for k, v in unit.items()})
-    yield "softmax_fwd", row._softmax_fwd_kernel, small_warps, dict(
+    yield "softmax_fwd", row_softmax._softmax_fwd_kernel, small_warps, dict(
         MODE=[1, 2], ONE_BLOCK=[True], BLOCK=[small], **{k: [v] for k, v in unit.items()})
-    yield "softmax_bwd", row._softmax_bwd_kernel, warps, dict(
+    yield "softmax_bwd", row_softmax._softmax_bwd_kernel, warps, dict(
         LOG=[False, True], TAU_GRAD=[False, True], ONE_BLOCK=[False], BLOCK=[block], B=[1], stride_xc=[1])
-    yield "softmax_bwd", row._softmax_bwd_kernel, small_warps, dict(
+    yield "softmax_bwd", row_softmax._softmax_bwd_kernel, small_warps, dict(
         LOG=[False, True], TAU_GRAD=[True], ONE_BLOCK=[True], BLOCK=[small], B=[1], stride_xc=[1])
-    yield "lse_bwd", row._lse_bwd_kernel, warps, dict(TAU_GRAD=[False, True], BLOCK=[block], B=[1], stride_xc=[1])
+    yield "lse_bwd", row_softmax._lse_bwd_kernel, warps, dict(TAU_GRAD=[False, True], BLOCK=[block], B=[1], stride_xc=[1])
     ce_flags = [dict(HAS_WEIGHT=False, PROB_TARGET=False, SMOOTH=False),
                 dict(HAS_WEIGHT=True, PROB_TARGET=False, SMOOTH=True),
                 dict(HAS_WEIGHT=True, PROB_TARGET=True, SMOOTH=True)]
     for flags in ce_flags:
-        yield "ce_fwd", row._ce_fwd_kernel, warps, dict(
+        yield "ce_fwd", row_ce._ce_fwd_kernel, warps, dict(
             BLOCK=[block], B=[1], stride_xc=[1], **{k: [v] for k, v in flags.items()})
-        yield "ce_bwd", row._ce_bwd_kernel, warps, dict(
+        yield "ce_bwd", row_ce._ce_bwd_kernel, warps, dict(
             BLOCK=[block], B=[1], stride_xc=[1], stride_dc=[1], TAU_GRAD=[True],
             **{k: [v] for k, v in flags.items()})
 

@@ -13,7 +13,7 @@ import os
 
 BACKENDS = ("triton", "torch", "reference")
 
-# Row-engine modes, numbered as in kernels/row.py (tests/test_dispatch.py checks).
+# Row-engine modes, numbered as in kernels/row_softmax.py (tests/test_dispatch.py checks).
 MODE_LSE, MODE_SOFTMAX, MODE_LOG_SOFTMAX = 0, 1, 2
 
 

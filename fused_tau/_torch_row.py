@@ -121,7 +121,7 @@ def lse_bwd(x3, m, s, tau, g, tau_grad):
 
 
 def _coefficients(T, sl, weight, C, smoothing, prob_target, cd, device):
-    """a_c of Σ_c a_c (lse - z_c) (see kernels/row.py, _ce_coefficient); broadcastable to (rows, C)."""
+    """a_c of Σ_c a_c (lse - z_c) (see kernels/row_ce.py, _ce_coefficient); broadcastable to (rows, C)."""
     w = weight.to(cd) if weight is not None else torch.ones(C, device=device, dtype=cd)
     if prob_target:
         t = T[sl].to(cd)

@@ -39,7 +39,7 @@ def backend(request, monkeypatch):
     if name == "triton":
         if not triton_available():
             pytest.skip("triton is not installed")
-        import fused_tau.kernels.row as row
+        import fused_tau.kernels.row_engine as row
 
         monkeypatch.setattr(row, "MAX_BLOCK", 16 if DEVICE == "cpu" else row.MAX_BLOCK)
     monkeypatch.setenv("FUSED_TAU_BACKEND", name)

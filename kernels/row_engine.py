@@ -1,0 +1,64 @@
+"""Row engine core: one program streams one row of logits, dividing by τ on load.
+
+Every tensor is seen as ``(A, C, B)``: ``C`` is the softmax dimension, row
+``r = a * B + b``.  ``dim=-1`` is ``B = 1`` (Triton specialises the unit stride,
+so loads vectorise); class-dim-1 inputs ``(N, C, d1, ...)`` are ``A = N``,
+``B = d1 * ...`` read in place, without a transposed copy.
+
+Forward kernels read the logits once (one online pass keeping per-lane
+``(max, Σ others)``, see ``tl_math``) and save two fp32 numbers per row,
+``M = max z`` and ``S = Σ_{j ≠ argmax} exp(z_j - M)``.  Backward kernels
+recompute probabilities from the logits and these two numbers and write the
+gradient once; they also reduce the row's contribution to dL/dτ when τ needs
+a gradient, from ``dL/dτ = -(1/τ) Σ_j z_j dL/dz_j`` (z = x / τ).
+
+Memory traffic (bytes of the logits dtype, R rows × C): cross-entropy forward
+reads R·C, backward reads R·C and writes R·C; no R × C temporary exists.
+Offsets are int64 (the row index is widened before any stride product).
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Largest block a row is streamed in.  4096 fp32 lanes over 8 warps is 16
+# registers a lane per live tensor: no spills on sm_80/sm_90 (tests/test_aot.py).
+MAX_BLOCK = 4096
+
+
+def row_config(n_cols):
+    """Block size, single-block flag and warp count for a row of ``n_cols``.
+
+    A row that fits one block is loaded once and kept in registers for the
+    write pass; longer rows are streamed in ``MAX_BLOCK`` chunks (tests lower it to cross block boundaries on small rows).
+    """
+    block = min(max(triton.next_power_of_2(n_cols), 16), MAX_BLOCK)
+    num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
+    return block, n_cols <= block, num_warps
+
+
+@triton.jit
+def load_z(x_row, c, C, stride_xc, tau):
+    """z = x / τ for columns ``c`` of a row, -inf past the end.  An IEEE-rounded division,
+    not x * (1/τ): at |z| ~ 1e3 the second rounding alone would double fp32's error in exp(z - M)."""
+    x = tl.load(x_row + c.to(tl.int64) * stride_xc, mask=c < C, other=float("-inf"))
+    return tl.math.div_rn(x.to(tl.float32), tau)
+
+
+# Shared by the launchers of row_softmax.py and row_ce.py.  Launchers allocate, choose the
+# block and launch; inputs are already checked by
+# fused_tau (shapes, dtypes, devices); ``x3`` is the (A, C, B) view of the logits,
+# ``tau`` a float32 tensor of one element or of A elements (one per row group).
+
+def interpreted():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def rows(x3):
+    A, C, B = x3.shape
+    return A * B, C, B
+
+
+def tau_stride(tau):
+    return 0 if tau.numel() == 1 else 1

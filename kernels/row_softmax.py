@@ -1,0 +1,208 @@
+"""Row engine, softmax family: softmax, log_softmax and τ·logsumexp along a dimension, forward
+and backward (see row_engine.py for the layout and the saved statistics)."""
+import torch
+import triton
+import triton.language as tl
+
+from .row_engine import interpreted, load_z, row_config, rows, tau_stride
+from .tl_math import log1p, online_finalize, online_update, to_store
+
+MODE_LSE, MODE_SOFTMAX, MODE_LOG_SOFTMAX = 0, 1, 2
+
+
+@triton.jit
+def _softmax_fwd_kernel(
+    # pointers
+    x_ptr, out_ptr, m_ptr, s_ptr, tau_ptr,
+    # shapes: x is (A, C, B), row r = a * B + b; out is contiguous
+    C, B,
+    # strides of x, and of τ (0: one τ; 1: one τ per a)
+    stride_xa, stride_xc, stride_xb, stride_tau,
+    # constants
+    MODE: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    """MODE 0: out[r] = τ·logsumexp(x_r / τ); 1: softmax(x_r / τ); 2: log_softmax(x_r / τ)."""
+    r = tl.program_id(0).to(tl.int64)
+    a = r // B
+    b = r % B
+    x_row = x_ptr + a * stride_xa + b * stride_xb
+    tau = tl.load(tau_ptr + a * stride_tau).to(tl.float32)
+    cols = tl.arange(0, BLOCK)
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK], tl.float32)
+    if ONE_BLOCK:
+        z_kept = load_z(x_row, cols, C, stride_xc, tau)
+        m, s = online_update(m, s, z_kept)
+    else:
+        for start in range(0, C, BLOCK):
+            m, s = online_update(m, s, load_z(x_row, start + cols, C, stride_xc, tau))
+    M, S = online_finalize(m, s)
+    tl.store(m_ptr + r, M)
+    tl.store(s_ptr + r, S)
+    if MODE == 0:
+        tl.store(out_ptr + r, to_store(tau * (M + log1p(S)), out_ptr, INTERPRETED))
+    else:
+        out_row = out_ptr + a * C * B + b
+        inv_total = 1.0 / (1.0 + S)
+        log_total = log1p(S)
+        for start in range(0, C, BLOCK):
+            c = start + cols
+            if ONE_BLOCK:
+                z = z_kept
+            else:
+                z = load_z(x_row, c, C, stride_xc, tau)
+            if MODE == 1:
+                y = tl.exp(z - M) * inv_total
+            else:
+                y = (z - M) - log_total
+            tl.store(out_row + c.to(tl.int64) * B, to_store(y, out_ptr, INTERPRETED), mask=c < C)
+
+
+@triton.jit
+def _softmax_bwd_kernel(
+    # pointers: y (the forward's output), g (its gradient) and dx share y's contiguous layout
+    y_ptr, g_ptr, dx_ptr, x_ptr, m_ptr, s_ptr, tau_ptr, dtau_ptr,
+    # shapes
+    C, B,
+    # strides of x (read only for dL/dτ) and of τ
+    stride_xa, stride_xc, stride_xb, stride_tau,
+    # constants
+    LOG: tl.constexpr, TAU_GRAD: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):
+    """dz = y (g - Σ g y) for softmax, dz = g - exp(y) Σ g for log_softmax; dx = dz / τ.
+
+    dL/dτ of the row is -(1/τ) Σ (z - lse) dz: shifting z by lse changes
+    nothing (Σ dz = 0) and keeps the terms small at small τ.
+    """
+    # Padding lanes must give dz = 0: y = 0 for softmax, log y = -inf for log_softmax.
+    Y_PAD: tl.constexpr = float("-inf") if LOG else 0.0
+    r = tl.program_id(0).to(tl.int64)
+    a = r // B
+    b = r % B
+    base = a * C * B + b
+    tau = tl.load(tau_ptr + a * stride_tau).to(tl.float32)
+    inv_tau = 1.0 / tau
+    cols = tl.arange(0, BLOCK)
+    if ONE_BLOCK:
+        offs = cols.to(tl.int64) * B
+        y_kept = tl.load(y_ptr + base + offs, mask=cols < C, other=Y_PAD).to(tl.float32)
+        g_kept = tl.load(g_ptr + base + offs, mask=cols < C, other=0.0).to(tl.float32)
+        if LOG:
+            red = tl.sum(g_kept, 0)
+        else:
+            red = tl.sum(g_kept * y_kept, 0)
+    else:
+        acc = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, C, BLOCK):
+            c = start + cols
+            offs = c.to(tl.int64) * B
+            g = tl.load(g_ptr + base + offs, mask=c < C, other=0.0).to(tl.float32)
+            if LOG:
+                acc += g
+            else:
+                acc += g * tl.load(y_ptr + base + offs, mask=c < C, other=0.0).to(tl.float32)
+        red = tl.sum(acc, 0)
+    if TAU_GRAD:
+        x_row = x_ptr + a * stride_xa + b * stride_xb
+        M = tl.load(m_ptr + r)
+        lse = M + log1p(tl.load(s_ptr + r))
+        tau_acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, C, BLOCK):
+        c = start + cols
+        offs = c.to(tl.int64) * B
+        if ONE_BLOCK:
+            y = y_kept
+            g = g_kept
+        else:
+            y = tl.load(y_ptr + base + offs, mask=c < C, other=Y_PAD).to(tl.float32)
+            g = tl.load(g_ptr + base + offs, mask=c < C, other=0.0).to(tl.float32)
+        if LOG:
+            dz = g - tl.exp(y) * red
+        else:
+            dz = y * (g - red)
+        tl.store(dx_ptr + base + offs, to_store(dz * inv_tau, dx_ptr, INTERPRETED), mask=c < C)
+        if TAU_GRAD:
+            z = load_z(x_row, c, C, stride_xc, tau)
+            tau_acc += tl.where(dz != 0.0, (z - lse) * dz, 0.0)
+    if TAU_GRAD:
+        tl.store(dtau_ptr + r, -inv_tau * tl.sum(tau_acc, 0))
+
+
+@triton.jit
+def _lse_bwd_kernel(
+    # pointers
+    x_ptr, m_ptr, s_ptr, tau_ptr, g_ptr, dx_ptr, dtau_ptr,
+    # shapes
+    C, B,
+    # strides of x and τ; dx is contiguous
+    stride_xa, stride_xc, stride_xb, stride_tau,
+    # constants
+    TAU_GRAD: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    """out = τ·lse(x/τ): dx = g·softmax(x/τ); dL/dτ = g·(lse - Σ p z) = g·(log1p(S) + Σ p (M - z))."""
+    r = tl.program_id(0).to(tl.int64)
+    a = r // B
+    b = r % B
+    x_row = x_ptr + a * stride_xa + b * stride_xb
+    dx_row = dx_ptr + a * C * B + b
+    tau = tl.load(tau_ptr + a * stride_tau).to(tl.float32)
+    inv_tau = 1.0 / tau
+    M = tl.load(m_ptr + r)
+    S = tl.load(s_ptr + r)
+    g = tl.load(g_ptr + r).to(tl.float32)
+    inv_total = 1.0 / (1.0 + S)
+    cols = tl.arange(0, BLOCK)
+    tau_acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, C, BLOCK):
+        c = start + cols
+        z = load_z(x_row, c, C, stride_xc, tau)
+        p = tl.exp(z - M) * inv_total
+        tl.store(dx_row + c.to(tl.int64) * B, to_store(g * p, dx_ptr, INTERPRETED), mask=c < C)
+        if TAU_GRAD:
+            tau_acc += tl.where(p != 0.0, p * (M - z), 0.0)
+    if TAU_GRAD:
+        tl.store(dtau_ptr + r, g * (log1p(S) + tl.sum(tau_acc, 0)))
+
+
+def softmax_fwd(x3, tau, mode):
+    """Returns (out, M, S): out is τ·lse (shape (A*B,)) for MODE_LSE, else softmax or
+    log_softmax in x3's dtype and contiguous (A, C, B) layout."""
+    R, C, B = rows(x3)
+    dev = x3.device
+    out = torch.empty(R if mode == MODE_LSE else (x3.shape[0], C, B), device=dev, dtype=x3.dtype)
+    m = torch.empty(R, device=dev, dtype=torch.float32)
+    s = torch.empty(R, device=dev, dtype=torch.float32)
+    block, one_block, num_warps = row_config(C)
+    _softmax_fwd_kernel[(R,)](
+        x3, out, m, s, tau, C, B, *x3.stride(), tau_stride(tau),
+        MODE=mode, BLOCK=block, ONE_BLOCK=one_block, INTERPRETED=interpreted(), num_warps=num_warps,
+    )
+    return out, m, s
+
+
+def softmax_bwd(y, g, x3, m, s, tau, log, tau_grad):
+    """Returns (dx, dτ per row or None); y, g contiguous (A, C, B)."""
+    R, C, B = rows(x3)
+    dx = torch.empty_like(y)
+    dtau = torch.empty(R, device=y.device, dtype=torch.float32) if tau_grad else m
+    block, one_block, num_warps = row_config(C)
+    _softmax_bwd_kernel[(R,)](
+        y, g, dx, x3, m, s, tau, dtau, C, B, *x3.stride(), tau_stride(tau),
+        LOG=log, TAU_GRAD=tau_grad, BLOCK=block, ONE_BLOCK=one_block, INTERPRETED=interpreted(),
+        num_warps=num_warps,
+    )
+    return dx, (dtau if tau_grad else None)
+
+
+def lse_bwd(x3, m, s, tau, g, tau_grad):
+    """Returns (dx, dτ per row or None); g is contiguous (A*B,)."""
+    R, C, B = rows(x3)
+    dx = torch.empty((x3.shape[0], C, B), device=x3.device, dtype=x3.dtype)
+    dtau = torch.empty(R, device=x3.device, dtype=torch.float32) if tau_grad else m
+    block, _, num_warps = row_config(C)
+    _lse_bwd_kernel[(R,)](
+        x3, m, s, tau, g, dx, dtau, C, B, *x3.stride(), tau_stride(tau),
+        TAU_GRAD=tau_grad, BLOCK=block, INTERPRETED=interpreted(), num_warps=num_warps,
+    )
+    return dx, (dtau if tau_grad else None)
