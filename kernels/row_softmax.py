@@ -59,6 +59,14 @@ def _softmax_fwd_kernel(
 
 
 @triton.jit
+def _load_y(ptrs, mask, LOG: tl.constexpr):
+    """The forward's output; padding lanes must give dz = 0: y = 0 for softmax, log y = -inf for log_softmax."""
+    if LOG:
+        return tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _softmax_bwd_kernel(
     # pointers: y (the forward's output), g (its gradient) and dx share y's contiguous layout
     y_ptr, g_ptr, dx_ptr, x_ptr, m_ptr, s_ptr, tau_ptr, dtau_ptr,
@@ -75,8 +83,6 @@ def _softmax_bwd_kernel(
     dL/dτ of the row is -(1/τ) Σ (z - lse) dz: shifting z by lse changes
     nothing (Σ dz = 0) and keeps the terms small at small τ.
     """
-    # Padding lanes must give dz = 0: y = 0 for softmax, log y = -inf for log_softmax.
-    Y_PAD: tl.constexpr = float("-inf") if LOG else 0.0
     r = tl.program_id(0).to(tl.int64)
     a = r // B
     b = r % B
@@ -86,7 +92,7 @@ def _softmax_bwd_kernel(
     cols = tl.arange(0, BLOCK)
     if ONE_BLOCK:
         offs = cols.to(tl.int64) * B
-        y_kept = tl.load(y_ptr + base + offs, mask=cols < C, other=Y_PAD).to(tl.float32)
+        y_kept = _load_y(y_ptr + base + offs, cols < C, LOG)
         g_kept = tl.load(g_ptr + base + offs, mask=cols < C, other=0.0).to(tl.float32)
         if LOG:
             red = tl.sum(g_kept, 0)
@@ -115,7 +121,7 @@ def _softmax_bwd_kernel(
             y = y_kept
             g = g_kept
         else:
-            y = tl.load(y_ptr + base + offs, mask=c < C, other=Y_PAD).to(tl.float32)
+            y = _load_y(y_ptr + base + offs, c < C, LOG)
             g = tl.load(g_ptr + base + offs, mask=c < C, other=0.0).to(tl.float32)
         if LOG:
             dz = g - tl.exp(y) * red
