@@ -8,13 +8,16 @@ same numerics (see ``fused_tau._dispatch``).
 """
 from . import reference
 from ._dispatch import backend_for
+from .calibration import expected_calibration_error, fit_temperature
 from .cross_entropy import CrossEntropyFunction, cross_entropy
+from .distill import KDFunction, KDLoss, kd_loss
 from .modules import CrossEntropyLoss
 from .softmax import LogSumExpFunction, SoftmaxFunction, log_softmax, logsumexp, softmax
 from .version import __version__
 
 __all__ = [
     "softmax", "log_softmax", "logsumexp", "cross_entropy", "CrossEntropyLoss",
-    "SoftmaxFunction", "LogSumExpFunction", "CrossEntropyFunction", "reference", "backend_for",
+    "kd_loss", "KDLoss", "fit_temperature", "expected_calibration_error",
+    "SoftmaxFunction", "LogSumExpFunction", "CrossEntropyFunction", "KDFunction", "reference", "backend_for",
     "__version__",
 ]

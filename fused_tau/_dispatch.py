@@ -63,8 +63,20 @@ def _kernel_dtypes():
     return (torch.float32, torch.float16, torch.bfloat16)
 
 
+# launcher modules of each kernel family: (Triton kernels, torch path) with the same names
+ENGINES = {
+    "row": ("fused_tau.kernels.row", "fused_tau._torch_row"),
+    "kd": ("fused_tau.kernels.row_kd", "fused_tau._torch_kd"),
+    "sample": ("fused_tau.kernels.row_sample", "fused_tau._torch_sample"),
+}
+
+
+def engine(backend, family):
+    """The module holding the launchers of ``family`` for ``backend``."""
+    triton_mod, torch_mod = ENGINES[family]
+    return importlib.import_module(triton_mod if backend == "triton" else torch_mod)
+
+
 def row_engine(backend):
-    """The module holding the row-engine launchers for ``backend``."""
-    if backend == "triton":
-        return importlib.import_module("fused_tau.kernels.row")
-    return importlib.import_module("fused_tau._torch_row")
+    """The row-engine launchers (softmax family, cross-entropy) for ``backend``."""
+    return engine(backend, "row")

@@ -97,19 +97,20 @@ def nt_xent(z1, z2, tau=0.5):
 
 def kd_loss(student, teacher, tau=4.0, target=None, alpha=0.9, reduction="batchmean"):
     """tau**2 * F.kl_div(F.log_softmax(student / tau, -1), F.softmax(teacher / tau, -1), reduction);
-    with target: alpha * that + (1 - alpha) * F.cross_entropy(student, target)."""
-    t = _tau_over(tau, student, 1)
-    kd = F.kl_div(F.log_softmax(student / t, -1), F.softmax(teacher / t, -1), reduction="none").sum(-1)
-    kd = kd * t.reshape(-1) ** 2 if isinstance(t, torch.Tensor) else kd * t ** 2
+    with target: alpha * that + (1 - alpha) * F.cross_entropy(student, target) (rows flattened;
+    summed for reduction='sum', else averaged).  τ per row has shape student.shape[:-1]."""
+    t = _tau_over(tau, student, student.ndim - 1)
+    kd = F.kl_div(F.log_softmax(student / t, -1), F.softmax(teacher / t, -1), reduction="none") * t ** 2
     if reduction == "batchmean":
         kd = kd.sum() / student.shape[0]
     elif reduction == "sum":
         kd = kd.sum()
     elif reduction == "mean":
-        kd = kd.sum() / student.numel()
+        kd = kd.sum() / kd.numel()
     if target is None:
         return kd
-    ce = F.cross_entropy(student, target, reduction="none" if reduction == "none" else "mean")
+    C = student.shape[-1]
+    ce = F.cross_entropy(student.reshape(-1, C), target.reshape(-1), reduction="sum" if reduction == "sum" else "mean")
     return alpha * kd + (1 - alpha) * ce
 
 

@@ -1,0 +1,94 @@
+"""The torch path of distillation: the launchers of ``kernels/row_kd.py`` with the same
+arguments and results, in torch ops over chunks of rows (fp32; fp64 for fp64 inputs).
+The formulas are the kernel's (see its module docstring)."""
+import torch
+
+from ._torch_row import _chunks, _compute_dtype, _stats
+
+
+def _tau_col(tau, R, cd):
+    t = tau.to(cd).reshape(-1)
+    return (t.expand(R) if t.numel() == 1 else t).unsqueeze(-1)
+
+
+def _rows(s2, t2, sl, tau_c, cd):
+    zs = torch.div(s2[sl], tau_c[sl]).to(cd)
+    zt = torch.div(t2[sl], tau_c[sl]).to(cd)
+    _, Ms, Ss, _ = _stats(zs)
+    _, Mt, St, _ = _stats(zt)
+    lp = zs - (Ms + torch.log1p(Ss)).unsqueeze(-1)
+    lq = zt - (Mt + torch.log1p(St)).unsqueeze(-1)
+    return zs, zt, lp, lq, (Ms, Ss, Mt, St)
+
+
+def _xlogy_gap(q, lq, lp):
+    """q (log q - log p), exactly 0 where q = 0 (as F.kl_div's xlogy)."""
+    return torch.where(q > 0, q * (lq - lp), 0.0)
+
+
+def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
+    R, C = s2.shape
+    cd = _compute_dtype(s2)
+    tau_c = _tau_col(tau, R, cd)
+    kl = torch.empty(R, device=s2.device, dtype=cd)
+    stats = torch.zeros(R, 7, device=s2.device, dtype=cd)
+    ce = torch.empty(R, device=s2.device, dtype=cd) if target is not None else None
+    out = torch.empty((R, C), device=s2.device, dtype=s2.dtype) if elementwise else None
+    for sl in _chunks(R, C):
+        zs, zt, lp, lq, (Ms, Ss, Mt, St) = _rows(s2, t2, sl, tau_c, cd)
+        elem = _xlogy_gap(lq.exp(), lq, lp)
+        kl[sl] = elem.sum(-1)
+        stats[sl, 0], stats[sl, 1], stats[sl, 2], stats[sl, 3], stats[sl, 4] = Ms, Ss, Mt, St, kl[sl]
+        if elementwise:
+            out[sl] = elem * tau_c[sl] ** 2
+        if target is not None:
+            s1 = s2[sl].to(cd)
+            _, M1, S1, _ = _stats(s1)
+            y = target[sl]
+            valid = y != ignore_index
+            s_y = s1.gather(-1, torch.where(valid, y, 0).unsqueeze(-1)).squeeze(-1)
+            ce[sl] = torch.where(valid, (M1 - s_y) + torch.log1p(S1), 0.0)
+            stats[sl, 5], stats[sl, 6] = M1, S1
+    return kl, ce, stats, out
+
+
+def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teacher_grad, tau_grad):
+    R, C = s2.shape
+    cd = _compute_dtype(s2)
+    tau_c = _tau_col(tau, R, cd)
+    ds = torch.empty((R, C), device=s2.device, dtype=s2.dtype)
+    dt = torch.empty((R, C), device=s2.device, dtype=t2.dtype) if teacher_grad else None
+    dtau = torch.empty(R, device=s2.device, dtype=cd) if tau_grad else None
+    if not elementwise:
+        g = g.to(cd).reshape(-1).expand(R)
+    for sl in _chunks(R, C):
+        zs, zt, lp, lq, (Ms, Ss, Mt, St) = _rows(s2, t2, sl, tau_c, cd)
+        p, q = lp.exp(), lq.exp()
+        gc = g[sl].to(cd) if elementwise else g[sl].unsqueeze(-1)
+        gq = torch.where(q > 0, gc * q, 0.0)
+        delta = lq - lp
+        G1 = gq.sum(-1, keepdim=True)
+        F = torch.where(q > 0, gq * delta, 0.0).sum(-1, keepdim=True)
+        dzs = p * G1 - gq
+        dzt = torch.where(q > 0, q * (gc * (delta + 1.0) - (F + G1)), 0.0)
+        t = tau_c[sl]
+        d_student = t * dzs
+        if target is not None:
+            s1 = s2[sl].to(cd)
+            M1, S1 = stats[sl, 5].to(cd), stats[sl, 6].to(cd)
+            y = target[sl]
+            valid = y != ignore_index
+            y_safe = torch.where(valid, y, 0).unsqueeze(-1)
+            p1 = torch.softmax(s1, -1)
+            at_top = s1.gather(-1, y_safe).squeeze(-1) == M1
+            q1 = torch.where(at_top, S1 / (1.0 + S1), 1.0 - p1.gather(-1, y_safe).squeeze(-1))
+            gce = torch.where(valid, g_ce.to(cd).reshape(-1).expand(R)[sl], 0.0).unsqueeze(-1)
+            d_student = d_student + gce * p1.scatter(-1, y_safe, -q1.unsqueeze(-1))
+        ds[sl] = d_student
+        if teacher_grad:
+            dt[sl] = t * dzt
+        if tau_grad:
+            shifted = (torch.where(dzs != 0, (zs - Ms.unsqueeze(-1)) * dzs, 0.0)
+                       + torch.where(dzt != 0, (zt - Mt.unsqueeze(-1)) * dzt, 0.0)).sum(-1)
+            dtau[sl] = 2.0 * t.squeeze(-1) * F.squeeze(-1) - t.squeeze(-1) * shifted
+    return ds, dt, dtau

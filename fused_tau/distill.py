@@ -1,0 +1,137 @@
+"""Knowledge distillation on the row engine: ``kd_loss`` and ``KDLoss``.
+
+Layers: kernels/row_kd.py (or fused_tau/_torch_kd.py) -> ``KDFunction`` -> ``kd_loss``.
+"""
+import torch
+from torch import nn
+
+from . import reference
+from ._checks import (check_same_device, check_tensor, data_check, reduce_tau_grad, tau_for_kernel,
+                      tau_tensor)
+from ._dispatch import backend_for, engine
+
+KD_REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
+
+def _rows2(x):
+    C = x.shape[-1]
+    x2 = x.reshape(-1, C)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+class KDFunction(torch.autograd.Function):
+    """τ² KL(softmax(teacher/τ) ‖ softmax(student/τ)), reduced, optionally mixed with CE(student, target)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, target, tau, alpha, reduction, ignore_index, backend):
+        kd = engine(backend, "kd")
+        s2, t2 = _rows2(student), _rows2(teacher)
+        R, C = s2.shape
+        tgt = target.reshape(-1).to(torch.int64).contiguous() if target is not None else None
+        tau_k = tau_for_kernel(tau, student)
+        elementwise = reduction == "none"
+        kl, ce, stats, out = kd.kd_fwd(s2, t2, tgt, tau_k, ignore_index, elementwise)
+        tau2 = tau_k.reshape(-1) ** 2
+        n_valid = None
+        if elementwise:
+            loss = out.view(student.shape)
+        else:
+            total = (tau2 * kl).sum()
+            scale = {"batchmean": 1.0 / student.shape[0], "sum": 1.0, "mean": 1.0 / (R * C)}[reduction]
+            loss = total * scale
+            if tgt is not None:
+                ce_total = ce.sum()
+                if reduction != "sum":
+                    n_valid = (tgt != ignore_index).sum().to(ce.dtype)
+                    ce_total = ce_total / n_valid
+                loss = alpha * loss + (1.0 - alpha) * ce_total
+        ctx.kd, ctx.shape, ctx.options = kd, student.shape, (alpha, reduction, ignore_index)
+        ctx.save_for_backward(s2, t2, tgt, tau_k, stats, n_valid, tau)
+        return loss.to(student.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        s2, t2, tgt, tau_k, stats, n_valid, tau = ctx.saved_tensors
+        alpha, reduction, ignore_index = ctx.options
+        R, C = s2.shape
+        teacher_grad, tau_grad = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+        g_ce = None
+        if reduction == "none":
+            g = grad.reshape(R, C)
+        else:
+            g = grad.detach().to(stats.dtype).reshape(1)
+            scale = {"batchmean": 1.0 / ctx.shape[0], "sum": 1.0, "mean": 1.0 / (R * C)}[reduction]
+            if tgt is not None:
+                g_ce = g * (1.0 - alpha) if reduction == "sum" else g * (1.0 - alpha) / n_valid
+                g = g * alpha
+            g = g * scale
+        ds, dt, dtau = ctx.kd.kd_bwd(s2, t2, tgt, tau_k, stats, g, g_ce, ignore_index, reduction == "none",
+                                     teacher_grad, tau_grad)
+        ds = ds.view(ctx.shape) if ctx.needs_input_grad[0] else None
+        dt = dt.view(ctx.shape) if teacher_grad else None
+        dtau = reduce_tau_grad(dtau, tau, 1) if tau_grad else None
+        return ds, dt, None, dtau, None, None, None, None
+
+
+def _check(student, teacher, target, alpha, reduction):
+    check_tensor(student, "student")
+    check_tensor(teacher, "teacher")
+    if student.ndim == 0:
+        raise ValueError("student must have at least one dimension (the classes), got a 0-dim tensor")
+    if teacher.shape != student.shape:
+        raise ValueError(f"teacher must have student's shape {tuple(student.shape)}, got {tuple(teacher.shape)}")
+    check_same_device(teacher, "teacher", student, "student")
+    if reduction not in KD_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be a float in [0, 1], got {alpha!r}")
+    if target is not None:
+        check_tensor(target, "target", floating=False)
+        check_same_device(target, "target", student, "student")
+        if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
+            raise TypeError(f"target must hold class indices (an integer dtype), got {target.dtype}")
+        if tuple(target.shape) != tuple(student.shape[:-1]):
+            raise ValueError(f"target must have shape {tuple(student.shape[:-1])}, got {tuple(target.shape)}")
+        if reduction == "none":
+            raise ValueError("reduction='none' gives the KL per element (as F.kl_div) and cannot be mixed "
+                             "with the per-row cross-entropy of target: use 'batchmean', 'sum' or 'mean'")
+        if target.numel():
+            C = student.shape[-1]
+            data_check((((target >= 0) & (target < C)) | (target == -100)).all(),
+                       f"target holds a class index outside [0, {C}) that is not -100", IndexError)
+
+
+def kd_loss(student, teacher, tau=4.0, target=None, alpha=0.9, reduction="batchmean"):
+    """Hinton distillation over the last dimension, in one fused pass over both logits:
+
+    ``tau**2 * F.kl_div(F.log_softmax(student / tau, -1), F.softmax(teacher / tau, -1), reduction)``;
+    with ``target``: ``alpha * that + (1 - alpha) * F.cross_entropy(student, target)`` (student at
+    τ = 1, rows flattened, targets of -100 ignored; CE summed for reduction='sum', else averaged).
+
+    Reductions as F.kl_div: 'batchmean' divides the sum by ``student.shape[0]``, 'mean' by the
+    element count, 'none' returns the elementwise ``τ² q (log q - log p)``.  Teacher classes of
+    zero probability add 0 (no NaN).  The teacher gets a gradient only when it requires one;
+    τ may be a float, a one-element tensor or one τ per row (shape ``student.shape[:-1]``),
+    and gets its gradient when it requires one.
+    """
+    _check(student, teacher, target, alpha, reduction)
+    tau_t = tau_tensor(tau, student, tuple(student.shape[:-1]))
+    backend = backend_for(student)
+    if backend == "reference" or student.numel() == 0:
+        return reference.kd_loss(student, teacher, tau_t, target, alpha, reduction)
+    return KDFunction.apply(student, teacher, target, tau_t, float(alpha), reduction, -100, backend)
+
+
+class KDLoss(nn.Module):
+    """``kd_loss`` as a module: ``KDLoss(tau=4.0, alpha=0.9, reduction="batchmean")(student, teacher, target=None)``."""
+
+    def __init__(self, tau=4.0, alpha=0.9, reduction="batchmean"):
+        super().__init__()
+        self.tau, self.alpha, self.reduction = tau, alpha, reduction
+
+    def forward(self, student, teacher, target=None):
+        return kd_loss(student, teacher, self.tau, target, self.alpha, self.reduction)
+
+    def extra_repr(self):
+        return f"tau={self.tau if not isinstance(self.tau, torch.Tensor) else 'tensor'}, alpha={self.alpha}, " \
+               f"reduction={self.reduction!r}"

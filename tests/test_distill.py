@@ -1,0 +1,130 @@
+"""kd_loss against tau**2 * F.kl_div(log_softmax(s/τ), softmax(t/τ)) (+ CE) in float64, on every backend."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_tau
+from fused_tau import reference
+
+from .tolerances import assert_close_to_ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _run(student, teacher, tau, target, alpha, reduction, dtype, teacher_grad=True):
+    s = student.to(dtype).requires_grad_()
+    t = teacher.to(dtype).requires_grad_(teacher_grad)
+    out = fused_tau.kd_loss(s, t, tau, target, alpha, reduction)
+    assert out.dtype == dtype
+    g = torch.rand(out.shape, device=s.device) + 0.5
+    (out.float() * g).sum().backward()
+    s64 = s.detach().double().requires_grad_()
+    t64 = t.detach().double().requires_grad_(teacher_grad)
+    tau64 = tau.detach().double().requires_grad_() if isinstance(tau, torch.Tensor) else tau
+    ref = reference.kd_loss(s64, t64, tau64, target, alpha, reduction)
+    (ref * g.double()).sum().backward()
+    # fp32 cannot beat its conditioning (|z| large): bound by torch's own fp32 error as well
+    ts = s.detach().float().requires_grad_()
+    tt = t.detach().float().requires_grad_(teacher_grad)
+    tref = reference.kd_loss(ts, tt, tau.detach() if isinstance(tau, torch.Tensor) else tau, target, alpha,
+                             reduction)
+    (tref * g).sum().backward()
+    fp32 = dtype == torch.float32
+    assert_close_to_ref(out, ref, dtype, torch_same_dtype=tref if fp32 else None)
+    assert_close_to_ref(s.grad, s64.grad, dtype, torch_same_dtype=ts.grad if fp32 else None)
+    if teacher_grad:
+        assert_close_to_ref(t.grad, t64.grad, dtype, torch_same_dtype=tt.grad if fp32 else None)
+    else:
+        assert t.grad is None
+    if isinstance(tau, torch.Tensor) and tau.requires_grad:
+        assert tau.grad.shape == tau.shape
+        assert_close_to_ref(tau.grad, tau64.grad, torch.float32 if fp32 else dtype, scale=student.numel())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+@pytest.mark.parametrize("with_target", [False, True])
+@pytest.mark.parametrize("tau", [1.0, 4.0, 0.3])
+def test_kd_matches_reference(backend, device, dtype, reduction, with_target, tau):
+    if with_target and reduction == "none":
+        pytest.skip("rejected: per-element KL cannot be mixed with per-row CE (test_bad_kd_input)")
+    N, C = 6, 41
+    s = torch.randn(N, C, device=device) * 3
+    t = torch.randn(N, C, device=device) * 3
+    y = None
+    if with_target:
+        y = torch.randint(0, C, (N,), device=device)
+        y[2] = -100
+    _run(s, t, tau, y, 0.7, reduction, dtype)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("teacher_grad", [False, True])
+def test_kd_learnable_tau_and_teacher_grad(backend, device, per_row, teacher_grad):
+    s = torch.randn(2, 3, 29, device=device) * 2  # leading dims: rows are the last dim
+    t = torch.randn(2, 3, 29, device=device) * 2
+    tau = (torch.rand(2, 3, device=device) + 1.0) if per_row else torch.tensor(3.0, device=device)
+    y = torch.randint(0, 29, (2, 3), device=device)
+    _run(s, t, tau.requires_grad_(), y, 0.5, "batchmean", torch.float32, teacher_grad=teacher_grad)
+
+
+def test_teacher_zero_probability_classes(backend, device):
+    """Masked teacher classes (-inf: probability 0) add 0, never NaN, as F.kl_div's xlogy does."""
+    s = torch.randn(4, 23, device=device)
+    t = torch.randn(4, 23, device=device)
+    t[:, :5] = float("-inf")
+    t[1, 7:] = float("-inf")  # a teacher row that is almost one-hot
+    # the reference's teacher gradient is NaN there (d xlogy(q, q)/dq = log 0 + 1): compare the rest
+    _run(s, t, 2.0, None, 0.9, "batchmean", torch.float32, teacher_grad=False)
+    out = fused_tau.kd_loss(s, t, 2.0, reduction="none")
+    assert torch.isfinite(out).all() and (out[:, :5] == 0).all()
+    tg = t.clone().requires_grad_()
+    fused_tau.kd_loss(s, tg, 2.0).backward()
+    assert torch.isfinite(tg.grad).all() and (tg.grad[:, :5] == 0).all()
+    t64 = t.double().requires_grad_()
+    reference.kd_loss(s.double(), t64, 2.0).backward()
+    finite = torch.isfinite(t64.grad)
+    assert_close_to_ref(tg.grad[finite], t64.grad[finite], torch.float32)
+
+
+def test_identical_logits_give_zero(backend, device):
+    x = torch.randn(5, 300, device=device) * 10
+    assert abs(fused_tau.kd_loss(x, x.clone(), 4.0).item()) < 1e-6
+
+
+def test_kd_matches_hinton_formula_in_float64(backend, device):
+    """The DESIGN.md definition, literally: τ² F.kl_div(..., reduction='batchmean') (+ CE)."""
+    s = torch.randn(8, 100, device=device, dtype=torch.float64)
+    t = torch.randn(8, 100, device=device, dtype=torch.float64)
+    y = torch.randint(0, 100, (8,), device=device)
+    kd = 16 * F.kl_div(F.log_softmax(s / 4, -1), F.softmax(t / 4, -1), reduction="batchmean")
+    torch.testing.assert_close(fused_tau.kd_loss(s, t, 4.0), kd, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(fused_tau.kd_loss(s, t, 4.0, y, 0.9), 0.9 * kd + 0.1 * F.cross_entropy(s, y),
+                               rtol=1e-6, atol=1e-9)
+
+
+def test_kd_module(backend, device):
+    s, t = torch.randn(3, 17, device=device), torch.randn(3, 17, device=device)
+    y = torch.randint(0, 17, (3,), device=device)
+    mod = fused_tau.KDLoss(tau=2.0, alpha=0.6, reduction="sum")
+    torch.testing.assert_close(mod(s, t, y), fused_tau.kd_loss(s, t, 2.0, y, 0.6, "sum"))
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(teacher=torch.randn(4, 6)), ValueError, "teacher must have student's shape"),
+    (dict(tau=0.0), ValueError, "tau must be positive"),
+    (dict(tau=-4.0), ValueError, "tau must be positive"),
+    (dict(alpha=1.5), ValueError, "alpha must be a float in \\[0, 1\\]"),
+    (dict(reduction="avg"), ValueError, "reduction must be one of"),
+    (dict(target=torch.tensor([0, 1, 2])), ValueError, "target must have shape \\(4,\\)"),
+    (dict(target=torch.tensor([0, 1, 2, 9])), IndexError, "target holds a class index outside"),
+    (dict(target=torch.zeros(4)), TypeError, "target must hold class indices"),
+    (dict(target=torch.tensor([0, 1, 2, 3]), reduction="none"), ValueError, "reduction='none'"),
+    (dict(student=torch.randint(0, 3, (4, 7))), TypeError, "student must be float16"),
+    (dict(teacher=torch.randn(4, 7, device="meta")), ValueError, "teacher is on meta"),
+])
+def test_bad_kd_input(backend, kwargs, exc, match):
+    args = dict(student=torch.randn(4, 7), teacher=torch.randn(4, 7))
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        fused_tau.kd_loss(**args)
