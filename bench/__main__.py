@@ -1,7 +1,9 @@
 """``python -m bench``: fused_tau against the PyTorch composition (eager and torch.compile).
 
-On a GPU it runs the sizes of real runs (bf16, N = 8192 and 32768, C = 32000
-and 128256); on a CPU the torch path at sizes a 2-core machine can do.  It
+Ops: cross_entropy, kd_loss, gumbel_softmax, sample (bench/cases.py).  On a GPU it
+runs the sizes of real runs in bf16 (cross-entropy N = 8192 and 32768 × C = 32000
+and 128256; kd_loss N = 8192; gumbel_softmax and sample 64 × 256000); on a CPU the
+torch path at sizes a 2-core machine can do.  It
 prints a table and writes every raw number to a JSON file (default
 bench/results/<device>-<date>.json).
 """
@@ -21,8 +23,9 @@ from .harness import environment, peak_bytes, time_ms
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--ops", default=",".join(C.OPS), help="comma-separated ops (default: all)")
     p.add_argument("--sizes", default=None,
-                   help="N x C list, e.g. '8192x32000,32768x128256' (default: by device)")
+                   help="N x C list, e.g. '8192x32000,32768x128256' (default: each op's, by device)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--providers", default="fused_tau,torch,torch.compile")
     p.add_argument("--modes", default="fwd,fwd+bwd")
@@ -33,23 +36,18 @@ def parse_args(argv):
 
 def run(args):
     device = torch.device(args.device)
-    if args.sizes:
-        sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",")]
-    else:
-        sizes = C.GPU_SIZES if device.type == "cuda" else C.CPU_SIZES
-    if args.dtype:
-        dtypes = [getattr(torch, args.dtype)]
-    else:
-        dtypes = C.GPU_DTYPES if device.type == "cuda" else C.CPU_DTYPES
+    sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",")] if args.sizes else None
+    dtypes = [getattr(torch, args.dtype)] if args.dtype else None
     providers = args.providers.split(",")
     records = []
-    for case in C.cases(sizes, dtypes, modes=tuple(args.modes.split(","))):
+    for case in C.cases(device.type, ops=args.ops.split(","), sizes=sizes, dtypes=dtypes,
+                        modes=tuple(args.modes.split(","))):
         for provider in providers:
             rec = dict(case=case.name, op=case.op, mode=case.mode, n=case.n, c=case.c,
                        dtype=str(case.dtype).replace("torch.", ""), provider=provider)
             try:
-                x, y = C.make_inputs(case, device)
-                step = C.runner(case, provider, x, y)
+                inputs = C.make_inputs(case, device)
+                step = C.runner(case, provider, inputs)
                 ms = time_ms(step, device, budget_s=args.budget)
                 peak = peak_bytes(step, device, compiled=provider == "torch.compile")
                 rec.update(status="ok", ms=ms, gbps=case.bytes_moved() / ms / 1e6,
@@ -57,7 +55,7 @@ def run(args):
             except Exception as exc:  # a provider that cannot run this case is reported, not hidden
                 rec.update(status=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
             finally:
-                x = y = step = None
+                inputs = step = None
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             records.append(rec)

@@ -21,7 +21,7 @@ SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes of shared memory a block may us
 
 
 def _row_configs():
-    from fused_tau.kernels import row_ce, row_engine, row_softmax
+    from fused_tau.kernels import row_ce, row_engine, row_kd, row_softmax
 
     block = row_engine.MAX_BLOCK
     _, _, warps = row_engine.row_config(block)
@@ -47,25 +47,38 @@ def _row_configs():
         yield "ce_bwd", row_ce._ce_bwd_kernel, warps, dict(
             BLOCK=[block], B=[1], stride_xc=[1], stride_dc=[1], TAU_GRAD=[True],
             **{k: [v] for k, v in flags.items()})
+    kd_block, _, kd_warps = row_engine.row_config(1 << 20, row_kd.LANES_PER_BLOCK)
+    yield "kd_fwd", row_kd._kd_fwd_kernel, kd_warps, dict(
+        BLOCK=[kd_block], HAS_TARGET=[False, True], ELEMENTWISE=[False, True])
+    yield "kd_bwd", row_kd._kd_bwd_kernel, kd_warps, dict(
+        BLOCK=[kd_block], HAS_TARGET=[True], ELEMENTWISE=[False], TEACHER_GRAD=[True], TAU_GRAD=[True])
+    yield "kd_bwd", row_kd._kd_bwd_kernel, kd_warps, dict(
+        BLOCK=[kd_block], HAS_TARGET=[False], ELEMENTWISE=[True], TEACHER_GRAD=[True], TAU_GRAD=[True])
 
 
-# element type of each pointer argument, by the dtype of the logits
-def _pointer_type(name, dtype):
-    if name in ("x_ptr", "out_ptr", "y_ptr", "g_ptr", "dx_ptr"):
+# pointers that hold logits (or their gradients) in the input dtype; the rest are fp32 / int64
+LOGIT_POINTERS = {
+    "kd": ("s_ptr", "t_ptr", "ds_ptr", "dt_ptr", "out_ptr"),
+    "": ("x_ptr", "out_ptr", "y_ptr", "g_ptr", "dx_ptr"),
+}
+
+
+def _pointer_type(kernel, name, dtype):
+    if name in LOGIT_POINTERS["kd" if kernel.startswith("kd_") else ""]:
         return "*" + dtype
     if name == "target_ptr":
         return "*i64"
     return "*fp32"
 
 
-def _signature(fn, dtype, constants):
+def _signature(kernel, fn, dtype, constants):
     sig = {}
     for p in fn.params:
         name = p.name
         if p.is_constexpr or name in constants:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = _pointer_type(name, dtype)
+            sig[name] = _pointer_type(kernel, name, dtype)
         elif name == "smoothing":
             sig[name] = "fp32"
         else:
@@ -106,7 +119,7 @@ def compile_all(dtypes=("bf16", "fp32"), caps=(80, 90)):
             if "INTERPRETED" in fn.arg_names:
                 constants["INTERPRETED"] = False
             for dtype, cap in itertools.product(dtypes, caps):
-                src = ASTSource(fn=fn, signature=_signature(fn, dtype, constants), constexprs=constants)
+                src = ASTSource(fn=fn, signature=_signature(name, fn, dtype, constants), constexprs=constants)
                 kernel = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": warps})
                 res = _resources(kernel.asm["cubin"])
                 res.update(kernel=name, dtype=dtype, sm=cap, num_warps=warps,

@@ -13,15 +13,14 @@ from . import cases as C
 from .harness import peak_bytes
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-SIZES = C.GPU_SIZES if DEVICE.type == "cuda" else C.CPU_SIZES
-DTYPES = C.GPU_DTYPES if DEVICE.type == "cuda" else C.CPU_DTYPES
+PROVIDERS = ["fused_tau", "torch", "torch.compile"]
 
 
-@pytest.mark.parametrize("provider", list(C.PROVIDERS["cross_entropy"]))
-@pytest.mark.parametrize("case", C.cases(SIZES, DTYPES), ids=lambda c: c.name)
-def test_cross_entropy(benchmark, case, provider):
-    x, y = C.make_inputs(case, DEVICE)
-    step = C.runner(case, provider, x, y)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("case", C.cases(DEVICE.type), ids=lambda c: c.name)
+def test_op(benchmark, case, provider):
+    inputs = C.make_inputs(case, DEVICE)
+    step = C.runner(case, provider, inputs)
     if DEVICE.type == "cuda":
         def timed():
             step()

@@ -27,13 +27,16 @@ import triton.language as tl
 MAX_BLOCK = 4096
 
 
-def row_config(n_cols):
+def row_config(n_cols, lanes_per_block=1):
     """Block size, single-block flag and warp count for a row of ``n_cols``.
 
     A row that fits one block is loaded once and kept in registers for the
-    write pass; longer rows are streamed in ``MAX_BLOCK`` chunks (tests lower it to cross block boundaries on small rows).
+    write pass; longer rows are streamed in ``MAX_BLOCK`` chunks (tests lower it
+    to cross block boundaries on small rows).  Kernels that keep more per-lane
+    accumulators divide the block by ``lanes_per_block`` to stay clear of 255
+    registers a thread.
     """
-    block = min(max(triton.next_power_of_2(n_cols), 16), MAX_BLOCK)
+    block = min(max(triton.next_power_of_2(n_cols), 16), max(MAX_BLOCK // lanes_per_block, 2))
     num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
     return block, n_cols <= block, num_warps
 
