@@ -21,7 +21,7 @@ SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes of shared memory a block may us
 
 
 def _row_configs():
-    from fused_tau.kernels import row_ce, row_engine, row_kd, row_softmax
+    from fused_tau.kernels import row_ce, row_engine, row_kd, row_sample, row_softmax
 
     block = row_engine.MAX_BLOCK
     _, _, warps = row_engine.row_config(block)
@@ -54,6 +54,7 @@ def _row_configs():
         BLOCK=[kd_block], HAS_TARGET=[True], ELEMENTWISE=[False], TEACHER_GRAD=[True], TAU_GRAD=[True])
     yield "kd_bwd", row_kd._kd_bwd_kernel, kd_warps, dict(
         BLOCK=[kd_block], HAS_TARGET=[False], ELEMENTWISE=[True], TEACHER_GRAD=[True], TAU_GRAD=[True])
+    yield from row_sample.aot_configs()
 
 
 # pointers that hold logits (or their gradients) in the input dtype; the rest are fp32 / int64
@@ -66,7 +67,7 @@ LOGIT_POINTERS = {
 def _pointer_type(kernel, name, dtype):
     if name in LOGIT_POINTERS["kd" if kernel.startswith("kd_") else ""]:
         return "*" + dtype
-    if name == "target_ptr":
+    if name in ("target_ptr", "seed_ptr", "idx_ptr"):
         return "*i64"
     return "*fp32"
 

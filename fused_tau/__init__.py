@@ -12,12 +12,14 @@ from .calibration import expected_calibration_error, fit_temperature
 from .cross_entropy import CrossEntropyFunction, cross_entropy
 from .distill import KDFunction, KDLoss, kd_loss
 from .modules import CrossEntropyLoss
+from .sampling import GumbelSoftmax, GumbelSoftmaxFunction, gumbel_softmax, gumbel_tau_schedule, sample
 from .softmax import LogSumExpFunction, SoftmaxFunction, log_softmax, logsumexp, softmax
 from .version import __version__
 
 __all__ = [
     "softmax", "log_softmax", "logsumexp", "cross_entropy", "CrossEntropyLoss",
     "kd_loss", "KDLoss", "fit_temperature", "expected_calibration_error",
+    "gumbel_softmax", "GumbelSoftmax", "gumbel_tau_schedule", "sample", "GumbelSoftmaxFunction",
     "SoftmaxFunction", "LogSumExpFunction", "CrossEntropyFunction", "KDFunction", "reference", "backend_for",
     "__version__",
 ]

@@ -90,11 +90,12 @@ def softmax_bwd(y, g, x3, m, s, tau, log, tau_grad):
     dx = torch.empty((R, C), device=y.device, dtype=y.dtype)
     dtau = torch.empty(R, device=y.device, dtype=cd) if tau_grad else None
     for sl in _chunks(R, C):
+        # .to() returns the saved output itself when the dtype matches: no in-place op on it
         yy, gg = Y[sl].to(cd), G[sl].to(cd)
         if log:
-            dz = gg - yy.exp_().mul_(gg.sum(-1, keepdim=True))
+            dz = gg - yy.exp() * gg.sum(-1, keepdim=True)
         else:
-            dz = yy.mul_(gg - (gg * yy).sum(-1, keepdim=True))
+            dz = yy * (gg - (gg * yy).sum(-1, keepdim=True))
         if tau_grad:
             lse = (m[sl] + torch.log1p(s[sl])).unsqueeze(-1)
             lp = _z(X, sl, tau_r, cd).sub_(lse)

@@ -124,3 +124,15 @@ def test_small_tau_log_softmax_keeps_precision(backend, device):
     exact = reference.log_softmax(x.double(), 0.05)
     assert abs(lp[0, 2].item() - exact[0, 2].item()) <= 1e-6 * abs(exact[0, 2].item())
     assert lp[0, 2].item() != 0.0
+
+
+@pytest.mark.parametrize("op,ref", OPS, ids=OP_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_backward_leaves_output_and_input_intact(backend, device, op, ref, dtype):
+    """Neither the forward's output (which the backward reads) nor the input is written to."""
+    x = torch.randn(4, 37, device=device, dtype=dtype, requires_grad=True)
+    out = _call(op, x, 0.5, -1)
+    out_before, x_before = out.detach().clone(), x.detach().clone()
+    out.backward(torch.randn_like(out))
+    assert torch.equal(out.detach(), out_before)
+    assert torch.equal(x.detach(), x_before)

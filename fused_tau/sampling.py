@@ -1,0 +1,156 @@
+"""Gumbel-softmax and temperature sampling on the row engine.
+
+Layers: kernels/row_sample.py (or the torch path, fused_tau/_torch_sample.py) ->
+``GumbelSoftmaxFunction`` -> ``gumbel_softmax`` / ``sample`` -> ``GumbelSoftmax``.
+
+The kernels draw their Gumbel noise inside the kernel (Philox, one seed per call drawn
+from the caller's ``torch.Generator`` on the logits' device, without a host sync); the
+noise is never stored, and the hard backward regenerates it.
+"""
+import math
+import numbers
+
+import torch
+from torch import nn
+
+from . import reference
+from ._checks import check_dim, check_same_device, check_tensor, data_check, tau_for_kernel, tau_tensor
+from ._dispatch import backend_for, engine
+from .softmax import view3
+
+
+class GumbelSoftmaxFunction(torch.autograd.Function):
+    """y = softmax((x + g) / τ) along ``dim``, g ~ Gumbel(0, 1); ``hard``: the one-hot of argmax y
+    in the forward and y's gradient in the backward (straight-through).  τ gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, tau, dim, hard, generator, backend):
+        launchers = engine(backend, "sample")
+        x3, _, _, _ = view3(x, dim)
+        tau_k = tau_for_kernel(tau, x)
+        out, saved = launchers.gumbel_fwd(x3, tau_k, generator, hard, ctx.needs_input_grad[0])
+        ctx.engine, ctx.hard, ctx.shape3 = launchers, hard, x3.shape
+        ctx.save_for_backward(tau_k, *saved)
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        tau_k, *saved = ctx.saved_tensors
+        g = grad.reshape(ctx.shape3).contiguous()
+        dx = ctx.engine.gumbel_bwd(g, tau_k, ctx.hard, saved)
+        return dx.view(grad.shape), None, None, None, None, None
+
+
+def _check_generator(generator, x):
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator.device.type != x.device.type:
+        raise ValueError(f"generator is on {generator.device} but logits is on {x.device}")
+
+
+def gumbel_softmax(logits, tau=1.0, hard=False, dim=-1, generator=None):
+    """A Gumbel-softmax sample: ``softmax((logits + g) / tau, dim)`` with g = -log(E),
+    E ~ Exponential(1) i.i.d. per element, the distribution of ``F.gumbel_softmax``.  Its
+    argmax is a draw from ``softmax(logits, dim)`` whatever τ (τ only sharpens the sample).
+
+    ``hard=True`` returns the one-hot of its argmax (exactly 0.0 / 1.0) whose gradient is
+    the soft sample's, ``y_hard - y_soft.detach() + y_soft`` as in ``F.gumbel_softmax``.
+    ``generator`` (a ``torch.Generator`` on the logits' device; None: the device's default)
+    makes the draws reproducible.  τ: a positive float, a one-element tensor, or one τ per
+    row (shape ``logits.shape[:dim]``); τ gets no gradient (a τ that requires grad is
+    treated as a constant).  Computed in fp32 for fp16 / bf16 / fp32 logits.
+    """
+    check_tensor(logits, "logits")
+    dim = check_dim(dim, logits.ndim)
+    tau_t = tau_tensor(tau, logits, tuple(logits.shape[:dim]))
+    _check_generator(generator, logits)
+    backend = backend_for(logits)
+    if backend == "reference" or logits.numel() == 0:
+        return reference.gumbel_softmax(logits, reference._tau_over(tau_t, logits, dim), bool(hard), dim,
+                                        generator)
+    return GumbelSoftmaxFunction.apply(logits, tau_t, dim, bool(hard), generator, backend)
+
+
+def _sample_tau(tau, logits):
+    """(τ as a float32 tensor of one element or one per row, greedy): τ >= 0 and finite."""
+    rows_shape = tuple(logits.shape[:-1])
+    if isinstance(tau, torch.Tensor):
+        check_tensor(tau, "tau")
+        check_same_device(tau, "tau", logits, "logits")
+        if tau.numel() != 1 and tuple(tau.shape) != rows_shape:
+            raise ValueError(f"tau must be a float, a one-element tensor or a tensor of shape {rows_shape} "
+                             f"(one τ per row), got shape {tuple(tau.shape)}")
+        t = tau.detach()
+        if t.numel() > 0:
+            data_check((t >= 0).all() & torch.isfinite(t).all(), "tau must be non-negative and finite")
+        return t.to(torch.float32).reshape(-1).contiguous(), False
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
+        raise TypeError(f"tau must be a float or a tensor, got {type(tau).__name__}")
+    tau = float(tau)
+    if not (math.isfinite(tau) and tau >= 0):
+        raise ValueError(f"tau must be non-negative and finite, got {tau}")
+    return torch.full((1,), tau, dtype=torch.float32, device=logits.device), tau == 0.0
+
+
+def _reference_sample(logits, tau, generator):
+    if not isinstance(tau, torch.Tensor) or tau.numel() == 1:
+        return reference.sample(logits, float(tau), generator)
+    # reference.sample takes one τ: draw row by row
+    flat, taus = logits.reshape(-1, logits.shape[-1]), tau.reshape(-1)
+    out = [reference.sample(flat[i], float(taus[i]), generator) for i in range(flat.shape[0])]
+    return torch.stack(out).reshape(logits.shape[:-1]) if out else \
+        torch.empty(logits.shape[:-1], dtype=torch.int64, device=logits.device)
+
+
+@torch.no_grad()
+def sample(logits, tau=1.0, generator=None):
+    """One index per row (the last dim) drawn from ``softmax(logits / tau)``: int64 of shape
+    ``logits.shape[:-1]``, by the Gumbel-max trick ``argmax(logits / tau + g)``, g ~ Gumbel(0, 1).
+
+    ``tau = 0`` is greedy, ``argmax(logits)`` (the first index on ties, no noise drawn).
+    τ: a non-negative float, a one-element tensor, or one τ per row (shape
+    ``logits.shape[:-1]``, 0 entries are greedy rows).  -inf logits (masked classes) are
+    never drawn; a row with no finite logit gives 0.  ``generator`` as in gumbel_softmax.
+    """
+    check_tensor(logits, "logits")
+    if logits.ndim == 0:
+        raise ValueError("logits must have at least one dimension (the classes), got a 0-dim tensor")
+    C = logits.shape[-1]
+    R = logits.numel() // C if C else math.prod(logits.shape[:-1])
+    if C == 0 and R > 0:
+        raise ValueError("logits must have at least one class (its last dimension is 0)")
+    tau_k, greedy = _sample_tau(tau, logits)
+    _check_generator(generator, logits)
+    backend = backend_for(logits)
+    if backend == "reference":
+        return _reference_sample(logits, tau, generator)
+    if R == 0:
+        return torch.empty(logits.shape[:-1], dtype=torch.int64, device=logits.device)
+    x2 = logits.detach().reshape(R, C)
+    return engine(backend, "sample").sample_fwd(x2, tau_k, generator, greedy).view(logits.shape[:-1])
+
+
+def gumbel_tau_schedule(step, tau0=1.0, rate=1e-4, tau_min=0.5):
+    """τ at training step ``step``: ``max(tau_min, tau0 * exp(-rate * step))``, the annealing
+    of Jang et al. 2017 (Categorical Reparameterization with Gumbel-Softmax)."""
+    return max(tau_min, tau0 * math.exp(-rate * step))
+
+
+class GumbelSoftmax(nn.Module):
+    """``gumbel_softmax(logits, tau, hard, dim, generator)`` as a module; ``tau`` a float or
+    a tensor (update it, e.g. from ``gumbel_tau_schedule``, as training goes)."""
+
+    def __init__(self, tau=1.0, hard=False, dim=-1):
+        super().__init__()
+        self.tau = tau
+        self.hard = hard
+        self.dim = dim
+
+    def forward(self, logits, generator=None):
+        return gumbel_softmax(logits, self.tau, self.hard, self.dim, generator)
+
+    def extra_repr(self):
+        tau = self.tau if not isinstance(self.tau, torch.Tensor) else "tensor"
+        return f"tau={tau}, hard={self.hard}, dim={self.dim}"
