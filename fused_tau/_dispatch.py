@@ -68,6 +68,7 @@ ENGINES = {
     "row": ("fused_tau.kernels.row", "fused_tau._torch_row"),
     "kd": ("fused_tau.kernels.row_kd", "fused_tau._torch_kd"),
     "sample": ("fused_tau.kernels.row_sample", "fused_tau._torch_sample"),
+    "tile": ("fused_tau.kernels.tile", "fused_tau._torch_tile"),
 }
 
 

@@ -1,0 +1,197 @@
+"""InfoNCE (MoCo queue, in-batch), CLIP and NT-Xent on the tile engine.
+
+The logits matrix is never built: kernels/tile.py (or fused_tau/_torch_tile.py) streams
+tiles of ``a @ b.T / τ`` into an online log-sum-exp over the negatives, and recomputes
+them in the backward.  The positive of each row is handled here, apart from the tiles:
+with ``nll = log(1 + Σ_neg exp(z_neg - z_pos))`` formed as ``softplus(log s + m - z_pos)``
+the loss keeps full relative precision when it is tiny (small τ, a well-separated
+positive), and the positive's gradient ``p_pos - 1 = expm1(-nll)`` too.
+"""
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from ._checks import check_same_device, check_tensor, reduce_tau_grad, tau_for_kernel, tau_tensor
+from ._dispatch import backend_for, engine
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def nll_from_stats(m, s, pos):
+    """-log softmax of the positive among itself and the negatives with online stats (m, s)."""
+    return F.softplus(torch.log(s) + m - pos)
+
+
+def reduce_rows(loss, reduction):
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" else loss.mean()
+
+
+def row_grad(grad, n, reduction, dtype):
+    g = grad.detach().to(dtype)
+    if reduction == "none":
+        return g.reshape(n)
+    return (g / n if reduction == "mean" else g).reshape(1).expand(n)
+
+
+class InfoNCEFunction(torch.autograd.Function):
+    """Rows of F.cross_entropy over [q·k_pos, q·negatives] / τ, the positive first.
+
+    ``negatives`` is the MoCo queue (K, D), or None for in-batch negatives, where the keys
+    are the negatives and row i's positive is key i (+ ``label_offset``, for keys gathered
+    from several ranks)."""
+
+    @staticmethod
+    def forward(ctx, query, key, negatives, tau, reduction, label_offset, backend):
+        tile = engine(backend, "tile")
+        N = query.shape[0]
+        tau_rows = tau_for_kernel(tau, query).expand(N).contiguous()
+        in_batch = negatives is None
+        b = key if in_batch else negatives
+        target = torch.arange(N, device=query.device) + label_offset if in_batch else None
+        m, s, zy = tile.tile_fwd(query, b, None, tau_rows, target, None)
+        if in_batch:
+            pos = zy
+        else:
+            pos = (query.to(m.dtype) * key[:N].to(m.dtype)).sum(-1) / tau_rows.to(m.dtype)
+        nll = nll_from_stats(m, s, pos)
+        ctx.tile, ctx.options = tile, (reduction, label_offset, in_batch)
+        ctx.save_for_backward(query, key, negatives, tau_rows, target, pos, nll, tau)
+        return reduce_rows(nll, reduction).to(query.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, negatives, tau_rows, target, pos, nll, tau = ctx.saved_tensors
+        reduction, label_offset, in_batch = ctx.options
+        N = query.shape[0]
+        need_q, need_k, need_neg, need_tau = ctx.needs_input_grad[:4]
+        g = row_grad(grad, N, reduction, nll.dtype)
+        b = key if in_batch else negatives
+        da, db, _, zp = ctx.tile.tile_bwd(query, b, None, tau_rows, target, None, pos + nll, g,
+                                          need_q, need_k if in_batch else need_neg, need_tau)
+        dpos = (g * torch.expm1(-nll) / tau_rows).unsqueeze(-1)  # dL/d(q·k_pos) = (p_pos - 1) g / τ
+        k_pos = key[label_offset:label_offset + N] if in_batch else key
+        dq = (da + (dpos * k_pos).to(da.dtype)) if need_q else None
+        dk = dneg = None
+        if in_batch and need_k:
+            dk = db.clone()
+            dk[label_offset:label_offset + N] += (dpos * query).to(db.dtype)
+        elif need_k:
+            dk = (dpos * query).to(key.dtype)
+        if not in_batch and need_neg:
+            dneg = db
+        dtau = None
+        if need_tau:
+            # dL/dτ_i = -(1/τ_i) Σ_j (z_ij - lse_i) dL/dz_ij, the positive's term being -nll_i dL/dz_pos
+            dtau = reduce_tau_grad(-(zp - nll * g * torch.expm1(-nll)) / tau_rows, tau, 1)
+        return dq, dk, dneg, dtau, None, None, None
+
+
+class NTXentFunction(torch.autograd.Function):
+    """SimCLR over the 2N (already normalised) views z: row i's positive is view (i + N) mod 2N,
+    the other 2N - 2 views its negatives, itself excluded; mean over the 2N rows."""
+
+    @staticmethod
+    def forward(ctx, z, tau, backend):
+        tile = engine(backend, "tile")
+        n2 = z.shape[0]
+        tau_rows = tau_for_kernel(tau, z).expand(n2).contiguous()
+        target = (torch.arange(n2, device=z.device) + n2 // 2) % n2
+        m, s, pos = tile.tile_fwd(z, z, None, tau_rows, target, 0)
+        nll = nll_from_stats(m, s, pos)
+        ctx.tile = tile
+        ctx.save_for_backward(z, tau_rows, target, pos, nll, tau)
+        return nll.mean().to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, tau_rows, target, pos, nll, tau = ctx.saved_tensors
+        n2 = z.shape[0]
+        need_tau = ctx.needs_input_grad[1]
+        g = row_grad(grad, n2, "mean", nll.dtype)
+        da, db, _, zp = ctx.tile.tile_bwd(z, z, None, tau_rows, target, 0, pos + nll, g, True, True, need_tau)
+        dpos = (g * torch.expm1(-nll) / tau_rows).unsqueeze(-1)
+        dz = da.to(torch.float32 if z.dtype != torch.float64 else z.dtype) + db
+        dz += dpos * z[target]
+        dz.index_add_(0, target, (dpos * z).to(dz.dtype))
+        dtau = reduce_tau_grad(-(zp - nll * g * torch.expm1(-nll)) / tau_rows, tau, 1) if need_tau else None
+        return dz.to(z.dtype), dtau, None
+
+
+def _check_embeddings(query, key, queue):
+    check_tensor(query, "query")
+    check_tensor(key, "key")
+    if query.ndim != 2:
+        raise ValueError(f"query must be (N, D), got shape {tuple(query.shape)}")
+    if key.ndim != 2 or key.shape[1] != query.shape[1]:
+        raise ValueError(f"key must be (M, {query.shape[1]}) like query's D, got shape {tuple(key.shape)}")
+    check_same_device(key, "key", query, "query")
+    if queue is not None:
+        check_tensor(queue, "queue")
+        if queue.ndim != 2 or queue.shape[1] != query.shape[1]:
+            raise ValueError(f"queue must be (K, {query.shape[1]}) like query's D, got shape {tuple(queue.shape)}")
+        check_same_device(queue, "queue", query, "query")
+        if key.shape[0] != query.shape[0]:
+            raise ValueError(f"key must hold one positive per query ({query.shape[0]}), got {key.shape[0]}")
+
+
+def _gathered(key):
+    """Every rank's keys, concatenated in rank order, with gradient flowing back to this rank's."""
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_fn
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return key, 0
+    keys = dist_fn.all_gather(key)
+    return torch.cat(keys, 0), dist.get_rank() * key.shape[0]
+
+
+def infonce(query, key, queue=None, tau=0.07, reduction="mean", *, gather=False):
+    """MoCo InfoNCE in one fused pass (the N × K logits never exist).
+
+    queue given (MoCo v1/v2): ``F.cross_entropy(cat([(q*k).sum(-1, keepdim=True), q @ queue.T], 1) / tau, 0)``;
+    queue None (in-batch, MoCo v3, one direction of CLIP): ``F.cross_entropy(q @ k.T / tau, arange(N))``.
+    ``gather=True`` (in-batch, under torch.distributed) uses every rank's keys as negatives, the
+    labels offset by this rank's position.  τ: a positive float, a one-element tensor (learnable)
+    or one τ per query.  Gradients for query, key, queue (when it requires one) and τ.
+    """
+    _check_embeddings(query, key, queue)
+    if gather and queue is not None:
+        raise ValueError("gather=True applies to in-batch negatives (queue=None); a MoCoQueue gathers on enqueue")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    tau_t = tau_tensor(tau, query, (query.shape[0],))
+    if queue is None and not gather and key.shape[0] != query.shape[0]:
+        raise ValueError(f"in-batch key must hold one row per query ({query.shape[0]}), got {key.shape[0]}")
+    offset = 0
+    if gather:
+        key, offset = _gathered(key)
+    backend = backend_for(query)
+    if backend == "reference" or query.shape[0] == 0:
+        if offset or key.shape[0] != query.shape[0] and queue is None:
+            logits = query @ key.T / reference._tau_over(tau_t, query, 1)
+            return F.cross_entropy(logits, torch.arange(query.shape[0], device=query.device) + offset,
+                                   reduction=reduction)
+        return reference.infonce(query, key, queue, tau_t, reduction)
+    return InfoNCEFunction.apply(query, key, queue, tau_t, reduction, offset, backend)
+
+
+def clip_loss(a, b, tau=0.07, *, gather=False):
+    """CLIP's symmetric loss ``(infonce(a, b, tau=tau) + infonce(b, a, tau=tau)) / 2`` (in-batch;
+    ``gather=True`` uses every rank's pairs).  τ may be a learnable one-element tensor."""
+    return (infonce(a, b, tau=tau, gather=gather) + infonce(b, a, tau=tau, gather=gather)) / 2
+
+
+def nt_xent(z1, z2, tau=0.5):
+    """SimCLR's NT-Xent over the 2N views of N pairs: rows L2-normalised, each view's positive is
+    its pair, the other 2N - 2 views its negatives, self-similarity excluded; mean over 2N views."""
+    _check_embeddings(z1, z2, None)
+    if z1.shape != z2.shape:
+        raise ValueError(f"z2 must have z1's shape {tuple(z1.shape)}, got {tuple(z2.shape)}")
+    tau_t = tau_tensor(tau, z1, ())
+    backend = backend_for(z1)
+    if backend == "reference" or z1.shape[0] == 0:
+        return reference.nt_xent(z1, z2, tau_t)
+    z = F.normalize(torch.cat([z1, z2], 0), dim=-1)
+    return NTXentFunction.apply(z, tau_t, backend)

@@ -1,0 +1,153 @@
+"""``linear_cross_entropy`` on the tile engine: an LLM head or a NormFace classifier and its
+cross-entropy without the N × V logits (the signature of torch's ``F.linear_cross_entropy``
+plus ``tau`` and ``normalize``).
+
+The tiles give, per row, the log-sum-exp over the non-target classes and the target's
+logit; class weights and label smoothing only need Σ_j w_j z_ij, which is closed-form:
+``(x_i · Σ_j w_j W_j + Σ_j w_j b_j) / τ``.  Their gradient is a rank-one update, the
+target's a sparse one, and the rest comes from the recomputed tiles.
+"""
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from ._checks import check_same_device, check_tensor, data_check, reduce_tau_grad, tau_for_kernel, tau_tensor
+from ._dispatch import backend_for, engine
+from .contrastive import nll_from_stats, row_grad
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Rows of ``F.cross_entropy((x @ W.T + b) / τ, y, w, ignore_index, label_smoothing)``."""
+
+    @staticmethod
+    def forward(ctx, x, W, b, target, weight, tau, reduction, ignore_index, smoothing, backend):
+        tile = engine(backend, "tile")
+        N, V = x.shape[0], W.shape[0]
+        cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+        tau_rows = tau_for_kernel(tau, x).expand(N).contiguous()
+        valid = target != ignore_index
+        y = torch.where(valid, target, 0)
+        w = weight.to(cd) if weight is not None else None
+        w_y = torch.where(valid, w[y] if w is not None else torch.ones(N, device=x.device, dtype=cd), 0.0)
+        m, s, z_y = tile.tile_fwd(x, W, b, tau_rows, y, None)
+        nll = nll_from_stats(m, s, z_y)
+        loss = (1.0 - smoothing) * w_y * nll
+        wz = None
+        if smoothing > 0:
+            # Σ_j w_j (lse - z_j) = W_sum lse - Σ_j w_j z_j, the latter closed-form
+            w_all = w if w is not None else torch.ones(V, device=x.device, dtype=cd)
+            wW = w_all @ W.to(cd)
+            wz = (x.to(cd) @ wW + ((w_all * b.to(cd)).sum() if b is not None else 0.0)) / tau_rows
+            loss = loss + torch.where(valid, smoothing / V * (w_all.sum() * (z_y + nll) - wz), 0.0)
+        denom = w_y.sum() if reduction == "mean" else None
+        out = loss if reduction == "none" else (loss.sum() / denom if reduction == "mean" else loss.sum())
+        ctx.tile, ctx.options = tile, (reduction, smoothing)
+        ctx.save_for_backward(x, W, b, y, valid, w, w_y, tau_rows, z_y, nll, wz, denom, tau)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, W, b, y, valid, w, w_y, tau_rows, z_y, nll, wz, denom, tau = ctx.saved_tensors
+        reduction, smoothing = ctx.options
+        N, V = x.shape[0], W.shape[0]
+        cd = nll.dtype
+        need_x, need_W, need_b = ctx.needs_input_grad[:3]
+        need_tau = ctx.needs_input_grad[5]
+        g = row_grad(grad, N, "sum" if reduction == "mean" else reduction, cd)
+        if reduction == "mean":
+            g = g / denom
+        g = torch.where(valid, g, 0.0)
+        w_all = w if w is not None else torch.ones(V, device=x.device, dtype=cd)
+        h = (1.0 - smoothing) * w_y  # dz_ij = g_i [h (p_ij - δ) + (ε/V)(W_sum p_ij - w_j)]
+        coef = g * (h + smoothing / V * w_all.sum())
+        lse = z_y + nll
+        da, db, dbias, zp = ctx.tile.tile_bwd(x, W, b, tau_rows, y, None, lse, coef, need_x,
+                                              need_W or need_b, need_tau)
+        p_y = torch.exp(-nll)
+        dz_y = g * (h * torch.expm1(-nll) + smoothing / V * w_all.sum() * p_y)  # the target's own column
+        sparse = (dz_y / tau_rows).unsqueeze(-1)
+        dx = dW = dB = None
+        if need_x:
+            dx = da.to(cd) + sparse * W[y].to(cd)
+            if smoothing > 0:
+                dx -= (smoothing / V * g / tau_rows).unsqueeze(-1) * (w_all @ W.to(cd))
+            dx = dx.to(x.dtype)
+        if need_W or need_b:
+            gx = (smoothing / V * g / tau_rows)  # rank one: -(ε/V) w_j Σ_i (g_i / τ_i) x_i
+            if need_W:
+                dW = db.to(cd).index_add_(0, y, sparse * x.to(cd))
+                if smoothing > 0:
+                    dW -= w_all.unsqueeze(-1) * (gx @ x.to(cd)).unsqueeze(0)
+                dW = dW.to(W.dtype)
+            if need_b:
+                dB = dbias.index_add_(0, y, sparse.squeeze(-1))
+                if smoothing > 0:
+                    dB -= w_all * gx.sum()
+                dB = dB.to(b.dtype)
+        dtau = None
+        if need_tau:
+            terms = zp - nll * dz_y  # (z_y - lse) dz_y = -nll dz_y
+            if smoothing > 0:
+                terms = terms - smoothing / V * g * (wz - w_all.sum() * lse)
+            dtau = reduce_tau_grad(-terms / tau_rows, tau, 1)
+        return dx, dW, dB, None, None, dtau, None, None, None, None
+
+
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",
+                         ignore_index=-100, label_smoothing=0.0, tau=1.0, normalize=False):
+    """``F.cross_entropy(F.linear(input, linear_weight, linear_bias) / tau, target, weight, ...)`` without
+    the logits: extra memory O(N + V) beyond inputs and gradients.
+
+    ``input`` (..., D) and ``target`` (...) are flattened to rows; ``weight`` is the class weight
+    (as in torch's ``F.linear_cross_entropy``); ``normalize=True`` L2-normalises the rows of input
+    and linear_weight first (NormFace: cosine logits with scale s = 1/τ).  τ: a positive float, a
+    one-element tensor (learnable) or one τ per row.
+    """
+    check_tensor(input, "input")
+    check_tensor(linear_weight, "linear_weight")
+    check_tensor(target, "target", floating=False)
+    if input.ndim < 1 or linear_weight.ndim != 2 or linear_weight.shape[1] != input.shape[-1]:
+        raise ValueError(f"linear_weight must be (V, {input.shape[-1] if input.ndim else '?'}) for input of shape "
+                         f"{tuple(input.shape)}, got {tuple(linear_weight.shape)}")
+    check_same_device(linear_weight, "linear_weight", input, "input")
+    check_same_device(target, "target", input, "input")
+    if target.is_floating_point() or target.dtype == torch.bool:
+        raise TypeError(f"target must hold class indices (an integer dtype), got {target.dtype}")
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(f"target must have shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}")
+    V = linear_weight.shape[0]
+    if linear_bias is not None:
+        check_tensor(linear_bias, "linear_bias")
+        check_same_device(linear_bias, "linear_bias", input, "input")
+        if linear_bias.shape != (V,):
+            raise ValueError(f"linear_bias must have shape ({V},), got {tuple(linear_bias.shape)}")
+    if weight is not None:
+        check_tensor(weight, "weight")
+        check_same_device(weight, "weight", input, "input")
+        if weight.shape != (V,):
+            raise ValueError(f"weight must have shape ({V},), one per class, got {tuple(weight.shape)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing <= 1.0):
+        raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if target.numel():
+        data_check((((target >= 0) & (target < V)) | (target == ignore_index)).all(),
+                   f"target holds a class index outside [0, {V}) that is not ignore_index={ignore_index}",
+                   IndexError)
+    x = input.reshape(-1, input.shape[-1])
+    tau_t = tau_tensor(tau, input, (x.shape[0],) if input.ndim > 1 else ())
+    backend = backend_for(input)
+    if backend == "reference" or x.shape[0] == 0:
+        return reference.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
+                                              reduction=reduction, ignore_index=ignore_index,
+                                              label_smoothing=label_smoothing, tau=tau_t, normalize=normalize)
+    W = linear_weight
+    if normalize:
+        x, W = F.normalize(x, dim=-1), F.normalize(W, dim=-1)
+    out = LinearCrossEntropyFunction.apply(x, W, linear_bias, target.reshape(-1).to(torch.int64), weight, tau_t,
+                                           reduction, ignore_index, float(label_smoothing), backend)
+    return out.reshape(target.shape) if reduction == "none" else out
