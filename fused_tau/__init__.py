@@ -9,9 +9,11 @@ same numerics (see ``fused_tau._dispatch``).
 from . import reference
 from ._dispatch import backend_for
 from .calibration import expected_calibration_error, fit_temperature
+from .contrastive import InfoNCEFunction, NTXentFunction, clip_loss, infonce, nt_xent
 from .cross_entropy import CrossEntropyFunction, cross_entropy
 from .distill import KDFunction, KDLoss, kd_loss
-from .modules import CrossEntropyLoss
+from .linear import LinearCrossEntropyFunction, linear_cross_entropy
+from .modules import CrossEntropyLoss, InfoNCELoss, LinearCrossEntropyLoss, MoCoQueue, Temperature
 from .sampling import GumbelSoftmax, GumbelSoftmaxFunction, gumbel_softmax, gumbel_tau_schedule, sample
 from .softmax import LogSumExpFunction, SoftmaxFunction, log_softmax, logsumexp, softmax
 from .version import __version__
@@ -20,6 +22,8 @@ __all__ = [
     "softmax", "log_softmax", "logsumexp", "cross_entropy", "CrossEntropyLoss",
     "kd_loss", "KDLoss", "fit_temperature", "expected_calibration_error",
     "gumbel_softmax", "GumbelSoftmax", "gumbel_tau_schedule", "sample", "GumbelSoftmaxFunction",
+    "infonce", "clip_loss", "nt_xent", "linear_cross_entropy", "InfoNCELoss", "LinearCrossEntropyLoss",
+    "MoCoQueue", "Temperature", "InfoNCEFunction", "NTXentFunction", "LinearCrossEntropyFunction",
     "SoftmaxFunction", "LogSumExpFunction", "CrossEntropyFunction", "KDFunction", "reference", "backend_for",
     "__version__",
 ]

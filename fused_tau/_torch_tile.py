@@ -27,7 +27,8 @@ def _compute_dtype(a):
 
 
 def _logits(a, b, bias, tau_col, lo, hi, cd):
-    z = (a @ b[lo:hi].T).to(cd)
+    # products of half-precision inputs accumulate and stay in fp32, as the kernels' tl.dot does
+    z = a.to(cd) @ b[lo:hi].to(cd).T
     if bias is not None:
         z += bias[lo:hi].to(cd)
     return z.div_(tau_col)
@@ -82,9 +83,9 @@ def tile_bwd(a, b, bias, tau_rows, target, diag_offset, lse, coef, need_da, need
             zp += torch.where(P != 0, z * P, 0.0).sum(1)
         P.div_(tau_col)
         if need_da:
-            da += P.to(a.dtype) @ b[lo:hi] if a.dtype != cd else P @ b[lo:hi].to(cd)
+            da += P @ b[lo:hi].to(cd)
         if need_db:
-            db[lo:hi] = (P.T.to(a.dtype) @ a) if a.dtype != cd else (P.T @ a.to(cd)).to(b.dtype)
+            db[lo:hi] = (P.T @ a.to(cd)).to(b.dtype)
             if dbias is not None:
                 dbias[lo:hi] = P.sum(0)
     return (da.to(a.dtype) if need_da else None), db, dbias, zp

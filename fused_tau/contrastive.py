@@ -18,8 +18,15 @@ REDUCTIONS = ("none", "mean", "sum")
 
 
 def nll_from_stats(m, s, pos):
-    """-log softmax of the positive among itself and the negatives with online stats (m, s)."""
+    """-log softmax of the positive among itself and the negatives with online stats (m, s):
+    softplus keeps it exact when it is tiny (the positive dominates)."""
     return F.softplus(torch.log(s) + m - pos)
+
+
+def lse_from_stats(m, s, pos):
+    """log(exp(pos) + Σ_neg exp(z)): exact also when the negatives dominate, where pos + nll
+    would lose the digits of a large nll (the backward's exp(z - lse) needs them)."""
+    return torch.logaddexp(pos, m + torch.log(s))
 
 
 def reduce_rows(loss, reduction):
@@ -57,18 +64,18 @@ class InfoNCEFunction(torch.autograd.Function):
             pos = (query.to(m.dtype) * key[:N].to(m.dtype)).sum(-1) / tau_rows.to(m.dtype)
         nll = nll_from_stats(m, s, pos)
         ctx.tile, ctx.options = tile, (reduction, label_offset, in_batch)
-        ctx.save_for_backward(query, key, negatives, tau_rows, target, pos, nll, tau)
+        ctx.save_for_backward(query, key, negatives, tau_rows, target, lse_from_stats(m, s, pos), nll, tau)
         return reduce_rows(nll, reduction).to(query.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        query, key, negatives, tau_rows, target, pos, nll, tau = ctx.saved_tensors
+        query, key, negatives, tau_rows, target, lse, nll, tau = ctx.saved_tensors
         reduction, label_offset, in_batch = ctx.options
         N = query.shape[0]
         need_q, need_k, need_neg, need_tau = ctx.needs_input_grad[:4]
         g = row_grad(grad, N, reduction, nll.dtype)
         b = key if in_batch else negatives
-        da, db, _, zp = ctx.tile.tile_bwd(query, b, None, tau_rows, target, None, pos + nll, g,
+        da, db, _, zp = ctx.tile.tile_bwd(query, b, None, tau_rows, target, None, lse, g,
                                           need_q, need_k if in_batch else need_neg, need_tau)
         dpos = (g * torch.expm1(-nll) / tau_rows).unsqueeze(-1)  # dL/d(q·k_pos) = (p_pos - 1) g / τ
         k_pos = key[label_offset:label_offset + N] if in_batch else key
@@ -101,16 +108,16 @@ class NTXentFunction(torch.autograd.Function):
         m, s, pos = tile.tile_fwd(z, z, None, tau_rows, target, 0)
         nll = nll_from_stats(m, s, pos)
         ctx.tile = tile
-        ctx.save_for_backward(z, tau_rows, target, pos, nll, tau)
+        ctx.save_for_backward(z, tau_rows, target, lse_from_stats(m, s, pos), nll, tau)
         return nll.mean().to(z.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        z, tau_rows, target, pos, nll, tau = ctx.saved_tensors
+        z, tau_rows, target, lse, nll, tau = ctx.saved_tensors
         n2 = z.shape[0]
         need_tau = ctx.needs_input_grad[1]
         g = row_grad(grad, n2, "mean", nll.dtype)
-        da, db, _, zp = ctx.tile.tile_bwd(z, z, None, tau_rows, target, 0, pos + nll, g, True, True, need_tau)
+        da, db, _, zp = ctx.tile.tile_bwd(z, z, None, tau_rows, target, 0, lse, g, True, True, need_tau)
         dpos = (g * torch.expm1(-nll) / tau_rows).unsqueeze(-1)
         dz = da.to(torch.float32 if z.dtype != torch.float64 else z.dtype) + db
         dz += dpos * z[target]

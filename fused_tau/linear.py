@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from . import reference
 from ._checks import check_same_device, check_tensor, data_check, reduce_tau_grad, tau_for_kernel, tau_tensor
 from ._dispatch import backend_for, engine
-from .contrastive import nll_from_stats, row_grad
+from .contrastive import lse_from_stats, nll_from_stats, row_grad
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -33,6 +33,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         w_y = torch.where(valid, w[y] if w is not None else torch.ones(N, device=x.device, dtype=cd), 0.0)
         m, s, z_y = tile.tile_fwd(x, W, b, tau_rows, y, None)
         nll = nll_from_stats(m, s, z_y)
+        lse = lse_from_stats(m, s, z_y)
         loss = (1.0 - smoothing) * w_y * nll
         wz = None
         if smoothing > 0:
@@ -40,16 +41,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             w_all = w if w is not None else torch.ones(V, device=x.device, dtype=cd)
             wW = w_all @ W.to(cd)
             wz = (x.to(cd) @ wW + ((w_all * b.to(cd)).sum() if b is not None else 0.0)) / tau_rows
-            loss = loss + torch.where(valid, smoothing / V * (w_all.sum() * (z_y + nll) - wz), 0.0)
+            loss = loss + torch.where(valid, smoothing / V * (w_all.sum() * lse - wz), 0.0)
         denom = w_y.sum() if reduction == "mean" else None
         out = loss if reduction == "none" else (loss.sum() / denom if reduction == "mean" else loss.sum())
         ctx.tile, ctx.options = tile, (reduction, smoothing)
-        ctx.save_for_backward(x, W, b, y, valid, w, w_y, tau_rows, z_y, nll, wz, denom, tau)
+        ctx.save_for_backward(x, W, b, y, valid, w, w_y, tau_rows, lse, nll, wz, denom, tau)
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        x, W, b, y, valid, w, w_y, tau_rows, z_y, nll, wz, denom, tau = ctx.saved_tensors
+        x, W, b, y, valid, w, w_y, tau_rows, lse, nll, wz, denom, tau = ctx.saved_tensors
         reduction, smoothing = ctx.options
         N, V = x.shape[0], W.shape[0]
         cd = nll.dtype
@@ -62,7 +63,6 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         w_all = w if w is not None else torch.ones(V, device=x.device, dtype=cd)
         h = (1.0 - smoothing) * w_y  # dz_ij = g_i [h (p_ij - δ) + (ε/V)(W_sum p_ij - w_j)]
         coef = g * (h + smoothing / V * w_all.sum())
-        lse = z_y + nll
         da, db, dbias, zp = ctx.tile.tile_bwd(x, W, b, tau_rows, y, None, lse, coef, need_x,
                                               need_W or need_b, need_tau)
         p_y = torch.exp(-nll)

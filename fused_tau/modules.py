@@ -1,8 +1,13 @@
 """nn.Modules with torch's names and arguments, plus τ."""
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .contrastive import infonce
 from .cross_entropy import cross_entropy
+from .linear import linear_cross_entropy
 
 
 class CrossEntropyLoss(nn.Module):
@@ -27,3 +32,106 @@ class CrossEntropyLoss(nn.Module):
         tau = self.tau if not isinstance(self.tau, torch.Tensor) else "tensor"
         return (f"tau={tau}, ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
                 f"label_smoothing={self.label_smoothing}")
+
+
+class Temperature(nn.Module):
+    """A learnable τ, stored as log τ (so it stays positive) and clamped to [tau_min, tau_max].
+
+    CLIP learns its logit scale 1/τ the same way and clamps it at 100 (τ ≥ 0.01, the default
+    ``tau_min``).  Beyond the bounds the clamp passes no gradient, as CLIP's clamp does.
+    ``forward()`` returns the 0-dim tensor τ to pass as ``tau=`` to any fused_tau loss.
+    """
+
+    def __init__(self, init=0.07, tau_min=0.01, tau_max=100.0):
+        super().__init__()
+        if not (0 < tau_min <= init <= tau_max):
+            raise ValueError(f"need 0 < tau_min <= init <= tau_max, got {tau_min}, {init}, {tau_max}")
+        self.log_tau = nn.Parameter(torch.tensor(math.log(init)))
+        self.log_min, self.log_max = math.log(tau_min), math.log(tau_max)
+
+    def forward(self):
+        return self.log_tau.clamp(self.log_min, self.log_max).exp()
+
+    def extra_repr(self):
+        return f"tau={self.forward().item():.4g}"  # host-ok: printing only
+
+
+class MoCoQueue(nn.Module):
+    """MoCo's queue of negative keys: a ring buffer of ``size`` detached, L2-normalised keys of ``dim``.
+
+    ``enqueue(keys)`` writes the newest keys over the oldest (MoCo's dequeue-and-enqueue), after
+    gathering the keys of every rank when torch.distributed is initialised (MoCo's
+    concat_all_gather), so every rank holds the same queue.  ``queue`` is the (size, dim) buffer
+    to pass as ``infonce(..., queue=...)``; it is saved with the module's state_dict.
+    """
+
+    def __init__(self, dim, size=65536):
+        super().__init__()
+        if dim < 1 or size < 1:
+            raise ValueError(f"dim and size must be positive, got dim={dim}, size={size}")
+        self.register_buffer("queue", F.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def enqueue(self, keys):
+        if keys.ndim != 2 or keys.shape[1] != self.queue.shape[1]:
+            raise ValueError(f"keys must be (B, {self.queue.shape[1]}), got shape {tuple(keys.shape)}")
+        keys = _all_gather_detached(keys.detach()).to(self.queue.dtype)
+        size = self.queue.shape[0]
+        keys = keys[-size:]  # a batch larger than the queue keeps its newest keys
+        idx = (self.ptr + torch.arange(keys.shape[0], device=self.queue.device)) % size
+        self.queue.index_copy_(0, idx, keys)  # no host sync: the pointer stays on the device
+        self.ptr.copy_((self.ptr + keys.shape[0]) % size)
+
+    def forward(self):
+        return self.queue
+
+    def extra_repr(self):
+        return f"dim={self.queue.shape[1]}, size={self.queue.shape[0]}"
+
+
+def _all_gather_detached(x):
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, 0)
+
+
+class InfoNCELoss(nn.Module):
+    """``infonce`` as a module: ``InfoNCELoss(tau=0.07)(query, key, queue=None)``.
+
+    ``queue`` may be a tensor or a :class:`MoCoQueue`; ``learnable_tau=True`` learns τ through a
+    :class:`Temperature` (initialised at ``tau``); ``gather=True`` uses every rank's keys as
+    in-batch negatives.
+    """
+
+    def __init__(self, tau=0.07, learnable_tau=False, reduction="mean", gather=False):
+        super().__init__()
+        self.temperature = Temperature(tau) if learnable_tau else None
+        self.tau, self.reduction, self.gather = tau, reduction, gather
+
+    def forward(self, query, key, queue=None):
+        if isinstance(queue, MoCoQueue):
+            queue = queue.queue
+        tau = self.temperature() if self.temperature is not None else self.tau
+        return infonce(query, key, queue, tau, self.reduction, gather=self.gather)
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """``linear_cross_entropy`` as a loss module: ``LinearCrossEntropyLoss(...)(input, linear_weight, target,
+    linear_bias=None)``, with torch's CrossEntropyLoss arguments plus ``tau`` and ``normalize``."""
+
+    def __init__(self, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, tau=1.0,
+                 normalize=False):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
+        self.tau, self.normalize = tau, normalize
+
+    def forward(self, input, linear_weight, target, linear_bias=None):
+        return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
+                                    reduction=self.reduction, ignore_index=self.ignore_index,
+                                    label_smoothing=self.label_smoothing, tau=self.tau, normalize=self.normalize)

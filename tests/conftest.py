@@ -33,14 +33,22 @@ def device():
 
 @pytest.fixture(params=_BACKENDS)
 def backend(request, monkeypatch):
-    """Force one backend for the test; ``triton`` also streams rows in small
-    blocks so that odd sizes cross several block boundaries."""
+    """Force one backend for the test; on CPU both stream rows and tiles in small blocks
+    (chunks for the torch path) so that odd sizes cross several block boundaries."""
     name = request.param
     if name == "triton":
         if not triton_available():
             pytest.skip("triton is not installed")
         import fused_tau.kernels.row_engine as row
+        import fused_tau.kernels.tile as tile
 
-        monkeypatch.setattr(row, "MAX_BLOCK", 16 if DEVICE == "cpu" else row.MAX_BLOCK)
+        if DEVICE == "cpu":
+            monkeypatch.setattr(row, "MAX_BLOCK", 16)
+            for block in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DO"):
+                monkeypatch.setattr(tile, block, 16)
+    else:
+        import fused_tau._torch_tile as torch_tile
+
+        monkeypatch.setattr(torch_tile, "CHUNK_ELEMENTS", 256)  # several column chunks on small shapes
     monkeypatch.setenv("FUSED_TAU_BACKEND", name)
     return name

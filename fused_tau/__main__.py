@@ -1,0 +1,4 @@
+"""``python -m fused_tau``: the ``fused-tau`` command line (fused_tau.cli)."""
+from .cli import main
+
+raise SystemExit(main())

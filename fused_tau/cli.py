@@ -1,0 +1,395 @@
+"""The ``fused-tau`` command (also ``python -m fused_tau``): see what τ does, in seconds.
+
+    fused-tau table [--logits 1,5,7,10] [--tau 0.1,1,10] [--target 3] [--json]
+    fused-tau demo contrastive|gumbel|smoothmax [--out DIR] [--seed N] [...]
+    fused-tau info
+
+Every number is computed with fused_tau's own functions (softmax, log_softmax,
+logsumexp, cross_entropy with a learnable τ, gumbel_softmax); the demos live in
+``fused_tau.demos``.  Bad arguments end in one line on stderr and exit code 2.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+
+import torch
+
+from . import __version__, demos
+from ._dispatch import backend_for, forced_backend, interpreter_on, triton_available
+from .cross_entropy import cross_entropy
+from .softmax import log_softmax, softmax
+
+PROG = "fused-tau"
+
+# The seed documents' own examples (../shared/seeds/): (source, logits, target or None, τ values).
+SEED_EXAMPLES = (
+    ("seed 000", (1.0, 2.0, 3.0), 2, (1.0, 0.5, 0.1)),
+    ("seed 002", (1.0, 5.0, 7.0, 10.0), None, (0.1, 1.0, 10.0, 100.0, 10000.0)),
+    ("seed 003, the positive is nearest", (0.5, 0.25, -0.45, -0.1), 0, (1.0, 0.5, 0.05, 0.01)),
+    ("seed 003, a negative is nearest", (0.25, 0.5, -0.45, -0.1), 0, (1.0, 0.5, 0.05, 0.01)),
+)
+LEGEND = ("Computed in float64 by fused_tau: softmax(x/tau); CE = fused_tau.cross_entropy(x, target, tau)\n"
+          "and its gradients dCE/dx, dCE/dtau by autograd (* marks the target);\n"
+          "H = the entropy of softmax(x/tau) in nats, exp(H) = the effective number of classes.")
+
+
+class CLIError(Exception):
+    """A user error: ``main`` prints ``PROG: error: message`` on stderr and returns ``code``
+    (2 for bad arguments, as argparse, 1 for what the environment lacks)."""
+
+    def __init__(self, message, code=2, prog=PROG):
+        super().__init__(message)
+        self.code, self.prog = code, prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an error raises CLIError (one line, no usage dump) instead of exiting."""
+
+    def error(self, message):
+        raise CLIError(message, prog=self.prog)
+
+
+# ---------------------------------------------------------------- argument types
+
+def number_list(text):
+    """'1,5,7,10' -> [1.0, 5.0, 7.0, 10.0]: a non-empty list of finite numbers."""
+    values = []
+    for item in text.split(","):
+        try:
+            v = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item.strip()!r} in {text!r} is not a number") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{item.strip()!r} in {text!r} is not a finite number")
+        values.append(v)
+    return values
+
+
+def tau_list(text):
+    """A comma-separated list of temperatures, each positive and finite."""
+    values = number_list(text)
+    bad = [v for v in values if v <= 0]
+    if bad:
+        raise argparse.ArgumentTypeError(f"every temperature must be > 0, got {bad[0]:g}")
+    return values
+
+
+def positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def positive_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be positive and finite, got {text}")
+    return v
+
+
+def seed_int(text):
+    """A torch seed: an integer in [0, 2**63)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= v < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {v}")
+    return v
+
+
+# ---------------------------------------------------------------- formatting
+
+def sig(v, digits=5):
+    """``v`` to ``digits`` significant digits, trailing zeros kept (4.54e-5 -> '4.5400e-05')."""
+    return "0" if v == 0 else format(v, f"#.{digits}g")
+
+
+def short(v):
+    """The shortest text of a number (1.0 -> '1', 0.05 -> '0.05'), for inputs the user typed."""
+    return format(v, "g")
+
+
+def vector(values, digits=5):
+    return "[" + ", ".join(sig(v, digits) for v in values) + "]"
+
+
+def aligned(header, rows):
+    """``header`` and ``rows`` (lists of strings) as right-aligned columns, two spaces apart."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths)).rstrip()
+                     for r in [header, *rows])
+
+
+# ---------------------------------------------------------------- table
+
+def temperature_row(logits, tau, target=None):
+    """For one τ, computed in float64 by fused_tau: x/τ, softmax(x/τ), its entropy H (nats)
+    and exp(H), the effective number of classes; with a target, the cross-entropy
+    ``fused_tau.cross_entropy(x, target, tau)`` and its gradients (autograd through
+    fused_tau's backward) with respect to the logits and to τ."""
+    x = torch.tensor([logits], dtype=torch.float64)
+    p = softmax(x, tau)[0]
+    # 0 * log 0 = 0: a class whose probability underflows contributes nothing
+    entropy = -torch.where(p > 0, p * log_softmax(x, tau)[0], torch.zeros_like(p)).sum().item()
+    row = {"tau": tau, "scaled_logits": (x[0] / tau).tolist(), "softmax": p.tolist(),
+           "entropy": entropy, "effective_classes": math.exp(entropy)}
+    if target is not None:
+        xg = x.clone().requires_grad_(True)
+        t = torch.tensor(tau, dtype=torch.float64, requires_grad=True)
+        loss = cross_entropy(xg, torch.tensor([target]), tau=t)
+        loss.backward()
+        row.update(cross_entropy=loss.item(), grad_logits=xg.grad[0].tolist(), grad_tau=t.grad.item())
+    return row
+
+
+def table_examples(args):
+    """The examples to tabulate: the user's logits, or the seeds' (at the user's τ if given)."""
+    if args.logits is None:
+        if args.target is not None:
+            raise CLIError("--target needs --logits (the seed examples have their own targets)", prog=f"{PROG} table")
+        return [(f"{source}: logits {vector_input(logits)}" + (f", target {target}" if target is not None else ""),
+                 logits, target, args.tau or taus) for source, logits, target, taus in SEED_EXAMPLES]
+    if args.target is not None and not 0 <= args.target < len(args.logits):
+        raise CLIError(f"--target {args.target} is out of range for {len(args.logits)} logits "
+                       f"(0 to {len(args.logits) - 1})", prog=f"{PROG} table")
+    title = f"logits {vector_input(args.logits)}" + (f", target {args.target}" if args.target is not None else "")
+    return [(title, args.logits, args.target, args.tau or [0.1, 1.0, 10.0])]
+
+
+def vector_input(values):
+    return "[" + ", ".join(short(v) for v in values) + "]"
+
+
+def format_table(example):
+    """One example as text: a row per (τ, class); the per-τ numbers on the τ's first row."""
+    has_target = example["target"] is not None
+    header = ["tau", "class", "x/tau", "softmax(x/tau)"]
+    header += ["dCE/dx", "CE", "dCE/dtau"] if has_target else []
+    header += ["H (nats)", "exp(H)"]
+    rows = []
+    for r in example["rows"]:
+        for i, (z, p) in enumerate(zip(r["scaled_logits"], r["softmax"])):
+            first = i == 0
+            cells = [short(r["tau"]) if first else "", f"{i}*" if has_target and i == example["target"] else str(i),
+                     sig(z), sig(p)]
+            if has_target:
+                cells += [sig(r["grad_logits"][i]), sig(r["cross_entropy"]) if first else "",
+                          sig(r["grad_tau"]) if first else ""]
+            cells += [sig(r["entropy"]) if first else "", sig(r["effective_classes"]) if first else ""]
+            rows.append(cells)
+    return f"{example['title']}\n{aligned(header, rows)}"
+
+
+def cmd_table(args):
+    examples = [{"title": title, "logits": list(logits), "target": target,
+                 "rows": [temperature_row(list(logits), tau, target) for tau in taus]}
+                for title, logits, target, taus in table_examples(args)]
+    if args.json:
+        print(json.dumps({"dtype": "float64", "examples": examples}, indent=2))
+    else:
+        print("\n\n".join([LEGEND] + [format_table(e) for e in examples]))
+    return 0
+
+
+# ---------------------------------------------------------------- info
+
+# each public op and the tensor whose device and dtype pick its backend
+OPS = (("softmax", "x"), ("log_softmax", "x"), ("logsumexp", "x"), ("cross_entropy", "input"),
+       ("kd_loss", "student"), ("gumbel_softmax", "logits"), ("sample", "logits"),
+       ("fit_temperature", "logits (via cross_entropy)"), ("expected_calibration_error", "logits (via softmax)"))
+
+
+def backend_and_reason(x):
+    """(the backend ``fused_tau.backend_for(x)`` picks, why) for the tensor ``x``."""
+    try:
+        backend = backend_for(x)
+    except (RuntimeError, ValueError) as e:  # a forced backend that cannot serve x
+        return "error", str(e)
+    forced = forced_backend()
+    if forced in ("reference", "torch"):
+        return backend, f"FUSED_TAU_BACKEND={forced}"
+    if not triton_available():
+        return backend, "Triton does not import"
+    if backend == "torch":
+        if x.device.type == "cuda" or forced == "triton":
+            return backend, f"{x.dtype} runs on the torch path (the kernels take fp32/fp16/bf16)"
+        return backend, f"a {x.device.type} tensor (the kernels need CUDA, or FUSED_TAU_BACKEND=triton " \
+                        "with TRITON_INTERPRET=1)"
+    if forced == "triton":
+        return backend, "FUSED_TAU_BACKEND=triton" + (" under TRITON_INTERPRET=1" if x.device.type != "cuda" else "")
+    return backend, "a CUDA tensor and Triton imports"
+
+
+def package_version(name):
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cmd_info(args):
+    triton = package_version("triton")
+    if triton != "not installed" and not triton_available():
+        triton += " (does not import)"
+    cuda = torch.cuda.is_available()
+    devices = [f"cpu ({torch.get_num_threads()} threads)"]
+    devices += [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())] if cuda \
+        else ["cuda not available"]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    facts = [("fused_tau", __version__), ("torch", torch.__version__), ("triton", triton),
+             ("python", f"{platform.python_version()} ({platform.python_implementation()}, "
+                        f"{platform.system()} {platform.machine()})"),
+             ("devices", "; ".join(devices)),
+             ("FUSED_TAU_BACKEND", os.environ.get("FUSED_TAU_BACKEND") or "(unset)"),
+             ("TRITON_INTERPRET", "1" if interpreter_on() else os.environ.get("TRITON_INTERPRET", "(unset)"))]
+    width = max(len(k) for k, _ in facts)
+    print("\n".join(f"{k.ljust(width)}  {v}" for k, v in facts))
+    inputs = [("cpu float32", torch.zeros(1))]
+    if cuda:
+        inputs.append(("cuda float32", torch.zeros(1, device="cuda")))
+    choices = [backend_and_reason(t) for _, t in inputs]
+    header = ["op", "main input"] + [h for name, _ in inputs for h in (name, "why")]
+    rows = [[op, arg] + [c for choice in choices for c in choice] for op, arg in OPS]
+    print()
+    print(aligned(header, rows))
+    return 0
+
+
+# ---------------------------------------------------------------- demo
+
+def _demo_options(name, p):
+    """The options of ``demo NAME`` beyond --out, --seed and --no-plot; defaults are the seed's."""
+    if name == "contrastive":
+        p.add_argument("--tau", type=tau_list, default=[0.99, 0.5, 0.05, 0.01, 0.001],
+                       help="temperatures (default: seed 003's 0.99,0.5,0.05,0.01,0.001)")
+        p.add_argument("--steps", type=positive_int, default=200, help="SGD steps per τ (default 200)")
+        p.add_argument("--batch", type=positive_int, default=50,
+                       help="anchors per step (default 50; steps x batch = the seed's 10000 anchors)")
+        p.add_argument("--negatives", type=positive_int, default=3, help="negatives per anchor, 1 to 75 (default 3)")
+        p.add_argument("--lr", type=positive_float, default=3e-4, help="SGD learning rate per anchor (default 3e-4)")
+    elif name == "gumbel":
+        p.add_argument("--logits", type=number_list, default=[0.7, 0.2, 0.1],
+                       help="comma-separated logits (default: seed 004's 0.7,0.2,0.1)")
+        p.add_argument("--tau", type=tau_list, default=[0.1, 0.2, 0.5, 1.0, 10.0],
+                       help="temperatures (default 0.1,0.2,0.5,1,10)")
+        p.add_argument("--draws", type=positive_int, default=10000, help="draws per τ (default: the seed's 10000)")
+    else:
+        p.add_argument("--logits", type=number_list, default=[1.0, 2.0, 3.0, 4.0],
+                       help="comma-separated logits (default: seed 001's 1,2,3,4)")
+        p.add_argument("--tau", type=tau_list, default=[10.0, 1.0, 0.1],
+                       help="temperatures (default 10,1,0.1: seed 001's scales 0.1, 1, 10)")
+
+
+DEMOS = {
+    "contrastive": ("seed 003: a toy encoder trained by InfoNCE at several τ; features, alignment, "
+                    "uniformity, hardness", demos.format_contrastive, demos.plot_contrastive),
+    "gumbel": ("seed 004: Gumbel-softmax argmax frequencies against softmax(logits), closeness to one-hot",
+               demos.format_gumbel, demos.plot_gumbel),
+    "smoothmax": ("seed 001: softmax and LogSumExp against max as the scale 1/τ changes",
+                  demos.format_smoothmax, demos.plot_smoothmax),
+}
+
+
+def run_demo(args):
+    """Compute the demo's numbers, print its table, write NAME.json and (unless --no-plot) NAME.png."""
+    prog = f"{PROG} demo {args.demo}"
+    if not args.no_plot:
+        try:  # before the work: a missing matplotlib should not cost a training run
+            demos.load_matplotlib()
+        except ImportError as e:
+            raise CLIError(str(e), code=1, prog=prog) from None
+    if args.demo == "contrastive":
+        if args.negatives > 3 * demos.PER_CLASS:
+            raise CLIError(f"--negatives {args.negatives} is more than the {3 * demos.PER_CLASS} points of the "
+                           "other quadrants", prog=prog)
+        result = demos.contrastive(args.tau, args.steps, args.batch, args.negatives, args.lr, args.seed)
+    elif args.demo == "gumbel":
+        if len(args.logits) < 2:
+            raise CLIError("--logits needs at least two classes", prog=prog)
+        result = demos.gumbel(args.logits, args.tau, args.draws, args.seed)
+    else:
+        result = demos.smoothmax(args.logits, args.tau, args.seed)
+    _, format_result, plot = DEMOS[args.demo]
+    out = args.out
+    try:
+        os.makedirs(out, exist_ok=True)
+        written = [os.path.join(out, f"{args.demo}.json")]
+        with open(written[0], "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+        if not args.no_plot:
+            written.append(os.path.join(out, f"{args.demo}.png"))
+            plot(result, written[1])
+    except OSError as e:
+        raise CLIError(f"cannot write to --out {out}: {e.strerror or e}", code=1, prog=prog) from None
+    print(format_result(result))
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+# ---------------------------------------------------------------- parser and main
+
+def build_parser():
+    parser = _Parser(prog=PROG, description="See what the softmax temperature τ does: tables and pictures "
+                                            "computed with fused_tau's own functions.")
+    parser.add_argument("--version", action="version", version=f"fused_tau {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{table,demo,info}", required=True)
+
+    table = sub.add_parser("table", help="probabilities, cross-entropy, gradients and entropy against τ",
+                           description="Probabilities, cross-entropy and its gradients, entropy H and exp(H) "
+                                       "for each τ, in float64.  With no arguments: the seed documents' own "
+                                       "examples.  Negative values need the = form: --logits=-1,2,3.")
+    table.add_argument("--logits", type=number_list, help="comma-separated logits, e.g. 1,5,7,10")
+    table.add_argument("--tau", type=tau_list, help="comma-separated temperatures (default 0.1,1,10 with "
+                                                     "--logits, else each seed example's own)")
+    table.add_argument("--target", type=int, help="the target class index, for the cross-entropy columns")
+    table.add_argument("--json", action="store_true", help="print JSON (full float64 precision)")
+    table.set_defaults(run=cmd_table)
+
+    demo = sub.add_parser("demo", help="an experiment: a table, a JSON and a PNG of its numbers")
+    kinds = demo.add_subparsers(dest="demo", metavar="{" + ",".join(DEMOS) + "}", required=True)
+    for name, (help_text, _, _) in DEMOS.items():
+        p = kinds.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--out", default=".", help="directory for NAME.png and NAME.json (default: the current one)")
+        p.add_argument("--seed", type=seed_int, default=0, help="random seed (default 0)")
+        p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+        _demo_options(name, p)
+        p.set_defaults(run=run_demo)
+
+    sub.add_parser("info", help="versions, devices and the backend each op uses").set_defaults(run=cmd_info)
+    return parser
+
+
+def main(argv=None):
+    """Run the command line ``argv`` (default ``sys.argv[1:]``) and return its exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+        return args.run(args)
+    except CLIError as e:
+        print(f"{e.prog}: error: {e}", file=sys.stderr)
+        return e.code
+    except SystemExit as e:  # --help and --version exit through argparse
+        return e.code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader went away (fused-tau table | head): no traceback at exit either
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a real file (captured in-process)
+            pass
+        return 1

@@ -1,0 +1,255 @@
+"""Tile engine: ``z = (a @ b.T + bias) / τ`` streamed tile by tile into an online log-sum-exp
+(flash-attention style); the N × K logits are never stored, forward or backward.
+
+Per row i, over the columns j that count (j < K, j ≠ t_i the row's target, j ≠ i + diag_offset
+when self-similarity is excluded):
+  _tile_fwd_kernel     m_i = max z_ij, s_i = Σ exp(z_ij - m_i), and z_{i,t_i} from the same tiles
+  _tile_bwd_da_kernel  da = (P / τ) @ b and zp_i = Σ_j (z_ij - lse_i) P_ij, P_ij = c_i exp(z_ij - lse_i)
+  _tile_bwd_db_kernel  db = (P / τ)ᵀ @ a and dbias = Σ_i P_ij / τ_i
+Both backward kernels recompute their tiles (two kernels, no atomics: deterministic).  The
+output dimension of da / db is split into BLOCK_DO-wide programs; each recomputes the tile
+over all of D, which costs D / BLOCK_DO recomputations when D > BLOCK_DO (the LLM head:
+a known cost, to be tuned).  FLOPs: forward 2·N·K·D; backward 2·N·K·D·(2 + 2·D/BLOCK_DO).
+
+fp32 inputs multiply in IEEE fp32 unless ``torch.backends.cuda.matmul.allow_tf32`` is set;
+fp16 / bf16 multiply on tensor cores with fp32 accumulation.  Interpreter trap (Triton 3.9,
+checked): ``tl.dot`` on bf16 operands returns garbage under TRITON_INTERPRET=1, so UPCAST
+(set only there) multiplies in fp32.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Tile sizes (tests lower them to cross tile boundaries on small shapes).
+BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DO = 64, 64, 64, 128
+
+
+@triton.jit
+def _logits_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, tau,
+                 stride_am, stride_ad, stride_bk, stride_bd,
+                 HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """z = (a[rows] @ b[cols].T + bias[cols]) / τ as an fp32 (BLOCK_M, BLOCK_N) tile."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        a = tl.load(a_ptr + rows64[:, None] * stride_am + dd[None, :] * stride_ad,
+                    mask=(rows[:, None] < N) & (dd[None, :] < D), other=0.0)
+        b = tl.load(b_ptr + cols64[:, None] * stride_bk + dd[None, :] * stride_bd,
+                    mask=(cols[:, None] < K) & (dd[None, :] < D), other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+    return tl.math.div_rn(acc, tau[:, None])
+
+
+@triton.jit
+def _counted(rows, cols, N, K, tgt, diag_offset, HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr):
+    """The (row, column) pairs that enter the row's log-sum-exp over negatives."""
+    ok = (rows[:, None] < N) & (cols[None, :] < K)
+    if MASK_DIAG:
+        ok &= cols[None, :] != rows[:, None] + diag_offset
+    if HAS_TARGET:
+        ok &= cols[None, :] != tgt[:, None]
+    return ok
+
+
+@triton.jit
+def _tile_fwd_kernel(
+    # pointers
+    a_ptr, b_ptr, bias_ptr, tau_ptr, target_ptr, m_ptr, s_ptr, zy_ptr,
+    # shapes: a (N, D), b (K, D); diag_offset: column excluded from row i is i + diag_offset
+    N, K, D, diag_offset,
+    # strides
+    stride_am, stride_ad, stride_bk, stride_bd,
+    # constants
+    HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Per row: m = max, s = Σ exp(z - m) over the counted columns; zy = the target's logit."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tau = tl.load(tau_ptr + rows, mask=rows < N, other=1.0).to(tl.float32)
+    tgt = tl.full([BLOCK_M], -1, tl.int64)
+    if HAS_TARGET:
+        tgt = tl.load(target_ptr + rows, mask=rows < N, other=-1)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_M], tl.float32)
+    zy = tl.zeros([BLOCK_M], tl.float32)
+    for n0 in range(0, K, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        z = _logits_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, tau, stride_am, stride_ad, stride_bk,
+                         stride_bd, HAS_BIAS, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+        if HAS_TARGET:
+            zy += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
+        z = tl.where(_counted(rows, cols, N, K, tgt, diag_offset, HAS_TARGET, MASK_DIAG), z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, 1))
+        safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing counted yet: no -inf - -inf
+        s = s * tl.exp(m - safe) + tl.sum(tl.exp(z - safe[:, None]), 1)
+        m = m_new
+    tl.store(m_ptr + rows, m, mask=rows < N)
+    tl.store(s_ptr + rows, s, mask=rows < N)
+    if HAS_TARGET:
+        tl.store(zy_ptr + rows, zy, mask=rows < N)
+
+
+@triton.jit
+def _tile_bwd_da_kernel(
+    # pointers
+    a_ptr, b_ptr, bias_ptr, tau_ptr, target_ptr, lse_ptr, coef_ptr, da_ptr, zp_ptr,
+    # shapes
+    N, K, D, diag_offset,
+    # strides (da is a contiguous fp32 (N, D) buffer)
+    stride_am, stride_ad, stride_bk, stride_bd,
+    # constants
+    HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr, NEED_ZP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """da[rows, do] = Σ_j (P_ij / τ_i) b[j, do]; program (i-block, do-block)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    tau = tl.load(tau_ptr + rows, mask=rows < N, other=1.0).to(tl.float32)
+    lse = tl.load(lse_ptr + rows, mask=rows < N, other=0.0)
+    c = tl.load(coef_ptr + rows, mask=rows < N, other=0.0)
+    tgt = tl.full([BLOCK_M], -1, tl.int64)
+    if HAS_TARGET:
+        tgt = tl.load(target_ptr + rows, mask=rows < N, other=-1)
+    acc = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
+    zp = tl.zeros([BLOCK_M], tl.float32)
+    for n0 in range(0, K, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        z = _logits_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, tau, stride_am, stride_ad, stride_bk,
+                         stride_bd, HAS_BIAS, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N) - lse[:, None]
+        counted = _counted(rows, cols, N, K, tgt, diag_offset, HAS_TARGET, MASK_DIAG)
+        P = tl.where(counted, c[:, None] * tl.exp(z), 0.0)
+        if NEED_ZP:
+            zp += tl.sum(tl.where(P != 0.0, z * P, 0.0), 1)
+        b = tl.load(b_ptr + cols.to(tl.int64)[:, None] * stride_bk + do[None, :] * stride_bd,
+                    mask=(cols[:, None] < K) & (do[None, :] < D), other=0.0)
+        Pt = P / tau[:, None]
+        if UPCAST:
+            acc = tl.dot(Pt, b.to(tl.float32), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(Pt.to(b.dtype), b, acc, input_precision=PRECISION)
+    tl.store(da_ptr + rows.to(tl.int64)[:, None] * D + do[None, :], acc, mask=(rows[:, None] < N) & (do[None, :] < D))
+    if NEED_ZP:
+        if tl.program_id(1) == 0:  # every do-block computed zp; one writes it
+            tl.store(zp_ptr + rows, zp, mask=rows < N)
+
+
+@triton.jit
+def _tile_bwd_db_kernel(
+    # pointers
+    a_ptr, b_ptr, bias_ptr, tau_ptr, target_ptr, lse_ptr, coef_ptr, db_ptr, dbias_ptr,
+    # shapes
+    N, K, D, diag_offset,
+    # strides (db is a contiguous fp32 (K, D) buffer)
+    stride_am, stride_ad, stride_bk, stride_bd,
+    # constants
+    HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """db[cols, do] = Σ_i (P_ij / τ_i) a[i, do] and dbias[cols] = Σ_i P_ij / τ_i; program (j-block, do-block)."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    acc = tl.zeros([BLOCK_N, BLOCK_DO], tl.float32)
+    dbias = tl.zeros([BLOCK_N], tl.float32)
+    for m0 in range(0, N, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        tau = tl.load(tau_ptr + rows, mask=rows < N, other=1.0).to(tl.float32)
+        lse = tl.load(lse_ptr + rows, mask=rows < N, other=0.0)
+        c = tl.load(coef_ptr + rows, mask=rows < N, other=0.0)
+        tgt = tl.full([BLOCK_M], -1, tl.int64)
+        if HAS_TARGET:
+            tgt = tl.load(target_ptr + rows, mask=rows < N, other=-1)
+        z = _logits_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, tau, stride_am, stride_ad, stride_bk,
+                         stride_bd, HAS_BIAS, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N) - lse[:, None]
+        counted = _counted(rows, cols, N, K, tgt, diag_offset, HAS_TARGET, MASK_DIAG)
+        Pt = tl.where(counted, c[:, None] * tl.exp(z), 0.0) / tau[:, None]
+        a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * stride_am + do[None, :] * stride_ad,
+                    mask=(rows[:, None] < N) & (do[None, :] < D), other=0.0)
+        if UPCAST:
+            acc = tl.dot(tl.trans(Pt), a.to(tl.float32), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(tl.trans(Pt.to(a.dtype)), a, acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            dbias += tl.sum(Pt, 0)
+    tl.store(db_ptr + cols.to(tl.int64)[:, None] * D + do[None, :], acc, mask=(cols[:, None] < K) & (do[None, :] < D))
+    if HAS_BIAS:
+        if tl.program_id(1) == 0:
+            tl.store(dbias_ptr + cols, dbias, mask=cols < K)
+
+
+# ---------------------------------------------------------------------------- launchers
+
+def _interpreted():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _precision(a):
+    if a.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _common(a, b, bias, target, diag_offset):
+    return dict(HAS_BIAS=bias is not None, HAS_TARGET=target is not None, MASK_DIAG=diag_offset is not None,
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, UPCAST=_interpreted(), PRECISION=_precision(a))
+
+
+def _block_do(D):
+    return min(max(triton.next_power_of_2(D), 16), BLOCK_DO)
+
+
+def tile_fwd(a, b, bias, tau_rows, target, diag_offset):
+    """Returns (m, s, z_target or None), fp32, one per row of ``a`` (see the module docstring)."""
+    N, D = a.shape
+    K = b.shape[0]
+    f32 = dict(device=a.device, dtype=torch.float32)
+    m, s = torch.empty(N, **f32), torch.empty(N, **f32)
+    zy = torch.empty(N, **f32) if target is not None else None
+    _tile_fwd_kernel[(triton.cdiv(N, BLOCK_M),)](
+        a, b, bias if bias is not None else m, tau_rows, target if target is not None else m, m, s,
+        zy if zy is not None else m, N, K, D, diag_offset or 0, *a.stride(), *b.stride(),
+        **_common(a, b, bias, target, diag_offset),
+    )
+    return m, s, zy
+
+
+def tile_bwd(a, b, bias, tau_rows, target, diag_offset, lse, coef, need_da, need_db, need_zp):
+    """Returns (da in a's dtype, db in b's dtype, dbias fp32, zp fp32), each None when not asked for."""
+    N, D = a.shape
+    K = b.shape[0]
+    f32 = dict(device=a.device, dtype=torch.float32)
+    lse = lse.to(torch.float32).contiguous()
+    coef = coef.to(torch.float32).contiguous()
+    bdo = _block_do(D)
+    common = _common(a, b, bias, target, diag_offset)
+    args = (N, K, D, diag_offset or 0, *a.stride(), *b.stride())
+    da = db = dbias = zp = None
+    if need_da or need_zp:
+        da_buf = torch.empty((N, D), **f32)
+        zp = torch.empty(N, **f32) if need_zp else None
+        _tile_bwd_da_kernel[(triton.cdiv(N, BLOCK_M), triton.cdiv(D, bdo))](
+            a, b, bias if bias is not None else lse, tau_rows, target if target is not None else lse, lse, coef,
+            da_buf, zp if zp is not None else lse, *args, NEED_ZP=need_zp, BLOCK_DO=bdo, **common,
+        )
+        da = da_buf.to(a.dtype) if need_da else None
+    if need_db:
+        db_buf = torch.empty((K, D), **f32)
+        dbias = torch.empty(K, **f32) if bias is not None else None
+        _tile_bwd_db_kernel[(triton.cdiv(K, BLOCK_N), triton.cdiv(D, bdo))](
+            a, b, bias if bias is not None else lse, tau_rows, target if target is not None else lse, lse, coef,
+            db_buf, dbias if dbias is not None else lse, *args, BLOCK_DO=bdo, **common,
+        )
+        db = db_buf.to(b.dtype)
+    return da, db, dbias, zp
