@@ -5,8 +5,11 @@
 
 Each config is compiled with ``triton.compile(..., target=GPUTarget("cuda", cap, 32))``
 and its cubin read with ``cuobjdump --dump-resource-usage`` (shipped in Triton's
-nvidia backend).  A config passes when LOCAL is 0 (no spills) and SHARED fits
-the architecture's per-block limit.  Must run without TRITON_INTERPRET=1.
+nvidia backend).  A config passes when it spills nothing (STACK and LOCAL are 0:
+ptxas puts spilled registers in the stack frame) and its shared memory (static,
+from cuobjdump, plus the dynamic shared memory Triton launches it with, from the
+kernel's metadata) fits the architecture's per-block limit.  Must run without
+TRITON_INTERPRET=1.
 """
 import argparse
 import itertools
@@ -21,7 +24,7 @@ SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes of shared memory a block may us
 
 
 def _row_configs():
-    from fused_tau.kernels import row_ce, row_engine, row_kd, row_sample, row_softmax
+    from fused_tau.kernels import row_ce, row_engine, row_kd, row_sample, row_softmax, tile
 
     block = row_engine.MAX_BLOCK
     _, _, warps = row_engine.row_config(block)
@@ -47,7 +50,7 @@ def _row_configs():
         yield "ce_bwd", row_ce._ce_bwd_kernel, warps, dict(
             BLOCK=[block], B=[1], stride_xc=[1], stride_dc=[1], TAU_GRAD=[True],
             **{k: [v] for k, v in flags.items()})
-    kd_block, _, kd_warps = row_engine.row_config(1 << 20, row_kd.LANES_PER_BLOCK)
+    kd_block, kd_warps = row_engine.row_config(1 << 20, row_kd.LANES_PER_BLOCK)[0], row_kd.NUM_WARPS
     yield "kd_fwd", row_kd._kd_fwd_kernel, kd_warps, dict(
         BLOCK=[kd_block], HAS_TARGET=[False, True], ELEMENTWISE=[False, True])
     yield "kd_bwd", row_kd._kd_bwd_kernel, kd_warps, dict(
@@ -55,17 +58,30 @@ def _row_configs():
     yield "kd_bwd", row_kd._kd_bwd_kernel, kd_warps, dict(
         BLOCK=[kd_block], HAS_TARGET=[False], ELEMENTWISE=[True], TEACHER_GRAD=[True], TAU_GRAD=[True])
     yield from row_sample.aot_configs()
+    # tile engine at its default tiles; D = 128 (MoCo) puts all of D in one BLOCK_DO program
+    tiles = dict(BLOCK_M=[tile.BLOCK_M], BLOCK_N=[tile.BLOCK_N], BLOCK_D=[tile.BLOCK_D], UPCAST=[False],
+                 stride_ad=[1], stride_bd=[1])
+    per_dtype = {dt: dict(zip(("BLOCK_D", "BLOCK_DO"), tile.blocks(dt))) for dt in ("bf16", "fp16", "fp32")}
+    fwd_per_dtype = {dt: {"BLOCK_D": v["BLOCK_D"]} for dt, v in per_dtype.items()}
+    yield "tile_fwd", tile._tile_fwd_kernel, tile.NUM_WARPS, dict(
+        HAS_BIAS=[False, True], HAS_TARGET=[True], MASK_DIAG=[False, True], PRECISION=["tf32"], **tiles), fwd_per_dtype
+    for kernel, name, extra in ((tile._tile_bwd_da_kernel, "tile_bwd_da", dict(NEED_ZP=[True])),
+                                (tile._tile_bwd_db_kernel, "tile_bwd_db", {})):
+        yield name, kernel, tile.NUM_WARPS, dict(HAS_BIAS=[True], HAS_TARGET=[True], MASK_DIAG=[True],
+                                                 PRECISION=["tf32"], BLOCK_DO=[tile.BLOCK_DO], **extra, **tiles), per_dtype
 
 
 # pointers that hold logits (or their gradients) in the input dtype; the rest are fp32 / int64
 LOGIT_POINTERS = {
     "kd": ("s_ptr", "t_ptr", "ds_ptr", "dt_ptr", "out_ptr"),
+    "tile": ("a_ptr", "b_ptr", "bias_ptr"),
     "": ("x_ptr", "out_ptr", "y_ptr", "g_ptr", "dx_ptr"),
 }
 
 
 def _pointer_type(kernel, name, dtype):
-    if name in LOGIT_POINTERS["kd" if kernel.startswith("kd_") else ""]:
+    family = "kd" if kernel.startswith("kd_") else "tile" if kernel.startswith("tile_") else ""
+    if name in LOGIT_POINTERS[family]:
         return "*" + dtype
     if name in ("target_ptr", "seed_ptr", "idx_ptr"):
         return "*i64"
@@ -87,10 +103,39 @@ def _signature(kernel, fn, dtype, constants):
     return sig
 
 
-def _cuobjdump():
+def _nvidia_bin(tool):
     import triton
 
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+
+
+def _cuobjdump():
+    return _nvidia_bin("cuobjdump")
+
+
+def _spill_bytes(ptx, cap):
+    """Spill stores + loads that ptxas reports for the kernel's PTX (``ptxas -v``): the definitive
+    spill count (cuobjdump's STACK also holds call frames, which are not spills)."""
+    arch = f"sm_{cap}a" if cap == 90 else f"sm_{cap}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        # the PTX version Triton emits needs its newest bundled ptxas (ptxas-blackwell in Triton 3.9)
+        for tool in ("ptxas-blackwell", "ptxas"):
+            if not os.path.exists(_nvidia_bin(tool)):
+                continue
+            out = subprocess.run([_nvidia_bin(tool), "-v", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "k.o")],
+                                 capture_output=True, text=True)
+            if out.returncode == 0:
+                break
+        else:
+            raise RuntimeError(f"no bundled ptxas assembles the kernel:\n{out.stderr}")
+    stores = re.findall(r"(\d+) bytes spill stores", out.stderr + out.stdout)
+    loads = re.findall(r"(\d+) bytes spill loads", out.stderr + out.stdout)
+    if not stores or not loads:
+        raise RuntimeError(f"ptxas -v printed no spill counts:\n{out.stderr}")
+    return sum(map(int, stores)) + sum(map(int, loads))
 
 
 def _resources(cubin):
@@ -113,20 +158,24 @@ def compile_all(dtypes=("bf16", "fp32"), caps=(80, 90)):
     from triton.compiler import ASTSource
 
     records = []
-    for name, fn, warps, grid in _row_configs():
+    for name, fn, warps, grid, *per_dtype in _row_configs():
         keys = list(grid)
         for values in itertools.product(*(grid[k] for k in keys)):
-            constants = dict(zip(keys, values))
-            if "INTERPRETED" in fn.arg_names:
-                constants["INTERPRETED"] = False
             for dtype, cap in itertools.product(dtypes, caps):
+                constants = dict(zip(keys, values))
+                if "INTERPRETED" in fn.arg_names:
+                    constants["INTERPRETED"] = False
+                if per_dtype:  # constants the launcher picks by dtype (e.g. the tile engine's D-steps)
+                    constants.update(per_dtype[0].get(dtype, {}))
                 src = ASTSource(fn=fn, signature=_signature(name, fn, dtype, constants), constexprs=constants)
                 kernel = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": warps})
                 res = _resources(kernel.asm["cubin"])
+                res["shared"] = res.get("shared", 0) + int(kernel.metadata.shared)
+                res["spill"] = _spill_bytes(kernel.asm["ptx"], cap)
                 res.update(kernel=name, dtype=dtype, sm=cap, num_warps=warps,
                            config={k: v for k, v in constants.items() if k not in ("INTERPRETED",)},
                            shared_limit=SHARED_LIMIT[cap])
-                res["ok"] = res.get("local", 0) == 0 and res.get("shared", 0) <= SHARED_LIMIT[cap]
+                res["ok"] = res["spill"] == 0 and res.get("local", 0) == 0 and res["shared"] <= SHARED_LIMIT[cap]
                 records.append(res)
     return records
 
@@ -139,11 +188,11 @@ def main(argv=None):
     if args.json:
         json.dump(records, sys.stdout)
         return 0 if all(r["ok"] for r in records) else 1
-    print(f"{'kernel':12} {'dtype':5} {'sm':3} {'warps':5} {'reg':>4} {'local':>5} {'shared':>7}  config")
+    print(f"{'kernel':12} {'dtype':5} {'sm':3} {'warps':5} {'reg':>4} {'spill':>5} {'stack':>5} {'shared':>7}  config")
     for r in records:
         cfg = ",".join(f"{k}={v}" for k, v in r["config"].items() if k.isupper())
         flag = "" if r["ok"] else "  <-- FAILS"
-        print(f"{r['kernel']:12} {r['dtype']:5} {r['sm']:3} {r['num_warps']:5} {r['reg']:4} {r['local']:5} "
+        print(f"{r['kernel']:12} {r['dtype']:5} {r['sm']:3} {r['num_warps']:5} {r['reg']:4} {r['spill']:5} {r['stack']:5} "
               f"{r['shared']:7}  {cfg}{flag}")
     return 0 if all(r["ok"] for r in records) else 1
 

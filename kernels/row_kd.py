@@ -20,8 +20,11 @@ import triton.language as tl
 from .row_engine import interpreted, load_z, row_config, tau_stride
 
 # seven per-lane accumulators (student, teacher, τ = 1 statistics and the q-weighted sum):
-# half the engine's block keeps the forward near 130 registers instead of 255
-LANES_PER_BLOCK = 2
+# a quarter of the engine's block over 8 warps is spill-free on sm_80 and sm_90 at 48-75
+# registers (python -m bench.aot; the full block needs 255, half a block over 8 warps
+# still spills 16-24 bytes, a quarter over 4 warps 8 bytes on sm_90)
+LANES_PER_BLOCK = 4
+NUM_WARPS = 8
 from .tl_math import log1p, online_finalize, online_update, to_store
 
 
@@ -204,7 +207,8 @@ def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
     stats = torch.zeros(R, 7, device=dev, dtype=torch.float32)
     ce = torch.empty(R, device=dev, dtype=torch.float32) if target is not None else kl
     out = torch.empty((R, C), device=dev, dtype=s2.dtype) if elementwise else kl
-    block, _, num_warps = row_config(C, LANES_PER_BLOCK)
+    block, _, _ = row_config(C, LANES_PER_BLOCK)
+    num_warps = NUM_WARPS
     _kd_fwd_kernel[(R,)](
         s2, t2, target if target is not None else kl, tau, kl, ce, stats, out,
         C, s2.stride(0), t2.stride(0), tau_stride(tau), ignore_index,
@@ -225,7 +229,8 @@ def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teach
     if elementwise:
         g = g.contiguous()
     stride_g = 0 if (elementwise or g.numel() == 1) else 1
-    block, _, num_warps = row_config(C, LANES_PER_BLOCK)
+    block, _, _ = row_config(C, LANES_PER_BLOCK)
+    num_warps = NUM_WARPS
     _kd_bwd_kernel[(R,)](
         s2, t2, target if target is not None else stats, tau, stats, g, g_ce if g_ce is not None else stats,
         ds, dt, dtau, C, s2.stride(0), t2.stride(0), tau_stride(tau), stride_g, ignore_index,
