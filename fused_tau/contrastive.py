@@ -146,12 +146,20 @@ def _check_embeddings(query, key, queue):
 def _gathered(key):
     """Every rank's keys, concatenated in rank order, with gradient flowing back to this rank's."""
     import torch.distributed as dist
-    import torch.distributed.nn.functional as dist_fn
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return key, 0
-    keys = dist_fn.all_gather(key)
-    return torch.cat(keys, 0), dist.get_rank() * key.shape[0]
+    import warnings
+
+    import torch.distributed.nn.functional as dist_fn
+
+    # torch.distributed.nn's all_gather: its backward reduce-scatters the gradient, so each rank's
+    # keys get the sum of every rank's loss gradient.  (The functional collective torch now points
+    # to returns an async tensor whose storage a Triton launch cannot read before a wait.)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        keys = torch.cat(dist_fn.all_gather(key.contiguous()), 0)
+    return keys, dist.get_rank() * key.shape[0]
 
 
 def infonce(query, key, queue=None, tau=0.07, reduction="mean", *, gather=False):

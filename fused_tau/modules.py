@@ -76,6 +76,9 @@ class MoCoQueue(nn.Module):
     def enqueue(self, keys):
         if keys.ndim != 2 or keys.shape[1] != self.queue.shape[1]:
             raise ValueError(f"keys must be (B, {self.queue.shape[1]}), got shape {tuple(keys.shape)}")
+        if not getattr(self, "_synced", False):
+            _broadcast_from_rank0(self.queue)  # every rank starts from rank 0's random keys, as under DDP
+            self._synced = True
         keys = _all_gather_detached(keys.detach()).to(self.queue.dtype)
         size = self.queue.shape[0]
         keys = keys[-size:]  # a batch larger than the queue keeps its newest keys
@@ -90,10 +93,23 @@ class MoCoQueue(nn.Module):
         return f"dim={self.queue.shape[1]}, size={self.queue.shape[0]}"
 
 
+def _distributed():
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _broadcast_from_rank0(t):
+    if _distributed():
+        import torch.distributed as dist
+
+        dist.broadcast(t, 0)
+
+
 def _all_gather_detached(x):
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return x
     out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(out, x.contiguous())
