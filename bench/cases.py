@@ -8,6 +8,12 @@ classes of e bytes:
   sample          fwd R·C·e (read logits)
 The same formula is applied to every provider, so GB/s compares like with like
 ("effective bandwidth": the least traffic the op needs, not what a provider moved).
+
+FLOPs (the tile engine is compute-bound; TFLOP/s = FLOPs / time), N rows, K keys or
+V classes, D features:
+  infonce (MoCo queue, no queue gradient)  fwd 2·N·K·D      fwd+bwd 4·N·K·D (+ dq)
+  linear_cross_entropy                     fwd 2·N·V·D      fwd+bwd 6·N·V·D (+ dx, dW)
+counted as the matmuls the op must do (a provider's recomputation is its own cost).
 """
 import dataclasses
 import functools
@@ -17,7 +23,7 @@ import torch.nn.functional as F
 
 import fused_tau
 
-CE_TAU, KD_TAU, GUMBEL_TAU, SAMPLE_TAU = 0.07, 4.0, 0.5, 0.8
+CE_TAU, KD_TAU, GUMBEL_TAU, SAMPLE_TAU, MOCO_TAU = 0.07, 4.0, 0.5, 0.8, 0.2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,14 +33,25 @@ class Case:
     c: int
     dtype: torch.dtype
     mode: str  # "fwd" or "fwd+bwd"
+    d: int = 0  # feature dimension of the tile-engine ops
 
     @property
     def name(self):
-        return f"{self.op}-{self.mode}-{self.n}x{self.c}-{str(self.dtype).replace('torch.', '')}"
+        shape = f"{self.n}x{self.c}" + (f"x{self.d}" if self.d else "")
+        return f"{self.op}-{self.mode}-{shape}-{str(self.dtype).replace('torch.', '')}"
 
     def bytes_moved(self):
+        """Bytes the op must move (row engine), or None for a compute-bound op."""
+        if "bytes" not in OPS[self.op]:
+            return None
         e = torch.tensor([], dtype=self.dtype).element_size()
         return self.n * self.c * e * OPS[self.op]["bytes"][self.mode]
+
+    def flops(self):
+        """Matmul FLOPs the op must do (tile engine), or None for a memory-bound op."""
+        if "flops" not in OPS[self.op]:
+            return None
+        return 2 * self.n * self.c * self.d * OPS[self.op]["flops"][self.mode]
 
 
 # --------------------------------------------------------------------------- providers
@@ -45,7 +62,34 @@ def _kd_torch(inp):
     return KD_TAU ** 2 * F.kl_div(F.log_softmax(s / KD_TAU, -1), F.softmax(t / KD_TAU, -1), reduction="batchmean")
 
 
+def _linear_ce_chunked(inp):
+    return F.linear_cross_entropy(inp["x"], inp["W"], inp["y"], options=torch.nn.LinearCrossEntropyOptions())
+
+
+def _liger_flce(inp):
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return liger_fused_linear_cross_entropy(inp["x"], inp["W"], inp["y"])
+
+
+def _cce(inp):
+    from cut_cross_entropy import linear_cross_entropy as cce
+
+    return cce(inp["x"], inp["W"], inp["y"])
+
+
 PROVIDERS = {
+    "infonce": {
+        "fused_tau": lambda inp: fused_tau.infonce(inp["q"], inp["k"], inp["queue"], MOCO_TAU),
+        "torch": lambda inp: fused_tau.reference.infonce(inp["q"], inp["k"], inp["queue"], MOCO_TAU),
+    },
+    "linear_cross_entropy": {  # τ = 1 so that every peer computes the same loss
+        "fused_tau": lambda inp: fused_tau.linear_cross_entropy(inp["x"], inp["W"], inp["y"]),
+        "torch": lambda inp: F.cross_entropy(F.linear(inp["x"], inp["W"]), inp["y"]),
+        "torch chunked": _linear_ce_chunked,
+        "liger": _liger_flce,
+        "cut-cross-entropy": _cce,
+    },
     "cross_entropy": {
         "fused_tau": lambda inp: fused_tau.cross_entropy(inp["x"], inp["y"], CE_TAU),
         "torch": lambda inp: F.cross_entropy(inp["x"] / CE_TAU, inp["y"]),
@@ -75,6 +119,11 @@ for _op in PROVIDERS:
 
 
 OPS = {
+    "infonce": dict(flops={"fwd": 1, "fwd+bwd": 2}, modes=("fwd", "fwd+bwd"),
+                    gpu_sizes=[(256, 65536, 128), (4096, 65536, 128), (256, 65536, 256), (4096, 65536, 256)],
+                    cpu_sizes=[(256, 65536, 128)], gpu_dtypes=[torch.float32, torch.bfloat16]),
+    "linear_cross_entropy": dict(flops={"fwd": 1, "fwd+bwd": 3}, modes=("fwd", "fwd+bwd"),
+                                 gpu_sizes=[(8192, 128256, 4096)], cpu_sizes=[(512, 32768, 128)]),
     "cross_entropy": dict(bytes={"fwd": 1, "fwd+bwd": 3}, modes=("fwd", "fwd+bwd"),
                           gpu_sizes=[(8192, 32000), (8192, 128256), (32768, 32000), (32768, 128256)],
                           cpu_sizes=[(256, 32000), (1024, 32000)]),
@@ -96,6 +145,15 @@ def make_inputs(case, device):
     def logits():
         return (torch.randn(case.n, case.c, generator=g) * 4).to(device=device, dtype=case.dtype)
 
+    if case.op == "infonce":
+        q, k = F.normalize(torch.randn(2, case.n, case.d, generator=g), dim=-1).to(device=device, dtype=case.dtype)
+        queue = F.normalize(torch.randn(case.c, case.d, generator=g), dim=-1).to(device=device, dtype=case.dtype)
+        return dict(q=q.requires_grad_(grad), k=k, queue=queue, leaf=q)
+    if case.op == "linear_cross_entropy":
+        x = torch.randn(case.n, case.d, generator=g).to(device=device, dtype=case.dtype).requires_grad_(grad)
+        W = (torch.randn(case.c, case.d, generator=g) / case.d ** 0.5).to(device=device, dtype=case.dtype)
+        y = torch.randint(0, case.c, (case.n,), generator=g).to(device)
+        return dict(x=x, W=W.requires_grad_(grad), y=y, leaf=x, leaves=(x, W))
     if case.op == "kd_loss":
         inp = dict(student=logits().requires_grad_(grad), teacher=logits())
         inp["leaf"] = inp["student"]
@@ -118,7 +176,8 @@ def runner(case, provider, inp):
                 return fn(inp)
     else:
         def step():
-            inp["leaf"].grad = None
+            for leaf in inp.get("leaves", (inp["leaf"],)):
+                leaf.grad = None
             out = fn(inp)
             out.backward(inp.get("upstream"))
     return step
@@ -128,9 +187,12 @@ def cases(device_type, ops=None, sizes=None, dtypes=None, modes=None):
     out = []
     for op in ops or OPS:
         spec = OPS[op]
-        for n, c in sizes or spec["gpu_sizes" if device_type == "cuda" else "cpu_sizes"]:
-            for dt in dtypes or (GPU_DTYPES if device_type == "cuda" else CPU_DTYPES):
+        for size in sizes or spec["gpu_sizes" if device_type == "cuda" else "cpu_sizes"]:
+            if len(size) != (3 if "flops" in spec else 2):
+                continue  # an N x C size for a row op, or N x K x D for a tile op
+            default = spec.get("gpu_dtypes", GPU_DTYPES) if device_type == "cuda" else CPU_DTYPES
+            for dt in dtypes or default:
                 for mode in spec["modes"]:
                     if modes is None or mode in modes:
-                        out.append(Case(op, n, c, dt, mode))
+                        out.append(Case(op, *size[:2], dt, mode, *size[2:]))
     return out

@@ -88,3 +88,21 @@ def _driver_version():
         return out.stdout.strip().splitlines()[0]
     except Exception:  # no nvidia-smi: the driver version is simply not reported
         return None
+
+
+def ceilings(device, budget_s=1.0):
+    """The card's two ceilings, measured in the same run as the ops they bound:
+    copy bandwidth (GB/s of bytes read + written by ``dst.copy_(src)``) and the matmul
+    rate (TFLOP/s of a square matmul, bf16 on a GPU, fp32 on a CPU)."""
+    if device.type == "cuda":
+        n_copy, n_mm, mm_dtype = 1 << 28, 8192, torch.bfloat16  # 1 GiB of fp32 each way
+    else:
+        n_copy, n_mm, mm_dtype = 1 << 25, 1024, torch.float32
+    src = torch.empty(n_copy, device=device, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src), device, budget_s)
+    a = torch.randn(n_mm, n_mm, device=device, dtype=mm_dtype)
+    b = torch.randn(n_mm, n_mm, device=device, dtype=mm_dtype)
+    mm_ms = time_ms(lambda: a @ b, device, budget_s)
+    return dict(copy_gbps=2 * src.numel() * 4 / copy_ms / 1e6, matmul_tflops=2 * n_mm ** 3 / mm_ms / 1e9,
+                matmul_dtype=str(mm_dtype).replace("torch.", ""))
