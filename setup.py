@@ -21,8 +21,10 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "numpy"],
+        "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "numpy", "matplotlib>=3.5", "tqdm>=4"],
         "bench": ["pytest-benchmark>=4", "numpy"],
+        "plot": ["matplotlib>=3.5", "tqdm>=4"],
     },
+    entry_points={"console_scripts": ["fused-tau = fused_tau.cli:main"]},
     license="Apache-2.0",
 )

@@ -18,6 +18,7 @@ import sys
 import torch
 
 from . import __version__, demos
+from .demos import aligned, sig, typed_list
 from ._dispatch import backend_for, forced_backend, interpreter_on, triton_available
 from .cross_entropy import cross_entropy
 from .softmax import log_softmax, softmax
@@ -108,27 +109,26 @@ def seed_int(text):
     return v
 
 
-# ---------------------------------------------------------------- formatting
+# ---------------------------------------------------------------- checks
 
-def sig(v, digits=5):
-    """``v`` to ``digits`` significant digits, trailing zeros kept (4.54e-5 -> '4.5400e-05')."""
-    return "0" if v == 0 else format(v, f"#.{digits}g")
-
-
-def short(v):
-    """The shortest text of a number (1.0 -> '1', 0.05 -> '0.05'), for inputs the user typed."""
-    return format(v, "g")
-
-
-def vector(values, digits=5):
-    return "[" + ", ".join(sig(v, digits) for v in values) + "]"
+def non_finite(obj):
+    """The first non-finite float in a nest of dicts and lists, or None."""
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else obj
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
+    for v in values:
+        bad = non_finite(v)
+        if bad is not None:
+            return bad
+    return None
 
 
-def aligned(header, rows):
-    """``header`` and ``rows`` (lists of strings) as right-aligned columns, two spaces apart."""
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths)).rstrip()
-                     for r in [header, *rows])
+def require_finite(result, prog, what, hint="use smaller logits or a larger --tau"):
+    """Refuse results that overflowed (x/τ beyond the dtype's range, a diverged training run):
+    they would print as nan and make invalid JSON."""
+    bad = non_finite(result)
+    if bad is not None:
+        raise CLIError(f"{what} gives {bad} (overflow): {hint}", prog=prog)
 
 
 # ---------------------------------------------------------------- table
@@ -158,17 +158,13 @@ def table_examples(args):
     if args.logits is None:
         if args.target is not None:
             raise CLIError("--target needs --logits (the seed examples have their own targets)", prog=f"{PROG} table")
-        return [(f"{source}: logits {vector_input(logits)}" + (f", target {target}" if target is not None else ""),
+        return [(f"{source}: logits {typed_list(logits)}" + (f", target {target}" if target is not None else ""),
                  logits, target, args.tau or taus) for source, logits, target, taus in SEED_EXAMPLES]
     if args.target is not None and not 0 <= args.target < len(args.logits):
         raise CLIError(f"--target {args.target} is out of range for {len(args.logits)} logits "
                        f"(0 to {len(args.logits) - 1})", prog=f"{PROG} table")
-    title = f"logits {vector_input(args.logits)}" + (f", target {args.target}" if args.target is not None else "")
+    title = f"logits {typed_list(args.logits)}" + (f", target {args.target}" if args.target is not None else "")
     return [(title, args.logits, args.target, args.tau or [0.1, 1.0, 10.0])]
-
-
-def vector_input(values):
-    return "[" + ", ".join(short(v) for v in values) + "]"
 
 
 def format_table(example):
@@ -181,8 +177,8 @@ def format_table(example):
     for r in example["rows"]:
         for i, (z, p) in enumerate(zip(r["scaled_logits"], r["softmax"])):
             first = i == 0
-            cells = [short(r["tau"]) if first else "", f"{i}*" if has_target and i == example["target"] else str(i),
-                     sig(z), sig(p)]
+            mark = "*" if has_target and i == example["target"] else ""
+            cells = [format(r["tau"], "g") if first else "", f"{i}{mark}", sig(z), sig(p)]
             if has_target:
                 cells += [sig(r["grad_logits"][i]), sig(r["cross_entropy"]) if first else "",
                           sig(r["grad_tau"]) if first else ""]
@@ -192,9 +188,13 @@ def format_table(example):
 
 
 def cmd_table(args):
-    examples = [{"title": title, "logits": list(logits), "target": target,
-                 "rows": [temperature_row(list(logits), tau, target) for tau in taus]}
-                for title, logits, target, taus in table_examples(args)]
+    examples = []
+    for title, logits, target, taus in table_examples(args):
+        rows = []
+        for tau in taus:
+            rows.append(temperature_row(list(logits), tau, target))
+            require_finite(rows[-1], f"{PROG} table", f"tau={tau:g} on logits {typed_list(logits)}")
+        examples.append({"title": title, "logits": list(logits), "target": target, "rows": rows})
     if args.json:
         print(json.dumps({"dtype": "float64", "examples": examples}, indent=2))
     else:
@@ -206,7 +206,8 @@ def cmd_table(args):
 
 # each public op and the tensor whose device and dtype pick its backend
 OPS = (("softmax", "x"), ("log_softmax", "x"), ("logsumexp", "x"), ("cross_entropy", "input"),
-       ("kd_loss", "student"), ("gumbel_softmax", "logits"), ("sample", "logits"),
+       ("linear_cross_entropy", "input"), ("infonce", "query"), ("clip_loss", "a (via infonce)"),
+       ("nt_xent", "z1"), ("kd_loss", "student"), ("gumbel_softmax", "logits"), ("sample", "logits"),
        ("fit_temperature", "logits (via cross_entropy)"), ("expected_calibration_error", "logits (via softmax)"))
 
 
@@ -224,8 +225,7 @@ def backend_and_reason(x):
     if backend == "torch":
         if x.device.type == "cuda" or forced == "triton":
             return backend, f"{x.dtype} runs on the torch path (the kernels take fp32/fp16/bf16)"
-        return backend, f"a {x.device.type} tensor (the kernels need CUDA, or FUSED_TAU_BACKEND=triton " \
-                        "with TRITON_INTERPRET=1)"
+        return backend, "not a CUDA tensor"
     if forced == "triton":
         return backend, "FUSED_TAU_BACKEND=triton" + (" under TRITON_INTERPRET=1" if x.device.type != "cuda" else "")
     return backend, "a CUDA tensor and Triton imports"
@@ -262,10 +262,13 @@ def cmd_info(args):
     if cuda:
         inputs.append(("cuda float32", torch.zeros(1, device="cuda")))
     choices = [backend_and_reason(t) for _, t in inputs]
-    header = ["op", "main input"] + [h for name, _ in inputs for h in (name, "why")]
+    header = ["op", "dispatches on"] + [h for name, _ in inputs for h in (name, "why")]
     rows = [[op, arg] + [c for choice in choices for c in choice] for op, arg in OPS]
     print()
-    print(aligned(header, rows))
+    print(aligned(header, rows, left=True))
+    if triton_available() and not cuda:
+        print("\n(FUSED_TAU_BACKEND=triton with TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors, "
+              "as the tests do.)")
     return 0
 
 
@@ -274,23 +277,25 @@ def cmd_info(args):
 def _demo_options(name, p):
     """The options of ``demo NAME`` beyond --out, --seed and --no-plot; defaults are the seed's."""
     if name == "contrastive":
-        p.add_argument("--tau", type=tau_list, default=[0.99, 0.5, 0.05, 0.01, 0.001],
+        p.add_argument("--tau", type=tau_list, metavar="T,...", default=[0.99, 0.5, 0.05, 0.01, 0.001],
                        help="temperatures (default: seed 003's 0.99,0.5,0.05,0.01,0.001)")
-        p.add_argument("--steps", type=positive_int, default=200, help="SGD steps per τ (default 200)")
-        p.add_argument("--batch", type=positive_int, default=50,
+        p.add_argument("--steps", type=positive_int, metavar="N", default=200, help="SGD steps per τ (default 200)")
+        p.add_argument("--batch", type=positive_int, metavar="N", default=50,
                        help="anchors per step (default 50; steps x batch = the seed's 10000 anchors)")
-        p.add_argument("--negatives", type=positive_int, default=3, help="negatives per anchor, 1 to 75 (default 3)")
+        p.add_argument("--negatives", type=positive_int, metavar="N", default=3,
+                       help="negatives per anchor, 1 to 75 (default 3)")
         p.add_argument("--lr", type=positive_float, default=3e-4, help="SGD learning rate per anchor (default 3e-4)")
     elif name == "gumbel":
-        p.add_argument("--logits", type=number_list, default=[0.7, 0.2, 0.1],
+        p.add_argument("--logits", type=number_list, metavar="X,...", default=[0.7, 0.2, 0.1],
                        help="comma-separated logits (default: seed 004's 0.7,0.2,0.1)")
-        p.add_argument("--tau", type=tau_list, default=[0.1, 0.2, 0.5, 1.0, 10.0],
+        p.add_argument("--tau", type=tau_list, metavar="T,...", default=[0.1, 0.2, 0.5, 1.0, 10.0],
                        help="temperatures (default 0.1,0.2,0.5,1,10)")
-        p.add_argument("--draws", type=positive_int, default=10000, help="draws per τ (default: the seed's 10000)")
+        p.add_argument("--draws", type=positive_int, metavar="N", default=10000,
+                       help="draws per τ (default: the seed's 10000)")
     else:
-        p.add_argument("--logits", type=number_list, default=[1.0, 2.0, 3.0, 4.0],
+        p.add_argument("--logits", type=number_list, metavar="X,...", default=[1.0, 2.0, 3.0, 4.0],
                        help="comma-separated logits (default: seed 001's 1,2,3,4)")
-        p.add_argument("--tau", type=tau_list, default=[10.0, 1.0, 0.1],
+        p.add_argument("--tau", type=tau_list, metavar="T,...", default=[10.0, 1.0, 0.1],
                        help="temperatures (default 10,1,0.1: seed 001's scales 0.1, 1, 10)")
 
 
@@ -323,6 +328,9 @@ def run_demo(args):
         result = demos.gumbel(args.logits, args.tau, args.draws, args.seed)
     else:
         result = demos.smoothmax(args.logits, args.tau, args.seed)
+    require_finite(result, prog, f"--tau {','.join(format(t, 'g') for t in args.tau)}",
+                   "use a larger --tau or a smaller --lr" if args.demo == "contrastive" else
+                   "use smaller logits or a larger --tau")
     _, format_result, plot = DEMOS[args.demo]
     out = args.out
     try:
@@ -353,10 +361,12 @@ def build_parser():
                            description="Probabilities, cross-entropy and its gradients, entropy H and exp(H) "
                                        "for each τ, in float64.  With no arguments: the seed documents' own "
                                        "examples.  Negative values need the = form: --logits=-1,2,3.")
-    table.add_argument("--logits", type=number_list, help="comma-separated logits, e.g. 1,5,7,10")
-    table.add_argument("--tau", type=tau_list, help="comma-separated temperatures (default 0.1,1,10 with "
-                                                     "--logits, else each seed example's own)")
-    table.add_argument("--target", type=int, help="the target class index, for the cross-entropy columns")
+    table.add_argument("--logits", type=number_list, metavar="X,...", help="comma-separated logits, e.g. 1,5,7,10")
+    table.add_argument("--tau", type=tau_list, metavar="T,...",
+                       help="comma-separated temperatures (default: 0.1,1,10 with --logits, "
+                            "else each seed example's own)")
+    table.add_argument("--target", type=int, metavar="CLASS",
+                       help="the target class index, for the cross-entropy columns")
     table.add_argument("--json", action="store_true", help="print JSON (full float64 precision)")
     table.set_defaults(run=cmd_table)
 
@@ -364,8 +374,10 @@ def build_parser():
     kinds = demo.add_subparsers(dest="demo", metavar="{" + ",".join(DEMOS) + "}", required=True)
     for name, (help_text, _, _) in DEMOS.items():
         p = kinds.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--out", default=".", help="directory for NAME.png and NAME.json (default: the current one)")
-        p.add_argument("--seed", type=seed_int, default=0, help="random seed (default 0)")
+        p.add_argument("--out", default=".", metavar="DIR",
+                       help="directory for NAME.png and NAME.json (default: the current one)")
+        p.add_argument("--seed", type=seed_int, default=0, metavar="N",
+                       help="random seed (default 0)" if name != "smoothmax" else "recorded only: nothing is random")
         p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
         _demo_options(name, p)
         p.set_defaults(run=run_demo)

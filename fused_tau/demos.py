@@ -8,6 +8,7 @@ functions (a JSON-ready dict), formats them as a table, and draws them with matp
 matplotlib is only needed by the ``plot_*`` functions (``load_matplotlib`` says how to get
 it); tqdm, when installed, draws the contrastive demo's progress bar.
 """
+import contextlib
 import math
 import sys
 
@@ -34,22 +35,41 @@ def load_matplotlib():
     return Figure
 
 
-def _sig(v, digits=4):
+# ---------------------------------------------------------------- text (shared with fused_tau.cli)
+
+def sig(v, digits=5):
+    """``v`` to ``digits`` significant digits, trailing zeros kept (4.54e-5 -> '4.5400e-05')."""
     return "0" if v == 0 else format(v, f"#.{digits}g")
 
 
-def _vector(values, digits=4):
-    return "[" + ", ".join(_sig(v, digits) for v in values) + "]"
+def sig_list(values, digits=4):
+    return "[" + ", ".join(sig(v, digits) for v in values) + "]"
 
 
-def _inputs(values):
+def typed_list(values):
     """A list the user typed, shortest form: [1.0, 0.5] -> '[1, 0.5]'."""
     return "[" + ", ".join(format(v, "g") for v in values) + "]"
 
 
-def _aligned(header, rows):
+def aligned(header, rows, left=False):
+    """``header`` and ``rows`` (lists of strings) as columns two spaces apart, right-aligned
+    (numbers) or ``left``-aligned (text)."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows])
+    pad = str.ljust if left else str.rjust
+    return "\n".join("  ".join(pad(cell, w) for cell, w in zip(r, widths)).rstrip() for r in [header, *rows])
+
+
+@contextlib.contextmanager
+def single_threaded():
+    """Run torch ops on one thread, then restore the thread count.  The demos' tensors hold a
+    few hundred elements: intra-op threads only add wake-ups, and on a busy machine their
+    spin-waiting made every op 50x slower (measured on 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- progress
@@ -58,17 +78,17 @@ class _PlainProgress:
     """A stand-in for tqdm: one stderr line per tenth of the work."""
 
     def __init__(self, total, desc):
-        self.total, self.desc, self.done, self.shown = total, desc, 0, -1
+        self.total, self.desc, self.postfix, self.done, self.shown = total, desc, "", 0, 0
 
     def update(self, n=1):
         self.done += n
         tenth = self.done * 10 // self.total
         if tenth != self.shown:
             self.shown = tenth
-            print(f"{self.desc}: {self.done}/{self.total} steps", file=sys.stderr)
+            print(f"{self.desc}: {self.done}/{self.total} steps {self.postfix}".rstrip(), file=sys.stderr)
 
     def set_postfix_str(self, text):
-        self.desc = self.desc.split(" ")[0] + " " + text
+        self.postfix = text
 
     def close(self):
         pass
@@ -149,13 +169,16 @@ def embedding_metrics(features, labels, tau=None, triplets=None):
     return out
 
 
+@single_threaded()
 def contrastive(taus, steps, batch, negatives, lr, seed, progress=True):
     """Seed 003's experiment, batched: for each τ, a copy of one initial encoder trained by SGD for
     ``steps`` steps, each on ``batch`` (anchor, positive, ``negatives`` negatives) draws, with
     loss ``fused_tau.cross_entropy([s_pos, s_neg...], 0, tau, reduction='sum')`` on cosine
     similarities.  The sum makes each anchor move the encoder as one step of the seed's
     single-anchor loop at the same lr, so steps × batch is the seed's step count (10000 at the
-    defaults 200 × 50).  Every τ sees the same draws: the pictures differ by τ alone.
+    defaults 200 × 50).  Every τ sees the same draws: the pictures differ by τ alone.  The points,
+    the training draws and the evaluation draws come from generators seeded ``seed``,
+    ``seed + 2`` and ``seed + 1``: independent streams, and the global random state is untouched.
 
     Returns the points, the initial and learned features, and their ``embedding_metrics``
     (hardness and loss on 10 fixed draws of negatives for each of the 100 points)."""
@@ -173,7 +196,7 @@ def contrastive(taus, steps, batch, negatives, lr, seed, progress=True):
     for tau in taus:
         encoder = toy_encoder(seed)
         optimizer = torch.optim.SGD(encoder.parameters(), lr=lr)
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed + 2)
         if bar is not None:
             bar.set_postfix_str(f"tau={tau:g}")
         for _ in range(steps):
@@ -199,14 +222,14 @@ def format_contrastive(result):
     """The metrics of each run (and of the untrained encoder) as an aligned table."""
     header = ["tau", "alignment", "uniformity", "hardness", "InfoNCE loss"]
     u = result["untrained"]
-    rows = [["untrained", _sig(u["alignment"]), _sig(u["uniformity"]), "-", "-"]]
-    rows += [[format(r["tau"], "g"), _sig(r["alignment"]), _sig(r["uniformity"]), _sig(r["hardness"]),
-              _sig(r["loss"])] for r in result["runs"]]
+    rows = [["untrained", sig(u["alignment"], 4), sig(u["uniformity"], 4), "-", "-"]]
+    rows += [[format(r["tau"], "g"), sig(r["alignment"], 4), sig(r["uniformity"], 4), sig(r["hardness"], 4),
+              sig(r["loss"], 4)] for r in result["runs"]]
     return (f"InfoNCE (fused_tau.cross_entropy) on seed 003's toy encoder: {result['steps']} steps x "
             f"{result['batch']} anchors,\n{result['negatives']} negatives, lr {result['lr']:g}, seed {result['seed']}. "
             "alignment, uniformity: lower is better (Wang & Isola 2020);\nhardness: the share of the push on "
             f"negatives taken by the hardest, 1/{result['negatives']} to 1 (Wang & Liu 2021).\n"
-            + _aligned(header, rows))
+            + aligned(header, rows))
 
 
 def _scatter(ax, features, labels, title):
@@ -263,6 +286,7 @@ def plot_contrastive(result, path):
 
 # ---------------------------------------------------------------- gumbel (seed 004)
 
+@single_threaded()
 def gumbel(logits, taus, draws, seed):
     """Seed 004's experiment: for each τ, ``draws`` rows of ``fused_tau.gumbel_softmax(logits, tau)``
     (one generator seeded with ``seed``, so every τ gets fresh draws); the frequency of each
@@ -286,12 +310,12 @@ def gumbel(logits, taus, draws, seed):
 
 def format_gumbel(result):
     header = ["tau", "argmax frequency", "max |freq - p|", "E[y] (mean soft sample)", "E[max y]"]
-    rows = [[format(r["tau"], "g"), _vector(r["argmax_frequency"]), _sig(r["max_abs_deviation"]),
-             _vector(r["mean_sample"]), _sig(r["mean_max"])] for r in result["runs"]]
-    return (f"fused_tau.gumbel_softmax(logits={_inputs(result['logits'])}, tau), {result['draws']} draws per tau;\n"
-            f"p = softmax(logits) = {_vector(result['softmax'])}, 2 standard errors = "
-            f"{_sig(result['two_standard_errors'], 3)}.\nThe argmax is a draw from p at every tau; tau only sets "
-            "how close y is to one-hot (E[max y] = 1) or to flat.\n" + _aligned(header, rows))
+    rows = [[format(r["tau"], "g"), sig_list(r["argmax_frequency"]), sig(r["max_abs_deviation"], 4),
+             sig_list(r["mean_sample"]), sig(r["mean_max"], 4)] for r in result["runs"]]
+    return (f"fused_tau.gumbel_softmax(logits={typed_list(result['logits'])}, tau), {result['draws']} draws per tau;\n"
+            f"p = softmax(logits) = {sig_list(result['softmax'])}, 2 standard errors = "
+            f"{sig(result['two_standard_errors'], 3)}.\nThe argmax is a draw from p at every tau; tau only sets "
+            "how close y is to one-hot (E[max y] = 1) or to flat.\n" + aligned(header, rows))
 
 
 def plot_gumbel(result, path):
@@ -324,7 +348,7 @@ def plot_gumbel(result, path):
     c.axhline(1 / C, color="0.5", ls=":", label="flat (1/C)")
     c.set(xscale="log", xlabel="τ", ylabel="E[max_k y_k]", ylim=(0, 1.05), title="closeness to one-hot")
     c.legend(fontsize=7)
-    fig.suptitle(f"Gumbel-softmax (seed 004): logits {_inputs(result['logits'])}, seed {result['seed']}",
+    fig.suptitle(f"Gumbel-softmax (seed 004): logits {typed_list(result['logits'])}, seed {result['seed']}",
                  fontsize=11)
     fig.savefig(path, dpi=110)
 
@@ -356,11 +380,11 @@ def smoothmax(logits, taus, seed):
 def format_smoothmax(result):
     header = ["tau", "scale 1/tau", "softmax(x/tau)", "LSE(x/tau)", "max(x/tau)", "LSE - max",
               "tau*LSE(x/tau)"]
-    rows = [[format(r["tau"], "g"), format(r["scale"], "g"), _vector(r["softmax"]), _sig(r["lse"], 5),
-             _sig(r["max"], 5), _sig(r["gap"], 5), _sig(r["smooth_max"], 5)] for r in result["runs"]]
-    return (f"x = {_inputs(result['logits'])}: LSE(x/tau) - max(x/tau) lies in (0, log n = {result['log_n']:.4f}];\n"
+    rows = [[format(r["tau"], "g"), format(r["scale"], "g"), sig_list(r["softmax"]), sig(r["lse"], 5),
+             sig(r["max"], 5), sig(r["gap"], 5), sig(r["smooth_max"], 5)] for r in result["runs"]]
+    return (f"x = {typed_list(result['logits'])}: LSE(x/tau) - max(x/tau) lies in (0, log n = {result['log_n']:.4f}];\n"
             "the smooth max tau*LSE(x/tau) -> max(x) as tau -> 0 (LSE by fused_tau.logsumexp, float64)\n"
-            + _aligned(header, rows))
+            + aligned(header, rows))
 
 
 def plot_smoothmax(result, path):
@@ -394,5 +418,5 @@ def plot_smoothmax(result, path):
         c.plot(pair["a"], values, color=f"C{i}", label=f"τ·LSE((a, 0)/τ), τ = {tau}")
     c.set(xlabel="a", ylabel="value", title="two classes: the smooth max τ·LSE against max")
     c.legend(fontsize=7)
-    fig.suptitle(f"Softmax and LogSumExp against max (seed 001): x = {_inputs(logits)}", fontsize=11)
+    fig.suptitle(f"Softmax and LogSumExp against max (seed 001): x = {typed_list(logits)}", fontsize=11)
     fig.savefig(path, dpi=110)
