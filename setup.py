@@ -16,12 +16,13 @@ setup(
     python_requires=">=3.9",
     packages=["fused_tau", "fused_tau.kernels"],
     package_dir={"fused_tau": "fused_tau", "fused_tau.kernels": "kernels"},
+    package_data={"fused_tau": ["py.typed"]},
     install_requires=[
         "torch>=2.1",
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "numpy", "matplotlib>=3.5", "tqdm>=4"],
+        "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "numpy", "matplotlib>=3.5", "tqdm>=4", "build>=1"],
         "bench": ["pytest-benchmark>=4", "numpy"],
         "plot": ["matplotlib>=3.5", "tqdm>=4"],
     },

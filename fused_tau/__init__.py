@@ -7,7 +7,7 @@ CUDA tensors run the Triton kernels; other devices run the torch path with the
 same numerics (see ``fused_tau._dispatch``).
 """
 from . import reference
-from ._dispatch import backend_for
+from ._dispatch import backend_for, backend_info
 from .calibration import expected_calibration_error, fit_temperature
 from .contrastive import InfoNCEFunction, NTXentFunction, clip_loss, infonce, nt_xent
 from .cross_entropy import CrossEntropyFunction, cross_entropy
@@ -24,6 +24,6 @@ __all__ = [
     "gumbel_softmax", "GumbelSoftmax", "gumbel_tau_schedule", "sample", "GumbelSoftmaxFunction",
     "infonce", "clip_loss", "nt_xent", "linear_cross_entropy", "InfoNCELoss", "LinearCrossEntropyLoss",
     "MoCoQueue", "Temperature", "InfoNCEFunction", "NTXentFunction", "LinearCrossEntropyFunction",
-    "SoftmaxFunction", "LogSumExpFunction", "CrossEntropyFunction", "KDFunction", "reference", "backend_for",
+    "SoftmaxFunction", "LogSumExpFunction", "CrossEntropyFunction", "KDFunction", "reference", "backend_for", "backend_info",
     "__version__",
 ]

@@ -81,3 +81,69 @@ def engine(backend, family):
 def row_engine(backend):
     """The row-engine launchers (softmax family, cross-entropy) for ``backend``."""
     return engine(backend, "row")
+
+
+# each public op and the argument whose device and dtype pick its backend
+PUBLIC_OPS = (("softmax", "x"), ("log_softmax", "x"), ("logsumexp", "x"), ("cross_entropy", "input"),
+              ("linear_cross_entropy", "input"), ("infonce", "query"), ("clip_loss", "a (via infonce)"),
+              ("nt_xent", "z1"), ("kd_loss", "student"), ("gumbel_softmax", "logits"), ("sample", "logits"),
+              ("fit_temperature", "logits (via cross_entropy)"),
+              ("expected_calibration_error", "logits (via softmax)"))
+
+
+def explain_backend(x):
+    """(the backend ``backend_for(x)`` picks, why) for the tensor ``x``; ("error", message) when a forced
+    backend cannot serve it."""
+    try:
+        backend = backend_for(x)
+    except (RuntimeError, ValueError) as e:
+        return "error", str(e)
+    forced = forced_backend()
+    if forced in ("reference", "torch"):
+        return backend, f"FUSED_TAU_BACKEND={forced}"
+    if not triton_available():
+        return backend, "Triton does not import"
+    if backend == "torch":
+        if x.device.type == "cuda" or forced == "triton":
+            return backend, f"{x.dtype} runs on the torch path (the kernels take fp32/fp16/bf16)"
+        return backend, "not a CUDA tensor"
+    if forced == "triton":
+        return backend, "FUSED_TAU_BACKEND=triton" + (" under TRITON_INTERPRET=1" if x.device.type != "cuda" else "")
+    return backend, "a CUDA tensor and Triton imports"
+
+
+def backend_info(device="cpu", dtype=None):
+    """Which backend each public op uses for inputs on ``device`` (float32 unless ``dtype``), and why:
+    ``{op: {"backend": ..., "why": ..., "dispatches_on": argument}}``."""
+    import torch
+
+    x = torch.zeros(1, device=device, dtype=dtype or torch.float32)
+    backend, why = explain_backend(x)
+    return {op: dict(backend=backend, why=why, dispatches_on=arg) for op, arg in PUBLIC_OPS}
+
+
+def autocast_off(fn):
+    """Run an autograd Function's forward or backward with autocast disabled on its tensors' device:
+    the kernels and the torch path choose their own precision (fp32 accumulation), and a matmul of the
+    torch path must not be silently done in bf16."""
+    import functools
+
+    import torch
+
+    @functools.wraps(fn)
+    def wrapper(ctx, *args):
+        device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        with torch.autocast(device_type=device, enabled=False):
+            return fn(ctx, *args)
+
+    return wrapper
+
+
+def loss_under_autocast(out, like):
+    """A loss in fp32 under autocast, as torch's own losses (cross_entropy, kl_div) are: the gradient
+    still comes back in the input's dtype."""
+    import torch
+
+    if out.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(like.device.type):
+        return out.float()
+    return out

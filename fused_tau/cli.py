@@ -19,7 +19,7 @@ import torch
 
 from . import __version__, demos
 from .demos import aligned, sig, typed_list
-from ._dispatch import backend_for, forced_backend, interpreter_on, triton_available
+from ._dispatch import backend_info, interpreter_on, triton_available
 from .cross_entropy import cross_entropy
 from .softmax import log_softmax, softmax
 
@@ -204,33 +204,6 @@ def cmd_table(args):
 
 # ---------------------------------------------------------------- info
 
-# each public op and the tensor whose device and dtype pick its backend
-OPS = (("softmax", "x"), ("log_softmax", "x"), ("logsumexp", "x"), ("cross_entropy", "input"),
-       ("linear_cross_entropy", "input"), ("infonce", "query"), ("clip_loss", "a (via infonce)"),
-       ("nt_xent", "z1"), ("kd_loss", "student"), ("gumbel_softmax", "logits"), ("sample", "logits"),
-       ("fit_temperature", "logits (via cross_entropy)"), ("expected_calibration_error", "logits (via softmax)"))
-
-
-def backend_and_reason(x):
-    """(the backend ``fused_tau.backend_for(x)`` picks, why) for the tensor ``x``."""
-    try:
-        backend = backend_for(x)
-    except (RuntimeError, ValueError) as e:  # a forced backend that cannot serve x
-        return "error", str(e)
-    forced = forced_backend()
-    if forced in ("reference", "torch"):
-        return backend, f"FUSED_TAU_BACKEND={forced}"
-    if not triton_available():
-        return backend, "Triton does not import"
-    if backend == "torch":
-        if x.device.type == "cuda" or forced == "triton":
-            return backend, f"{x.dtype} runs on the torch path (the kernels take fp32/fp16/bf16)"
-        return backend, "not a CUDA tensor"
-    if forced == "triton":
-        return backend, "FUSED_TAU_BACKEND=triton" + (" under TRITON_INTERPRET=1" if x.device.type != "cuda" else "")
-    return backend, "a CUDA tensor and Triton imports"
-
-
 def package_version(name):
     from importlib import metadata
 
@@ -258,12 +231,11 @@ def cmd_info(args):
              ("TRITON_INTERPRET", "1" if interpreter_on() else os.environ.get("TRITON_INTERPRET", "(unset)"))]
     width = max(len(k) for k, _ in facts)
     print("\n".join(f"{k.ljust(width)}  {v}" for k, v in facts))
-    inputs = [("cpu float32", torch.zeros(1))]
-    if cuda:
-        inputs.append(("cuda float32", torch.zeros(1, device="cuda")))
-    choices = [backend_and_reason(t) for _, t in inputs]
-    header = ["op", "dispatches on"] + [h for name, _ in inputs for h in (name, "why")]
-    rows = [[op, arg] + [c for choice in choices for c in choice] for op, arg in OPS]
+    devices = ["cpu"] + (["cuda"] if cuda else [])
+    infos = [backend_info(d) for d in devices]
+    header = ["op", "dispatches on"] + [h for d in devices for h in (f"{d} float32", "why")]
+    rows = [[op, infos[0][op]["dispatches_on"]] + [c for info in infos for c in (info[op]["backend"], info[op]["why"])]
+            for op in infos[0]]
     print()
     print(aligned(header, rows, left=True))
     if triton_available() and not cuda:

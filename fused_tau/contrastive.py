@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from . import reference
 from ._checks import check_same_device, check_tensor, reduce_tau_grad, tau_for_kernel, tau_tensor
-from ._dispatch import backend_for, engine
+from ._dispatch import autocast_off, backend_for, engine, loss_under_autocast
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -50,6 +50,7 @@ class InfoNCEFunction(torch.autograd.Function):
     from several ranks)."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, query, key, negatives, tau, reduction, label_offset, backend):
         tile = engine(backend, "tile")
         N = query.shape[0]
@@ -68,6 +69,7 @@ class InfoNCEFunction(torch.autograd.Function):
         return reduce_rows(nll, reduction).to(query.dtype)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad):
         query, key, negatives, tau_rows, target, lse, nll, tau = ctx.saved_tensors
         reduction, label_offset, in_batch = ctx.options
@@ -100,6 +102,7 @@ class NTXentFunction(torch.autograd.Function):
     the other 2N - 2 views its negatives, itself excluded; mean over the 2N rows."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, z, tau, backend):
         tile = engine(backend, "tile")
         n2 = z.shape[0]
@@ -112,6 +115,7 @@ class NTXentFunction(torch.autograd.Function):
         return nll.mean().to(z.dtype)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad):
         z, tau_rows, target, lse, nll, tau = ctx.saved_tensors
         n2 = z.shape[0]
@@ -189,7 +193,7 @@ def infonce(query, key, queue=None, tau=0.07, reduction="mean", *, gather=False)
             return F.cross_entropy(logits, torch.arange(query.shape[0], device=query.device) + offset,
                                    reduction=reduction)
         return reference.infonce(query, key, queue, tau_t, reduction)
-    return InfoNCEFunction.apply(query, key, queue, tau_t, reduction, offset, backend)
+    return loss_under_autocast(InfoNCEFunction.apply(query, key, queue, tau_t, reduction, offset, backend), query)
 
 
 def clip_loss(a, b, tau=0.07, *, gather=False):
@@ -209,4 +213,4 @@ def nt_xent(z1, z2, tau=0.5):
     if backend == "reference" or z1.shape[0] == 0:
         return reference.nt_xent(z1, z2, tau_t)
     z = F.normalize(torch.cat([z1, z2], 0), dim=-1)
-    return NTXentFunction.apply(z, tau_t, backend)
+    return loss_under_autocast(NTXentFunction.apply(z, tau_t, backend), z1)

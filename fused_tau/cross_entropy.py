@@ -10,7 +10,7 @@ import torch
 from . import reference
 from ._checks import (check_same_device, check_tensor, data_check, reduce_tau_grad, tau_for_kernel,
                       tau_tensor)
-from ._dispatch import backend_for, row_engine
+from ._dispatch import autocast_off, backend_for, loss_under_autocast, row_engine
 from .softmax import view3
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -20,6 +20,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     """F.cross_entropy(input / τ, target, weight, ...) with gradients for input and τ."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, input, target, weight, tau, ignore_index, reduction, label_smoothing,
                 inplace_backward, backend):
         engine = row_engine(backend)
@@ -46,6 +47,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return out.to(input.dtype)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad):
         x3, tgt, w, tau_k, m, s, a, denom, tau = ctx.saved_tensors
         ignore_index, label_smoothing, prob_target, reduction, inplace = ctx.options
@@ -122,5 +124,6 @@ def cross_entropy(input, target, tau=1.0, weight=None, ignore_index=-100, reduct
     backend = backend_for(input)
     if backend == "reference" or input.numel() == 0:
         return reference.cross_entropy(input, target, tau_t, weight, ignore_index, reduction, label_smoothing)
-    return CrossEntropyFunction.apply(input, target, weight, tau_t, ignore_index, reduction,
-                                      float(label_smoothing), bool(inplace_backward), backend)
+    out = CrossEntropyFunction.apply(input, target, weight, tau_t, ignore_index, reduction,
+                                     float(label_smoothing), bool(inplace_backward), backend)
+    return loss_under_autocast(out, input)

@@ -8,7 +8,7 @@ from torch import nn
 from . import reference
 from ._checks import (check_same_device, check_tensor, data_check, reduce_tau_grad, tau_for_kernel,
                       tau_tensor)
-from ._dispatch import backend_for, engine
+from ._dispatch import autocast_off, backend_for, engine, loss_under_autocast
 
 KD_REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
@@ -23,6 +23,7 @@ class KDFunction(torch.autograd.Function):
     """τ² KL(softmax(teacher/τ) ‖ softmax(student/τ)), reduced, optionally mixed with CE(student, target)."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, student, teacher, target, tau, alpha, reduction, ignore_index, backend):
         kd = engine(backend, "kd")
         s2, t2 = _rows2(student), _rows2(teacher)
@@ -50,6 +51,7 @@ class KDFunction(torch.autograd.Function):
         return loss.to(student.dtype)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad):
         s2, t2, tgt, tau_k, stats, n_valid, tau = ctx.saved_tensors
         alpha, reduction, ignore_index = ctx.options
@@ -119,7 +121,8 @@ def kd_loss(student, teacher, tau=4.0, target=None, alpha=0.9, reduction="batchm
     backend = backend_for(student)
     if backend == "reference" or student.numel() == 0:
         return reference.kd_loss(student, teacher, tau_t, target, alpha, reduction)
-    return KDFunction.apply(student, teacher, target, tau_t, float(alpha), reduction, -100, backend)
+    return loss_under_autocast(KDFunction.apply(student, teacher, target, tau_t, float(alpha), reduction, -100,
+                                                backend), student)
 
 
 class KDLoss(nn.Module):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from . import reference
 from ._checks import check_same_device, check_tensor, data_check, reduce_tau_grad, tau_for_kernel, tau_tensor
-from ._dispatch import backend_for, engine
+from ._dispatch import autocast_off, backend_for, engine, loss_under_autocast
 from .contrastive import lse_from_stats, nll_from_stats, row_grad
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -22,6 +22,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """Rows of ``F.cross_entropy((x @ W.T + b) / τ, y, w, ignore_index, label_smoothing)``."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, x, W, b, target, weight, tau, reduction, ignore_index, smoothing, backend):
         tile = engine(backend, "tile")
         N, V = x.shape[0], W.shape[0]
@@ -49,6 +50,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return out.to(x.dtype)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad):
         x, W, b, y, valid, w, w_y, tau_rows, lse, nll, wz, denom, tau = ctx.saved_tensors
         reduction, smoothing = ctx.options
@@ -150,4 +152,4 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         x, W = F.normalize(x, dim=-1), F.normalize(W, dim=-1)
     out = LinearCrossEntropyFunction.apply(x, W, linear_bias, target.reshape(-1).to(torch.int64), weight, tau_t,
                                            reduction, ignore_index, float(label_smoothing), backend)
-    return out.reshape(target.shape) if reduction == "none" else out
+    return loss_under_autocast(out.reshape(target.shape) if reduction == "none" else out, input)

@@ -15,7 +15,7 @@ from torch import nn
 
 from . import reference
 from ._checks import check_dim, check_same_device, check_tensor, data_check, tau_for_kernel, tau_tensor
-from ._dispatch import backend_for, engine
+from ._dispatch import autocast_off, backend_for, engine
 from .softmax import view3
 
 
@@ -24,6 +24,7 @@ class GumbelSoftmaxFunction(torch.autograd.Function):
     in the forward and y's gradient in the backward (straight-through).  τ gets no gradient."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, x, tau, dim, hard, generator, backend):
         launchers = engine(backend, "sample")
         x3, _, _, _ = view3(x, dim)
@@ -34,6 +35,7 @@ class GumbelSoftmaxFunction(torch.autograd.Function):
         return out.view(x.shape)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad):
         tau_k, *saved = ctx.saved_tensors
         g = grad.reshape(ctx.shape3).contiguous()

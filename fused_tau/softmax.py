@@ -9,7 +9,7 @@ import torch
 
 from . import reference
 from ._checks import check_dim, check_tensor, reduce_tau_grad, tau_for_kernel, tau_tensor
-from ._dispatch import MODE_LOG_SOFTMAX, MODE_LSE, MODE_SOFTMAX, backend_for, row_engine
+from ._dispatch import MODE_LOG_SOFTMAX, MODE_LSE, MODE_SOFTMAX, autocast_off, backend_for, row_engine
 
 
 def view3(x, dim):
@@ -25,6 +25,7 @@ class SoftmaxFunction(torch.autograd.Function):
     """softmax(x / τ) or log_softmax(x / τ) along ``dim``; τ may require grad."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, x, tau, dim, log, backend):
         engine = row_engine(backend)
         x3, A, C, B = view3(x, dim)
@@ -36,6 +37,7 @@ class SoftmaxFunction(torch.autograd.Function):
         return out.view(x.shape)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad):
         out, x3, m, s, tau_k, tau = ctx.saved_tensors
         tau_grad = ctx.needs_input_grad[1]
@@ -49,6 +51,7 @@ class LogSumExpFunction(torch.autograd.Function):
     """τ · logsumexp(x / τ) along ``dim``; τ may require grad."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, x, tau, dim, backend):
         engine = row_engine(backend)
         x3, A, C, B = view3(x, dim)
@@ -59,6 +62,7 @@ class LogSumExpFunction(torch.autograd.Function):
         return out.view(tuple(x.shape[:dim]) + tuple(x.shape[dim + 1:]))
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad):
         x3, m, s, tau_k, tau = ctx.saved_tensors
         tau_grad = ctx.needs_input_grad[1]

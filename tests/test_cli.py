@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import fused_tau
+from fused_tau._dispatch import PUBLIC_OPS, explain_backend
 from fused_tau import cli, demos, reference
 
 from .test_seeds import SEED_000, SEED_002, SEED_003_A, SEED_003_B, assert_printed
@@ -461,25 +462,26 @@ def test_info_lists_versions_and_the_backend_of_every_op(capsys):
     assert re.search(rf"^torch\s+{re.escape(torch.__version__)}$", out, re.M)
     assert re.search(r"^triton\s+(\d+\.\d+|not installed)", out, re.M)
     assert re.search(r"^python\s+3\.", out, re.M) and "cpu (" in out
-    for op, _ in cli.OPS:
+    for op, _ in PUBLIC_OPS:
         line = next(line for line in out.splitlines() if line.startswith(op + " "))
         expected = fused_tau.backend_for(torch.zeros(1))
         assert re.search(rf"\s{expected}\s", line), line
         if torch.cuda.is_available():
-            cuda_choice, _ = cli.backend_and_reason(torch.zeros(1, device="cuda"))
+            cuda_choice, _ = explain_backend(torch.zeros(1, device="cuda"))
             assert cuda_choice == fused_tau.backend_for(torch.zeros(1, device="cuda")) and f"  {cuda_choice}  " in line
 
 
 def test_info_covers_every_public_op():
     ops = {name for name in fused_tau.__all__ if name[0].islower() and callable(getattr(fused_tau, name))}
-    assert ops - {"backend_for", "gumbel_tau_schedule"} == {op for op, _ in cli.OPS}  # the latter takes no tensor
+    # backend_for/backend_info are the dispatch itself; gumbel_tau_schedule takes no tensor
+    assert ops - {"backend_for", "backend_info", "gumbel_tau_schedule"} == {op for op, _ in PUBLIC_OPS}
 
 
 def test_info_explains_a_forced_backend(capsys, monkeypatch):
     monkeypatch.setenv("FUSED_TAU_BACKEND", "reference")
     code, out, _ = run(capsys, "info")
     assert code == 0
-    assert all(re.search(rf"^{op}\s.*\sreference\s+FUSED_TAU_BACKEND=reference$", out, re.M) for op, _ in cli.OPS)
+    assert all(re.search(rf"^{op}\s.*\sreference\s+FUSED_TAU_BACKEND=reference$", out, re.M) for op, _ in PUBLIC_OPS)
     if fused_tau._dispatch.triton_available() and not torch.cuda.is_available():
         monkeypatch.setenv("FUSED_TAU_BACKEND", "triton")
         monkeypatch.setenv("TRITON_INTERPRET", "0")
