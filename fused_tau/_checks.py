@@ -27,7 +27,7 @@ def check_same_device(t, name, ref, ref_name):
 
 def data_check(ok, message, exc=ValueError):
     """Raise ``exc(message)`` if the bool tensor ``ok`` is False, without a host sync on CUDA."""
-    if ok.device.type == "cuda":
+    if ok.device.type == "cuda" or torch.compiler.is_compiling():  # traced code cannot branch on data
         torch._assert_async(ok, message)
     elif not bool(ok):  # host-ok: a CPU tensor, nothing to wait for
         raise exc(message)
