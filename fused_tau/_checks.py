@@ -84,3 +84,32 @@ def reduce_tau_grad(dtau_rows, tau, B):
     else:
         g = dtau_rows.view(-1, B).sum(1)
     return g.reshape(tau.shape).to(tau.dtype)
+
+
+def check_vector(t, name, size, ref, ref_name="input"):
+    """An optional per-class vector (class weights, a bias): a float tensor of shape (size,) on ref's device."""
+    if t is None:
+        return
+    check_tensor(t, name)
+    check_same_device(t, name, ref, ref_name)
+    if t.shape != (size,):
+        raise ValueError(f"{name} must have shape ({size},), one per class, got {tuple(t.shape)}")
+
+
+def check_ce_options(reduction, reductions, ignore_index, label_smoothing):
+    """The options every cross-entropy shares with F.cross_entropy."""
+    if reduction not in reductions:
+        raise ValueError(f"reduction must be one of {reductions}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if isinstance(label_smoothing, bool) or not (isinstance(label_smoothing, (int, float))
+                                                 and 0.0 <= label_smoothing <= 1.0):
+        raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+
+
+def check_class_targets(target, n_classes, ignore_index, name="target"):
+    """Class indices in [0, n_classes) or ignore_index, checked without a host sync on CUDA."""
+    if target.numel():
+        ok = ((target >= 0) & (target < n_classes)) | (target == ignore_index)
+        data_check(ok.all(), f"{name} holds a class index outside [0, {n_classes}) that is not "
+                             f"ignore_index={ignore_index}", IndexError)

@@ -141,15 +141,16 @@ def temperature_row(logits, tau, target=None):
     x = torch.tensor([logits], dtype=torch.float64)
     p = softmax(x, tau)[0]
     # 0 * log 0 = 0: a class whose probability underflows contributes nothing
+    # host-ok (here and below): the command line prints numbers; it is not a training step
     entropy = -torch.where(p > 0, p * log_softmax(x, tau)[0], torch.zeros_like(p)).sum().item()
-    row = {"tau": tau, "scaled_logits": (x[0] / tau).tolist(), "softmax": p.tolist(),
+    row = {"tau": tau, "scaled_logits": (x[0] / tau).tolist(), "softmax": p.tolist(),  # host-ok
            "entropy": entropy, "effective_classes": math.exp(entropy)}
     if target is not None:
         xg = x.clone().requires_grad_(True)
         t = torch.tensor(tau, dtype=torch.float64, requires_grad=True)
         loss = cross_entropy(xg, torch.tensor([target]), tau=t)
         loss.backward()
-        row.update(cross_entropy=loss.item(), grad_logits=xg.grad[0].tolist(), grad_tau=t.grad.item())
+        row.update(cross_entropy=loss.item(), grad_logits=xg.grad[0].tolist(), grad_tau=t.grad.item())  # host-ok
     return row
 
 

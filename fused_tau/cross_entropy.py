@@ -8,8 +8,8 @@ N × C temporary exists besides the gradient, and no fp32 copy of bf16 logits.
 import torch
 
 from . import reference
-from ._checks import (check_same_device, check_tensor, data_check, reduce_tau_grad, tau_for_kernel,
-                      tau_tensor)
+from ._checks import (check_ce_options, check_class_targets, check_same_device, check_tensor, check_vector,
+                      reduce_tau_grad, tau_for_kernel, tau_tensor)
 from ._dispatch import autocast_off, backend_for, loss_under_autocast, row_engine
 from .softmax import view3
 
@@ -85,21 +85,10 @@ def _check(input, target, weight, ignore_index, reduction, label_smoothing):
         if tuple(target.shape) != expected:
             raise ValueError(f"target must have shape {expected} for input of shape {tuple(input.shape)}, "
                              f"got {tuple(target.shape)}")
-    if weight is not None:
-        check_tensor(weight, "weight")
-        check_same_device(weight, "weight", input, "input")
-        if weight.shape != (C,):
-            raise ValueError(f"weight must have shape ({C},), one per class, got {tuple(weight.shape)}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing <= 1.0):
-        raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
-    if not target.is_floating_point() and target.numel() > 0:
-        ok = ((target >= 0) & (target < C)) | (target == ignore_index)
-        data_check(ok.all(), f"target holds a class index outside [0, {C}) that is not "
-                             f"ignore_index={ignore_index}", IndexError)
+    check_vector(weight, "weight", C, input)
+    check_ce_options(reduction, REDUCTIONS, ignore_index, label_smoothing)
+    if not target.is_floating_point():
+        check_class_targets(target, C, ignore_index)
     return class_dim
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from . import reference
-from ._checks import (check_same_device, check_tensor, data_check, reduce_tau_grad, tau_for_kernel,
+from ._checks import (check_class_targets, check_same_device, check_tensor, reduce_tau_grad, tau_for_kernel,
                       tau_tensor)
 from ._dispatch import autocast_off, backend_for, engine, loss_under_autocast
 
@@ -97,10 +97,7 @@ def _check(student, teacher, target, alpha, reduction):
         if reduction == "none":
             raise ValueError("reduction='none' gives the KL per element (as F.kl_div) and cannot be mixed "
                              "with the per-row cross-entropy of target: use 'batchmean', 'sum' or 'mean'")
-        if target.numel():
-            C = student.shape[-1]
-            data_check((((target >= 0) & (target < C)) | (target == -100)).all(),
-                       f"target holds a class index outside [0, {C}) that is not -100", IndexError)
+        check_class_targets(target, student.shape[-1], -100)
 
 
 def kd_loss(student, teacher, tau=4.0, target=None, alpha=0.9, reduction="batchmean"):

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from ._checks import check_same_device, check_tensor, data_check, reduce_tau_grad, tau_for_kernel, tau_tensor
+from ._checks import (check_ce_options, check_class_targets, check_same_device, check_tensor, check_vector,
+                      reduce_tau_grad, tau_for_kernel, tau_tensor)
 from ._dispatch import autocast_off, backend_for, engine, loss_under_autocast
 from .contrastive import lse_from_stats, nll_from_stats, row_grad
 
@@ -120,26 +121,10 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise ValueError(f"target must have shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}")
     V = linear_weight.shape[0]
-    if linear_bias is not None:
-        check_tensor(linear_bias, "linear_bias")
-        check_same_device(linear_bias, "linear_bias", input, "input")
-        if linear_bias.shape != (V,):
-            raise ValueError(f"linear_bias must have shape ({V},), got {tuple(linear_bias.shape)}")
-    if weight is not None:
-        check_tensor(weight, "weight")
-        check_same_device(weight, "weight", input, "input")
-        if weight.shape != (V,):
-            raise ValueError(f"weight must have shape ({V},), one per class, got {tuple(weight.shape)}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing <= 1.0):
-        raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if target.numel():
-        data_check((((target >= 0) & (target < V)) | (target == ignore_index)).all(),
-                   f"target holds a class index outside [0, {V}) that is not ignore_index={ignore_index}",
-                   IndexError)
+    check_vector(linear_bias, "linear_bias", V, input)
+    check_vector(weight, "weight", V, input)
+    check_ce_options(reduction, REDUCTIONS, ignore_index, label_smoothing)
+    check_class_targets(target, V, ignore_index)
     x = input.reshape(-1, input.shape[-1])
     tau_t = tau_tensor(tau, input, (x.shape[0],) if input.ndim > 1 else ())
     backend = backend_for(input)

@@ -74,6 +74,18 @@ def _counted(rows, cols, N, K, tgt, diag_offset, HAS_TARGET: tl.constexpr, MASK_
 
 
 @triton.jit
+def _row_constants(tau_ptr, lse_ptr, coef_ptr, target_ptr, rows, N, HAS_TARGET: tl.constexpr):
+    """τ, lse, the gradient coefficient c and the target column of a block of rows (padding rows inert)."""
+    tau = tl.load(tau_ptr + rows, mask=rows < N, other=1.0).to(tl.float32)
+    lse = tl.load(lse_ptr + rows, mask=rows < N, other=0.0)
+    c = tl.load(coef_ptr + rows, mask=rows < N, other=0.0)
+    tgt = tl.full([rows.shape[0]], -1, tl.int64)
+    if HAS_TARGET:
+        tgt = tl.load(target_ptr + rows, mask=rows < N, other=-1)
+    return tau, lse, c, tgt
+
+
+@triton.jit
 def _tile_fwd_kernel(
     # pointers
     a_ptr, b_ptr, bias_ptr, tau_ptr, target_ptr, m_ptr, s_ptr, zy_ptr,
@@ -128,12 +140,7 @@ def _tile_bwd_da_kernel(
     """da[rows, do] = Σ_j (P_ij / τ_i) b[j, do]; program (i-block, do-block)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    tau = tl.load(tau_ptr + rows, mask=rows < N, other=1.0).to(tl.float32)
-    lse = tl.load(lse_ptr + rows, mask=rows < N, other=0.0)
-    c = tl.load(coef_ptr + rows, mask=rows < N, other=0.0)
-    tgt = tl.full([BLOCK_M], -1, tl.int64)
-    if HAS_TARGET:
-        tgt = tl.load(target_ptr + rows, mask=rows < N, other=-1)
+    tau, lse, c, tgt = _row_constants(tau_ptr, lse_ptr, coef_ptr, target_ptr, rows, N, HAS_TARGET)
     acc = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
     zp = tl.zeros([BLOCK_M], tl.float32)
     for n0 in range(0, K, BLOCK_N):
@@ -177,12 +184,7 @@ def _tile_bwd_db_kernel(
     dbias = tl.zeros([BLOCK_N], tl.float32)
     for m0 in range(0, N, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        tau = tl.load(tau_ptr + rows, mask=rows < N, other=1.0).to(tl.float32)
-        lse = tl.load(lse_ptr + rows, mask=rows < N, other=0.0)
-        c = tl.load(coef_ptr + rows, mask=rows < N, other=0.0)
-        tgt = tl.full([BLOCK_M], -1, tl.int64)
-        if HAS_TARGET:
-            tgt = tl.load(target_ptr + rows, mask=rows < N, other=-1)
+        tau, lse, c, tgt = _row_constants(tau_ptr, lse_ptr, coef_ptr, target_ptr, rows, N, HAS_TARGET)
         z = _logits_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, tau, stride_am, stride_ad, stride_bk,
                          stride_bd, HAS_BIAS, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N) - lse[:, None]
         counted = _counted(rows, cols, N, K, tgt, diag_offset, HAS_TARGET, MASK_DIAG)
