@@ -142,7 +142,7 @@ def temperature_row(logits, tau, target=None):
     p = softmax(x, tau)[0]
     # 0 * log 0 = 0: a class whose probability underflows contributes nothing
     # host-ok (here and below): the command line prints numbers; it is not a training step
-    entropy = -torch.where(p > 0, p * log_softmax(x, tau)[0], torch.zeros_like(p)).sum().item()
+    entropy = -torch.where(p > 0, p * log_softmax(x, tau)[0], torch.zeros_like(p)).sum().item()  # host-ok: offline report
     row = {"tau": tau, "scaled_logits": (x[0] / tau).tolist(), "softmax": p.tolist(),  # host-ok
            "entropy": entropy, "effective_classes": math.exp(entropy)}
     if target is not None:
