@@ -61,18 +61,24 @@ def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teach
     dtau = torch.empty(R, device=s2.device, dtype=cd) if tau_grad else None
     if not elementwise:
         g = g.to(cd).reshape(-1).expand(R)
+    # the teacher's and τ's terms need log q - log p; the student's alone needs only p and q
+    need_delta = elementwise or teacher_grad or tau_grad
     for sl in _chunks(R, C):
-        zs, zt, lp, lq, (Ms, Ss, Mt, St) = _rows(s2, t2, sl, tau_c, cd)
-        p, q = lp.exp(), lq.exp()
-        gc = g[sl].to(cd) if elementwise else g[sl].unsqueeze(-1)
-        gq = torch.where(q > 0, gc * q, 0.0)
-        delta = lq - lp
-        G1 = gq.sum(-1, keepdim=True)
-        F = torch.where(q > 0, gq * delta, 0.0).sum(-1, keepdim=True)
-        dzs = p * G1 - gq
-        dzt = torch.where(q > 0, q * (gc * (delta + 1.0) - (F + G1)), 0.0)
         t = tau_c[sl]
-        d_student = t * dzs
+        zs = torch.div(s2[sl], t).to(cd)
+        zt = torch.div(t2[sl], t).to(cd)
+        p = torch.softmax(zs, -1)
+        q = torch.softmax(zt, -1)
+        gc = g[sl].to(cd) if elementwise else g[sl].unsqueeze(-1)
+        gq = q * gc  # q = 0 exactly where the teacher is -inf: those classes add nothing
+        if need_delta:
+            Ms, Ss, Mt, St = (stats[sl, i].to(cd).unsqueeze(-1) for i in range(4))
+            delta = (zt - Mt - torch.log1p(St)) - (zs - Ms - torch.log1p(Ss))  # log q - log p
+            G1 = gq.sum(-1, keepdim=True) if elementwise else gc
+            F = torch.where(q > 0, gq * delta, 0.0).sum(-1, keepdim=True)
+        else:
+            G1 = gc
+        dzs = p.mul_(G1).sub_(gq)  # ∂F/∂zs = p G1 - g q
         if target is not None:
             s1 = s2[sl].to(cd)
             M1, S1 = stats[sl, 5].to(cd), stats[sl, 6].to(cd)
@@ -83,12 +89,15 @@ def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teach
             at_top = s1.gather(-1, y_safe).squeeze(-1) == M1
             q1 = torch.where(at_top, S1 / (1.0 + S1), 1.0 - p1.gather(-1, y_safe).squeeze(-1))
             gce = torch.where(valid, g_ce.to(cd).reshape(-1).expand(R)[sl], 0.0).unsqueeze(-1)
-            d_student = d_student + gce * p1.scatter(-1, y_safe, -q1.unsqueeze(-1))
-        ds[sl] = d_student
+            ds[sl] = t * dzs + gce * p1.scatter_(-1, y_safe, -q1.unsqueeze(-1))
+        else:
+            ds[sl] = t * dzs
+        if teacher_grad or tau_grad:
+            dzt = torch.where(q > 0, q * (gc * (delta + 1.0) - (F + G1)), 0.0)
         if teacher_grad:
             dt[sl] = t * dzt
         if tau_grad:
-            shifted = (torch.where(dzs != 0, (zs - Ms.unsqueeze(-1)) * dzs, 0.0)
-                       + torch.where(dzt != 0, (zt - Mt.unsqueeze(-1)) * dzt, 0.0)).sum(-1)
+            shifted = (torch.where(dzs != 0, (zs - Ms) * dzs, 0.0)
+                       + torch.where(dzt != 0, (zt - Mt) * dzt, 0.0)).sum(-1)
             dtau[sl] = 2.0 * t.squeeze(-1) * F.squeeze(-1) - t.squeeze(-1) * shifted
     return ds, dt, dtau
