@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .row_engine import interpreted, load_z, row_config, rows, tau_stride
+from .row_engine import interpreted, load_z, recompute_p, row_config, rows, tau_stride
 from .tl_math import log1p, online_finalize, online_update, to_store, weighted_gap_finalize, weighted_gap_update
 
 
@@ -137,8 +137,7 @@ def _ce_bwd_kernel(
     tau_acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         c = start + cols
-        z = load_z(x_row, c, C, stride_xc, tau)
-        p = tl.exp(z - M) * inv_total
+        z, p = recompute_p(x_row, c, C, stride_xc, tau, M, inv_total)
         dz = tl.zeros([BLOCK], tl.float32)
         if not PROB_TARGET:
             q = tl.where(z == M, S * inv_total, 1.0 - p)

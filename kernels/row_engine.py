@@ -49,6 +49,14 @@ def load_z(x_row, c, C, stride_xc, tau):
     return tl.math.div_rn(x.to(tl.float32), tau)
 
 
+@triton.jit
+def recompute_p(x_row, c, C, stride_xc, tau, M, inv_total):
+    """The backward's (z, p) for columns ``c``: z = x / τ and p = exp(z - M) / (1 + S) from the
+    forward's saved row statistics (inv_total = 1 / (1 + S)); p = 0 past the row's end."""
+    z = load_z(x_row, c, C, stride_xc, tau)
+    return z, tl.exp(z - M) * inv_total
+
+
 # Shared by the launchers of row_softmax.py and row_ce.py.  Launchers allocate, choose the
 # block and launch; inputs are already checked by
 # fused_tau (shapes, dtypes, devices); ``x3`` is the (A, C, B) view of the logits,

@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .row_engine import interpreted, load_z, row_config, rows, tau_stride
+from .row_engine import interpreted, load_z, recompute_p, row_config, rows, tau_stride
 from .tl_math import log1p, online_finalize, online_update, to_store
 
 MODE_LSE, MODE_SOFTMAX, MODE_LOG_SOFTMAX = 0, 1, 2
@@ -162,8 +162,7 @@ def _lse_bwd_kernel(
     tau_acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         c = start + cols
-        z = load_z(x_row, c, C, stride_xc, tau)
-        p = tl.exp(z - M) * inv_total
+        z, p = recompute_p(x_row, c, C, stride_xc, tau, M, inv_total)
         tl.store(dx_row + c.to(tl.int64) * B, to_store(g * p, dx_ptr, INTERPRETED), mask=c < C)
         if TAU_GRAD:
             tau_acc += tl.where(p != 0.0, p * (M - z), 0.0)

@@ -86,6 +86,19 @@ def _row_constants(tau_ptr, lse_ptr, coef_ptr, target_ptr, rows, N, HAS_TARGET: 
 
 
 @triton.jit
+def _probs_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, tau, lse, c, tgt, diag_offset,
+                stride_am, stride_ad, stride_bk, stride_bd,
+                HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr, BLOCK_D: tl.constexpr,
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The backward's recomputed tile: (z - lse, P) with P_ij = c_i exp(z_ij - lse_i) on the counted
+    columns and 0 elsewhere."""
+    z = _logits_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, tau, stride_am, stride_ad, stride_bk,
+                     stride_bd, HAS_BIAS, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N) - lse[:, None]
+    counted = _counted(rows, cols, N, K, tgt, diag_offset, HAS_TARGET, MASK_DIAG)
+    return z, tl.where(counted, c[:, None] * tl.exp(z), 0.0)
+
+
+@triton.jit
 def _tile_fwd_kernel(
     # pointers
     a_ptr, b_ptr, bias_ptr, tau_ptr, target_ptr, m_ptr, s_ptr, zy_ptr,
@@ -145,10 +158,9 @@ def _tile_bwd_da_kernel(
     zp = tl.zeros([BLOCK_M], tl.float32)
     for n0 in range(0, K, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        z = _logits_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, tau, stride_am, stride_ad, stride_bk,
-                         stride_bd, HAS_BIAS, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N) - lse[:, None]
-        counted = _counted(rows, cols, N, K, tgt, diag_offset, HAS_TARGET, MASK_DIAG)
-        P = tl.where(counted, c[:, None] * tl.exp(z), 0.0)
+        z, P = _probs_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, tau, lse, c, tgt, diag_offset,
+                           stride_am, stride_ad, stride_bk, stride_bd, HAS_BIAS, HAS_TARGET, MASK_DIAG, BLOCK_D,
+                           UPCAST, PRECISION, BLOCK_M, BLOCK_N)
         if NEED_ZP:
             zp += tl.sum(tl.where(P != 0.0, z * P, 0.0), 1)
         b = tl.load(b_ptr + cols.to(tl.int64)[:, None] * stride_bk + do[None, :] * stride_bd,
@@ -185,10 +197,10 @@ def _tile_bwd_db_kernel(
     for m0 in range(0, N, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         tau, lse, c, tgt = _row_constants(tau_ptr, lse_ptr, coef_ptr, target_ptr, rows, N, HAS_TARGET)
-        z = _logits_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, tau, stride_am, stride_ad, stride_bk,
-                         stride_bd, HAS_BIAS, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N) - lse[:, None]
-        counted = _counted(rows, cols, N, K, tgt, diag_offset, HAS_TARGET, MASK_DIAG)
-        Pt = tl.where(counted, c[:, None] * tl.exp(z), 0.0) / tau[:, None]
+        _, P = _probs_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, tau, lse, c, tgt, diag_offset,
+                           stride_am, stride_ad, stride_bk, stride_bd, HAS_BIAS, HAS_TARGET, MASK_DIAG, BLOCK_D,
+                           UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+        Pt = P / tau[:, None]
         a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * stride_am + do[None, :] * stride_ad,
                     mask=(rows[:, None] < N) & (do[None, :] < D), other=0.0)
         if UPCAST:
