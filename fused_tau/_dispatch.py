@@ -78,11 +78,6 @@ def engine(backend, family):
     return importlib.import_module(triton_mod if backend == "triton" else torch_mod)
 
 
-def row_engine(backend):
-    """The row-engine launchers (softmax family, cross-entropy) for ``backend``."""
-    return engine(backend, "row")
-
-
 # each public op and the argument whose device and dtype pick its backend
 PUBLIC_OPS = (("softmax", "x"), ("log_softmax", "x"), ("logsumexp", "x"), ("cross_entropy", "input"),
               ("linear_cross_entropy", "input"), ("infonce", "query"), ("clip_loss", "a (via infonce)"),

@@ -1,11 +1,12 @@
 """The torch path of the sampling ops: the launchers of ``kernels/row_sample.py`` with the
 same names, arguments and results, written with torch ops, for devices without Triton.
 
-The noise is drawn from the caller's generator with ``Tensor.exponential_`` (g = -log E,
-E ~ Exponential(1), as ``F.gumbel_softmax`` does), one chunk of rows at a time, so no
-fp32 temporary is larger than a chunk (``_torch_row.CHUNK_ELEMENTS``).  The draws have the
+The noise is drawn with ``Tensor.exponential_`` (g = -log E, E ~ Exponential(1), as
+``F.gumbel_softmax`` does) from a generator seeded with the launch's seed (drawn from the
+caller's generator by fused_tau._ops.draw_seed), one chunk of rows at a time, so no fp32
+temporary is larger than a chunk (``_torch_row.CHUNK_ELEMENTS``).  The draws have the
 kernels' distribution, not their random stream.  Unlike the kernels, which regenerate
-their noise from a seed, the hard backward here needs the soft sample: ``gumbel_fwd``
+their noise from the seed, the hard backward here needs the soft sample: ``gumbel_fwd``
 keeps it (in the logits' dtype, as ``F.gumbel_softmax``'s autograd does) when a gradient
 is needed.
 """
@@ -20,9 +21,18 @@ def _gumbel(n_rows, C, dtype, device, generator):
     return e.clamp_(min=torch.finfo(dtype).tiny).log_().neg_()
 
 
-def gumbel_fwd(x3, tau, generator, hard, need_grad):
-    """Returns (out, saved): out = softmax((x + g) / τ), or the one-hot of its argmax when
-    ``hard``, contiguous (A, C, B) in x3's dtype; ``saved`` is what gumbel_bwd takes."""
+def _seeded(seed):
+    """A generator on the seed's device started from the launch's seed.  Reading the seed is a
+    host read: free for CPU tensors, a sync for CUDA ones (this path serves CUDA only for fp64
+    or when forced; the kernels read their seed on the device)."""
+    return torch.Generator(device=seed.device).manual_seed(int(seed))  # host-ok: see above
+
+
+def gumbel_fwd(x3, tau, seed, hard, need_grad):
+    """Returns (out, aux): out = softmax((x + g) / τ), or the one-hot of its argmax when
+    ``hard``, contiguous (A, C, B) in x3's dtype; aux = (the soft sample,) when ``hard`` and
+    a gradient is needed, else ()."""
+    generator = _seeded(seed)
     A, C, B = x3.shape
     R, cd = A * B, _compute_dtype(x3)
     X, tau_r = _as_rows(x3), _tau_rows(tau, A, B, cd)
@@ -40,15 +50,14 @@ def gumbel_fwd(x3, tau, generator, hard, need_grad):
             soft[sl] = p
         out[sl].zero_().scatter_(-1, z.argmax(-1, keepdim=True), 1.0)
     out = _from_rows(out, A, B).contiguous()
-    if not hard:
-        return out, (out,)
     return out, (() if soft is None else (_from_rows(soft, A, B).contiguous(),))
 
 
-def gumbel_bwd(g, tau, hard, saved):
-    """dx = y (g - Σ g y) / τ with y the soft sample (kept by gumbel_fwd), contiguous (A, C, B).
-    Out of place: y may be the caller's output."""
-    (y,) = saved
+def gumbel_bwd(g, tau, hard, src, seed, aux):
+    """dx = y (g - Σ g y) / τ with y the soft sample: ``src`` (the output) when not ``hard``,
+    else the one gumbel_fwd kept; contiguous (A, C, B).  Out of place: y may be the caller's
+    output."""
+    y = aux[0] if hard else src
     A, C, B = y.shape
     cd = _compute_dtype(y)
     Y, G, tau_r = _as_rows(y), _as_rows(g), _tau_rows(tau, A, B, cd)
@@ -59,7 +68,7 @@ def gumbel_bwd(g, tau, hard, saved):
     return _from_rows(dx, A, B).contiguous()
 
 
-def sample_fwd(x2, tau, generator, greedy):
+def sample_fwd(x2, tau, seed, greedy):
     """One index per row of the (R, C) logits: argmax_c (x_rc + τ g_rc), Gumbel-max, the
     first index on ties; ``greedy``: argmax x_r."""
     R, C = x2.shape
@@ -67,6 +76,7 @@ def sample_fwd(x2, tau, generator, greedy):
     if greedy:
         return torch.argmax(x2, -1, out=idx)
     cd = _compute_dtype(x2)
+    generator = _seeded(seed)
     tau_r = tau.to(cd).reshape(-1, 1).expand(R, 1)
     for sl in _chunks(R, C):
         key = _gumbel(sl.stop - sl.start, C, cd, x2.device, generator).mul_(tau_r[sl]).add_(x2[sl])

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from . import reference
 from ._checks import check_same_device, check_tensor, reduce_tau_grad, tau_for_kernel, tau_tensor
-from ._dispatch import autocast_off, backend_for, engine, loss_under_autocast
+from . import _ops as ops
+from ._dispatch import autocast_off, backend_for, loss_under_autocast
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -52,19 +53,18 @@ class InfoNCEFunction(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def forward(ctx, query, key, negatives, tau, reduction, label_offset, backend):
-        tile = engine(backend, "tile")
         N = query.shape[0]
         tau_rows = tau_for_kernel(tau, query).expand(N).contiguous()
         in_batch = negatives is None
         b = key if in_batch else negatives
         target = torch.arange(N, device=query.device) + label_offset if in_batch else None
-        m, s, zy = tile.tile_fwd(query, b, None, tau_rows, target, None)
+        m, s, zy = ops.tile_fwd(backend, query, b, None, tau_rows, target, None)
         if in_batch:
             pos = zy
         else:
             pos = (query.to(m.dtype) * key[:N].to(m.dtype)).sum(-1) / tau_rows.to(m.dtype)
         nll = nll_from_stats(m, s, pos)
-        ctx.tile, ctx.options = tile, (reduction, label_offset, in_batch)
+        ctx.backend, ctx.options = backend, (reduction, label_offset, in_batch)
         ctx.save_for_backward(query, key, negatives, tau_rows, target, lse_from_stats(m, s, pos), nll, tau)
         return reduce_rows(nll, reduction).to(query.dtype)
 
@@ -77,7 +77,7 @@ class InfoNCEFunction(torch.autograd.Function):
         need_q, need_k, need_neg, need_tau = ctx.needs_input_grad[:4]
         g = row_grad(grad, N, reduction, nll.dtype)
         b = key if in_batch else negatives
-        da, db, _, zp = ctx.tile.tile_bwd(query, b, None, tau_rows, target, None, lse, g,
+        da, db, _, zp = ops.tile_bwd(ctx.backend, query, b, None, tau_rows, target, None, lse, g,
                                           need_q, need_k if in_batch else need_neg, need_tau)
         dpos = (g * torch.expm1(-nll) / tau_rows).unsqueeze(-1)  # dL/d(q·k_pos) = (p_pos - 1) g / τ
         k_pos = key[label_offset:label_offset + N] if in_batch else key
@@ -104,13 +104,12 @@ class NTXentFunction(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def forward(ctx, z, tau, backend):
-        tile = engine(backend, "tile")
         n2 = z.shape[0]
         tau_rows = tau_for_kernel(tau, z).expand(n2).contiguous()
         target = (torch.arange(n2, device=z.device) + n2 // 2) % n2
-        m, s, pos = tile.tile_fwd(z, z, None, tau_rows, target, 0)
+        m, s, pos = ops.tile_fwd(backend, z, z, None, tau_rows, target, 0)
         nll = nll_from_stats(m, s, pos)
-        ctx.tile = tile
+        ctx.backend = backend
         ctx.save_for_backward(z, tau_rows, target, lse_from_stats(m, s, pos), nll, tau)
         return nll.mean().to(z.dtype)
 
@@ -121,7 +120,7 @@ class NTXentFunction(torch.autograd.Function):
         n2 = z.shape[0]
         need_tau = ctx.needs_input_grad[1]
         g = row_grad(grad, n2, "mean", nll.dtype)
-        da, db, _, zp = ctx.tile.tile_bwd(z, z, None, tau_rows, target, 0, lse, g, True, True, need_tau)
+        da, db, _, zp = ops.tile_bwd(ctx.backend, z, z, None, tau_rows, target, 0, lse, g, True, True, need_tau)
         dpos = (g * torch.expm1(-nll) / tau_rows).unsqueeze(-1)
         dz = da.to(torch.float32 if z.dtype != torch.float64 else z.dtype) + db
         dz += dpos * z[target]

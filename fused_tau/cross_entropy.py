@@ -10,7 +10,8 @@ import torch
 from . import reference
 from ._checks import (check_ce_options, check_class_targets, check_same_device, check_tensor, check_vector,
                       reduce_tau_grad, tau_for_kernel, tau_tensor)
-from ._dispatch import autocast_off, backend_for, loss_under_autocast, row_engine
+from . import _ops as ops
+from ._dispatch import autocast_off, backend_for, loss_under_autocast
 from .softmax import view3
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -23,14 +24,13 @@ class CrossEntropyFunction(torch.autograd.Function):
     @autocast_off
     def forward(ctx, input, target, weight, tau, ignore_index, reduction, label_smoothing,
                 inplace_backward, backend):
-        engine = row_engine(backend)
         x3, A, C, B = view3(input, 1 if input.ndim > 1 else 0)
         prob_target = target.is_floating_point()
         tgt = target.reshape(A, C, B) if prob_target else target.reshape(-1).to(torch.int64).contiguous()
         cdtype = torch.float64 if input.dtype == torch.float64 else torch.float32
         w = weight.detach().to(cdtype).contiguous() if weight is not None else None
         tau_k = tau_for_kernel(tau, input)
-        loss, wy, m, s, a = engine.ce_fwd(x3, tgt, w, tau_k, ignore_index, label_smoothing, prob_target)
+        loss, wy, m, s, a = ops.ce_fwd(backend, x3, tgt, w, tau_k, ignore_index, label_smoothing, prob_target)
         if reduction == "none":
             out = loss.view(tuple(input.shape[:1]) + tuple(input.shape[2:]) if input.ndim > 1 else ())
             denom = None
@@ -41,7 +41,7 @@ class CrossEntropyFunction(torch.autograd.Function):
                 denom = torch.full((), float(A * B), dtype=cdtype, device=input.device) if prob_target \
                     else wy.sum()
                 out = out / denom
-        ctx.engine, ctx.input_shape, ctx.B = engine, input.shape, B
+        ctx.backend, ctx.input_shape, ctx.B = backend, input.shape, B
         ctx.options = (ignore_index, label_smoothing, prob_target, reduction, inplace_backward)
         ctx.save_for_backward(x3, tgt, w, tau_k, m, s, a, denom, tau)
         return out.to(input.dtype)
@@ -59,7 +59,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             g = (g / denom).reshape(1)
         else:
             g = g.reshape(1)
-        dx, dtau = ctx.engine.ce_bwd(x3, tgt, w, tau_k, m, s, a, g, ignore_index, label_smoothing,
+        dx, dtau = ops.ce_bwd(ctx.backend, x3, tgt, w, tau_k, m, s, a, g, ignore_index, label_smoothing,
                                      prob_target, tau_grad, inplace=inplace)
         dtau = reduce_tau_grad(dtau, tau, ctx.B) if tau_grad else None
         dx = dx.reshape(ctx.input_shape) if ctx.needs_input_grad[0] else None

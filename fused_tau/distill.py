@@ -8,7 +8,8 @@ from torch import nn
 from . import reference
 from ._checks import (check_class_targets, check_same_device, check_tensor, reduce_tau_grad, tau_for_kernel,
                       tau_tensor)
-from ._dispatch import autocast_off, backend_for, engine, loss_under_autocast
+from . import _ops as ops
+from ._dispatch import autocast_off, backend_for, loss_under_autocast
 
 KD_REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
@@ -25,13 +26,12 @@ class KDFunction(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def forward(ctx, student, teacher, target, tau, alpha, reduction, ignore_index, backend):
-        kd = engine(backend, "kd")
         s2, t2 = _rows2(student), _rows2(teacher)
         R, C = s2.shape
         tgt = target.reshape(-1).to(torch.int64).contiguous() if target is not None else None
         tau_k = tau_for_kernel(tau, student)
         elementwise = reduction == "none"
-        kl, ce, stats, out = kd.kd_fwd(s2, t2, tgt, tau_k, ignore_index, elementwise)
+        kl, ce, stats, out = ops.kd_fwd(backend, s2, t2, tgt, tau_k, ignore_index, elementwise)
         tau2 = tau_k.reshape(-1) ** 2
         n_valid = None
         if elementwise:
@@ -46,7 +46,7 @@ class KDFunction(torch.autograd.Function):
                     n_valid = (tgt != ignore_index).sum().to(ce.dtype)
                     ce_total = ce_total / n_valid
                 loss = alpha * loss + (1.0 - alpha) * ce_total
-        ctx.kd, ctx.shape, ctx.options = kd, student.shape, (alpha, reduction, ignore_index)
+        ctx.backend, ctx.shape, ctx.options = backend, student.shape, (alpha, reduction, ignore_index)
         ctx.save_for_backward(s2, t2, tgt, tau_k, stats, n_valid, tau)
         return loss.to(student.dtype)
 
@@ -67,7 +67,7 @@ class KDFunction(torch.autograd.Function):
                 g_ce = g * (1.0 - alpha) if reduction == "sum" else g * (1.0 - alpha) / n_valid
                 g = g * alpha
             g = g * scale
-        ds, dt, dtau = ctx.kd.kd_bwd(s2, t2, tgt, tau_k, stats, g, g_ce, ignore_index, reduction == "none",
+        ds, dt, dtau = ops.kd_bwd(ctx.backend, s2, t2, tgt, tau_k, stats, g, g_ce, ignore_index, reduction == "none",
                                      teacher_grad, tau_grad)
         ds = ds.view(ctx.shape) if ctx.needs_input_grad[0] else None
         dt = dt.view(ctx.shape) if teacher_grad else None

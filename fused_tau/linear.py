@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from . import reference
 from ._checks import (check_ce_options, check_class_targets, check_same_device, check_tensor, check_vector,
                       reduce_tau_grad, tau_for_kernel, tau_tensor)
-from ._dispatch import autocast_off, backend_for, engine, loss_under_autocast
+from . import _ops as ops
+from ._dispatch import autocast_off, backend_for, loss_under_autocast
 from .contrastive import lse_from_stats, nll_from_stats, row_grad
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -25,7 +26,6 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def forward(ctx, x, W, b, target, weight, tau, reduction, ignore_index, smoothing, backend):
-        tile = engine(backend, "tile")
         N, V = x.shape[0], W.shape[0]
         cd = torch.float64 if x.dtype == torch.float64 else torch.float32
         tau_rows = tau_for_kernel(tau, x).expand(N).contiguous()
@@ -33,7 +33,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         y = torch.where(valid, target, 0)
         w = weight.to(cd) if weight is not None else None
         w_y = torch.where(valid, w[y] if w is not None else torch.ones(N, device=x.device, dtype=cd), 0.0)
-        m, s, z_y = tile.tile_fwd(x, W, b, tau_rows, y, None)
+        m, s, z_y = ops.tile_fwd(backend, x, W, b, tau_rows, y, None)
         nll = nll_from_stats(m, s, z_y)
         lse = lse_from_stats(m, s, z_y)
         loss = (1.0 - smoothing) * w_y * nll
@@ -46,7 +46,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             loss = loss + torch.where(valid, smoothing / V * (w_all.sum() * lse - wz), 0.0)
         denom = w_y.sum() if reduction == "mean" else None
         out = loss if reduction == "none" else (loss.sum() / denom if reduction == "mean" else loss.sum())
-        ctx.tile, ctx.options = tile, (reduction, smoothing)
+        ctx.backend, ctx.options = backend, (reduction, smoothing)
         ctx.save_for_backward(x, W, b, y, valid, w, w_y, tau_rows, lse, nll, wz, denom, tau)
         return out.to(x.dtype)
 
@@ -66,7 +66,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         w_all = w if w is not None else torch.ones(V, device=x.device, dtype=cd)
         h = (1.0 - smoothing) * w_y  # dz_ij = g_i [h (p_ij - δ) + (ε/V)(W_sum p_ij - w_j)]
         coef = g * (h + smoothing / V * w_all.sum())
-        da, db, dbias, zp = ctx.tile.tile_bwd(x, W, b, tau_rows, y, None, lse, coef, need_x,
+        da, db, dbias, zp = ops.tile_bwd(ctx.backend, x, W, b, tau_rows, y, None, lse, coef, need_x,
                                               need_W or need_b, need_tau)
         p_y = torch.exp(-nll)
         dz_y = g * (h * torch.expm1(-nll) + smoothing / V * w_all.sum() * p_y)  # the target's own column

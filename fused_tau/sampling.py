@@ -15,7 +15,8 @@ from torch import nn
 
 from . import reference
 from ._checks import check_dim, check_same_device, check_tensor, data_check, tau_for_kernel, tau_tensor
-from ._dispatch import autocast_off, backend_for, engine
+from . import _ops as ops
+from ._dispatch import autocast_off, backend_for
 from .softmax import view3
 
 
@@ -26,20 +27,21 @@ class GumbelSoftmaxFunction(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def forward(ctx, x, tau, dim, hard, generator, backend):
-        launchers = engine(backend, "sample")
         x3, _, _, _ = view3(x, dim)
         tau_k = tau_for_kernel(tau, x)
-        out, saved = launchers.gumbel_fwd(x3, tau_k, generator, hard, ctx.needs_input_grad[0])
-        ctx.engine, ctx.hard, ctx.shape3 = launchers, hard, x3.shape
-        ctx.save_for_backward(tau_k, *saved)
+        seed = ops.draw_seed(x.device, generator)
+        out, aux = ops.gumbel_fwd(backend, x3, tau_k, seed, hard, ctx.needs_input_grad[0])
+        ctx.backend, ctx.hard, ctx.shape3 = backend, hard, x3.shape
+        # the backward regenerates the noise from the logits (hard) or works from the soft sample
+        ctx.save_for_backward(x3 if hard else out, tau_k, seed, *aux)
         return out.view(x.shape)
 
     @staticmethod
     @autocast_off
     def backward(ctx, grad):
-        tau_k, *saved = ctx.saved_tensors
+        src, tau_k, seed, *aux = ctx.saved_tensors
         g = grad.reshape(ctx.shape3).contiguous()
-        dx = ctx.engine.gumbel_bwd(g, tau_k, ctx.hard, saved)
+        dx = ops.gumbel_bwd(ctx.backend, g, tau_k, ctx.hard, src, seed, aux)
         return dx.view(grad.shape), None, None, None, None, None
 
 
@@ -131,7 +133,8 @@ def sample(logits, tau=1.0, generator=None):
     if R == 0:
         return torch.empty(logits.shape[:-1], dtype=torch.int64, device=logits.device)
     x2 = logits.detach().reshape(R, C)
-    return engine(backend, "sample").sample_fwd(x2, tau_k, generator, greedy).view(logits.shape[:-1])
+    seed = x2.new_empty(0, dtype=torch.int64) if greedy else ops.draw_seed(x2.device, generator)
+    return ops.sample(backend, x2, tau_k, seed, greedy).view(logits.shape[:-1])
 
 
 def gumbel_tau_schedule(step, tau0=1.0, rate=1e-4, tau_min=0.5):

@@ -1,6 +1,6 @@
 """softmax, log_softmax and logsumexp with a temperature, on the row engine.
 
-Layers: kernels/row.py (or the torch path) -> ``SoftmaxFunction`` /
+Layers: kernels/row.py (or the torch path) -> custom ops (_ops.py) -> ``SoftmaxFunction`` /
 ``LogSumExpFunction`` -> the public functions below.
 """
 import math
@@ -9,7 +9,8 @@ import torch
 
 from . import reference
 from ._checks import check_dim, check_tensor, reduce_tau_grad, tau_for_kernel, tau_tensor
-from ._dispatch import MODE_LOG_SOFTMAX, MODE_LSE, MODE_SOFTMAX, autocast_off, backend_for, row_engine
+from . import _ops as ops
+from ._dispatch import MODE_LOG_SOFTMAX, MODE_LSE, MODE_SOFTMAX, autocast_off, backend_for
 
 
 def view3(x, dim):
@@ -27,11 +28,10 @@ class SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def forward(ctx, x, tau, dim, log, backend):
-        engine = row_engine(backend)
         x3, A, C, B = view3(x, dim)
         tau_k = tau_for_kernel(tau, x)
-        out, m, s = engine.softmax_fwd(x3, tau_k, MODE_LOG_SOFTMAX if log else MODE_SOFTMAX)
-        ctx.engine, ctx.log, ctx.shape3 = engine, log, (A, C, B)
+        out, m, s = ops.softmax_fwd(backend, x3, tau_k, MODE_LOG_SOFTMAX if log else MODE_SOFTMAX)
+        ctx.backend, ctx.log, ctx.shape3 = backend, log, (A, C, B)
         tau_grad = ctx.needs_input_grad[1]
         ctx.save_for_backward(out, x3 if tau_grad else None, m, s, tau_k, tau)
         return out.view(x.shape)
@@ -42,7 +42,7 @@ class SoftmaxFunction(torch.autograd.Function):
         out, x3, m, s, tau_k, tau = ctx.saved_tensors
         tau_grad = ctx.needs_input_grad[1]
         g = grad.reshape(out.shape).contiguous()
-        dx, dtau = ctx.engine.softmax_bwd(out, g, x3 if tau_grad else out, m, s, tau_k, ctx.log, tau_grad)
+        dx, dtau = ops.softmax_bwd(ctx.backend, out, g, x3 if tau_grad else out, m, s, tau_k, ctx.log, tau_grad)
         dtau = reduce_tau_grad(dtau, tau, ctx.shape3[2]) if tau_grad else None
         return dx.view(grad.shape), dtau, None, None, None
 
@@ -53,11 +53,10 @@ class LogSumExpFunction(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def forward(ctx, x, tau, dim, backend):
-        engine = row_engine(backend)
         x3, A, C, B = view3(x, dim)
         tau_k = tau_for_kernel(tau, x)
-        out, m, s = engine.softmax_fwd(x3, tau_k, MODE_LSE)
-        ctx.engine, ctx.x_shape, ctx.B = engine, x.shape, B
+        out, m, s = ops.softmax_fwd(backend, x3, tau_k, MODE_LSE)
+        ctx.backend, ctx.x_shape, ctx.B = backend, x.shape, B
         ctx.save_for_backward(x3, m, s, tau_k, tau)
         return out.view(tuple(x.shape[:dim]) + tuple(x.shape[dim + 1:]))
 
@@ -66,7 +65,7 @@ class LogSumExpFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x3, m, s, tau_k, tau = ctx.saved_tensors
         tau_grad = ctx.needs_input_grad[1]
-        dx, dtau = ctx.engine.lse_bwd(x3, m, s, tau_k, grad.reshape(-1).contiguous(), tau_grad)
+        dx, dtau = ops.lse_bwd(ctx.backend, x3, m, s, tau_k, grad.reshape(-1).contiguous(), tau_grad)
         dtau = reduce_tau_grad(dtau, tau, ctx.B) if tau_grad else None
         return dx.view(ctx.x_shape), dtau, None, None
 

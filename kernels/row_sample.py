@@ -194,21 +194,15 @@ def _sample_kernel(
 
 # Launchers (the torch path, fused_tau/_torch_sample.py, has the same names and arguments).
 # Inputs are already checked by fused_tau.sampling; ``tau`` is a float32 tensor of one element
-# or one per row group, ``generator`` a torch.Generator on the logits' device or None.
+# or one per row group, ``seed`` a one-element int64 tensor on the logits' device (drawn by
+# fused_tau._ops.draw_seed from the caller's generator, so no host sync).
 
-def draw_seed(device, generator):
-    """The launch's Philox seed, drawn on ``device`` from ``generator`` (None: the device's
-    default generator): a one-element int64 tensor the kernel loads, so no host sync."""
-    return torch.randint(0, 2**31 - 1, (1,), device=device, generator=generator)
-
-
-def gumbel_fwd(x3, tau, generator, hard, need_grad):
-    """Returns (out, saved): out is the soft sample, or the one-hot of its argmax when ``hard``,
-    in x3's dtype and contiguous (A, C, B) layout; ``saved`` is what gumbel_bwd takes.
-    ``need_grad`` is unused here: the backward regenerates the noise from the seed."""
+def gumbel_fwd(x3, tau, seed, hard, need_grad):
+    """Returns (out, aux): out is the soft sample, or the one-hot of its argmax when ``hard``,
+    in x3's dtype and contiguous (A, C, B) layout; aux = (M, S) of each row, which gumbel_bwd
+    takes.  ``need_grad`` is unused here: the backward regenerates the noise from the seed."""
     R, C, B = rows(x3)
     dev = x3.device
-    seed = draw_seed(dev, generator)
     out = torch.empty((x3.shape[0], C, B), device=dev, dtype=x3.dtype)
     m = torch.empty(R, device=dev, dtype=torch.float32)
     s = torch.empty(R, device=dev, dtype=torch.float32)
@@ -217,35 +211,34 @@ def gumbel_fwd(x3, tau, generator, hard, need_grad):
         x3, out, m, s, tau, seed, C, B, *x3.stride(), tau_stride(tau),
         HARD=hard, BLOCK=block, ONE_BLOCK=one_block, INTERPRETED=interpreted(), num_warps=num_warps,
     )
-    return out, ((x3, m, s, seed) if hard else (out, m, s))
+    return out, (m, s)
 
 
-def gumbel_bwd(g, tau, hard, saved):
+def gumbel_bwd(g, tau, hard, src, seed, aux):
     """dx of the soft sample (the straight-through gradient when ``hard``), contiguous (A, C, B);
-    ``g`` is the output's gradient, contiguous (A, C, B)."""
+    ``g`` is the output's gradient, contiguous (A, C, B); ``src`` is the logits x3 when ``hard``
+    (the noise is regenerated from ``seed``), else the soft sample itself."""
+    m, s = aux
     if not hard:
-        y, m, s = saved
-        return softmax_bwd(y, g, y, m, s, tau, False, False)[0]
-    x3, m, s, seed = saved
-    R, C, B = rows(x3)
-    dx = torch.empty_like(g, dtype=x3.dtype)
+        return softmax_bwd(src, g, src, m, s, tau, False, False)[0]
+    R, C, B = rows(src)
+    dx = torch.empty_like(g, dtype=src.dtype)
     block, one_block, num_warps = row_config(C)
     _gumbel_bwd_kernel[(R,)](
-        x3, g, dx, m, s, tau, seed, C, B, *x3.stride(), tau_stride(tau),
+        src, g, dx, m, s, tau, seed, C, B, *src.stride(), tau_stride(tau),
         BLOCK=block, ONE_BLOCK=one_block, INTERPRETED=interpreted(), num_warps=num_warps,
     )
     return dx
 
 
-def sample_fwd(x2, tau, generator, greedy):
+def sample_fwd(x2, tau, seed, greedy):
     """One index per row of the (R, C) logits ``x2`` (C >= 1), int64 of shape (R,).
-    ``greedy``: argmax, no seed drawn and ``tau`` unread."""
+    ``greedy``: argmax, ``seed`` and ``tau`` unread."""
     R, C = x2.shape
     idx = torch.empty(R, device=x2.device, dtype=torch.int64)
-    seed = idx if greedy else draw_seed(x2.device, generator)
     block, _, num_warps = row_config(C)
     _sample_kernel[(R,)](
-        x2, idx, tau, seed, C, *x2.stride(), tau_stride(tau),
+        x2, idx, tau, idx if greedy else seed, C, *x2.stride(), tau_stride(tau),
         GREEDY=greedy, BLOCK=block, num_warps=num_warps,
     )
     return idx

@@ -1,0 +1,316 @@
+"""Every launcher of both engines as a ``torch.library`` custom op (``torch.ops.fused_tau.*``).
+
+Why custom ops: ``torch.compile`` must trace a training step that calls a fused_tau loss
+without a graph break, on the Triton path (CUDA) and on the torch path (CPU).  A launcher
+is Python that picks a block size, allocates, and launches a Triton kernel (or loops over
+row chunks with torch ops); dynamo cannot trace the interpreter's launches nor would it
+gain anything from unrolling the torch path's loops.  As a custom op with a fake (meta)
+implementation the launcher is one opaque node: dynamo and AOTAutograd see its output
+shapes and dtypes, and Inductor calls the real launcher at run time.  The autograd
+Functions (cross_entropy.py, softmax.py, ...) call these ops in their forward and
+backward, and dynamo traces the Functions themselves (as flash-attn does), so the
+gradient formulas stay in one place for eager and compiled code.
+
+Conventions: ``backend`` ("triton" or "torch") is a string argument, so one op serves both
+engines; an output a launcher leaves out (``None``) is an empty tensor in the op's schema,
+and the Python wrappers below turn it back into ``None`` (the flags that decide it are
+Python constants under tracing).  Op outputs never alias inputs: the in-place backward of
+cross_entropy is its own op that declares the mutation.
+
+The wrappers take the launchers' arguments with ``backend`` first and return what the
+launchers return.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ._dispatch import MODE_LSE, engine
+
+custom_op = torch.library.custom_op
+
+
+def _cd(x):
+    """The launchers' compute dtype: fp32, fp64 for fp64 inputs (only the torch path takes those)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _empty(like):
+    """The stand-in of a left-out output."""
+    return like.new_empty(0)
+
+
+def _or_empty(t, like):
+    return _empty(like) if t is None else t
+
+
+def _or_none(t, present):
+    return t if present else None
+
+
+def _rows(x3):
+    return x3.shape[0] * x3.shape[2]
+
+
+# ---------------------------------------------------------------------------- row engine
+
+@custom_op("fused_tau::softmax_fwd", mutates_args=())
+def _softmax_fwd(x3: Tensor, tau: Tensor, mode: int, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    return engine(backend, "row").softmax_fwd(x3, tau, mode)
+
+
+@_softmax_fwd.register_fake
+def _(x3, tau, mode, backend):
+    R = _rows(x3)
+    out = x3.new_empty(R) if mode == MODE_LSE else x3.new_empty(x3.shape)
+    return out, x3.new_empty(R, dtype=_cd(x3)), x3.new_empty(R, dtype=_cd(x3))
+
+
+@custom_op("fused_tau::softmax_bwd", mutates_args=())
+def _softmax_bwd(y: Tensor, g: Tensor, x3: Tensor, m: Tensor, s: Tensor, tau: Tensor, log: bool,
+                 tau_grad: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    dx, dtau = engine(backend, "row").softmax_bwd(y, g, x3, m, s, tau, log, tau_grad)
+    return dx, _or_empty(dtau, m)
+
+
+@_softmax_bwd.register_fake
+def _(y, g, x3, m, s, tau, log, tau_grad, backend):
+    return y.new_empty(y.shape), m.new_empty(_rows(x3) if tau_grad else 0)
+
+
+@custom_op("fused_tau::lse_bwd", mutates_args=())
+def _lse_bwd(x3: Tensor, m: Tensor, s: Tensor, tau: Tensor, g: Tensor, tau_grad: bool,
+             backend: str) -> Tuple[Tensor, Tensor]:
+    dx, dtau = engine(backend, "row").lse_bwd(x3, m, s, tau, g, tau_grad)
+    return dx, _or_empty(dtau, m)
+
+
+@_lse_bwd.register_fake
+def _(x3, m, s, tau, g, tau_grad, backend):
+    return x3.new_empty(x3.shape), m.new_empty(_rows(x3) if tau_grad else 0)
+
+
+@custom_op("fused_tau::ce_fwd", mutates_args=())
+def _ce_fwd(x3: Tensor, target: Tensor, weight: Optional[Tensor], tau: Tensor, ignore_index: int,
+            smoothing: float, prob_target: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    loss, wy, m, s, a = engine(backend, "row").ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target)
+    return loss, _or_empty(wy, m), m, s, _or_empty(a, m)
+
+
+@_ce_fwd.register_fake
+def _(x3, target, weight, tau, ignore_index, smoothing, prob_target, backend):
+    R, cd = _rows(x3), _cd(x3)
+    has_a = prob_target or smoothing > 0
+    return (x3.new_empty(R, dtype=cd), x3.new_empty(0 if prob_target else R, dtype=cd), x3.new_empty(R, dtype=cd),
+            x3.new_empty(R, dtype=cd), x3.new_empty(R if has_a else 0, dtype=cd))
+
+
+@custom_op("fused_tau::ce_bwd", mutates_args=())
+def _ce_bwd(x3: Tensor, target: Tensor, weight: Optional[Tensor], tau: Tensor, m: Tensor, s: Tensor,
+            a: Optional[Tensor], g: Tensor, ignore_index: int, smoothing: float, prob_target: bool,
+            tau_grad: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    dx, dtau = engine(backend, "row").ce_bwd(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing,
+                                             prob_target, tau_grad)
+    return dx, _or_empty(dtau, m)
+
+
+@_ce_bwd.register_fake
+def _(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_target, tau_grad, backend):
+    return x3.new_empty(x3.shape), m.new_empty(_rows(x3) if tau_grad else 0)
+
+
+@custom_op("fused_tau::ce_bwd_inplace", mutates_args=("x3",))
+def _ce_bwd_inplace(x3: Tensor, target: Tensor, weight: Optional[Tensor], tau: Tensor, m: Tensor, s: Tensor,
+                    a: Optional[Tensor], g: Tensor, ignore_index: int, smoothing: float, prob_target: bool,
+                    tau_grad: bool, backend: str) -> Tensor:
+    _, dtau = engine(backend, "row").ce_bwd(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing,
+                                            prob_target, tau_grad, inplace=True)
+    return _or_empty(dtau, m)
+
+
+@_ce_bwd_inplace.register_fake
+def _(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_target, tau_grad, backend):
+    return m.new_empty(_rows(x3) if tau_grad else 0)
+
+
+def softmax_fwd(backend, x3, tau, mode):
+    return torch.ops.fused_tau.softmax_fwd(x3, tau, mode, backend)
+
+
+def softmax_bwd(backend, y, g, x3, m, s, tau, log, tau_grad):
+    dx, dtau = torch.ops.fused_tau.softmax_bwd(y, g, x3, m, s, tau, log, tau_grad, backend)
+    return dx, _or_none(dtau, tau_grad)
+
+
+def lse_bwd(backend, x3, m, s, tau, g, tau_grad):
+    dx, dtau = torch.ops.fused_tau.lse_bwd(x3, m, s, tau, g, tau_grad, backend)
+    return dx, _or_none(dtau, tau_grad)
+
+
+def ce_fwd(backend, x3, target, weight, tau, ignore_index, smoothing, prob_target):
+    loss, wy, m, s, a = torch.ops.fused_tau.ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target,
+                                                   backend)
+    return loss, _or_none(wy, not prob_target), m, s, _or_none(a, prob_target or smoothing > 0)
+
+
+def ce_bwd(backend, x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_target, tau_grad,
+           inplace=False):
+    """``inplace`` writes dx over x3 and returns x3 as dx (eager only: a compiled graph plans its own
+    memory, and AOTAutograd's backward may not mutate a saved forward input)."""
+    if inplace and not torch.compiler.is_compiling():
+        dtau = torch.ops.fused_tau.ce_bwd_inplace(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing,
+                                                  prob_target, tau_grad, backend)
+        return x3, _or_none(dtau, tau_grad)
+    dx, dtau = torch.ops.fused_tau.ce_bwd(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing,
+                                          prob_target, tau_grad, backend)
+    return dx, _or_none(dtau, tau_grad)
+
+
+# ---------------------------------------------------------------------------- distillation
+
+@custom_op("fused_tau::kd_fwd", mutates_args=())
+def _kd_fwd(s2: Tensor, t2: Tensor, target: Optional[Tensor], tau: Tensor, ignore_index: int,
+            elementwise: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    kl, ce, stats, out = engine(backend, "kd").kd_fwd(s2, t2, target, tau, ignore_index, elementwise)
+    return kl, _or_empty(ce, kl), stats, _or_empty(out, s2)
+
+
+@_kd_fwd.register_fake
+def _(s2, t2, target, tau, ignore_index, elementwise, backend):
+    R, C = s2.shape
+    cd = _cd(s2)
+    return (s2.new_empty(R, dtype=cd), s2.new_empty(R if target is not None else 0, dtype=cd),
+            s2.new_empty((R, 7), dtype=cd), s2.new_empty((R, C) if elementwise else (0,)))
+
+
+@custom_op("fused_tau::kd_bwd", mutates_args=())
+def _kd_bwd(s2: Tensor, t2: Tensor, target: Optional[Tensor], tau: Tensor, stats: Tensor, g: Tensor,
+            g_ce: Optional[Tensor], ignore_index: int, elementwise: bool, teacher_grad: bool,
+            tau_grad: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    ds, dt, dtau = engine(backend, "kd").kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise,
+                                                teacher_grad, tau_grad)
+    return ds, _or_empty(dt, t2), _or_empty(dtau, stats)
+
+
+@_kd_bwd.register_fake
+def _(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teacher_grad, tau_grad, backend):
+    return (s2.new_empty(s2.shape), t2.new_empty(t2.shape if teacher_grad else (0,)),
+            stats.new_empty(s2.shape[0] if tau_grad else 0))
+
+
+def kd_fwd(backend, s2, t2, target, tau, ignore_index, elementwise):
+    kl, ce, stats, out = torch.ops.fused_tau.kd_fwd(s2, t2, target, tau, ignore_index, elementwise, backend)
+    return kl, _or_none(ce, target is not None), stats, _or_none(out, elementwise)
+
+
+def kd_bwd(backend, s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teacher_grad, tau_grad):
+    ds, dt, dtau = torch.ops.fused_tau.kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise,
+                                              teacher_grad, tau_grad, backend)
+    return ds, _or_none(dt, teacher_grad), _or_none(dtau, tau_grad)
+
+
+# ---------------------------------------------------------------------------- sampling
+
+def draw_seed(device, generator):
+    """A launch's random seed, drawn on ``device`` from ``generator`` (None: the device's default
+    generator): a one-element int64 tensor, so drawing it costs no host sync; the kernels load it,
+    the torch path seeds its own generator from it."""
+    return torch.randint(0, 2**31 - 1, (1,), device=device, generator=generator)
+
+
+@custom_op("fused_tau::gumbel_fwd", mutates_args=())
+def _gumbel_fwd(x3: Tensor, tau: Tensor, seed: Tensor, hard: bool, need_grad: bool,
+                backend: str) -> List[Tensor]:
+    out, aux = engine(backend, "sample").gumbel_fwd(x3, tau, seed, hard, need_grad)
+    return [out, *aux]
+
+
+@_gumbel_fwd.register_fake
+def _(x3, tau, seed, hard, need_grad, backend):
+    return [x3.new_empty(x3.shape), *_gumbel_aux_fake(x3, hard, need_grad, backend)]
+
+
+def _gumbel_aux_fake(x3, hard, need_grad, backend):
+    if backend == "triton":  # the row statistics (M, S): the backward regenerates the noise
+        return [x3.new_empty(_rows(x3), dtype=torch.float32) for _ in range(2)]
+    return [x3.new_empty(x3.shape)] if hard and need_grad else []  # the torch path keeps the soft sample
+
+
+@custom_op("fused_tau::gumbel_bwd", mutates_args=())
+def _gumbel_bwd(g: Tensor, tau: Tensor, hard: bool, src: Tensor, seed: Tensor, aux: List[Tensor],
+                backend: str) -> Tensor:
+    return engine(backend, "sample").gumbel_bwd(g, tau, hard, src, seed, tuple(aux))
+
+
+@_gumbel_bwd.register_fake
+def _(g, tau, hard, src, seed, aux, backend):
+    return src.new_empty(src.shape)
+
+
+@custom_op("fused_tau::sample", mutates_args=())
+def _sample(x2: Tensor, tau: Tensor, seed: Tensor, greedy: bool, backend: str) -> Tensor:
+    return engine(backend, "sample").sample_fwd(x2, tau, seed, greedy)
+
+
+@_sample.register_fake
+def _(x2, tau, seed, greedy, backend):
+    return x2.new_empty(x2.shape[0], dtype=torch.int64)
+
+
+def gumbel_fwd(backend, x3, tau, seed, hard, need_grad):
+    """(out, aux): ``aux`` is what gumbel_bwd needs besides x3, out and the seed."""
+    out, *aux = torch.ops.fused_tau.gumbel_fwd(x3, tau, seed, hard, need_grad, backend)
+    return out, tuple(aux)
+
+
+def gumbel_bwd(backend, g, tau, hard, src, seed, aux):
+    """``src``: the logits x3 when ``hard``, else the soft sample."""
+    return torch.ops.fused_tau.gumbel_bwd(g, tau, hard, src, seed, list(aux), backend)
+
+
+def sample(backend, x2, tau, seed, greedy):
+    return torch.ops.fused_tau.sample(x2, tau, seed, greedy, backend)
+
+
+# ---------------------------------------------------------------------------- tile engine
+
+@custom_op("fused_tau::tile_fwd", mutates_args=())
+def _tile_fwd(a: Tensor, b: Tensor, bias: Optional[Tensor], tau_rows: Tensor, target: Optional[Tensor],
+              diag_offset: Optional[int], backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    m, s, zy = engine(backend, "tile").tile_fwd(a, b, bias, tau_rows, target, diag_offset)
+    return m, s, _or_empty(zy, m)
+
+
+@_tile_fwd.register_fake
+def _(a, b, bias, tau_rows, target, diag_offset, backend):
+    N, cd = a.shape[0], _cd(a)
+    return a.new_empty(N, dtype=cd), a.new_empty(N, dtype=cd), a.new_empty(N if target is not None else 0, dtype=cd)
+
+
+@custom_op("fused_tau::tile_bwd", mutates_args=())
+def _tile_bwd(a: Tensor, b: Tensor, bias: Optional[Tensor], tau_rows: Tensor, target: Optional[Tensor],
+              diag_offset: Optional[int], lse: Tensor, coef: Tensor, need_da: bool, need_db: bool,
+              need_zp: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    da, db, dbias, zp = engine(backend, "tile").tile_bwd(a, b, bias, tau_rows, target, diag_offset, lse, coef,
+                                                         need_da, need_db, need_zp)
+    return _or_empty(da, a), _or_empty(db, b), _or_empty(dbias, lse), _or_empty(zp, lse)
+
+
+@_tile_bwd.register_fake
+def _(a, b, bias, tau_rows, target, diag_offset, lse, coef, need_da, need_db, need_zp, backend):
+    cd = _cd(a)
+    return (a.new_empty(a.shape if need_da else (0,)), b.new_empty(b.shape if need_db else (0,)),
+            a.new_empty(b.shape[0] if need_db and bias is not None else 0, dtype=cd),
+            a.new_empty(a.shape[0] if need_zp else 0, dtype=cd))
+
+
+def tile_fwd(backend, a, b, bias, tau_rows, target, diag_offset):
+    m, s, zy = torch.ops.fused_tau.tile_fwd(a, b, bias, tau_rows, target, diag_offset, backend)
+    return m, s, _or_none(zy, target is not None)
+
+
+def tile_bwd(backend, a, b, bias, tau_rows, target, diag_offset, lse, coef, need_da, need_db, need_zp):
+    da, db, dbias, zp = torch.ops.fused_tau.tile_bwd(a, b, bias, tau_rows, target, diag_offset, lse, coef,
+                                                     need_da, need_db, need_zp, backend)
+    return (_or_none(da, need_da), _or_none(db, need_db), _or_none(dbias, need_db and bias is not None),
+            _or_none(zp, need_zp))
