@@ -11,6 +11,8 @@ import functools
 import importlib
 import os
 
+import torch
+
 BACKENDS = ("triton", "torch", "reference")
 
 # Row-engine modes, numbered as in kernels/row_softmax.py (tests/test_dispatch.py checks).
@@ -40,6 +42,14 @@ def forced_backend():
 
 def backend_for(x):
     """The backend that serves an op whose main input is the tensor ``x``."""
+    return _backend_choice(x.device.type, x.dtype in _kernel_dtypes())
+
+
+@torch.compiler.assume_constant_result
+def _backend_choice(device_type, kernel_dtype):
+    """Under torch.compile the choice is made once, while tracing, and is a constant of the graph
+    (the environment and Triton's presence are not tensors dynamo could guard on; changing
+    FUSED_TAU_BACKEND after compiling needs ``torch._dynamo.reset()``)."""
     forced = forced_backend()
     if forced == "reference":
         return "reference"
@@ -47,14 +57,13 @@ def backend_for(x):
         if forced == "triton":
             raise RuntimeError("FUSED_TAU_BACKEND=triton but Triton does not import")
         return "torch"
-    kernel_dtype = x.dtype in _kernel_dtypes()
     if forced == "triton":
-        if x.device.type != "cuda" and not interpreter_on():
+        if device_type != "cuda" and not interpreter_on():
             raise RuntimeError(
                 "FUSED_TAU_BACKEND=triton needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors"
             )
         return "triton" if kernel_dtype else "torch"
-    return "triton" if x.device.type == "cuda" and kernel_dtype else "torch"
+    return "triton" if device_type == "cuda" and kernel_dtype else "torch"
 
 
 def _kernel_dtypes():

@@ -63,6 +63,11 @@ class MoCoQueue(nn.Module):
     gathering the keys of every rank when torch.distributed is initialised (MoCo's
     concat_all_gather), so every rank holds the same queue.  ``queue`` is the (size, dim) buffer
     to pass as ``infonce(..., queue=...)``; it is saved with the module's state_dict.
+
+    The enqueue is in place (no copy of the queue per step), and the loss's backward reads the
+    queue it was given, as ``query @ queue.T`` does in the plain composition: call ``enqueue``
+    after ``loss.backward()``, or pass ``queue.queue.clone()`` to the loss (what MoCo's reference
+    code does) to enqueue before it.  Autograd raises if the order is wrong.
     """
 
     def __init__(self, dim, size=65536):

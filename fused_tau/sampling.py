@@ -48,6 +48,9 @@ class GumbelSoftmaxFunction(torch.autograd.Function):
 def _check_generator(generator, x):
     if generator is None:
         return
+    if torch.compiler.is_compiling():
+        raise TypeError("generator must be None under torch.compile: dynamo cannot trace a torch.Generator "
+                        "(seed the default generator with torch.manual_seed instead)")
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if generator.device.type != x.device.type:

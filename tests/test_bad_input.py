@@ -94,10 +94,28 @@ def test_unknown_backend(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="device-side asserts need CUDA")
-def test_cuda_target_check_is_async():
-    """On CUDA the data checks go through torch._assert_async: no host sync, error on sync."""
-    x = torch.randn(4, 7, device="cuda")
-    y = torch.tensor([0, 1, 2, 9], device="cuda")
-    with pytest.raises(RuntimeError):
-        fused_tau.cross_entropy(x, y)
-        torch.cuda.synchronize()
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_target_check_is_async(compiled):
+    """On CUDA the data checks go through torch._assert_async: no host sync, an error at the next
+    sync, eager and compiled.  In a child process: a device-side assert leaves the CUDA context
+    unusable for the rest of the process."""
+    import subprocess
+    import sys
+
+    script = f"""
+import torch, fused_tau
+f = lambda x, y: fused_tau.cross_entropy(x, y)
+if {compiled}:
+    f = torch.compile(f, fullgraph=True)
+x = torch.randn(4, 7, device="cuda")
+y = torch.tensor([0, 1, 2, 9], device="cuda")
+try:
+    f(x, y)
+    torch.cuda.synchronize()
+except RuntimeError as e:
+    print("raised:", str(e).splitlines()[0])
+else:
+    print("no error")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "raised:" in proc.stdout, proc.stdout + proc.stderr[-2000:]
