@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU (the device tool runs it from the repository root; $OUT comes back):
-#   install the checkout, run the suite on the Triton path, the ahead-of-time report, and python -m bench.
+#   install the checkout, run the suite on the Triton path (tests/test_compile.py: compiled steps on CUDA),
+#   python -m bench, and the MoCo run eager and under torch.compile.
 # Usage (device tool): bash bench/gpu_session.sh      -- then commit $OUT/bench.json under bench/results/.
 set -uo pipefail
 OUT=${OUT:-/tmp/fused_tau_out}
@@ -18,3 +19,8 @@ echo "tests rc=$?  ($(tail -1 "$OUT/tests.log"))"
 python -m bench --out "$OUT/bench.json" > "$OUT/bench.md" 2> "$OUT/bench.log"
 echo "bench rc=$?"
 tail -60 "$OUT/bench.md"
+# a real MoCo run on the GPU, eager and with each step's forward under torch.compile(fullgraph=True)
+timeout 300 python bench/train_moco.py --steps 500 --no-plot --out "$OUT/moco_eager" > "$OUT/moco_eager.log" 2>&1
+echo "train_moco eager rc=$?"; tail -3 "$OUT/moco_eager.log"
+timeout 300 python bench/train_moco.py --steps 500 --no-plot --compile --out "$OUT/moco_compiled" > "$OUT/moco_compiled.log" 2>&1
+echo "train_moco compiled rc=$?"; tail -3 "$OUT/moco_compiled.log"

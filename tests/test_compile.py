@@ -144,6 +144,25 @@ def test_compiled_moco_step_with_queue(backend):
     assert int(results[1][5]) == N and not torch.equal(results[1][0], results[1][1])
 
 
+def test_compiled_step_under_autocast(backend):
+    """bf16 autocast inside the compiled step: the losses come back fp32 (as torch's do), the
+    gradients in the parameters' dtype, and both equal eager autocast's."""
+    net, batch = Net().to(DEVICE), _batch()
+
+    def step(net, b):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            ce = ft.cross_entropy(_logits(net, b), b["y"], 0.5)
+            nce = ft.infonce(_emb(net, b["x"]), _emb(net, b["x2"]), b["queue"], 0.2)
+        assert ce.dtype == nce.dtype == torch.float32
+        return ce + nce
+
+    eager = _run(step, copy.deepcopy(net), batch)
+    compiled = _run(torch.compile(step, fullgraph=True, backend="aot_eager"), net, batch)
+    assert compiled[0].dtype == torch.float32 and all(g.dtype == torch.float32 for g in compiled[1].values())
+    for got, want in zip((compiled[0], *compiled[1].values()), (eager[0], *eager[1].values())):
+        torch.testing.assert_close(got, want, **tol(torch.bfloat16))
+
+
 def test_dynamic_batch_size(backend):
     """dynamic=True: the fake implementations take symbolic sizes; two batch sizes, one graph."""
     torch.manual_seed(0)

@@ -23,3 +23,19 @@ def test_script_writes_curve_and_report(tmp_path, monkeypatch):
     assert '"max_abs_difference"' in report
     png = (tmp_path / "train_moco.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_compiled_steps_agree(monkeypatch):
+    """--compile: the step's forward (encoders, momentum update, loss) under torch.compile(fullgraph=True)."""
+    monkeypatch.setenv("FUSED_TAU_BACKEND", "torch")
+    import torch
+
+    torch._dynamo.reset()
+    args = parse_args(["--steps", "3", "--batch", "32", "--queue", "1024", "--device", "cpu", "--compile"])
+    fused = train(args, "fused_tau", progress=False)
+    eager = train(parse_args(["--steps", "3", "--batch", "32", "--queue", "1024", "--device", "cpu"]), "fused_tau",
+                  progress=False)
+    composition = train(args, "composition", progress=False)
+    torch._dynamo.reset()
+    assert max(abs(a - b) for a, b in zip(fused, eager)) < 1e-5
+    assert max(abs(a - b) for a, b in zip(fused, composition)) < 1e-5
