@@ -39,3 +39,22 @@ def test_compiled_steps_agree(monkeypatch):
     torch._dynamo.reset()
     assert max(abs(a - b) for a, b in zip(fused, eager)) < 1e-5
     assert max(abs(a - b) for a, b in zip(fused, composition)) < 1e-5
+
+
+def test_torchrun_two_ranks(tmp_path):
+    """Two CPU ranks under torchrun (gloo): DDP, each rank's keys enqueued on every rank; the fused and
+    composition curves (means over the ranks) agree."""
+    import json
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, FUSED_TAU_BACKEND="torch", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(root / "bench" / "train_moco.py"), "--device", "cpu", "--steps", "3", "--batch", "16",
+           "--queue", "256", "--no-plot", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "train_moco.json").read_text())
+    assert report["world_size"] == 2
+    assert report["max_abs_difference"] < 1e-5
