@@ -69,12 +69,15 @@ def _row_configs():
                                 (tile._tile_bwd_db_kernel, "tile_bwd_db", {})):
         yield name, kernel, tile.NUM_WARPS, dict(HAS_BIAS=[True], HAS_TARGET=[True], MASK_DIAG=[True],
                                                  PRECISION=["tf32"], BLOCK_DO=[tile.BLOCK_DO], **extra, **tiles), per_dtype
+    yield "tile_bwd_probs", tile._tile_bwd_probs_kernel, tile.NUM_WARPS, dict(
+        HAS_BIAS=[True], HAS_TARGET=[True], MASK_DIAG=[True], NEED_ZP=[True], PRECISION=["tf32"], **tiles), \
+        fwd_per_dtype
 
 
 # pointers that hold logits (or their gradients) in the input dtype; the rest are fp32 / int64
 LOGIT_POINTERS = {
     "kd": ("s_ptr", "t_ptr", "ds_ptr", "dt_ptr", "out_ptr"),
-    "tile": ("a_ptr", "b_ptr", "bias_ptr"),
+    "tile": ("a_ptr", "b_ptr", "bias_ptr", "ds_ptr"),
     "": ("x_ptr", "out_ptr", "y_ptr", "g_ptr", "dx_ptr"),
 }
 

@@ -8,8 +8,13 @@ when self-similarity is excluded):
   _tile_bwd_db_kernel  db = (P / τ)ᵀ @ a and dbias = Σ_i P_ij / τ_i
 Both backward kernels recompute their tiles (two kernels, no atomics: deterministic).  The
 output dimension of da / db is split into BLOCK_DO-wide programs; each recomputes the tile
-over all of D, which costs D / BLOCK_DO recomputations when D > BLOCK_DO (the LLM head:
-a known cost, to be tuned).  FLOPs: forward 2·N·K·D; backward 2·N·K·D·(2 + 2·D/BLOCK_DO).
+over all of D.  FLOPs: forward 2·N·K·D; backward 2·N·K·D·(2 + 2·D/BLOCK_DO), i.e. 8·N·K·D for
+D <= BLOCK_DO (contrastive embeddings, D = 128).
+  _tile_bwd_probs_kernel  for D > BLOCK_DO (the LLM head, D in the thousands, where the fused
+                          kernels would recompute every tile D / BLOCK_DO times): one
+                          recomputation writes ds = P / τ for a chunk of rows (about N·D
+                          elements, the input's size; never the N × K matrix), and two GEMMs
+                          give da = ds @ b and db += dsᵀ @ a: 6·N·K·D FLOPs, no atomics.
 
 fp32 inputs multiply in IEEE fp32 unless ``torch.backends.cuda.matmul.allow_tf32`` is set;
 fp16 / bf16 multiply on tensor cores with fp32 accumulation.  Interpreter trap (Triton 3.9,
@@ -22,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tl_math import to_store
+
 # Tile sizes (tests lower them to cross tile boundaries on small shapes).  With 4 warps a
 # 64 × 64 tile spills (ptxas stack 80-144 bytes on sm_80/sm_90); 8 warps do not.  fp32
 # operands take twice the registers: their D-steps are capped (FP32_BLOCK_D, FP32_BLOCK_DO),
@@ -29,6 +36,10 @@ import triton.language as tl
 BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DO = 64, 64, 64, 128
 FP32_BLOCK_D, FP32_BLOCK_DO = 32, 64
 NUM_WARPS = 8
+# The backward takes the two-GEMM route when D > BLOCK_DO ("auto"; "fused" / "materialized" force
+# one, for tests): ds chunks of at least this many elements (about N·D, the size of the input)
+MATERIALIZED_BWD = "auto"
+MATERIALIZED_CHUNK_ELEMENTS = 1 << 24
 
 
 def blocks(dtype):
@@ -215,6 +226,35 @@ def _tile_bwd_db_kernel(
             tl.store(dbias_ptr + cols, dbias, mask=cols < K)
 
 
+@triton.jit
+def _tile_bwd_probs_kernel(
+    # pointers (a, τ, target, lse and coef start at the chunk's first row)
+    a_ptr, b_ptr, bias_ptr, tau_ptr, target_ptr, lse_ptr, coef_ptr, ds_ptr, zp_ptr,
+    # shapes: the chunk's rows N, all K columns; diag_offset already shifted by the chunk's first row
+    N, K, D, diag_offset,
+    # strides (ds is a contiguous (N, K) buffer, zp a contiguous (N, cdiv(K, BLOCK_N)) fp32 one)
+    stride_am, stride_ad, stride_bk, stride_bd,
+    # constants
+    HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr, NEED_ZP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    """ds[i, j] = P_ij / τ_i for one (i-block, j-block) tile, and the tile's share of zp_i; the
+    launcher multiplies ds into da and db with two GEMMs (the large-D backward)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tau, lse, c, tgt = _row_constants(tau_ptr, lse_ptr, coef_ptr, target_ptr, rows, N, HAS_TARGET)
+    z, P = _probs_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, tau, lse, c, tgt, diag_offset,
+                       stride_am, stride_ad, stride_bk, stride_bd, HAS_BIAS, HAS_TARGET, MASK_DIAG, BLOCK_D,
+                       UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+    ds_ptrs = ds_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]
+    tl.store(ds_ptrs, to_store(P / tau[:, None], ds_ptr, INTERPRETED), mask=(rows[:, None] < N) & (cols[None, :] < K))
+    if NEED_ZP:
+        n_col_blocks = tl.num_programs(1)
+        tl.store(zp_ptr + rows.to(tl.int64) * n_col_blocks + tl.program_id(1),
+                 tl.sum(tl.where(P != 0.0, z * P, 0.0), 1), mask=rows < N)
+
+
 # ---------------------------------------------------------------------------- launchers
 
 def _interpreted():
@@ -255,11 +295,14 @@ def tile_fwd(a, b, bias, tau_rows, target, diag_offset):
 def tile_bwd(a, b, bias, tau_rows, target, diag_offset, lse, coef, need_da, need_db, need_zp):
     """Returns (da in a's dtype, db in b's dtype, dbias fp32, zp fp32), each None when not asked for."""
     N, D = a.shape
-    K = b.shape[0]
-    f32 = dict(device=a.device, dtype=torch.float32)
     lse = lse.to(torch.float32).contiguous()
     coef = coef.to(torch.float32).contiguous()
     bdo = _block_do(D, a.dtype)
+    if _materialized(D, bdo, a, b):
+        return _tile_bwd_materialized(a, b, bias, tau_rows, target, diag_offset, lse, coef, need_da, need_db,
+                                      need_zp)
+    K = b.shape[0]
+    f32 = dict(device=a.device, dtype=torch.float32)
     common = _common(a, b, bias, target, diag_offset)
     args = (N, K, D, diag_offset or 0, *a.stride(), *b.stride())
     da = db = dbias = zp = None
@@ -280,3 +323,52 @@ def tile_bwd(a, b, bias, tau_rows, target, diag_offset, lse, coef, need_da, need
         )
         db = db_buf.to(b.dtype)
     return da, db, dbias, zp
+
+
+def _materialized(D, bdo, a, b):
+    """The fused kernels recompute every tile once per BLOCK_DO-wide slice of D: beyond one slice (the
+    LLM head, D in the thousands) the backward writes the tiles' P / τ once, a chunk of rows at a
+    time, and multiplies them with cuBLAS."""
+    if MATERIALIZED_BWD != "auto":
+        return MATERIALIZED_BWD == "materialized"
+    return D > bdo and a.dtype == b.dtype
+
+
+def _tile_bwd_materialized(a, b, bias, tau_rows, target, diag_offset, lse, coef, need_da, need_db, need_zp):
+    """Chunks of rows: ds = P / τ (chunk × K, in the operands' dtype, fp32 for fp32) from one
+    recomputation of the tiles, then da = ds @ b and db += dsᵀ @ a_chunk (fp32 accumulation
+    across chunks, in chunk order: deterministic).  FLOPs 6·N·K·D whatever D; extra memory one
+    chunk, about max(N·D, MATERIALIZED_CHUNK_ELEMENTS) elements."""
+    N, D = a.shape
+    K = b.shape[0]
+    f32 = dict(device=a.device, dtype=torch.float32)
+    rows = max(N * D, MATERIALIZED_CHUNK_ELEMENTS) // max(K, 1)
+    rows = min(N, max(BLOCK_M, rows // BLOCK_M * BLOCK_M))
+    common = _common(a, b, bias, target, diag_offset)
+    n_col_blocks = triton.cdiv(K, BLOCK_N)
+    ds = torch.empty((rows, K), device=a.device, dtype=a.dtype)
+    zp_part = torch.empty((rows, n_col_blocks), **f32) if need_zp else lse
+    da = torch.empty((N, D), device=a.device, dtype=a.dtype) if need_da else None
+    zp = torch.empty(N, **f32) if need_zp else None
+    db = torch.zeros((K, D), **f32) if need_db else None
+    dbias = torch.zeros(K, **f32) if need_db and bias is not None else None
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        n = r1 - r0
+        a_c = a[r0:r1]
+        _tile_bwd_probs_kernel[(triton.cdiv(n, BLOCK_M), n_col_blocks)](
+            a_c, b, bias if bias is not None else lse, tau_rows[r0:r1],
+            target[r0:r1] if target is not None else lse, lse[r0:r1], coef[r0:r1], ds, zp_part,
+            n, K, D, (diag_offset or 0) + r0, *a.stride(), *b.stride(),
+            NEED_ZP=need_zp, INTERPRETED=_interpreted(), **common,
+        )
+        ds_c = ds[:n]
+        if need_da:
+            torch.mm(ds_c, b, out=da[r0:r1])
+        if need_zp:
+            zp[r0:r1] = zp_part[:n].sum(1)
+        if need_db:
+            db += torch.mm(ds_c.t(), a_c).to(torch.float32)
+            if dbias is not None:
+                dbias += ds_c.sum(0, dtype=torch.float32)
+    return da, (db.to(b.dtype) if need_db else None), dbias, zp

@@ -46,6 +46,7 @@ def backend(request, monkeypatch):
             monkeypatch.setattr(row, "MAX_BLOCK", 16)
             for block in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DO"):
                 monkeypatch.setattr(tile, block, 16)
+            monkeypatch.setattr(tile, "MATERIALIZED_CHUNK_ELEMENTS", 0)  # several row chunks of ds
     else:
         import fused_tau._torch_tile as torch_tile
 

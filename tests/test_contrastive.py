@@ -154,3 +154,20 @@ def test_bad_infonce_input(backend, kwargs, exc, match):
 def test_bad_nt_xent_input(backend):
     with pytest.raises(ValueError, match="z2 must have z1's shape"):
         fused_tau.nt_xent(torch.randn(4, 8), torch.randn(3, 8))
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("route", ["fused", "materialized"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_backward_routes(backend, device, dtype, route, monkeypatch):
+    """The Triton backward's two routes (kernels/tile.py): the fused dA / dB kernels, and the chunks
+    of P / τ multiplied by GEMMs (auto for D > BLOCK_DO): the queue, in-batch keys, the diagonal mask."""
+    import fused_tau.kernels.tile as tile
+
+    monkeypatch.setattr(tile, "MATERIALIZED_BWD", route)
+    q, k, queue = (torch.randn(n, D, device=device) for n in (N, N, K))
+    tau = (torch.rand(N, device=device) * 0.3 + 0.1).requires_grad_()
+    _compare(lambda q, k, qu, t: fused_tau.infonce(q, k, qu, t, "none"),
+             lambda q, k, qu, t: reference.infonce(q, k, qu, t, "none"), [q, k, queue], tau, dtype, tau_scale=N)
+    for fn, ref_fn in ((fused_tau.clip_loss, reference.clip_loss), (fused_tau.nt_xent, reference.nt_xent)):
+        _compare(fn, ref_fn, [q, k], torch.tensor(0.1, device=device, requires_grad=True), dtype, tau_scale=N)

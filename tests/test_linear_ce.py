@@ -167,3 +167,20 @@ def test_linear_ce_memory():
     assert ours <= _extra_rss_kib("composition") / 10
     if hasattr(torch.nn, "LinearCrossEntropyOptions"):
         assert ours <= _extra_rss_kib("torch_chunked")
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("route", ["fused", "materialized"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_backward_routes(backend, device, dtype, route, monkeypatch):
+    """The Triton backward's two routes (kernels/tile.py): fused dA / dB kernels, or chunks of P / τ
+    multiplied by GEMMs (auto for D > BLOCK_DO, the LLM head), with a bias, class weights, label
+    smoothing, an ignored row and a learnable τ."""
+    import fused_tau.kernels.tile as tile
+
+    monkeypatch.setattr(tile, "MATERIALIZED_BWD", route)
+    x, W, b = torch.randn(N, D, device=device), torch.randn(V, D, device=device) * 0.5, torch.randn(V, device=device)
+    y = torch.randint(0, V, (N,), device=device)
+    y[4] = -100
+    tau = torch.tensor(0.7, device=device, requires_grad=True)
+    _check(x, W, y, b, dtype, tau, weight=torch.rand(V, device=device) + 0.2, label_smoothing=0.1)
