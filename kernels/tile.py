@@ -12,9 +12,10 @@ over all of D.  FLOPs: forward 2·N·K·D; backward 2·N·K·D·(2 + 2·D/BLOCK_
 D <= BLOCK_DO (contrastive embeddings, D = 128).
   _tile_bwd_probs_kernel  for D > BLOCK_DO (the LLM head, D in the thousands, where the fused
                           kernels would recompute every tile D / BLOCK_DO times): one
-                          recomputation writes ds = P / τ for a chunk of rows (about N·D
+                          recomputation writes ds = P / τ for a chunk of columns (about N·D
                           elements, the input's size; never the N × K matrix), and two GEMMs
-                          give da = ds @ b and db += dsᵀ @ a: 6·N·K·D FLOPs, no atomics.
+                          give db[chunk] = dsᵀ @ a and da += ds @ b[chunk]: 6·N·K·D FLOPs,
+                          no atomics.
 
 fp32 inputs multiply in IEEE fp32 unless ``torch.backends.cuda.matmul.allow_tf32`` is set;
 fp16 / bf16 multiply on tensor cores with fp32 accumulation.  Interpreter trap (Triton 3.9,
@@ -228,30 +229,34 @@ def _tile_bwd_db_kernel(
 
 @triton.jit
 def _tile_bwd_probs_kernel(
-    # pointers (a, τ, target, lse and coef start at the chunk's first row)
+    # pointers
     a_ptr, b_ptr, bias_ptr, tau_ptr, target_ptr, lse_ptr, coef_ptr, ds_ptr, zp_ptr,
-    # shapes: the chunk's rows N, all K columns; diag_offset already shifted by the chunk's first row
-    N, K, D, diag_offset,
-    # strides (ds is a contiguous (N, K) buffer, zp a contiguous (N, cdiv(K, BLOCK_N)) fp32 one)
+    # shapes: the chunk is columns [col0, col_end) of the K; ds is a contiguous (N, col_end - col0)
+    # buffer, zp a contiguous (N, cdiv(col_end - col0, BLOCK_N)) fp32 one
+    N, col0, col_end, D, diag_offset,
+    # strides
     stride_am, stride_ad, stride_bk, stride_bd,
     # constants
     HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr, NEED_ZP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    """ds[i, j] = P_ij / τ_i for one (i-block, j-block) tile, and the tile's share of zp_i; the
-    launcher multiplies ds into da and db with two GEMMs (the large-D backward)."""
+    """ds[i, j - col0] = P_ij / τ_i for one (i-block, j-block) tile of a chunk of columns, and the
+    tile's share of zp_i; the launcher multiplies ds into da and db with GEMMs (the large-D backward)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    local = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col0 + local
     tau, lse, c, tgt = _row_constants(tau_ptr, lse_ptr, coef_ptr, target_ptr, rows, N, HAS_TARGET)
-    z, P = _probs_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, tau, lse, c, tgt, diag_offset,
+    # columns past col_end read as out of range: the chunk's own bound
+    z, P = _probs_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, col_end, D, tau, lse, c, tgt, diag_offset,
                        stride_am, stride_ad, stride_bk, stride_bd, HAS_BIAS, HAS_TARGET, MASK_DIAG, BLOCK_D,
                        UPCAST, PRECISION, BLOCK_M, BLOCK_N)
-    ds_ptrs = ds_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]
-    tl.store(ds_ptrs, to_store(P / tau[:, None], ds_ptr, INTERPRETED), mask=(rows[:, None] < N) & (cols[None, :] < K))
+    width = col_end - col0
+    ds_ptrs = ds_ptr + rows.to(tl.int64)[:, None] * width + local[None, :]
+    tl.store(ds_ptrs, to_store(P / tau[:, None], ds_ptr, INTERPRETED),
+             mask=(rows[:, None] < N) & (local[None, :] < width))
     if NEED_ZP:
-        n_col_blocks = tl.num_programs(1)
-        tl.store(zp_ptr + rows.to(tl.int64) * n_col_blocks + tl.program_id(1),
+        tl.store(zp_ptr + rows.to(tl.int64) * tl.num_programs(1) + tl.program_id(1),
                  tl.sum(tl.where(P != 0.0, z * P, 0.0), 1), mask=rows < N)
 
 
@@ -335,40 +340,48 @@ def _materialized(D, bdo, a, b):
 
 
 def _tile_bwd_materialized(a, b, bias, tau_rows, target, diag_offset, lse, coef, need_da, need_db, need_zp):
-    """Chunks of rows: ds = P / τ (chunk × K, in the operands' dtype, fp32 for fp32) from one
-    recomputation of the tiles, then da = ds @ b and db += dsᵀ @ a_chunk (fp32 accumulation
-    across chunks, in chunk order: deterministic).  FLOPs 6·N·K·D whatever D; extra memory one
-    chunk, about max(N·D, MATERIALIZED_CHUNK_ELEMENTS) elements."""
+    """Chunks of columns: ds = P / τ (N × chunk, in the operands' dtype, fp32 for fp32) from one
+    recomputation of the tiles, then db[chunk] = dsᵀ @ a (complete: one GEMM over all rows) and
+    da += ds @ b[chunk] (fp32, in chunk order: deterministic).  Chunking the columns, not the rows,
+    makes the running sum the (N, D) da rather than the (K, D) db, which is far larger for an LLM
+    head.  FLOPs 6·N·K·D whatever D; extra memory one chunk, about max(N·D,
+    MATERIALIZED_CHUNK_ELEMENTS) elements, and da's fp32 sum."""
     N, D = a.shape
     K = b.shape[0]
     f32 = dict(device=a.device, dtype=torch.float32)
-    rows = max(N * D, MATERIALIZED_CHUNK_ELEMENTS) // max(K, 1)
-    rows = min(N, max(BLOCK_M, rows // BLOCK_M * BLOCK_M))
+    width = max(N * D, MATERIALIZED_CHUNK_ELEMENTS) // max(N, 1)
+    width = min(K, max(BLOCK_N, width // BLOCK_N * BLOCK_N))
     common = _common(a, b, bias, target, diag_offset)
-    n_col_blocks = triton.cdiv(K, BLOCK_N)
-    ds = torch.empty((rows, K), device=a.device, dtype=a.dtype)
-    zp_part = torch.empty((rows, n_col_blocks), **f32) if need_zp else lse
-    da = torch.empty((N, D), device=a.device, dtype=a.dtype) if need_da else None
-    zp = torch.empty(N, **f32) if need_zp else None
-    db = torch.zeros((K, D), **f32) if need_db else None
-    dbias = torch.zeros(K, **f32) if need_db and bias is not None else None
-    for r0 in range(0, N, rows):
-        r1 = min(N, r0 + rows)
-        n = r1 - r0
-        a_c = a[r0:r1]
-        _tile_bwd_probs_kernel[(triton.cdiv(n, BLOCK_M), n_col_blocks)](
-            a_c, b, bias if bias is not None else lse, tau_rows[r0:r1],
-            target[r0:r1] if target is not None else lse, lse[r0:r1], coef[r0:r1], ds, zp_part,
-            n, K, D, (diag_offset or 0) + r0, *a.stride(), *b.stride(),
+    ds_buf = torch.empty(N * width, device=a.device, dtype=a.dtype)
+    zp_buf = torch.empty(N * triton.cdiv(width, BLOCK_N), **f32) if need_zp else lse
+    single = width >= K
+    da = da_sum = None
+    if need_da:
+        da = torch.empty((N, D), device=a.device, dtype=a.dtype) if single else None
+        da_sum = None if single else torch.zeros((N, D), **f32)
+    zp = torch.zeros(N, **f32) if need_zp else None
+    db = torch.empty((K, D), device=b.device, dtype=b.dtype) if need_db else None
+    dbias = torch.empty(K, **f32) if need_db and bias is not None else None
+    for c0 in range(0, K, width):
+        c1 = min(K, c0 + width)
+        n_blocks = triton.cdiv(c1 - c0, BLOCK_N)
+        ds = ds_buf[:N * (c1 - c0)].view(N, c1 - c0)
+        _tile_bwd_probs_kernel[(triton.cdiv(N, BLOCK_M), n_blocks)](
+            a, b, bias if bias is not None else lse, tau_rows, target if target is not None else lse, lse, coef,
+            ds, zp_buf, N, c0, c1, D, diag_offset or 0, *a.stride(), *b.stride(),
             NEED_ZP=need_zp, INTERPRETED=_interpreted(), **common,
         )
-        ds_c = ds[:n]
         if need_da:
-            torch.mm(ds_c, b, out=da[r0:r1])
-        if need_zp:
-            zp[r0:r1] = zp_part[:n].sum(1)
+            if single:
+                torch.mm(ds, b, out=da)
+            else:
+                da_sum += torch.mm(ds, b[c0:c1]).to(torch.float32)
         if need_db:
-            db += torch.mm(ds_c.t(), a_c).to(torch.float32)
+            torch.mm(ds.t(), a, out=db[c0:c1])
             if dbias is not None:
-                dbias += ds_c.sum(0, dtype=torch.float32)
-    return da, (db.to(b.dtype) if need_db else None), dbias, zp
+                dbias[c0:c1] = ds.sum(0, dtype=torch.float32)
+        if need_zp:
+            zp += zp_buf[:N * n_blocks].view(N, n_blocks).sum(1)
+    if need_da and not single:
+        da = da_sum.to(a.dtype)
+    return da, db, dbias, zp

@@ -170,7 +170,7 @@ def test_linear_ce_memory():
 
 
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)
-@pytest.mark.parametrize("route", ["fused", "materialized"])
+@pytest.mark.parametrize("route", ["fused", "materialized", "materialized-one-chunk"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_both_backward_routes(backend, device, dtype, route, monkeypatch):
     """The Triton backward's two routes (kernels/tile.py): fused dA / dB kernels, or chunks of P / τ
@@ -178,7 +178,9 @@ def test_both_backward_routes(backend, device, dtype, route, monkeypatch):
     smoothing, an ignored row and a learnable τ."""
     import fused_tau.kernels.tile as tile
 
-    monkeypatch.setattr(tile, "MATERIALIZED_BWD", route)
+    monkeypatch.setattr(tile, "MATERIALIZED_BWD", route.split("-")[0])
+    if route.endswith("one-chunk"):
+        monkeypatch.setattr(tile, "MATERIALIZED_CHUNK_ELEMENTS", 1 << 20)
     x, W, b = torch.randn(N, D, device=device), torch.randn(V, D, device=device) * 0.5, torch.randn(V, device=device)
     y = torch.randint(0, V, (N,), device=device)
     y[4] = -100
