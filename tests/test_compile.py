@@ -112,6 +112,23 @@ def test_compiled_training_step_matches_eager(backend, name):
     assert net.body.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="host syncs are a CUDA notion")
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("name", sorted(STEPS))
+def test_no_host_sync_on_cuda(backend, name):
+    """torch.cuda.set_sync_debug_mode("error"): on the Triton path a training step's forward and
+    backward never wait for the GPU (a warm-up step first: Triton's first launch compiles)."""
+    net, batch = Net().to(DEVICE), _batch()
+    _run(STEPS[name], net, batch)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = STEPS[name](net, batch)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_compiled_moco_step_with_queue(backend):
     """A MoCo step compiled whole (query encoder, momentum keys, learnable τ, the loss against the
     queue), then the queue's enqueue compiled too, after the backward (MoCoQueue's docstring)."""
