@@ -9,6 +9,7 @@ positive), and the positive's gradient ``p_pos - 1 = expm1(-nll)`` too.
 """
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from . import reference
 from ._checks import check_same_device, check_tensor, reduce_tau_grad, tau_for_kernel, tau_tensor
@@ -69,6 +70,7 @@ class InfoNCEFunction(torch.autograd.Function):
         return reduce_rows(nll, reduction).to(query.dtype)
 
     @staticmethod
+    @once_differentiable
     @autocast_off
     def backward(ctx, grad):
         query, key, negatives, tau_rows, target, lse, nll, tau = ctx.saved_tensors
@@ -114,6 +116,7 @@ class NTXentFunction(torch.autograd.Function):
         return nll.mean().to(z.dtype)
 
     @staticmethod
+    @once_differentiable
     @autocast_off
     def backward(ctx, grad):
         z, tau_rows, target, lse, nll, tau = ctx.saved_tensors

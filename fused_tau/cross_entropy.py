@@ -6,6 +6,7 @@ backward recomputes the probabilities and writes the gradient once.  No
 N × C temporary exists besides the gradient, and no fp32 copy of bf16 logits.
 """
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import reference
 from ._checks import (check_ce_options, check_class_targets, check_same_device, check_tensor, check_vector,
@@ -47,6 +48,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return out.to(input.dtype)
 
     @staticmethod
+    @once_differentiable
     @autocast_off
     def backward(ctx, grad):
         x3, tgt, w, tau_k, m, s, a, denom, tau = ctx.saved_tensors

@@ -4,6 +4,7 @@ Layers: kernels/row_kd.py (or fused_tau/_torch_kd.py) -> ``KDFunction`` -> ``kd_
 """
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from . import reference
 from ._checks import (check_class_targets, check_same_device, check_tensor, reduce_tau_grad, tau_for_kernel,
@@ -51,6 +52,7 @@ class KDFunction(torch.autograd.Function):
         return loss.to(student.dtype)
 
     @staticmethod
+    @once_differentiable
     @autocast_off
     def backward(ctx, grad):
         s2, t2, tgt, tau_k, stats, n_valid, tau = ctx.saved_tensors

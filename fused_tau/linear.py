@@ -9,6 +9,7 @@ target's a sparse one, and the rest comes from the recomputed tiles.
 """
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from . import reference
 from ._checks import (check_ce_options, check_class_targets, check_same_device, check_tensor, check_vector,
@@ -51,6 +52,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return out.to(x.dtype)
 
     @staticmethod
+    @once_differentiable
     @autocast_off
     def backward(ctx, grad):
         x, W, b, y, valid, w, w_y, tau_rows, lse, nll, wz, denom, tau = ctx.saved_tensors

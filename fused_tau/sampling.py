@@ -12,6 +12,7 @@ import numbers
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from . import reference
 from ._checks import check_dim, check_same_device, check_tensor, data_check, tau_for_kernel, tau_tensor
@@ -37,6 +38,7 @@ class GumbelSoftmaxFunction(torch.autograd.Function):
         return out.view(x.shape)
 
     @staticmethod
+    @once_differentiable
     @autocast_off
     def backward(ctx, grad):
         src, tau_k, seed, *aux = ctx.saved_tensors

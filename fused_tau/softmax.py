@@ -6,6 +6,7 @@ Layers: kernels/row.py (or the torch path) -> custom ops (_ops.py) -> ``SoftmaxF
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import reference
 from ._checks import check_dim, check_tensor, reduce_tau_grad, tau_for_kernel, tau_tensor
@@ -37,6 +38,7 @@ class SoftmaxFunction(torch.autograd.Function):
         return out.view(x.shape)
 
     @staticmethod
+    @once_differentiable
     @autocast_off
     def backward(ctx, grad):
         out, x3, m, s, tau_k, tau = ctx.saved_tensors
@@ -61,6 +63,7 @@ class LogSumExpFunction(torch.autograd.Function):
         return out.view(tuple(x.shape[:dim]) + tuple(x.shape[dim + 1:]))
 
     @staticmethod
+    @once_differentiable
     @autocast_off
     def backward(ctx, grad):
         x3, m, s, tau_k, tau = ctx.saved_tensors

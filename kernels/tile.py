@@ -334,6 +334,8 @@ def _materialized(D, bdo, a, b):
     """The fused kernels recompute every tile once per BLOCK_DO-wide slice of D: beyond one slice (the
     LLM head, D in the thousands) the backward writes the tiles' P / τ once, a chunk of rows at a
     time, and multiplies them with cuBLAS."""
+    if b.shape[0] == 0:  # no columns: the fused kernels' empty loops give the zero gradients
+        return False
     if MATERIALIZED_BWD != "auto":
         return MATERIALIZED_BWD == "materialized"
     return D > bdo and a.dtype == b.dtype

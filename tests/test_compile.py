@@ -274,6 +274,10 @@ def _recorded_calls():
         grad_of(lambda a, b: ft.nt_xent(a, b, 0.5), q, k)
         grad_of(lambda h, w, b_, t: ft.linear_cross_entropy(h, w, y, linear_bias=b_, label_smoothing=0.1, tau=t),
                 q, W, bias, tau)
+        # float64 runs the torch path on either backend
+        grad_of(lambda x, t: ft.cross_entropy(x, y, t, label_smoothing=0.1), x.double(), tau.double())
+        grad_of(lambda s: ft.kd_loss(s, x.double().flip(0), 2.0, target=y.clamp(min=0)), x.double())
+        grad_of(lambda q, k: ft.infonce(q, k, queue.double(), 0.2), q.double(), k.double())
     return recorder.calls
 
 
@@ -281,6 +285,11 @@ def test_opcheck_every_custom_op(backend):
     """torch.library.opcheck (schema, fake tensor, autograd registration, AOT dispatch with dynamic
     shapes) on every custom op, each with the arguments the public functions pass it."""
     calls = _recorded_calls()
+    # traced code takes the out-of-place backward; the in-place one (eager inplace_backward=True)
+    # has the same arguments and declares its mutation of x3
+    calls += [(torch.ops.fused_tau.ce_bwd_inplace.default, [a.clone() if isinstance(a, torch.Tensor) else a
+                                                              for a in args], kwargs)
+              for func, args, kwargs in calls if func._name == "fused_tau::ce_bwd"]
     names = {func._name for func, _, _ in calls}
     registered = {name for name in dir(torch.ops.fused_tau) if not name.startswith("_")} - {"name"}
     ours = {"fused_tau::" + n for n in registered if isinstance(getattr(torch.ops.fused_tau, n),
@@ -288,7 +297,8 @@ def test_opcheck_every_custom_op(backend):
     assert names == ours, f"ops never exercised: {ours - names}"
     checked = set()
     for func, args, kwargs in calls:
-        key = (func._name, tuple(a for a in args if isinstance(a, (bool, int, float, str))))
+        key = (func._name, tuple(a.dtype if isinstance(a, torch.Tensor) else None if a is None else
+                                 a if isinstance(a, (bool, int, float, str)) else type(a) for a in args))
         if key in checked:
             continue
         checked.add(key)
@@ -312,3 +322,13 @@ def test_no_host_reads_on_the_path():
                  for i, line in enumerate(path.read_text().splitlines(), 1)
                  if pattern.search(line) and "host-ok" not in line]
     assert not offenders, "\n".join(offenders)
+
+
+def test_double_backward_is_refused(backend):
+    """The backward formulas are not differentiable again: create_graph=True followed by a second
+    backward raises (once_differentiable) instead of silently dropping second-order terms."""
+    x = torch.randn(4, 7, device=DEVICE, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3], device=DEVICE)
+    (g,) = torch.autograd.grad(ft.cross_entropy(x, y, 0.5), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        g.pow(2).sum().backward()

@@ -173,3 +173,5 @@ def test_both_backward_routes(backend, device, dtype, route, monkeypatch):
              lambda q, k, qu, t: reference.infonce(q, k, qu, t, "none"), [q, k, queue], tau, dtype, tau_scale=N)
     for fn, ref_fn in ((fused_tau.clip_loss, reference.clip_loss), (fused_tau.nt_xent, reference.nt_xent)):
         _compare(fn, ref_fn, [q, k], torch.tensor(0.1, device=device, requires_grad=True), dtype, tau_scale=N)
+    _compare(lambda q, k, qu, t: fused_tau.infonce(q, k, qu, t), lambda q, k, qu, t: reference.infonce(q, k, qu, t),
+             [q, k, queue[:0]], 0.2, dtype)  # an empty queue: the positive alone, loss 0
