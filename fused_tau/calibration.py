@@ -62,7 +62,6 @@ def expected_calibration_error(logits, labels, n_bins=15, tau=1.0):
         correct = (pred == labels).float()
         edges = torch.linspace(0, 1, n_bins + 1, device=logits.device)
         bins = torch.bucketize(conf, edges[1:-1], right=False)  # (i/n, (i+1)/n] -> i
-        count = torch.zeros(n_bins, device=logits.device).index_add_(0, bins, torch.ones_like(conf))
         acc = torch.zeros(n_bins, device=logits.device).index_add_(0, bins, correct)
         cf = torch.zeros(n_bins, device=logits.device).index_add_(0, bins, conf)
         return ((acc - cf).abs().sum() / logits.shape[0]).to(torch.float32)

@@ -18,7 +18,6 @@ Offsets are int64 (the row index is widened before any stride product).
 """
 import os
 
-import torch
 import triton
 import triton.language as tl
 

@@ -153,7 +153,6 @@ def _lse_bwd_kernel(
     x_row = x_ptr + a * stride_xa + b * stride_xb
     dx_row = dx_ptr + a * C * B + b
     tau = tl.load(tau_ptr + a * stride_tau).to(tl.float32)
-    inv_tau = 1.0 / tau
     M = tl.load(m_ptr + r)
     S = tl.load(s_ptr + r)
     g = tl.load(g_ptr + r).to(tl.float32)
