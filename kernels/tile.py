@@ -230,9 +230,10 @@ def _tile_bwd_db_kernel(
 @triton.jit
 def _tile_bwd_probs_kernel(
     # pointers
-    a_ptr, b_ptr, bias_ptr, tau_ptr, target_ptr, lse_ptr, coef_ptr, ds_ptr, zp_ptr,
+    a_ptr, b_ptr, bias_ptr, tau_ptr, target_ptr, lse_ptr, coef_ptr, ds_ptr, zp_ptr, dbias_ptr,
     # shapes: the chunk is columns [col0, col_end) of the K; ds is a contiguous (N, col_end - col0)
-    # buffer, zp a contiguous (N, cdiv(col_end - col0, BLOCK_N)) fp32 one
+    # buffer, zp a contiguous (N, cdiv(col_end - col0, BLOCK_N)) fp32 one, dbias a contiguous
+    # (cdiv(N, BLOCK_M), col_end - col0) fp32 one
     N, col0, col_end, D, diag_offset,
     # strides
     stride_am, stride_ad, stride_bk, stride_bd,
@@ -242,7 +243,8 @@ def _tile_bwd_probs_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """ds[i, j - col0] = P_ij / τ_i for one (i-block, j-block) tile of a chunk of columns, and the
-    tile's share of zp_i; the launcher multiplies ds into da and db with GEMMs (the large-D backward)."""
+    tile's shares of zp_i and (with a bias) of dbias_j, summed in fp32 before ds is rounded to its
+    dtype; the launcher multiplies ds into da and db with GEMMs (the large-D backward)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     local = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = col0 + local
@@ -252,9 +254,11 @@ def _tile_bwd_probs_kernel(
                        stride_am, stride_ad, stride_bk, stride_bd, HAS_BIAS, HAS_TARGET, MASK_DIAG, BLOCK_D,
                        UPCAST, PRECISION, BLOCK_M, BLOCK_N)
     width = col_end - col0
+    Pt = P / tau[:, None]
     ds_ptrs = ds_ptr + rows.to(tl.int64)[:, None] * width + local[None, :]
-    tl.store(ds_ptrs, to_store(P / tau[:, None], ds_ptr, INTERPRETED),
-             mask=(rows[:, None] < N) & (local[None, :] < width))
+    tl.store(ds_ptrs, to_store(Pt, ds_ptr, INTERPRETED), mask=(rows[:, None] < N) & (local[None, :] < width))
+    if HAS_BIAS:
+        tl.store(dbias_ptr + tl.program_id(0).to(tl.int64) * width + local, tl.sum(Pt, 0), mask=local < width)
     if NEED_ZP:
         tl.store(zp_ptr + rows.to(tl.int64) * tl.num_programs(1) + tl.program_id(1),
                  tl.sum(tl.where(P != 0.0, z * P, 0.0), 1), mask=rows < N)
@@ -356,6 +360,8 @@ def _tile_bwd_materialized(a, b, bias, tau_rows, target, diag_offset, lse, coef,
     common = _common(a, b, bias, target, diag_offset)
     ds_buf = torch.empty(N * width, device=a.device, dtype=a.dtype)
     zp_buf = torch.empty(N * triton.cdiv(width, BLOCK_N), **f32) if need_zp else lse
+    row_blocks = triton.cdiv(N, BLOCK_M)
+    dbias_buf = torch.empty(row_blocks * width, **f32) if need_db and bias is not None else lse
     single = width >= K
     da = da_sum = None
     if need_da:
@@ -368,9 +374,9 @@ def _tile_bwd_materialized(a, b, bias, tau_rows, target, diag_offset, lse, coef,
         c1 = min(K, c0 + width)
         n_blocks = triton.cdiv(c1 - c0, BLOCK_N)
         ds = ds_buf[:N * (c1 - c0)].view(N, c1 - c0)
-        _tile_bwd_probs_kernel[(triton.cdiv(N, BLOCK_M), n_blocks)](
+        _tile_bwd_probs_kernel[(row_blocks, n_blocks)](
             a, b, bias if bias is not None else lse, tau_rows, target if target is not None else lse, lse, coef,
-            ds, zp_buf, N, c0, c1, D, diag_offset or 0, *a.stride(), *b.stride(),
+            ds, zp_buf, dbias_buf, N, c0, c1, D, diag_offset or 0, *a.stride(), *b.stride(),
             NEED_ZP=need_zp, INTERPRETED=_interpreted(), **common,
         )
         if need_da:
@@ -381,7 +387,7 @@ def _tile_bwd_materialized(a, b, bias, tau_rows, target, diag_offset, lse, coef,
         if need_db:
             torch.mm(ds.t(), a, out=db[c0:c1])
             if dbias is not None:
-                dbias[c0:c1] = ds.sum(0, dtype=torch.float32)
+                dbias[c0:c1] = dbias_buf[:row_blocks * (c1 - c0)].view(row_blocks, c1 - c0).sum(0)
         if need_zp:
             zp += zp_buf[:N * n_blocks].view(N, n_blocks).sum(1)
     if need_da and not single:
