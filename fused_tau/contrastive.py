@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from . import _ops as ops
 from . import reference
 from ._checks import check_same_device, check_tensor, reduce_tau_grad, tau_for_kernel, tau_tensor
-from . import _ops as ops
 from ._dispatch import autocast_off, backend_for, loss_under_autocast
 
 REDUCTIONS = ("none", "mean", "sum")

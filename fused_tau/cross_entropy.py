@@ -8,10 +8,10 @@ N × C temporary exists besides the gradient, and no fp32 copy of bf16 logits.
 import torch
 from torch.autograd.function import once_differentiable
 
+from . import _ops as ops
 from . import reference
 from ._checks import (check_ce_options, check_class_targets, check_same_device, check_tensor, check_vector,
                       reduce_tau_grad, tau_for_kernel, tau_tensor)
-from . import _ops as ops
 from ._dispatch import autocast_off, backend_for, loss_under_autocast
 from .softmax import view3
 

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from . import _ops as ops
 from . import reference
 from ._checks import check_dim, check_same_device, check_tensor, data_check, tau_for_kernel, tau_tensor
-from . import _ops as ops
 from ._dispatch import autocast_off, backend_for
 from .softmax import view3
 

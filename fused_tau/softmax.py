@@ -8,9 +8,9 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
+from . import _ops as ops
 from . import reference
 from ._checks import check_dim, check_tensor, reduce_tau_grad, tau_for_kernel, tau_tensor
-from . import _ops as ops
 from ._dispatch import MODE_LOG_SOFTMAX, MODE_LSE, MODE_SOFTMAX, autocast_off, backend_for
 
 
