@@ -80,8 +80,8 @@ def _cce(inp):
 
 PROVIDERS = {
     "infonce": {
-        "fused_tau": lambda inp: fused_tau.infonce(inp["q"], inp["k"], inp["queue"], MOCO_TAU),
-        "torch": lambda inp: fused_tau.reference.infonce(inp["q"], inp["k"], inp["queue"], MOCO_TAU),
+        "fused_tau": lambda inp: fused_tau.infonce(inp["q"], inp["k"], inp["queue"], tau=MOCO_TAU),
+        "torch": lambda inp: fused_tau.reference.infonce(inp["q"], inp["k"], inp["queue"], tau=MOCO_TAU),
     },
     "linear_cross_entropy": {  # τ = 1 so that every peer computes the same loss
         "fused_tau": lambda inp: fused_tau.linear_cross_entropy(inp["x"], inp["W"], inp["y"]),
@@ -91,11 +91,11 @@ PROVIDERS = {
         "cut-cross-entropy": _cce,
     },
     "cross_entropy": {
-        "fused_tau": lambda inp: fused_tau.cross_entropy(inp["x"], inp["y"], CE_TAU),
+        "fused_tau": lambda inp: fused_tau.cross_entropy(inp["x"], inp["y"], tau=CE_TAU),
         "torch": lambda inp: F.cross_entropy(inp["x"] / CE_TAU, inp["y"]),
     },
     "kd_loss": {
-        "fused_tau": lambda inp: fused_tau.kd_loss(inp["student"], inp["teacher"], KD_TAU),
+        "fused_tau": lambda inp: fused_tau.kd_loss(inp["student"], inp["teacher"], tau=KD_TAU),
         "torch": _kd_torch,
     },
     "gumbel_softmax": {
@@ -103,7 +103,7 @@ PROVIDERS = {
         "torch": lambda inp: F.gumbel_softmax(inp["x"], GUMBEL_TAU),
     },
     "sample": {
-        "fused_tau": lambda inp: fused_tau.sample(inp["x"], SAMPLE_TAU),
+        "fused_tau": lambda inp: fused_tau.sample(inp["x"], tau=SAMPLE_TAU),
         "torch": lambda inp: torch.multinomial(torch.softmax(inp["x"].float() / SAMPLE_TAU, -1), 1),
     },
 }

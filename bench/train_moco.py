@@ -113,7 +113,7 @@ def train(args, loss_kind, rank=0, world=1, progress=True):
             k = F.normalize(enc_k(x_k), dim=1)
         if loss_kind == "fused_tau":
             return loss_fn(q, k, queue), k
-        return reference.infonce(q, k, queue.queue, args.tau), k
+        return reference.infonce(q, k, queue.queue, tau=args.tau), k
 
     if args.compile:
         # DDP splits the graph at its gradient buckets, so fullgraph only on one rank

@@ -108,8 +108,52 @@ def check_ce_options(reduction, reductions, ignore_index, label_smoothing):
 
 
 def check_class_targets(target, n_classes, ignore_index, name="target"):
-    """Class indices in [0, n_classes) or ignore_index, checked without a host sync on CUDA."""
+    """Class indices in [0, n_classes) or ignore_index, checked without a host sync on CUDA.
+
+    Compared in int64: in uint8, ignore_index=-100 would wrap to 156 and pass a real class 156
+    as ignored (and int8 would wrap large indices the other way)."""
     if target.numel():
-        ok = ((target >= 0) & (target < n_classes)) | (target == ignore_index)
+        t = target.to(torch.int64)
+        ok = ((t >= 0) & (t < n_classes)) | (t == ignore_index)
         data_check(ok.all(), f"{name} holds a class index outside [0, {n_classes}) that is not "
                              f"ignore_index={ignore_index}", IndexError)
+
+
+def legacy_reduction(size_average, reduce):
+    """torch's deprecated ``size_average`` / ``reduce`` pair -> a reduction string, with torch's
+    meaning and its deprecation warning (``torch.nn._reduction.legacy_get_string``)."""
+    for value, name in ((size_average, "size_average"), (reduce, "reduce")):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool or None (deprecated: use reduction), got {type(value).__name__}")
+    from torch.nn import _reduction
+
+    return _reduction.legacy_get_string(size_average, reduce)
+
+
+def check_inplace_target(t, name):
+    """A tensor the backward may overwrite with its gradient: every element its own memory (no
+    expanded / overlapping view, where one write would land on several elements), and not a leaf
+    that requires grad (torch refuses in-place writes to those: it would overwrite the caller's
+    parameter)."""
+    if _may_overlap(t):
+        raise ValueError(f"inplace_backward=True needs {name} whose elements do not overlap (it is expanded "
+                         f"or otherwise self-overlapping); pass {name}.contiguous() or inplace_backward=False")
+    if t.is_leaf and t.requires_grad:
+        raise ValueError(f"inplace_backward=True would overwrite {name}, a leaf tensor that requires grad "
+                         f"(the caller's data); use inplace_backward=False")
+
+
+def _may_overlap(t):
+    """True unless every element provably has its own memory: torch's own check, and where it
+    cannot tell, the strides: dims of size > 1 sorted by stride, each stride at least the extent
+    of the dims below it (conservative: an interleaved layout is refused, never miswritten)."""
+    verdict = torch._debug_has_internal_overlap(t)  # 0 no, 1 yes, 2 too hard to tell
+    if verdict != 2:
+        return verdict == 1
+    dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1)
+    extent = 1
+    for st, sz in dims:
+        if st < extent:
+            return True
+        extent = st * sz
+    return False

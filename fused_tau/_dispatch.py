@@ -151,3 +151,46 @@ def loss_under_autocast(out, like):
     if out.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(like.device.type):
         return out.float()
     return out
+
+
+ONCE_DIFFERENTIABLE_MESSAGE = (
+    b"fused_tau's losses and ops are once-differentiable: their backward is fused and has no "
+    b"backward of its own, so a second derivative (create_graph=True, torch.autograd.grad of a "
+    b"gradient, a Hessian) is not available; use fused_tau.reference for higher-order derivatives")
+
+
+def once_differentiable(fn):
+    """torch's ``once_differentiable`` for an autograd Function's backward, with an error that
+    names fused_tau: under ``create_graph=True`` every gradient it returns carries a node that
+    raises ONCE_DIFFERENTIABLE_MESSAGE when differentiated (torch's own decorator does so only
+    when the incoming gradient requires grad, and otherwise leaves torch's generic "element 0 of
+    tensors does not require grad")."""
+    import functools
+
+    import torch
+    from torch._C import _functions
+
+    @functools.wraps(fn)
+    def wrapper(ctx, *args):
+        with torch.no_grad():
+            outputs = fn(ctx, *args)
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return outputs
+        outs = outputs if isinstance(outputs, tuple) else (outputs,)
+        if not any(isinstance(o, torch.Tensor) for o in outs):
+            return outputs
+        err_fn = _functions.DelayedError(ONCE_DIFFERENTIABLE_MESSAGE, len(outs))
+
+        def fake_requires_grad(v):
+            if isinstance(v, torch.Tensor):
+                v = v.detach()
+                v.requires_grad = True
+            return v
+
+        wrapped = err_fn(*[fake_requires_grad(o) for o in outs])
+        wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+        # DelayedError passes None through; keep the Nones the backward returned
+        result = tuple(w if o is not None else None for w, o in zip(wrapped, outs))
+        return result if isinstance(outputs, tuple) else result[0]
+
+    return wrapper

@@ -51,14 +51,14 @@ def fit_temperature(logits, labels, max_iter=100, init=1.0):
     return math.exp(log_t.item())  # host-ok: calibration is offline and returns a number
 
 
-def expected_calibration_error(logits, labels, n_bins=15, tau=1.0):
+def expected_calibration_error(logits, labels, n_bins=15, *, tau=1.0):
     """ECE of ``softmax(logits / tau)``: Σ_b (|B_b| / N) |accuracy(B_b) - confidence(B_b)| over
     ``n_bins`` equal-width confidence bins (i/n, (i+1)/n] (Guo et al. 2017), as a 0-dim tensor."""
     _check_logits_labels(logits, labels)
     if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
     with torch.no_grad():
-        conf, pred = softmax(logits, tau).float().max(-1)
+        conf, pred = softmax(logits, tau=tau).float().max(-1)
         correct = (pred == labels).float()
         edges = torch.linspace(0, 1, n_bins + 1, device=logits.device)
         bins = torch.bucketize(conf, edges[1:-1], right=False)  # (i/n, (i+1)/n] -> i

@@ -32,7 +32,7 @@ SEED_EXAMPLES = (
     ("seed 003, the positive is nearest", (0.5, 0.25, -0.45, -0.1), 0, (1.0, 0.5, 0.05, 0.01)),
     ("seed 003, a negative is nearest", (0.25, 0.5, -0.45, -0.1), 0, (1.0, 0.5, 0.05, 0.01)),
 )
-LEGEND = ("Computed in float64 by fused_tau: softmax(x/tau); CE = fused_tau.cross_entropy(x, target, tau)\n"
+LEGEND = ("Computed in float64 by fused_tau: softmax(x/tau); CE = fused_tau.cross_entropy(x, target, tau=tau)\n"
           "and its gradients dCE/dx, dCE/dtau by autograd (* marks the target);\n"
           "H = the entropy of softmax(x/tau) in nats, exp(H) = the effective number of classes.")
 
@@ -136,13 +136,13 @@ def require_finite(result, prog, what, hint="use smaller logits or a larger --ta
 def temperature_row(logits, tau, target=None):
     """For one τ, computed in float64 by fused_tau: x/τ, softmax(x/τ), its entropy H (nats)
     and exp(H), the effective number of classes; with a target, the cross-entropy
-    ``fused_tau.cross_entropy(x, target, tau)`` and its gradients (autograd through
+    ``fused_tau.cross_entropy(x, target, tau=tau)`` and its gradients (autograd through
     fused_tau's backward) with respect to the logits and to τ."""
     x = torch.tensor([logits], dtype=torch.float64)
-    p = softmax(x, tau)[0]
+    p = softmax(x, tau=tau)[0]
     # 0 * log 0 = 0: a class whose probability underflows contributes nothing
     # host-ok (here and below): the command line prints numbers; it is not a training step
-    entropy = -torch.where(p > 0, p * log_softmax(x, tau)[0], torch.zeros_like(p)).sum().item()  # host-ok: offline report
+    entropy = -torch.where(p > 0, p * log_softmax(x, tau=tau)[0], torch.zeros_like(p)).sum().item()  # host-ok: offline report
     row = {"tau": tau, "scaled_logits": (x[0] / tau).tolist(), "softmax": p.tolist(),  # host-ok
            "entropy": entropy, "effective_classes": math.exp(entropy)}
     if target is not None:

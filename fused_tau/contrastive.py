@@ -9,12 +9,11 @@ positive), and the positive's gradient ``p_pos - 1 = expm1(-nll)`` too.
 """
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from . import _ops as ops
 from . import reference
 from ._checks import check_same_device, check_tensor, reduce_tau_grad, tau_for_kernel, tau_tensor
-from ._dispatch import autocast_off, backend_for, loss_under_autocast
+from ._dispatch import autocast_off, backend_for, loss_under_autocast, once_differentiable
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -168,15 +167,20 @@ def _gathered(key):
     return keys, dist.get_rank() * key.shape[0]
 
 
-def infonce(query, key, queue=None, tau=0.07, reduction="mean", *, gather=False):
+def infonce(query, key, queue=None, *, tau=0.07, reduction="mean", gather=False):
     """MoCo InfoNCE in one fused pass (the N × K logits never exist).
 
     queue given (MoCo v1/v2): ``F.cross_entropy(cat([(q*k).sum(-1, keepdim=True), q @ queue.T], 1) / tau, 0)``;
     queue None (in-batch, MoCo v3, one direction of CLIP): ``F.cross_entropy(q @ k.T / tau, arange(N))``.
     ``gather=True`` (in-batch, under torch.distributed) uses every rank's keys as negatives, the
-    labels offset by this rank's position.  τ: a positive float, a one-element tensor (learnable)
-    or one τ per query.  Gradients for query, key, queue (when it requires one) and τ.
+    labels offset by this rank's position.  τ (keyword-only, as every option): a positive float, a
+    one-element tensor (learnable) or one τ per query.  ``queue`` may be a tensor or a
+    :class:`fused_tau.MoCoQueue`.  Gradients for query, key, queue (when it requires one) and τ.
     """
+    from .modules import MoCoQueue  # modules imports this module
+
+    if isinstance(queue, MoCoQueue):
+        queue = queue.queue
     _check_embeddings(query, key, queue)
     if gather and queue is not None:
         raise ValueError("gather=True applies to in-batch negatives (queue=None); a MoCoQueue gathers on enqueue")
@@ -194,17 +198,17 @@ def infonce(query, key, queue=None, tau=0.07, reduction="mean", *, gather=False)
             logits = query @ key.T / reference._tau_over(tau_t, query, 1)
             return F.cross_entropy(logits, torch.arange(query.shape[0], device=query.device) + offset,
                                    reduction=reduction)
-        return reference.infonce(query, key, queue, tau_t, reduction)
+        return reference.infonce(query, key, queue, tau=tau_t, reduction=reduction)
     return loss_under_autocast(InfoNCEFunction.apply(query, key, queue, tau_t, reduction, offset, backend), query)
 
 
-def clip_loss(a, b, tau=0.07, *, gather=False):
+def clip_loss(a, b, *, tau=0.07, gather=False):
     """CLIP's symmetric loss ``(infonce(a, b, tau=tau) + infonce(b, a, tau=tau)) / 2`` (in-batch;
     ``gather=True`` uses every rank's pairs).  τ may be a learnable one-element tensor."""
     return (infonce(a, b, tau=tau, gather=gather) + infonce(b, a, tau=tau, gather=gather)) / 2
 
 
-def nt_xent(z1, z2, tau=0.5):
+def nt_xent(z1, z2, *, tau=0.5):
     """SimCLR's NT-Xent over the 2N views of N pairs: rows L2-normalised, each view's positive is
     its pair, the other 2N - 2 views its negatives, self-similarity excluded; mean over 2N views."""
     _check_embeddings(z1, z2, None)
@@ -213,6 +217,6 @@ def nt_xent(z1, z2, tau=0.5):
     tau_t = tau_tensor(tau, z1, ())
     backend = backend_for(z1)
     if backend == "reference" or z1.shape[0] == 0:
-        return reference.nt_xent(z1, z2, tau_t)
+        return reference.nt_xent(z1, z2, tau=tau_t)
     z = F.normalize(torch.cat([z1, z2], 0), dim=-1)
     return loss_under_autocast(NTXentFunction.apply(z, tau_t, backend), z1)

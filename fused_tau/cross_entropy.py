@@ -6,13 +6,12 @@ backward recomputes the probabilities and writes the gradient once.  No
 N × C temporary exists besides the gradient, and no fp32 copy of bf16 logits.
 """
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import _ops as ops
 from . import reference
-from ._checks import (check_ce_options, check_class_targets, check_same_device, check_tensor, check_vector,
-                      reduce_tau_grad, tau_for_kernel, tau_tensor)
-from ._dispatch import autocast_off, backend_for, loss_under_autocast
+from ._checks import (check_ce_options, check_class_targets, check_inplace_target, check_same_device, check_tensor,
+                      check_vector, legacy_reduction, reduce_tau_grad, tau_for_kernel, tau_tensor)
+from ._dispatch import autocast_off, backend_for, loss_under_autocast, once_differentiable
 from .softmax import view3
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -94,27 +93,37 @@ def _check(input, target, weight, ignore_index, reduction, label_smoothing):
     return class_dim
 
 
-def cross_entropy(input, target, tau=1.0, weight=None, ignore_index=-100, reduction="mean",
-                  label_smoothing=0.0, *, inplace_backward=False):
-    """``F.cross_entropy(input / tau, target, weight, ignore_index=..., reduction=..., label_smoothing=...)``.
+def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                  reduction="mean", label_smoothing=0.0, *, tau=1.0, inplace_backward=False):
+    """``F.cross_entropy(input / tau, target, weight, size_average, ignore_index, reduce, reduction,
+    label_smoothing)``: torch's parameters in torch's positional slots; ``tau`` is keyword-only.
 
     Per row, with z = input / τ and lse = logsumexp(z):
     class index y: ``(1-ε) w_y (lse - z_y) + (ε/C) Σ_c w_c (lse - z_c)``, 0 where y == ignore_index;
     probabilities t: ``Σ_c w_c ((1-ε) t_c + ε/C) (lse - z_c)``.
     ``mean`` divides by Σ w_y over non-ignored rows (class indices) or by the row count
     (probabilities), as torch does.  Inputs (C,), (N, C) and (N, C, d1, ...).
+    ``size_average`` / ``reduce`` are torch's deprecated pair, with torch's meaning (and warning).
+    Accepted beyond torch: class indices of any integer dtype (compared as int64), float64
+    class weights with float32 input.
 
     τ: a positive float, a one-element tensor, or one τ per sample (shape (N,)); a
     tensor τ that requires grad gets dL/dτ = Σ_rows (z_y - Σ p z) / τ (hard labels).
     ``inplace_backward=True`` writes the gradient into ``input``'s memory (saves one
-    N × C buffer; only when nothing else needs ``input`` after the loss).
+    N × C buffer; only when nothing else reads ``input`` after the loss).  It is refused for
+    an input whose elements overlap (an expanded tensor) and for a leaf that requires grad.
     """
+    if size_average is not None or reduce is not None:
+        reduction = legacy_reduction(size_average, reduce)
     _check(input, target, weight, ignore_index, reduction, label_smoothing)
+    if inplace_backward:
+        check_inplace_target(input, "input")
     outer = tuple(input.shape[:1]) if input.ndim > 1 else ()
     tau_t = tau_tensor(tau, input, outer)
     backend = backend_for(input)
     if backend == "reference" or input.numel() == 0:
-        return reference.cross_entropy(input, target, tau_t, weight, ignore_index, reduction, label_smoothing)
+        return reference.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
+                                       label_smoothing=label_smoothing, tau=tau_t)
     out = CrossEntropyFunction.apply(input, target, weight, tau_t, ignore_index, reduction,
                                      float(label_smoothing), bool(inplace_backward), backend)
     return loss_under_autocast(out, input)

@@ -161,11 +161,11 @@ def embedding_metrics(features, labels, tau=None, triplets=None):
     same = (labels[:, None] == labels[None, :]) & distinct
     pairs = d2[torch.triu(distinct, 1)]
     out = {"alignment": d2[same].mean().item(),  # host-ok: a demo's report, not a training step
-           "uniformity": (logsumexp(-2 * pairs, 1.0) - math.log(pairs.numel())).item()}  # host-ok
+           "uniformity": (logsumexp(-2 * pairs, tau=1.0) - math.log(pairs.numel())).item()}  # host-ok
     if tau is not None:
         sims = similarities(z, *triplets)
         out["loss"] = cross_entropy(sims, torch.zeros(len(sims), dtype=torch.long), tau=tau).item()  # host-ok: offline report
-        out["hardness"] = softmax(sims[:, 1:], tau).max(-1).values.mean().item()  # host-ok: offline report
+        out["hardness"] = softmax(sims[:, 1:], tau=tau).max(-1).values.mean().item()  # host-ok: offline report
     return out
 
 
@@ -173,7 +173,7 @@ def embedding_metrics(features, labels, tau=None, triplets=None):
 def contrastive(taus, steps, batch, negatives, lr, seed, progress=True):
     """Seed 003's experiment, batched: for each τ, a copy of one initial encoder trained by SGD for
     ``steps`` steps, each on ``batch`` (anchor, positive, ``negatives`` negatives) draws, with
-    loss ``fused_tau.cross_entropy([s_pos, s_neg...], 0, tau, reduction='sum')`` on cosine
+    loss ``fused_tau.cross_entropy([s_pos, s_neg...], 0, reduction='sum', tau=tau)`` on cosine
     similarities.  The sum makes each anchor move the encoder as one step of the seed's
     single-anchor loop at the same lr, so steps × batch is the seed's step count (10000 at the
     defaults 200 × 50).  Every τ sees the same draws: the pictures differ by τ alone.  The points,
@@ -288,7 +288,7 @@ def plot_contrastive(result, path):
 
 @single_threaded()
 def gumbel(logits, taus, draws, seed):
-    """Seed 004's experiment: for each τ, ``draws`` rows of ``fused_tau.gumbel_softmax(logits, tau)``
+    """Seed 004's experiment: for each τ, ``draws`` rows of ``fused_tau.gumbel_softmax(logits, tau)`` (τ second, as in torch)
     (one generator seeded with ``seed``, so every τ gets fresh draws); the frequency of each
     class as the argmax (which should be softmax(logits) at every τ, within 2 standard errors),
     the mean soft sample E[y], and E[max_i y_i], the closeness to one-hot (1: one-hot, 1/C: flat)."""
@@ -356,7 +356,7 @@ def plot_gumbel(result, path):
 # ---------------------------------------------------------------- smoothmax (seed 001)
 
 def smoothmax(logits, taus, seed):
-    """Seed 001's point: softmax(x/τ) and LSE(x/τ) = ``fused_tau.logsumexp(x, τ) / τ`` against
+    """Seed 001's point: softmax(x/τ) and LSE(x/τ) = ``fused_tau.logsumexp(x, tau=τ) / τ`` against
     max(x/τ) for each τ (the scale 1/τ), all in float64; and, for the picture, the same on a log
     grid of τ and the two-class smooth max τ·LSE((a, 0)/τ) against max(a, 0).  ``seed`` is only
     recorded: nothing here is random."""
@@ -364,17 +364,17 @@ def smoothmax(logits, taus, seed):
     n, top = len(logits), max(logits)
     rows = []
     for tau in taus:
-        lse = logsumexp(x, tau).item() / tau  # host-ok: offline report
-        rows.append({"tau": tau, "scale": 1 / tau, "softmax": softmax(x, tau)[0].tolist(), "lse": lse,  # host-ok: offline report
+        lse = logsumexp(x, tau=tau).item() / tau  # host-ok: offline report
+        rows.append({"tau": tau, "scale": 1 / tau, "softmax": softmax(x, tau=tau)[0].tolist(), "lse": lse,  # host-ok: offline report
                      "max": top / tau, "gap": lse - top / tau, "smooth_max": tau * lse})
     grid = torch.logspace(-2, 2, 81, dtype=torch.float64)
     xs = x.expand(len(grid), n)
     a = torch.linspace(-3, 3, 121, dtype=torch.float64)
     pair = torch.stack([a, torch.zeros_like(a)], 1)
     return {"experiment": "smoothmax", "seed": seed, "logits": list(logits), "log_n": math.log(n), "runs": rows,
-            "curve": {"tau": grid.tolist(), "softmax": softmax(xs, grid).tolist(),  # host-ok: offline report
-                      "lse": (logsumexp(xs, grid) / grid).tolist()},  # host-ok: offline report
-            "pair": {"a": a.tolist(), "smooth_max": {format(t, "g"): logsumexp(pair, t).tolist() for t in taus}}}  # host-ok: offline report
+            "curve": {"tau": grid.tolist(), "softmax": softmax(xs, tau=grid).tolist(),  # host-ok: offline report
+                      "lse": (logsumexp(xs, tau=grid) / grid).tolist()},  # host-ok: offline report
+            "pair": {"a": a.tolist(), "smooth_max": {format(t, "g"): logsumexp(pair, tau=t).tolist() for t in taus}}}  # host-ok: offline report
 
 
 def format_smoothmax(result):

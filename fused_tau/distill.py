@@ -4,13 +4,12 @@ Layers: kernels/row_kd.py (or fused_tau/_torch_kd.py) -> ``KDFunction`` -> ``kd_
 """
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from . import _ops as ops
 from . import reference
 from ._checks import (check_class_targets, check_same_device, check_tensor, reduce_tau_grad, tau_for_kernel,
                       tau_tensor)
-from ._dispatch import autocast_off, backend_for, loss_under_autocast
+from ._dispatch import autocast_off, backend_for, loss_under_autocast, once_differentiable
 
 KD_REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
@@ -102,7 +101,7 @@ def _check(student, teacher, target, alpha, reduction):
         check_class_targets(target, student.shape[-1], -100)
 
 
-def kd_loss(student, teacher, tau=4.0, target=None, alpha=0.9, reduction="batchmean"):
+def kd_loss(student, teacher, *, tau=4.0, target=None, alpha=0.9, reduction="batchmean"):
     """Hinton distillation over the last dimension, in one fused pass over both logits:
 
     ``tau**2 * F.kl_div(F.log_softmax(student / tau, -1), F.softmax(teacher / tau, -1), reduction)``;
@@ -113,26 +112,27 @@ def kd_loss(student, teacher, tau=4.0, target=None, alpha=0.9, reduction="batchm
     element count, 'none' returns the elementwise ``τ² q (log q - log p)``.  Teacher classes of
     zero probability add 0 (no NaN).  The teacher gets a gradient only when it requires one;
     τ may be a float, a one-element tensor or one τ per row (shape ``student.shape[:-1]``),
-    and gets its gradient when it requires one.
+    and gets its gradient when it requires one.  Every argument after the logits is keyword-only.
     """
     _check(student, teacher, target, alpha, reduction)
     tau_t = tau_tensor(tau, student, tuple(student.shape[:-1]))
     backend = backend_for(student)
     if backend == "reference" or student.numel() == 0:
-        return reference.kd_loss(student, teacher, tau_t, target, alpha, reduction)
+        return reference.kd_loss(student, teacher, tau=tau_t, target=target, alpha=alpha, reduction=reduction)
     return loss_under_autocast(KDFunction.apply(student, teacher, target, tau_t, float(alpha), reduction, -100,
                                                 backend), student)
 
 
 class KDLoss(nn.Module):
-    """``kd_loss`` as a module: ``KDLoss(tau=4.0, alpha=0.9, reduction="batchmean")(student, teacher, target=None)``."""
+    """``kd_loss`` as a module: ``KDLoss(tau=4.0, alpha=0.9, reduction="batchmean")(student, teacher, target=None)``
+    (keyword-only options, as kd_loss's)."""
 
-    def __init__(self, tau=4.0, alpha=0.9, reduction="batchmean"):
+    def __init__(self, *, tau=4.0, alpha=0.9, reduction="batchmean"):
         super().__init__()
         self.tau, self.alpha, self.reduction = tau, alpha, reduction
 
     def forward(self, student, teacher, target=None):
-        return kd_loss(student, teacher, self.tau, target, self.alpha, self.reduction)
+        return kd_loss(student, teacher, tau=self.tau, target=target, alpha=self.alpha, reduction=self.reduction)
 
     def extra_repr(self):
         return f"tau={self.tau if not isinstance(self.tau, torch.Tensor) else 'tensor'}, alpha={self.alpha}, " \

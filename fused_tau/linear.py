@@ -9,13 +9,12 @@ target's a sparse one, and the rest comes from the recomputed tiles.
 """
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from . import _ops as ops
 from . import reference
 from ._checks import (check_ce_options, check_class_targets, check_same_device, check_tensor, check_vector,
                       reduce_tau_grad, tau_for_kernel, tau_tensor)
-from ._dispatch import autocast_off, backend_for, loss_under_autocast
+from ._dispatch import autocast_off, backend_for, loss_under_autocast, once_differentiable
 from .contrastive import lse_from_stats, nll_from_stats, row_grad
 
 REDUCTIONS = ("none", "mean", "sum")

@@ -5,18 +5,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import legacy_reduction
 from .contrastive import infonce
 from .cross_entropy import cross_entropy
 from .linear import linear_cross_entropy
 
 
 class CrossEntropyLoss(nn.Module):
-    """``nn.CrossEntropyLoss(weight, ignore_index=..., reduction=..., label_smoothing=...)`` applied to
-    ``input / tau``.  ``tau`` is a float, or a tensor (an ``nn.Parameter`` to learn it)."""
+    """``nn.CrossEntropyLoss(weight, size_average, ignore_index, reduce, reduction, label_smoothing)``
+    applied to ``input / tau``: torch's parameters in torch's positional slots, ``tau`` keyword-only
+    (a float, or a tensor: an ``nn.Parameter`` to learn it)."""
 
-    def __init__(self, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, tau=1.0,
-                 *, inplace_backward=False):
+    def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
+                 label_smoothing=0.0, *, tau=1.0, inplace_backward=False):
         super().__init__()
+        if size_average is not None or reduce is not None:
+            reduction = legacy_reduction(size_average, reduce)
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -25,8 +29,9 @@ class CrossEntropyLoss(nn.Module):
         self.inplace_backward = inplace_backward
 
     def forward(self, input, target):
-        return cross_entropy(input, target, self.tau, self.weight, self.ignore_index, self.reduction,
-                             self.label_smoothing, inplace_backward=self.inplace_backward)
+        return cross_entropy(input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
+                             label_smoothing=self.label_smoothing, tau=self.tau,
+                             inplace_backward=self.inplace_backward)
 
     def extra_repr(self):
         tau = self.tau if not isinstance(self.tau, torch.Tensor) else "tensor"
@@ -57,25 +62,33 @@ class Temperature(nn.Module):
 
 
 class MoCoQueue(nn.Module):
-    """MoCo's queue of negative keys: a ring buffer of ``size`` detached, L2-normalised keys of ``dim``.
+    """MoCo's queue of negative keys: a ring buffer of ``size`` detached keys of ``dim``.
 
-    ``enqueue(keys)`` writes the newest keys over the oldest (MoCo's dequeue-and-enqueue), after
+    It starts as ``size`` random unit vectors (drawn from ``generator``, or torch's default
+    generator when None) and ``enqueue(keys)`` stores the keys as given: MoCo L2-normalises
+    its keys in the model, before the loss, and the queue does not normalise them again.
+    ``enqueue`` writes the newest keys over the oldest (MoCo's dequeue-and-enqueue), after
     gathering the keys of every rank when torch.distributed is initialised (MoCo's
     concat_all_gather), so every rank holds the same queue.  ``queue`` is the (size, dim) buffer
-    to pass as ``infonce(..., queue=...)``; it is saved with the module's state_dict.
+    to pass as ``infonce(..., queue=...)`` (the module itself is accepted too); it is saved with
+    the module's state_dict.
 
     The enqueue is in place (no copy of the queue per step), and the loss's backward reads the
     queue it was given, as ``query @ queue.T`` does in the plain composition: call ``enqueue``
     after ``loss.backward()``, or pass ``queue.queue.clone()`` to the loss (what MoCo's reference
-    code does) to enqueue before it.  Autograd raises if the order is wrong.
+    code does) to enqueue before it.  The backward raises, naming this fix, if the order is wrong.
     """
 
-    def __init__(self, dim, size=65536):
+    def __init__(self, dim, size=65536, *, generator=None, device=None, dtype=None):
         super().__init__()
-        if dim < 1 or size < 1:
-            raise ValueError(f"dim and size must be positive, got dim={dim}, size={size}")
-        self.register_buffer("queue", F.normalize(torch.randn(size, dim), dim=1))
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        if isinstance(dim, bool) or isinstance(size, bool) or not isinstance(dim, int) or not isinstance(size, int) \
+                or dim < 1 or size < 1:
+            raise ValueError(f"dim and size must be positive ints, got dim={dim!r}, size={size!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        keys = torch.randn(size, dim, generator=generator, device=generator.device if generator is not None else None)
+        self.register_buffer("queue", F.normalize(keys, dim=1).to(device=device, dtype=dtype))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long, device=device))
 
     @torch.no_grad()
     def enqueue(self, keys):
@@ -122,14 +135,15 @@ def _all_gather_detached(x):
 
 
 class InfoNCELoss(nn.Module):
-    """``infonce`` as a module: ``InfoNCELoss(tau=0.07)(query, key, queue=None)``.
+    """``infonce`` as a module: ``InfoNCELoss(tau=0.07)(query, key, queue=None)`` (every argument
+    keyword-only, as infonce's options).
 
     ``queue`` may be a tensor or a :class:`MoCoQueue`; ``learnable_tau=True`` learns τ through a
     :class:`Temperature` (initialised at ``tau``); ``gather=True`` uses every rank's keys as
     in-batch negatives.
     """
 
-    def __init__(self, tau=0.07, learnable_tau=False, reduction="mean", gather=False):
+    def __init__(self, *, tau=0.07, learnable_tau=False, reduction="mean", gather=False):
         super().__init__()
         self.temperature = Temperature(tau) if learnable_tau else None
         self.tau, self.reduction, self.gather = tau, reduction, gather
@@ -138,7 +152,7 @@ class InfoNCELoss(nn.Module):
         if isinstance(queue, MoCoQueue):
             queue = queue.queue
         tau = self.temperature() if self.temperature is not None else self.tau
-        return infonce(query, key, queue, tau, self.reduction, gather=self.gather)
+        return infonce(query, key, queue, tau=tau, reduction=self.reduction, gather=self.gather)
 
 
 class LinearCrossEntropyLoss(nn.Module):

@@ -21,30 +21,30 @@ def _tau_over(tau, x, lead):
     return tau
 
 
-def softmax(x, tau=1.0, dim=-1):
+def softmax(x, dim=-1, *, tau=1.0):
     """torch.softmax(x / tau, dim)."""
     dim = dim % max(x.ndim, 1)
     return torch.softmax(x / _tau_over(tau, x, dim), dim)
 
 
-def log_softmax(x, tau=1.0, dim=-1):
+def log_softmax(x, dim=-1, *, tau=1.0):
     """torch.log_softmax(x / tau, dim)."""
     dim = dim % max(x.ndim, 1)
     return torch.log_softmax(x / _tau_over(tau, x, dim), dim)
 
 
-def logsumexp(x, tau=1.0, dim=-1, keepdim=False):
+def logsumexp(x, dim=-1, keepdim=False, *, tau=1.0):
     """tau * torch.logsumexp(x / tau, dim, keepdim): a smooth max, → max(x) as τ → 0."""
     dim = dim % max(x.ndim, 1)
     out = torch.logsumexp(x / _tau_over(tau, x, dim), dim, keepdim=keepdim)
     return _tau_over(tau, out, dim) * out
 
 
-def cross_entropy(input, target, tau=1.0, weight=None, ignore_index=-100, reduction="mean",
-                  label_smoothing=0.0):
-    """F.cross_entropy(input / tau, target, weight, ignore_index=..., reduction=..., label_smoothing=...)."""
-    return F.cross_entropy(input / _tau_over(tau, input, 1), target, weight, ignore_index=ignore_index,
-                           reduction=reduction, label_smoothing=label_smoothing)
+def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                  reduction="mean", label_smoothing=0.0, *, tau=1.0):
+    """F.cross_entropy(input / tau, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing)."""
+    return F.cross_entropy(input / _tau_over(tau, input, 1), target, weight, size_average, ignore_index, reduce,
+                           reduction, label_smoothing)
 
 
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",
@@ -59,11 +59,12 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         linear_weight = F.normalize(linear_weight, dim=-1)
     logits = F.linear(input, linear_weight, linear_bias)
     logits = logits.reshape(-1, logits.shape[-1])
-    loss = cross_entropy(logits, target.reshape(-1), tau, weight, ignore_index, reduction, label_smoothing)
+    loss = cross_entropy(logits, target.reshape(-1), weight, ignore_index=ignore_index, reduction=reduction,
+                         label_smoothing=label_smoothing, tau=tau)
     return loss.reshape(target.shape) if reduction == "none" else loss
 
 
-def infonce(query, key, queue=None, tau=0.07, reduction="mean"):
+def infonce(query, key, queue=None, *, tau=0.07, reduction="mean"):
     """MoCo InfoNCE.
 
     queue given (MoCo v1/v2): F.cross_entropy(cat([(q*k).sum(-1, keepdim=True), q @ queue.T], 1) / tau, zeros);
@@ -79,12 +80,12 @@ def infonce(query, key, queue=None, tau=0.07, reduction="mean"):
     return F.cross_entropy(logits / _tau_over(tau, logits, 1), labels, reduction=reduction)
 
 
-def clip_loss(a, b, tau=0.07):
+def clip_loss(a, b, *, tau=0.07):
     """(infonce(a, b, tau=tau) + infonce(b, a, tau=tau)) / 2: the symmetric CLIP loss."""
     return (infonce(a, b, tau=tau) + infonce(b, a, tau=tau)) / 2
 
 
-def nt_xent(z1, z2, tau=0.5):
+def nt_xent(z1, z2, *, tau=0.5):
     """SimCLR's NT-Xent over 2N views: rows L2-normalised, view i's positive is its pair,
     the other 2N-2 views its negatives, self-similarity excluded; mean over the 2N views."""
     n = z1.shape[0]
@@ -95,7 +96,7 @@ def nt_xent(z1, z2, tau=0.5):
     return F.cross_entropy(sim, labels)
 
 
-def kd_loss(student, teacher, tau=4.0, target=None, alpha=0.9, reduction="batchmean"):
+def kd_loss(student, teacher, *, tau=4.0, target=None, alpha=0.9, reduction="batchmean"):
     """tau**2 * F.kl_div(F.log_softmax(student / tau, -1), F.softmax(teacher / tau, -1), reduction);
     with target: alpha * that + (1 - alpha) * F.cross_entropy(student, target) (rows flattened;
     summed for reduction='sum', else averaged).  τ per row has shape student.shape[:-1]."""
@@ -114,8 +115,9 @@ def kd_loss(student, teacher, tau=4.0, target=None, alpha=0.9, reduction="batchm
     return alpha * kd + (1 - alpha) * ce
 
 
-def gumbel_softmax(logits, tau=1.0, hard=False, dim=-1, generator=None):
-    """F.gumbel_softmax's distribution and straight-through semantics, with a generator."""
+def gumbel_softmax(logits, tau=1.0, hard=False, eps=1e-10, dim=-1, *, generator=None):
+    """F.gumbel_softmax(logits, tau, hard, eps, dim)'s distribution and straight-through semantics,
+    with a generator (``eps`` is deprecated in torch and has no effect)."""
     gumbels = -torch.empty_like(logits).exponential_(generator=generator).log()
     y_soft = ((logits + gumbels) / tau).softmax(dim)
     if not hard:
@@ -125,7 +127,7 @@ def gumbel_softmax(logits, tau=1.0, hard=False, dim=-1, generator=None):
     return y_hard - y_soft.detach() + y_soft
 
 
-def sample(logits, tau=1.0, generator=None):
+def sample(logits, *, tau=1.0, generator=None):
     """One index per row drawn from softmax(logits / tau); tau = 0 is argmax."""
     if float(tau) == 0.0:
         return logits.argmax(-1)

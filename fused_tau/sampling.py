@@ -9,15 +9,15 @@ noise is never stored, and the hard backward regenerates it.
 """
 import math
 import numbers
+import warnings
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from . import _ops as ops
 from . import reference
 from ._checks import check_dim, check_same_device, check_tensor, data_check, tau_for_kernel, tau_tensor
-from ._dispatch import autocast_off, backend_for
+from ._dispatch import autocast_off, backend_for, once_differentiable
 from .softmax import view3
 
 
@@ -59,7 +59,7 @@ def _check_generator(generator, x):
         raise ValueError(f"generator is on {generator.device} but logits is on {x.device}")
 
 
-def gumbel_softmax(logits, tau=1.0, hard=False, dim=-1, generator=None):
+def gumbel_softmax(logits, tau=1.0, hard=False, eps=1e-10, dim=-1, *, generator=None):
     """A Gumbel-softmax sample: ``softmax((logits + g) / tau, dim)`` with g = -log(E),
     E ~ Exponential(1) i.i.d. per element, the distribution of ``F.gumbel_softmax``.  Its
     argmax is a draw from ``softmax(logits, dim)`` whatever τ (τ only sharpens the sample).
@@ -70,15 +70,21 @@ def gumbel_softmax(logits, tau=1.0, hard=False, dim=-1, generator=None):
     makes the draws reproducible.  τ: a positive float, a one-element tensor, or one τ per
     row (shape ``logits.shape[:dim]``); τ gets no gradient (a τ that requires grad is
     treated as a constant).  Computed in fp32 for fp16 / bf16 / fp32 logits.
+
+    Positional order as ``F.gumbel_softmax(logits, tau, hard, eps, dim)`` (the one function where
+    τ is positional: torch's own signature puts it second); ``eps`` is deprecated there and has
+    no effect here either (torch's warning included); ``generator`` is keyword-only.
     """
+    if eps != 1e-10:
+        warnings.warn("`eps` parameter is deprecated and has no effect.", stacklevel=2)
     check_tensor(logits, "logits")
     dim = check_dim(dim, logits.ndim)
     tau_t = tau_tensor(tau, logits, tuple(logits.shape[:dim]))
     _check_generator(generator, logits)
     backend = backend_for(logits)
     if backend == "reference" or logits.numel() == 0:
-        return reference.gumbel_softmax(logits, reference._tau_over(tau_t, logits, dim), bool(hard), dim,
-                                        generator)
+        return reference.gumbel_softmax(logits, reference._tau_over(tau_t, logits, dim), bool(hard), dim=dim,
+                                        generator=generator)
     return GumbelSoftmaxFunction.apply(logits, tau_t, dim, bool(hard), generator, backend)
 
 
@@ -105,16 +111,16 @@ def _sample_tau(tau, logits):
 
 def _reference_sample(logits, tau, generator):
     if not isinstance(tau, torch.Tensor) or tau.numel() == 1:
-        return reference.sample(logits, float(tau), generator)
+        return reference.sample(logits, tau=float(tau), generator=generator)
     # reference.sample takes one τ: draw row by row
     flat, taus = logits.reshape(-1, logits.shape[-1]), tau.reshape(-1)
-    out = [reference.sample(flat[i], float(taus[i]), generator) for i in range(flat.shape[0])]
+    out = [reference.sample(flat[i], tau=float(taus[i]), generator=generator) for i in range(flat.shape[0])]
     return torch.stack(out).reshape(logits.shape[:-1]) if out else \
         torch.empty(logits.shape[:-1], dtype=torch.int64, device=logits.device)
 
 
 @torch.no_grad()
-def sample(logits, tau=1.0, generator=None):
+def sample(logits, *, tau=1.0, generator=None):
     """One index per row (the last dim) drawn from ``softmax(logits / tau)``: int64 of shape
     ``logits.shape[:-1]``, by the Gumbel-max trick ``argmax(logits / tau + g)``, g ~ Gumbel(0, 1).
 
@@ -149,17 +155,20 @@ def gumbel_tau_schedule(step, tau0=1.0, rate=1e-4, tau_min=0.5):
 
 
 class GumbelSoftmax(nn.Module):
-    """``gumbel_softmax(logits, tau, hard, dim, generator)`` as a module; ``tau`` a float or
-    a tensor (update it, e.g. from ``gumbel_tau_schedule``, as training goes)."""
+    """``gumbel_softmax(logits, tau, hard, eps, dim)`` as a module (the function's positional
+    order); ``tau`` a float or a tensor (update it, e.g. from ``gumbel_tau_schedule``, as
+    training goes).  ``forward(logits, *, generator=None)``."""
 
-    def __init__(self, tau=1.0, hard=False, dim=-1):
+    def __init__(self, tau=1.0, hard=False, eps=1e-10, dim=-1):
         super().__init__()
+        if eps != 1e-10:
+            warnings.warn("`eps` parameter is deprecated and has no effect.", stacklevel=2)
         self.tau = tau
         self.hard = hard
         self.dim = dim
 
-    def forward(self, logits, generator=None):
-        return gumbel_softmax(logits, self.tau, self.hard, self.dim, generator)
+    def forward(self, logits, *, generator=None):
+        return gumbel_softmax(logits, self.tau, self.hard, dim=self.dim, generator=generator)
 
     def extra_repr(self):
         tau = self.tau if not isinstance(self.tau, torch.Tensor) else "tensor"

@@ -6,12 +6,11 @@ Layers: kernels/row.py (or the torch path) -> custom ops (_ops.py) -> ``SoftmaxF
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import _ops as ops
 from . import reference
 from ._checks import check_dim, check_tensor, reduce_tau_grad, tau_for_kernel, tau_tensor
-from ._dispatch import MODE_LOG_SOFTMAX, MODE_LSE, MODE_SOFTMAX, autocast_off, backend_for
+from ._dispatch import MODE_LOG_SOFTMAX, MODE_LSE, MODE_SOFTMAX, autocast_off, backend_for, once_differentiable
 
 
 def view3(x, dim):
@@ -74,36 +73,53 @@ class LogSumExpFunction(torch.autograd.Function):
 
 
 def _prepare(x, tau, dim):
-    check_tensor(x, "x")
+    check_tensor(x, "input")
     dim = check_dim(dim, x.ndim)
     tau_t = tau_tensor(tau, x, tuple(x.shape[:dim]))
     return dim, tau_t, backend_for(x)
 
 
-def softmax(x, tau=1.0, dim=-1):
-    """``torch.softmax(x / tau, dim)`` in one fused pass.
+def _cast(input, dtype):
+    """torch.softmax's ``dtype=``: the input is cast to it before the operation (as torch does)."""
+    check_tensor(input, "input")
+    if dtype is None:
+        return input
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or None, got {type(dtype).__name__}")
+    return input.to(dtype)
 
+
+def softmax(input, dim=-1, *, tau=1.0, dtype=None):
+    """``torch.softmax(input / tau, dim)`` in one fused pass.
+
+    Positional order as ``torch.softmax(input, dim)``; ``tau`` is keyword-only; ``dtype`` casts
+    the input first, as torch's.  ``dim`` defaults to the last dimension (torch requires it).
     τ: a positive float, a one-element tensor, or one τ per row (shape
-    ``x.shape[:dim]``); a tensor τ that requires grad gets its gradient.
+    ``input.shape[:dim]``); a tensor τ that requires grad gets its gradient.
     """
+    x = _cast(input, dtype)
     dim, tau_t, backend = _prepare(x, tau, dim)
     if backend == "reference" or x.numel() == 0:
-        return reference.softmax(x, tau_t, dim)
+        return reference.softmax(x, tau=tau_t, dim=dim)
     return SoftmaxFunction.apply(x, tau_t, dim, False, backend)
 
 
-def log_softmax(x, tau=1.0, dim=-1):
-    """``torch.log_softmax(x / tau, dim)``; the argmax's value is -log1p(Σ others), exact at small τ."""
+def log_softmax(input, dim=-1, *, tau=1.0, dtype=None):
+    """``torch.log_softmax(input / tau, dim)``; the argmax's value is -log1p(Σ others), exact at small τ.
+    Positional order as torch's; ``tau`` is keyword-only."""
+    x = _cast(input, dtype)
     dim, tau_t, backend = _prepare(x, tau, dim)
     if backend == "reference" or x.numel() == 0:
-        return reference.log_softmax(x, tau_t, dim)
+        return reference.log_softmax(x, tau=tau_t, dim=dim)
     return SoftmaxFunction.apply(x, tau_t, dim, True, backend)
 
 
-def logsumexp(x, tau=1.0, dim=-1, keepdim=False):
-    """``tau * torch.logsumexp(x / tau, dim, keepdim)``: the smooth max, → max(x) as τ → 0."""
+def logsumexp(input, dim=-1, keepdim=False, *, tau=1.0):
+    """``tau * torch.logsumexp(input / tau, dim, keepdim)``: the smooth max, → max(input) as τ → 0.
+    Positional order as ``torch.logsumexp(input, dim, keepdim)``; ``tau`` is keyword-only."""
+    x = input
     dim, tau_t, backend = _prepare(x, tau, dim)
     if backend == "reference" or x.numel() == 0:
-        return reference.logsumexp(x, tau_t, dim, keepdim)
+        return reference.logsumexp(x, tau=tau_t, dim=dim, keepdim=keepdim)
     out = LogSumExpFunction.apply(x, tau_t, dim, backend)
     return out.unsqueeze(dim) if keepdim and x.ndim else out

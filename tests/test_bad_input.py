@@ -30,7 +30,7 @@ Y = torch.tensor([0, 1, 2, 3])
                                      (None, TypeError)])
 def test_bad_float_tau(no_launch, op, tau, exc):
     with pytest.raises(exc, match="tau"):
-        op(X, tau)
+        op(X, tau=tau)
 
 
 @pytest.mark.parametrize("tau,match", [
@@ -44,20 +44,20 @@ def test_bad_float_tau(no_launch, op, tau, exc):
 ])
 def test_bad_tensor_tau(no_launch, tau, match):
     with pytest.raises((ValueError, TypeError), match=match):
-        fused_tau.cross_entropy(X, Y, tau)
+        fused_tau.cross_entropy(X, Y, tau=tau)
     with pytest.raises((ValueError, TypeError), match=match):
-        fused_tau.softmax(X, tau)
+        fused_tau.softmax(X, tau=tau)
 
 
-def test_bad_x(no_launch):
-    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+def test_bad_input_tensor(no_launch):
+    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
         fused_tau.softmax([1.0, 2.0])
-    with pytest.raises(TypeError, match="x must be float16"):
+    with pytest.raises(TypeError, match="input must be float16"):
         fused_tau.softmax(torch.arange(5))
     with pytest.raises(IndexError, match="dim=2"):
-        fused_tau.softmax(X, 1.0, dim=2)
+        fused_tau.softmax(X, tau=1.0, dim=2)
     with pytest.raises(TypeError, match="dim must be an int"):
-        fused_tau.logsumexp(X, 1.0, dim=0.5)
+        fused_tau.logsumexp(X, tau=1.0, dim=0.5)
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [
@@ -83,7 +83,7 @@ def test_bad_cross_entropy_arguments(no_launch, kwargs, exc, match):
 
 
 def test_ignore_index_is_not_out_of_range(backend):
-    out = fused_tau.cross_entropy(X, torch.tensor([0, -100, 5, 1]), 0.5)
+    out = fused_tau.cross_entropy(X, torch.tensor([0, -100, 5, 1]), tau=0.5)
     assert torch.isfinite(out)
 
 

@@ -38,14 +38,14 @@ def reference_row(logits, tau, target):
     after checking that the reference agrees with them to its own rounding."""
     x = torch.tensor([logits], dtype=torch.float64, requires_grad=True)
     t = torch.tensor(tau, dtype=torch.float64, requires_grad=True)
-    p = reference.softmax(x.detach(), tau)[0]
-    logp = reference.log_softmax(x.detach(), tau)[0]
+    p = reference.softmax(x.detach(), tau=tau)[0]
+    logp = reference.log_softmax(x.detach(), tau=tau)[0]
     entropy = -(p * logp).nan_to_num().sum().item()
     row = {"softmax": p.tolist(), "entropy": entropy, "effective_classes": math.exp(entropy),
            "scaled_logits": [v / tau for v in logits]}
     if target is None:
         return row
-    loss = reference.cross_entropy(x, torch.tensor([target]), t)
+    loss = reference.cross_entropy(x, torch.tensor([target]), tau=t)
     loss.backward()
     row.update(cross_entropy=loss.item(), grad_logits=x.grad[0].tolist(), grad_tau=t.grad.item())
     if logits[target] == max(logits):

@@ -96,9 +96,9 @@ def test_embedding_metrics_on_known_features():
     assert m["alignment"] == 0
     assert m["uniformity"] == pytest.approx(expected, rel=1e-12)
     sims = torch.tensor([[0.0, -1.0, 0.0]], dtype=torch.float64)  # both anchors see the same negatives
-    assert m["hardness"] == pytest.approx(reference.softmax(sims, 0.5).max().item(), rel=1e-12)
+    assert m["hardness"] == pytest.approx(reference.softmax(sims, tau=0.5).max().item(), rel=1e-12)
     logits = torch.tensor([[1.0, 0.0, -1.0, 0.0]], dtype=torch.float64)
-    assert m["loss"] == pytest.approx(reference.cross_entropy(logits, torch.tensor([0]), 0.5).item(), rel=1e-12)
+    assert m["loss"] == pytest.approx(reference.cross_entropy(logits, torch.tensor([0]), tau=0.5).item(), rel=1e-12)
 
 
 # ---------------------------------------------------------------- demo gumbel
@@ -150,12 +150,12 @@ def test_smoothmax_end_to_end(capsys, tmp_path):
         probs, lse = SEED_001[r["tau"]]
         assert_printed(r["softmax"], probs)
         assert_printed([r["lse"]], [lse])
-        assert r["lse"] == pytest.approx((reference.logsumexp(x, r["tau"]) / r["tau"]).item(), rel=1e-12)
+        assert r["lse"] == pytest.approx((reference.logsumexp(x, tau=r["tau"]) / r["tau"]).item(), rel=1e-12)
         assert 0 < r["gap"] <= math.log(4) and r["smooth_max"] == pytest.approx(r["tau"] * r["lse"])
         printed = rows[format(r["tau"], "g")]
         assert_printed(vector(printed[2]), probs)
         assert_printed([float(printed[3])], [lse])
     curve = result["curve"]
-    ref = reference.logsumexp(x.expand(len(curve["tau"]), 4), torch.tensor(curve["tau"], dtype=torch.float64))
+    ref = reference.logsumexp(x.expand(len(curve["tau"]), 4), tau=torch.tensor(curve["tau"], dtype=torch.float64))
     got = torch.tensor(curve["lse"], dtype=torch.float64) * torch.tensor(curve["tau"], dtype=torch.float64)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)

@@ -58,22 +58,22 @@ def _logits(net, b):
 
 # Each loss as a training step's forward: (net, batch) -> a scalar whose backward trains net.
 STEPS = {
-    "softmax": lambda net, b: (ft.softmax(_logits(net, b), net.temperature()) * b["probs"]).sum(),
-    "log_softmax": lambda net, b: -(ft.log_softmax(_logits(net, b), 0.7) * b["probs"]).sum(1).mean(),
-    "logsumexp": lambda net, b: ft.logsumexp(_logits(net, b), net.temperature()).mean(),
-    "cross_entropy": lambda net, b: ft.cross_entropy(_logits(net, b), b["y"], net.temperature(), weight=b["w"],
+    "softmax": lambda net, b: (ft.softmax(_logits(net, b), tau=net.temperature()) * b["probs"]).sum(),
+    "log_softmax": lambda net, b: -(ft.log_softmax(_logits(net, b), tau=0.7) * b["probs"]).sum(1).mean(),
+    "logsumexp": lambda net, b: ft.logsumexp(_logits(net, b), tau=net.temperature()).mean(),
+    "cross_entropy": lambda net, b: ft.cross_entropy(_logits(net, b), b["y"], tau=net.temperature(), weight=b["w"],
                                                      label_smoothing=0.1),
-    "cross_entropy_probs": lambda net, b: ft.cross_entropy(_logits(net, b), b["probs"], 0.3),
-    "cross_entropy_inplace_backward": lambda net, b: ft.cross_entropy(_logits(net, b), b["y"], 0.3,
+    "cross_entropy_probs": lambda net, b: ft.cross_entropy(_logits(net, b), b["probs"], tau=0.3),
+    "cross_entropy_inplace_backward": lambda net, b: ft.cross_entropy(_logits(net, b), b["y"], tau=0.3,
                                                                       inplace_backward=True),
     "CrossEntropyLoss": lambda net, b: ft.CrossEntropyLoss(tau=0.2, reduction="sum")(_logits(net, b), b["y"]),
-    "kd_loss": lambda net, b: ft.kd_loss(_logits(net, b), net.teacher(b["x"]), 2.0, target=b["y"].clamp(min=0)),
-    "kd_loss_none": lambda net, b: ft.kd_loss(_logits(net, b), net.teacher(b["x"]), net.temperature(),
+    "kd_loss": lambda net, b: ft.kd_loss(_logits(net, b), net.teacher(b["x"]), tau=2.0, target=b["y"].clamp(min=0)),
+    "kd_loss_none": lambda net, b: ft.kd_loss(_logits(net, b), net.teacher(b["x"]), tau=net.temperature(),
                                               reduction="none").sum(),
-    "infonce_queue": lambda net, b: ft.InfoNCELoss(0.2)(_emb(net, b["x"]), _emb(net, b["x2"]).detach(), b["queue"]),
+    "infonce_queue": lambda net, b: ft.InfoNCELoss(tau=0.2)(_emb(net, b["x"]), _emb(net, b["x2"]).detach(), b["queue"]),
     "infonce_in_batch": lambda net, b: ft.infonce(_emb(net, b["x"]), _emb(net, b["x2"]), tau=net.temperature()),
-    "clip_loss": lambda net, b: ft.clip_loss(_emb(net, b["x"]), _emb(net, b["x2"]), net.temperature()),
-    "nt_xent": lambda net, b: ft.nt_xent(_emb(net, b["x"]), _emb(net, b["x2"]), 0.5),
+    "clip_loss": lambda net, b: ft.clip_loss(_emb(net, b["x"]), _emb(net, b["x2"]), tau=net.temperature()),
+    "nt_xent": lambda net, b: ft.nt_xent(_emb(net, b["x"]), _emb(net, b["x2"]), tau=0.5),
     "linear_cross_entropy": lambda net, b: ft.linear_cross_entropy(
         torch.relu(net.body(b["x"])), net.head.weight, b["y"], linear_bias=net.head.bias, weight=b["w"],
         label_smoothing=0.1, tau=net.temperature()),
@@ -134,7 +134,7 @@ def test_compiled_moco_step_with_queue(backend):
     queue), then the queue's enqueue compiled too, after the backward (MoCoQueue's docstring)."""
     net, batch = Net().to(DEVICE), _batch()
     key_net = copy.deepcopy(net).requires_grad_(False)
-    criterion = ft.InfoNCELoss(0.2, learnable_tau=True)
+    criterion = ft.InfoNCELoss(tau=0.2, learnable_tau=True)
 
     def step(net, queue, criterion, b):
         q = _emb(net, b["x"])
@@ -168,8 +168,8 @@ def test_compiled_step_under_autocast(backend):
 
     def step(net, b):
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            ce = ft.cross_entropy(_logits(net, b), b["y"], 0.5)
-            nce = ft.infonce(_emb(net, b["x"]), _emb(net, b["x2"]), b["queue"], 0.2)
+            ce = ft.cross_entropy(_logits(net, b), b["y"], tau=0.5)
+            nce = ft.infonce(_emb(net, b["x"]), _emb(net, b["x2"]), b["queue"], tau=0.2)
         assert ce.dtype == nce.dtype == torch.float32
         return ce + nce
 
@@ -186,7 +186,7 @@ def test_dynamic_batch_size(backend):
     W = torch.randn(C, D, device=DEVICE, requires_grad=True)
 
     def step(h, y):
-        return ft.cross_entropy(h @ W.T, y, 0.5) + ft.linear_cross_entropy(h, W, y, tau=0.5)
+        return ft.cross_entropy(h @ W.T, y, tau=0.5) + ft.linear_cross_entropy(h, W, y, tau=0.5)
 
     compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
     for n in (5, 9):
@@ -217,11 +217,11 @@ def test_generator_under_fullgraph_is_a_clear_error(backend):
 def test_sample_compiles(backend):
     torch._inductor.config.fallback_random = True
     x = torch.randn(N, C, device=DEVICE)
-    f = torch.compile(lambda x: ft.sample(x, 0.7), fullgraph=True, backend="inductor")
+    f = torch.compile(lambda x: ft.sample(x, tau=0.7), fullgraph=True, backend="inductor")
     torch.manual_seed(5)
     got = f(x)
     torch.manual_seed(5)
-    assert torch.equal(got, ft.sample(x, 0.7))
+    assert torch.equal(got, ft.sample(x, tau=0.7))
 
 
 # ---------------------------------------------------------------------------- opcheck
@@ -257,27 +257,27 @@ def _recorded_calls():
     recorder = _RecordOps()
     with recorder:
         for log in (False, True):
-            grad_of(lambda x, t: (ft.log_softmax if log else ft.softmax)(x, t).pow(2), x, tau)
-        grad_of(lambda x: ft.softmax(x.view(5, 7, 1), 0.5, dim=1).pow(2), x)
-        grad_of(lambda x, t: ft.logsumexp(x, t), x, tau)
-        grad_of(lambda x: ft.cross_entropy(x, y, 0.4, weight=w, label_smoothing=0.1), x)
-        grad_of(lambda x, t: ft.cross_entropy(x, probs, t), x, tau)
-        grad_of(lambda x: ft.cross_entropy(x * 1, y, 0.4, inplace_backward=True), x)
-        grad_of(lambda s, t, tt: ft.kd_loss(s, t, tt, target=y.clamp(min=0)), x, x.flip(0), tau)
-        grad_of(lambda s: ft.kd_loss(s, x.flip(0), 2.0, reduction="none"), x)
+            grad_of(lambda x, t: (ft.log_softmax if log else ft.softmax)(x, tau=t).pow(2), x, tau)
+        grad_of(lambda x: ft.softmax(x.view(5, 7, 1), tau=0.5, dim=1).pow(2), x)
+        grad_of(lambda x, t: ft.logsumexp(x, tau=t), x, tau)
+        grad_of(lambda x: ft.cross_entropy(x, y, tau=0.4, weight=w, label_smoothing=0.1), x)
+        grad_of(lambda x, t: ft.cross_entropy(x, probs, tau=t), x, tau)
+        grad_of(lambda x: ft.cross_entropy(x * 1, y, tau=0.4, inplace_backward=True), x)
+        grad_of(lambda s, t, tt: ft.kd_loss(s, t, tau=tt, target=y.clamp(min=0)), x, x.flip(0), tau)
+        grad_of(lambda s: ft.kd_loss(s, x.flip(0), tau=2.0, reduction="none"), x)
         for hard in (False, True):
             grad_of(lambda x: ft.gumbel_softmax(x, 0.5, hard=hard) * probs, x)
-        ft.sample(x, 0.7)
-        ft.sample(x, 0.0)
-        grad_of(lambda q, k, qu, t: ft.infonce(q, k, qu, t), q, k, queue, tau)
+        ft.sample(x, tau=0.7)
+        ft.sample(x, tau=0.0)
+        grad_of(lambda q, k, qu, t: ft.infonce(q, k, qu, tau=t), q, k, queue, tau)
         grad_of(lambda q, k: ft.infonce(q, k, tau=0.2), q, k)
-        grad_of(lambda a, b: ft.nt_xent(a, b, 0.5), q, k)
+        grad_of(lambda a, b: ft.nt_xent(a, b, tau=0.5), q, k)
         grad_of(lambda h, w, b_, t: ft.linear_cross_entropy(h, w, y, linear_bias=b_, label_smoothing=0.1, tau=t),
                 q, W, bias, tau)
         # float64 runs the torch path on either backend
-        grad_of(lambda x, t: ft.cross_entropy(x, y, t, label_smoothing=0.1), x.double(), tau.double())
-        grad_of(lambda s: ft.kd_loss(s, x.double().flip(0), 2.0, target=y.clamp(min=0)), x.double())
-        grad_of(lambda q, k: ft.infonce(q, k, queue.double(), 0.2), q.double(), k.double())
+        grad_of(lambda x, t: ft.cross_entropy(x, y, tau=t, label_smoothing=0.1), x.double(), tau.double())
+        grad_of(lambda s: ft.kd_loss(s, x.double().flip(0), tau=2.0, target=y.clamp(min=0)), x.double())
+        grad_of(lambda q, k: ft.infonce(q, k, queue.double(), tau=0.2), q.double(), k.double())
     return recorder.calls
 
 
@@ -329,6 +329,6 @@ def test_double_backward_is_refused(backend):
     backward raises (once_differentiable) instead of silently dropping second-order terms."""
     x = torch.randn(4, 7, device=DEVICE, requires_grad=True)
     y = torch.tensor([0, 1, 2, 3], device=DEVICE)
-    (g,) = torch.autograd.grad(ft.cross_entropy(x, y, 0.5), x, create_graph=True)
+    (g,) = torch.autograd.grad(ft.cross_entropy(x, y, tau=0.5), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
         g.pow(2).sum().backward()

@@ -16,18 +16,18 @@ N, K, D = 19, 37, 20  # none divides the 16-wide test tiles
 def _compare(fn, ref_fn, tensors, tau, dtype, tau_scale=1.0):
     """fn(*tensors, tau) against ref_fn in float64: value and the gradient of every input and of τ."""
     xs = [t.to(dtype).detach().clone().requires_grad_() for t in tensors]
-    out = fn(*xs, tau)
+    out = fn(*xs, tau=tau)
     g = torch.rand(out.shape, device=out.device) + 0.5
     (out.float() * g).sum().backward()
     x64 = [x.detach().double().requires_grad_() for x in xs]
     tau64 = tau.detach().double().requires_grad_() if isinstance(tau, torch.Tensor) else tau
-    ref = ref_fn(*x64, tau64)
+    ref = ref_fn(*x64, tau=tau64)
     (ref * g.double()).sum().backward()
     # fp32 cannot beat the conditioning of q·k / τ: bound by torch's own fp32 error too
     x32 = [x.detach().float().requires_grad_() for x in xs]
     torch_grads = [None] * len(xs)
     if dtype == torch.float32:
-        (ref_fn(*x32, tau.detach() if isinstance(tau, torch.Tensor) else tau) * g).sum().backward()
+        (ref_fn(*x32, tau=tau.detach() if isinstance(tau, torch.Tensor) else tau) * g).sum().backward()
         torch_grads = [x.grad for x in x32]
     assert out.dtype == dtype
     assert_close_to_ref(out, ref, dtype, scale=4.0)  # fp16/bf16: the loss is rounded to its dtype
@@ -46,8 +46,8 @@ def test_infonce_moco_queue(backend, device, dtype, reduction, tau_kind):
     q, k, queue = (torch.randn(n, D, device=device) for n in (N, N, K))
     tau = {"float": 0.2, "learnable": torch.tensor(0.2, device=device, requires_grad=True),
            "per_row": (torch.rand(N, device=device) * 0.3 + 0.1).requires_grad_()}[tau_kind]
-    _compare(lambda q, k, qu, t: fused_tau.infonce(q, k, qu, t, reduction),
-             lambda q, k, qu, t: reference.infonce(q, k, qu, t, reduction), [q, k, queue], tau, dtype, tau_scale=N)
+    _compare(lambda q, k, qu, t: fused_tau.infonce(q, k, qu, tau=t, reduction=reduction),
+             lambda q, k, qu, t: reference.infonce(q, k, qu, tau=t, reduction=reduction), [q, k, queue], tau, dtype, tau_scale=N)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -55,8 +55,8 @@ def test_infonce_moco_queue(backend, device, dtype, reduction, tau_kind):
 def test_infonce_in_batch(backend, device, dtype, reduction):
     q, k = torch.randn(N, D, device=device), torch.randn(N, D, device=device)
     tau = torch.tensor(0.1, device=device, requires_grad=True)
-    _compare(lambda q, k, t: fused_tau.infonce(q, k, None, t, reduction),
-             lambda q, k, t: reference.infonce(q, k, None, t, reduction), [q, k], tau, dtype, tau_scale=N)
+    _compare(lambda q, k, t: fused_tau.infonce(q, k, None, tau=t, reduction=reduction),
+             lambda q, k, t: reference.infonce(q, k, None, tau=t, reduction=reduction), [q, k], tau, dtype, tau_scale=N)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -74,9 +74,9 @@ def test_seed_002_moco_example(backend, device):
     q = torch.ones(1, 1, device=device)
     k = torch.ones(1, 1, device=device)
     queue = -torch.ones(1023, 1, device=device)
-    assert abs(fused_tau.infonce(q, k, queue, 1.0).item() - 4.94) < 5e-3
+    assert abs(fused_tau.infonce(q, k, queue, tau=1.0).item() - 4.94) < 5e-3
     exact = math.log1p(1023 * math.exp(-2 / 0.07))
-    assert abs(fused_tau.infonce(q, k, queue, 0.07).item() - exact) <= 1e-5 * exact
+    assert abs(fused_tau.infonce(q, k, queue, tau=0.07).item() - exact) <= 1e-5 * exact
 
 
 def test_small_tau_keeps_precision(backend, device):
@@ -85,13 +85,13 @@ def test_small_tau_keeps_precision(backend, device):
     base = torch.randn(1, 16, device=device)
     q = torch.nn.functional.normalize(base + 0.01 * torch.randn(4, 16, device=device), dim=1)
     queue = torch.nn.functional.normalize(-base + 0.05 * torch.randn(80, 16, device=device), dim=1)
-    ours = fused_tau.infonce(q, q, queue, 0.0625, "none")
-    exact = reference.infonce(q.double(), q.double(), queue.double(), 0.0625, "none")
+    ours = fused_tau.infonce(q, q, queue, tau=0.0625, reduction="none")
+    exact = reference.infonce(q.double(), q.double(), queue.double(), tau=0.0625, reduction="none")
     assert (exact < 1e-9).all() and (exact > 1e-30).all()
     # relative error of the fp32 logits (|q·k| / τ = 16 from 16-term dot products) times |z_neg - z_pos| = 32
     # bounds what any fp32 computation can do: ~1e-4; torch's composition loses everything
     torch.testing.assert_close(ours.double(), exact, rtol=1e-3, atol=0)
-    assert (reference.infonce(q, q, queue, 0.0625, "none") == 0).all()  # what fp32 torch gives
+    assert (reference.infonce(q, q, queue, tau=0.0625, reduction="none") == 0).all()  # what fp32 torch gives
 
 
 def test_moco_queue_ring_buffer(device):
@@ -117,7 +117,7 @@ def test_infonce_module_with_queue_and_learnable_tau(backend, device):
     loss = loss_fn(q, k, mq)
     loss.backward()
     assert loss_fn.temperature.log_tau.grad is not None
-    torch.testing.assert_close(loss, fused_tau.infonce(q, k, mq.queue, 0.2), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, fused_tau.infonce(q, k, mq.queue, tau=0.2), rtol=1e-5, atol=1e-6)
 
 
 def test_temperature_is_clamped_like_clip():
@@ -169,9 +169,9 @@ def test_both_backward_routes(backend, device, dtype, route, monkeypatch):
         monkeypatch.setattr(tile, "MATERIALIZED_CHUNK_ELEMENTS", 1 << 20)
     q, k, queue = (torch.randn(n, D, device=device) for n in (N, N, K))
     tau = (torch.rand(N, device=device) * 0.3 + 0.1).requires_grad_()
-    _compare(lambda q, k, qu, t: fused_tau.infonce(q, k, qu, t, "none"),
-             lambda q, k, qu, t: reference.infonce(q, k, qu, t, "none"), [q, k, queue], tau, dtype, tau_scale=N)
+    _compare(lambda q, k, qu, t: fused_tau.infonce(q, k, qu, tau=t, reduction="none"),
+             lambda q, k, qu, t: reference.infonce(q, k, qu, tau=t, reduction="none"), [q, k, queue], tau, dtype, tau_scale=N)
     for fn, ref_fn in ((fused_tau.clip_loss, reference.clip_loss), (fused_tau.nt_xent, reference.nt_xent)):
         _compare(fn, ref_fn, [q, k], torch.tensor(0.1, device=device, requires_grad=True), dtype, tau_scale=N)
-    _compare(lambda q, k, qu, t: fused_tau.infonce(q, k, qu, t), lambda q, k, qu, t: reference.infonce(q, k, qu, t),
+    _compare(lambda q, k, qu, t: fused_tau.infonce(q, k, qu, tau=t), lambda q, k, qu, t: reference.infonce(q, k, qu, tau=t),
              [q, k, queue[:0]], 0.2, dtype)  # an empty queue: the positive alone, loss 0

@@ -21,7 +21,7 @@ def _targets(shape, C, device, ignore=True):
 def _check(input, target, tau, dtype, tau_tol_scale=1.0, **opts):
     """Loss and gradients (input, and τ when it is a tensor) against the float64 reference."""
     x = input.to(dtype).requires_grad_()
-    out = fused_tau.cross_entropy(x, target, tau, **opts)
+    out = fused_tau.cross_entropy(x, target, tau=tau, **opts)
     assert out.dtype == dtype
     g = torch.rand(out.shape, device=x.device) + 0.5
     (out.float() * g).sum().backward()
@@ -32,14 +32,14 @@ def _check(input, target, tau, dtype, tau_tol_scale=1.0, **opts):
     opts64 = dict(opts)
     if opts.get("weight") is not None:
         opts64["weight"] = opts["weight"].double()
-    ref = reference.cross_entropy(x64, t64, tau64, **opts64)
+    ref = reference.cross_entropy(x64, t64, tau=tau64, **opts64)
     (ref * g.double()).sum().backward()
     # fp32 cannot beat its own conditioning (|z| = |x|/τ ~ 1e3 makes exp(z - M) off by 1e3 ulp):
     # there the bound is torch's own fp32 error, as tests/tolerances.py explains.
     torch_out = torch_grad = None
     if dtype == torch.float32:
         x32 = x.detach().clone().requires_grad_()
-        torch_out = reference.cross_entropy(x32, target, tau.detach() if isinstance(tau, torch.Tensor) else tau,
+        torch_out = reference.cross_entropy(x32, target, tau=tau.detach() if isinstance(tau, torch.Tensor) else tau,
                                             **opts)
         (torch_out * g).sum().backward()
         torch_grad = x32.grad
@@ -153,7 +153,7 @@ def test_masked_classes_and_all_ignored(backend, device):
     ignored = torch.full((5,), -100, device=device)
     for reduction in ("mean", "sum", "none"):
         xi = torch.randn(5, 21, device=device, requires_grad=True)
-        out = fused_tau.cross_entropy(xi, ignored, 0.3, reduction=reduction)
+        out = fused_tau.cross_entropy(xi, ignored, tau=0.3, reduction=reduction)
         ref = F.cross_entropy(xi.detach() / 0.3, ignored, reduction=reduction)
         torch.testing.assert_close(out, ref, equal_nan=True)  # mean of nothing is NaN, as in torch
         if reduction != "mean":
@@ -165,24 +165,24 @@ def test_inplace_backward_is_opt_in(backend, device):
     x = torch.randn(6, 33, device=device)
     y = torch.randint(0, 33, (6,), device=device)
     a = x.clone().requires_grad_()
-    fused_tau.cross_entropy(a, y, 0.5).backward()
+    fused_tau.cross_entropy(a, y, tau=0.5).backward()
     assert torch.equal(a.detach(), x)  # the default never writes into the caller's logits
     leaf = x.clone().requires_grad_()
     z = leaf * 1.0  # a buffer the caller no longer needs
-    fused_tau.cross_entropy(z, y, 0.5, inplace_backward=True).backward()
+    fused_tau.cross_entropy(z, y, tau=0.5, inplace_backward=True).backward()
     torch.testing.assert_close(leaf.grad, a.grad)
 
 
 def test_one_dim_input_and_int32_targets(backend, device):
     x = torch.randn(17, device=device, requires_grad=True)
     y = torch.tensor(4, device=device)
-    out = fused_tau.cross_entropy(x, y, 0.5, reduction="none")
+    out = fused_tau.cross_entropy(x, y, tau=0.5, reduction="none")
     ref = F.cross_entropy(x.detach().double() / 0.5, y, reduction="none")
     assert out.shape == ref.shape == ()
     assert_close_to_ref(out, ref, torch.float32)
     x2 = torch.randn(4, 17, device=device)
     y32 = torch.randint(0, 17, (4,), device=device, dtype=torch.int32)
-    assert_close_to_ref(fused_tau.cross_entropy(x2, y32, 0.5), F.cross_entropy(x2.double() / 0.5, y32.long()),
+    assert_close_to_ref(fused_tau.cross_entropy(x2, y32, tau=0.5), F.cross_entropy(x2.double() / 0.5, y32.long()),
                         torch.float32)
 
 
@@ -198,7 +198,7 @@ def test_module_matches_functional(backend, device):
     mod = fused_tau.CrossEntropyLoss(weight=w, label_smoothing=0.1, tau=0.2, reduction="sum")
     x = torch.randn(4, 11, device=device)
     y = torch.randint(0, 11, (4,), device=device)
-    torch.testing.assert_close(mod(x, y), fused_tau.cross_entropy(x, y, 0.2, w, reduction="sum",
+    torch.testing.assert_close(mod(x, y), fused_tau.cross_entropy(x, y, tau=0.2, weight=w, reduction="sum",
                                                                   label_smoothing=0.1))
     learn = fused_tau.CrossEntropyLoss(tau=torch.nn.Parameter(torch.tensor(0.5, device=device)))
     learn(x, y).backward()
@@ -216,6 +216,6 @@ def test_offsets_are_int64(backend, device):
     for i in range(3):
         x[i] = torch.randn(C).to(torch.bfloat16)
     y = torch.tensor([1, 2, 3])
-    out = fused_tau.cross_entropy(x, y, 0.5, reduction="none")
+    out = fused_tau.cross_entropy(x, y, tau=0.5, reduction="none")
     ref = F.cross_entropy(x.double() / 0.5, y, reduction="none")
     assert_close_to_ref(out, ref, torch.bfloat16)

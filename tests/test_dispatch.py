@@ -40,7 +40,7 @@ def test_reference_backend_is_the_composition(monkeypatch):
     monkeypatch.setenv("FUSED_TAU_BACKEND", "reference")
     x = torch.randn(3, 5, requires_grad=True)
     y = torch.tensor([0, 4, 2])
-    out = fused_tau.cross_entropy(x, y, 0.3, label_smoothing=0.1)
+    out = fused_tau.cross_entropy(x, y, tau=0.3, label_smoothing=0.1)
     assert out.grad_fn is not None and "CrossEntropyFunction" not in type(out.grad_fn).__name__
     torch.testing.assert_close(out, torch.nn.functional.cross_entropy(x / 0.3, y, label_smoothing=0.1))
 
@@ -49,6 +49,6 @@ def test_float64_keeps_float64(monkeypatch):
     monkeypatch.delenv("FUSED_TAU_BACKEND", raising=False)
     x = torch.randn(4, 9, dtype=torch.float64)
     y = torch.randint(0, 9, (4,))
-    out = fused_tau.cross_entropy(x, y, 0.05)
+    out = fused_tau.cross_entropy(x, y, tau=0.05)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, torch.nn.functional.cross_entropy(x / 0.05, y), rtol=1e-12, atol=0)

@@ -14,20 +14,20 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 def _run(student, teacher, tau, target, alpha, reduction, dtype, teacher_grad=True):
     s = student.to(dtype).requires_grad_()
     t = teacher.to(dtype).requires_grad_(teacher_grad)
-    out = fused_tau.kd_loss(s, t, tau, target, alpha, reduction)
+    out = fused_tau.kd_loss(s, t, tau=tau, target=target, alpha=alpha, reduction=reduction)
     assert out.dtype == dtype
     g = torch.rand(out.shape, device=s.device) + 0.5
     (out.float() * g).sum().backward()
     s64 = s.detach().double().requires_grad_()
     t64 = t.detach().double().requires_grad_(teacher_grad)
     tau64 = tau.detach().double().requires_grad_() if isinstance(tau, torch.Tensor) else tau
-    ref = reference.kd_loss(s64, t64, tau64, target, alpha, reduction)
+    ref = reference.kd_loss(s64, t64, tau=tau64, target=target, alpha=alpha, reduction=reduction)
     (ref * g.double()).sum().backward()
     # fp32 cannot beat its conditioning (|z| large): bound by torch's own fp32 error as well
     ts = s.detach().float().requires_grad_()
     tt = t.detach().float().requires_grad_(teacher_grad)
-    tref = reference.kd_loss(ts, tt, tau.detach() if isinstance(tau, torch.Tensor) else tau, target, alpha,
-                             reduction)
+    tref = reference.kd_loss(ts, tt, tau=tau.detach() if isinstance(tau, torch.Tensor) else tau, target=target, alpha=alpha,
+                             reduction=reduction)
     (tref * g).sum().backward()
     fp32 = dtype == torch.float32
     assert_close_to_ref(out, ref, dtype, torch_same_dtype=tref if fp32 else None)
@@ -76,20 +76,20 @@ def test_teacher_zero_probability_classes(backend, device):
     t[1, 7:] = float("-inf")  # a teacher row that is almost one-hot
     # the reference's teacher gradient is NaN there (d xlogy(q, q)/dq = log 0 + 1): compare the rest
     _run(s, t, 2.0, None, 0.9, "batchmean", torch.float32, teacher_grad=False)
-    out = fused_tau.kd_loss(s, t, 2.0, reduction="none")
+    out = fused_tau.kd_loss(s, t, tau=2.0, reduction="none")
     assert torch.isfinite(out).all() and (out[:, :5] == 0).all()
     tg = t.clone().requires_grad_()
-    fused_tau.kd_loss(s, tg, 2.0).backward()
+    fused_tau.kd_loss(s, tg, tau=2.0).backward()
     assert torch.isfinite(tg.grad).all() and (tg.grad[:, :5] == 0).all()
     t64 = t.double().requires_grad_()
-    reference.kd_loss(s.double(), t64, 2.0).backward()
+    reference.kd_loss(s.double(), t64, tau=2.0).backward()
     finite = torch.isfinite(t64.grad)
     assert_close_to_ref(tg.grad[finite], t64.grad[finite], torch.float32)
 
 
 def test_identical_logits_give_zero(backend, device):
     x = torch.randn(5, 300, device=device) * 10
-    assert abs(fused_tau.kd_loss(x, x.clone(), 4.0).item()) < 1e-6
+    assert abs(fused_tau.kd_loss(x, x.clone(), tau=4.0).item()) < 1e-6
 
 
 def test_kd_matches_hinton_formula_in_float64(backend, device):
@@ -98,8 +98,8 @@ def test_kd_matches_hinton_formula_in_float64(backend, device):
     t = torch.randn(8, 100, device=device, dtype=torch.float64)
     y = torch.randint(0, 100, (8,), device=device)
     kd = 16 * F.kl_div(F.log_softmax(s / 4, -1), F.softmax(t / 4, -1), reduction="batchmean")
-    torch.testing.assert_close(fused_tau.kd_loss(s, t, 4.0), kd, rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(fused_tau.kd_loss(s, t, 4.0, y, 0.9), 0.9 * kd + 0.1 * F.cross_entropy(s, y),
+    torch.testing.assert_close(fused_tau.kd_loss(s, t, tau=4.0), kd, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(fused_tau.kd_loss(s, t, tau=4.0, target=y, alpha=0.9), 0.9 * kd + 0.1 * F.cross_entropy(s, y),
                                rtol=1e-6, atol=1e-9)
 
 
@@ -107,7 +107,7 @@ def test_kd_module(backend, device):
     s, t = torch.randn(3, 17, device=device), torch.randn(3, 17, device=device)
     y = torch.randint(0, 17, (3,), device=device)
     mod = fused_tau.KDLoss(tau=2.0, alpha=0.6, reduction="sum")
-    torch.testing.assert_close(mod(s, t, y), fused_tau.kd_loss(s, t, 2.0, y, 0.6, "sum"))
+    torch.testing.assert_close(mod(s, t, y), fused_tau.kd_loss(s, t, tau=2.0, target=y, alpha=0.6, reduction="sum"))
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [

@@ -43,9 +43,9 @@ print("ok")
 
 
 LOSSES = {
-    "cross_entropy": (lambda x: fused_tau.cross_entropy(x, torch.arange(4) % 7, 0.5),
+    "cross_entropy": (lambda x: fused_tau.cross_entropy(x, torch.arange(4) % 7, tau=0.5),
                       lambda x: F.cross_entropy(x / 0.5, torch.arange(4) % 7)),
-    "kd_loss": (lambda x: fused_tau.kd_loss(x, x.detach().flip(0), 2.0),
+    "kd_loss": (lambda x: fused_tau.kd_loss(x, x.detach().flip(0), tau=2.0),
                 lambda x: 4.0 * F.kl_div(F.log_softmax(x / 2, -1), F.softmax(x.detach().flip(0) / 2, -1),
                                          reduction="batchmean")),
 }
@@ -71,12 +71,12 @@ def test_autocast_tile_losses(backend):
     x, W = torch.randn(6, 16, requires_grad=True), torch.randn(30, 16)
     y = torch.randint(0, 30, (6,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        losses = [fused_tau.infonce(q, k, queue, 0.2), fused_tau.nt_xent(q, k), fused_tau.clip_loss(q, k),
+        losses = [fused_tau.infonce(q, k, queue, tau=0.2), fused_tau.nt_xent(q, k), fused_tau.clip_loss(q, k),
                   fused_tau.linear_cross_entropy(x, W, y, tau=0.5)]
     for loss in losses:
         assert loss.dtype == torch.float32
     # autocast is off inside: fp32 inputs are multiplied in fp32, not silently in bf16
-    torch.testing.assert_close(losses[0], fused_tau.infonce(q, k, queue, 0.2), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(losses[0], fused_tau.infonce(q, k, queue, tau=0.2), rtol=1e-6, atol=1e-6)
     sum(losses).backward()
     assert q.grad.dtype == x.grad.dtype == torch.float32
 
@@ -93,12 +93,12 @@ def test_deterministic_algorithms(backend):
             q = torch.randn(5, 16, requires_grad=True)
             W = torch.randn(23, 16, requires_grad=True)
             y = torch.randint(0, 23, (5,))
-            loss = (fused_tau.cross_entropy(x, y, 0.3, label_smoothing=0.1) + fused_tau.kd_loss(x, x.flip(0).detach())
+            loss = (fused_tau.cross_entropy(x, y, tau=0.3, label_smoothing=0.1) + fused_tau.kd_loss(x, x.flip(0).detach())
                     + fused_tau.infonce(q, q.flip(0).detach(), torch.randn(30, 16)) + fused_tau.nt_xent(q, q.flip(0))
-                    + fused_tau.linear_cross_entropy(q, W, y) + fused_tau.softmax(x, 0.5).sum())
+                    + fused_tau.linear_cross_entropy(q, W, y) + fused_tau.softmax(x, tau=0.5).sum())
             loss.backward()
             g = torch.Generator().manual_seed(3)
-            draws = fused_tau.sample(x.detach(), 0.7, generator=g)
+            draws = fused_tau.sample(x.detach(), tau=0.7, generator=g)
             return [loss.detach(), x.grad, q.grad, W.grad, draws]
 
         for a, b in zip(run(), run()):

@@ -109,11 +109,11 @@ def test_infonce_memory_is_a_tenth_of_the_composition(monkeypatch):
 
     def fused():
         q.grad = None
-        fused_tau.infonce(q, k, queue, 0.07).backward()
+        fused_tau.infonce(q, k, queue, tau=0.07).backward()
 
     def composition():
         q.grad = None
-        reference.infonce(q, k, queue, 0.07).backward()
+        reference.infonce(q, k, queue, tau=0.07).backward()
 
     ours, theirs = _peak(fused), _peak(composition)
     assert ours <= theirs / 10, (ours, theirs)

@@ -76,7 +76,7 @@ def test_sample_follows_softmax_over_tau(backend, device):
     tau_values = [0.2, 1.0, 5.0]
     taus = torch.tensor(tau_values, device=device).repeat(n // 3)
     logits = torch.tensor(SEED_004, device=device).expand(n, 3)
-    idx = sample(logits, taus, generator=gen(device, 4))
+    idx = sample(logits, tau=taus, generator=gen(device, 4))
     assert idx.shape == (n,) and idx.dtype == torch.int64
     for i, t in enumerate(tau_values):
         counts = torch.bincount(idx[i::3], minlength=3)
@@ -86,7 +86,7 @@ def test_sample_follows_softmax_over_tau(backend, device):
 def test_sample_float_tau(backend, device):
     n = n_draws(backend, device, 300)
     logits = torch.tensor(SEED_004, device=device).expand(n, 3)
-    counts = torch.bincount(sample(logits, 0.5, generator=gen(device, 5)), minlength=3)
+    counts = torch.bincount(sample(logits, tau=0.5, generator=gen(device, 5)), minlength=3)
     assert chi2_ok(counts, torch.softmax(torch.tensor(SEED_004, dtype=torch.float64) / 0.5, -1))
 
 
@@ -142,7 +142,7 @@ def test_dtypes(backend, device, dtype):
     y = soft.detach().double()
     expected = y * (g.double() - (g.double() * y).sum(-1, keepdim=True)) / 0.5
     torch.testing.assert_close(x.grad.double(), expected, atol=4 * t["atol"], rtol=4 * t["rtol"])
-    idx = sample(x.detach(), 0.5, generator=gen(device, 2))
+    idx = sample(x.detach(), tau=0.5, generator=gen(device, 2))
     assert idx.shape == (6,) and ((idx >= 0) & (idx < 37)).all()
 
 
@@ -169,13 +169,13 @@ def test_reproducible_with_a_generator(backend, device):
     c = gumbel_softmax(x, 0.5, generator=gen(device, 124))
     assert torch.equal(a, b) and not torch.equal(a, c)
     g = gen(device, 123)
-    first, second = sample(x, 2.0, generator=g), sample(x, 2.0, generator=g)
-    assert torch.equal(first, sample(x, 2.0, generator=gen(device, 123)))
+    first, second = sample(x, tau=2.0, generator=g), sample(x, tau=2.0, generator=g)
+    assert torch.equal(first, sample(x, tau=2.0, generator=gen(device, 123)))
     assert not torch.equal(first, second)  # the generator advances
     torch.manual_seed(7)
-    d = sample(x, 2.0)
+    d = sample(x, tau=2.0)
     torch.manual_seed(7)
-    assert torch.equal(d, sample(x, 2.0))  # the device's default generator
+    assert torch.equal(d, sample(x, tau=2.0))  # the device's default generator
 
 
 def test_rows_get_independent_noise(backend, device):
@@ -202,7 +202,7 @@ def test_extreme_and_masked_logits(backend, device, tau):
     (hard * torch.randn_like(hard)).sum().backward()
     assert torch.isfinite(x.grad).all() and (x.grad[:, 10:12] == 0).all()
     assert (hard.argmax(-1)[torch.arange(8) != 5] == 3).all() and hard[5, 15] == 1
-    idx = sample(x.detach(), tau, generator=gen(device, 1))
+    idx = sample(x.detach(), tau=tau, generator=gen(device, 1))
     assert (idx[torch.arange(8) != 5] == 3).all() and idx[5] == 15
 
 
@@ -210,12 +210,12 @@ def test_sample_tau_zero_is_argmax(backend, device):
     x = torch.randn(9, 40, device=device)
     x[2, [4, 30]] = 10.0  # a tie: the first index, as torch.argmax
     x[3] = float("-inf")  # no finite logit: 0, as torch.argmax
-    assert torch.equal(sample(x, 0.0), x.argmax(-1))
-    assert torch.equal(sample(x.to(torch.bfloat16), 0), x.to(torch.bfloat16).argmax(-1))
+    assert torch.equal(sample(x, tau=0.0), x.argmax(-1))
+    assert torch.equal(sample(x.to(torch.bfloat16), tau=0), x.to(torch.bfloat16).argmax(-1))
     taus = torch.tensor([0.0, 1.0] * 4 + [0.0], device=device)  # per-row τ, zeros are greedy
-    idx = sample(x, taus, generator=gen(device, 0))
+    idx = sample(x, tau=taus, generator=gen(device, 0))
     assert torch.equal(idx[::2], x.argmax(-1)[::2])
-    assert sample(x[0], 0.0).shape == () and sample(torch.randn(2, 3, 5, device=device), 0.3).shape == (2, 3)
+    assert sample(x[0], tau=0.0).shape == () and sample(torch.randn(2, 3, 5, device=device), tau=0.3).shape == (2, 3)
 
 
 def test_long_row(backend, device, monkeypatch):
@@ -245,7 +245,7 @@ def test_long_row(backend, device, monkeypatch):
         return torch.cat([p[singles], p[band].sum().reshape(1)])
 
     logits = x.float().to(device).expand(n, C)
-    assert chi2_ok(bins(sample(logits, tau, generator=gen(device, 8))), probs(tau))
+    assert chi2_ok(bins(sample(logits, tau=tau, generator=gen(device, 8))), probs(tau))
     hard = gumbel_softmax(logits, tau, hard=True, generator=gen(device, 8))
     assert (hard.sum(-1) == 1).all()
     assert chi2_ok(bins(hard.argmax(-1)), probs(1.0))
@@ -275,9 +275,9 @@ def test_non_contiguous_and_empty(backend, device):
     before = base.clone()
     y = gumbel_softmax(x, 0.7, generator=gen(device, 0))
     torch.testing.assert_close(y.sum(-1), torch.ones(37, device=device), atol=1e-5, rtol=0)
-    idx = sample(x, 0.7, generator=gen(device, 0))
+    idx = sample(x, tau=0.7, generator=gen(device, 0))
     assert idx.shape == (37,) and ((idx >= 0) & (idx < 12)).all()
-    assert torch.equal(sample(x, 0.0), x.argmax(-1))
+    assert torch.equal(sample(x, tau=0.0), x.argmax(-1))
     assert torch.equal(base, before)
     assert gumbel_softmax(torch.randn(0, 7, device=device)).shape == (0, 7)
     assert sample(torch.randn(0, 7, device=device)).shape == (0,)
@@ -288,8 +288,8 @@ def test_reference_backend(monkeypatch, device):
     x = torch.randn(6, 5, device=device)
     assert torch.equal(gumbel_softmax(x, 0.3, hard=True, generator=gen(device, 1)),
                        reference.gumbel_softmax(x, 0.3, True, generator=gen(device, 1)))
-    assert torch.equal(sample(x, 0.3, generator=gen(device, 1)), reference.sample(x, 0.3, generator=gen(device, 1)))
-    idx = sample(x, torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0, 1.0], device=device))
+    assert torch.equal(sample(x, tau=0.3, generator=gen(device, 1)), reference.sample(x, tau=0.3, generator=gen(device, 1)))
+    idx = sample(x, tau=torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0, 1.0], device=device))
     assert idx.shape == (6,) and torch.equal(idx[::2], x.argmax(-1)[::2])
 
 
@@ -325,12 +325,12 @@ X = torch.randn(4, 7)
     (lambda: sample(torch.arange(5)), TypeError, "logits must be float16"),
     (lambda: sample(torch.tensor(1.0)), ValueError, "logits must have at least one dimension"),
     (lambda: sample(torch.randn(3, 0)), ValueError, "logits must have at least one class"),
-    (lambda: sample(X, -0.5), ValueError, "tau must be non-negative and finite"),
-    (lambda: sample(X, float("inf")), ValueError, "tau must be non-negative and finite"),
-    (lambda: sample(X, float("nan")), ValueError, "tau must be non-negative and finite"),
-    (lambda: sample(X, torch.tensor([1.0, -1.0, 1.0, 1.0])), ValueError, "tau must be non-negative"),
-    (lambda: sample(X, torch.tensor([1.0, 1.0])), ValueError, "tau must be a float, a one-element"),
-    (lambda: sample(X, True), TypeError, "tau must be a float"),
+    (lambda: sample(X, tau=-0.5), ValueError, "tau must be non-negative and finite"),
+    (lambda: sample(X, tau=float("inf")), ValueError, "tau must be non-negative and finite"),
+    (lambda: sample(X, tau=float("nan")), ValueError, "tau must be non-negative and finite"),
+    (lambda: sample(X, tau=torch.tensor([1.0, -1.0, 1.0, 1.0])), ValueError, "tau must be non-negative"),
+    (lambda: sample(X, tau=torch.tensor([1.0, 1.0])), ValueError, "tau must be a float, a one-element"),
+    (lambda: sample(X, tau=True), TypeError, "tau must be a float"),
     (lambda: sample(X, generator="seed"), TypeError, "generator must be a torch.Generator"),
 ])
 def test_bad_input(no_launch, call, exc, match):

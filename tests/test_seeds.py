@@ -41,8 +41,8 @@ SEED_000 = [
 def test_seed_000_softmax_and_loss(backend, device, tau, probs, loss):
     x = torch.tensor([[1.0, 2.0, 3.0]], device=device)
     y = torch.tensor([2], device=device)
-    assert_printed(fused_tau.softmax(x, tau)[0].tolist(), probs)
-    ours = fused_tau.cross_entropy(x, y, tau).item()
+    assert_printed(fused_tau.softmax(x, tau=tau)[0].tolist(), probs)
+    ours = fused_tau.cross_entropy(x, y, tau=tau).item()
     if tau == 0.1:
         # The seed's 4.5418e-05 is torch's fp32 rounding error, 3.9e-4 off relatively (DESIGN.md,
         # "Numerics"); the exact loss log1p(e^-10 + e^-20) is 4.5401e-05, which fused_tau returns.
@@ -64,9 +64,9 @@ SEED_001 = [
 @pytest.mark.parametrize("tau,probs,lse", SEED_001)
 def test_seed_001_smooth_max(backend, device, tau, probs, lse):
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0]], device=device)
-    assert_printed(fused_tau.softmax(x, tau)[0].tolist(), probs)
+    assert_printed(fused_tau.softmax(x, tau=tau)[0].tolist(), probs)
     # the seed prints LSE of the scaled vector, i.e. logsumexp(x / τ) = fused_tau.logsumexp(x, τ) / τ
-    assert_printed([fused_tau.logsumexp(x, tau).item() / tau], [lse])
+    assert_printed([fused_tau.logsumexp(x, tau=tau).item() / tau], [lse])
 
 
 # seed 002: softmax([1, 5, 7, 10] / t), printed with full double precision
@@ -83,11 +83,11 @@ SEED_002 = {
 def test_seed_002_temperature_table(backend, device, tau):
     expected = torch.tensor(SEED_002[tau], dtype=torch.float64)
     x = torch.tensor([[1.0, 5.0, 7.0, 10.0]], device=device)
-    got = fused_tau.softmax(x, tau)[0].double().cpu()
+    got = fused_tau.softmax(x, tau=tau)[0].double().cpu()
     # fp32: full relative precision for every normal number (8.19e-40 is below fp32's normal range)
     torch.testing.assert_close(got, expected, rtol=2e-6, atol=1e-37)
     if backend == "torch":
-        got64 = fused_tau.softmax(x.double(), float(tau))[0].cpu()
+        got64 = fused_tau.softmax(x.double(), tau=float(tau))[0].cpu()
         torch.testing.assert_close(got64, expected, rtol=1e-12, atol=0)
 
 
@@ -97,9 +97,9 @@ def test_seed_002_moco_example(backend, device):
     x = torch.full((1, 1024), -1.0, device=device)
     x[0, 0] = 1.0
     y = torch.zeros(1, dtype=torch.long, device=device)
-    assert_printed([fused_tau.cross_entropy(x, y, 1.0).item()], ["4.94"])
+    assert_printed([fused_tau.cross_entropy(x, y, tau=1.0).item()], ["4.94"])
     exact = math.log1p(1023 * math.exp(-2 / 0.07))
-    small = fused_tau.cross_entropy(x, y, 0.07).item()
+    small = fused_tau.cross_entropy(x, y, tau=0.07).item()
     assert small < 1e-9 and abs(small - exact) <= 1e-5 * exact
 
 
@@ -117,11 +117,11 @@ SEED_003_B = [(1.0, "1.2486"), (0.5, "1.2214"), (0.05, "5.0067"), (0.01, "25")]
 def test_seed_003_positive_is_nearest(backend, device, tau, probs, loss):
     sims = torch.tensor([[0.5, 0.25, -0.45, -0.1]], device=device)
     y = torch.zeros(1, dtype=torch.long, device=device)
-    p = fused_tau.softmax(sims, tau)[0].tolist()
+    p = fused_tau.softmax(sims, tau=tau)[0].tolist()
     if tau == 0.01:
         p[2] = 5.5e-42 if p[2] < 1e-37 else p[2]  # a subnormal fp32 may flush to zero on a GPU
     assert_printed(p, probs, truncated=True)
-    ours = fused_tau.cross_entropy(sims, y, tau).item()
+    ours = fused_tau.cross_entropy(sims, y, tau=tau).item()
     assert_printed([ours], [loss], truncated=True)
     exact = F.cross_entropy(sims.double() / tau, y).item()
     assert abs(ours - exact) <= 1e-5 * exact
@@ -134,7 +134,7 @@ def test_seed_003_positive_is_nearest(backend, device, tau, probs, loss):
 def test_seed_003_negative_is_nearest(backend, device, tau, loss):
     sims = torch.tensor([[0.25, 0.5, -0.45, -0.1]], device=device)
     y = torch.zeros(1, dtype=torch.long, device=device)
-    assert_printed([fused_tau.cross_entropy(sims, y, tau).item()], [loss], truncated=True)
+    assert_printed([fused_tau.cross_entropy(sims, y, tau=tau).item()], [loss], truncated=True)
 
 
 def test_seed_004_softmax_of_gumbel_logits(backend, device):

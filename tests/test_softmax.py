@@ -18,8 +18,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 def _call(op, x, tau, dim, keepdim=False):
     if op in (fused_tau.logsumexp, reference.logsumexp):
-        return op(x, tau, dim, keepdim)
-    return op(x, tau, dim)
+        return op(x, dim, keepdim, tau=tau)
+    return op(x, dim, tau=tau)
 
 
 @pytest.mark.parametrize("op,ref", OPS, ids=OP_IDS)
@@ -69,12 +69,12 @@ def test_gradients_of_x_and_tau(backend, device, op, ref, dtype, tau_kind):
 def test_softmax_properties(backend, device, dtype):
     """Rows sum to 1, shift invariance, and τ → 0 tends to one-hot argmax."""
     x = torch.randn(9, 100, device=device).to(dtype)
-    p = fused_tau.softmax(x, 0.5).float()
+    p = fused_tau.softmax(x, tau=0.5).float()
     torch.testing.assert_close(p.sum(-1), torch.ones(9, device=device), atol=2e-2, rtol=0)
     x32 = x.float()
-    shifted = fused_tau.softmax(x32 + 100.0, 0.5)
-    assert (shifted - fused_tau.softmax(x32, 0.5)).abs().max() < 1e-5
-    hard = fused_tau.softmax(x.float(), 1e-4)
+    shifted = fused_tau.softmax(x32 + 100.0, tau=0.5)
+    assert (shifted - fused_tau.softmax(x32, tau=0.5)).abs().max() < 1e-5
+    hard = fused_tau.softmax(x.float(), tau=1e-4)
     assert torch.equal(hard.argmax(-1), x.float().argmax(-1))
     assert (hard.max(-1).values > 0.99).all()
 
@@ -85,7 +85,7 @@ def test_logsumexp_is_a_smooth_max(backend, device):
     assert abs(fused_tau.logsumexp(x).item() - 4.4402) < 1e-4
     assert abs(fused_tau.logsumexp(x * 10).item() - 40.00) < 1e-2
     assert abs(fused_tau.logsumexp(x / 10).item() - 1.6425) < 1e-4
-    gaps = [fused_tau.logsumexp(x, t).item() - 4.0 for t in (1.0, 0.1, 0.01)]
+    gaps = [fused_tau.logsumexp(x, tau=t).item() - 4.0 for t in (1.0, 0.1, 0.01)]
     assert gaps[0] > gaps[1] > gaps[2] >= 0 and gaps[1] < 1e-5
 
 
@@ -94,8 +94,8 @@ def test_keepdim_and_masked_rows(backend, device):
     x[:, 5] = float("-inf")
     x[2] = float("-inf")  # a fully masked row: the reference gives NaN / -inf, so do we
     for op, ref in OPS:
-        out = op(x, 0.2, -1) if op is not fused_tau.logsumexp else op(x, 0.2, -1, True)
-        exp = ref(x.double(), 0.2, -1) if op is not fused_tau.logsumexp else ref(x.double(), 0.2, -1, True)
+        out = op(x, -1, tau=0.2) if op is not fused_tau.logsumexp else op(x, -1, True, tau=0.2)
+        exp = ref(x.double(), -1, tau=0.2) if op is not fused_tau.logsumexp else ref(x.double(), -1, True, tau=0.2)
         assert out.shape == exp.shape
         assert_close_to_ref(out, exp, torch.float32)
 
@@ -107,21 +107,21 @@ def test_non_contiguous_input(backend, device):
     for op, ref in OPS:
         assert_close_to_ref(_call(op, x, 0.7, -1), _call(ref, x.double(), 0.7, -1), torch.float32)
     before = base.clone()
-    fused_tau.softmax(x, 0.7)
+    fused_tau.softmax(x, tau=0.7)
     assert torch.equal(base, before)  # inputs are never modified
 
 
 def test_empty_input(backend, device):
     x = torch.randn(0, 7, device=device)
-    assert fused_tau.softmax(x, 0.5).shape == (0, 7)
-    assert fused_tau.logsumexp(x, 0.5).shape == (0,)
+    assert fused_tau.softmax(x, tau=0.5).shape == (0, 7)
+    assert fused_tau.logsumexp(x, tau=0.5).shape == (0,)
 
 
 def test_small_tau_log_softmax_keeps_precision(backend, device):
     """The argmax's log-probability is -log1p(Σ others): 2.06e-9 at τ = 0.05, not 0."""
     x = torch.tensor([[1.0, 2.0, 3.0]], device=device)
-    lp = fused_tau.log_softmax(x, 0.05)
-    exact = reference.log_softmax(x.double(), 0.05)
+    lp = fused_tau.log_softmax(x, tau=0.05)
+    exact = reference.log_softmax(x.double(), tau=0.05)
     assert abs(lp[0, 2].item() - exact[0, 2].item()) <= 1e-6 * abs(exact[0, 2].item())
     assert lp[0, 2].item() != 0.0
 
