@@ -147,9 +147,10 @@ def _may_overlap(t):
     """True unless every element provably has its own memory: torch's own check, and where it
     cannot tell, the strides: dims of size > 1 sorted by stride, each stride at least the extent
     of the dims below it (conservative: an interleaved layout is refused, never miswritten)."""
-    verdict = torch._debug_has_internal_overlap(t)  # 0 no, 1 yes, 2 too hard to tell
-    if verdict != 2:
-        return verdict == 1
+    if not torch.compiler.is_compiling():  # dynamo cannot trace an op that returns an int
+        verdict = torch._debug_has_internal_overlap(t)  # 0 no, 1 yes, 2 too hard to tell
+        if verdict != 2:
+            return verdict == 1
     dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1)
     extent = 1
     for st, sz in dims:

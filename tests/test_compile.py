@@ -330,5 +330,5 @@ def test_double_backward_is_refused(backend):
     x = torch.randn(4, 7, device=DEVICE, requires_grad=True)
     y = torch.tensor([0, 1, 2, 3], device=DEVICE)
     (g,) = torch.autograd.grad(ft.cross_entropy(x, y, tau=0.5), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+    with pytest.raises(RuntimeError, match="once-differentiable"):
         g.pow(2).sum().backward()

@@ -46,8 +46,8 @@ def test_infonce_moco_queue(backend, device, dtype, reduction, tau_kind):
     q, k, queue = (torch.randn(n, D, device=device) for n in (N, N, K))
     tau = {"float": 0.2, "learnable": torch.tensor(0.2, device=device, requires_grad=True),
            "per_row": (torch.rand(N, device=device) * 0.3 + 0.1).requires_grad_()}[tau_kind]
-    _compare(lambda q, k, qu, t: fused_tau.infonce(q, k, qu, tau=t, reduction=reduction),
-             lambda q, k, qu, t: reference.infonce(q, k, qu, tau=t, reduction=reduction), [q, k, queue], tau, dtype, tau_scale=N)
+    _compare(lambda q, k, qu, tau: fused_tau.infonce(q, k, qu, tau=tau, reduction=reduction),
+             lambda q, k, qu, tau: reference.infonce(q, k, qu, tau=tau, reduction=reduction), [q, k, queue], tau, dtype, tau_scale=N)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -55,8 +55,8 @@ def test_infonce_moco_queue(backend, device, dtype, reduction, tau_kind):
 def test_infonce_in_batch(backend, device, dtype, reduction):
     q, k = torch.randn(N, D, device=device), torch.randn(N, D, device=device)
     tau = torch.tensor(0.1, device=device, requires_grad=True)
-    _compare(lambda q, k, t: fused_tau.infonce(q, k, None, tau=t, reduction=reduction),
-             lambda q, k, t: reference.infonce(q, k, None, tau=t, reduction=reduction), [q, k], tau, dtype, tau_scale=N)
+    _compare(lambda q, k, tau: fused_tau.infonce(q, k, None, tau=tau, reduction=reduction),
+             lambda q, k, tau: reference.infonce(q, k, None, tau=tau, reduction=reduction), [q, k], tau, dtype, tau_scale=N)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -169,9 +169,9 @@ def test_both_backward_routes(backend, device, dtype, route, monkeypatch):
         monkeypatch.setattr(tile, "MATERIALIZED_CHUNK_ELEMENTS", 1 << 20)
     q, k, queue = (torch.randn(n, D, device=device) for n in (N, N, K))
     tau = (torch.rand(N, device=device) * 0.3 + 0.1).requires_grad_()
-    _compare(lambda q, k, qu, t: fused_tau.infonce(q, k, qu, tau=t, reduction="none"),
-             lambda q, k, qu, t: reference.infonce(q, k, qu, tau=t, reduction="none"), [q, k, queue], tau, dtype, tau_scale=N)
+    _compare(lambda q, k, qu, tau: fused_tau.infonce(q, k, qu, tau=tau, reduction="none"),
+             lambda q, k, qu, tau: reference.infonce(q, k, qu, tau=tau, reduction="none"), [q, k, queue], tau, dtype, tau_scale=N)
     for fn, ref_fn in ((fused_tau.clip_loss, reference.clip_loss), (fused_tau.nt_xent, reference.nt_xent)):
         _compare(fn, ref_fn, [q, k], torch.tensor(0.1, device=device, requires_grad=True), dtype, tau_scale=N)
-    _compare(lambda q, k, qu, t: fused_tau.infonce(q, k, qu, tau=t), lambda q, k, qu, t: reference.infonce(q, k, qu, tau=t),
+    _compare(lambda q, k, qu, tau: fused_tau.infonce(q, k, qu, tau=tau), lambda q, k, qu, tau: reference.infonce(q, k, qu, tau=tau),
              [q, k, queue[:0]], 0.2, dtype)  # an empty queue: the positive alone, loss 0
