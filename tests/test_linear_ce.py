@@ -61,12 +61,23 @@ def test_linear_ce_matches_reference(backend, device, dtype, reduction, bias, we
 
 
 @pytest.mark.parametrize("tau_kind", ["float", "per_row"])
-def test_normface_and_leading_dims(backend, device, tau_kind):
-    """normalize=True: cosine logits scaled by 1/τ (NormFace); (B, T, D) inputs are flattened to rows."""
+@pytest.mark.parametrize("targets", ["classes", "probabilities"])
+def test_normface_and_leading_dims(backend, device, tau_kind, targets):
+    """normalize=True: cosine logits scaled by 1/τ (NormFace); (B, T, D) inputs are flattened to rows
+    (beyond torch, which takes (N, D) or (D,)), with targets (B, T) or (B, T, C)."""
     x, W = torch.randn(3, 5, D, device=device), torch.randn(V, D, device=device)
-    y = torch.randint(0, V, (3, 5), device=device)
+    y = torch.randint(0, V, (3, 5), device=device) if targets == "classes" else \
+        torch.softmax(torch.randn(3, 5, V, device=device), -1)
     tau = 0.05 if tau_kind == "float" else (torch.rand(15, device=device) * 0.1 + 0.02).requires_grad_()
     _check(x, W, y, None, torch.float32, tau, normalize=True, reduction="none")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_normface_k_dimensional(backend, device, reduction):
+    """normalize=True with a K-dimensional weight normalises each W[c, k, :] over D."""
+    x, W = torch.randn(N, D, device=device), torch.randn(5, 3, D, device=device)
+    y = torch.randint(0, 5, (N, 3), device=device)
+    _check(x, W, y, None, torch.float32, 0.1, normalize=True, reduction=reduction)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
