@@ -22,7 +22,7 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "numpy", "matplotlib>=3.5", "tqdm>=4", "build>=1"],
+        "test": ["pytest>=7", "hypothesis>=6", "expecttest", "pytest-benchmark>=4", "numpy", "matplotlib>=3.5", "tqdm>=4", "build>=1"],
         "bench": ["pytest-benchmark>=4", "numpy"],
         "plot": ["matplotlib>=3.5", "tqdm>=4"],
     },

@@ -1,12 +1,18 @@
 """``linear_cross_entropy`` on the tile engine: an LLM head or a NormFace classifier and its
-cross-entropy without the N × V logits (the signature of torch's ``F.linear_cross_entropy``
-plus ``tau`` and ``normalize``).
+cross-entropy without the N × C logits (torch 2.13's ``F.linear_cross_entropy`` plus ``tau`` and
+``normalize``).
 
-The tiles give, per row, the log-sum-exp over the non-target classes and the target's
-logit; class weights and label smoothing only need Σ_j w_j z_ij, which is closed-form:
-``(x_i · Σ_j w_j W_j + Σ_j w_j b_j) / τ``.  Their gradient is a rank-one update, the
-target's a sparse one, and the rest comes from the recomputed tiles.
+Per row i, with z_ic = (x_i · W_c + b_c) / τ_i and lse_i = log Σ_c exp(z_ic), every loss here is
+``Σ_c a_ic (lse_i - z_ic)`` for some coefficients a:
+  class targets        a_ic = w_c [(1 - ε) δ_{c,y_i} + ε / C]   (0 on ignored rows)
+  probability targets  a_ic = w_c [(1 - ε) t_ic + ε / C]
+The tiles give lse (and the target's logit); the dense part Σ_c a_ic z_ic is closed-form,
+``(x_i · (a_i @ W) + a_i · b) / τ_i``, a GEMM with the coefficients the caller already holds.
+Its gradient, dz_ic = g_i (A_i p_ic - a_ic) with A_i = Σ_c a_ic, is the tiles' recomputed
+p-part (coefficient g·A) minus two GEMMs with a; a class target's own column is a sparse update.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -14,128 +20,319 @@ from . import _ops as ops
 from . import reference
 from ._checks import (check_ce_options, check_class_targets, check_same_device, check_tensor, check_vector,
                       reduce_tau_grad, tau_for_kernel, tau_tensor)
-from ._dispatch import autocast_off, backend_for, loss_under_autocast, once_differentiable
+from ._dispatch import autocast_off, backend_for, once_differentiable
 from .contrastive import lse_from_stats, nll_from_stats, row_grad
 
 REDUCTIONS = ("none", "mean", "sum")
 
 
+class _DefaultIgnoreIndex(int):
+    """The default ``ignore_index`` (-100): an int, told apart from an explicit -100 so that, as in
+    torch, probability targets refuse an ``ignore_index`` the caller gave."""
+
+    def __repr__(self):
+        return "-100"
+
+
+IGNORE_INDEX_DEFAULT = _DefaultIgnoreIndex(-100)
+
+
+def _tile_stats(backend, x, W, b, tau_rows, y):
+    """(lse, nll) per row from one forward pass of the tile engine: nll = lse - z_y for class targets
+    ``y``, None when ``y`` is None (every column in the log-sum-exp)."""
+    m, s, z_y = ops.tile_fwd(backend, x, W, b, tau_rows, y, None)
+    if y is None:
+        return m + torch.log(s), None
+    return lse_from_stats(m, s, z_y), nll_from_stats(m, s, z_y)
+
+
+def _tile_grads(backend, x, W, b, tau_rows, y, lse, coef, need_x, need_W, need_b, need_zp):
+    """The tiles' recomputed p-part: dz_ic = coef_i p_ic over the columns c ≠ y_i, as
+    (dx, dW, dbias, zp_i = Σ_c (z_ic - lse_i) dz_ic), each None when not asked for."""
+    return ops.tile_bwd(backend, x, W, b, tau_rows, y, None, lse, coef, need_x, need_W or need_b, need_zp)
+
+
+def _weighted_logit_sum(x, a, W, b, tau_rows, cd):
+    """Σ_c a_ic z_ic = (x_i · (a_i @ W) + a_i · b) / τ_i, for a (C,) shared by every row or (N, C)."""
+    aW = a @ W.to(cd)
+    ab = (a * b.to(cd)).sum(-1) if b is not None else 0.0
+    xa = x.to(cd) @ aW if a.ndim == 1 else (x.to(cd) * aW).sum(-1)
+    return (xa + ab) / tau_rows
+
+
+def _dense_grads(g_tau, a, x, W, cd, need_x, need_W, need_b):
+    """The gradients of Σ_i g_i Σ_c a_ic z_ic (g_tau = g / τ): what the -a part of dz contributes,
+    negated; a is (C,) shared by every row or (N, C)."""
+    dx = dW = db = None
+    if a.ndim == 1:
+        if need_x:
+            dx = g_tau.unsqueeze(-1) * (a @ W.to(cd)).unsqueeze(0)
+        if need_W:
+            dW = a.unsqueeze(-1) * (g_tau @ x.to(cd)).unsqueeze(0)
+        if need_b:
+            db = a * g_tau.sum()
+    else:
+        ga = g_tau.unsqueeze(-1) * a
+        if need_x:
+            dx = ga @ W.to(cd)
+        if need_W:
+            dW = ga.T @ x.to(cd)
+        if need_b:
+            db = ga.sum(0)
+    return dx, dW, db
+
+
+def _prob_coefficients(target, w, smoothing, cd):
+    """a_ic = w_c ((1 - ε) t_ic + ε / C): the smoothed probability targets times the class weights."""
+    t = target.to(cd)
+    if smoothing > 0:
+        t = (1.0 - smoothing) * t + smoothing / t.shape[-1]
+    return t * w if w is not None else t
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Rows of ``F.cross_entropy((x @ W.T + b) / τ, y, w, ignore_index, label_smoothing)``."""
+    """Rows of ``F.cross_entropy((x @ W.T + b) / τ, target, w, ignore_index=..., label_smoothing=...)`` for
+    x (N, D), W (C, D): ``target`` holds class indices (N,) (int64) or probabilities (N, C) (float).
+    reduction 'none' gives the rows, 'sum' their sum, 'mean' their sum divided by ``denom`` (the
+    caller's: Σ of the target weights for class targets, the number of rows for probabilities; one
+    denominator may span several calls, as for K-dimensional losses).  The result is in the compute
+    dtype (fp32, fp64 for fp64 inputs); the caller casts it."""
 
     @staticmethod
     @autocast_off
-    def forward(ctx, x, W, b, target, weight, tau, reduction, ignore_index, smoothing, backend):
-        N, V = x.shape[0], W.shape[0]
+    def forward(ctx, x, W, b, target, weight, tau, denom, reduction, ignore_index, smoothing, backend):
+        N, C = x.shape[0], W.shape[0]
         cd = torch.float64 if x.dtype == torch.float64 else torch.float32
         tau_rows = tau_for_kernel(tau, x).expand(N).contiguous()
-        valid = target != ignore_index
-        y = torch.where(valid, target, 0)
         w = weight.to(cd) if weight is not None else None
-        w_y = torch.where(valid, w[y] if w is not None else torch.ones(N, device=x.device, dtype=cd), 0.0)
-        m, s, z_y = ops.tile_fwd(backend, x, W, b, tau_rows, y, None)
-        nll = nll_from_stats(m, s, z_y)
-        lse = lse_from_stats(m, s, z_y)
-        loss = (1.0 - smoothing) * w_y * nll
-        wz = None
-        if smoothing > 0:
-            # Σ_j w_j (lse - z_j) = W_sum lse - Σ_j w_j z_j, the latter closed-form
-            w_all = w if w is not None else torch.ones(V, device=x.device, dtype=cd)
-            wW = w_all @ W.to(cd)
-            wz = (x.to(cd) @ wW + ((w_all * b.to(cd)).sum() if b is not None else 0.0)) / tau_rows
-            loss = loss + torch.where(valid, smoothing / V * (w_all.sum() * lse - wz), 0.0)
-        denom = w_y.sum() if reduction == "mean" else None
+        if target.is_floating_point():
+            lse, _ = _tile_stats(backend, x, W, b, tau_rows, None)
+            a = _prob_coefficients(target, w, smoothing, cd)
+            loss = a.sum(-1) * lse - _weighted_logit_sum(x, a, W, b, tau_rows, cd)
+            saved = (target, lse, loss, None, None, None)
+        else:
+            valid = target != ignore_index
+            y = torch.where(valid, target, 0)
+            w_y = torch.where(valid, w[y] if w is not None else torch.ones(N, device=x.device, dtype=cd), 0.0)
+            lse, nll = _tile_stats(backend, x, W, b, tau_rows, y)
+            loss = (1.0 - smoothing) * w_y * nll
+            wz = None
+            if smoothing > 0:
+                # Σ_c w_c (lse - z_c) = (Σ_c w_c) lse - Σ_c w_c z_c, the latter closed-form
+                w_all = w if w is not None else torch.ones(C, device=x.device, dtype=cd)
+                wz = _weighted_logit_sum(x, w_all, W, b, tau_rows, cd)
+                loss = loss + torch.where(valid, smoothing / C * (w_all.sum() * lse - wz), 0.0)
+            saved = (y, lse, nll, valid, w_y, wz)
         out = loss if reduction == "none" else (loss.sum() / denom if reduction == "mean" else loss.sum())
         ctx.backend, ctx.options = backend, (reduction, smoothing)
-        ctx.save_for_backward(x, W, b, y, valid, w, w_y, tau_rows, lse, nll, wz, denom, tau)
-        return out.to(x.dtype)
+        ctx.save_for_backward(x, W, b, w, tau_rows, denom, tau, *saved)
+        return out
 
     @staticmethod
     @once_differentiable
     @autocast_off
     def backward(ctx, grad):
-        x, W, b, y, valid, w, w_y, tau_rows, lse, nll, wz, denom, tau = ctx.saved_tensors
+        x, W, b, w, tau_rows, denom, tau, target, lse, third, valid, w_y, wz = ctx.saved_tensors
         reduction, smoothing = ctx.options
-        N, V = x.shape[0], W.shape[0]
-        cd = nll.dtype
-        need_x, need_W, need_b = ctx.needs_input_grad[:3]
+        N, C = x.shape[0], W.shape[0]
+        cd = lse.dtype
+        need_x, need_W, need_b, need_t = ctx.needs_input_grad[:4]
         need_tau = ctx.needs_input_grad[5]
         g = row_grad(grad, N, "sum" if reduction == "mean" else reduction, cd)
         if reduction == "mean":
             g = g / denom
+        if target.is_floating_point():
+            return LinearCrossEntropyFunction._backward_probs(ctx, g, x, W, b, w, tau_rows, tau, target, lse, third,
+                                                              smoothing, need_x, need_W, need_b, need_t, need_tau)
+        y, nll = target, third
         g = torch.where(valid, g, 0.0)
-        w_all = w if w is not None else torch.ones(V, device=x.device, dtype=cd)
-        h = (1.0 - smoothing) * w_y  # dz_ij = g_i [h (p_ij - δ) + (ε/V)(W_sum p_ij - w_j)]
-        coef = g * (h + smoothing / V * w_all.sum())
-        da, db, dbias, zp = ops.tile_bwd(ctx.backend, x, W, b, tau_rows, y, None, lse, coef, need_x,
-                                              need_W or need_b, need_tau)
-        p_y = torch.exp(-nll)
-        dz_y = g * (h * torch.expm1(-nll) + smoothing / V * w_all.sum() * p_y)  # the target's own column
+        w_all = w if w is not None else torch.ones(C, device=x.device, dtype=cd)
+        h = (1.0 - smoothing) * w_y  # dz_ic = g_i [h (p_ic - δ_{c,y}) + (ε/C)(W_sum p_ic - w_c)]
+        coef = g * (h + smoothing / C * w_all.sum())
+        dx, dW, dB, zp = _tile_grads(ctx.backend, x, W, b, tau_rows, y, lse, coef, need_x, need_W,
+                                     need_b and b is not None, need_tau)
+        dW = dW if need_W else None
+        dz_y = g * (h * torch.expm1(-nll) + smoothing / C * w_all.sum() * torch.exp(-nll))  # the target's column
         sparse = (dz_y / tau_rows).unsqueeze(-1)
-        dx = dW = dB = None
+        dense = (_dense_grads(smoothing / C * g / tau_rows, w_all, x, W, cd, need_x, need_W,
+                              need_b and b is not None) if smoothing > 0 else (None, None, None))
         if need_x:
-            dx = da.to(cd) + sparse * W[y].to(cd)
-            if smoothing > 0:
-                dx -= (smoothing / V * g / tau_rows).unsqueeze(-1) * (w_all @ W.to(cd))
-            dx = dx.to(x.dtype)
-        if need_W or need_b:
-            gx = (smoothing / V * g / tau_rows)  # rank one: -(ε/V) w_j Σ_i (g_i / τ_i) x_i
-            if need_W:
-                dW = db.to(cd).index_add_(0, y, sparse * x.to(cd))
-                if smoothing > 0:
-                    dW -= w_all.unsqueeze(-1) * (gx @ x.to(cd)).unsqueeze(0)
-                dW = dW.to(W.dtype)
-            if need_b:
-                dB = dbias.index_add_(0, y, sparse.squeeze(-1))
-                if smoothing > 0:
-                    dB -= w_all * gx.sum()
-                dB = dB.to(b.dtype)
+            dx = dx.to(cd) + sparse * W[y].to(cd)
+        if need_W:
+            dW = dW.to(cd).index_add_(0, y, sparse * x.to(cd))
+        if need_b and b is not None:
+            dB = dB.index_add_(0, y, sparse.squeeze(-1))
+        dx, dW, dB = _finish(dx, dW, dB, dense, x, W, b)
         dtau = None
         if need_tau:
             terms = zp - nll * dz_y  # (z_y - lse) dz_y = -nll dz_y
             if smoothing > 0:
-                terms = terms - smoothing / V * g * (wz - w_all.sum() * lse)
+                terms = terms - smoothing / C * g * (wz - w_all.sum() * lse)
             dtau = reduce_tau_grad(-terms / tau_rows, tau, 1)
-        return dx, dW, dB, None, None, dtau, None, None, None, None
+        return dx, dW, dB, None, None, dtau, None, None, None, None, None
+
+    @staticmethod
+    def _backward_probs(ctx, g, x, W, b, w, tau_rows, tau, target, lse, loss, smoothing, need_x, need_W, need_b,
+                        need_t, need_tau):
+        cd = lse.dtype
+        has_b = need_b and b is not None
+        a = _prob_coefficients(target, w, smoothing, cd)
+        # dz_ic = g_i (A_i p_ic - a_ic): the p-part from the tiles, the a-part from two GEMMs
+        dx, dW, dB, zp = _tile_grads(ctx.backend, x, W, b, tau_rows, None, lse, g * a.sum(-1), need_x, need_W,
+                                     has_b, need_tau)
+        dW = dW if need_W else None
+        dense = _dense_grads(g / tau_rows, a, x, W, cd, need_x, need_W, has_b)
+        dx, dW, dB = _finish(dx, dW, dB, dense, x, W, b)
+        dt = None
+        if need_t:
+            # dL/dt_ic = g_i (1 - ε) w_c (lse_i - z_ic): as large as the target itself
+            z = x.to(cd) @ W.to(cd).T
+            if b is not None:
+                z = z + b.to(cd)
+            dt = (lse.unsqueeze(-1) - z / tau_rows.unsqueeze(-1)) * ((1.0 - smoothing) * g).unsqueeze(-1)
+            dt = (dt * w if w is not None else dt).to(target.dtype)
+        dtau = None
+        if need_tau:
+            # Σ_c dz_ic = 0, so Σ_c dz_ic z_ic = Σ_c dz_ic (z_ic - lse_i) = zp_i + g_i loss_i
+            dtau = reduce_tau_grad(-(zp + g * loss) / tau_rows, tau, 1)
+        return dx, dW, dB, dt, None, dtau, None, None, None, None, None
+
+
+def _finish(dx, dW, dB, dense, x, W, b):
+    """The tiles' gradients (plus any sparse part) minus the dense part, each in its input's dtype."""
+    ddx, ddW, ddB = dense
+    if dx is not None:
+        dx = (dx.to(ddx.dtype) - ddx if ddx is not None else dx).to(x.dtype)
+    if dW is not None:
+        dW = (dW.to(ddW.dtype) - ddW if ddW is not None else dW).to(W.dtype)
+    if dB is not None:
+        dB = (dB.to(ddB.dtype) - ddB if ddB is not None else dB).to(b.dtype)
+    return dx, dW, dB
+
+
+def _check_options(options):
+    if options is None:
+        return
+    opts_type = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if opts_type is None or not isinstance(options, opts_type):
+        raise TypeError(f"options must be None or a torch.nn.LinearCrossEntropyOptions, got "
+                        f"{type(options).__name__}")
 
 
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",
-                         ignore_index=-100, label_smoothing=0.0, tau=1.0, normalize=False):
-    """``F.cross_entropy(F.linear(input, linear_weight, linear_bias) / tau, target, weight, ...)`` without
-    the logits: extra memory O(N + V) beyond inputs and gradients.
+                         ignore_index=IGNORE_INDEX_DEFAULT, label_smoothing=0.0, options=None, tau=1.0,
+                         normalize=False):
+    """torch 2.13's ``F.linear_cross_entropy`` with a temperature: ``F.cross_entropy(logits / tau, target,
+    weight, ...)`` with ``logits = F.linear(input, linear_weight, linear_bias)`` reshaped to
+    ``(N, C, d1, ..., dK)``, computed without the logits: extra memory O(N + C) beyond inputs and
+    gradients (probability targets are themselves N × C; their own gradient is too).
 
-    ``input`` (..., D) and ``target`` (...) are flattened to rows; ``weight`` is the class weight
-    (as in torch's ``F.linear_cross_entropy``); ``normalize=True`` L2-normalises the rows of input
-    and linear_weight first (NormFace: cosine logits with scale s = 1/τ).  τ: a positive float, a
-    one-element tensor (learnable) or one τ per row.
+    Shapes, as torch: ``input`` (N, D) or (D,); ``linear_weight`` (C, D), or (C, d1, ..., dK, D) for a
+    K-dimensional loss (then input must be (N, D)); ``linear_bias`` (C, d1, ..., dK); ``weight`` (C,)
+    class weights.  ``target`` holds class indices, shape (N, d1, ..., dK) (() for 1-D input), or class
+    probabilities, shape (N, C, d1, ..., dK) ((C,) for 1-D input): probabilities exactly when the shape
+    equals the logits', as in torch.  ``reduction='none'`` returns the target's batch shape; 'mean'
+    divides by the summed weights of the non-ignored class targets, or by the number of positions
+    for probabilities.
+
+    Differences from torch:
+    - ``ignore_index`` defaults to -100 (torch's default None means -100 for class targets);
+      ``ignore_index=None`` is accepted with torch's meaning, and with probability targets an
+      ``ignore_index`` the caller gives (-100 included) raises, as in torch.
+    - ``options`` (torch's chunking options) is accepted and has no effect: fused_tau never builds the
+      logits, so there is nothing to chunk.  Anything other than None or a
+      ``torch.nn.LinearCrossEntropyOptions`` raises TypeError.
+    - Accepted beyond torch: class targets of any integer dtype (int32, uint8, ...; compared in int64),
+      and for K = 0 an input (..., D) with leading dims flattened to rows (target (...) or (..., C)).
+
+    ``tau``: a positive float, a one-element tensor (learnable) or one τ per row (shape (N,), the rows
+    after flattening).  ``normalize=True`` L2-normalises the rows of input and of linear_weight (over
+    D) first (NormFace: cosine logits with scale s = 1/τ).  Once differentiable.
     """
     check_tensor(input, "input")
     check_tensor(linear_weight, "linear_weight")
     check_tensor(target, "target", floating=False)
-    if input.ndim < 1 or linear_weight.ndim != 2 or linear_weight.shape[1] != input.shape[-1]:
-        raise ValueError(f"linear_weight must be (V, {input.shape[-1] if input.ndim else '?'}) for input of shape "
-                         f"{tuple(input.shape)}, got {tuple(linear_weight.shape)}")
+    if linear_weight.ndim < 2 or input.ndim < 1 or linear_weight.shape[-1] != input.shape[-1]:
+        raise ValueError(f"linear_weight must be (C, {input.shape[-1] if input.ndim else 'D'}) or (C, d1, ..., dK, "
+                         f"{input.shape[-1] if input.ndim else 'D'}) for input of shape {tuple(input.shape)}, got "
+                         f"{tuple(linear_weight.shape)}")
     check_same_device(linear_weight, "linear_weight", input, "input")
     check_same_device(target, "target", input, "input")
-    if target.is_floating_point() or target.dtype == torch.bool:
-        raise TypeError(f"target must hold class indices (an integer dtype), got {target.dtype}")
-    if tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(f"target must have shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}")
-    V = linear_weight.shape[0]
-    check_vector(linear_bias, "linear_bias", V, input)
-    check_vector(weight, "weight", V, input)
+    C, out_features, D = linear_weight.shape[0], tuple(linear_weight.shape[1:-1]), linear_weight.shape[-1]
+    if out_features and input.ndim != 2:
+        raise ValueError(f"a K-dimensional linear_weight {tuple(linear_weight.shape)} needs input of shape (N, {D}), "
+                         f"got {tuple(input.shape)}")
+    batch = tuple(input.shape[:-1])
+    logits_shape = (*batch, C, *out_features)
+    class_shape = (*batch, *out_features)
+    probabilities = tuple(target.shape) == logits_shape
+    if probabilities:
+        if not target.is_floating_point():
+            raise TypeError(f"target of shape {logits_shape} (the logits') holds class probabilities and must be a "
+                            f"float tensor, got {target.dtype}")
+        check_tensor(target, "target")
+        if ignore_index is not None and ignore_index is not IGNORE_INDEX_DEFAULT:
+            raise ValueError("ignore_index cannot be specified when target contains probabilities")
+        ignore_index = -100
+    else:
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise TypeError(f"target must hold class indices (an integer dtype) of shape {class_shape}, or class "
+                            f"probabilities (a float dtype) of shape {logits_shape}; got {target.dtype}")
+        if tuple(target.shape) != class_shape:
+            raise ValueError(f"target must have shape {class_shape} (class indices) or {logits_shape} (class "
+                             f"probabilities), got {tuple(target.shape)}")
+        ignore_index = -100 if ignore_index is None else ignore_index
     check_ce_options(reduction, REDUCTIONS, ignore_index, label_smoothing)
-    check_class_targets(target, V, ignore_index)
-    x = input.reshape(-1, input.shape[-1])
-    tau_t = tau_tensor(tau, input, (x.shape[0],) if input.ndim > 1 else ())
+    ignore_index = int(ignore_index)
+    check_vector(weight, "weight", C, input)
+    if linear_bias is not None:
+        check_tensor(linear_bias, "linear_bias")
+        check_same_device(linear_bias, "linear_bias", input, "input")
+        if tuple(linear_bias.shape) != (C, *out_features):
+            raise ValueError(f"linear_bias must have shape {(C, *out_features)}, got {tuple(linear_bias.shape)}")
+    _check_options(options)
+    P = math.prod(out_features)
+    x = input.reshape(-1, D)
+    N = x.shape[0]
+    if not probabilities:
+        # in int64: a uint8 target would wrap ignore_index -100 to 156, a valid-looking class
+        target = target.to(torch.int64)
+        check_class_targets(target, C, ignore_index)
+    tau_t = tau_tensor(tau, input, (N,) if input.ndim > 1 else ())
     backend = backend_for(input)
-    if backend == "reference" or x.shape[0] == 0:
+    if backend == "reference" or N == 0 or C == 0 or P == 0:
         return reference.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
-                                              reduction=reduction, ignore_index=ignore_index,
+                                              reduction=reduction, ignore_index=None if probabilities else ignore_index,
                                               label_smoothing=label_smoothing, tau=tau_t, normalize=normalize)
-    W = linear_weight
     if normalize:
-        x, W = F.normalize(x, dim=-1), F.normalize(W, dim=-1)
-    out = LinearCrossEntropyFunction.apply(x, W, linear_bias, target.reshape(-1).to(torch.int64), weight, tau_t,
-                                           reduction, ignore_index, float(label_smoothing), backend)
-    return loss_under_autocast(out.reshape(target.shape) if reduction == "none" else out, input)
+        x, linear_weight = F.normalize(x, dim=-1), F.normalize(linear_weight, dim=-1)
+    W3 = linear_weight.reshape(C, P, D)
+    b2 = linear_bias.reshape(C, P) if linear_bias is not None else None
+    t = target.reshape(N, C, P) if probabilities else target.reshape(N, P)
+    cd = torch.float64 if input.dtype == torch.float64 else torch.float32
+    denom = None
+    if reduction == "mean":
+        if probabilities:
+            denom = torch.full((), N * P, device=input.device, dtype=cd)
+        else:
+            valid = t != ignore_index
+            w_y = weight.to(cd)[torch.where(valid, t, 0)] if weight is not None else torch.ones_like(t, dtype=cd)
+            denom = torch.where(valid, w_y, 0.0).sum()
+    # one fused linear cross-entropy per position of a K-dimensional loss (P = 1 otherwise)
+    Ws = linear_weight.reshape(C, D) if P == 1 else W3.unbind(1)
+    bs = (b2.reshape(C) if P == 1 else b2.unbind(1)) if b2 is not None else None
+    ts = t.reshape(t.shape[:-1]) if P == 1 else t.unbind(-1)
+    rows = []
+    for p in range(P):
+        W_p = Ws if P == 1 else Ws[p]
+        b_p = (bs if P == 1 else bs[p].contiguous()) if bs is not None else None
+        t_p = ts if P == 1 else ts[p].contiguous()
+        rows.append(LinearCrossEntropyFunction.apply(x, W_p, b_p, t_p, weight, tau_t, denom, reduction, ignore_index,
+                                                     float(label_smoothing), backend))
+    if reduction == "none":
+        out = (rows[0] if P == 1 else torch.stack(rows, 1)).reshape(class_shape)
+    else:
+        out = rows[0] if P == 1 else torch.stack(rows).sum()
+    if input.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(input.device.type):
+        return out.float()  # torch's losses are fp32 under autocast: no rounding to the input's dtype
+    return out.to(input.dtype)

@@ -4,6 +4,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.loss import _WeightedLoss
 
 from ._checks import legacy_reduction
 from .contrastive import infonce
@@ -155,18 +156,53 @@ class InfoNCELoss(nn.Module):
         return infonce(query, key, queue, tau=tau, reduction=self.reduction, gather=self.gather)
 
 
-class LinearCrossEntropyLoss(nn.Module):
-    """``linear_cross_entropy`` as a loss module: ``LinearCrossEntropyLoss(...)(input, linear_weight, target,
-    linear_bias=None)``, with torch's CrossEntropyLoss arguments plus ``tau`` and ``normalize``."""
+class LinearCrossEntropyLoss(_WeightedLoss):
+    """torch 2.13's ``nn.LinearCrossEntropyLoss`` with a temperature: it owns ``self.linear =
+    nn.Linear(in_features, num_classes * prod(out_features), bias=bias)`` and ``loss(input, target)`` is
+    ``linear_cross_entropy(input, W, target, linear_bias=b, weight=self.weight, ...)`` with the Linear's
+    weight and bias reshaped to (num_classes, *out_features, in_features) and (num_classes, *out_features),
+    as torch's module does (so a torch module's state_dict loads into it).
 
-    def __init__(self, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, tau=1.0,
+    Arguments as torch's (``ignore_index=None`` means -100 for class targets; ``options`` is accepted
+    and has no effect, see :func:`fused_tau.linear_cross_entropy`), plus keyword-only ``tau`` (a positive
+    float, or a tensor; an ``nn.Parameter`` registers as the parameter ``tau`` and is learned) and
+    ``normalize`` (NormFace: L2-normalised rows of input and of the weight, cosine logits scaled by 1/τ).
+    """
+
+    __constants__ = ["num_classes", "out_features", "reduction", "ignore_index", "label_smoothing"]
+
+    def __init__(self, in_features, num_classes, *, out_features=(), bias=False, device=None, dtype=None,
+                 reduction="mean", weight=None, ignore_index=None, label_smoothing=0.0, options=None, tau=1.0,
                  normalize=False):
-        super().__init__()
-        self.register_buffer("weight", weight)
-        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
-        self.tau, self.normalize = tau, normalize
+        if weight is not None and tuple(weight.shape) != (num_classes,):
+            raise ValueError(f"weight must have shape {(num_classes,)}, one per class, got {tuple(weight.shape)}")
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+        super().__init__(weight=weight, size_average=None, reduce=None, reduction=reduction)
+        self.num_classes = num_classes
+        self.out_features = out_features
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        # nn.Linear holds a 2-D weight: the K-dimensional one is a reshape of it in forward (as torch's)
+        self.linear = nn.Linear(in_features, math.prod(out_features, start=num_classes), bias=bias, device=device,
+                                dtype=dtype)
+        self.options = options
+        self.tau = tau
+        self.normalize = normalize
 
-    def forward(self, input, linear_weight, target, linear_bias=None):
+    def forward(self, input, target):
+        linear_weight = self.linear.weight.reshape((self.num_classes, *self.out_features, self.linear.in_features))
+        linear_bias = (self.linear.bias.reshape((self.num_classes, *self.out_features))
+                       if self.linear.bias is not None else None)
         return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
                                     reduction=self.reduction, ignore_index=self.ignore_index,
-                                    label_smoothing=self.label_smoothing, tau=self.tau, normalize=self.normalize)
+                                    label_smoothing=self.label_smoothing, options=self.options, tau=self.tau,
+                                    normalize=self.normalize)
+
+    def extra_repr(self):
+        tau = self.tau if not isinstance(self.tau, torch.Tensor) else "tensor"
+        return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+                f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
+                f"reduction={self.reduction}, ignore_index={self.ignore_index}, "
+                f"label_smoothing={self.label_smoothing}, options={self.options}, tau={tau}, "
+                f"normalize={self.normalize}")

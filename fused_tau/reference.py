@@ -48,20 +48,33 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
 
 
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",
-                         ignore_index=-100, label_smoothing=0.0, tau=1.0, normalize=False):
-    """F.cross_entropy(F.linear(input, linear_weight, linear_bias) / tau, target, weight, ...).
-
-    ``normalize=True`` L2-normalises the rows of input and linear_weight first
-    (NormFace: cosine logits scaled by s = 1/τ).  Leading dims of input are flattened.
+                         ignore_index=-100, label_smoothing=0.0, options=None, tau=1.0, normalize=False):
+    """F.cross_entropy(F.linear(input, linear_weight, linear_bias) / tau, target, weight, ...), the logits
+    shaped as torch 2.13's F.linear_cross_entropy shapes them: (N, C, d1, ..., dK) for a linear_weight
+    (C, d1, ..., dK, D).  Probability targets have the logits' shape; ``ignore_index=None`` means -100
+    for class targets; ``options`` has no effect.  ``normalize=True`` L2-normalises the rows of input and
+    linear_weight (over D) first (NormFace: cosine logits scaled by s = 1/τ).  Leading dims of an input
+    (..., D) are flattened to rows (K = 0); class targets of any integer dtype are read as int64.
     """
     if normalize:
         input = F.normalize(input, dim=-1)
         linear_weight = F.normalize(linear_weight, dim=-1)
-    logits = F.linear(input, linear_weight, linear_bias)
-    logits = logits.reshape(-1, logits.shape[-1])
-    loss = cross_entropy(logits, target.reshape(-1), weight, ignore_index=ignore_index, reduction=reduction,
-                         label_smoothing=label_smoothing, tau=tau)
-    return loss.reshape(target.shape) if reduction == "none" else loss
+    C, out_features, D = linear_weight.shape[0], tuple(linear_weight.shape[1:-1]), linear_weight.shape[-1]
+    batch = tuple(input.shape[:-1])
+    logits = F.linear(input, linear_weight.reshape(-1, D), linear_bias.reshape(-1) if linear_bias is not None else None)
+    logits = logits.reshape(*batch, C, *out_features)
+    probabilities = tuple(target.shape) == tuple(logits.shape)
+    if probabilities and ignore_index is not None and ignore_index != -100:
+        raise ValueError("ignore_index cannot be specified when target contains probabilities")
+    if not probabilities:
+        target = target.to(torch.int64)
+    if len(batch) > 1:  # rows of an input (..., D)
+        logits = logits.reshape(-1, C)
+        target = target.reshape(-1, C) if probabilities else target.reshape(-1)
+    loss = F.cross_entropy(logits / _tau_over(tau, logits, 1 if logits.ndim > 1 else 0), target, weight,
+                           ignore_index=-100 if ignore_index is None else ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+    return loss.reshape((*batch, *out_features)) if reduction == "none" else loss
 
 
 def infonce(query, key, queue=None, *, tau=0.07, reduction="mean"):

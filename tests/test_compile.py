@@ -38,6 +38,7 @@ class Net(nn.Module):
         self.head = nn.Linear(D, C)
         self.teacher = nn.Linear(D_IN, C).requires_grad_(False)
         self.temperature = ft.Temperature(0.5)
+        self.normface = ft.LinearCrossEntropyLoss(D, C, tau=0.1, normalize=True)  # a cosine classifier head
 
 
 def _batch():
@@ -77,8 +78,7 @@ STEPS = {
     "linear_cross_entropy": lambda net, b: ft.linear_cross_entropy(
         torch.relu(net.body(b["x"])), net.head.weight, b["y"], linear_bias=net.head.bias, weight=b["w"],
         label_smoothing=0.1, tau=net.temperature()),
-    "linear_cross_entropy_normface": lambda net, b: ft.LinearCrossEntropyLoss(tau=0.1, normalize=True)(
-        net.body(b["x"]), net.head.weight, b["y"]),
+    "linear_cross_entropy_normface": lambda net, b: net.normface(net.body(b["x"]), b["y"]),
     "gumbel_softmax": lambda net, b: (ft.gumbel_softmax(_logits(net, b), 0.5) * b["probs"]).sum(),
     "gumbel_softmax_hard": lambda net, b: (ft.gumbel_softmax(_logits(net, b), 0.5, hard=True) * b["probs"]).sum(),
 }
