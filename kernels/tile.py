@@ -61,9 +61,10 @@ def _logits_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, tau,
     cols64 = cols.to(tl.int64)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
-        a = tl.load(a_ptr + rows64[:, None] * stride_am + dd[None, :] * stride_ad,
+        dd64 = dd.to(tl.int64)
+        a = tl.load(a_ptr + rows64[:, None] * stride_am + dd64[None, :] * stride_ad,
                     mask=(rows[:, None] < N) & (dd[None, :] < D), other=0.0)
-        b = tl.load(b_ptr + cols64[:, None] * stride_bk + dd[None, :] * stride_bd,
+        b = tl.load(b_ptr + cols64[:, None] * stride_bk + dd64[None, :] * stride_bd,
                     mask=(cols[:, None] < K) & (dd[None, :] < D), other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
@@ -175,7 +176,7 @@ def _tile_bwd_da_kernel(
                            UPCAST, PRECISION, BLOCK_M, BLOCK_N)
         if NEED_ZP:
             zp += tl.sum(tl.where(P != 0.0, z * P, 0.0), 1)
-        b = tl.load(b_ptr + cols.to(tl.int64)[:, None] * stride_bk + do[None, :] * stride_bd,
+        b = tl.load(b_ptr + cols.to(tl.int64)[:, None] * stride_bk + do.to(tl.int64)[None, :] * stride_bd,
                     mask=(cols[:, None] < K) & (do[None, :] < D), other=0.0)
         Pt = P / tau[:, None]
         if UPCAST:
@@ -213,7 +214,7 @@ def _tile_bwd_db_kernel(
                            stride_am, stride_ad, stride_bk, stride_bd, HAS_BIAS, HAS_TARGET, MASK_DIAG, BLOCK_D,
                            UPCAST, PRECISION, BLOCK_M, BLOCK_N)
         Pt = P / tau[:, None]
-        a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * stride_am + do[None, :] * stride_ad,
+        a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * stride_am + do.to(tl.int64)[None, :] * stride_ad,
                     mask=(rows[:, None] < N) & (do[None, :] < D), other=0.0)
         if UPCAST:
             acc = tl.dot(tl.trans(Pt), a.to(tl.float32), acc, input_precision=PRECISION)
