@@ -16,7 +16,7 @@ from . import reference
 from ._checks import (check_ce_options, check_class_targets, check_same_device, check_tensor, check_vector,
                       reduce_tau_grad, tau_for_kernel, tau_tensor)
 from ._dispatch import autocast_off, backend_for, loss_under_autocast
-from .contrastive import lse_from_stats, nll_from_stats, row_grad
+from .contrastive import nll_from_stats, row_grad, softmax_stats
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -34,28 +34,32 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         y = torch.where(valid, target, 0)
         w = weight.to(cd) if weight is not None else None
         w_y = torch.where(valid, w[y] if w is not None else torch.ones(N, device=x.device, dtype=cd), 0.0)
-        m, s, z_y = ops.tile_fwd(backend, x, W, b, tau_rows, y, None)
-        nll = nll_from_stats(m, s, z_y)
-        lse = lse_from_stats(m, s, z_y)
+        # dot units (before 1/τ): m, s over the non-target classes, y_t the target's logit
+        m, s, y_t = ops.tile_fwd(backend, x, W, b, tau_rows, y, None)
+        nll = nll_from_stats(m, s, y_t, tau_rows)
+        shift, e_t, e_rest = softmax_stats(m, s, y_t, tau_rows)
         loss = (1.0 - smoothing) * w_y * nll
-        wz = None
+        wy = None
         if smoothing > 0:
-            # Σ_j w_j (lse - z_j) = W_sum lse - Σ_j w_j z_j, the latter closed-form
+            # Σ_j w_j (lse - z_j) = W_sum log(e_t + e_rest) + (W_sum shift - Σ_j w_j y_j) / τ, the last sum
+            # closed-form (x · Σ_j w_j W_j + Σ_j w_j b_j), in dot units
             w_all = w if w is not None else torch.ones(V, device=x.device, dtype=cd)
             wW = w_all @ W.to(cd)
-            wz = (x.to(cd) @ wW + ((w_all * b.to(cd)).sum() if b is not None else 0.0)) / tau_rows
-            loss = loss + torch.where(valid, smoothing / V * (w_all.sum() * lse - wz), 0.0)
+            wy = x.to(cd) @ wW + ((w_all * b.to(cd)).sum() if b is not None else 0.0)
+            w_sum = w_all.sum()
+            spread = w_sum * torch.log(e_t + e_rest) + (w_sum * shift - wy) / tau_rows
+            loss = loss + torch.where(valid, smoothing / V * spread, 0.0)
         denom = w_y.sum() if reduction == "mean" else None
         out = loss if reduction == "none" else (loss.sum() / denom if reduction == "mean" else loss.sum())
         ctx.backend, ctx.options = backend, (reduction, smoothing)
-        ctx.save_for_backward(x, W, b, y, valid, w, w_y, tau_rows, lse, nll, wz, denom, tau)
+        ctx.save_for_backward(x, W, b, y, valid, w, w_y, tau_rows, y_t, shift, e_t, e_rest, nll, wy, denom, tau)
         return out.to(x.dtype)
 
     @staticmethod
     @once_differentiable
     @autocast_off
     def backward(ctx, grad):
-        x, W, b, y, valid, w, w_y, tau_rows, lse, nll, wz, denom, tau = ctx.saved_tensors
+        x, W, b, y, valid, w, w_y, tau_rows, y_t, shift, e_t, e_rest, nll, wy, denom, tau = ctx.saved_tensors
         reduction, smoothing = ctx.options
         N, V = x.shape[0], W.shape[0]
         cd = nll.dtype
@@ -67,12 +71,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         g = torch.where(valid, g, 0.0)
         w_all = w if w is not None else torch.ones(V, device=x.device, dtype=cd)
         h = (1.0 - smoothing) * w_y  # dz_ij = g_i [h (p_ij - δ) + (ε/V)(W_sum p_ij - w_j)]
-        coef = g * (h + smoothing / V * w_all.sum())
-        da, db, dbias, zp = ops.tile_bwd(ctx.backend, x, W, b, tau_rows, y, None, lse, coef, need_x,
-                                              need_W or need_b, need_tau)
-        p_y = torch.exp(-nll)
-        dz_y = g * (h * torch.expm1(-nll) + smoothing / V * w_all.sum() * p_y)  # the target's own column
-        sparse = (dz_y / tau_rows).unsqueeze(-1)
+        u0 = g / (tau_rows * (e_t + e_rest))  # g p_ij / τ = u0 exp((y_ij - shift) / τ)
+        scale = u0 * (h + smoothing / V * w_all.sum())
+        da, db, dbias, zp = ops.tile_bwd(ctx.backend, x, W, b, tau_rows, y, None, shift, scale, need_x,
+                                         need_W or need_b, need_tau)
+        # the target's own column, dz_y / τ, with p_y - 1 = -e_rest / (e_t + e_rest) (exact when tiny)
+        dy_t = u0 * (smoothing / V * w_all.sum()) * e_t - (u0 * h) * e_rest
+        sparse = dy_t.unsqueeze(-1)
         dx = dW = dB = None
         if need_x:
             dx = da.to(cd) + sparse * W[y].to(cd)
@@ -93,9 +98,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 dB = dB.to(b.dtype)
         dtau = None
         if need_tau:
-            terms = zp - nll * dz_y  # (z_y - lse) dz_y = -nll dz_y
+            # dL/dτ_i = -(1/τ_i) Σ_j (y_ij - shift_i) dz_ij / τ_i (Σ_j dz_ij = 0: any shift will do)
+            terms = zp + (y_t - shift) * dy_t
             if smoothing > 0:
-                terms = terms - smoothing / V * g * (wz - w_all.sum() * lse)
+                terms = terms - smoothing / V * g / tau_rows * (wy - w_all.sum() * shift)
             dtau = reduce_tau_grad(-terms / tau_rows, tau, 1)
         return dx, dW, dB, None, None, dtau, None, None, None, None
 
