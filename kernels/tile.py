@@ -328,11 +328,11 @@ def tile_bwd(a, b, bias, tau_rows, target, diag_offset, shift, scale, need_da, n
     """Returns (da in a's dtype, db in b's dtype, dbias fp32, zp fp32), each None when not asked for,
     for Q_ij = scale_i exp((y_ij - shift_i) / τ_i) over the counted columns (shift in dot units)."""
     N, D = a.shape
-    lse = shift.to(torch.float32).contiguous()
-    coef = scale.to(torch.float32).contiguous()
+    shift = shift.to(torch.float32).contiguous()
+    scale = scale.to(torch.float32).contiguous()
     bdo = _block_do(D, a.dtype)
     if _materialized(D, bdo, a, b):
-        return _tile_bwd_materialized(a, b, bias, tau_rows, target, diag_offset, lse, coef, need_da, need_db,
+        return _tile_bwd_materialized(a, b, bias, tau_rows, target, diag_offset, shift, scale, need_da, need_db,
                                       need_zp)
     K = b.shape[0]
     f32 = dict(device=a.device, dtype=torch.float32)
@@ -343,16 +343,16 @@ def tile_bwd(a, b, bias, tau_rows, target, diag_offset, shift, scale, need_da, n
         da_buf = torch.empty((N, D), **f32)
         zp = torch.empty(N, **f32) if need_zp else None
         _tile_bwd_da_kernel[(triton.cdiv(N, BLOCK_M), triton.cdiv(D, bdo))](
-            a, b, bias if bias is not None else lse, tau_rows, target if target is not None else lse, lse, coef,
-            da_buf, zp if zp is not None else lse, *args, NEED_ZP=need_zp, BLOCK_DO=bdo, **common,
+            a, b, bias if bias is not None else shift, tau_rows, target if target is not None else shift, shift, scale,
+            da_buf, zp if zp is not None else shift, *args, NEED_ZP=need_zp, BLOCK_DO=bdo, **common,
         )
         da = da_buf.to(a.dtype) if need_da else None
     if need_db:
         db_buf = torch.empty((K, D), **f32)
         dbias = torch.empty(K, **f32) if bias is not None else None
         _tile_bwd_db_kernel[(triton.cdiv(K, BLOCK_N), triton.cdiv(D, bdo))](
-            a, b, bias if bias is not None else lse, tau_rows, target if target is not None else lse, lse, coef,
-            db_buf, dbias if dbias is not None else lse, *args, BLOCK_DO=bdo, **common,
+            a, b, bias if bias is not None else shift, tau_rows, target if target is not None else shift, shift, scale,
+            db_buf, dbias if dbias is not None else shift, *args, BLOCK_DO=bdo, **common,
         )
         db = db_buf.to(b.dtype)
     return da, db, dbias, zp
@@ -369,8 +369,8 @@ def _materialized(D, bdo, a, b):
     return D > bdo and a.dtype == b.dtype
 
 
-def _tile_bwd_materialized(a, b, bias, tau_rows, target, diag_offset, lse, coef, need_da, need_db, need_zp):
-    """(``lse``, ``coef``: the shift and scale of tile_bwd.)  Chunks of columns: ds = Q = P / τ (N × chunk, in the operands' dtype, fp32 for fp32) from one
+def _tile_bwd_materialized(a, b, bias, tau_rows, target, diag_offset, shift, scale, need_da, need_db, need_zp):
+    """Chunks of columns: ds = Q = P / τ (N × chunk, in the operands' dtype, fp32 for fp32) from one
     recomputation of the tiles, then db[chunk] = dsᵀ @ a (complete: one GEMM over all rows) and
     da += ds @ b[chunk] (fp32, in chunk order: deterministic).  Chunking the columns, not the rows,
     makes the running sum the (N, D) da rather than the (K, D) db, which is far larger for an LLM
@@ -383,9 +383,9 @@ def _tile_bwd_materialized(a, b, bias, tau_rows, target, diag_offset, lse, coef,
     width = min(K, max(BLOCK_N, width // BLOCK_N * BLOCK_N))
     common = _common(a, b, bias, target, diag_offset)
     ds_buf = torch.empty(N * width, device=a.device, dtype=a.dtype)
-    zp_buf = torch.empty(N * triton.cdiv(width, BLOCK_N), **f32) if need_zp else lse
+    zp_buf = torch.empty(N * triton.cdiv(width, BLOCK_N), **f32) if need_zp else shift
     row_blocks = triton.cdiv(N, BLOCK_M)
-    dbias_buf = torch.empty(row_blocks * width, **f32) if need_db and bias is not None else lse
+    dbias_buf = torch.empty(row_blocks * width, **f32) if need_db and bias is not None else shift
     single = width >= K
     da = da_sum = None
     if need_da:
@@ -399,7 +399,7 @@ def _tile_bwd_materialized(a, b, bias, tau_rows, target, diag_offset, lse, coef,
         n_blocks = triton.cdiv(c1 - c0, BLOCK_N)
         ds = ds_buf[:N * (c1 - c0)].view(N, c1 - c0)
         _tile_bwd_probs_kernel[(row_blocks, n_blocks)](
-            a, b, bias if bias is not None else lse, tau_rows, target if target is not None else lse, lse, coef,
+            a, b, bias if bias is not None else shift, tau_rows, target if target is not None else shift, shift, scale,
             ds, zp_buf, dbias_buf, N, c0, c1, D, diag_offset or 0, *a.stride(), *b.stride(),
             NEED_ZP=need_zp, INTERPRETED=_interpreted(), **common,
         )
