@@ -8,7 +8,8 @@ excluded); exp only ever sees a difference of dot products divided by τ (kernel
   forward   m_i = max_j y_ij,  s_i = Σ_j exp((y_ij - m_i) / τ_i),  and y_{i,t_i} (from the same tiles)
   backward  Q_ij = u_i exp((y_ij - c_i) / τ_i) over the same columns, for the caller's per-row
             shift c (dot units) and scale u, and from it
-            da = Q @ b,  db = Qᵀ @ a,  dbias = Σ_i Q_ij,  zp_i = Σ_j (y_ij - c_i) Q_ij  (for dL/dτ).
+            da = Q @ b,  db = Qᵀ @ a,  dbias = Σ_i Q_ij,  and for dL/dτ zp_i = Σ_j (y_ij - r_i) Q_ij
+            with the caller's reference r (dot units).
 The target column and any rank-one terms are the caller's (fused_tau/contrastive.py).
 """
 import torch
@@ -75,9 +76,9 @@ def tile_fwd(a, b, bias, tau_rows, target, diag_offset):
     return m, s, zy
 
 
-def tile_bwd(a, b, bias, tau_rows, target, diag_offset, shift, scale, need_da, need_db, need_zp):
+def tile_bwd(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref, need_da, need_db, need_zp):
     """Returns (da, db, dbias, zp), each None when not asked for (dbias only with a bias), for
-    Q_ij = scale_i exp((y_ij - shift_i) / τ_i) over the counted columns."""
+    Q_ij = scale_i exp((y_ij - shift_i) / τ_i) over the counted columns and zp_i = Σ_j (y_ij - ref_i) Q_ij."""
     N, K = a.shape[0], b.shape[0]
     cd = _compute_dtype(a)
     a_c = a.to(cd)
@@ -88,12 +89,13 @@ def tile_bwd(a, b, bias, tau_rows, target, diag_offset, shift, scale, need_da, n
     zp = torch.zeros(N, device=a.device, dtype=cd) if need_zp else None
     shift_col = shift.to(cd).unsqueeze(-1)
     scale_col = scale.to(cd).unsqueeze(-1)
+    ref_col = ref.to(cd).unsqueeze(-1)
     for lo, hi in _col_chunks(N, K):
-        dy = _dots(a_c, b, bias, lo, hi, cd).sub_(shift_col)
-        Q = _exclude_((dy / tau_col).exp_().mul_(scale_col),
+        y = _dots(a_c, b, bias, lo, hi, cd)
+        Q = _exclude_(((y - shift_col) / tau_col).exp_().mul_(scale_col),
                       _excluded_columns(N, lo, hi, target, diag_offset, a.device), 0.0)
         if need_zp:
-            zp += (dy * Q).sum(1)  # dy is finite here (no column was set to -inf): 0 · dy = 0
+            zp += (y.sub_(ref_col) * Q).sum(1)  # y is finite here (no column was set to -inf): 0 · y = 0
         if need_da:
             da += Q @ b[lo:hi].to(cd)
         if need_db:

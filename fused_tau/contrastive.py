@@ -88,14 +88,12 @@ class InfoNCEFunction(torch.autograd.Function):
         g = row_grad(grad, N, reduction, nll.dtype)
         b = key if in_batch else negatives
         u = g / (tau_rows * (e_pos + e_neg))  # the tiles' Q = u exp((y - shift)/τ) = g p / τ
-        da, db, _, zp = ops.tile_bwd(ctx.backend, query, b, None, tau_rows, target, None, shift, u,
+        da, db, _, zp = ops.tile_bwd(ctx.backend, query, b, None, tau_rows, target, None, shift, u, pos,
                                      need_q, need_k if in_batch else need_neg, need_tau)
         dpos = -u * e_neg  # dL/d(q·k_pos) = g (p_pos - 1) / τ, the same rounding as the tiles' Q at a tie
         k_pos = key[label_offset:label_offset + N] if in_batch else key
-        dtau = None
-        if need_tau:
-            # dL/dτ_i = -(1/τ_i) Σ_j (y_ij - shift_i) dL/dy_ij over every column, the positive's included
-            dtau = reduce_tau_grad(-(zp + (pos - shift) * dpos) / tau_rows, tau, 1)
+        # dL/dτ_i = -(1/τ_i) Σ_j (y_ij - pos_i) dL/dy_ij: Σ_j dL/dy_ij = 0, and the positive's own term is 0
+        dtau = reduce_tau_grad(-zp / tau_rows, tau, 1) if need_tau else None
         dpos = dpos.unsqueeze(-1)
         dq = (da + (dpos * k_pos).to(da.dtype)) if need_q else None
         dk = dneg = None
@@ -135,9 +133,10 @@ class NTXentFunction(torch.autograd.Function):
         need_tau = ctx.needs_input_grad[1]
         g = row_grad(grad, n2, "mean", nll.dtype)
         u = g / (tau_rows * (e_pos + e_neg))
-        da, db, _, zp = ops.tile_bwd(ctx.backend, z, z, None, tau_rows, target, 0, shift, u, True, True, need_tau)
+        da, db, _, zp = ops.tile_bwd(ctx.backend, z, z, None, tau_rows, target, 0, shift, u, pos, True, True,
+                                     need_tau)
         dpos = -u * e_neg
-        dtau = reduce_tau_grad(-(zp + (pos - shift) * dpos) / tau_rows, tau, 1) if need_tau else None
+        dtau = reduce_tau_grad(-zp / tau_rows, tau, 1) if need_tau else None
         dpos = dpos.unsqueeze(-1)
         dz = da.to(torch.float32 if z.dtype != torch.float64 else z.dtype) + db
         dz += dpos * z[target]

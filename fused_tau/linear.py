@@ -73,7 +73,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         h = (1.0 - smoothing) * w_y  # dz_ij = g_i [h (p_ij - δ) + (ε/V)(W_sum p_ij - w_j)]
         u0 = g / (tau_rows * (e_t + e_rest))  # g p_ij / τ = u0 exp((y_ij - shift) / τ)
         scale = u0 * (h + smoothing / V * w_all.sum())
-        da, db, dbias, zp = ops.tile_bwd(ctx.backend, x, W, b, tau_rows, y, None, shift, scale, need_x,
+        da, db, dbias, zp = ops.tile_bwd(ctx.backend, x, W, b, tau_rows, y, None, shift, scale, y_t, need_x,
                                          need_W or need_b, need_tau)
         # the target's own column, dz_y / τ, with p_y - 1 = -e_rest / (e_t + e_rest) (exact when tiny)
         dy_t = u0 * (smoothing / V * w_all.sum()) * e_t - (u0 * h) * e_rest
@@ -98,10 +98,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 dB = dB.to(b.dtype)
         dtau = None
         if need_tau:
-            # dL/dτ_i = -(1/τ_i) Σ_j (y_ij - shift_i) dz_ij / τ_i (Σ_j dz_ij = 0: any shift will do)
-            terms = zp + (y_t - shift) * dy_t
+            # dL/dτ_i = -(1/τ_i) Σ_j (y_ij - y_t) dz_ij / τ_i (Σ_j dz_ij = 0: the target's own term is 0)
+            terms = zp
             if smoothing > 0:
-                terms = terms - smoothing / V * g / tau_rows * (wy - w_all.sum() * shift)
+                terms = terms - smoothing / V * g / tau_rows * (wy - w_all.sum() * y_t)
             dtau = reduce_tau_grad(-terms / tau_rows, tau, 1)
         return dx, dW, dB, None, None, dtau, None, None, None, None
 

@@ -11,12 +11,14 @@ positive in dL/dτ).  No division per logit.
 Per row i, over the columns j that count (j < K, j ≠ t_i the row's target, j ≠ i + diag_offset
 when self-similarity is excluded):
   _tile_fwd_kernel     m_i = max y_ij, s_i = Σ exp((y_ij - m_i)/τ_i), and y_{i,t_i} from the same tiles
-  _tile_bwd_da_kernel  da = Q @ b and zp_i = Σ_j (y_ij - c_i) Q_ij, Q_ij = u_i exp((y_ij - c_i)/τ_i)
+  _tile_bwd_da_kernel  da = Q @ b and zp_i = Σ_j (y_ij - r_i) Q_ij, Q_ij = u_i exp((y_ij - c_i)/τ_i)
   _tile_bwd_db_kernel  db = Qᵀ @ a and dbias = Σ_i Q_ij
 The caller picks the per-row shift c (dot units) and scale u: for a softmax cross-entropy with
 row weight g, c = the max over every column (positive included) and u = g / (τ Σ_j exp((y_j - c)/τ)),
-so that Q = dL/dz / τ, what multiplies b and a; then dL/dτ_i = -(1/τ_i) Σ_j (y_ij - c_i) Q_ij
-(Σ_j dL/dz_ij = 0 lets any c_i stand in for the row's lse).
+so that Q = dL/dz / τ, what multiplies b and a.  Since Σ_j dL/dz_ij = 0 over every column,
+dL/dτ_i = -(1/τ_i) Σ_j (y_ij - r_i) Q_ij for any reference r_i; the caller takes the positive's
+(target's) own dot product, whose term then vanishes: no cancellation against it, and no
+dependence on the forward's s agreeing with the backward's tiles to the last bit.
 Both backward kernels recompute their tiles (two kernels, no atomics: deterministic).  The
 output dimension of da / db is split into BLOCK_DO-wide programs; each recomputes the tile
 over all of D.  FLOPs: forward 2·N·K·D; backward 2·N·K·D·(2 + 2·D/BLOCK_DO), i.e. 8·N·K·D for
@@ -124,13 +126,13 @@ def _grad_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, r2, shift, u, tgt, d
                stride_am, stride_ad, stride_bk, stride_bd,
                HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr, BLOCK_D: tl.constexpr,
                UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The backward's recomputed tile: (y - c, Q) with Q_ij = u_i exp((y_ij - c_i) / τ_i) on the counted
+    """The backward's recomputed tile: (y, Q) with Q_ij = u_i exp((y_ij - c_i) / τ_i) on the counted
     columns and 0 elsewhere.  y - c is a difference of dot products (exact near the max, whatever
     1/τ), so exp never sees two large numbers' difference."""
-    dy = _dots_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, stride_am, stride_ad, stride_bk,
-                    stride_bd, HAS_BIAS, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N) - shift[:, None]
+    y = _dots_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, stride_am, stride_ad, stride_bk,
+                   stride_bd, HAS_BIAS, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
     counted = _counted(rows, cols, N, K, tgt, diag_offset, HAS_TARGET, MASK_DIAG)
-    return dy, tl.where(counted, u[:, None] * tl.exp2(dy * r2[:, None]), 0.0)
+    return y, tl.where(counted, u[:, None] * tl.exp2((y - shift[:, None]) * r2[:, None]), 0.0)
 
 
 @triton.jit
@@ -177,7 +179,7 @@ def _tile_fwd_kernel(
 @triton.jit
 def _tile_bwd_da_kernel(
     # pointers
-    a_ptr, b_ptr, bias_ptr, tau_ptr, target_ptr, shift_ptr, scale_ptr, da_ptr, zp_ptr,
+    a_ptr, b_ptr, bias_ptr, tau_ptr, target_ptr, shift_ptr, scale_ptr, ref_ptr, da_ptr, zp_ptr,
     # shapes
     N, K, D, diag_offset,
     # strides (da is a contiguous fp32 (N, D) buffer)
@@ -187,19 +189,20 @@ def _tile_bwd_da_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """da[rows, do] = Σ_j Q_ij b[j, do] and zp_i = Σ_j (y_ij - c_i) Q_ij; program (i-block, do-block)."""
+    """da[rows, do] = Σ_j Q_ij b[j, do] and zp_i = Σ_j (y_ij - ref_i) Q_ij; program (i-block, do-block)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     r2, shift, u, tgt = _row_constants(tau_ptr, shift_ptr, scale_ptr, target_ptr, rows, N, HAS_TARGET)
+    ref = tl.load(ref_ptr + rows, mask=rows < N, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
     zp = tl.zeros([BLOCK_M], tl.float32)
     for n0 in range(0, K, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        dy, Q = _grad_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, r2, shift, u, tgt, diag_offset,
-                           stride_am, stride_ad, stride_bk, stride_bd, HAS_BIAS, HAS_TARGET, MASK_DIAG, BLOCK_D,
-                           UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+        y, Q = _grad_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, r2, shift, u, tgt, diag_offset,
+                          stride_am, stride_ad, stride_bk, stride_bd, HAS_BIAS, HAS_TARGET, MASK_DIAG, BLOCK_D,
+                          UPCAST, PRECISION, BLOCK_M, BLOCK_N)
         if NEED_ZP:
-            zp += tl.sum(tl.where(Q != 0.0, dy * Q, 0.0), 1)
+            zp += tl.sum(tl.where(Q != 0.0, (y - ref[:, None]) * Q, 0.0), 1)
         b = tl.load(b_ptr + cols.to(tl.int64)[:, None] * stride_bk + do.to(tl.int64)[None, :] * stride_bd,
                     mask=(cols[:, None] < K) & (do[None, :] < D), other=0.0)
         if UPCAST:
@@ -253,7 +256,7 @@ def _tile_bwd_db_kernel(
 @triton.jit
 def _tile_bwd_probs_kernel(
     # pointers
-    a_ptr, b_ptr, bias_ptr, tau_ptr, target_ptr, shift_ptr, scale_ptr, ds_ptr, zp_ptr, dbias_ptr,
+    a_ptr, b_ptr, bias_ptr, tau_ptr, target_ptr, shift_ptr, scale_ptr, ref_ptr, ds_ptr, zp_ptr, dbias_ptr,
     # shapes: the chunk is columns [col0, col_end) of the K; ds is a contiguous (N, col_end - col0)
     # buffer, zp a contiguous (N, cdiv(col_end - col0, BLOCK_N)) fp32 one, dbias a contiguous
     # (cdiv(N, BLOCK_M), col_end - col0) fp32 one
@@ -266,14 +269,14 @@ def _tile_bwd_probs_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """ds[i, j - col0] = Q_ij for one (i-block, j-block) tile of a chunk of columns, and the tile's
-    shares of zp_i and (with a bias) of dbias_j, summed in fp32 before ds is rounded to its dtype;
+    shares of zp_i = Σ_j (y_ij - ref_i) Q_ij and (with a bias) of dbias_j, summed in fp32 before ds is rounded to its dtype;
     the launcher multiplies ds into da and db with GEMMs (the large-D backward)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     local = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = col0 + local
     r2, shift, u, tgt = _row_constants(tau_ptr, shift_ptr, scale_ptr, target_ptr, rows, N, HAS_TARGET)
     # columns past col_end read as out of range: the chunk's own bound
-    dy, Q = _grad_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, col_end, D, r2, shift, u, tgt, diag_offset,
+    y, Q = _grad_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, col_end, D, r2, shift, u, tgt, diag_offset,
                        stride_am, stride_ad, stride_bk, stride_bd, HAS_BIAS, HAS_TARGET, MASK_DIAG, BLOCK_D,
                        UPCAST, PRECISION, BLOCK_M, BLOCK_N)
     width = col_end - col0
@@ -282,8 +285,9 @@ def _tile_bwd_probs_kernel(
     if HAS_BIAS:
         tl.store(dbias_ptr + tl.program_id(0).to(tl.int64) * width + local, tl.sum(Q, 0), mask=local < width)
     if NEED_ZP:
+        ref = tl.load(ref_ptr + rows, mask=rows < N, other=0.0)
         tl.store(zp_ptr + rows.to(tl.int64) * tl.num_programs(1) + tl.program_id(1),
-                 tl.sum(tl.where(Q != 0.0, dy * Q, 0.0), 1), mask=rows < N)
+                 tl.sum(tl.where(Q != 0.0, (y - ref[:, None]) * Q, 0.0), 1), mask=rows < N)
 
 
 # ---------------------------------------------------------------------------- launchers
@@ -324,15 +328,17 @@ def tile_fwd(a, b, bias, tau_rows, target, diag_offset):
     return m, s, zy
 
 
-def tile_bwd(a, b, bias, tau_rows, target, diag_offset, shift, scale, need_da, need_db, need_zp):
+def tile_bwd(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref, need_da, need_db, need_zp):
     """Returns (da in a's dtype, db in b's dtype, dbias fp32, zp fp32), each None when not asked for,
-    for Q_ij = scale_i exp((y_ij - shift_i) / τ_i) over the counted columns (shift in dot units)."""
+    for Q_ij = scale_i exp((y_ij - shift_i) / τ_i) over the counted columns and
+    zp_i = Σ_j (y_ij - ref_i) Q_ij (shift and ref in dot units)."""
     N, D = a.shape
     shift = shift.to(torch.float32).contiguous()
     scale = scale.to(torch.float32).contiguous()
+    ref = ref.to(torch.float32).contiguous()
     bdo = _block_do(D, a.dtype)
     if _materialized(D, bdo, a, b):
-        return _tile_bwd_materialized(a, b, bias, tau_rows, target, diag_offset, shift, scale, need_da, need_db,
+        return _tile_bwd_materialized(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref, need_da, need_db,
                                       need_zp)
     K = b.shape[0]
     f32 = dict(device=a.device, dtype=torch.float32)
@@ -343,7 +349,7 @@ def tile_bwd(a, b, bias, tau_rows, target, diag_offset, shift, scale, need_da, n
         da_buf = torch.empty((N, D), **f32)
         zp = torch.empty(N, **f32) if need_zp else None
         _tile_bwd_da_kernel[(triton.cdiv(N, BLOCK_M), triton.cdiv(D, bdo))](
-            a, b, bias if bias is not None else shift, tau_rows, target if target is not None else shift, shift, scale,
+            a, b, bias if bias is not None else shift, tau_rows, target if target is not None else shift, shift, scale, ref,
             da_buf, zp if zp is not None else shift, *args, NEED_ZP=need_zp, BLOCK_DO=bdo, **common,
         )
         da = da_buf.to(a.dtype) if need_da else None
@@ -369,7 +375,8 @@ def _materialized(D, bdo, a, b):
     return D > bdo and a.dtype == b.dtype
 
 
-def _tile_bwd_materialized(a, b, bias, tau_rows, target, diag_offset, shift, scale, need_da, need_db, need_zp):
+def _tile_bwd_materialized(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref, need_da, need_db,
+                           need_zp):
     """Chunks of columns: ds = Q = P / τ (N × chunk, in the operands' dtype, fp32 for fp32) from one
     recomputation of the tiles, then db[chunk] = dsᵀ @ a (complete: one GEMM over all rows) and
     da += ds @ b[chunk] (fp32, in chunk order: deterministic).  Chunking the columns, not the rows,
@@ -399,7 +406,7 @@ def _tile_bwd_materialized(a, b, bias, tau_rows, target, diag_offset, shift, sca
         n_blocks = triton.cdiv(c1 - c0, BLOCK_N)
         ds = ds_buf[:N * (c1 - c0)].view(N, c1 - c0)
         _tile_bwd_probs_kernel[(row_blocks, n_blocks)](
-            a, b, bias if bias is not None else shift, tau_rows, target if target is not None else shift, shift, scale,
+            a, b, bias if bias is not None else shift, tau_rows, target if target is not None else shift, shift, scale, ref,
             ds, zp_buf, dbias_buf, N, c0, c1, D, diag_offset or 0, *a.stride(), *b.stride(),
             NEED_ZP=need_zp, INTERPRETED=_interpreted(), **common,
         )
