@@ -295,6 +295,9 @@ def sample(backend, x2, tau, seed, greedy):
 
 
 # ---------------------------------------------------------------------------- tile engine
+# In dot units y = a·b + bias: tile_fwd gives per row (m = max y, s = Σ exp((y - m)/τ), y at the
+# target); tile_bwd takes per row a shift c, a scale u and a reference r (c, r in dot units) and
+# gives Q = u exp((y - c)/τ) times b and a, and zp = Σ (y - r) Q (see kernels/tile.py).
 
 @_op("tile_fwd")
 def _tile_fwd(a: Tensor, b: Tensor, bias: Optional[Tensor], tau_rows: Tensor, target: Optional[Tensor],
@@ -311,15 +314,15 @@ def _(a, b, bias, tau_rows, target, diag_offset, backend):
 
 @_op("tile_bwd")
 def _tile_bwd(a: Tensor, b: Tensor, bias: Optional[Tensor], tau_rows: Tensor, target: Optional[Tensor],
-              diag_offset: Optional[int], lse: Tensor, coef: Tensor, need_da: bool, need_db: bool,
+              diag_offset: Optional[int], shift: Tensor, scale: Tensor, ref: Tensor, need_da: bool, need_db: bool,
               need_zp: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    da, db, dbias, zp = engine(backend, "tile").tile_bwd(a, b, bias, tau_rows, target, diag_offset, lse, coef,
+    da, db, dbias, zp = engine(backend, "tile").tile_bwd(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref,
                                                          need_da, need_db, need_zp)
-    return _or_empty(da, a), _or_empty(db, b), _or_empty(dbias, lse), _or_empty(zp, lse)
+    return _or_empty(da, a), _or_empty(db, b), _or_empty(dbias, shift), _or_empty(zp, shift)
 
 
 @_tile_bwd.register_fake
-def _(a, b, bias, tau_rows, target, diag_offset, lse, coef, need_da, need_db, need_zp, backend):
+def _(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref, need_da, need_db, need_zp, backend):
     cd = _cd(a)
     return (a.new_empty(a.shape if need_da else (0,)), b.new_empty(b.shape if need_db else (0,)),
             a.new_empty(b.shape[0] if need_db and bias is not None else 0, dtype=cd),
@@ -331,8 +334,8 @@ def tile_fwd(backend, a, b, bias, tau_rows, target, diag_offset):
     return m, s, _or_none(zy, target is not None)
 
 
-def tile_bwd(backend, a, b, bias, tau_rows, target, diag_offset, lse, coef, need_da, need_db, need_zp):
-    da, db, dbias, zp = _call("tile_bwd")(a, b, bias, tau_rows, target, diag_offset, lse, coef,
+def tile_bwd(backend, a, b, bias, tau_rows, target, diag_offset, shift, scale, ref, need_da, need_db, need_zp):
+    da, db, dbias, zp = _call("tile_bwd")(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref,
                                                      need_da, need_db, need_zp, backend)
     return (_or_none(da, need_da), _or_none(db, need_db), _or_none(dbias, need_db and bias is not None),
             _or_none(zp, need_zp))

@@ -1,11 +1,12 @@
 """InfoNCE (MoCo queue, in-batch), CLIP and NT-Xent on the tile engine.
 
 The logits matrix is never built: kernels/tile.py (or fused_tau/_torch_tile.py) streams
-tiles of ``a @ b.T / τ`` into an online log-sum-exp over the negatives, and recomputes
-them in the backward.  The positive of each row is handled here, apart from the tiles:
-with ``nll = log(1 + Σ_neg exp(z_neg - z_pos))`` formed as ``softplus(log s + m - z_pos)``
-the loss keeps full relative precision when it is tiny (small τ, a well-separated
-positive), and the positive's gradient ``p_pos - 1 = expm1(-nll)`` too.
+tiles of ``a @ b.T`` into an online log-sum-exp over the negatives, and recomputes them in
+the backward, all in dot units (before 1/τ).  The positive of each row is handled here,
+apart from the tiles, from its dot product ``pos`` and the negatives' ``(m, s)``:
+``nll = log(1 + Σ_neg exp((y_neg - pos)/τ)) = softplus(log s + (m - pos)/τ)`` keeps full
+relative precision when it is tiny (small τ, a well-separated positive), and the positive's
+gradient ``p_pos - 1 = -p_neg`` is formed from the negatives' share, never as 1 - p_pos.
 """
 import torch
 import torch.nn.functional as F
@@ -18,16 +19,22 @@ from ._dispatch import autocast_off, backend_for, loss_under_autocast, once_diff
 REDUCTIONS = ("none", "mean", "sum")
 
 
-def nll_from_stats(m, s, pos):
-    """-log softmax of the positive among itself and the negatives with online stats (m, s):
-    softplus keeps it exact when it is tiny (the positive dominates)."""
-    return F.softplus(torch.log(s) + m - pos)
+def nll_from_stats(m, s, pos, tau_rows):
+    """-log softmax of the positive among itself and the negatives, from the tile forward's (m, s)
+    and the positive's dot product ``pos`` (dot units): softplus(log s + (m - pos)/τ), exact when it
+    is tiny (the positive dominates) and when it is large."""
+    return F.softplus(torch.log(s) + (m - pos) / tau_rows)
 
 
-def lse_from_stats(m, s, pos):
-    """log(exp(pos) + Σ_neg exp(z)): exact also when the negatives dominate, where pos + nll
-    would lose the digits of a large nll (the backward's exp(z - lse) needs them)."""
-    return torch.logaddexp(pos, m + torch.log(s))
+def softmax_stats(m, s, pos, tau_rows):
+    """The row's softmax over [positive, negatives] relative to its largest logit, in dot units:
+    ``(shift, e_pos, e_neg)`` with shift = max(m, pos), e_pos = exp((pos - shift)/τ) and
+    e_neg = Σ_neg exp((y - shift)/τ), so that p_pos = e_pos / (e_pos + e_neg) and
+    1 - p_pos = e_neg / (e_pos + e_neg), each with full relative precision.  The backward's tiles
+    take ``shift`` and the scale g / (τ (e_pos + e_neg)): no exp of a difference of two numbers of
+    size 1/τ, and an exact tie gives exactly 1/2."""
+    shift = torch.maximum(m, pos)
+    return shift, torch.exp((pos - shift) / tau_rows), s * torch.exp((m - shift) / tau_rows)
 
 
 def reduce_rows(loss, reduction):
@@ -62,26 +69,31 @@ class InfoNCEFunction(torch.autograd.Function):
         if in_batch:
             pos = zy
         else:
-            pos = (query.to(m.dtype) * key[:N].to(m.dtype)).sum(-1) / tau_rows.to(m.dtype)
-        nll = nll_from_stats(m, s, pos)
+            pos = (query.to(m.dtype) * key[:N].to(m.dtype)).sum(-1)
+        nll = nll_from_stats(m, s, pos, tau_rows)
+        shift, e_pos, e_neg = softmax_stats(m, s, pos, tau_rows)
         ctx.backend, ctx.options = backend, (reduction, label_offset, in_batch)
-        ctx.save_for_backward(query, key, negatives, tau_rows, target, lse_from_stats(m, s, pos), nll, tau)
+        ctx.save_for_backward(query, key, negatives, tau_rows, target, pos, shift, e_pos, e_neg, nll, tau)
         return reduce_rows(nll, reduction).to(query.dtype)
 
     @staticmethod
     @once_differentiable
     @autocast_off
     def backward(ctx, grad):
-        query, key, negatives, tau_rows, target, lse, nll, tau = ctx.saved_tensors
+        query, key, negatives, tau_rows, target, pos, shift, e_pos, e_neg, nll, tau = ctx.saved_tensors
         reduction, label_offset, in_batch = ctx.options
         N = query.shape[0]
         need_q, need_k, need_neg, need_tau = ctx.needs_input_grad[:4]
         g = row_grad(grad, N, reduction, nll.dtype)
         b = key if in_batch else negatives
-        da, db, _, zp = ops.tile_bwd(ctx.backend, query, b, None, tau_rows, target, None, lse, g,
-                                          need_q, need_k if in_batch else need_neg, need_tau)
-        dpos = (g * torch.expm1(-nll) / tau_rows).unsqueeze(-1)  # dL/d(q·k_pos) = (p_pos - 1) g / τ
+        u = g / (tau_rows * (e_pos + e_neg))  # the tiles' Q = u exp((y - shift)/τ) = g p / τ
+        da, db, _, zp = ops.tile_bwd(ctx.backend, query, b, None, tau_rows, target, None, shift, u, pos,
+                                     need_q, need_k if in_batch else need_neg, need_tau)
+        dpos = -u * e_neg  # dL/d(q·k_pos) = g (p_pos - 1) / τ, the same rounding as the tiles' Q at a tie
         k_pos = key[label_offset:label_offset + N] if in_batch else key
+        # dL/dτ_i = -(1/τ_i) Σ_j (y_ij - pos_i) dL/dy_ij: Σ_j dL/dy_ij = 0, and the positive's own term is 0
+        dtau = reduce_tau_grad(-zp / tau_rows, tau, 1) if need_tau else None
+        dpos = dpos.unsqueeze(-1)
         dq = (da + (dpos * k_pos).to(da.dtype)) if need_q else None
         dk = dneg = None
         if in_batch and need_k:
@@ -91,10 +103,6 @@ class InfoNCEFunction(torch.autograd.Function):
             dk = (dpos * query).to(key.dtype)
         if not in_batch and need_neg:
             dneg = db
-        dtau = None
-        if need_tau:
-            # dL/dτ_i = -(1/τ_i) Σ_j (z_ij - lse_i) dL/dz_ij, the positive's term being -nll_i dL/dz_pos
-            dtau = reduce_tau_grad(-(zp - nll * g * torch.expm1(-nll)) / tau_rows, tau, 1)
         return dq, dk, dneg, dtau, None, None, None
 
 
@@ -109,25 +117,29 @@ class NTXentFunction(torch.autograd.Function):
         tau_rows = tau_for_kernel(tau, z).expand(n2).contiguous()
         target = (torch.arange(n2, device=z.device) + n2 // 2) % n2
         m, s, pos = ops.tile_fwd(backend, z, z, None, tau_rows, target, 0)
-        nll = nll_from_stats(m, s, pos)
+        nll = nll_from_stats(m, s, pos, tau_rows)
+        shift, e_pos, e_neg = softmax_stats(m, s, pos, tau_rows)
         ctx.backend = backend
-        ctx.save_for_backward(z, tau_rows, target, lse_from_stats(m, s, pos), nll, tau)
+        ctx.save_for_backward(z, tau_rows, target, pos, shift, e_pos, e_neg, nll, tau)
         return nll.mean().to(z.dtype)
 
     @staticmethod
     @once_differentiable
     @autocast_off
     def backward(ctx, grad):
-        z, tau_rows, target, lse, nll, tau = ctx.saved_tensors
+        z, tau_rows, target, pos, shift, e_pos, e_neg, nll, tau = ctx.saved_tensors
         n2 = z.shape[0]
         need_tau = ctx.needs_input_grad[1]
         g = row_grad(grad, n2, "mean", nll.dtype)
-        da, db, _, zp = ops.tile_bwd(ctx.backend, z, z, None, tau_rows, target, 0, lse, g, True, True, need_tau)
-        dpos = (g * torch.expm1(-nll) / tau_rows).unsqueeze(-1)
+        u = g / (tau_rows * (e_pos + e_neg))
+        da, db, _, zp = ops.tile_bwd(ctx.backend, z, z, None, tau_rows, target, 0, shift, u, pos, True, True,
+                                     need_tau)
+        dpos = -u * e_neg
+        dtau = reduce_tau_grad(-zp / tau_rows, tau, 1) if need_tau else None
+        dpos = dpos.unsqueeze(-1)
         dz = da.to(torch.float32 if z.dtype != torch.float64 else z.dtype) + db
         dz += dpos * z[target]
         dz.index_add_(0, target, (dpos * z).to(dz.dtype))
-        dtau = reduce_tau_grad(-(zp - nll * g * torch.expm1(-nll)) / tau_rows, tau, 1) if need_tau else None
         return dz.to(z.dtype), dtau, None
 
 

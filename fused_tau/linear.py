@@ -6,7 +6,7 @@ Per row i, with z_ic = (x_i · W_c + b_c) / τ_i and lse_i = log Σ_c exp(z_ic),
 ``Σ_c a_ic (lse_i - z_ic)`` for some coefficients a:
   class targets        a_ic = w_c [(1 - ε) δ_{c,y_i} + ε / C]   (0 on ignored rows)
   probability targets  a_ic = w_c [(1 - ε) t_ic + ε / C]
-The tiles give lse (and the target's logit); the dense part Σ_c a_ic z_ic is closed-form,
+The tiles give the row statistics in dot units (x·W + b, before 1/τ); the dense part Σ_c a_ic z_ic is closed-form,
 ``(x_i · (a_i @ W) + a_i · b) / τ_i``, a GEMM with the coefficients the caller already holds.
 Its gradient, dz_ic = g_i (A_i p_ic - a_ic) with A_i = Σ_c a_ic, is the tiles' recomputed
 p-part (coefficient g·A) minus two GEMMs with a; a class target's own column is a sparse update.
@@ -21,7 +21,7 @@ from . import reference
 from ._checks import (check_ce_options, check_class_targets, check_same_device, check_tensor, check_vector,
                       reduce_tau_grad, tau_for_kernel, tau_tensor)
 from ._dispatch import autocast_off, backend_for, once_differentiable
-from .contrastive import lse_from_stats, nll_from_stats, row_grad
+from .contrastive import nll_from_stats, row_grad, softmax_stats
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -38,26 +38,31 @@ IGNORE_INDEX_DEFAULT = _DefaultIgnoreIndex(-100)
 
 
 def _tile_stats(backend, x, W, b, tau_rows, y):
-    """(lse, nll) per row from one forward pass of the tile engine: nll = lse - z_y for class targets
-    ``y``, None when ``y`` is None (every column in the log-sum-exp)."""
-    m, s, z_y = ops.tile_fwd(backend, x, W, b, tau_rows, y, None)
+    """One forward pass of the tile engine, in dot units y_ic = x_i · W_c + b_c (before 1/τ):
+    class targets ``y``: (shift, e_t, e_rest, y_t, nll) with shift = the row's largest dot product,
+    e_t = exp((y_t - shift)/τ), e_rest = Σ_{c ≠ y} exp((y_c - shift)/τ) and nll = lse - z_y exact
+    when tiny; ``y`` None: (m, s) over every column, lse = m/τ + log s."""
+    m, s, y_t = ops.tile_fwd(backend, x, W, b, tau_rows, y, None)
     if y is None:
-        return m + torch.log(s), None
-    return lse_from_stats(m, s, z_y), nll_from_stats(m, s, z_y)
+        return m, s
+    shift, e_t, e_rest = softmax_stats(m, s, y_t, tau_rows)
+    return shift, e_t, e_rest, y_t, nll_from_stats(m, s, y_t, tau_rows)
 
 
-def _tile_grads(backend, x, W, b, tau_rows, y, lse, coef, need_x, need_W, need_b, need_zp):
-    """The tiles' recomputed p-part: dz_ic = coef_i p_ic over the columns c ≠ y_i, as
-    (dx, dW, dbias, zp_i = Σ_c (z_ic - lse_i) dz_ic), each None when not asked for."""
-    return ops.tile_bwd(backend, x, W, b, tau_rows, y, None, lse, coef, need_x, need_W or need_b, need_zp)
+def _tile_grads(backend, x, W, b, tau_rows, y, shift, scale, ref, need_x, need_W, need_b, need_zp):
+    """The tiles' recomputed p-part Q_ic = scale_i exp((y_ic - shift_i)/τ_i) (= dz_ic / τ_i) over the
+    columns c ≠ y_i, as (dx = Q @ W, dW = Qᵀ @ x, dbias = Σ_i Q, zp_i = Σ_c (y_ic - ref_i) Q_ic), each
+    None when not asked for."""
+    return ops.tile_bwd(backend, x, W, b, tau_rows, y, None, shift, scale, ref, need_x, need_W or need_b, need_zp)
 
 
-def _weighted_logit_sum(x, a, W, b, tau_rows, cd):
-    """Σ_c a_ic z_ic = (x_i · (a_i @ W) + a_i · b) / τ_i, for a (C,) shared by every row or (N, C)."""
+def _weighted_dot_sum(x, a, W, b, cd):
+    """Σ_c a_ic y_ic = x_i · (a_i @ W) + a_i · b in dot units (τ z = y), for a (C,) shared by every
+    row or (N, C)."""
     aW = a @ W.to(cd)
     ab = (a * b.to(cd)).sum(-1) if b is not None else 0.0
     xa = x.to(cd) @ aW if a.ndim == 1 else (x.to(cd) * aW).sum(-1)
-    return (xa + ab) / tau_rows
+    return xa + ab
 
 
 def _dense_grads(g_tau, a, x, W, cd, need_x, need_W, need_b):
@@ -106,23 +111,27 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         tau_rows = tau_for_kernel(tau, x).expand(N).contiguous()
         w = weight.to(cd) if weight is not None else None
         if target.is_floating_point():
-            lse, _ = _tile_stats(backend, x, W, b, tau_rows, None)
+            m, s = _tile_stats(backend, x, W, b, tau_rows, None)
             a = _prob_coefficients(target, w, smoothing, cd)
-            loss = a.sum(-1) * lse - _weighted_logit_sum(x, a, W, b, tau_rows, cd)
-            saved = (target, lse, loss, None, None, None)
+            A, ya = a.sum(-1), _weighted_dot_sum(x, a, W, b, cd)
+            # Σ_c a_c (lse - z_c) = A log s + (A m - Σ_c a_c y_c) / τ: the large parts cancel in dot units
+            loss = A * torch.log(s) + (A * m - ya) / tau_rows
+            saved = (target, m, s, ya, None, None, None, None)
         else:
             valid = target != ignore_index
             y = torch.where(valid, target, 0)
             w_y = torch.where(valid, w[y] if w is not None else torch.ones(N, device=x.device, dtype=cd), 0.0)
-            lse, nll = _tile_stats(backend, x, W, b, tau_rows, y)
+            shift, e_t, e_rest, y_t, nll = _tile_stats(backend, x, W, b, tau_rows, y)
             loss = (1.0 - smoothing) * w_y * nll
-            wz = None
+            wy = None
             if smoothing > 0:
-                # Σ_c w_c (lse - z_c) = (Σ_c w_c) lse - Σ_c w_c z_c, the latter closed-form
+                # Σ_c w_c (lse - z_c) = W_sum log(e_t + e_rest) + (W_sum shift - Σ_c w_c y_c) / τ, the last
+                # sum closed-form, in dot units
                 w_all = w if w is not None else torch.ones(C, device=x.device, dtype=cd)
-                wz = _weighted_logit_sum(x, w_all, W, b, tau_rows, cd)
-                loss = loss + torch.where(valid, smoothing / C * (w_all.sum() * lse - wz), 0.0)
-            saved = (y, lse, nll, valid, w_y, wz)
+                wy, w_sum = _weighted_dot_sum(x, w_all, W, b, cd), w_all.sum()
+                spread = w_sum * torch.log(e_t + e_rest) + (w_sum * shift - wy) / tau_rows
+                loss = loss + torch.where(valid, smoothing / C * spread, 0.0)
+            saved = (y, shift, e_t, e_rest, y_t, valid, w_y, wy)
         out = loss if reduction == "none" else (loss.sum() / denom if reduction == "mean" else loss.sum())
         ctx.backend, ctx.options = backend, (reduction, smoothing)
         ctx.save_for_backward(x, W, b, w, tau_rows, denom, tau, *saved)
@@ -132,28 +141,29 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @once_differentiable
     @autocast_off
     def backward(ctx, grad):
-        x, W, b, w, tau_rows, denom, tau, target, lse, third, valid, w_y, wz = ctx.saved_tensors
+        x, W, b, w, tau_rows, denom, tau, target, *stats = ctx.saved_tensors
         reduction, smoothing = ctx.options
         N, C = x.shape[0], W.shape[0]
-        cd = lse.dtype
+        cd = tau_rows.dtype
         need_x, need_W, need_b, need_t = ctx.needs_input_grad[:4]
         need_tau = ctx.needs_input_grad[5]
         g = row_grad(grad, N, "sum" if reduction == "mean" else reduction, cd)
         if reduction == "mean":
             g = g / denom
         if target.is_floating_point():
-            return LinearCrossEntropyFunction._backward_probs(ctx, g, x, W, b, w, tau_rows, tau, target, lse, third,
+            m, s, ya = stats[:3]
+            return LinearCrossEntropyFunction._backward_probs(ctx, g, x, W, b, w, tau_rows, tau, target, m, s, ya,
                                                               smoothing, need_x, need_W, need_b, need_t, need_tau)
-        y, nll = target, third
+        y, (shift, e_t, e_rest, y_t, valid, w_y, wy) = target, stats
         g = torch.where(valid, g, 0.0)
         w_all = w if w is not None else torch.ones(C, device=x.device, dtype=cd)
         h = (1.0 - smoothing) * w_y  # dz_ic = g_i [h (p_ic - δ_{c,y}) + (ε/C)(W_sum p_ic - w_c)]
-        coef = g * (h + smoothing / C * w_all.sum())
-        dx, dW, dB, zp = _tile_grads(ctx.backend, x, W, b, tau_rows, y, lse, coef, need_x, need_W,
-                                     need_b and b is not None, need_tau)
+        u0 = g / (tau_rows * (e_t + e_rest))  # g p_ic / τ = u0 exp((y_ic - shift) / τ)
+        dx, dW, dB, zp = _tile_grads(ctx.backend, x, W, b, tau_rows, y, shift, u0 * (h + smoothing / C * w_all.sum()),
+                                     y_t, need_x, need_W, need_b and b is not None, need_tau)
         dW = dW if need_W else None
-        dz_y = g * (h * torch.expm1(-nll) + smoothing / C * w_all.sum() * torch.exp(-nll))  # the target's column
-        sparse = (dz_y / tau_rows).unsqueeze(-1)
+        # the target's own column dz_y / τ, with p_y - 1 = -e_rest / (e_t + e_rest) (exact when tiny)
+        sparse = (u0 * (smoothing / C * w_all.sum()) * e_t - (u0 * h) * e_rest).unsqueeze(-1)
         dense = (_dense_grads(smoothing / C * g / tau_rows, w_all, x, W, cd, need_x, need_W,
                               need_b and b is not None) if smoothing > 0 else (None, None, None))
         if need_x:
@@ -165,21 +175,24 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         dx, dW, dB = _finish(dx, dW, dB, dense, x, W, b)
         dtau = None
         if need_tau:
-            terms = zp - nll * dz_y  # (z_y - lse) dz_y = -nll dz_y
+            # dL/dτ_i = -(1/τ_i²) Σ_c (y_ic - y_t) dz_ic (Σ_c dz_ic = 0: the target's own term is 0)
+            terms = zp
             if smoothing > 0:
-                terms = terms - smoothing / C * g * (wz - w_all.sum() * lse)
+                terms = terms - smoothing / C * g / tau_rows * (wy - w_all.sum() * y_t)
             dtau = reduce_tau_grad(-terms / tau_rows, tau, 1)
         return dx, dW, dB, None, None, dtau, None, None, None, None, None
 
     @staticmethod
-    def _backward_probs(ctx, g, x, W, b, w, tau_rows, tau, target, lse, loss, smoothing, need_x, need_W, need_b,
+    def _backward_probs(ctx, g, x, W, b, w, tau_rows, tau, target, m, s, ya, smoothing, need_x, need_W, need_b,
                         need_t, need_tau):
-        cd = lse.dtype
+        cd = m.dtype
         has_b = need_b and b is not None
         a = _prob_coefficients(target, w, smoothing, cd)
-        # dz_ic = g_i (A_i p_ic - a_ic): the p-part from the tiles, the a-part from two GEMMs
-        dx, dW, dB, zp = _tile_grads(ctx.backend, x, W, b, tau_rows, None, lse, g * a.sum(-1), need_x, need_W,
-                                     has_b, need_tau)
+        A = a.sum(-1)
+        # dz_ic = g_i (A_i p_ic - a_ic): the p-part from the tiles (p_ic = exp((y_ic - m_i)/τ_i) / s_i),
+        # the a-part from two GEMMs
+        dx, dW, dB, zp = _tile_grads(ctx.backend, x, W, b, tau_rows, None, m, g * A / (tau_rows * s), m, need_x,
+                                     need_W, has_b, need_tau)
         dW = dW if need_W else None
         dense = _dense_grads(g / tau_rows, a, x, W, cd, need_x, need_W, has_b)
         dx, dW, dB = _finish(dx, dW, dB, dense, x, W, b)
@@ -189,12 +202,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             z = x.to(cd) @ W.to(cd).T
             if b is not None:
                 z = z + b.to(cd)
-            dt = (lse.unsqueeze(-1) - z / tau_rows.unsqueeze(-1)) * ((1.0 - smoothing) * g).unsqueeze(-1)
+            lse_minus_z = torch.log(s).unsqueeze(-1) + (m.unsqueeze(-1) - z) / tau_rows.unsqueeze(-1)
+            dt = lse_minus_z * ((1.0 - smoothing) * g).unsqueeze(-1)
             dt = (dt * w if w is not None else dt).to(target.dtype)
         dtau = None
         if need_tau:
-            # Σ_c dz_ic = 0, so Σ_c dz_ic z_ic = Σ_c dz_ic (z_ic - lse_i) = zp_i + g_i loss_i
-            dtau = reduce_tau_grad(-(zp + g * loss) / tau_rows, tau, 1)
+            # dL/dτ_i = -(1/τ_i²) Σ_c (y_ic - m_i) dz_ic (Σ_c dz_ic = 0): the tiles' zp minus the a-part
+            dtau = reduce_tau_grad(-(zp - g / tau_rows * (ya - m * A)) / tau_rows, tau, 1)
         return dx, dW, dB, dt, None, dtau, None, None, None, None, None
 
 

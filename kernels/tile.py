@@ -1,18 +1,31 @@
 """Tile engine: ``z = (a @ b.T + bias) / τ`` streamed tile by tile into an online log-sum-exp
 (flash-attention style); the N × K logits are never stored, forward or backward.
 
+Everything is kept in dot units y = a·b + bias (before 1/τ): the running max, the shift of the
+backward, the τ-gradient's sum.  A logit enters exp only as a difference of dot products times
+one per-row constant, log2(e)/τ rounded once: exp((y - c)/τ) = exp2((y - c)·log2(e)/τ).  So at
+small τ exp never sees the difference of two numbers of magnitude 1/τ (an exact tie gives exp2(0)
+= 1 exactly), and at large τ the shifted logits stay small (no cancellation of log K against the
+positive in dL/dτ).  No division per logit.
+
 Per row i, over the columns j that count (j < K, j ≠ t_i the row's target, j ≠ i + diag_offset
 when self-similarity is excluded):
-  _tile_fwd_kernel     m_i = max z_ij, s_i = Σ exp(z_ij - m_i), and z_{i,t_i} from the same tiles
-  _tile_bwd_da_kernel  da = (P / τ) @ b and zp_i = Σ_j (z_ij - lse_i) P_ij, P_ij = c_i exp(z_ij - lse_i)
-  _tile_bwd_db_kernel  db = (P / τ)ᵀ @ a and dbias = Σ_i P_ij / τ_i
+  _tile_fwd_kernel     m_i = max y_ij, s_i = Σ exp((y_ij - m_i)/τ_i), and y_{i,t_i} from the same tiles
+  _tile_bwd_da_kernel  da = Q @ b and zp_i = Σ_j (y_ij - r_i) Q_ij, Q_ij = u_i exp((y_ij - c_i)/τ_i)
+  _tile_bwd_db_kernel  db = Qᵀ @ a and dbias = Σ_i Q_ij
+The caller picks the per-row shift c (dot units) and scale u: for a softmax cross-entropy with
+row weight g, c = the max over every column (positive included) and u = g / (τ Σ_j exp((y_j - c)/τ)),
+so that Q = dL/dz / τ, what multiplies b and a.  Since Σ_j dL/dz_ij = 0 over every column,
+dL/dτ_i = -(1/τ_i) Σ_j (y_ij - r_i) Q_ij for any reference r_i; the caller takes the positive's
+(target's) own dot product, whose term then vanishes: no cancellation against it, and no
+dependence on the forward's s agreeing with the backward's tiles to the last bit.
 Both backward kernels recompute their tiles (two kernels, no atomics: deterministic).  The
 output dimension of da / db is split into BLOCK_DO-wide programs; each recomputes the tile
 over all of D.  FLOPs: forward 2·N·K·D; backward 2·N·K·D·(2 + 2·D/BLOCK_DO), i.e. 8·N·K·D for
 D <= BLOCK_DO (contrastive embeddings, D = 128).
   _tile_bwd_probs_kernel  for D > BLOCK_DO (the LLM head, D in the thousands, where the fused
                           kernels would recompute every tile D / BLOCK_DO times): one
-                          recomputation writes ds = P / τ for a chunk of columns (about N·D
+                          recomputation writes ds = Q for a chunk of columns (about N·D
                           elements, the input's size; never the N × K matrix), and two GEMMs
                           give db[chunk] = dsᵀ @ a and da += ds @ b[chunk]: 6·N·K·D FLOPs,
                           no atomics.
@@ -51,19 +64,21 @@ def blocks(dtype):
 
 
 @triton.jit
-def _logits_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, tau,
-                 stride_am, stride_ad, stride_bk, stride_bd,
-                 HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """z = (a[rows] @ b[cols].T + bias[cols]) / τ as an fp32 (BLOCK_M, BLOCK_N) tile."""
+def _dots_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D,
+               stride_am, stride_ad, stride_bk, stride_bd,
+               HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y = a[rows] @ b[cols].T + bias[cols], the logits in dot units (before 1/τ), an fp32
+    (BLOCK_M, BLOCK_N) tile."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
-        a = tl.load(a_ptr + rows64[:, None] * stride_am + dd[None, :] * stride_ad,
+        dd64 = dd.to(tl.int64)
+        a = tl.load(a_ptr + rows64[:, None] * stride_am + dd64[None, :] * stride_ad,
                     mask=(rows[:, None] < N) & (dd[None, :] < D), other=0.0)
-        b = tl.load(b_ptr + cols64[:, None] * stride_bk + dd[None, :] * stride_bd,
+        b = tl.load(b_ptr + cols64[:, None] * stride_bk + dd64[None, :] * stride_bd,
                     mask=(cols[:, None] < K) & (dd[None, :] < D), other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
@@ -71,7 +86,7 @@ def _logits_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, tau,
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
-    return tl.math.div_rn(acc, tau[:, None])
+    return acc
 
 
 @triton.jit
@@ -86,28 +101,38 @@ def _counted(rows, cols, N, K, tgt, diag_offset, HAS_TARGET: tl.constexpr, MASK_
 
 
 @triton.jit
-def _row_constants(tau_ptr, lse_ptr, coef_ptr, target_ptr, rows, N, HAS_TARGET: tl.constexpr):
-    """τ, lse, the gradient coefficient c and the target column of a block of rows (padding rows inert)."""
+def _exp2_scale(tau_ptr, rows, N):
+    """log2(e) / τ per row, rounded once: exp((y - c) / τ) = exp2((y - c) * this), one multiply per
+    logit (no division, no separate log2(e) multiply).  Padding rows read τ = 1."""
     tau = tl.load(tau_ptr + rows, mask=rows < N, other=1.0).to(tl.float32)
-    lse = tl.load(lse_ptr + rows, mask=rows < N, other=0.0)
-    c = tl.load(coef_ptr + rows, mask=rows < N, other=0.0)
-    tgt = tl.full([rows.shape[0]], -1, tl.int64)
-    if HAS_TARGET:
-        tgt = tl.load(target_ptr + rows, mask=rows < N, other=-1)
-    return tau, lse, c, tgt
+    return 1.4426950408889634 / tau
 
 
 @triton.jit
-def _probs_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, tau, lse, c, tgt, diag_offset,
-                stride_am, stride_ad, stride_bk, stride_bd,
-                HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr, BLOCK_D: tl.constexpr,
-                UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The backward's recomputed tile: (z - lse, P) with P_ij = c_i exp(z_ij - lse_i) on the counted
-    columns and 0 elsewhere."""
-    z = _logits_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, tau, stride_am, stride_ad, stride_bk,
-                     stride_bd, HAS_BIAS, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N) - lse[:, None]
+def _row_constants(tau_ptr, shift_ptr, scale_ptr, target_ptr, rows, N, HAS_TARGET: tl.constexpr):
+    """log2(e)/τ, the shift c (dot units), the scale u and the target column of a block of rows
+    (padding rows inert: u = 0)."""
+    r2 = _exp2_scale(tau_ptr, rows, N)
+    shift = tl.load(shift_ptr + rows, mask=rows < N, other=0.0)
+    u = tl.load(scale_ptr + rows, mask=rows < N, other=0.0)
+    tgt = tl.full([rows.shape[0]], -1, tl.int64)
+    if HAS_TARGET:
+        tgt = tl.load(target_ptr + rows, mask=rows < N, other=-1)
+    return r2, shift, u, tgt
+
+
+@triton.jit
+def _grad_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, r2, shift, u, tgt, diag_offset,
+               stride_am, stride_ad, stride_bk, stride_bd,
+               HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr, BLOCK_D: tl.constexpr,
+               UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The backward's recomputed tile: (y, Q) with Q_ij = u_i exp((y_ij - c_i) / τ_i) on the counted
+    columns and 0 elsewhere.  y - c is a difference of dot products (exact near the max, whatever
+    1/τ), so exp never sees two large numbers' difference."""
+    y = _dots_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, stride_am, stride_ad, stride_bk,
+                   stride_bd, HAS_BIAS, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
     counted = _counted(rows, cols, N, K, tgt, diag_offset, HAS_TARGET, MASK_DIAG)
-    return z, tl.where(counted, c[:, None] * tl.exp(z), 0.0)
+    return y, tl.where(counted, u[:, None] * tl.exp2((y - shift[:, None]) * r2[:, None]), 0.0)
 
 
 @triton.jit
@@ -123,9 +148,11 @@ def _tile_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Per row: m = max, s = Σ exp(z - m) over the counted columns; zy = the target's logit."""
+    """Per row, in dot units y = a·b + bias: m = max y, s = Σ exp((y - m) / τ) over the counted
+    columns, and y at the target column.  The running max stays in dot units: each logit costs a
+    subtraction and a multiply by log2(e)/τ before exp2."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    tau = tl.load(tau_ptr + rows, mask=rows < N, other=1.0).to(tl.float32)
+    r2 = _exp2_scale(tau_ptr, rows, N)
     tgt = tl.full([BLOCK_M], -1, tl.int64)
     if HAS_TARGET:
         tgt = tl.load(target_ptr + rows, mask=rows < N, other=-1)
@@ -134,14 +161,14 @@ def _tile_fwd_kernel(
     zy = tl.zeros([BLOCK_M], tl.float32)
     for n0 in range(0, K, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        z = _logits_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, tau, stride_am, stride_ad, stride_bk,
-                         stride_bd, HAS_BIAS, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+        y = _dots_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, stride_am, stride_ad, stride_bk,
+                       stride_bd, HAS_BIAS, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
         if HAS_TARGET:
-            zy += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
-        z = tl.where(_counted(rows, cols, N, K, tgt, diag_offset, HAS_TARGET, MASK_DIAG), z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, 1))
+            zy += tl.sum(tl.where(cols[None, :] == tgt[:, None], y, 0.0), 1)
+        y = tl.where(_counted(rows, cols, N, K, tgt, diag_offset, HAS_TARGET, MASK_DIAG), y, float("-inf"))
+        m_new = tl.maximum(m, tl.max(y, 1))
         safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing counted yet: no -inf - -inf
-        s = s * tl.exp(m - safe) + tl.sum(tl.exp(z - safe[:, None]), 1)
+        s = s * tl.exp2((m - safe) * r2) + tl.sum(tl.exp2((y - safe[:, None]) * r2[:, None]), 1)
         m = m_new
     tl.store(m_ptr + rows, m, mask=rows < N)
     tl.store(s_ptr + rows, s, mask=rows < N)
@@ -152,7 +179,7 @@ def _tile_fwd_kernel(
 @triton.jit
 def _tile_bwd_da_kernel(
     # pointers
-    a_ptr, b_ptr, bias_ptr, tau_ptr, target_ptr, lse_ptr, coef_ptr, da_ptr, zp_ptr,
+    a_ptr, b_ptr, bias_ptr, tau_ptr, target_ptr, shift_ptr, scale_ptr, ref_ptr, da_ptr, zp_ptr,
     # shapes
     N, K, D, diag_offset,
     # strides (da is a contiguous fp32 (N, D) buffer)
@@ -162,26 +189,26 @@ def _tile_bwd_da_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """da[rows, do] = Σ_j (P_ij / τ_i) b[j, do]; program (i-block, do-block)."""
+    """da[rows, do] = Σ_j Q_ij b[j, do] and zp_i = Σ_j (y_ij - ref_i) Q_ij; program (i-block, do-block)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    tau, lse, c, tgt = _row_constants(tau_ptr, lse_ptr, coef_ptr, target_ptr, rows, N, HAS_TARGET)
+    r2, shift, u, tgt = _row_constants(tau_ptr, shift_ptr, scale_ptr, target_ptr, rows, N, HAS_TARGET)
+    ref = tl.load(ref_ptr + rows, mask=rows < N, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
     zp = tl.zeros([BLOCK_M], tl.float32)
     for n0 in range(0, K, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        z, P = _probs_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, tau, lse, c, tgt, diag_offset,
-                           stride_am, stride_ad, stride_bk, stride_bd, HAS_BIAS, HAS_TARGET, MASK_DIAG, BLOCK_D,
-                           UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+        y, Q = _grad_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, r2, shift, u, tgt, diag_offset,
+                          stride_am, stride_ad, stride_bk, stride_bd, HAS_BIAS, HAS_TARGET, MASK_DIAG, BLOCK_D,
+                          UPCAST, PRECISION, BLOCK_M, BLOCK_N)
         if NEED_ZP:
-            zp += tl.sum(tl.where(P != 0.0, z * P, 0.0), 1)
-        b = tl.load(b_ptr + cols.to(tl.int64)[:, None] * stride_bk + do[None, :] * stride_bd,
+            zp += tl.sum(tl.where(Q != 0.0, (y - ref[:, None]) * Q, 0.0), 1)
+        b = tl.load(b_ptr + cols.to(tl.int64)[:, None] * stride_bk + do.to(tl.int64)[None, :] * stride_bd,
                     mask=(cols[:, None] < K) & (do[None, :] < D), other=0.0)
-        Pt = P / tau[:, None]
         if UPCAST:
-            acc = tl.dot(Pt, b.to(tl.float32), acc, input_precision=PRECISION)
+            acc = tl.dot(Q, b.to(tl.float32), acc, input_precision=PRECISION)
         else:
-            acc = tl.dot(Pt.to(b.dtype), b, acc, input_precision=PRECISION)
+            acc = tl.dot(Q.to(b.dtype), b, acc, input_precision=PRECISION)
     tl.store(da_ptr + rows.to(tl.int64)[:, None] * D + do[None, :], acc, mask=(rows[:, None] < N) & (do[None, :] < D))
     if NEED_ZP:
         if tl.program_id(1) == 0:  # every do-block computed zp; one writes it
@@ -191,7 +218,7 @@ def _tile_bwd_da_kernel(
 @triton.jit
 def _tile_bwd_db_kernel(
     # pointers
-    a_ptr, b_ptr, bias_ptr, tau_ptr, target_ptr, lse_ptr, coef_ptr, db_ptr, dbias_ptr,
+    a_ptr, b_ptr, bias_ptr, tau_ptr, target_ptr, shift_ptr, scale_ptr, db_ptr, dbias_ptr,
     # shapes
     N, K, D, diag_offset,
     # strides (db is a contiguous fp32 (K, D) buffer)
@@ -201,26 +228,25 @@ def _tile_bwd_db_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """db[cols, do] = Σ_i (P_ij / τ_i) a[i, do] and dbias[cols] = Σ_i P_ij / τ_i; program (j-block, do-block)."""
+    """db[cols, do] = Σ_i Q_ij a[i, do] and dbias[cols] = Σ_i Q_ij; program (j-block, do-block)."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     acc = tl.zeros([BLOCK_N, BLOCK_DO], tl.float32)
     dbias = tl.zeros([BLOCK_N], tl.float32)
     for m0 in range(0, N, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        tau, lse, c, tgt = _row_constants(tau_ptr, lse_ptr, coef_ptr, target_ptr, rows, N, HAS_TARGET)
-        _, P = _probs_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, tau, lse, c, tgt, diag_offset,
-                           stride_am, stride_ad, stride_bk, stride_bd, HAS_BIAS, HAS_TARGET, MASK_DIAG, BLOCK_D,
-                           UPCAST, PRECISION, BLOCK_M, BLOCK_N)
-        Pt = P / tau[:, None]
-        a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * stride_am + do[None, :] * stride_ad,
+        r2, shift, u, tgt = _row_constants(tau_ptr, shift_ptr, scale_ptr, target_ptr, rows, N, HAS_TARGET)
+        _, Q = _grad_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, r2, shift, u, tgt, diag_offset,
+                          stride_am, stride_ad, stride_bk, stride_bd, HAS_BIAS, HAS_TARGET, MASK_DIAG, BLOCK_D,
+                          UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+        a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * stride_am + do.to(tl.int64)[None, :] * stride_ad,
                     mask=(rows[:, None] < N) & (do[None, :] < D), other=0.0)
         if UPCAST:
-            acc = tl.dot(tl.trans(Pt), a.to(tl.float32), acc, input_precision=PRECISION)
+            acc = tl.dot(tl.trans(Q), a.to(tl.float32), acc, input_precision=PRECISION)
         else:
-            acc = tl.dot(tl.trans(Pt.to(a.dtype)), a, acc, input_precision=PRECISION)
+            acc = tl.dot(tl.trans(Q.to(a.dtype)), a, acc, input_precision=PRECISION)
         if HAS_BIAS:
-            dbias += tl.sum(Pt, 0)
+            dbias += tl.sum(Q, 0)
     tl.store(db_ptr + cols.to(tl.int64)[:, None] * D + do[None, :], acc, mask=(cols[:, None] < K) & (do[None, :] < D))
     if HAS_BIAS:
         if tl.program_id(1) == 0:
@@ -230,7 +256,7 @@ def _tile_bwd_db_kernel(
 @triton.jit
 def _tile_bwd_probs_kernel(
     # pointers
-    a_ptr, b_ptr, bias_ptr, tau_ptr, target_ptr, lse_ptr, coef_ptr, ds_ptr, zp_ptr, dbias_ptr,
+    a_ptr, b_ptr, bias_ptr, tau_ptr, target_ptr, shift_ptr, scale_ptr, ref_ptr, ds_ptr, zp_ptr, dbias_ptr,
     # shapes: the chunk is columns [col0, col_end) of the K; ds is a contiguous (N, col_end - col0)
     # buffer, zp a contiguous (N, cdiv(col_end - col0, BLOCK_N)) fp32 one, dbias a contiguous
     # (cdiv(N, BLOCK_M), col_end - col0) fp32 one
@@ -242,26 +268,26 @@ def _tile_bwd_probs_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    """ds[i, j - col0] = P_ij / τ_i for one (i-block, j-block) tile of a chunk of columns, and the
-    tile's shares of zp_i and (with a bias) of dbias_j, summed in fp32 before ds is rounded to its
-    dtype; the launcher multiplies ds into da and db with GEMMs (the large-D backward)."""
+    """ds[i, j - col0] = Q_ij for one (i-block, j-block) tile of a chunk of columns, and the tile's
+    shares of zp_i = Σ_j (y_ij - ref_i) Q_ij and (with a bias) of dbias_j, summed in fp32 before ds is rounded to its dtype;
+    the launcher multiplies ds into da and db with GEMMs (the large-D backward)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     local = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = col0 + local
-    tau, lse, c, tgt = _row_constants(tau_ptr, lse_ptr, coef_ptr, target_ptr, rows, N, HAS_TARGET)
+    r2, shift, u, tgt = _row_constants(tau_ptr, shift_ptr, scale_ptr, target_ptr, rows, N, HAS_TARGET)
     # columns past col_end read as out of range: the chunk's own bound
-    z, P = _probs_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, col_end, D, tau, lse, c, tgt, diag_offset,
+    y, Q = _grad_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, col_end, D, r2, shift, u, tgt, diag_offset,
                        stride_am, stride_ad, stride_bk, stride_bd, HAS_BIAS, HAS_TARGET, MASK_DIAG, BLOCK_D,
                        UPCAST, PRECISION, BLOCK_M, BLOCK_N)
     width = col_end - col0
-    Pt = P / tau[:, None]
     ds_ptrs = ds_ptr + rows.to(tl.int64)[:, None] * width + local[None, :]
-    tl.store(ds_ptrs, to_store(Pt, ds_ptr, INTERPRETED), mask=(rows[:, None] < N) & (local[None, :] < width))
+    tl.store(ds_ptrs, to_store(Q, ds_ptr, INTERPRETED), mask=(rows[:, None] < N) & (local[None, :] < width))
     if HAS_BIAS:
-        tl.store(dbias_ptr + tl.program_id(0).to(tl.int64) * width + local, tl.sum(Pt, 0), mask=local < width)
+        tl.store(dbias_ptr + tl.program_id(0).to(tl.int64) * width + local, tl.sum(Q, 0), mask=local < width)
     if NEED_ZP:
+        ref = tl.load(ref_ptr + rows, mask=rows < N, other=0.0)
         tl.store(zp_ptr + rows.to(tl.int64) * tl.num_programs(1) + tl.program_id(1),
-                 tl.sum(tl.where(P != 0.0, z * P, 0.0), 1), mask=rows < N)
+                 tl.sum(tl.where(Q != 0.0, (y - ref[:, None]) * Q, 0.0), 1), mask=rows < N)
 
 
 # ---------------------------------------------------------------------------- launchers
@@ -287,7 +313,8 @@ def _block_do(D, dtype):
 
 
 def tile_fwd(a, b, bias, tau_rows, target, diag_offset):
-    """Returns (m, s, z_target or None), fp32, one per row of ``a`` (see the module docstring)."""
+    """Returns (m, s, y_target or None), fp32, one per row of ``a``, in dot units (see the module
+    docstring): m the max of y = a·b + bias over the counted columns, s = Σ exp((y - m) / τ)."""
     N, D = a.shape
     K = b.shape[0]
     f32 = dict(device=a.device, dtype=torch.float32)
@@ -301,14 +328,17 @@ def tile_fwd(a, b, bias, tau_rows, target, diag_offset):
     return m, s, zy
 
 
-def tile_bwd(a, b, bias, tau_rows, target, diag_offset, lse, coef, need_da, need_db, need_zp):
-    """Returns (da in a's dtype, db in b's dtype, dbias fp32, zp fp32), each None when not asked for."""
+def tile_bwd(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref, need_da, need_db, need_zp):
+    """Returns (da in a's dtype, db in b's dtype, dbias fp32, zp fp32), each None when not asked for,
+    for Q_ij = scale_i exp((y_ij - shift_i) / τ_i) over the counted columns and
+    zp_i = Σ_j (y_ij - ref_i) Q_ij (shift and ref in dot units)."""
     N, D = a.shape
-    lse = lse.to(torch.float32).contiguous()
-    coef = coef.to(torch.float32).contiguous()
+    shift = shift.to(torch.float32).contiguous()
+    scale = scale.to(torch.float32).contiguous()
+    ref = ref.to(torch.float32).contiguous()
     bdo = _block_do(D, a.dtype)
     if _materialized(D, bdo, a, b):
-        return _tile_bwd_materialized(a, b, bias, tau_rows, target, diag_offset, lse, coef, need_da, need_db,
+        return _tile_bwd_materialized(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref, need_da, need_db,
                                       need_zp)
     K = b.shape[0]
     f32 = dict(device=a.device, dtype=torch.float32)
@@ -319,16 +349,16 @@ def tile_bwd(a, b, bias, tau_rows, target, diag_offset, lse, coef, need_da, need
         da_buf = torch.empty((N, D), **f32)
         zp = torch.empty(N, **f32) if need_zp else None
         _tile_bwd_da_kernel[(triton.cdiv(N, BLOCK_M), triton.cdiv(D, bdo))](
-            a, b, bias if bias is not None else lse, tau_rows, target if target is not None else lse, lse, coef,
-            da_buf, zp if zp is not None else lse, *args, NEED_ZP=need_zp, BLOCK_DO=bdo, **common,
+            a, b, bias if bias is not None else shift, tau_rows, target if target is not None else shift, shift, scale, ref,
+            da_buf, zp if zp is not None else shift, *args, NEED_ZP=need_zp, BLOCK_DO=bdo, **common,
         )
         da = da_buf.to(a.dtype) if need_da else None
     if need_db:
         db_buf = torch.empty((K, D), **f32)
         dbias = torch.empty(K, **f32) if bias is not None else None
         _tile_bwd_db_kernel[(triton.cdiv(K, BLOCK_N), triton.cdiv(D, bdo))](
-            a, b, bias if bias is not None else lse, tau_rows, target if target is not None else lse, lse, coef,
-            db_buf, dbias if dbias is not None else lse, *args, BLOCK_DO=bdo, **common,
+            a, b, bias if bias is not None else shift, tau_rows, target if target is not None else shift, shift, scale,
+            db_buf, dbias if dbias is not None else shift, *args, BLOCK_DO=bdo, **common,
         )
         db = db_buf.to(b.dtype)
     return da, db, dbias, zp
@@ -345,8 +375,9 @@ def _materialized(D, bdo, a, b):
     return D > bdo and a.dtype == b.dtype
 
 
-def _tile_bwd_materialized(a, b, bias, tau_rows, target, diag_offset, lse, coef, need_da, need_db, need_zp):
-    """Chunks of columns: ds = P / τ (N × chunk, in the operands' dtype, fp32 for fp32) from one
+def _tile_bwd_materialized(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref, need_da, need_db,
+                           need_zp):
+    """Chunks of columns: ds = Q = P / τ (N × chunk, in the operands' dtype, fp32 for fp32) from one
     recomputation of the tiles, then db[chunk] = dsᵀ @ a (complete: one GEMM over all rows) and
     da += ds @ b[chunk] (fp32, in chunk order: deterministic).  Chunking the columns, not the rows,
     makes the running sum the (N, D) da rather than the (K, D) db, which is far larger for an LLM
@@ -359,9 +390,9 @@ def _tile_bwd_materialized(a, b, bias, tau_rows, target, diag_offset, lse, coef,
     width = min(K, max(BLOCK_N, width // BLOCK_N * BLOCK_N))
     common = _common(a, b, bias, target, diag_offset)
     ds_buf = torch.empty(N * width, device=a.device, dtype=a.dtype)
-    zp_buf = torch.empty(N * triton.cdiv(width, BLOCK_N), **f32) if need_zp else lse
+    zp_buf = torch.empty(N * triton.cdiv(width, BLOCK_N), **f32) if need_zp else shift
     row_blocks = triton.cdiv(N, BLOCK_M)
-    dbias_buf = torch.empty(row_blocks * width, **f32) if need_db and bias is not None else lse
+    dbias_buf = torch.empty(row_blocks * width, **f32) if need_db and bias is not None else shift
     single = width >= K
     da = da_sum = None
     if need_da:
@@ -375,7 +406,7 @@ def _tile_bwd_materialized(a, b, bias, tau_rows, target, diag_offset, lse, coef,
         n_blocks = triton.cdiv(c1 - c0, BLOCK_N)
         ds = ds_buf[:N * (c1 - c0)].view(N, c1 - c0)
         _tile_bwd_probs_kernel[(row_blocks, n_blocks)](
-            a, b, bias if bias is not None else lse, tau_rows, target if target is not None else lse, lse, coef,
+            a, b, bias if bias is not None else shift, tau_rows, target if target is not None else shift, shift, scale, ref,
             ds, zp_buf, dbias_buf, N, c0, c1, D, diag_offset or 0, *a.stride(), *b.stride(),
             NEED_ZP=need_zp, INTERPRETED=_interpreted(), **common,
         )
