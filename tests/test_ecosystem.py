@@ -30,7 +30,7 @@ import torch
 warnings.simplefilter("error")
 import fused_tau
 x = torch.randn(4, 9, requires_grad=True)
-fused_tau.cross_entropy(x, torch.tensor([0, 1, 2, 3]), 0.5).backward()
+fused_tau.cross_entropy(x, torch.tensor([0, 1, 2, 3]), tau=0.5).backward()
 fused_tau.infonce(torch.randn(4, 8), torch.randn(4, 8), torch.randn(16, 8)).item()
 info = fused_tau.backend_info()
 assert all(v["backend"] == "torch" and v["why"] == "Triton does not import" for v in info.values()), info
@@ -131,7 +131,7 @@ import fused_tau, torch, pathlib, sys
 assert "site-packages" in fused_tau.__file__, fused_tau.__file__
 import fused_tau.kernels.row
 x = torch.tensor([[1., 2., 3.]])
-print(fused_tau.__version__, fused_tau.cross_entropy(x, torch.tensor([2]), 0.05).item())
+print(fused_tau.__version__, fused_tau.cross_entropy(x, torch.tensor([2]), tau=0.05).item())
 """
     out = subprocess.run([str(py), "-c", smoke], cwd=tmp_path, env=_clean_env(), capture_output=True, text=True,
                          timeout=300)
