@@ -76,9 +76,15 @@ def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teach
         gq = q * gc  # q = 0 exactly where the teacher is -inf: those classes add nothing
         if need_delta:
             Ms, Ss, Mt, St = (stats[sl, i].to(cd).unsqueeze(-1) for i in range(4))
-            delta = (zt - Mt - torch.log1p(St)) - (zs - Ms - torch.log1p(Ss))  # log q - log p
-            G1 = gq.sum(-1, keepdim=True) if elementwise else gc
-            F = torch.where(q != 0, gq * delta, 0.0).sum(-1, keepdim=True)
+            # log q - log p = (zt - zs) - D, D = lse_t - lse_s from the statistics, as the kernel: the
+            # difference of the two log-softmaxes would cancel their O(range) parts
+            D = (Mt - Ms) + (torch.log1p(St) - torch.log1p(Ss))
+            delta = (zt - zs) - D
+            if elementwise:
+                G1 = gq.sum(-1, keepdim=True)
+                F = torch.where(q != 0, gq * delta, 0.0).sum(-1, keepdim=True)
+            else:
+                G1, F = gc, gc * stats[sl, 4].to(cd).unsqueeze(-1)  # g · KL of the forward
         else:
             G1 = gc
         dzs = p.mul_(G1).sub_(gq)  # ∂F/∂zs = p G1 - g q

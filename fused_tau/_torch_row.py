@@ -109,9 +109,14 @@ def softmax_bwd(y, g, x3, m, s, tau, log, tau_grad):
         else:
             dz = yy * (gg - (gg * yy).sum(-1, keepdim=True))
         if tau_grad:
-            # -(1/τ²) Σ (x - M τ) dz (Σ dz = 0), in x units
+            # -(1/τ²) Σ (x - c) dz (Σ dz = 0), in x units, c = Σ p x: the rounding of the saved y breaks
+            # Σ dz = 0 by errors ∝ y |x - c|, least at the p-weighted mean (kernels/row_softmax.py)
             t = tau_r[sl].squeeze(-1)
-            dtau[sl] = -(_half_gap_sum(X, sl, m[sl], tau_r, cd, dz) / t) * (2.0 / t)
+            x = X[sl].to(cd)
+            p = yy.exp() if log else yy
+            c_half = torch.where(p != 0, p * x, 0.0).sum(-1, keepdim=True) * 0.5
+            half = torch.where(dz != 0, (x.mul_(0.5).sub_(c_half)) * dz, 0.0).sum(-1)
+            dtau[sl] = -(half / t) * (2.0 / t)
         dx[sl] = dz.div_(tau_r[sl])
     return _from_rows(dx, A, B).contiguous(), dtau
 

@@ -82,7 +82,7 @@ def _softmax_bwd_kernel(
 ):
     """dz = y (g - Σ g y) for softmax, dz = g - exp(y) Σ g for log_softmax; dx = dz / τ.
 
-    dL/dτ of the row is -(1/τ²) Σ (x - M τ) dz: the shift changes nothing (Σ dz = 0); taken in
+    dL/dτ of the row is -(1/τ²) Σ (x - c) dz: the shift c changes nothing (Σ dz = 0); taken in
     x units (half_gap) the terms carry no rounding of x / τ, at any τ and any common offset.
     """
     r = tl.program_id(0).to(tl.int64)
@@ -113,7 +113,18 @@ def _softmax_bwd_kernel(
         red = tl.sum(acc, 0)
     if TAU_GRAD:
         x_row = x_ptr + a * stride_xa + b * stride_xb
-        M = tl.load(m_ptr + r)
+        # The shift c of Σ (x - c) dz: exact whatever c in exact arithmetic (Σ dz = 0), but the rounded
+        # y break that, by errors ∝ y |x - c|: the p-weighted mean of x is the best c.  A row that is
+        # one block has x in registers for it; a longer row takes the max, M τ (one read of x).
+        if ONE_BLOCK:
+            x_kept = load_x(x_row, cols, C, stride_xc)
+            if LOG:
+                p_kept = tl.exp(y_kept)
+            else:
+                p_kept = y_kept
+            c_half = 0.5 * tl.sum(tl.where(p_kept != 0.0, p_kept * x_kept, 0.0), 0)
+        else:
+            c_half = tl.load(m_ptr + r) * (0.5 * tau)
         tau_acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         c = start + cols
@@ -130,8 +141,13 @@ def _softmax_bwd_kernel(
             dz = y * (g - red)
         tl.store(dx_ptr + base + offs, to_store(dz * inv_tau, dx_ptr, INTERPRETED), mask=c < C)
         if TAU_GRAD:
-            # dz = 0 past the end and at masked classes (x = -inf): those add 0, a NaN dz adds NaN
-            tau_acc += tl.where(dz != 0.0, half_gap(load_x(x_row, c, C, stride_xc), M, tau) * dz, 0.0)
+            if ONE_BLOCK:
+                x = x_kept
+            else:
+                x = load_x(x_row, c, C, stride_xc)
+            # (x - c) / 2 (half_gap); dz = 0 past the end and at masked classes (x = -inf): those add
+            # 0, a NaN dz adds NaN
+            tau_acc += tl.where(dz != 0.0, (x * 0.5 - c_half) * dz, 0.0)
     if TAU_GRAD:
         tl.store(dtau_ptr + r, -(tl.sum(tau_acc, 0) * inv_tau) * (2.0 * inv_tau))
 
