@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .row_engine import half_gap, interpreted, load_x, load_z, recompute_p, row_config, rows, tau_stride
+from .row_engine import interpreted, load_x, load_z, recompute_p, row_config, rows, tau_stride
 from .tl_math import log1p, nan_if_posinf, online_finalize, online_update, to_store
 
 MODE_LSE, MODE_SOFTMAX, MODE_LOG_SOFTMAX = 0, 1, 2

@@ -181,7 +181,7 @@ def test_kd_nan_logit_gives_nan_tau_gradient(backend, device):
     _compare(_kd(fused_tau), _kd_reference(), [s, t], 3.0, degree=2)
 
 
-@pytest.mark.parametrize("weights", ["nan_weight", "all_zero", "all_zero_smoothing"])
+@pytest.mark.parametrize("weights", ["nan_weight", "all_zero", "all_zero_smoothing", "targets_zero_smoothing"])
 def test_ce_mean_bad_weights_give_nan_everywhere(backend, device, weights):
     """Mean reduction divides by Σ w_y: a NaN class weight or weights summing to 0 make the loss NaN,
     and every gradient (τ's included) NaN, as in F.cross_entropy (0/0)."""
@@ -192,6 +192,10 @@ def test_ce_mean_bad_weights_give_nan_everywhere(backend, device, weights):
     smoothing = 0.0
     if weights == "nan_weight":
         w[3] = NAN
+    elif weights == "targets_zero_smoothing":
+        # Σ w_y = 0 but the smoothing term is not: torch's mean is 0/0 + ε·(x/0) = NaN, not +inf
+        w[1:6] = 0.0
+        smoothing = 0.2
     else:
         w[:] = 0.0
         smoothing = 0.2 if weights == "all_zero_smoothing" else 0.0
@@ -255,9 +259,14 @@ def test_tau_gradient_precision_long_row(backend, device, op, monkeypatch):
              degree=DEGREE.get(op, 0), normalise_dtau=True)
 
 
+KD_OPEN = "open (issue 12 item 9): KL = Σ q d - (lse_t - lse_s) cancels to a 1/τ² remainder, below fp32's ulp of log C"
+
+
 @pytest.mark.parametrize("tau", TAUS)
 @pytest.mark.parametrize("data", ["plain", "near", "offset_near"])
-def test_kd_loss_and_tau_gradient_precision(backend, device, data, tau):
+def test_kd_loss_and_tau_gradient_precision(backend, device, data, tau, request):
+    if tau == 1e4 or (backend == "torch" and data == "near" and tau == 4.0):
+        request.applymarker(pytest.mark.xfail(strict=True, reason=KD_OPEN))
     t = torch.randn(4, 50, device=device) * 3
     s = torch.randn(4, 50, device=device) * 3
     if data != "plain":
