@@ -65,8 +65,8 @@ def _nan_if_posinf(M, S):
 def _half_gap_sum(X, sl, M, tau_r, cd, dz):
     """Σ_j (x_j - M τ)/2 · dz_j per row, in x units (kernels/row_engine.py, half_gap); dz = 0 terms
     (masked classes, x = -inf) add 0, a NaN adds NaN."""
-    x = X[sl].to(cd)
-    gap = x.mul_(0.5).sub_((M * (0.5 * tau_r[sl].squeeze(-1))).unsqueeze(-1))
+    # not in place: X[sl].to(cd) is the caller's logits themselves when they are in cd already
+    gap = X[sl].to(cd) * 0.5 - (M * (0.5 * tau_r[sl].squeeze(-1))).unsqueeze(-1)
     return torch.where(dz != 0, gap * dz, 0.0).sum(-1)
 
 
@@ -112,10 +112,10 @@ def softmax_bwd(y, g, x3, m, s, tau, log, tau_grad):
             # -(1/τ²) Σ (x - c) dz (Σ dz = 0), in x units, c = Σ p x: the rounding of the saved y breaks
             # Σ dz = 0 by errors ∝ y |x - c|, least at the p-weighted mean (kernels/row_softmax.py)
             t = tau_r[sl].squeeze(-1)
-            x = X[sl].to(cd)
+            x = X[sl].to(cd)  # read only: it may be the caller's logits
             p = yy.exp() if log else yy
             c_half = torch.where(p != 0, p * x, 0.0).sum(-1, keepdim=True) * 0.5
-            half = torch.where(dz != 0, (x.mul_(0.5).sub_(c_half)) * dz, 0.0).sum(-1)
+            half = torch.where(dz != 0, (x * 0.5 - c_half) * dz, 0.0).sum(-1)
             dtau[sl] = -(half / t) * (2.0 / t)
         dx[sl] = dz.div_(tau_r[sl])
     return _from_rows(dx, A, B).contiguous(), dtau

@@ -83,7 +83,10 @@ def _compare(fn_ours, fn_ref, inputs, tau, degree=0, normalise_dtau=False, g=Non
     if normalise_dtau and torch.isfinite(ref[-1]) and ref[-1] != 0:
         g = g / ref[-1].abs()
         ref, _ = reference64(g)
+    before = [x.clone() for x in inputs]
     ours, _ = _with_grads(fn_ours, inputs, tau, g=g)
+    for x, x0 in zip(inputs, before):
+        torch.testing.assert_close(x, x0, equal_nan=True, rtol=0, atol=0, msg="the inputs were modified")
     torch32, _ = _with_grads(fn_ref, inputs, tau, g=g, dtype=torch.float32)
     names = ["out"] + [f"grad[{i}]" for i in range(len(inputs))] + ["dtau"]
     grad_scale = max(1.0, g.abs().max().item())
