@@ -3,7 +3,7 @@ arguments and results, in torch ops over chunks of rows (fp32; fp64 for fp64 inp
 The formulas are the kernel's (see its module docstring)."""
 import torch
 
-from ._torch_row import _chunks, _compute_dtype, _stats
+from ._torch_row import _chunks, _compute_dtype, _nan_if_posinf, _stats
 
 
 def _tau_col(tau, R, cd):
@@ -14,16 +14,18 @@ def _tau_col(tau, R, cd):
 def _rows(s2, t2, sl, tau_c, cd):
     zs = torch.div(s2[sl], tau_c[sl]).to(cd)
     zt = torch.div(t2[sl], tau_c[sl]).to(cd)
-    _, Ms, Ss, _ = _stats(zs)
-    _, Mt, St, _ = _stats(zt)
-    lp = zs - (Ms + torch.log1p(Ss)).unsqueeze(-1)
-    lq = zt - (Mt + torch.log1p(St)).unsqueeze(-1)
+    Ms, Ss, _ = _stats(zs)
+    Mt, St, _ = _stats(zt)
+    Ss, St = _nan_if_posinf(Ms, Ss), _nan_if_posinf(Mt, St)
+    # (z - M) - log1p(S): M + log1p(S) would round the lse to |M|'s ulp
+    lp = (zs - Ms.unsqueeze(-1)) - torch.log1p(Ss).unsqueeze(-1)
+    lq = (zt - Mt.unsqueeze(-1)) - torch.log1p(St).unsqueeze(-1)
     return zs, zt, lp, lq, (Ms, Ss, Mt, St)
 
 
 def _xlogy_gap(q, lq, lp):
-    """q (log q - log p), exactly 0 where q = 0 (as F.kl_div's xlogy)."""
-    return torch.where(q > 0, q * (lq - lp), 0.0)
+    """q (log q - log p), exactly 0 where q = 0 (as F.kl_div's xlogy); NaN where q is NaN."""
+    return torch.where(q != 0, q * (lq - lp), 0.0)
 
 
 def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
@@ -43,7 +45,8 @@ def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
             out[sl] = elem * tau_c[sl] ** 2
         if target is not None:
             s1 = s2[sl].to(cd)
-            _, M1, S1, _ = _stats(s1)
+            M1, S1, _ = _stats(s1)
+            S1 = _nan_if_posinf(M1, S1)
             y = target[sl]
             valid = y != ignore_index
             s_y = s1.gather(-1, torch.where(valid, y, 0).unsqueeze(-1)).squeeze(-1)
@@ -68,14 +71,20 @@ def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teach
         zs = torch.div(s2[sl], t).to(cd)
         zt = torch.div(t2[sl], t).to(cd)
         p = torch.softmax(zs, -1)
-        q = torch.softmax(zt, -1)
+        q = torch.softmax(zt, -1)  # NaN for a row with a NaN, a +inf or no finite logit
         gc = g[sl].to(cd) if elementwise else g[sl].unsqueeze(-1)
         gq = q * gc  # q = 0 exactly where the teacher is -inf: those classes add nothing
         if need_delta:
             Ms, Ss, Mt, St = (stats[sl, i].to(cd).unsqueeze(-1) for i in range(4))
-            delta = (zt - Mt - torch.log1p(St)) - (zs - Ms - torch.log1p(Ss))  # log q - log p
-            G1 = gq.sum(-1, keepdim=True) if elementwise else gc
-            F = torch.where(q > 0, gq * delta, 0.0).sum(-1, keepdim=True)
+            # log q - log p = (zt - zs) - D, D = lse_t - lse_s from the statistics, as the kernel: the
+            # difference of the two log-softmaxes would cancel their O(range) parts
+            D = (Mt - Ms) + (torch.log1p(St) - torch.log1p(Ss))
+            delta = (zt - zs) - D
+            if elementwise:
+                G1 = gq.sum(-1, keepdim=True)
+                F = torch.where(q != 0, gq * delta, 0.0).sum(-1, keepdim=True)
+            else:
+                G1, F = gc, gc * stats[sl, 4].to(cd).unsqueeze(-1)  # g · KL of the forward
         else:
             G1 = gc
         dzs = p.mul_(G1).sub_(gq)  # ∂F/∂zs = p G1 - g q
@@ -93,11 +102,13 @@ def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teach
         else:
             ds[sl] = t * dzs
         if teacher_grad or tau_grad:
-            dzt = torch.where(q > 0, q * (gc * (delta + 1.0) - (F + G1)), 0.0)
+            dzt = torch.where(q != 0, q * (gc * (delta + 1.0) - (F + G1)), 0.0)
         if teacher_grad:
             dt[sl] = t * dzt
         if tau_grad:
-            shifted = (torch.where(dzs != 0, (zs - Ms) * dzs, 0.0)
-                       + torch.where(dzt != 0, (zt - Mt) * dzt, 0.0)).sum(-1)
-            dtau[sl] = 2.0 * t.squeeze(-1) * F.squeeze(-1) - t.squeeze(-1) * shifted
+            # τ (z - M) = x - M τ, in x units and halved (kernels/row_engine.py, half_gap)
+            half = t * 0.5
+            shifted = (torch.where(dzs != 0, (s2[sl].to(cd) * 0.5 - Ms * half) * dzs, 0.0)
+                       + torch.where(dzt != 0, (t2[sl].to(cd) * 0.5 - Mt * half) * dzt, 0.0)).sum(-1)
+            dtau[sl] = 2.0 * (t.squeeze(-1) * F.squeeze(-1) - shifted)
     return ds, dt, dtau

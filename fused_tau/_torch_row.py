@@ -2,9 +2,8 @@
 same arguments and results, written with torch ops, for devices without Triton.
 
 Same numerics as the kernels: the statistics ``M = max z`` and
-``S = Σ_{j ≠ argmax} exp(z_j - M)`` per row, and the exact small-τ forms built
-on them.  S comes from torch's own (vectorised) softmax p without cancellation:
-``S = (Σ_{j ≠ argmax} p_j) / p_argmax``.  Work is done in fp32 (fp64 for fp64
+``S = Σ_{j ≠ argmax} exp(z_j - M)`` per row (the argmax's own 1 left out: no
+cancellation), and the exact small-τ forms built on them.  Work is done in fp32 (fp64 for fp64
 inputs) over chunks of about ``CHUNK_ELEMENTS`` elements, small enough that a
 chunk's passes stay in cache and no temporary grows with the input.
 """
@@ -48,16 +47,27 @@ def _z(X, sl, tau_r, cd):
 
 
 def _stats(z):
-    """(p, M, S, idx): p = softmax(z), M = max z, S = Σ_{j≠argmax} exp(z_j - M), idx the argmax.
+    """(M, S, idx): M = max z, S = Σ_{j≠argmax} exp(z_j - M), idx the argmax; the kernels' semantics
+    (kernels/tl_math.py): ties with the max count 1 (a second +inf too), a row with no finite value gets
+    M = -inf and S = -1 (so lse = M + log1p(S) = -inf), a NaN gives M and S NaN."""
+    M, idx = z.max(-1, keepdim=True)  # NaN propagates
+    e = torch.exp(torch.where(z == M, 0.0, z - M))
+    S = e.scatter_(-1, idx, 0.0).sum(-1)
+    M = M.squeeze(-1)
+    return M, torch.where(M == float("-inf"), -1.0, S), idx
 
-    Rows with no finite value get M = -inf and S = -1 (so lse = M + log1p(S) = -inf)."""
-    p = torch.softmax(z, -1)
-    p_max, idx = p.max(-1, keepdim=True)
-    M = z.gather(-1, idx).squeeze(-1)
-    others = p.scatter_(-1, idx, 0.0).sum(-1)
-    p.scatter_(-1, idx, p_max)
-    S = torch.where(M == float("-inf"), -1.0, others / p_max.squeeze(-1))
-    return p, M, S, idx
+
+def _nan_if_posinf(M, S):
+    """S for everything but τ·logsumexp: NaN in a row with a +inf logit, as torch's inf - inf."""
+    return torch.where(M == float("inf"), float("nan"), S)
+
+
+def _half_gap_sum(X, sl, M, tau_r, cd, dz):
+    """Σ_j (x_j - M τ)/2 · dz_j per row, in x units (kernels/row_engine.py, half_gap); dz = 0 terms
+    (masked classes, x = -inf) add 0, a NaN adds NaN."""
+    # not in place: X[sl].to(cd) is the caller's logits themselves when they are in cd already
+    gap = X[sl].to(cd) * 0.5 - (M * (0.5 * tau_r[sl].squeeze(-1))).unsqueeze(-1)
+    return torch.where(dz != 0, gap * dz, 0.0).sum(-1)
 
 
 def softmax_fwd(x3, tau, mode):
@@ -69,12 +79,14 @@ def softmax_fwd(x3, tau, mode):
     out = torch.empty(R if mode == MODE_LSE else (R, C), device=x3.device, dtype=x3.dtype)
     for sl in _chunks(R, C):
         z = _z(X, sl, tau_r, cd)
-        p, M, S, idx = _stats(z)
+        M, S, idx = _stats(z)
+        if mode != MODE_LSE:
+            S = _nan_if_posinf(M, S)
         m[sl], s[sl] = M, S
         if mode == MODE_LSE:
             out[sl] = tau_r[sl].squeeze(-1) * (M + torch.log1p(S))
         elif mode == MODE_SOFTMAX:
-            out[sl] = p
+            out[sl] = torch.exp(z - M.unsqueeze(-1)).div_((1.0 + S).unsqueeze(-1))
         else:
             # log p_j = (z_j - M) - log1p(S): exactly -log1p(S) at the argmax
             out[sl] = z.sub_(M.unsqueeze(-1)).sub_(torch.log1p(S).unsqueeze(-1))
@@ -97,9 +109,14 @@ def softmax_bwd(y, g, x3, m, s, tau, log, tau_grad):
         else:
             dz = yy * (gg - (gg * yy).sum(-1, keepdim=True))
         if tau_grad:
-            lse = (m[sl] + torch.log1p(s[sl])).unsqueeze(-1)
-            lp = _z(X, sl, tau_r, cd).sub_(lse)
-            dtau[sl] = -(lp * dz).nansum(-1) / tau_r[sl].squeeze(-1)  # 0·(-inf) terms are 0
+            # -(1/τ²) Σ (x - c) dz (Σ dz = 0), in x units, c = Σ p x: the rounding of the saved y breaks
+            # Σ dz = 0 by errors ∝ y |x - c|, least at the p-weighted mean (kernels/row_softmax.py)
+            t = tau_r[sl].squeeze(-1)
+            x = X[sl].to(cd)  # read only: it may be the caller's logits
+            p = yy.exp() if log else yy
+            c_half = torch.where(p != 0, p * x, 0.0).sum(-1, keepdim=True) * 0.5
+            half = torch.where(dz != 0, (x * 0.5 - c_half) * dz, 0.0).sum(-1)
+            dtau[sl] = -(half / t) * (2.0 / t)
         dx[sl] = dz.div_(tau_r[sl])
     return _from_rows(dx, A, B).contiguous(), dtau
 
@@ -112,11 +129,13 @@ def lse_bwd(x3, m, s, tau, g, tau_grad):
     dtau = torch.empty(R, device=x3.device, dtype=cd) if tau_grad else None
     for sl in _chunks(R, C):
         z = _z(X, sl, tau_r, cd)
-        p = torch.softmax(z, -1)
+        M, S = m[sl].unsqueeze(-1), s[sl]
+        # from the forward's statistics: a +inf logit gets NaN, the others 0, as in torch
+        p = torch.exp(z - M).div_((1.0 + S).unsqueeze(-1))
         gg = g[sl].to(cd)
         if tau_grad:
-            gap = (p * z.sub_(m[sl].unsqueeze(-1))).nansum(-1)  # Σ p (z - M) <= 0
-            dtau[sl] = gg * (torch.log1p(s[sl]) - gap)
+            gap = torch.where(p != 0, p * z.sub_(M), 0.0).sum(-1)  # Σ p (z - M) <= 0; NaN stays
+            dtau[sl] = gg * (torch.log1p(S) - gap)
         dx[sl] = p.mul_(gg.unsqueeze(-1))
     return _from_rows(dx, A, B).contiguous(), dtau
 
@@ -152,14 +171,15 @@ def ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target):
     wy = None if prob_target else torch.empty(R, **new)
     for sl in _chunks(R, C):
         z = _z(X, sl, tau_r, cd)
-        _, M, S, _ = _stats(z)
+        M, S, _ = _stats(z)
+        S = _nan_if_posinf(M, S)
         m[sl], s[sl] = M, S
         L = torch.log1p(S)
         part = torch.zeros_like(M)
         if has_a:
             a = _coefficients(T, sl, weight, C, smoothing, prob_target, cd, x3.device)
             a_rows[sl] = a_sum = a.sum(-1).expand(M.shape[0])
-            gap = (a * (M.unsqueeze(-1) - z)).nansum(-1)  # Σ a_c (M - z_c) >= 0; a_c = 0 terms are 0
+            gap = torch.where(a != 0, a * (M.unsqueeze(-1) - z), 0.0).sum(-1)  # Σ a_c (M - z_c) >= 0
             part = gap + a_sum * L
         if not prob_target:
             valid, y_safe, w_y = _hard_target(target, sl, weight, ignore_index, cd, M)
@@ -205,8 +225,8 @@ def ce_bwd(x3, target, weight, tau, m, s, a_rows, g, ignore_index, smoothing, pr
             dz.sub_(_coefficients(T, sl, weight, C, smoothing, prob_target, cd, x3.device)
                     * scale.unsqueeze(-1))
         if tau_grad:
-            # dL/dτ = -(1/τ) Σ z dL/dz = -Σ (z - M) dx  (Σ dz = 0)
-            dtau[sl] = -(z.sub_(M.unsqueeze(-1)) * dz).nansum(-1)
+            # dL/dτ = -(1/τ) Σ z dL/dz = -(1/τ) Σ (x - M τ) dx  (Σ dz = 0), in x units
+            dtau[sl] = -_half_gap_sum(X, sl, M, tau_r, cd, dz) * (2.0 / tau_r[sl].squeeze(-1))
         dx[sl] = dz
     dx = _from_rows(dx, A, B)
     if inplace:

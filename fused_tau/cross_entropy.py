@@ -40,6 +40,8 @@ class CrossEntropyFunction(torch.autograd.Function):
             if reduction == "mean":
                 denom = torch.full((), float(A * B), dtype=cdtype, device=input.device) if prob_target \
                     else wy.sum()
+                # Σ w_y = 0: torch's hard-label part is 0/0 = NaN, whatever the smoothing part's x/0 (+inf)
+                denom = torch.where(denom == 0, float("nan"), denom)
                 out = out / denom
         ctx.backend, ctx.input_shape, ctx.B = backend, input.shape, B
         ctx.options = (ignore_index, label_smoothing, prob_target, reduction, inplace_backward)

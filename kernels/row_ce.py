@@ -4,8 +4,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .row_engine import interpreted, load_z, recompute_p, row_config, rows, tau_stride
-from .tl_math import log1p, online_finalize, online_update, to_store, weighted_gap_finalize, weighted_gap_update
+from .row_engine import half_gap, interpreted, load_x, load_z, row_config, rows, tau_stride
+from .tl_math import (log1p, nan_if_posinf, online_finalize, online_update, to_store, weighted_gap_finalize,
+                      weighted_gap_update)
 
 
 @triton.jit
@@ -64,6 +65,7 @@ def _ce_fwd_kernel(
             A, D = weighted_gap_update(m, A, D, z, coef)
         m, s = online_update(m, s, z)
     M, S = online_finalize(m, s)
+    S = nan_if_posinf(M, S)
     log_total = log1p(S)
     tl.store(m_ptr + r, M)
     tl.store(s_ptr + r, S)
@@ -137,7 +139,9 @@ def _ce_bwd_kernel(
     tau_acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         c = start + cols
-        z, p = recompute_p(x_row, c, C, stride_xc, tau, M, inv_total)
+        x = load_x(x_row, c, C, stride_xc)
+        z = tl.math.div_rn(x, tau)
+        p = tl.exp(z - M) * inv_total
         dz = tl.zeros([BLOCK], tl.float32)
         if not PROB_TARGET:
             q = tl.where(z == M, S * inv_total, 1.0 - p)
@@ -149,9 +153,10 @@ def _ce_bwd_kernel(
         dz = tl.where(valid, g * dz, 0.0)
         tl.store(dx_row + c.to(tl.int64) * stride_dc, to_store(dz * inv_tau, dx_ptr, INTERPRETED), mask=c < C)
         if TAU_GRAD:
-            tau_acc += tl.where(dz != 0.0, (z - M) * dz, 0.0)
+            # -(1/τ²) Σ (x - M τ) dz (see row_engine.py); masked classes (dz = 0) add 0, NaN adds NaN
+            tau_acc += tl.where(dz != 0.0, half_gap(x, M, tau) * dz, 0.0)
     if TAU_GRAD:
-        tl.store(dtau_ptr + r, -inv_tau * tl.sum(tau_acc, 0))
+        tl.store(dtau_ptr + r, -(tl.sum(tau_acc, 0) * inv_tau) * (2.0 * inv_tau))
 
 
 def ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target):

@@ -10,7 +10,8 @@ Forward kernels read the logits once (one online pass keeping per-lane
 ``M = max z`` and ``S = Σ_{j ≠ argmax} exp(z_j - M)``.  Backward kernels
 recompute probabilities from the logits and these two numbers and write the
 gradient once; they also reduce the row's contribution to dL/dτ when τ needs
-a gradient, from ``dL/dτ = -(1/τ) Σ_j z_j dL/dz_j`` (z = x / τ).
+a gradient, from ``dL/dτ = -(1/τ) Σ_j z_j dL/dz_j = -(1/τ²) Σ_j (x_j - M τ) dL/dz_j`` (z = x / τ;
+Σ_j dL/dz_j = 0), summed in x units (``half_gap``).
 
 Memory traffic (bytes of the logits dtype, R rows × C): cross-entropy forward
 reads R·C, backward reads R·C and writes R·C; no R × C temporary exists.
@@ -38,6 +39,20 @@ def row_config(n_cols, lanes_per_block=1):
     block = min(max(triton.next_power_of_2(n_cols), 16), max(MAX_BLOCK // lanes_per_block, 2))
     num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
     return block, n_cols <= block, num_warps
+
+
+@triton.jit
+def load_x(x_row, c, C, stride_xc):
+    """The logits x of columns ``c`` in fp32, -inf past the end."""
+    return tl.load(x_row + c.to(tl.int64) * stride_xc, mask=c < C, other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
+def half_gap(x, M, tau):
+    """(x - M·τ) / 2: the logit's distance to the row's max in x units, halved so that it stays finite for
+    logits of ±3e38.  The τ gradient sums these (Σ_j dL/dz_j = 0 makes any shift exact): in x units the
+    shift is exact (no rounding of x / τ at a large τ or a common offset), and one FMA an element."""
+    return x * 0.5 - M * (0.5 * tau)
 
 
 @triton.jit

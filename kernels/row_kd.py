@@ -11,13 +11,16 @@ puts zero probability contribute exactly 0 (as F.kl_div's xlogy does), never NaN
 Backward, for an upstream gradient g_c of the element τ² q_c δ_c (δ = log q - log p;
 g_c = g for every reduction but 'none'), with G1 = Σ g_c q_c and G2 = Σ g_c q_c (δ_c + 1):
   dL/ds_j = τ (p_j G1 - g_j q_j)        dL/dt_j = τ q_j (g_j (δ_j + 1) - G2)
-and dL/dτ = 2τ F - τ Σ_j [(zs_j - Ms) ∂F/∂zs_j + (zt_j - Mt) ∂F/∂zt_j], F = Σ g_c q_c δ_c.
+and dL/dτ = 2τ F - τ Σ_j [(zs_j - Ms) ∂F/∂zs_j + (zt_j - Mt) ∂F/∂zt_j], F = Σ g_c q_c δ_c, where
+τ (z_j - M) = x_j - M τ is taken in x units.  A NaN or +inf logit, or a teacher row with no finite
+logit, makes the row's loss and every gradient NaN, as the composition; a masked teacher class
+(-inf, q = 0) adds exactly 0.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .row_engine import interpreted, load_z, row_config, tau_stride
+from .row_engine import half_gap, interpreted, load_x, load_z, row_config, tau_stride
 
 # seven per-lane accumulators (student, teacher, τ = 1 statistics and the q-weighted sum):
 # a quarter of the engine's block over 8 warps is spill-free on sm_80 and sm_90 at 48-75
@@ -25,7 +28,7 @@ from .row_engine import interpreted, load_z, row_config, tau_stride
 # still spills 16-24 bytes, a quarter over 4 warps 8 bytes on sm_90)
 LANES_PER_BLOCK = 4
 NUM_WARPS = 8
-from .tl_math import log1p, online_finalize, online_update, to_store
+from .tl_math import log1p, nan_if_posinf, online_finalize, online_update, to_store
 
 
 @triton.jit
@@ -36,7 +39,7 @@ def _weighted_mean_update(m, w, z, d):
     scale = tl.exp(tl.where(is_new & (m > float("-inf")), m - z, 0.0))
     w = tl.where(is_new, w * scale, w)
     e = tl.exp(tl.where(z > float("-inf"), z - tl.maximum(m, z), float("-inf")))
-    return w + tl.where(e > 0.0, e * d, 0.0)
+    return w + tl.where(e != 0.0, e * d, 0.0)
 
 
 @triton.jit
@@ -75,8 +78,11 @@ def _kd_fwd_kernel(
         ms, ss = online_update(ms, ss, zs)
         if HAS_TARGET:
             m1, s1 = online_update(m1, s1, load_z(s_row, c, C, 1, 1.0))
+    # a +inf or NaN logit, or a row with no finite teacher logit, makes the row NaN (as the composition)
     Ms, Ss = online_finalize(ms, ss)
+    Ss = nan_if_posinf(Ms, Ss)
     Mt, St = online_finalize(mt, st)
+    St = nan_if_posinf(Mt, St)
     w_row = tl.sum(tl.where(w != 0.0, w * tl.exp(mt - Mt), 0.0), 0)
     D = (Mt - Ms) + (log1p(St) - log1p(Ss))
     kl = w_row / (1.0 + St) - D
@@ -89,6 +95,7 @@ def _kd_fwd_kernel(
     tl.store(base + 4, kl)
     if HAS_TARGET:
         M1, S1 = online_finalize(m1, s1)
+        S1 = nan_if_posinf(M1, S1)
         y = tl.load(target_ptr + r)
         valid = y != ignore_index
         y_safe = tl.where(valid & (y >= 0) & (y < C), y, 0)
@@ -97,13 +104,14 @@ def _kd_fwd_kernel(
         tl.store(base + 5, M1)
         tl.store(base + 6, S1)
     if ELEMENTWISE:
-        lse_t = Mt + log1p(St)
+        log_total_t = log1p(St)
         for start in range(0, C, BLOCK):
             c = start + cols
             zs = load_z(s_row, c, C, 1, tau)
             zt = load_z(t_row, c, C, 1, tau)
-            q = tl.exp(zt - lse_t)
-            val = tl.where(q > 0.0, tau * tau * q * ((zt - zs) - D), 0.0)
+            q = tl.exp((zt - Mt) - log_total_t)
+            # q = 0 (a masked teacher class) adds exactly 0; a NaN q stays NaN
+            val = tl.where(q != 0.0, tau * tau * q * ((zt - zs) - D), 0.0)
             tl.store(out_ptr + r * C + c, to_store(val, out_ptr, INTERPRETED), mask=c < C)
 
 
@@ -133,9 +141,9 @@ def _kd_bwd_kernel(
     Mt = tl.load(base + 2)
     St = tl.load(base + 3)
     kl = tl.load(base + 4)
-    lse_s = Ms + log1p(Ss)
-    lse_t = Mt + log1p(St)
-    D = lse_t - lse_s
+    log_total_t = log1p(St)
+    # lse_t - lse_s without rounding either lse (M + log1p(S) loses |M| ulps): as the forward
+    D = (Mt - Ms) + (log_total_t - log1p(Ss))
     cols = tl.arange(0, BLOCK)
     if ELEMENTWISE:
         acc1 = tl.zeros([BLOCK], tl.float32)
@@ -144,11 +152,11 @@ def _kd_bwd_kernel(
             c = start + cols
             zs = load_z(s_row, c, C, 1, tau)
             zt = load_z(t_row, c, C, 1, tau)
-            q = tl.exp(zt - lse_t)
+            q = tl.exp((zt - Mt) - log_total_t)
             gc = tl.load(g_ptr + r * C + c, mask=c < C, other=0.0).to(tl.float32)
-            gq = tl.where(q > 0.0, gc * q, 0.0)
+            gq = tl.where(q != 0.0, gc * q, 0.0)
             acc1 += gq
-            acc2 += tl.where(q > 0.0, gq * ((zt - zs) - D), 0.0)
+            acc2 += tl.where(q != 0.0, gq * ((zt - zs) - D), 0.0)
         G1 = tl.sum(acc1, 0)
         F = tl.sum(acc2, 0)
         G2 = F + G1
@@ -168,15 +176,18 @@ def _kd_bwd_kernel(
     tau_acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         c = start + cols
-        zs = load_z(s_row, c, C, 1, tau)
-        zt = load_z(t_row, c, C, 1, tau)
+        xs = load_x(s_row, c, C, 1)
+        xt = load_x(t_row, c, C, 1)
+        zs = tl.math.div_rn(xs, tau)
+        zt = tl.math.div_rn(xt, tau)
         p = tl.exp(zs - Ms) * inv_s
-        q = tl.exp(zt - lse_t)
+        q = tl.exp((zt - Mt) - log_total_t)
         if ELEMENTWISE:
             gc = tl.load(g_ptr + r * C + c, mask=c < C, other=0.0).to(tl.float32)
         else:
             gc = g
-        gq = tl.where(q > 0.0, gc * q, 0.0)
+        # q = 0 (a masked teacher class) adds exactly 0; a NaN q (a non-finite teacher row) stays NaN
+        gq = tl.where(q != 0.0, gc * q, 0.0)
         dzs = p * G1 - gq
         ds = tau * dzs
         if HAS_TARGET:
@@ -187,13 +198,15 @@ def _kd_bwd_kernel(
         tl.store(ds_ptr + r * C + c, to_store(ds, ds_ptr, INTERPRETED), mask=c < C)
         if TEACHER_GRAD or TAU_GRAD:
             delta = (zt - zs) - D
-            dzt = tl.where(q > 0.0, q * (gc * (delta + 1.0) - G2), 0.0)
+            dzt = tl.where(q != 0.0, q * (gc * (delta + 1.0) - G2), 0.0)
         if TEACHER_GRAD:
             tl.store(dt_ptr + r * C + c, to_store(tau * dzt, dt_ptr, INTERPRETED), mask=c < C)
         if TAU_GRAD:
-            tau_acc += tl.where(dzs != 0.0, (zs - Ms) * dzs, 0.0) + tl.where(dzt != 0.0, (zt - Mt) * dzt, 0.0)
+            # τ (z - M) = x - M τ: in x units (half_gap), no rounding of x / τ in the shift
+            tau_acc += (tl.where(dzs != 0.0, half_gap(xs, Ms, tau) * dzs, 0.0)
+                        + tl.where(dzt != 0.0, half_gap(xt, Mt, tau) * dzt, 0.0))
     if TAU_GRAD:
-        tl.store(dtau_ptr + r, 2.0 * tau * F - tau * tl.sum(tau_acc, 0))
+        tl.store(dtau_ptr + r, 2.0 * (tau * F - tl.sum(tau_acc, 0)))
 
 
 # ---------------------------------------------------------------------------- launchers

@@ -4,8 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .row_engine import interpreted, load_z, recompute_p, row_config, rows, tau_stride
-from .tl_math import log1p, online_finalize, online_update, to_store
+from .row_engine import interpreted, load_x, load_z, recompute_p, row_config, rows, tau_stride
+from .tl_math import log1p, nan_if_posinf, online_finalize, online_update, to_store
 
 MODE_LSE, MODE_SOFTMAX, MODE_LOG_SOFTMAX = 0, 1, 2
 
@@ -37,6 +37,8 @@ def _softmax_fwd_kernel(
         for start in range(0, C, BLOCK):
             m, s = online_update(m, s, load_z(x_row, start + cols, C, stride_xc, tau))
     M, S = online_finalize(m, s)
+    if MODE != 0:
+        S = nan_if_posinf(M, S)
     tl.store(m_ptr + r, M)
     tl.store(s_ptr + r, S)
     if MODE == 0:
@@ -80,8 +82,8 @@ def _softmax_bwd_kernel(
 ):
     """dz = y (g - Σ g y) for softmax, dz = g - exp(y) Σ g for log_softmax; dx = dz / τ.
 
-    dL/dτ of the row is -(1/τ) Σ (z - lse) dz: shifting z by lse changes
-    nothing (Σ dz = 0) and keeps the terms small at small τ.
+    dL/dτ of the row is -(1/τ²) Σ (x - c) dz: the shift c changes nothing (Σ dz = 0); taken in
+    x units (half_gap) the terms carry no rounding of x / τ, at any τ and any common offset.
     """
     r = tl.program_id(0).to(tl.int64)
     a = r // B
@@ -111,8 +113,18 @@ def _softmax_bwd_kernel(
         red = tl.sum(acc, 0)
     if TAU_GRAD:
         x_row = x_ptr + a * stride_xa + b * stride_xb
-        M = tl.load(m_ptr + r)
-        lse = M + log1p(tl.load(s_ptr + r))
+        # The shift c of Σ (x - c) dz: exact whatever c in exact arithmetic (Σ dz = 0), but the rounded
+        # y break that, by errors ∝ y |x - c|: the p-weighted mean of x is the best c.  A row that is
+        # one block has x in registers for it; a longer row takes the max, M τ (one read of x).
+        if ONE_BLOCK:
+            x_kept = load_x(x_row, cols, C, stride_xc)
+            if LOG:
+                p_kept = tl.exp(y_kept)
+            else:
+                p_kept = y_kept
+            c_half = 0.5 * tl.sum(tl.where(p_kept != 0.0, p_kept * x_kept, 0.0), 0)
+        else:
+            c_half = tl.load(m_ptr + r) * (0.5 * tau)
         tau_acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         c = start + cols
@@ -129,10 +141,15 @@ def _softmax_bwd_kernel(
             dz = y * (g - red)
         tl.store(dx_ptr + base + offs, to_store(dz * inv_tau, dx_ptr, INTERPRETED), mask=c < C)
         if TAU_GRAD:
-            z = load_z(x_row, c, C, stride_xc, tau)
-            tau_acc += tl.where(dz != 0.0, (z - lse) * dz, 0.0)
+            if ONE_BLOCK:
+                x = x_kept
+            else:
+                x = load_x(x_row, c, C, stride_xc)
+            # (x - c) / 2 (half_gap); dz = 0 past the end and at masked classes (x = -inf): those add
+            # 0, a NaN dz adds NaN
+            tau_acc += tl.where(dz != 0.0, (x * 0.5 - c_half) * dz, 0.0)
     if TAU_GRAD:
-        tl.store(dtau_ptr + r, -inv_tau * tl.sum(tau_acc, 0))
+        tl.store(dtau_ptr + r, -(tl.sum(tau_acc, 0) * inv_tau) * (2.0 * inv_tau))
 
 
 @triton.jit

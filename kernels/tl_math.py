@@ -31,8 +31,11 @@ def online_update(m, s, z):
     """
     is_new = z > m
     d = tl.where(is_new, m - z, z - m)
-    # -inf - -inf is NaN: a lane that holds only masked values adds nothing.
-    e = tl.exp(tl.where(z == float("-inf"), float("-inf"), d))
+    # A tie with the lane max adds its 1, also where z - m is inf - inf = NaN: a second +inf (lse
+    # stays +inf, as torch's) or a masked -inf while the lane max is still -inf (those ones are
+    # wiped, s * 0, by the lane's first finite value, and a lane left at -inf counts for nothing
+    # in online_finalize).  A NaN z makes s NaN.
+    e = tl.exp(tl.where(z == m, 0.0, d))
     s = tl.where(is_new, s * e + e, s + e)
     m = tl.maximum(m, z)
     return m, s
@@ -48,11 +51,19 @@ def online_finalize(m, s):
     """
     M = tl.max(m, 0)
     valid = m > float("-inf")
-    scale = tl.exp(tl.where(valid, m - M, float("-inf")))
     at_top = valid & (m == M)
+    # at_top: exp(0), also when M = +inf (inf - inf)
+    scale = tl.exp(tl.where(at_top, 0.0, tl.where(valid, m - M, float("-inf"))))
     S = tl.sum(s * scale, 0) + tl.sum(tl.where(valid & (m < M), scale, 0.0), 0)
     S = S + (tl.sum(at_top.to(tl.float32), 0) - 1.0)
     return M, S
+
+
+@triton.jit
+def nan_if_posinf(M, S):
+    """S for softmax, log_softmax and the losses: a row with a +inf logit is NaN there, as in torch
+    (inf - inf); only τ·logsumexp keeps ``(M, S) = (+inf, #others at +inf)`` and returns +inf."""
+    return tl.where(M == float("inf"), float("nan"), S)
 
 
 @triton.jit
