@@ -144,13 +144,15 @@ def autocast_off(fn):
 
 
 def loss_under_autocast(out, like):
-    """A loss in fp32 under autocast, as torch's own losses (cross_entropy, kl_div) are: the gradient
-    still comes back in the input's dtype."""
+    """The loss an autograd Function computed in fp32 (fp64 for fp64 inputs), in torch's dtype: under
+    autocast fp32 and unrounded, as torch's own losses (cross_entropy, kl_div) run in fp32 on the
+    half-precision values; otherwise the input's dtype.  The gradients still come back in the
+    inputs' dtypes."""
     import torch
 
-    if out.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(like.device.type):
+    if like.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(like.device.type):
         return out.float()
-    return out
+    return out.to(like.dtype)
 
 
 ONCE_DIFFERENTIABLE_MESSAGE = (

@@ -50,6 +50,20 @@ def row_grad(grad, n, reduction, dtype):
     return (g / n if reduction == "mean" else g).reshape(1).expand(n)
 
 
+def _saved(ctx):
+    """ctx.saved_tensors, with the usual cause named when one was overwritten in place: a MoCo queue
+    enqueued between the loss and its backward (the backward reads the queue the loss was given)."""
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as e:
+        if "modified by an inplace operation" not in str(e):
+            raise
+        raise RuntimeError(
+            "a tensor that infonce's backward needs (query, key or queue) was modified in place after the loss "
+            "was computed. With a MoCoQueue: call queue.enqueue(keys) after loss.backward(), or pass "
+            "queue.queue.clone() to the loss to enqueue before it") from e
+
+
 class InfoNCEFunction(torch.autograd.Function):
     """Rows of F.cross_entropy over [q·k_pos, q·negatives] / τ, the positive first.
 
@@ -74,13 +88,13 @@ class InfoNCEFunction(torch.autograd.Function):
         shift, e_pos, e_neg = softmax_stats(m, s, pos, tau_rows)
         ctx.backend, ctx.options = backend, (reduction, label_offset, in_batch)
         ctx.save_for_backward(query, key, negatives, tau_rows, target, pos, shift, e_pos, e_neg, nll, tau)
-        return reduce_rows(nll, reduction).to(query.dtype)
+        return reduce_rows(nll, reduction)  # the compute dtype: the caller rounds it (or not, under autocast)
 
     @staticmethod
     @once_differentiable
     @autocast_off
     def backward(ctx, grad):
-        query, key, negatives, tau_rows, target, pos, shift, e_pos, e_neg, nll, tau = ctx.saved_tensors
+        query, key, negatives, tau_rows, target, pos, shift, e_pos, e_neg, nll, tau = _saved(ctx)
         reduction, label_offset, in_batch = ctx.options
         N = query.shape[0]
         need_q, need_k, need_neg, need_tau = ctx.needs_input_grad[:4]
@@ -121,7 +135,7 @@ class NTXentFunction(torch.autograd.Function):
         shift, e_pos, e_neg = softmax_stats(m, s, pos, tau_rows)
         ctx.backend = backend
         ctx.save_for_backward(z, tau_rows, target, pos, shift, e_pos, e_neg, nll, tau)
-        return nll.mean().to(z.dtype)
+        return nll.mean()  # the compute dtype: the caller rounds it (or not, under autocast)
 
     @staticmethod
     @once_differentiable

@@ -46,7 +46,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.backend, ctx.input_shape, ctx.B = backend, input.shape, B
         ctx.options = (ignore_index, label_smoothing, prob_target, reduction, inplace_backward)
         ctx.save_for_backward(x3, tgt, w, tau_k, m, s, a, denom, tau)
-        return out.to(input.dtype)
+        return out  # the compute dtype: the caller rounds it (or not, under autocast)
 
     @staticmethod
     @once_differentiable

@@ -48,7 +48,7 @@ class KDFunction(torch.autograd.Function):
                 loss = alpha * loss + (1.0 - alpha) * ce_total
         ctx.backend, ctx.shape, ctx.options = backend, student.shape, (alpha, reduction, ignore_index)
         ctx.save_for_backward(s2, t2, tgt, tau_k, stats, n_valid, tau)
-        return loss.to(student.dtype)
+        return loss  # the compute dtype: the caller rounds it (or not, under autocast)
 
     @staticmethod
     @once_differentiable

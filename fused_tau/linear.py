@@ -20,7 +20,7 @@ from . import _ops as ops
 from . import reference
 from ._checks import (check_ce_options, check_class_targets, check_same_device, check_tensor, check_vector,
                       reduce_tau_grad, tau_for_kernel, tau_tensor)
-from ._dispatch import autocast_off, backend_for, once_differentiable
+from ._dispatch import autocast_off, backend_for, loss_under_autocast, once_differentiable
 from .contrastive import nll_from_stats, row_grad, softmax_stats
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -347,6 +347,4 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         out = (rows[0] if P == 1 else torch.stack(rows, 1)).reshape(class_shape)
     else:
         out = rows[0] if P == 1 else torch.stack(rows).sum()
-    if input.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(input.device.type):
-        return out.float()  # torch's losses are fp32 under autocast: no rounding to the input's dtype
-    return out.to(input.dtype)
+    return loss_under_autocast(out, input)
