@@ -216,7 +216,8 @@ def ce_bwd(x3, target, weight, tau, m, s, a_rows, g, ignore_index, smoothing, pr
             # the target's p_y - 1 is -Σ_{j≠y} p_j = -S/(1+S) when y is the argmax
             p_y = p.gather(-1, y_safe).squeeze(-1)
             at_top = z.gather(-1, y_safe).squeeze(-1) == M
-            q_y = torch.where(at_top, S / (1.0 + S), 1.0 - p_y)
+            # S = -1 marks a row with no finite logit: NaN, as the composition's softmax (not ±inf)
+            q_y = torch.where(at_top, torch.where(S == -1.0, float("nan"), S / (1.0 + S)), 1.0 - p_y)
             fix = scale * (-h * q_y + A_row * p_y)
         dz = p.mul_((scale * (h + A_row)).unsqueeze(-1))
         if not prob_target:

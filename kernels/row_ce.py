@@ -120,7 +120,8 @@ def _ce_bwd_kernel(
     inv_tau = 1.0 / tau
     M = tl.load(m_ptr + r)
     S = tl.load(s_ptr + r)
-    inv_total = 1.0 / (1.0 + S)
+    # S = -1 marks a row with no finite logit: NaN everywhere, as the composition's softmax (not ±inf)
+    inv_total = tl.where(S == -1.0, float("nan"), 1.0 / (1.0 + S))
     g = tl.load(g_ptr + r * stride_g).to(tl.float32)
     if PROB_TARGET or SMOOTH:
         A_row = tl.load(a_ptr + r)
