@@ -175,34 +175,35 @@ def _sample_kernel(
     The key x / τ + g is never formed: at |x| / τ ≳ 1e6 its rounding (or that of x + τ g)
     swallows the noise.  Each lane keeps its best column's (x, g) and compares a new column
     by the sign of (x - x_best) + τ (g - g_best), which has only the relative rounding of
-    the two differences; the lanes' winners are compared in z units relative to the row's
-    largest best x, (x_best - M) / τ + g_best, which keeps the noise's digits near the top."""
+    the two differences; the lanes' winners are compared in z units relative to the largest
+    of their logits M, (x_best - M) / τ + g_best, which keeps the noise's digits near the top."""
     r = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + r * stride_xr
     cols = tl.arange(0, BLOCK)
     best_x = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_g = tl.zeros([BLOCK], tl.float32)
     arg = tl.zeros([BLOCK], tl.int32)
-    has_nan = tl.zeros([BLOCK], tl.int1)
     if not GREEDY:
         tau = tl.load(tau_ptr + r * stride_tau).to(tl.float32)
         seed = tl.load(seed_ptr)
         noise_row = r * C
+        best_g = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         c = start + cols
         x = tl.load(x_row + c.to(tl.int64) * stride_xc, mask=c < C, other=float("-inf")).to(tl.float32)
-        has_nan = has_nan | (x != x)
+        # best_x turns NaN at a lane's first NaN and stays NaN: the row is refused (idx -1)
         if GREEDY:
             take = x > best_x
+            best_x = tl.maximum(best_x, x, propagate_nan=tl.PropagateNan.ALL)
         else:
             # τ = 0 (a greedy row of a per-row τ) leaves x - best_x: argmax x as well.  -inf - -inf
             # and inf - inf are NaN: not taken, so the first of equal infinite logits is kept.
             g = gumbel_noise(seed, noise_row + c)
-            take = tl.fma(tau, g - best_g, x - best_x) > 0
+            take = (tl.fma(tau, g - best_g, x - best_x) > 0) | (x != x)
             best_g = tl.where(take, g, best_g)
-        best_x = tl.where(take, x, best_x)
+            best_x = tl.where(take, x, best_x)
         arg = tl.where(take, c, arg)
-    M = tl.max(best_x, 0)
+    nan_row = tl.max((best_x != best_x).to(tl.int32), 0) > 0
+    M = tl.max(best_x, 0)  # the lanes' best logits' max (its row's max logit when GREEDY or τ = 0)
     at_top = best_x == M
     if not GREEDY:
         z = (best_x - M) / tau + best_g
@@ -211,7 +212,6 @@ def _sample_kernel(
         noisy = (tau > 0) & (M > float("-inf")) & (M < float("inf"))
         at_top = tl.where(noisy, z == tl.max(z, 0), at_top)
     top = tl.min(tl.where(at_top, arg, C), 0)
-    nan_row = tl.max(has_nan.to(tl.int32), 0) > 0
     tl.store(idx_ptr + r, tl.where(nan_row, -1, top).to(tl.int64))
 
 
