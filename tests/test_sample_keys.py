@@ -4,7 +4,7 @@ A key formed as x + τ g (or x / τ + g) rounds the noise to the grid of x's ulp
 passes ~1e6: logits [1000, 1000 + 1 ulp] at τ = 1 ulp (6.1e-5) then draw the larger class 62%
 of the time instead of softmax's 73%.  Under the Triton interpreter (tests/conftest.py: blocks
 of 16 columns) each row is one program and costs a Philox draw, so the triton runs draw
-~1000 rows: enough to tell 62% from 73% by 7σ.
+~1000 rows: enough to tell 62% from 73% by 8σ.
 """
 import math
 
