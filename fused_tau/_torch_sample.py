@@ -69,16 +69,25 @@ def gumbel_bwd(g, tau, hard, src, seed, aux):
 
 
 def sample_fwd(x2, tau, seed, greedy):
-    """One index per row of the (R, C) logits: argmax_c (x_rc + τ g_rc), Gumbel-max, the
-    first index on ties; ``greedy``: argmax x_r."""
+    """One index per row of the (R, C) logits: argmax_c ((x_rc - m_r) / τ + g_rc), Gumbel-max
+    in z units relative to the row max m_r (x / τ + g, or x + τ g, would round the noise away
+    at |x| / τ ≳ 1e6), the first index on ties; ``greedy``, a row whose τ is 0 and a row whose
+    max is infinite: argmax x_r (the first +inf; 0 for a row with no finite logit, as
+    torch.argmax).  A row that holds a NaN gets -1 (the caller raises)."""
     R, C = x2.shape
     idx = torch.empty(R, device=x2.device, dtype=torch.int64)
-    if greedy:
-        return torch.argmax(x2, -1, out=idx)
     cd = _compute_dtype(x2)
-    generator = _seeded(seed)
+    generator = None if greedy else _seeded(seed)
     tau_r = tau.to(cd).reshape(-1, 1).expand(R, 1)
     for sl in _chunks(R, C):
-        key = _gumbel(sl.stop - sl.start, C, cd, x2.device, generator).mul_(tau_r[sl]).add_(x2[sl])
-        idx[sl] = key.argmax(-1)
+        x = x2[sl]
+        top = x.argmax(-1)
+        if not greedy:
+            x = x.to(cd)
+            m = x.amax(-1, keepdim=True)
+            t = tau_r[sl]
+            noisy = ((t > 0) & torch.isfinite(m)).squeeze(-1)
+            key = (x - m).div_(t).add_(_gumbel(x.shape[0], C, cd, x2.device, generator))
+            top = torch.where(noisy, key.argmax(-1), top)
+        idx[sl] = top.masked_fill_(torch.isnan(x).any(-1), -1)
     return idx

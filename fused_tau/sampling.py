@@ -110,6 +110,7 @@ def _sample_tau(tau, logits):
 
 
 def _reference_sample(logits, tau, generator):
+    _check_no_nan(torch.isnan(logits).any().logical_not())
     if not isinstance(tau, torch.Tensor) or tau.numel() == 1:
         return reference.sample(logits, tau=float(tau), generator=generator)
     # reference.sample takes one τ: draw row by row
@@ -117,6 +118,14 @@ def _reference_sample(logits, tau, generator):
     out = [reference.sample(flat[i], tau=float(taus[i]), generator=generator) for i in range(flat.shape[0])]
     return torch.stack(out).reshape(logits.shape[:-1]) if out else \
         torch.empty(logits.shape[:-1], dtype=torch.int64, device=logits.device)
+
+
+def _check_no_nan(ok):
+    """A row with a NaN logit has no softmax to draw from (``torch.multinomial`` raises on its NaN
+    probabilities, ``torch.argmax`` would return the NaN's index): refuse it, greedy rows included.
+    No host sync on CUDA."""
+    data_check(ok, "logits holds NaN: sample draws from softmax(logits / tau), which a row with a NaN "
+                   "logit does not define")
 
 
 @torch.no_grad()
@@ -127,7 +136,14 @@ def sample(logits, *, tau=1.0, generator=None):
     ``tau = 0`` is greedy, ``argmax(logits)`` (the first index on ties, no noise drawn).
     τ: a non-negative float, a one-element tensor, or one τ per row (shape
     ``logits.shape[:-1]``, 0 entries are greedy rows).  -inf logits (masked classes) are
-    never drawn; a row with no finite logit gives 0.  ``generator`` as in gumbel_softmax.
+    never drawn; a row with no finite logit gives 0; a row with +inf logits gives the first
+    of them.  Logits holding NaN raise a ValueError (on CUDA, a device-side assert: no host
+    sync), as ``torch.multinomial`` refuses NaN probabilities.  ``generator`` as in
+    gumbel_softmax.
+
+    The draw keeps full precision at any |logits| / τ: the noise is compared in z units
+    relative to the row's top logit, never added to logits / τ (at |logits| / τ ≳ 1e6 that
+    sum rounds the noise away).
     """
     check_tensor(logits, "logits")
     if logits.ndim == 0:
@@ -145,7 +161,9 @@ def sample(logits, *, tau=1.0, generator=None):
         return torch.empty(logits.shape[:-1], dtype=torch.int64, device=logits.device)
     x2 = logits.detach().reshape(R, C)
     seed = x2.new_empty(0, dtype=torch.int64) if greedy else ops.draw_seed(x2.device, generator)
-    return ops.sample(backend, x2, tau_k, seed, greedy).view(logits.shape[:-1])
+    idx = ops.sample(backend, x2, tau_k, seed, greedy)
+    _check_no_nan((idx >= 0).all())  # both engines mark a row holding a NaN with -1
+    return idx.view(logits.shape[:-1])
 
 
 def gumbel_tau_schedule(step, tau0=1.0, rate=1e-4, tau_min=0.5):

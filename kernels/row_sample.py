@@ -168,28 +168,51 @@ def _sample_kernel(
     # constants
     GREEDY: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """idx[r] = argmax_c (x_rc + τ g_rc), g ~ Gumbel(0, 1): a draw from softmax(x_r / τ)
-    (Gumbel-max; argmax(x/τ + g) = argmax(x + τ g) for τ > 0, and τ = 0 is argmax x).
-    GREEDY: argmax x, no noise drawn.  One pass; the first index wins ties."""
+    """idx[r] = argmax_c (x_rc / τ + g_rc), g ~ Gumbel(0, 1): a draw from softmax(x_r / τ)
+    (Gumbel-max); τ = 0 is argmax x.  GREEDY: argmax x, no noise drawn.  One pass; the first
+    index wins ties; a row holding a NaN gets idx -1 (the caller raises).
+
+    The key x / τ + g is never formed: at |x| / τ ≳ 1e6 its rounding (or that of x + τ g)
+    swallows the noise.  Each lane keeps its best column's (x, g) and compares a new column
+    by the sign of (x - x_best) + τ (g - g_best), which has only the relative rounding of
+    the two differences; the lanes' winners are compared in z units relative to the largest
+    of their logits M, (x_best - M) / τ + g_best, which keeps the noise's digits near the top."""
     r = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + r * stride_xr
     cols = tl.arange(0, BLOCK)
-    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_x = tl.full([BLOCK], float("-inf"), tl.float32)
     arg = tl.zeros([BLOCK], tl.int32)
     if not GREEDY:
         tau = tl.load(tau_ptr + r * stride_tau).to(tl.float32)
         seed = tl.load(seed_ptr)
         noise_row = r * C
+        best_g = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         c = start + cols
-        key = tl.load(x_row + c.to(tl.int64) * stride_xc, mask=c < C, other=float("-inf")).to(tl.float32)
-        if not GREEDY:
-            # x + τ g, not x / τ + g: no division, and a per-row τ of 0 is greedy as well
-            key = key + tau * gumbel_noise(seed, noise_row + c)
-        arg = tl.where(key > best, c, arg)
-        best = tl.maximum(best, key)
-    top = tl.max(best, 0)
-    tl.store(idx_ptr + r, tl.min(tl.where(best == top, arg, C), 0).to(tl.int64))
+        x = tl.load(x_row + c.to(tl.int64) * stride_xc, mask=c < C, other=float("-inf")).to(tl.float32)
+        # best_x turns NaN at a lane's first NaN and stays NaN: the row is refused (idx -1)
+        if GREEDY:
+            take = x > best_x
+            best_x = tl.maximum(best_x, x, propagate_nan=tl.PropagateNan.ALL)
+        else:
+            # τ = 0 (a greedy row of a per-row τ) leaves x - best_x: argmax x as well.  -inf - -inf
+            # and inf - inf are NaN: not taken, so the first of equal infinite logits is kept.
+            g = gumbel_noise(seed, noise_row + c)
+            take = (tl.fma(tau, g - best_g, x - best_x) > 0) | (x != x)
+            best_g = tl.where(take, g, best_g)
+            best_x = tl.where(take, x, best_x)
+        arg = tl.where(take, c, arg)
+    nan_row = tl.max((best_x != best_x).to(tl.int32), 0) > 0
+    M = tl.max(best_x, 0)  # the lanes' best logits' max (its row's max logit when GREEDY or τ = 0)
+    at_top = best_x == M
+    if not GREEDY:
+        z = (best_x - M) / tau + best_g
+        # τ = 0, or M infinite (a +inf logit: the first one, as torch.argmax; no finite logit: 0):
+        # argmax x among the lanes
+        noisy = (tau > 0) & (M > float("-inf")) & (M < float("inf"))
+        at_top = tl.where(noisy, z == tl.max(z, 0), at_top)
+    top = tl.min(tl.where(at_top, arg, C), 0)
+    tl.store(idx_ptr + r, tl.where(nan_row, -1, top).to(tl.int64))
 
 
 # Launchers (the torch path, fused_tau/_torch_sample.py, has the same names and arguments).
@@ -232,8 +255,8 @@ def gumbel_bwd(g, tau, hard, src, seed, aux):
 
 
 def sample_fwd(x2, tau, seed, greedy):
-    """One index per row of the (R, C) logits ``x2`` (C >= 1), int64 of shape (R,).
-    ``greedy``: argmax, ``seed`` and ``tau`` unread."""
+    """One index per row of the (R, C) logits ``x2`` (C >= 1), int64 of shape (R,); -1 for a
+    row that holds a NaN.  ``greedy``: argmax, ``seed`` and ``tau`` unread."""
     R, C = x2.shape
     idx = torch.empty(R, device=x2.device, dtype=torch.int64)
     block, _, num_warps = row_config(C)

@@ -63,3 +63,55 @@ def test_bad_calibration_input():
         fused_tau.expected_calibration_error(z, torch.zeros(5, dtype=torch.long), n_bins=0)
     with pytest.raises(ValueError, match="init must be a positive"):
         fused_tau.fit_temperature(z, torch.zeros(5, dtype=torch.long), init=-1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fit_temperature_on_half_logits_is_the_fp32_fit(backend, dtype):
+    """fp16 / bf16 logits are fitted in fp32: the optimum of their values, not the first LBFGS step
+    (a bf16 loss stopped the line search at T = e)."""
+    z, y = _calibrated(64, 10, seed=0)
+    logits = (z * 2.5).to(dtype)
+    t = fused_tau.fit_temperature(logits, y)
+    t_ref = reference.fit_temperature(logits.float(), y)
+    assert abs(t - t_ref) <= 1e-3 * t_ref, (t, t_ref)
+
+
+def test_fit_temperature_refuses_nan_logits(backend):
+    z, y = _calibrated(16, 5, seed=3)
+    z[4, 1] = float("nan")
+    with pytest.raises(ValueError, match="logits hold NaN"):
+        fused_tau.fit_temperature(z, y)
+
+
+@pytest.mark.parametrize("where", ["+inf", "no finite logit", "label at -inf"])
+def test_fit_temperature_refuses_a_loss_infinite_at_every_t(backend, where):
+    z, y = _calibrated(16, 5, seed=3)
+    if where == "+inf":
+        z[2, 0] = float("inf")
+    elif where == "no finite logit":
+        z[2] = float("-inf")
+    else:
+        z[2, y[2]] = float("-inf")
+    with pytest.raises(ValueError, match="not finite"):
+        fused_tau.fit_temperature(z, y)
+
+
+@pytest.mark.parametrize("bad", [-100, -1, 5])
+def test_calibration_refuses_labels_outside_the_classes(backend, bad):
+    """No ignore_index in calibration: -100 and out-of-range labels raise naming labels (they were
+    skipped by the fit, and counted as wrong predictions by the ECE)."""
+    z, y = _calibrated(16, 5, seed=4)
+    y[7] = bad
+    with pytest.raises(ValueError, match=r"labels must hold class indices in \[0, 5\)"):
+        fused_tau.expected_calibration_error(z, y)
+    with pytest.raises(ValueError, match=r"labels must hold class indices in \[0, 5\)"):
+        fused_tau.fit_temperature(z, y)
+
+
+def test_expected_calibration_error_on_half_logits(backend):
+    """Confidences of fp16 / bf16 logits are computed in fp32 (not rounded to the logits' dtype
+    before binning)."""
+    z, y = _calibrated(300, 7, seed=5)
+    for dtype in (torch.bfloat16, torch.float16):
+        x = (z * 3).to(dtype)
+        assert abs(fused_tau.expected_calibration_error(x, y).item() - _ece_loop(x.float(), y, 15)) < 1e-5
