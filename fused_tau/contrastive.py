@@ -22,8 +22,10 @@ REDUCTIONS = ("none", "mean", "sum")
 def nll_from_stats(m, s, pos, tau_rows):
     """-log softmax of the positive among itself and the negatives, from the tile forward's (m, s)
     and the positive's dot product ``pos`` (dot units): softplus(log s + (m - pos)/τ), exact when it
-    is tiny (the positive dominates) and when it is large."""
-    return F.softplus(torch.log(s) + (m - pos) / tau_rows)
+    is tiny (the positive dominates) and when it is large.  A +inf logit (positive or negative)
+    gives NaN, as the composition's log-sum-exp does (inf - inf), not 0 or +inf."""
+    nll = F.softplus(torch.log(s) + (m - pos) / tau_rows)
+    return torch.where(torch.isposinf(torch.maximum(m, pos)), float("nan"), nll)
 
 
 def softmax_stats(m, s, pos, tau_rows):
@@ -106,7 +108,8 @@ class InfoNCEFunction(torch.autograd.Function):
         dpos = -u * e_neg  # dL/d(q·k_pos) = g (p_pos - 1) / τ, the same rounding as the tiles' Q at a tie
         k_pos = key[label_offset:label_offset + N] if in_batch else key
         # dL/dτ_i = -(1/τ_i) Σ_j (y_ij - pos_i) dL/dy_ij: Σ_j dL/dy_ij = 0, and the positive's own term is 0
-        dtau = reduce_tau_grad(-zp / tau_rows, tau, 1) if need_tau else None
+        # + 0 · dpos: a row that is NaN (NaN or +inf logits) gives NaN, as its other gradients
+        dtau = reduce_tau_grad(-zp / tau_rows + 0.0 * dpos, tau, 1) if need_tau else None
         dpos = dpos.unsqueeze(-1)
         dq = (da + (dpos * k_pos).to(da.dtype)) if need_q else None
         dk = dneg = None
@@ -149,7 +152,8 @@ class NTXentFunction(torch.autograd.Function):
         da, db, _, zp = ops.tile_bwd(ctx.backend, z, z, None, tau_rows, target, 0, shift, u, pos, True, True,
                                      need_tau)
         dpos = -u * e_neg
-        dtau = reduce_tau_grad(-zp / tau_rows, tau, 1) if need_tau else None
+        # + 0 · dpos: a row that is NaN (NaN or +inf logits) gives NaN, as its other gradients
+        dtau = reduce_tau_grad(-zp / tau_rows + 0.0 * dpos, tau, 1) if need_tau else None
         dpos = dpos.unsqueeze(-1)
         dz = da.to(torch.float32 if z.dtype != torch.float64 else z.dtype) + db
         dz += dpos * z[target]

@@ -118,26 +118,35 @@ def _finite_where_ref_is(torch32, ref):
     return torch.where(torch.isfinite(t) | (torch.isnan(t) & torch.isnan(ref)) | (t == ref), t, ref)
 
 
-def _euler_tau_grad(out, leaf, dx, tau, degree):
+def _euler_tau_grad(out, leaf, dx, tau, degree, extra=()):
     """dL/dτ of L = Σ out, for out = τ^degree F(x / τ): τ dL/dτ = degree L - Σ x dL/dx (Euler), with
     the masked classes' 0 · (-inf) terms 0.  (The composition's own dτ is NaN as soon as one logit is
-    -inf: the division's backward forms 0 · (-inf).  NaN or +inf logits still give NaN.)"""
-    terms = torch.where(dx == 0, 0.0, leaf.detach() * dx)
-    return (degree * out.sum() - terms.sum()) / tau
+    -inf: the division's backward forms 0 · (-inf).  NaN or +inf logits still give NaN.)  ``extra``:
+    (tensor, its gradient) of the other inputs divided by τ (kd_loss's teacher)."""
+    terms = torch.where(dx == 0, 0.0, leaf.detach() * dx).sum()
+    for x, gx in extra:
+        terms = terms + torch.where(gx == 0, 0.0, x.detach() * gx).sum()
+    return ((degree * out.sum() if degree else 0.0) - terms) / tau
 
 
-def _differential(run, x, tau, degree=0, **kw):
+def _differential(run, x, tau, degree=0, scaled=(), **kw):
     """run(x, tau) with fused_tau (fp32), the reference (float64) and the reference (fp32): the loss and the
     gradients of x and τ compared (the float64 dτ by Euler's identity, see _euler_tau_grad)."""
     results = {}
     for name, dtype in (("ours", torch.float32), ("ref", torch.float64), ("torch32", torch.float32)):
         leaf, xin = _leaf(x, dtype)
         t = torch.tensor(tau, dtype=dtype, requires_grad=True)
-        out = run(xin, t, reference if name != "ours" else fused_tau, **kw)
-        grads = torch.autograd.grad(out.sum(), (leaf, t), allow_unused=True)
-        results[name] = [out.detach()] + [gr if gr is not None else torch.zeros_like(v) for gr, v in zip(grads, (leaf, t))]
+        args = dict(kw)
+        for k in scaled:  # the other inputs divided by τ: leaves in float64, for Euler's identity
+            args[k] = kw[k].to(dtype).requires_grad_(name == "ref")
+        out = run(xin, t, reference if name != "ours" else fused_tau, **args)
+        wrt = (leaf, t) + (tuple(args[k] for k in scaled) if name == "ref" else ())
+        grads = torch.autograd.grad(out.sum(), wrt, allow_unused=True)
+        grads = [gr if gr is not None else torch.zeros_like(v) for gr, v in zip(grads, wrt)]
+        results[name] = [out.detach()] + grads[:2]
         if name == "ref":
-            results[name][2] = _euler_tau_grad(out.detach(), leaf, results[name][1], tau, degree)
+            extra = [(args[k], gk) for k, gk in zip(scaled, grads[2:])]
+            results[name][2] = _euler_tau_grad(out.detach(), leaf, results[name][1], tau, degree, extra)
     for i, what in enumerate(("loss", "dx", "dtau")):
         ref = results["ref"][i]
         bound = _finite_where_ref_is(results["torch32"][i], ref)
@@ -178,7 +187,7 @@ def test_softmax_family_special_values(backend, case, op):
 
 
 def _kd(x, t, lib, teacher):
-    return lib.kd_loss(x, teacher.to(x.dtype), tau=t)
+    return lib.kd_loss(x, teacher, tau=t)
 
 
 @SETTINGS
@@ -192,7 +201,7 @@ def test_kd_loss_special_values(backend, case, data):
     special = SPECIALS[data.draw(st.sampled_from(list(SPECIALS)))]
     if special is not None:
         teacher[0, -1] = special
-    _differential(_kd, x, tau, degree=2, teacher=teacher)
+    _differential(_kd, x, tau, degree=2, scaled=("teacher",), teacher=teacher)
 
 
 def _infonce(x, t, lib, key, queue):
