@@ -64,7 +64,7 @@ def fit_temperature(logits, labels, max_iter=100, init=1.0):
     with torch.no_grad():
         loss0 = cross_entropy(logits, labels, tau=float(init))
     if not bool(torch.isfinite(loss0)):  # host-ok: offline tool
-        raise ValueError(f"the cross-entropy of logits / {init} is {loss0.item()}, not finite (a +inf logit, "
+        raise ValueError(f"the cross-entropy of logits / {init} is {loss0.item()}, not finite (a +inf logit, "  # host-ok: offline tool
                          "a row with no finite logit, or a label whose logit is -inf): there is no "
                          "temperature to fit")
     log_t = torch.tensor(math.log(init), dtype=torch.float32, device=logits.device, requires_grad=True)
