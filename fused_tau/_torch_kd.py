@@ -1,9 +1,22 @@
 """The torch path of distillation: the launchers of ``kernels/row_kd.py`` with the same
 arguments and results, in torch ops over chunks of rows (fp32; fp64 for fp64 inputs).
-The formulas are the kernel's (see its module docstring)."""
+The formulas are the kernel's (see its module docstring): the teacher's distribution q is the
+base measure, v = (s - t)/τ, ν = E_q v, u = v - ν, KL = log E_q e^u - log(1 - P_m).  A whole row is
+in memory here, so the reference ν0 of the kernel is the exact q-weighted mean."""
 import torch
 
-from ._torch_row import _chunks, _compute_dtype, _nan_if_posinf, _stats
+from ._torch_row import _chunks, _compute_dtype, _nan_if_posinf
+
+INF = float("inf")
+# Taylor coefficients of ψ(x) = e^x - 1 - x = x² Σ_k x^k/(k+2)! and of ψ3(x) = e^x - 1 - x - x²/2
+PSI_COEF = [1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040, 1.0 / 40320, 1.0 / 362880, 1.0 / 3628800]
+PSI3_COEF = PSI_COEF[1:] + [1.0 / 39916800]
+# |x| below which the series are used (truncation below 4e-8 relative), above it the closed forms
+SERIES_BOUND = 1.0
+# a row whose l = log E_q e^u reaches this takes the plain forms (no cancellation to avoid there)
+PRECISE_BOUND = 1.0
+# ... and so does a row whose student puts this much mass P_m on classes of teacher probability 0
+PM_BOUND = 0.5
 
 
 def _tau_col(tau, R, cd):
@@ -11,21 +24,67 @@ def _tau_col(tau, R, cd):
     return (t.expand(R) if t.numel() == 1 else t).unsqueeze(-1)
 
 
-def _rows(s2, t2, sl, tau_c, cd):
-    zs = torch.div(s2[sl], tau_c[sl]).to(cd)
-    zt = torch.div(t2[sl], tau_c[sl]).to(cd)
-    Ms, Ss, _ = _stats(zs)
-    Mt, St, _ = _stats(zt)
+def _horner(x, coef):
+    acc = torch.full_like(x, coef[-1])
+    for c in reversed(coef[:-1]):
+        acc = acc * x + c
+    return acc
+
+
+def psi_series(x):
+    """e^x - 1 - x for |x| <= SERIES_BOUND, with full relative precision."""
+    return x * x * _horner(x, PSI_COEF)
+
+
+def psi3_series(x):
+    """e^x - 1 - x - x²/2 for |x| <= SERIES_BOUND, with full relative precision."""
+    return x * x * x * _horner(x, PSI3_COEF)
+
+
+def _stats_x(x, inv_tau):
+    """(M, S) of z = x/τ with M in x units: M = max x, S = Σ_{j≠argmax} exp((x_j - M)/τ) (the
+    kernels' semantics: ties count 1, a row with no finite value has M = -inf, S = -1; NaN propagates)."""
+    M, idx = x.max(-1, keepdim=True)
+    e = torch.exp(torch.where(x == M, 0.0, (x - M) * inv_tau))
+    S = e.scatter_(-1, idx, 0.0).sum(-1)
+    M = M.squeeze(-1)
+    return M, torch.where(M == -INF, -1.0, S)
+
+
+def _row_stats(s, t, inv):
+    """The forward's statistics of rows s, t (x units, compute dtype): (Ms, Ss, Mt, St, KL, ν)."""
+    Ms, Ss = _stats_x(s, inv)
+    Mt, St = _stats_x(t, inv)
     Ss, St = _nan_if_posinf(Ms, Ss), _nan_if_posinf(Mt, St)
-    # (z - M) - log1p(S): M + log1p(S) would round the lse to |M|'s ulp
-    lp = (zs - Ms.unsqueeze(-1)) - torch.log1p(Ss).unsqueeze(-1)
-    lq = (zt - Mt.unsqueeze(-1)) - torch.log1p(St).unsqueeze(-1)
-    return zs, zt, lp, lq, (Ms, Ss, Mt, St)
-
-
-def _xlogy_gap(q, lq, lp):
-    """q (log q - log p), exactly 0 where q = 0 (as F.kl_div's xlogy); NaN where q is NaN."""
-    return torch.where(q != 0, q * (lq - lp), 0.0)
+    # teacher weights relative to its max and the student's, in x units
+    wt = torch.exp((t - Mt.unsqueeze(-1)) * inv)
+    ws = torch.exp((s - Ms.unsqueeze(-1)) * inv)
+    Wt = 1.0 + St
+    q_nonzero = wt != 0
+    v = (s - t) * inv
+    # ν0: the q-weighted mean of v (exact up to rounding: the whole row is here)
+    nu0 = torch.where(q_nonzero, wt * v, 0.0).sum(-1) / Wt
+    nu0 = torch.where(torch.isfinite(nu0), nu0, 0.0).unsqueeze(-1)
+    x = v - nu0
+    small = x.abs() <= SERIES_BOUND
+    # w ψ(x); for large x, w e^x as one exp (no overflow of e^x where w is tiny)
+    wpsi = torch.where(small, wt * psi_series(torch.where(small, x, 0.0)),
+                       torch.exp((t - Mt.unsqueeze(-1)) * inv + x) - wt * (1.0 + x))
+    A = torch.where(q_nonzero, wt * x, 0.0).sum(-1)
+    Rr = torch.where(q_nonzero, wpsi, 0.0).sum(-1)
+    Pm = torch.where(q_nonzero, 0.0, ws).sum(-1) / (1.0 + Ss)
+    # l = log E_q e^u = log1p(ā + b̄) - ā: in float64 (a per-row scalar; ā may be a few rounding errors)
+    a_bar = A.double() / Wt.double()
+    b_bar = Rr.double() / Wt.double()
+    l = (torch.log1p(a_bar + b_bar) - a_bar).to(s.dtype)
+    nu = nu0.squeeze(-1) + a_bar.to(s.dtype)
+    kl_precise = l - torch.log1p(-Pm)
+    half_gap = (Ms * 0.5 - Mt * 0.5) * inv.squeeze(-1)
+    kl_plain = (half_gap + half_gap) + (torch.log1p(Ss) - torch.log1p(St)) - nu
+    kl = torch.where((l < PRECISE_BOUND) & (Pm < PM_BOUND), kl_precise, kl_plain)
+    bad = (Ms == -INF) | (Mt == -INF) | torch.isnan(Ss) | torch.isnan(St)
+    kl = torch.where(bad, float("nan"), kl)
+    return Ms, Ss, Mt, St, kl, nu
 
 
 def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
@@ -37,21 +96,28 @@ def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
     ce = torch.empty(R, device=s2.device, dtype=cd) if target is not None else None
     out = torch.empty((R, C), device=s2.device, dtype=s2.dtype) if elementwise else None
     for sl in _chunks(R, C):
-        zs, zt, lp, lq, (Ms, Ss, Mt, St) = _rows(s2, t2, sl, tau_c, cd)
-        elem = _xlogy_gap(lq.exp(), lq, lp)
-        kl[sl] = elem.sum(-1)
-        stats[sl, 0], stats[sl, 1], stats[sl, 2], stats[sl, 3], stats[sl, 4] = Ms, Ss, Mt, St, kl[sl]
+        s, t = s2[sl].to(cd), t2[sl].to(cd)
+        inv = 1.0 / tau_c[sl]
+        Ms, Ss, Mt, St, k, nu = _row_stats(s, t, inv)
+        kl[sl] = k
+        for i, val in enumerate((Ms, Ss, Mt, St, k, nu)):
+            stats[sl, i] = val
         if elementwise:
-            out[sl] = elem * tau_c[sl] ** 2
+            q = torch.exp((t - Mt.unsqueeze(-1)) * inv - torch.log1p(St).unsqueeze(-1))
+            w = ((s - t) * inv - nu.unsqueeze(-1)) - k.unsqueeze(-1)  # log p - log q
+            # q (log q - log p), exactly 0 where q = 0 (as F.kl_div's xlogy); NaN where q is NaN
+            out[sl] = torch.where(q != 0, -q * w, 0.0) * tau_c[sl] ** 2
         if target is not None:
-            s1 = s2[sl].to(cd)
-            M1, S1, _ = _stats(s1)
-            S1 = _nan_if_posinf(M1, S1)
+            # τ = 1 statistics of the student: the same max (x units)
+            e1 = torch.exp(torch.where(s == Ms.unsqueeze(-1), 0.0, s - Ms.unsqueeze(-1)))
+            S1 = e1.scatter_(-1, s.argmax(-1, keepdim=True), 0.0).sum(-1)
+            S1 = torch.where(Ms == -INF, -1.0, S1)
+            S1 = _nan_if_posinf(Ms, S1)
             y = target[sl]
             valid = y != ignore_index
-            s_y = s1.gather(-1, torch.where(valid, y, 0).unsqueeze(-1)).squeeze(-1)
-            ce[sl] = torch.where(valid, (M1 - s_y) + torch.log1p(S1), 0.0)
-            stats[sl, 5], stats[sl, 6] = M1, S1
+            s_y = s.gather(-1, torch.where(valid, y, 0).unsqueeze(-1)).squeeze(-1)
+            ce[sl] = torch.where(valid, (Ms - s_y) + torch.log1p(S1), 0.0)
+            stats[sl, 6] = S1
     return kl, ce, stats, out
 
 
@@ -64,51 +130,70 @@ def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teach
     dtau = torch.empty(R, device=s2.device, dtype=cd) if tau_grad else None
     if not elementwise:
         g = g.to(cd).reshape(-1).expand(R)
-    # the teacher's and τ's terms need log q - log p; the student's alone needs only p and q
-    need_delta = elementwise or teacher_grad or tau_grad
     for sl in _chunks(R, C):
-        t = tau_c[sl]
-        zs = torch.div(s2[sl], t).to(cd)
-        zt = torch.div(t2[sl], t).to(cd)
-        p = torch.softmax(zs, -1)
-        q = torch.softmax(zt, -1)  # NaN for a row with a NaN, a +inf or no finite logit
+        tc = tau_c[sl]
+        inv = 1.0 / tc
+        s, t = s2[sl].to(cd), t2[sl].to(cd)
+        Ms, Ss, Mt, St, kl, nu = (stats[sl, i].to(cd).unsqueeze(-1) for i in range(6))
+        p = torch.exp((s - Ms) * inv) / (1.0 + Ss)
+        q = torch.exp((t - Mt) * inv - torch.log1p(St))  # NaN for a row with a NaN, a +inf or no finite logit
+        # kl · 0: a row whose KL is NaN or inf (a NaN or +inf logit, a student -inf where q > 0) has
+        # the composition's NaN teacher gradient (its δ - KL is inf - inf)
+        u = (s - t) * inv - nu + kl * 0.0
+        w = u - kl  # log p - log q
+        keep = q != 0
+        small_w = w.abs() <= SERIES_BOUND
+        psi_w = psi_series(torch.where(small_w, w, 0.0))
+        # p - q = q expm1(w) with no cancellation where p ≈ q
+        dcore = torch.where(keep, torch.where(small_w, q * (w + psi_w), p - q), p)
         gc = g[sl].to(cd) if elementwise else g[sl].unsqueeze(-1)
-        gq = q * gc  # q = 0 exactly where the teacher is -inf: those classes add nothing
-        if need_delta:
-            Ms, Ss, Mt, St = (stats[sl, i].to(cd).unsqueeze(-1) for i in range(4))
-            # log q - log p = (zt - zs) - D, D = lse_t - lse_s from the statistics, as the kernel: the
-            # difference of the two log-softmaxes would cancel their O(range) parts
-            D = (Mt - Ms) + (torch.log1p(St) - torch.log1p(Ss))
-            delta = (zt - zs) - D
-            if elementwise:
-                G1 = gq.sum(-1, keepdim=True)
-                F = torch.where(q != 0, gq * delta, 0.0).sum(-1, keepdim=True)
-            else:
-                G1, F = gc, gc * stats[sl, 4].to(cd).unsqueeze(-1)  # g · KL of the forward
+        if elementwise:
+            # F = Σ g q δ, δ = log q - log p = -w
+            gq = torch.where(keep, q * gc, 0.0)
+            G1 = gq.sum(-1, keepdim=True)
+            F = torch.where(keep, -gq * w, 0.0).sum(-1, keepdim=True)
+            dzs = p * G1 - gq
+            dzt = torch.where(keep, q * (gc * (1.0 - w) - (F + G1)), 0.0)
         else:
-            G1 = gc
-        dzs = p.mul_(G1).sub_(gq)  # ∂F/∂zs = p G1 - g q
+            dzs = gc * dcore
+            dzt = torch.where(keep, -gc * q * u, 0.0)  # ∂KL/∂zt = q (δ - KL) = -q u
         if target is not None:
-            s1 = s2[sl].to(cd)
-            M1, S1 = stats[sl, 5].to(cd), stats[sl, 6].to(cd)
+            M1, S1 = Ms.squeeze(-1), stats[sl, 6].to(cd)
             y = target[sl]
             valid = y != ignore_index
             y_safe = torch.where(valid, y, 0).unsqueeze(-1)
-            p1 = torch.softmax(s1, -1)
-            at_top = s1.gather(-1, y_safe).squeeze(-1) == M1
+            p1 = torch.softmax(s, -1)
+            at_top = s.gather(-1, y_safe).squeeze(-1) == M1
             q1 = torch.where(at_top, S1 / (1.0 + S1), 1.0 - p1.gather(-1, y_safe).squeeze(-1))
             gce = torch.where(valid, g_ce.to(cd).reshape(-1).expand(R)[sl], 0.0).unsqueeze(-1)
-            ds[sl] = t * dzs + gce * p1.scatter_(-1, y_safe, -q1.unsqueeze(-1))
+            ds[sl] = tc * dzs + gce * p1.scatter_(-1, y_safe, -q1.unsqueeze(-1))
         else:
-            ds[sl] = t * dzs
-        if teacher_grad or tau_grad:
-            dzt = torch.where(q != 0, q * (gc * (delta + 1.0) - (F + G1)), 0.0)
+            ds[sl] = tc * dzs
         if teacher_grad:
-            dt[sl] = t * dzt
+            dt[sl] = tc * dzt
         if tau_grad:
-            # τ (z - M) = x - M τ, in x units and halved (kernels/row_engine.py, half_gap)
-            half = t * 0.5
-            shifted = (torch.where(dzs != 0, (s2[sl].to(cd) * 0.5 - Ms * half) * dzs, 0.0)
-                       + torch.where(dzt != 0, (t2[sl].to(cd) * 0.5 - Mt * half) * dzt, 0.0)).sum(-1)
-            dtau[sl] = 2.0 * (t.squeeze(-1) * F.squeeze(-1) - shifted)
+            # plain: τ dF/dτ = 2F - Σ s ∂F/∂s - Σ t ∂F/∂t, shifted by the maxima, in x units, halved
+            hs = s * 0.5 - Ms * 0.5
+            ht = t * 0.5 - Mt * 0.5
+            shifted = (torch.where(dzs != 0, hs * dzs, 0.0) + torch.where(dzt != 0, ht * dzt, 0.0)).sum(-1)
+            if elementwise:
+                dtau[sl] = 2.0 * (tc.squeeze(-1) * F.squeeze(-1) - shifted)
+                continue
+            plain = 2.0 * (tc.squeeze(-1) * gc.squeeze(-1) * kl.squeeze(-1) - shifted)
+            # precise (see the kernel's docstring): every term of third order in 1/τ
+            q_psi_w = torch.where(small_w, q * psi_w, (p - q) - q * w)
+            small_u = u.abs() <= SERIES_BOUND
+            q_psi3_u = torch.where(small_u, q * psi3_series(torch.where(small_u, u, 0.0)),
+                                   p * torch.exp(kl) - q * (1.0 + u + 0.5 * u * u))
+            zeta = (t - Mt) * inv
+            body = torch.where(keep, 2.0 * q_psi3_u - u * q_psi_w - zeta * (q_psi_w - q * kl), 0.0)
+            masked = torch.where(keep | (p == 0), 0.0, p * ((s - Mt) * inv - nu))
+            Pm = torch.where(keep, 0.0, p).sum(-1)
+            log_kept = torch.log1p(-Pm)
+            l = kl.squeeze(-1) + log_kept
+            small_l = l.abs() <= SERIES_BOUND
+            psi_l = torch.where(small_l, psi_series(torch.where(small_l, l, 0.0)), torch.expm1(l) - l)
+            B = (body - masked).sum(-1) - 2.0 * psi_l - 2.0 * log_kept
+            precise = tc.squeeze(-1) * gc.squeeze(-1) * B
+            dtau[sl] = torch.where((l < PRECISE_BOUND) & (Pm < PM_BOUND), precise, plain)
     return ds, dt, dtau

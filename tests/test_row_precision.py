@@ -262,13 +262,14 @@ def test_tau_gradient_precision_long_row(backend, device, op, monkeypatch):
              degree=DEGREE.get(op, 0), normalise_dtau=True)
 
 
-KD_OPEN = "open (issue 12 item 9): KL = Σ q d - (lse_t - lse_s) cancels to a 1/τ² remainder, below fp32's ulp of log C"
+KD_OPEN = ("open (issue 12 item 9) on the kernel path: its KL = Σ q d - (lse_t - lse_s) cancels to a 1/τ² "
+           "remainder, below fp32's ulp of log C (the torch path has the second-order form)")
 
 
 @pytest.mark.parametrize("tau", TAUS)
 @pytest.mark.parametrize("data", ["plain", "near", "offset_near"])
 def test_kd_loss_and_tau_gradient_precision(backend, device, data, tau, request):
-    if tau == 1e4 or (backend == "torch" and data == "near" and tau == 4.0):
+    if backend == "triton" and tau == 1e4:
         request.applymarker(pytest.mark.xfail(strict=True, reason=KD_OPEN))
     t = torch.randn(4, 50, device=device) * 3
     s = torch.randn(4, 50, device=device) * 3
