@@ -44,7 +44,7 @@ def parse_args(argv):
     p.add_argument("--out", default=None,
                    help="JSON file; the .md and .png go beside it (default bench/results/<device>-<date>.json)")
     p.add_argument("--budget", type=float, default=CPU_BUDGET_S,
-                   help=f"seconds of timing per case and provider on CPU, at least 5 calls (default {CPU_BUDGET_S})")
+                   help=f"seconds of timing per case and provider on CPU, at least 3 calls (default {CPU_BUDGET_S})")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     return p.parse_args(argv)
 
@@ -287,7 +287,8 @@ def markdown(report):
 
 
 def plot(report, path):
-    """Median ms against size (elements of the logits, N·C), one panel per op, log-log; None without matplotlib."""
+    """Median ms (bars: min to max) against size (elements of the logits, N·C), one panel per op and mode,
+    one colour per provider, log-log; None without matplotlib."""
     try:
         import matplotlib
 
@@ -296,41 +297,45 @@ def plot(report, path):
     except ImportError:
         return None
     ok = [r for r in report["results"] if r["status"] == "ok"]
-    ops = list(dict.fromkeys(r["op"] for r in ok))
-    if not ops:
+    panels = list(dict.fromkeys((r["op"], r["mode"]) for r in ok))
+    if not panels:
         return None
-    cols = min(3, len(ops))
-    rows = (len(ops) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
+    cols = min(4, len(panels))
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
     providers = list(dict.fromkeys(r["provider"] for r in ok))
-    colors = {p: f"C{i}" for i, p in enumerate(providers)}
-    for ax, op in zip(axes.flat, ops):
+    style = {p: (f"C{i}", "osD^vP*X"[i % 8]) for i, p in enumerate(providers)}
+    several_dtypes = len({r["dtype"] for r in ok}) > 1
+    handles = {}
+    for ax, (op, mode) in zip(axes.flat, panels):
         series = {}
         for r in ok:
-            if r["op"] == op:
-                key = (r["provider"], r["mode"], r["dtype"], r["d"] if op == "infonce" else 0)
+            if (r["op"], r["mode"]) == (op, mode):
+                key = (r["provider"], r["dtype"], r["d"])
                 series.setdefault(key, []).append((r["n"] * r["c"], r["ms"], r["ms_min"], r["ms_max"]))
-        for (provider, mode, dtype, d), pts in series.items():
+        dims = sorted({d for _, _, d in series})
+        for (provider, dtype, d), pts in series.items():
             pts.sort()
-            x = [p[0] for p in pts]
-            y = [p[1] for p in pts]
-            err = [[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]
-            label = f"{provider} {mode}" + (f" {dtype}" if len({r['dtype'] for r in ok}) > 1 else "") \
-                + (f" D={d}" if d else "")
-            ax.errorbar(x, y, yerr=err, color=colors[provider], marker="o", capsize=2,
-                        linestyle="-" if mode == "fwd+bwd" else "--", label=label)
+            label = provider + (f" {dtype}" if several_dtypes else "") + (f" D={d}" if len(dims) > 1 else "")
+            color, marker = style[provider]
+            h = ax.errorbar([p[0] for p in pts], [p[1] for p in pts], capsize=2, color=color, marker=marker,
+                            yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
+                            linestyle="--" if dtype == "float32" and several_dtypes else "-")
+            handles.setdefault(label, h)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_title(op)
-        ax.set_xlabel("elements of the logits (N·C)")
-        ax.set_ylabel("ms (median; bars: min–max)")
+        ax.set_title(f"{op} {mode}" + (f", D={dims[0]}" if len(dims) == 1 and dims[0] else ""), fontsize=10)
+        ax.set_xlabel("elements of the logits (N·C)", fontsize=8)
+        ax.set_ylabel("ms", fontsize=8)
+        ax.tick_params(labelsize=7)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(ops):]:
+    for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     env = report["environment"]
-    fig.suptitle(f"python -m bench: {env['device']}, torch {env['torch']}, {env['date'][:10]}")
-    fig.tight_layout()
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(6, len(handles)), fontsize=8)
+    fig.suptitle(f"python -m bench: median ms (bars: min to max) against size; {env['device']}, "
+                 f"torch {env['torch']}, {env['date'][:10]}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

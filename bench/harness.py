@@ -1,7 +1,8 @@
 """Timing and peak-memory measurement shared by ``python -m bench`` and ``pytest bench``.
 
 Time: on CUDA ``triton.testing.do_bench`` (its min / median / max); on CPU
-repeated ``perf_counter`` timings (min / median / max of at least five calls).
+repeated ``perf_counter`` timings after one warm-up call (min / median / max of at least
+three calls, more while the budget of seconds per case lasts).
 
 Peak memory: the bytes allocated by the call above what was allocated before it
 (its temporaries and outputs, not its inputs).  On CUDA ``torch.cuda.max_memory_allocated``.
@@ -25,7 +26,7 @@ CPU_MEMORY_NOTE = ("peak MiB on CPU: torch's CPU allocator, bytes allocated duri
 CUDA_MEMORY_NOTE = "peak MiB on CUDA: torch.cuda.max_memory_allocated during one call, above the inputs"
 
 
-def time_stats(fn, device, budget_s=1.0, min_reps=5, max_reps=50):
+def time_stats(fn, device, budget_s=1.0, min_reps=3, max_reps=50):
     """Milliseconds of ``fn()``: dict(min, median, max, reps)."""
     if device.type == "cuda":
         import triton.testing
@@ -42,7 +43,7 @@ def time_stats(fn, device, budget_s=1.0, min_reps=5, max_reps=50):
     return dict(min=min(times), median=statistics.median(times), max=max(times), reps=len(times))
 
 
-def time_ms(fn, device, budget_s=1.0, min_reps=5, max_reps=50):
+def time_ms(fn, device, budget_s=1.0, min_reps=3, max_reps=50):
     """Median milliseconds of ``fn()``."""
     return time_stats(fn, device, budget_s, min_reps, max_reps)["median"]
 

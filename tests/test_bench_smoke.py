@@ -41,7 +41,7 @@ def test_python_m_bench_writes_json_markdown_and_plot(tmp_path):
     assert {r["op"] for r in rows} == OPS
     for r in rows:
         assert r["status"] == "ok", r
-        assert 0 < r["ms_min"] <= r["ms"] <= r["ms_max"] and r["reps"] >= 5
+        assert 0 < r["ms_min"] <= r["ms"] <= r["ms_max"] and r["reps"] >= 3
         assert (r.get("gbps", 0) > 0 or r.get("tflops", 0) > 0) and r["peak_mib"] > 0
         assert r["of_ceiling"] > 0 and r["vs_eager"] > 0
     assert all(r["vs_eager"] == 1.0 for r in rows if r["provider"] == "torch")
