@@ -121,18 +121,23 @@ for _op in PROVIDERS:
 OPS = {
     "infonce": dict(flops={"fwd": 1, "fwd+bwd": 2}, modes=("fwd", "fwd+bwd"),
                     gpu_sizes=[(256, 65536, 128), (4096, 65536, 128), (256, 65536, 256), (4096, 65536, 256)],
-                    cpu_sizes=[(256, 65536, 128)], gpu_dtypes=[torch.float32, torch.bfloat16]),
+                    cpu_sizes=[(256, 65536, 128)], cpu_full_sizes=[(64, 65536, 128), (1024, 65536, 128)],
+                    gpu_dtypes=[torch.float32, torch.bfloat16]),
     "linear_cross_entropy": dict(flops={"fwd": 1, "fwd+bwd": 3}, modes=("fwd", "fwd+bwd"),
-                                 gpu_sizes=[(8192, 128256, 4096)], cpu_sizes=[(512, 32768, 128)]),
+                                 gpu_sizes=[(8192, 128256, 4096)], cpu_sizes=[(512, 32768, 128)],
+                                 cpu_full_sizes=[(128, 32768, 128), (2048, 32768, 128)]),
     "cross_entropy": dict(bytes={"fwd": 1, "fwd+bwd": 3}, modes=("fwd", "fwd+bwd"),
                           gpu_sizes=[(8192, 32000), (8192, 128256), (32768, 32000), (32768, 128256)],
-                          cpu_sizes=[(256, 32000), (1024, 32000)]),
+                          cpu_sizes=[(256, 32000), (1024, 32000)], cpu_full_sizes=[(64, 32000), (4096, 32000)]),
     "kd_loss": dict(bytes={"fwd": 2, "fwd+bwd": 5}, modes=("fwd", "fwd+bwd"),
-                    gpu_sizes=[(8192, 32000), (8192, 128256)], cpu_sizes=[(256, 32000)]),
+                    gpu_sizes=[(8192, 32000), (8192, 128256)], cpu_sizes=[(256, 32000)],
+                    cpu_full_sizes=[(64, 32000), (1024, 32000)]),
     "gumbel_softmax": dict(bytes={"fwd": 2, "fwd+bwd": 5}, modes=("fwd", "fwd+bwd"),
-                           gpu_sizes=[(64, 256000), (8192, 32000)], cpu_sizes=[(64, 32000)]),
+                           gpu_sizes=[(64, 256000), (8192, 32000)], cpu_sizes=[(64, 32000)],
+                           cpu_full_sizes=[(16, 32000), (256, 32000), (64, 256000)]),
     "sample": dict(bytes={"fwd": 1}, modes=("fwd",),
-                   gpu_sizes=[(64, 256000), (8192, 32000)], cpu_sizes=[(64, 32000)]),
+                   gpu_sizes=[(64, 256000), (8192, 32000)], cpu_sizes=[(64, 32000)],
+                   cpu_full_sizes=[(16, 32000), (256, 32000), (64, 256000)]),
 }
 GPU_DTYPES = [torch.bfloat16]
 CPU_DTYPES = [torch.float32]
@@ -168,26 +173,61 @@ def make_inputs(case, device):
 
 
 def runner(case, provider, inp):
-    """A zero-argument callable running one step of ``provider`` on the case."""
+    """A zero-argument callable running one step of ``provider`` on the case; its ``reset()``
+    drops the gradients of the last step (the step does so itself first)."""
     fn = PROVIDERS[case.op][provider]
+
+    def reset():
+        for leaf in inp.get("leaves", (inp["leaf"],)):
+            leaf.grad = None
+
     if case.mode == "fwd":
         def step():
             with torch.no_grad():
                 return fn(inp)
     else:
         def step():
-            for leaf in inp.get("leaves", (inp["leaf"],)):
-                leaf.grad = None
+            reset()
             out = fn(inp)
             out.backward(inp.get("upstream"))
+    step.reset = reset
     return step
 
 
-def cases(device_type, ops=None, sizes=None, dtypes=None, modes=None):
+# Peers left out of a run unless named with --providers: (reason, device types they are left out on,
+# whether --full brings them back).
+SKIPPED = {
+    "liger": ("GPU-only (Triton kernels that need CUDA)", ("cpu",), False),
+    "cut-cross-entropy": ("GPU-only (Triton kernels that need CUDA)", ("cpu",), False),
+    "torch chunked": ("16-48 s per case on a CPU; --full runs it", ("cpu",), True),
+}
+
+
+def providers(op, device_type, full=False):
+    """The peers a default run times for ``op``, and {peer: reason} for those it leaves out."""
+    run, skipped = [], {}
+    for p in PROVIDERS[op]:
+        reason, devices, with_full = SKIPPED.get(p, (None, (), False))
+        if device_type in devices and not (full and with_full):
+            skipped[p] = reason
+        else:
+            run.append(p)
+    return run, skipped
+
+
+def sizes_for(op, device_type, full=False):
+    spec = OPS[op]
+    if device_type == "cuda":
+        return list(spec["gpu_sizes"])
+    extra = spec.get("cpu_full_sizes", []) if full else []
+    return sorted(set(spec["cpu_sizes"]) | set(extra))
+
+
+def cases(device_type, ops=None, sizes=None, dtypes=None, modes=None, full=False):
     out = []
     for op in ops or OPS:
         spec = OPS[op]
-        for size in sizes or spec["gpu_sizes" if device_type == "cuda" else "cpu_sizes"]:
+        for size in sizes or sizes_for(op, device_type, full):
             if len(size) != (3 if "flops" in spec else 2):
                 continue  # an N x C size for a row op, or N x K x D for a tile op
             default = spec.get("gpu_dtypes", GPU_DTYPES) if device_type == "cuda" else CPU_DTYPES

@@ -2,7 +2,7 @@
 # One call on a lent GPU (the device tool runs it from the repository root; $OUT comes back):
 #   install the checkout, run the suite on the Triton path (tests/test_compile.py: compiled steps on CUDA),
 #   python -m bench, and the MoCo run eager and under torch.compile.
-# Usage (device tool): bash bench/gpu_session.sh      -- then commit $OUT/bench.json under bench/results/.
+# Usage (device tool): bash bench/gpu_session.sh      -- then commit $OUT/bench.{json,md,png} under bench/results/.
 set -uo pipefail
 OUT=${OUT:-/tmp/fused_tau_out}
 mkdir -p "$OUT"
@@ -16,7 +16,8 @@ PY
 FUSED_TAU_TEST_BACKENDS=triton timeout 420 python -m pytest tests -q -x -p no:cacheprovider \
     --ignore=tests/test_aot.py > "$OUT/tests.log" 2>&1
 echo "tests rc=$?  ($(tail -1 "$OUT/tests.log"))"
-python -m bench --out "$OUT/bench.json" > "$OUT/bench.md" 2> "$OUT/bench.log"
+# python -m bench writes bench.md and bench.png beside bench.json itself; its stdout is the same table
+python -m bench --out "$OUT/bench.json" > "$OUT/bench.stdout.txt" 2> "$OUT/bench.log"
 echo "bench rc=$?"
 tail -60 "$OUT/bench.md"
 # a real MoCo run on the GPU, eager and with each step's forward under torch.compile(fullgraph=True)
