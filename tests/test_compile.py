@@ -18,6 +18,8 @@ import fused_tau as ft
 from .conftest import DEVICE
 from .tolerances import tol
 
+pytestmark = pytest.mark.slow  # minutes, not seconds: `pytest -m "not slow"` leaves it out
+
 D_IN, D, C, N, K = 12, 8, 11, 6, 20
 
 

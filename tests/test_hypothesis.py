@@ -1,4 +1,5 @@
 """Property-based: random shapes, τ and options against the float64 reference."""
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -8,6 +9,8 @@ from fused_tau import reference
 
 from .test_row_precision import _kd_reference
 from .tolerances import assert_close_to_ref
+
+pytestmark = pytest.mark.slow  # minutes, not seconds: `pytest -m "not slow"` leaves it out
 
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -134,6 +134,7 @@ def _opinfo_samples(dtype):
 
 @pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"), reason="this torch has no F.linear_cross_entropy")
 @pytest.mark.filterwarnings("ignore:linear_cross_entropy. ..options.. ignored")  # torch's own, on its chunked variant
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_pytorch_opinfo_samples(backend, dtype):
     """Every sample of PyTorch's own OpInfo for F.linear_cross_entropy (every variant: the plain one and

@@ -2,9 +2,13 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.train_moco import main, parse_args, train  # noqa: E402
+
+pytestmark = pytest.mark.slow  # minutes, not seconds: `pytest -m "not slow"` leaves it out
 
 
 def test_fused_and_composition_curves_agree(monkeypatch):
