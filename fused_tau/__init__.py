@@ -6,6 +6,14 @@
 CUDA tensors run the Triton kernels; other devices run the torch path with the
 same numerics (see ``fused_tau._dispatch``).
 """
+import warnings as _warnings
+
+with _warnings.catch_warnings():
+    # Where numpy is absent torch warns "Failed to initialize NumPy" as it imports, although
+    # neither torch nor fused_tau needs numpy; importing fused_tau says nothing.
+    _warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+    import torch as _torch  # noqa: F401
+
 from . import reference
 from ._dispatch import backend_for, backend_info
 from .calibration import expected_calibration_error, fit_temperature

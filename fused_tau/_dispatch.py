@@ -45,25 +45,32 @@ def backend_for(x):
     return _backend_choice(x.device.type, x.dtype in _kernel_dtypes())
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result(fn)`` without its import of torch._dynamo (about as
+    long as ``import torch`` itself, and it imports Triton): the decorator only sets this attribute,
+    which dynamo reads when it traces a call (tests/test_ecosystem.py checks that both agree)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _backend_choice(device_type, kernel_dtype):
     """Under torch.compile the choice is made once, while tracing, and is a constant of the graph
     (the environment and Triton's presence are not tensors dynamo could guard on; changing
     FUSED_TAU_BACKEND after compiling needs ``torch._dynamo.reset()``)."""
     forced = forced_backend()
-    if forced == "reference":
-        return "reference"
-    if forced == "torch" or not triton_available():
-        if forced == "triton":
-            raise RuntimeError("FUSED_TAU_BACKEND=triton but Triton does not import")
-        return "torch"
+    if forced in ("reference", "torch"):
+        return forced
     if forced == "triton":
+        if not triton_available():
+            raise RuntimeError("FUSED_TAU_BACKEND=triton but Triton does not import")
         if device_type != "cuda" and not interpreter_on():
             raise RuntimeError(
                 "FUSED_TAU_BACKEND=triton needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors"
             )
         return "triton" if kernel_dtype else "torch"
-    return "triton" if device_type == "cuda" and kernel_dtype else "torch"
+    # Triton is imported (a few hundred ms) only for an input the kernels could serve
+    return "triton" if device_type == "cuda" and kernel_dtype and triton_available() else "torch"
 
 
 def _kernel_dtypes():
