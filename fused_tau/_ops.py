@@ -202,7 +202,7 @@ def _(s2, t2, target, tau, ignore_index, elementwise, backend):
     R, C = s2.shape
     cd = _cd(s2)
     return (s2.new_empty(R, dtype=cd), s2.new_empty(R if target is not None else 0, dtype=cd),
-            s2.new_empty((R, 7), dtype=cd), s2.new_empty((R, C) if elementwise else (0,)))
+            s2.new_empty((R, 8), dtype=cd), s2.new_empty((R, C) if elementwise else (0,)))
 
 
 @_op("kd_bwd")

@@ -79,12 +79,49 @@ def _row_stats(s, t, inv):
     l = (torch.log1p(a_bar + b_bar) - a_bar).to(s.dtype)
     nu = nu0.squeeze(-1) + a_bar.to(s.dtype)
     kl_precise = l - torch.log1p(-Pm)
-    half_gap = (Ms * 0.5 - Mt * 0.5) * inv.squeeze(-1)
-    kl_plain = (half_gap + half_gap) + (torch.log1p(Ss) - torch.log1p(St)) - nu
-    kl = torch.where((l < PRECISE_BOUND) & (Pm < PM_BOUND), kl_precise, kl_plain)
+    # plain: Σ q δ - D with δ = (t - Mt)/τ - (s - Ms)/τ, each shifted in x units (never through ν,
+    # which is as large as the logits / τ and would leave their ulp in a KL of order 1)
+    delta = _shifted_gap(s, t, Ms, Mt, inv)
+    kl_plain = torch.where(q_nonzero, wt * delta, 0.0).sum(-1) / Wt + (torch.log1p(Ss) - torch.log1p(St))
+    precise = (l < PRECISE_BOUND) & (Pm < PM_BOUND)
+    kl = torch.where(precise, kl_precise, kl_plain)
     bad = (Ms == -INF) | (Mt == -INF) | torch.isnan(Ss) | torch.isnan(St)
     kl = torch.where(bad, float("nan"), kl)
-    return Ms, Ss, Mt, St, kl, nu
+    return Ms, Ss, Mt, St, kl, nu, precise
+
+
+def _shifted_gap(s, t, Ms, Mt, inv):
+    """(t - Mt)/τ - (s - Ms)/τ = log q - log p + log1p(St) - log1p(Ss), each shift in x units."""
+    return (t - Mt.unsqueeze(-1)) * inv - (s - Ms.unsqueeze(-1)) * inv
+
+
+def _log_ratio(s, t, Ms, Ss, Mt, St, kl, nu, inv):
+    """(u, w) per element, w = log p - log q = u - KL, u = v - ν (ν the q-mean of v = (s - t)/τ).
+    Each from the form with the smaller rounding: through v - ν (ulp(v) + ulp(ν): exact where the
+    student is near its teacher, also at large τ or with a common offset), or through the gap shifted
+    by the maxima, (zs - Ms) - (zt - Mt) + log1p(St) - log1p(Ss) (a student far from its teacher,
+    where v and ν are as large as the logits / τ).  u carries KL · 0, so that a row whose KL is NaN
+    or inf has NaN gradients."""
+    v = (s - t) * inv
+    nu, kl = _col(nu), _col(kl)
+    u_mean = v - nu + kl * 0.0
+    zs_gap = (s - _col(Ms)) * inv
+    zt_gap = (t - _col(Mt)) * inv
+    log_t, log_s = _col(torch.log1p(St)), _col(torch.log1p(Ss))
+    w_gap = (zs_gap - zt_gap) + (log_t - log_s) + kl * 0.0
+    err_mean = v.abs() + nu.abs()
+    err_gap = zs_gap.abs() + zt_gap.abs() + log_t + log_s
+    u = torch.where(err_mean <= err_gap + kl.abs(), u_mean, w_gap + kl)
+    w = torch.where(err_mean + kl.abs() <= err_gap, u_mean - kl, w_gap)
+    return u, w
+
+
+def _col(x):
+    return x if x.dim() == 2 else x.unsqueeze(-1)
+
+
+def _flat(x):
+    return x.squeeze(-1) if x.dim() == 2 else x
 
 
 def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
@@ -92,19 +129,21 @@ def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
     cd = _compute_dtype(s2)
     tau_c = _tau_col(tau, R, cd)
     kl = torch.empty(R, device=s2.device, dtype=cd)
-    stats = torch.zeros(R, 7, device=s2.device, dtype=cd)
+    # (Ms, Ss, Mt, St, KL, ν, S1, precise): precise = 1 where the row takes the second-order forms
+    stats = torch.zeros(R, 8, device=s2.device, dtype=cd)
     ce = torch.empty(R, device=s2.device, dtype=cd) if target is not None else None
     out = torch.empty((R, C), device=s2.device, dtype=s2.dtype) if elementwise else None
     for sl in _chunks(R, C):
         s, t = s2[sl].to(cd), t2[sl].to(cd)
         inv = 1.0 / tau_c[sl]
-        Ms, Ss, Mt, St, k, nu = _row_stats(s, t, inv)
+        Ms, Ss, Mt, St, k, nu, precise = _row_stats(s, t, inv)
         kl[sl] = k
         for i, val in enumerate((Ms, Ss, Mt, St, k, nu)):
             stats[sl, i] = val
+        stats[sl, 7] = precise.to(cd)
         if elementwise:
             q = torch.exp((t - Mt.unsqueeze(-1)) * inv - torch.log1p(St).unsqueeze(-1))
-            w = ((s - t) * inv - nu.unsqueeze(-1)) - k.unsqueeze(-1)  # log p - log q
+            _, w = _log_ratio(s, t, Ms, Ss, Mt, St, k, nu, inv)  # log p - log q
             # q (log q - log p), exactly 0 where q = 0 (as F.kl_div's xlogy); NaN where q is NaN
             out[sl] = torch.where(q != 0, -q * w, 0.0) * tau_c[sl] ** 2
         if target is not None:
@@ -139,12 +178,12 @@ def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teach
         q = torch.exp((t - Mt) * inv - torch.log1p(St))  # NaN for a row with a NaN, a +inf or no finite logit
         # kl · 0: a row whose KL is NaN or inf (a NaN or +inf logit, a student -inf where q > 0) has
         # the composition's NaN teacher gradient (its δ - KL is inf - inf)
-        u = (s - t) * inv - nu + kl * 0.0
-        w = u - kl  # log p - log q
+        precise = stats[sl, 7].unsqueeze(-1) != 0
+        u, w = _log_ratio(s, t, Ms, Ss, Mt, St, kl, nu, inv)  # w = log p - log q
         keep = q != 0
-        small_w = w.abs() <= SERIES_BOUND
+        small_w = precise & (w.abs() <= SERIES_BOUND)
         psi_w = psi_series(torch.where(small_w, w, 0.0))
-        # p - q = q expm1(w) with no cancellation where p ≈ q
+        # p - q = q expm1(w) with no cancellation where p ≈ q (second-order rows)
         dcore = torch.where(keep, torch.where(small_w, q * (w + psi_w), p - q), p)
         gc = g[sl].to(cd) if elementwise else g[sl].unsqueeze(-1)
         if elementwise:
@@ -194,6 +233,8 @@ def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teach
             small_l = l.abs() <= SERIES_BOUND
             psi_l = torch.where(small_l, psi_series(torch.where(small_l, l, 0.0)), torch.expm1(l) - l)
             B = (body - masked).sum(-1) - 2.0 * psi_l - 2.0 * log_kept
-            precise = tc.squeeze(-1) * gc.squeeze(-1) * B
-            dtau[sl] = torch.where((l < PRECISE_BOUND) & (Pm < PM_BOUND), precise, plain)
+            # the third-order terms are small only where every kept u is: a class far from the rest
+            # (a student far from its teacher) makes them large and cancelling, the plain form exact
+            u_small = torch.where(keep, u.abs() <= SERIES_BOUND, True).all(-1)
+            dtau[sl] = torch.where(precise.squeeze(-1) & u_small, tc.squeeze(-1) * gc.squeeze(-1) * B, plain)
     return ds, dt, dtau

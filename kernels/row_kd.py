@@ -87,7 +87,7 @@ def _kd_fwd_kernel(
     D = (Mt - Ms) + (log1p(St) - log1p(Ss))
     kl = w_row / (1.0 + St) - D
     tl.store(kd_ptr + r, kl)
-    base = stats_ptr + r * 7
+    base = stats_ptr + r * 8
     tl.store(base + 0, Ms)
     tl.store(base + 1, Ss)
     tl.store(base + 2, Mt)
@@ -135,7 +135,7 @@ def _kd_bwd_kernel(
     s_row = s_ptr + r * stride_s
     t_row = t_ptr + r * stride_t
     tau = tl.load(tau_ptr + r * stride_tau).to(tl.float32)
-    base = stats_ptr + r * 7
+    base = stats_ptr + r * 8
     Ms = tl.load(base + 0)
     Ss = tl.load(base + 1)
     Mt = tl.load(base + 2)
@@ -213,11 +213,11 @@ def _kd_bwd_kernel(
 
 def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
     """Rows (R, C) of student and teacher logits (class stride 1).  Returns (kl, ce or None,
-    stats (R, 7) fp32, elementwise output or None)."""
+    stats (R, 8) fp32, elementwise output or None)."""
     R, C = s2.shape
     dev = s2.device
     kl = torch.empty(R, device=dev, dtype=torch.float32)
-    stats = torch.zeros(R, 7, device=dev, dtype=torch.float32)
+    stats = torch.zeros(R, 8, device=dev, dtype=torch.float32)  # the torch path's width; column 7 unused here
     ce = torch.empty(R, device=dev, dtype=torch.float32) if target is not None else kl
     out = torch.empty((R, C), device=dev, dtype=s2.dtype) if elementwise else kl
     block, _, _ = row_config(C, LANES_PER_BLOCK)

@@ -198,7 +198,11 @@ def _kd(x, t, lib, teacher):
 
 @SETTINGS
 @given(case=special_logits(), data=st.data())
-def test_kd_loss_special_values(backend, case, data):
+def test_kd_loss_special_values(backend, case, data, request):
+    if backend == "triton":  # the kernel's KL cancels at large τ (issue 12 item 9), open: see test_row_precision
+        request.applymarker(pytest.mark.xfail(strict=True, reason="open (issue 12 item 9) on the kernel path: "
+                                              "KL = Σ q d - (lse_t - lse_s) loses digits at τ ≥ 100 and with a "
+                                              "student far from its teacher (2.62327 vs 2.62376 at τ = 100)"))
     x, tau, g = case
     teacher = torch.randn(x.shape, generator=g) * data.draw(st.sampled_from([1.0, 30.0]))
     if data.draw(st.booleans()):
