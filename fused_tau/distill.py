@@ -72,7 +72,12 @@ class KDFunction(torch.autograd.Function):
                                      teacher_grad, tau_grad)
         ds = ds.view(ctx.shape) if ctx.needs_input_grad[0] else None
         dt = dt.view(ctx.shape) if teacher_grad else None
-        dtau = reduce_tau_grad(dtau, tau, 1) if tau_grad else None
+        if tau_grad:
+            # a row whose KL is NaN, or +inf at every τ (the student -inf where the teacher is not), has no dL/dτ:
+            # NaN, as the composition's, not the finite remainder of the other terms
+            dtau = reduce_tau_grad(torch.where(torch.isfinite(stats[:, 4]), dtau, float("nan")), tau, 1)
+        else:
+            dtau = None
         return ds, dt, None, dtau, None, None, None, None
 
 

@@ -151,6 +151,14 @@ def _differential(run, x, tau, degree=0, scaled=(), **kw):
         if name == "ref":
             extra = [(args[k], gk) for k, gk in zip(scaled, grads[2:])]
             results[name][2] = _euler_tau_grad(out.detach(), leaf, results[name][1], tau, degree, extra)
+    if torch.isfinite(results["torch32"][0]).all() and not torch.isfinite(results["ref"][0]).all():
+        # float64 sees what fp32 cannot: a probability below fp32's range (a teacher's exp(-500)) against a
+        # -inf student is +inf in float64 and a masked 0 in fp32.  Then fp32 is the only meaningful judge
+        # of the loss and dx, and dτ must be finite (the composition's own fp32 dτ is NaN: 0 · (-inf)).
+        for i in range(2):
+            assert_close_to_ref(results["ours"][i], results["torch32"][i], torch.float32)
+        assert torch.isfinite(results["ours"][2]).all()
+        return
     for i, what in enumerate(("loss", "dx", "dtau")):
         ref = results["ref"][i]
         bound = _finite_where_ref_is(results["torch32"][i], ref)
