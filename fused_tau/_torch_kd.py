@@ -3,7 +3,7 @@ arguments and results, in torch ops over chunks of rows (fp32; fp64 for fp64 inp
 The formulas are the kernel's (see its module docstring)."""
 import torch
 
-from ._torch_row import _chunks, _compute_dtype, _nan_if_posinf, _stats
+from ._torch_row import _compute_dtype, _exp, _nan_if_posinf, _stats, for_each, row_chunks
 
 
 def _tau_col(tau, R, cd):
@@ -36,9 +36,10 @@ def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
     stats = torch.zeros(R, 7, device=s2.device, dtype=cd)
     ce = torch.empty(R, device=s2.device, dtype=cd) if target is not None else None
     out = torch.empty((R, C), device=s2.device, dtype=s2.dtype) if elementwise else None
-    for sl in _chunks(R, C):
+
+    def work(sl):
         zs, zt, lp, lq, (Ms, Ss, Mt, St) = _rows(s2, t2, sl, tau_c, cd)
-        elem = _xlogy_gap(lq.exp(), lq, lp)
+        elem = _xlogy_gap(_exp(lq), lq, lp)
         kl[sl] = elem.sum(-1)
         stats[sl, 0], stats[sl, 1], stats[sl, 2], stats[sl, 3], stats[sl, 4] = Ms, Ss, Mt, St, kl[sl]
         if elementwise:
@@ -52,6 +53,8 @@ def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
             s_y = s1.gather(-1, torch.where(valid, y, 0).unsqueeze(-1)).squeeze(-1)
             ce[sl] = torch.where(valid, (M1 - s_y) + torch.log1p(S1), 0.0)
             stats[sl, 5], stats[sl, 6] = M1, S1
+
+    for_each(row_chunks(R, C, s2.device), work, s2.device, R * C)
     return kl, ce, stats, out
 
 
@@ -66,7 +69,8 @@ def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teach
         g = g.to(cd).reshape(-1).expand(R)
     # the teacher's and τ's terms need log q - log p; the student's alone needs only p and q
     need_delta = elementwise or teacher_grad or tau_grad
-    for sl in _chunks(R, C):
+
+    def work(sl):
         t = tau_c[sl]
         zs = torch.div(s2[sl], t).to(cd)
         zt = torch.div(t2[sl], t).to(cd)
@@ -111,4 +115,6 @@ def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teach
             shifted = (torch.where(dzs != 0, (s2[sl].to(cd) * 0.5 - Ms * half) * dzs, 0.0)
                        + torch.where(dzt != 0, (t2[sl].to(cd) * 0.5 - Mt * half) * dzt, 0.0)).sum(-1)
             dtau[sl] = 2.0 * (t.squeeze(-1) * F.squeeze(-1) - shifted)
+
+    for_each(row_chunks(R, C, s2.device), work, s2.device, R * C)
     return ds, dt, dtau
