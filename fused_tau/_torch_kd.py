@@ -5,7 +5,7 @@ base measure, v = (s - t)/τ, ν = E_q v, u = v - ν, KL = log E_q e^u - log(1 -
 in memory here, so the reference ν0 of the kernel is the exact q-weighted mean."""
 import torch
 
-from ._torch_row import _chunks, _compute_dtype, _nan_if_posinf
+from ._torch_row import _compute_dtype, _nan_if_posinf, for_each, row_chunks
 
 INF = float("inf")
 # Taylor coefficients of ψ(x) = e^x - 1 - x = x² Σ_k x^k/(k+2)! and of ψ3(x) = e^x - 1 - x - x²/2
@@ -133,7 +133,8 @@ def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
     stats = torch.zeros(R, 8, device=s2.device, dtype=cd)
     ce = torch.empty(R, device=s2.device, dtype=cd) if target is not None else None
     out = torch.empty((R, C), device=s2.device, dtype=s2.dtype) if elementwise else None
-    for sl in _chunks(R, C):
+
+    def work(sl):
         s, t = s2[sl].to(cd), t2[sl].to(cd)
         inv = 1.0 / tau_c[sl]
         Ms, Ss, Mt, St, k, nu, precise = _row_stats(s, t, inv)
@@ -157,6 +158,8 @@ def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
             s_y = s.gather(-1, torch.where(valid, y, 0).unsqueeze(-1)).squeeze(-1)
             ce[sl] = torch.where(valid, (Ms - s_y) + torch.log1p(S1), 0.0)
             stats[sl, 6] = S1
+
+    for_each(row_chunks(R, C, s2.device), work, s2.device, R * C)
     return kl, ce, stats, out
 
 
@@ -169,7 +172,8 @@ def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teach
     dtau = torch.empty(R, device=s2.device, dtype=cd) if tau_grad else None
     if not elementwise:
         g = g.to(cd).reshape(-1).expand(R)
-    for sl in _chunks(R, C):
+
+    def work(sl):
         tc = tau_c[sl]
         inv = 1.0 / tc
         s, t = s2[sl].to(cd), t2[sl].to(cd)
@@ -217,7 +221,7 @@ def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teach
             shifted = (torch.where(dzs != 0, hs * dzs, 0.0) + torch.where(dzt != 0, ht * dzt, 0.0)).sum(-1)
             if elementwise:
                 dtau[sl] = 2.0 * (tc.squeeze(-1) * F.squeeze(-1) - shifted)
-                continue
+                return
             plain = 2.0 * (tc.squeeze(-1) * gc.squeeze(-1) * kl.squeeze(-1) - shifted)
             # precise (see the kernel's docstring): every term of third order in 1/τ
             q_psi_w = torch.where(small_w, q * psi_w, (p - q) - q * w)
@@ -237,4 +241,6 @@ def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teach
             # (a student far from its teacher) makes them large and cancelling, the plain form exact
             u_small = torch.where(keep, u.abs() <= SERIES_BOUND, True).all(-1)
             dtau[sl] = torch.where(precise.squeeze(-1) & u_small, tc.squeeze(-1) * gc.squeeze(-1) * B, plain)
+
+    for_each(row_chunks(R, C, s2.device), work, s2.device, R * C)
     return ds, dt, dtau

@@ -6,12 +6,113 @@ Same numerics as the kernels: the statistics ``M = max z`` and
 cancellation), and the exact small-τ forms built on them.  Work is done in fp32 (fp64 for fp64
 inputs) over chunks of about ``CHUNK_ELEMENTS`` elements, small enough that a
 chunk's passes stay in cache and no temporary grows with the input.
+
+On CPU the chunks are shared out among ``torch.get_num_threads()`` threads, each running
+its ops on one core (``for_each``), rather than every op of every chunk splitting itself
+across the cores: an op split across cores ends when its slowest part does, and on a busy
+machine a core's part can wait a whole scheduler time slice (measured: 16 ms per op, whatever
+its size, on 2 cores with other work on them), which a chunk loop of hundreds of small ops
+pays hundreds of times.  A thread that takes the next chunk when it is done with one is
+slowed by a busy core no more than its share of the work.
 """
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from ._dispatch import MODE_LSE, MODE_SOFTMAX
 
 CHUNK_ELEMENTS = 1 << 20
+# below this many elements a call runs on the caller's thread alone: handing work to another
+# thread costs tens of µs, and torch runs ops this small on one core anyway
+PARALLEL_MIN_ELEMENTS = 1 << 18
+
+_pool = None
+_pool_lock = threading.Lock()
+
+
+def _reset_pool():
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_pool)  # a forked child has none of the parent's threads
+
+
+def _workers(n):
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < n:
+            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="fused_tau")
+        return _pool
+
+
+def threads_for(device, elements):
+    """How many threads ``for_each`` would use for a call on ``device`` touching ``elements``."""
+    if device.type != "cpu" or elements < PARALLEL_MIN_ELEMENTS:
+        return 1
+    return torch.get_num_threads()
+
+
+def for_each(tasks, work, device, elements):
+    """``work(task)`` for every task, in any order and concurrently: on CPU (for ``elements`` ≥
+    PARALLEL_MIN_ELEMENTS) by ``torch.get_num_threads()`` threads, the caller's among them, each
+    taking the next task when done with one, with torch's intra-op threads set to 1 meanwhile
+    (restored after; the workers start with that setting, and with the caller's grad and inference
+    modes).  Tasks must write disjoint outputs; what each computes does not depend on the thread."""
+    tasks = list(tasks)
+    n = min(threads_for(device, elements), len(tasks))
+    if n <= 1:
+        for task in tasks:
+            work(task)
+        return
+    lock, stop = threading.Lock(), threading.Event()
+    remaining = iter(tasks)
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def drain():
+        with torch.inference_mode() if inference else torch.set_grad_enabled(grad):
+            while not stop.is_set():
+                with lock:
+                    task = next(remaining, None)
+                if task is None:
+                    return
+                try:
+                    work(task)
+                except BaseException:
+                    stop.set()
+                    raise
+
+    _one_thread_each(+1)
+    try:
+        futures = [_workers(n - 1).submit(drain) for _ in range(n - 1)]
+        try:
+            drain()
+        finally:
+            errors = [f.exception() for f in futures]  # waits for every worker
+        for e in errors:
+            if e is not None:
+                raise e
+    finally:
+        _one_thread_each(-1)
+
+
+_active_calls, _threads_before = 0, None
+
+
+def _one_thread_each(delta):
+    """Set torch's intra-op threads to 1 while any for_each call runs in parallel, and back to what it
+    was when the last one ends (two calls from two of the caller's threads may overlap)."""
+    global _active_calls, _threads_before
+    with _pool_lock:
+        if delta > 0 and _active_calls == 0:
+            _threads_before = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _active_calls += delta
+        if _active_calls == 0:
+            torch.set_num_threads(_threads_before)
 
 
 def _compute_dtype(x):
@@ -29,10 +130,15 @@ def _from_rows(rows, A, B):
     return rows.reshape(A, B, C).permute(0, 2, 1)
 
 
-def _chunks(R, C):
-    step = max(1, CHUNK_ELEMENTS // max(C, 1))
-    for lo in range(0, R, step):
-        yield slice(lo, min(R, lo + step))
+def _chunks(R, C, parts=1):
+    """Slices of rows of about CHUNK_ELEMENTS elements, at least ``parts`` of them when there are rows enough."""
+    step = max(1, min(CHUNK_ELEMENTS // max(C, 1), -(-R // max(parts, 1))))
+    return [slice(lo, min(R, lo + step)) for lo in range(0, R, step)]
+
+
+def row_chunks(R, C, device):
+    """The chunks of rows a launcher works on: at least one per thread of ``for_each``."""
+    return _chunks(R, C, threads_for(device, R * C))
 
 
 def _tau_rows(tau, A, B, dtype):
@@ -46,14 +152,47 @@ def _z(X, sl, tau_r, cd):
     return z if z.dtype == cd else z.to(cd)
 
 
+# Below LOW, exp(x) is subnormal (or 0) and torch.exp on x86 takes a slow path for every vector
+# holding such an argument (measured: 20x for arguments below -104 in fp32, where exp is 0, and 50x
+# between -104 and -87.3, where it is subnormal; -inf 3x).  z - M reaches them whenever x / τ spans
+# more than about 90 (small τ), where most of a row's elements can lie there.
+_EXP_RANGE = {torch.float32: (-87.3, -104.0), torch.float64: (-708.3, -746.0)}  # (LOW, exp(x) = 0 below)
+_EXP_LOW = {dt: float(torch.tensor(low, dtype=dt).exp()) for dt, (low, _) in _EXP_RANGE.items()}  # host-ok: CPU
+
+
+def _exp_(d):
+    """exp(d) in place, for d <= 0 (or NaN): bitwise the values of ``d.exp_()``, several times faster
+    on CPU where many elements underflow: every element gets exp(max(d, LOW)), those at or below LOW
+    are set to 0, and those between where exp is 0 and LOW (subnormal; a band of width 17 in fp32,
+    few elements) get torch.exp of themselves."""
+    if d.device.type != "cpu" or d.dtype not in _EXP_RANGE or d.numel() == 0:
+        return d.exp_()
+    low, zero_below = _EXP_RANGE[d.dtype]
+    if not float(d.min()) <= low:  # host-ok: a CPU tensor. Nothing underflows, or a NaN (min is NaN)
+        return d.exp_()
+    band = (torch.nn.functional.threshold(d, zero_below, 0.0) <= low).nonzero(as_tuple=True)
+    subnormal = d[band].exp_()
+    torch.nn.functional.threshold_(d.clamp_(min=low).exp_(), _EXP_LOW[d.dtype], 0.0)  # exp(LOW) -> 0
+    return d.index_put_(band, subnormal)
+
+
+def _exp(d):
+    """_exp_ out of place."""
+    return _exp_(d.clone())
+
+
 def _stats(z):
     """(M, S, idx): M = max z, S = Σ_{j≠argmax} exp(z_j - M), idx the argmax; the kernels' semantics
     (kernels/tl_math.py): ties with the max count 1 (a second +inf too), a row with no finite value gets
     M = -inf and S = -1 (so lse = M + log1p(S) = -inf), a NaN gives M and S NaN."""
     M, idx = z.max(-1, keepdim=True)  # NaN propagates
-    e = torch.exp(torch.where(z == M, 0.0, z - M))
-    S = e.scatter_(-1, idx, 0.0).sum(-1)
+    # a tie with a finite max: z - M = 0, exp 1
+    S = _exp_(z - M).scatter_(-1, idx, 0.0).sum(-1)
     M = M.squeeze(-1)
+    # a +inf max: z - M is NaN at each +inf (inf - inf), each of which but the argmax counts 1
+    posinf = M == float("inf")
+    if z.device.type != "cpu" or bool(posinf.any()):  # host-ok: a CPU tensor (checked, to skip a pass)
+        S = torch.where(posinf, (z == float("inf")).sum(-1).to(S.dtype) - 1.0, S)
     return M, torch.where(M == float("-inf"), -1.0, S), idx
 
 
@@ -77,7 +216,8 @@ def softmax_fwd(x3, tau, mode):
     m = torch.empty(R, device=x3.device, dtype=cd)
     s = torch.empty_like(m)
     out = torch.empty(R if mode == MODE_LSE else (R, C), device=x3.device, dtype=x3.dtype)
-    for sl in _chunks(R, C):
+
+    def work(sl):
         z = _z(X, sl, tau_r, cd)
         M, S, idx = _stats(z)
         if mode != MODE_LSE:
@@ -86,10 +226,12 @@ def softmax_fwd(x3, tau, mode):
         if mode == MODE_LSE:
             out[sl] = tau_r[sl].squeeze(-1) * (M + torch.log1p(S))
         elif mode == MODE_SOFTMAX:
-            out[sl] = torch.exp(z - M.unsqueeze(-1)).div_((1.0 + S).unsqueeze(-1))
+            out[sl] = _exp_(z - M.unsqueeze(-1)).div_((1.0 + S).unsqueeze(-1))
         else:
             # log p_j = (z_j - M) - log1p(S): exactly -log1p(S) at the argmax
             out[sl] = z.sub_(M.unsqueeze(-1)).sub_(torch.log1p(S).unsqueeze(-1))
+
+    for_each(row_chunks(R, C, x3.device), work, x3.device, R * C)
     if mode != MODE_LSE:
         out = _from_rows(out, A, B).contiguous()
     return out, m, s
@@ -101,11 +243,13 @@ def softmax_bwd(y, g, x3, m, s, tau, log, tau_grad):
     Y, G, X, tau_r = _as_rows(y), _as_rows(g), _as_rows(x3), _tau_rows(tau, A, B, cd)
     dx = torch.empty((R, C), device=y.device, dtype=y.dtype)
     dtau = torch.empty(R, device=y.device, dtype=cd) if tau_grad else None
-    for sl in _chunks(R, C):
+
+    def work(sl):
         # .to() returns the saved output itself when the dtype matches: no in-place op on it
         yy, gg = Y[sl].to(cd), G[sl].to(cd)
+        p = _exp(yy) if log else yy
         if log:
-            dz = gg - yy.exp() * gg.sum(-1, keepdim=True)
+            dz = gg - p * gg.sum(-1, keepdim=True)
         else:
             dz = yy * (gg - (gg * yy).sum(-1, keepdim=True))
         if tau_grad:
@@ -113,11 +257,12 @@ def softmax_bwd(y, g, x3, m, s, tau, log, tau_grad):
             # Σ dz = 0 by errors ∝ y |x - c|, least at the p-weighted mean (kernels/row_softmax.py)
             t = tau_r[sl].squeeze(-1)
             x = X[sl].to(cd)  # read only: it may be the caller's logits
-            p = yy.exp() if log else yy
             c_half = torch.where(p != 0, p * x, 0.0).sum(-1, keepdim=True) * 0.5
             half = torch.where(dz != 0, (x * 0.5 - c_half) * dz, 0.0).sum(-1)
             dtau[sl] = -(half / t) * (2.0 / t)
         dx[sl] = dz.div_(tau_r[sl])
+
+    for_each(row_chunks(R, C, y.device), work, y.device, R * C)
     return _from_rows(dx, A, B).contiguous(), dtau
 
 
@@ -127,16 +272,19 @@ def lse_bwd(x3, m, s, tau, g, tau_grad):
     X, tau_r = _as_rows(x3), _tau_rows(tau, A, B, cd)
     dx = torch.empty((R, C), device=x3.device, dtype=x3.dtype)
     dtau = torch.empty(R, device=x3.device, dtype=cd) if tau_grad else None
-    for sl in _chunks(R, C):
+
+    def work(sl):
         z = _z(X, sl, tau_r, cd)
         M, S = m[sl].unsqueeze(-1), s[sl]
         # from the forward's statistics: a +inf logit gets NaN, the others 0, as in torch
-        p = torch.exp(z - M).div_((1.0 + S).unsqueeze(-1))
+        p = _exp_(z - M).div_((1.0 + S).unsqueeze(-1))
         gg = g[sl].to(cd)
         if tau_grad:
             gap = torch.where(p != 0, p * z.sub_(M), 0.0).sum(-1)  # Σ p (z - M) <= 0; NaN stays
             dtau[sl] = gg * (torch.log1p(S) - gap)
         dx[sl] = p.mul_(gg.unsqueeze(-1))
+
+    for_each(row_chunks(R, C, x3.device), work, x3.device, R * C)
     return _from_rows(dx, A, B).contiguous(), dtau
 
 
@@ -169,7 +317,8 @@ def ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target):
     has_a = prob_target or smoothing > 0
     a_rows = torch.empty(R, **new) if has_a else None
     wy = None if prob_target else torch.empty(R, **new)
-    for sl in _chunks(R, C):
+
+    def work(sl):
         z = _z(X, sl, tau_r, cd)
         M, S, _ = _stats(z)
         S = _nan_if_posinf(M, S)
@@ -187,6 +336,8 @@ def ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target):
             part = torch.where(valid, (1.0 - smoothing) * w_y * ((M - z_y) + L) + part, 0.0)
             wy[sl] = w_y
         loss[sl] = part
+
+    for_each(row_chunks(R, C, x3.device), work, x3.device, R * C)
     return loss, wy, m, s, a_rows
 
 
@@ -199,7 +350,8 @@ def ce_bwd(x3, target, weight, tau, m, s, a_rows, g, ignore_index, smoothing, pr
     g = g.to(cd).reshape(-1).expand(R)
     dx = torch.empty((R, C), device=x3.device, dtype=x3.dtype)
     dtau = torch.empty(R, device=x3.device, dtype=cd) if tau_grad else None
-    for sl in _chunks(R, C):
+
+    def work(sl):
         z = _z(X, sl, tau_r, cd)
         M, S = m[sl], s[sl]
         A_row = a_rows[sl] if a_rows is not None else torch.zeros_like(S)
@@ -229,6 +381,8 @@ def ce_bwd(x3, target, weight, tau, m, s, a_rows, g, ignore_index, smoothing, pr
             # dL/dτ = -(1/τ) Σ z dL/dz = -(1/τ) Σ (x - M τ) dx  (Σ dz = 0), in x units
             dtau[sl] = -_half_gap_sum(X, sl, M, tau_r, cd, dz) * (2.0 / tau_r[sl].squeeze(-1))
         dx[sl] = dz
+
+    for_each(row_chunks(R, C, x3.device), work, x3.device, R * C)
     dx = _from_rows(dx, A, B)
     if inplace:
         return x3.copy_(dx), dtau

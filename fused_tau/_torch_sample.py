@@ -2,9 +2,10 @@
 same names, arguments and results, written with torch ops, for devices without Triton.
 
 The noise is drawn with ``Tensor.exponential_`` (g = -log E, E ~ Exponential(1), as
-``F.gumbel_softmax`` does) from a generator seeded with the launch's seed (drawn from the
-caller's generator by fused_tau._ops.draw_seed), one chunk of rows at a time, so no fp32
-temporary is larger than a chunk (``_torch_row.CHUNK_ELEMENTS``).  The draws have the
+``F.gumbel_softmax`` does) one chunk of rows at a time, so no fp32 temporary is larger than a
+chunk (``_torch_row.CHUNK_ELEMENTS``), each chunk from its own generator seeded from the launch's
+seed (drawn from the caller's generator by fused_tau._ops.draw_seed), so that chunks drawn on
+several threads (``_torch_row.for_each``) give the same noise in any order.  The draws have the
 kernels' distribution, not their random stream.  Unlike the kernels, which regenerate
 their noise from the seed, the hard backward here needs the soft sample: ``gumbel_fwd``
 keeps it (in the logits' dtype, as ``F.gumbel_softmax``'s autograd does) when a gradient
@@ -12,7 +13,7 @@ is needed.
 """
 import torch
 
-from ._torch_row import _as_rows, _chunks, _compute_dtype, _from_rows, _tau_rows
+from ._torch_row import _as_rows, _chunks, _compute_dtype, _from_rows, _tau_rows, for_each, row_chunks
 
 
 def _gumbel(n_rows, C, dtype, device, generator):
@@ -21,34 +22,43 @@ def _gumbel(n_rows, C, dtype, device, generator):
     return e.clamp_(min=torch.finfo(dtype).tiny).log_().neg_()
 
 
-def _seeded(seed):
-    """A generator on the seed's device started from the launch's seed.  Reading the seed is a
-    host read: free for CPU tensors, a sync for CUDA ones (this path serves CUDA only for fp64
-    or when forced; the kernels read their seed on the device)."""
-    return torch.Generator(device=seed.device).manual_seed(int(seed))  # host-ok: see above
+def _chunk_generators(seed, chunks):
+    """One generator per chunk of rows (on the seed's device), each started from a seed that a
+    generator started from the launch's seed draws in chunk order: the chunks may be drawn in any
+    order, by any thread, and give the same noise.  The chunks are ``_chunks(R, C)``, which do not
+    depend on the number of threads.  Reading the seed is a host read: free for CPU tensors, a
+    sync for CUDA ones (this path serves CUDA only for fp64 or when forced; the kernels read
+    their seed on the device)."""
+    draws = torch.randint(0, 2 ** 62, (len(chunks),), generator=torch.Generator().manual_seed(int(seed)))  # host-ok
+    seeds = draws.tolist()  # host-ok: a CPU tensor
+    return {sl.start: torch.Generator(device=seed.device).manual_seed(s) for sl, s in zip(chunks, seeds)}
 
 
 def gumbel_fwd(x3, tau, seed, hard, need_grad):
     """Returns (out, aux): out = softmax((x + g) / τ), or the one-hot of its argmax when
     ``hard``, contiguous (A, C, B) in x3's dtype; aux = (the soft sample,) when ``hard`` and
     a gradient is needed, else ()."""
-    generator = _seeded(seed)
     A, C, B = x3.shape
     R, cd = A * B, _compute_dtype(x3)
+    chunks = _chunks(R, C)
+    generators = _chunk_generators(seed, chunks)
     X, tau_r = _as_rows(x3), _tau_rows(tau, A, B, cd)
     out = torch.empty((R, C), device=x3.device, dtype=x3.dtype)
     soft = torch.empty_like(out) if hard and need_grad else None
-    for sl in _chunks(R, C):
+
+    def work(sl):
         xs = X[sl]
         z = xs.to(cd) if xs.dtype != cd else xs.clone()
-        z.add_(_gumbel(z.shape[0], C, cd, x3.device, generator)).div_(tau_r[sl])
+        z.add_(_gumbel(z.shape[0], C, cd, x3.device, generators[sl.start])).div_(tau_r[sl])
         p = torch.softmax(z, -1)
         if not hard:
             out[sl] = p
-            continue
+            return
         if soft is not None:
             soft[sl] = p
         out[sl].zero_().scatter_(-1, z.argmax(-1, keepdim=True), 1.0)
+
+    for_each(chunks, work, x3.device, R * C)
     out = _from_rows(out, A, B).contiguous()
     return out, (() if soft is None else (_from_rows(soft, A, B).contiguous(),))
 
@@ -62,9 +72,12 @@ def gumbel_bwd(g, tau, hard, src, seed, aux):
     cd = _compute_dtype(y)
     Y, G, tau_r = _as_rows(y), _as_rows(g), _tau_rows(tau, A, B, cd)
     dx = torch.empty((A * B, C), device=y.device, dtype=y.dtype)
-    for sl in _chunks(A * B, C):
+
+    def work(sl):
         yy, gg = Y[sl].to(cd), G[sl].to(cd)
         dx[sl] = (gg - (gg * yy).sum(-1, keepdim=True)).mul_(yy).div_(tau_r[sl])
+
+    for_each(row_chunks(A * B, C, y.device), work, y.device, A * B * C)
     return _from_rows(dx, A, B).contiguous()
 
 
@@ -77,9 +90,11 @@ def sample_fwd(x2, tau, seed, greedy):
     R, C = x2.shape
     idx = torch.empty(R, device=x2.device, dtype=torch.int64)
     cd = _compute_dtype(x2)
-    generator = None if greedy else _seeded(seed)
+    chunks = _chunks(R, C)
+    generators = None if greedy else _chunk_generators(seed, chunks)
     tau_r = tau.to(cd).reshape(-1, 1).expand(R, 1)
-    for sl in _chunks(R, C):
+
+    def work(sl):
         x = x2[sl]
         top = x.argmax(-1)
         if not greedy:
@@ -87,7 +102,9 @@ def sample_fwd(x2, tau, seed, greedy):
             m = x.amax(-1, keepdim=True)
             t = tau_r[sl]
             noisy = ((t > 0) & torch.isfinite(m)).squeeze(-1)
-            key = (x - m).div_(t).add_(_gumbel(x.shape[0], C, cd, x2.device, generator))
+            key = (x - m).div_(t).add_(_gumbel(x.shape[0], C, cd, x2.device, generators[sl.start]))
             top = torch.where(noisy, key.argmax(-1), top)
         idx[sl] = top.masked_fill_(torch.isnan(x).any(-1), -1)
+
+    for_each(chunks, work, x2.device, R * C)
     return idx

@@ -12,15 +12,30 @@ excluded); exp only ever sees a difference of dot products divided by τ (kernel
             with the caller's reference r (dot units).
 The target column and any rank-one terms are the caller's (fused_tau/contrastive.py).
 """
+import threading
+
 import torch
 
+from . import _torch_row as torch_row
+
 CHUNK_ELEMENTS = 1 << 20
+# On CPU, where the work is shared out among threads (_torch_row.for_each), the logits are cut into
+# tiles of ROW_BLOCK rows by at most 1/COL_PARTS of the columns; elsewhere into chunks of columns of
+# all the rows.  The cut depends on the shapes only, not on the number of threads, and the forward
+# and the backward cut alike, so that both compute each logit with the same matmul, to the last bit.
+ROW_BLOCK = 64
+COL_PARTS = 8
 
 
-def _col_chunks(N, K):
-    step = max(1, CHUNK_ELEMENTS // max(N, 1))
-    for lo in range(0, K, step):
-        yield lo, min(K, lo + step)
+def _tiles(N, K, device):
+    """(row blocks as slices, column chunks as (lo, hi)): see ROW_BLOCK."""
+    shared = device.type == "cpu" and N * K >= torch_row.PARALLEL_MIN_ELEMENTS and N > ROW_BLOCK
+    rb = ROW_BLOCK if shared else max(N, 1)
+    cb = max(1, CHUNK_ELEMENTS // rb)
+    if shared:
+        cb = min(cb, max(1, -(-K // COL_PARTS)))
+    return ([slice(lo, min(N, lo + rb)) for lo in range(0, N, rb)],
+            [(lo, min(K, lo + cb)) for lo in range(0, K, cb)])
 
 
 def _compute_dtype(a):
@@ -36,13 +51,14 @@ def _dots(a_c, b, bias, lo, hi, cd):
     return y
 
 
-def _excluded_columns(N, lo, hi, target, diag_offset, device):
-    """Per excluded kind (target, self), the chunk-local column of each row and whether it is in the chunk."""
+def _excluded_columns(rows, lo, hi, target, diag_offset, device):
+    """Per excluded kind (target, self), the chunk-local column of each of the ``rows`` (a slice) and
+    whether it is in the chunk."""
     out = []
     if target is not None:
-        out.append(target)
+        out.append(target[rows])
     if diag_offset is not None:
-        out.append(torch.arange(N, device=device) + diag_offset)
+        out.append(torch.arange(rows.start, rows.stop, device=device) + diag_offset)
     return [((c - lo).clamp(0, hi - lo - 1).unsqueeze(-1), ((c >= lo) & (c < hi)).unsqueeze(-1)) for c in out]
 
 
@@ -53,32 +69,74 @@ def _exclude_(z, excluded, fill):
     return z
 
 
+class _InChunkOrder:
+    """Runs each column chunk's update of the shared accumulators in chunk order, whichever thread
+    computed it, so that the sums are those of one pass over the chunks (for_each hands the chunks out
+    in order: the chunk a thread waits for is being computed by another)."""
+
+    def __init__(self):
+        self.next, self.failed, self.turn = 0, False, threading.Condition()
+
+    def run(self, i, update):
+        with self.turn:
+            self.turn.wait_for(lambda: self.next == i or self.failed)
+            if self.failed:
+                raise RuntimeError("another chunk failed")
+            update()
+            self.next += 1
+            self.turn.notify_all()
+
+    def fail(self):
+        with self.turn:
+            self.failed = True
+            self.turn.notify_all()
+
+
 def tile_fwd(a, b, bias, tau_rows, target, diag_offset):
-    """Returns (m, s, y_target or None) in dot units, fp32 (fp64 for fp64 inputs), one per row of ``a``."""
+    """Returns (m, s, y_target or None) in dot units, fp32 (fp64 for fp64 inputs), one per row of ``a``.
+    Each block of rows goes through the column chunks in order (the blocks are shared out)."""
     N, K = a.shape[0], b.shape[0]
     cd = _compute_dtype(a)
     a_c = a.to(cd)
-    tau_col = tau_rows.to(cd).unsqueeze(-1)
-    m = torch.full((N,), float("-inf"), device=a.device, dtype=cd)
-    s = torch.zeros(N, device=a.device, dtype=cd)
-    zy = torch.zeros(N, device=a.device, dtype=cd) if target is not None else None
-    for lo, hi in _col_chunks(N, K):
-        y = _dots(a_c, b, bias, lo, hi, cd)
-        excluded = _excluded_columns(N, lo, hi, target, diag_offset, a.device)
+    tau_c = tau_rows.to(cd)
+    m_out = torch.empty(N, device=a.device, dtype=cd)
+    s_out = torch.empty(N, device=a.device, dtype=cd)
+    zy_out = torch.empty(N, device=a.device, dtype=cd) if target is not None else None
+    row_blocks, col_chunks = _tiles(N, K, a.device)
+
+    def block(rows):
+        n = rows.stop - rows.start
+        tau_r = tau_c[rows]
+        tau_col = tau_r.unsqueeze(-1)
+        m = torch.full((n,), float("-inf"), device=a.device, dtype=cd)
+        s = torch.zeros(n, device=a.device, dtype=cd)
+        zy = torch.zeros(n, device=a.device, dtype=cd) if target is not None else None
+        for lo, hi in col_chunks:
+            y = _dots(a_c[rows], b, bias, lo, hi, cd)
+            excluded = _excluded_columns(rows, lo, hi, target, diag_offset, a.device)
+            if target is not None:
+                col, hit = excluded[0]
+                zy = torch.where(hit.squeeze(-1), y.gather(1, col).squeeze(-1), zy)
+            _exclude_(y, excluded, float("-inf"))
+            m_new = torch.maximum(m, y.amax(1))
+            safe = torch.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing yet: no -inf - -inf
+            s = s * torch.exp((m - safe) / tau_r) + y.sub_(safe.unsqueeze(-1)).div_(tau_col).exp_().sum(1)
+            m = m_new
+        m_out[rows], s_out[rows] = m, s
         if target is not None:
-            col, hit = excluded[0]
-            zy = torch.where(hit.squeeze(-1), y.gather(1, col).squeeze(-1), zy)
-        _exclude_(y, excluded, float("-inf"))
-        m_new = torch.maximum(m, y.amax(1))
-        safe = torch.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing yet: no -inf - -inf
-        s = s * torch.exp((m - safe) / tau_rows.to(cd)) + y.sub_(safe.unsqueeze(-1)).div_(tau_col).exp_().sum(1)
-        m = m_new
-    return m, s, zy
+            zy_out[rows] = zy
+
+    torch_row.for_each(row_blocks, block, a.device, N * K)
+    return m_out, s_out, zy_out
 
 
 def tile_bwd(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref, need_da, need_db, need_zp):
     """Returns (da, db, dbias, zp), each None when not asked for (dbias only with a bias), for
-    Q_ij = scale_i exp((y_ij - shift_i) / τ_i) over the counted columns and zp_i = Σ_j (y_ij - ref_i) Q_ij."""
+    Q_ij = scale_i exp((y_ij - shift_i) / τ_i) over the counted columns and zp_i = Σ_j (y_ij - ref_i) Q_ij.
+
+    Without db the blocks of rows are shared out (each block's da and zp summed over the column
+    chunks in order); with db, the column chunks (db's rows are the chunk's columns), each summing
+    db over the row blocks in order, their contributions to da and zp added in chunk order."""
     N, K = a.shape[0], b.shape[0]
     cd = _compute_dtype(a)
     a_c = a.to(cd)
@@ -90,16 +148,52 @@ def tile_bwd(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref, need_
     shift_col = shift.to(cd).unsqueeze(-1)
     scale_col = scale.to(cd).unsqueeze(-1)
     ref_col = ref.to(cd).unsqueeze(-1)
-    for lo, hi in _col_chunks(N, K):
-        y = _dots(a_c, b, bias, lo, hi, cd)
-        Q = _exclude_(((y - shift_col) / tau_col).exp_().mul_(scale_col),
-                      _excluded_columns(N, lo, hi, target, diag_offset, a.device), 0.0)
-        if need_zp:
-            zp += (y.sub_(ref_col) * Q).sum(1)  # y is finite here (no column was set to -inf): 0 · y = 0
-        if need_da:
-            da += Q @ b[lo:hi].to(cd)
-        if need_db:
-            db[lo:hi] = (Q.T @ a_c).to(b.dtype)
-            if dbias is not None:
-                dbias[lo:hi] = Q.sum(0)
+    row_blocks, col_chunks = _tiles(N, K, a.device)
+
+    def tile_q(rows, lo, hi):
+        """(y - ref or None, Q) on the rows' chunk of columns [lo, hi); y - ref only for zp."""
+        y = _dots(a_c[rows], b, bias, lo, hi, cd)
+        Q = _exclude_(((y - shift_col[rows]) / tau_col[rows]).exp_().mul_(scale_col[rows]),
+                      _excluded_columns(rows, lo, hi, target, diag_offset, a.device), 0.0)
+        # y is finite here (no column was set to -inf): 0 · y = 0
+        return (y.sub_(ref_col[rows]) if need_zp else None), Q
+
+    if not need_db:
+        def block(rows):
+            for lo, hi in col_chunks:
+                y_ref, Q = tile_q(rows, lo, hi)
+                if need_zp:
+                    zp[rows] += (y_ref * Q).sum(1)
+                if need_da:
+                    da[rows] += Q @ b[lo:hi].to(cd)
+
+        torch_row.for_each(row_blocks, block, a.device, N * K)
+    else:
+        order = _InChunkOrder()
+
+        def chunk(task):
+            i, (lo, hi) = task
+            try:
+                zp_i = torch.empty_like(zp) if need_zp else None
+                da_i = torch.empty_like(da) if need_da else None
+                db_i = dbias_i = None
+                for rows in row_blocks:
+                    y_ref, Q = tile_q(rows, lo, hi)
+                    if need_zp:
+                        zp_i[rows] = (y_ref * Q).sum(1)
+                    if need_da:
+                        da_i[rows] = Q @ b[lo:hi].to(cd)
+                    db_r = Q.T @ a_c[rows]
+                    db_i = db_r if db_i is None else db_i.add_(db_r)
+                    if dbias is not None:
+                        dbias_i = Q.sum(0) if dbias_i is None else dbias_i.add_(Q.sum(0))
+                db[lo:hi] = db_i.to(b.dtype)
+                if dbias is not None:
+                    dbias[lo:hi] = dbias_i
+                order.run(i, lambda: (zp.add_(zp_i) if need_zp else None, da.add_(da_i) if need_da else None))
+            except BaseException:
+                order.fail()
+                raise
+
+        torch_row.for_each(list(enumerate(col_chunks)), chunk, a.device, N * K)
     return (da.to(a.dtype) if need_da else None), db, dbias, zp
