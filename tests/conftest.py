@@ -48,8 +48,14 @@ def backend(request, monkeypatch):
                 monkeypatch.setattr(tile, block, 16)
             monkeypatch.setattr(tile, "MATERIALIZED_CHUNK_ELEMENTS", 0)  # several row chunks of ds
     else:
+        import fused_tau._torch_row as torch_row
         import fused_tau._torch_tile as torch_tile
 
         monkeypatch.setattr(torch_tile, "CHUNK_ELEMENTS", 256)  # several column chunks on small shapes
+        # the CPU path's threads on small shapes too: several row chunks and tiles shared among threads
+        monkeypatch.setattr(torch_row, "PARALLEL_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(torch_row, "CHUNK_ELEMENTS", 64)
+        monkeypatch.setattr(torch_tile, "ROW_BLOCK", 3)
+        monkeypatch.setattr(torch_tile, "COL_PARTS", 3)
     monkeypatch.setenv("FUSED_TAU_BACKEND", name)
     return name
