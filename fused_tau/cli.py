@@ -25,12 +25,13 @@ from .softmax import log_softmax, softmax
 
 PROG = "fused-tau"
 
-# The seed documents' own examples (../shared/seeds/): (source, logits, target or None, τ values).
+# The examples the blog posts on the temperature print (the project's seed documents 000, 002, 003):
+# (source, logits, target or None, τ values).
 SEED_EXAMPLES = (
-    ("seed 000", (1.0, 2.0, 3.0), 2, (1.0, 0.5, 0.1)),
-    ("seed 002", (1.0, 5.0, 7.0, 10.0), None, (0.1, 1.0, 10.0, 100.0, 10000.0)),
-    ("seed 003, the positive is nearest", (0.5, 0.25, -0.45, -0.1), 0, (1.0, 0.5, 0.05, 0.01)),
-    ("seed 003, a negative is nearest", (0.25, 0.5, -0.45, -0.1), 0, (1.0, 0.5, 0.05, 0.01)),
+    ("the softmax temperature post", (1.0, 2.0, 3.0), 2, (1.0, 0.5, 0.1)),
+    ("the temperature-scaling post", (1.0, 5.0, 7.0, 10.0), None, (0.1, 1.0, 10.0, 100.0, 10000.0)),
+    ("the contrastive-learning post, the positive is nearest", (0.5, 0.25, -0.45, -0.1), 0, (1.0, 0.5, 0.05, 0.01)),
+    ("the contrastive-learning post, a negative is nearest", (0.25, 0.5, -0.45, -0.1), 0, (1.0, 0.5, 0.05, 0.01)),
 )
 LEGEND = ("Computed in float64 by fused_tau: softmax(x/tau); CE = fused_tau.cross_entropy(x, target, tau=tau)\n"
           "and its gradients dCE/dx, dCE/dtau by autograd (* marks the target);\n"
@@ -248,36 +249,36 @@ def cmd_info(args):
 # ---------------------------------------------------------------- demo
 
 def _demo_options(name, p):
-    """The options of ``demo NAME`` beyond --out, --seed and --no-plot; defaults are the seed's."""
+    """The options of ``demo NAME`` beyond --out, --seed and --no-plot; defaults are the blog post's."""
     if name == "contrastive":
         p.add_argument("--tau", type=tau_list, metavar="T,...", default=[0.99, 0.5, 0.05, 0.01, 0.001],
-                       help="temperatures (default: seed 003's 0.99,0.5,0.05,0.01,0.001)")
+                       help="temperatures (default: the contrastive post's 0.99,0.5,0.05,0.01,0.001)")
         p.add_argument("--steps", type=positive_int, metavar="N", default=200, help="SGD steps per τ (default 200)")
         p.add_argument("--batch", type=positive_int, metavar="N", default=50,
-                       help="anchors per step (default 50; steps x batch = the seed's 10000 anchors)")
+                       help="anchors per step (default 50; steps x batch = the post's 10000 anchors)")
         p.add_argument("--negatives", type=positive_int, metavar="N", default=3,
                        help="negatives per anchor, 1 to 75 (default 3)")
         p.add_argument("--lr", type=positive_float, default=3e-4, help="SGD learning rate per anchor (default 3e-4)")
     elif name == "gumbel":
         p.add_argument("--logits", type=number_list, metavar="X,...", default=[0.7, 0.2, 0.1],
-                       help="comma-separated logits (default: seed 004's 0.7,0.2,0.1)")
+                       help="comma-separated logits (default: the Gumbel-softmax post's 0.7,0.2,0.1)")
         p.add_argument("--tau", type=tau_list, metavar="T,...", default=[0.1, 0.2, 0.5, 1.0, 10.0],
                        help="temperatures (default 0.1,0.2,0.5,1,10)")
         p.add_argument("--draws", type=positive_int, metavar="N", default=10000,
-                       help="draws per τ (default: the seed's 10000)")
+                       help="draws per τ (default: the post's 10000)")
     else:
         p.add_argument("--logits", type=number_list, metavar="X,...", default=[1.0, 2.0, 3.0, 4.0],
-                       help="comma-separated logits (default: seed 001's 1,2,3,4)")
+                       help="comma-separated logits (default: the smooth-max post's 1,2,3,4)")
         p.add_argument("--tau", type=tau_list, metavar="T,...", default=[10.0, 1.0, 0.1],
-                       help="temperatures (default 10,1,0.1: seed 001's scales 0.1, 1, 10)")
+                       help="temperatures (default 10,1,0.1: the smooth-max post's scales 0.1, 1, 10)")
 
 
 DEMOS = {
-    "contrastive": ("seed 003: a toy encoder trained by InfoNCE at several τ; features, alignment, "
+    "contrastive": ("the contrastive-learning post's toy encoder trained by InfoNCE at several τ; features, alignment, "
                     "uniformity, hardness", demos.format_contrastive, demos.plot_contrastive),
-    "gumbel": ("seed 004: Gumbel-softmax argmax frequencies against softmax(logits), closeness to one-hot",
+    "gumbel": ("the Gumbel-softmax post: argmax frequencies against softmax(logits), closeness to one-hot",
                demos.format_gumbel, demos.plot_gumbel),
-    "smoothmax": ("seed 001: softmax and LogSumExp against max as the scale 1/τ changes",
+    "smoothmax": ("the smooth-max post: softmax and LogSumExp against max as the scale 1/τ changes",
                   demos.format_smoothmax, demos.plot_smoothmax),
 }
 
@@ -332,12 +333,12 @@ def build_parser():
 
     table = sub.add_parser("table", help="probabilities, cross-entropy, gradients and entropy against τ",
                            description="Probabilities, cross-entropy and its gradients, entropy H and exp(H) "
-                                       "for each τ, in float64.  With no arguments: the seed documents' own "
-                                       "examples.  Negative values need the = form: --logits=-1,2,3.")
+                                       "for each τ, in float64.  With no arguments: the examples of "
+                                       "the blog posts on the temperature.  Negative values need the = form: --logits=-1,2,3.")
     table.add_argument("--logits", type=number_list, metavar="X,...", help="comma-separated logits, e.g. 1,5,7,10")
     table.add_argument("--tau", type=tau_list, metavar="T,...",
                        help="comma-separated temperatures (default: 0.1,1,10 with --logits, "
-                            "else each seed example's own)")
+                            "else each example's own)")
     table.add_argument("--target", type=int, metavar="CLASS",
                        help="the target class index, for the cross-entropy columns")
     table.add_argument("--json", action="store_true", help="print JSON (full float64 precision)")

@@ -1,9 +1,9 @@
 """The experiments behind ``fused-tau demo``: each computes its numbers with fused_tau's own
 functions (a JSON-ready dict), formats them as a table, and draws them with matplotlib.
 
-- ``contrastive``: seed 003's toy encoder trained by InfoNCE at several τ;
-- ``gumbel``: seed 004's Gumbel-softmax draws against softmax(logits) as τ changes;
-- ``smoothmax``: seed 001's softmax and LogSumExp against max as the scale 1/τ changes.
+- ``contrastive``: the contrastive-learning post's toy encoder trained by InfoNCE at several τ;
+- ``gumbel``: the Gumbel-softmax post's draws against softmax(logits) as τ changes;
+- ``smoothmax``: the smooth-max post's softmax and LogSumExp against max as the scale 1/τ changes.
 
 matplotlib is only needed by the ``plot_*`` functions (``load_matplotlib`` says how to get
 it); tqdm, when installed, draws the contrastive demo's progress bar.
@@ -225,7 +225,7 @@ def format_contrastive(result):
     rows = [["untrained", sig(u["alignment"], 4), sig(u["uniformity"], 4), "-", "-"]]
     rows += [[format(r["tau"], "g"), sig(r["alignment"], 4), sig(r["uniformity"], 4), sig(r["hardness"], 4),
               sig(r["loss"], 4)] for r in result["runs"]]
-    return (f"InfoNCE (fused_tau.cross_entropy) on seed 003's toy encoder: {result['steps']} steps x "
+    return (f"InfoNCE (fused_tau.cross_entropy) on the contrastive-learning post's toy encoder: {result['steps']} steps x "
             f"{result['batch']} anchors,\n{result['negatives']} negatives, lr {result['lr']:g}, seed {result['seed']}. "
             "alignment, uniformity: lower is better (Wang & Isola 2020);\nhardness: the share of the push on "
             f"negatives taken by the hardest, 1/{result['negatives']} to 1 (Wang & Liu 2021).\n"
@@ -278,7 +278,7 @@ def plot_contrastive(result, path):
         extra.set_axis_off()
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="outside lower center", ncols=4, fontsize=8)
-    fig.suptitle(f"InfoNCE (seed 003) at {len(runs)} temperatures: learned features, "
+    fig.suptitle(f"InfoNCE (the contrastive-learning post's toy) at {len(runs)} temperatures: learned features, "
                  f"{result['steps']} steps × {result['batch']} anchors, {result['negatives']} negatives, "
                  f"seed {result['seed']}", fontsize=10)
     fig.savefig(path, dpi=110)
@@ -348,7 +348,7 @@ def plot_gumbel(result, path):
     c.axhline(1 / C, color="0.5", ls=":", label="flat (1/C)")
     c.set(xscale="log", xlabel="τ", ylabel="E[max_k y_k]", ylim=(0, 1.05), title="closeness to one-hot")
     c.legend(fontsize=7)
-    fig.suptitle(f"Gumbel-softmax (seed 004): logits {typed_list(result['logits'])}, seed {result['seed']}",
+    fig.suptitle(f"Gumbel-softmax: logits {typed_list(result['logits'])}, seed {result['seed']}",
                  fontsize=11)
     fig.savefig(path, dpi=110)
 
@@ -418,5 +418,5 @@ def plot_smoothmax(result, path):
         c.plot(pair["a"], values, color=f"C{i}", label=f"τ·LSE((a, 0)/τ), τ = {tau}")
     c.set(xlabel="a", ylabel="value", title="two classes: the smooth max τ·LSE against max")
     c.legend(fontsize=7)
-    fig.suptitle(f"Softmax and LogSumExp against max (seed 001): x = {typed_list(logits)}", fontsize=11)
+    fig.suptitle(f"Softmax and LogSumExp against max: x = {typed_list(logits)}", fontsize=11)
     fig.savefig(path, dpi=110)

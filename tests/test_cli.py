@@ -69,9 +69,10 @@ def test_table_defaults_are_the_seeds_examples(capsys):
     assert code == 0 and err == ""
     tables = parse_table_output(out)
     titles = list(tables)
-    assert titles == ["seed 000: logits [1, 2, 3], target 2", "seed 002: logits [1, 5, 7, 10]",
-                      "seed 003, the positive is nearest: logits [0.5, 0.25, -0.45, -0.1], target 0",
-                      "seed 003, a negative is nearest: logits [0.25, 0.5, -0.45, -0.1], target 0"]
+    assert titles == ["the softmax temperature post: logits [1, 2, 3], target 2",
+                      "the temperature-scaling post: logits [1, 5, 7, 10]",
+                      "the contrastive-learning post, the positive is nearest: logits [0.5, 0.25, -0.45, -0.1], target 0",
+                      "the contrastive-learning post, a negative is nearest: logits [0.25, 0.5, -0.45, -0.1], target 0"]
     seed000, seed002, seed003a, seed003b = (tables[t] for t in titles)
 
     for tau, probs, loss in SEED_000:

@@ -1,7 +1,7 @@
 """Property-based: random shapes, τ and options against the float64 reference."""
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import fused_tau
@@ -204,8 +204,8 @@ def _kd(x, t, lib, teacher):
     return lib.kd_loss(x, teacher, tau=t)
 
 
-@SETTINGS
-@given(case=special_logits(), data=st.data())
+@settings(SETTINGS, phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no shrinking: the kernel's strict
+@given(case=special_logits(), data=st.data())                              # xfail would shrink for minutes
 def test_kd_loss_special_values(backend, case, data, request):
     if backend == "triton":  # the kernel's KL cancels at large τ (issue 12 item 9), open: see test_row_precision
         request.applymarker(pytest.mark.xfail(strict=True, reason="open (issue 12 item 9) on the kernel path: "
