@@ -5,7 +5,7 @@ base measure, v = (s - t)/τ, ν = E_q v, u = v - ν, KL = log E_q e^u - log(1 -
 in memory here, so the reference ν0 of the kernel is the exact q-weighted mean."""
 import torch
 
-from ._torch_row import _compute_dtype, _nan_if_posinf, for_each, row_chunks
+from ._torch_row import _compute_dtype, _exp_, _nan_if_posinf, for_each, row_chunks
 
 INF = float("inf")
 # Taylor coefficients of ψ(x) = e^x - 1 - x = x² Σ_k x^k/(k+2)! and of ψ3(x) = e^x - 1 - x - x²/2
@@ -52,7 +52,77 @@ def _stats_x(x, inv_tau):
 
 
 def _row_stats(s, t, inv):
-    """The forward's statistics of rows s, t (x units, compute dtype): (Ms, Ss, Mt, St, KL, ν)."""
+    """The forward's statistics of rows s, t (x units, compute dtype): (Ms, Ss, Mt, St, KL, ν, precise).
+    A fast path for rows of finite logits (the common case): the exponentials computed once, no
+    masks, the plain KL only on the rows that take it; any non-finite statistic (a non-finite
+    logit makes v - ν0 non-finite, so A = Σ w (v - ν0) is) sends the chunk to the general form."""
+    fast = _row_stats_finite(s, t, inv)
+    return fast if fast is not None else _row_stats_general(s, t, inv)
+
+
+def _exp_shifted(x, inv):
+    """(M, S, w): M = max x, w = exp((x - M)/τ) (w = 1 at every tie), S = Σ_{j≠argmax} w_j, for
+    rows whose max is finite (the caller checks)."""
+    M, idx = x.max(-1, keepdim=True)
+    w = _exp_((x - M).mul_(inv))
+    S = w.scatter_(-1, idx, 0.0).sum(-1)
+    w.scatter_(-1, idx, 1.0)
+    return M.squeeze(-1), S, w
+
+
+def _psi_series_(x):
+    """psi_series in place of x (same operations and rounding)."""
+    acc = x * PSI_COEF[-1]
+    acc.add_(PSI_COEF[-2])
+    for c in reversed(PSI_COEF[:-2]):
+        acc.mul_(x).add_(c)
+    return acc.mul_(x * x)
+
+
+def _row_stats_finite(s, t, inv):
+    Ms, Ss, ws = _exp_shifted(s, inv)
+    Mt, St, wt = _exp_shifted(t, inv)
+    if not bool(torch.isfinite(Ms).all() & torch.isfinite(Mt).all()):  # host-ok: per-row values
+        return None
+    Wt = 1.0 + St
+    v = (s - t).mul_(inv)
+    nu0 = (wt * v).sum(-1) / Wt
+    if not bool(torch.isfinite(nu0).all()):  # host-ok
+        return None
+    x = v.sub_(nu0.unsqueeze(-1))
+    A = (wt * x).sum(-1)
+    if not bool(torch.isfinite(A).all()):  # host-ok
+        return None
+    # w ψ(x): the series on x clamped to [-1, 1], the closed form at the few |x| > SERIES_BOUND
+    big = (x.abs() > SERIES_BOUND).nonzero(as_tuple=True)
+    terms = _psi_series_(x.clamp(-SERIES_BOUND, SERIES_BOUND)).mul_(wt)
+    if big[0].numel():
+        xb, wb = x[big], wt[big]
+        zt_b = (t[big] - Mt[big[0]]) * (inv.expand_as(x)[big])
+        terms.index_put_(big, torch.exp(zt_b + xb) - wb * (1.0 + xb))
+    Rr = terms.sum(-1)
+    if bool((wt.amin(-1) > 0).all()):  # host-ok: no class of teacher probability 0
+        Pm = torch.zeros_like(Ms)
+    else:
+        Pm = torch.where(wt != 0, 0.0, ws).sum(-1) / (1.0 + Ss)
+    a_bar = A.double() / Wt.double()
+    b_bar = Rr.double() / Wt.double()
+    l = (torch.log1p(a_bar + b_bar) - a_bar).to(s.dtype)
+    nu = nu0 + a_bar.to(s.dtype)
+    kl = l - torch.log1p(-Pm)
+    precise = (l < PRECISE_BOUND) & (Pm < PM_BOUND)
+    if not bool(precise.all()):  # host-ok
+        rows = (~precise).nonzero(as_tuple=True)[0]
+        sr, tr, ir = s[rows], t[rows], inv[rows]
+        delta = _shifted_gap(sr, tr, Ms[rows], Mt[rows], ir)
+        wr = wt[rows]
+        kl_plain = torch.where(wr != 0, wr * delta, 0.0).sum(-1) / Wt[rows] + (
+            torch.log1p(Ss[rows]) - torch.log1p(St[rows]))
+        kl = kl.index_put((rows,), kl_plain)
+    return Ms, Ss, Mt, St, kl, nu, precise
+
+
+def _row_stats_general(s, t, inv):
     Ms, Ss = _stats_x(s, inv)
     Mt, St = _stats_x(t, inv)
     Ss, St = _nan_if_posinf(Ms, Ss), _nan_if_posinf(Mt, St)
