@@ -19,6 +19,17 @@ PRECISE_BOUND = 1.0
 PM_BOUND = 0.5
 
 
+# rows a chunk's work takes at a time, in elements: its dozen passes over a few buffers of this
+# size then stay in cache (a pass over buffers of a whole chunk goes to memory: several times slower)
+BLOCK_ELEMENTS = 1 << 18
+
+
+def _blocks(sl, C):
+    """sl cut into slices of about BLOCK_ELEMENTS elements (whole rows)."""
+    step = max(1, BLOCK_ELEMENTS // max(C, 1))
+    return [slice(lo, min(sl.stop, lo + step)) for lo in range(sl.start, sl.stop, step)]
+
+
 def _tau_col(tau, R, cd):
     t = tau.to(cd).reshape(-1)
     return (t.expand(R) if t.numel() == 1 else t).unsqueeze(-1)
@@ -51,60 +62,80 @@ def _stats_x(x, inv_tau):
     return M, torch.where(M == -INF, -1.0, S)
 
 
-def _row_stats(s, t, inv):
+def _row_stats(s, t, inv, scratch=None):
     """The forward's statistics of rows s, t (x units, compute dtype): (Ms, Ss, Mt, St, KL, ν, precise).
     A fast path for rows of finite logits (the common case): the exponentials computed once, no
-    masks, the plain KL only on the rows that take it; any non-finite statistic (a non-finite
-    logit makes v - ν0 non-finite, so A = Σ w (v - ν0) is) sends the chunk to the general form."""
-    fast = _row_stats_finite(s, t, inv)
+    masks, few passes in the given scratch buffers (see _scratch), the plain KL only on the rows that
+    take it; any non-finite statistic (a non-finite logit makes v - ν0 non-finite, so A = Σ w (v - ν0)
+    is) sends the block to the general form."""
+    fast = _row_stats_finite(s, t, inv, scratch or _scratch(s, 4))
     return fast if fast is not None else _row_stats_general(s, t, inv)
 
 
-def _exp_shifted(x, inv):
-    """(M, S, w): M = max x, w = exp((x - M)/τ) (w = 1 at every tie), S = Σ_{j≠argmax} w_j, for
+def _scratch(like, n):
+    """n buffers of like's shape and dtype, reused for each block of a chunk: on CPU a fresh buffer
+    costs its first-touch page faults, as much as a pass or more."""
+    return [torch.empty_like(like) for _ in range(n)]
+
+
+def _exp_shifted(x, inv, out):
+    """(M, S, w): M = max x, w = exp((x - M)/τ) in out (w = 1 at every tie), S = Σ_{j≠argmax} w_j, for
     rows whose max is finite (the caller checks)."""
-    M, idx = x.max(-1, keepdim=True)
-    w = _exp_((x - M).mul_(inv))
-    S = w.scatter_(-1, idx, 0.0).sum(-1)
-    w.scatter_(-1, idx, 1.0)
+    M = x.amax(-1, keepdim=True)  # (max with its index: several times slower on CPU)
+    w = _exp_(torch.sub(x, M, out=out).mul_(inv))
+    # Σ_j w_j - 1 (the argmax's w is 1): as precise as the sum without it where S >= 1
+    S = w.sum(-1) - 1.0
+    if not bool((S >= 1.0).all()):  # host-ok: per-row values
+        idx = x.argmax(-1, keepdim=True)
+        S = w.scatter_(-1, idx, 0.0).sum(-1)
+        w.scatter_(-1, idx, 1.0)
     return M.squeeze(-1), S, w
 
 
-def _psi_series_(x):
-    """psi_series in place of x (same operations and rounding)."""
-    acc = x * PSI_COEF[-1]
-    acc.add_(PSI_COEF[-2])
+def _dot(a, b, tmp):
+    """Σ_j a_j b_j per row, the products in tmp."""
+    return torch.mul(a, b, out=tmp).sum(-1)
+
+
+def _psi_series_(x, out):
+    """psi_series(x) into out (another buffer of x's shape): the same series, x² applied last."""
+    acc = torch.mul(x, PSI_COEF[-1], out=out).add_(PSI_COEF[-2])
     for c in reversed(PSI_COEF[:-2]):
         acc.mul_(x).add_(c)
-    return acc.mul_(x * x)
+    return acc.mul_(x).mul_(x)
 
 
-def _row_stats_finite(s, t, inv):
-    Ms, Ss, ws = _exp_shifted(s, inv)
-    Mt, St, wt = _exp_shifted(t, inv)
+def _row_stats_finite(s, t, inv, scratch):
+    n = s.shape[0]
+    b_wt, b_ws, b_psi, b_tmp = (b[:n] for b in scratch)
+    Mt, St, wt = _exp_shifted(t, inv, b_wt)
+    Ms, Ss, ws = _exp_shifted(s, inv, b_ws)
     if not bool(torch.isfinite(Ms).all() & torch.isfinite(Mt).all()):  # host-ok: per-row values
         return None
     Wt = 1.0 + St
-    v = (s - t).mul_(inv)
-    nu0 = (wt * v).sum(-1) / Wt
-    if not bool(torch.isfinite(nu0).all()):  # host-ok
-        return None
-    x = v.sub_(nu0.unsqueeze(-1))
-    A = (wt * x).sum(-1)
-    if not bool(torch.isfinite(A).all()):  # host-ok
-        return None
-    # w ψ(x): the series on x clamped to [-1, 1], the closed form at the few |x| > SERIES_BOUND
-    big = (x.abs() > SERIES_BOUND).nonzero(as_tuple=True)
-    terms = _psi_series_(x.clamp(-SERIES_BOUND, SERIES_BOUND)).mul_(wt)
-    if big[0].numel():
-        xb, wb = x[big], wt[big]
-        zt_b = (t[big] - Mt[big[0]]) * (inv.expand_as(x)[big])
-        terms.index_put_(big, torch.exp(zt_b + xb) - wb * (1.0 + xb))
-    Rr = terms.sum(-1)
     if bool((wt.amin(-1) > 0).all()):  # host-ok: no class of teacher probability 0
         Pm = torch.zeros_like(Ms)
     else:
         Pm = torch.where(wt != 0, 0.0, ws).sum(-1) / (1.0 + Ss)
+    v = torch.sub(s, t, out=ws).mul_(inv)  # ws is spent
+    nu0 = _dot(wt, v, b_tmp) / Wt
+    if not bool(torch.isfinite(nu0).all()):  # host-ok
+        return None
+    x = v.sub_(nu0.unsqueeze(-1))
+    A = _dot(wt, x, b_tmp)
+    if not bool(torch.isfinite(A).all()):  # host-ok
+        return None
+    # w ψ(x): the series on x clamped to [-1, 1], the closed form at the few |x| > SERIES_BOUND
+    x_c = torch.clamp(x, -SERIES_BOUND, SERIES_BOUND, out=b_tmp)
+    big = (x_c != x).nonzero(as_tuple=True)
+    psi = _psi_series_(x_c, b_psi)
+    if big[0].numel():
+        xb = x[big]
+        zt_b = (t[big] - Mt[big[0]]) * (inv.expand_as(x)[big])
+        # ψ = (w e^x)/w - 1 - x, written back as w ψ below: one product w · (...) for every class
+        psi.index_put_(big, torch.exp(zt_b + xb) - wt[big] * (1.0 + xb))
+        wt.index_put_(big, torch.ones_like(xb))
+    Rr = _dot(wt, psi, b_tmp)
     a_bar = A.double() / Wt.double()
     b_bar = Rr.double() / Wt.double()
     l = (torch.log1p(a_bar + b_bar) - a_bar).to(s.dtype)
@@ -115,7 +146,7 @@ def _row_stats_finite(s, t, inv):
         rows = (~precise).nonzero(as_tuple=True)[0]
         sr, tr, ir = s[rows], t[rows], inv[rows]
         delta = _shifted_gap(sr, tr, Ms[rows], Mt[rows], ir)
-        wr = wt[rows]
+        wr = torch.exp((tr - Mt[rows].unsqueeze(-1)) * ir)
         kl_plain = torch.where(wr != 0, wr * delta, 0.0).sum(-1) / Wt[rows] + (
             torch.log1p(Ss[rows]) - torch.log1p(St[rows]))
         kl = kl.index_put((rows,), kl_plain)
@@ -205,9 +236,16 @@ def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
     out = torch.empty((R, C), device=s2.device, dtype=s2.dtype) if elementwise else None
 
     def work(sl):
+        blocks = _blocks(sl, C)
+        rows = blocks[0].stop - blocks[0].start
+        scratch = _scratch(torch.empty((rows, C), device=s2.device, dtype=cd), 4)
+        for block in blocks:
+            work_block(block, scratch)
+
+    def work_block(sl, scratch):
         s, t = s2[sl].to(cd), t2[sl].to(cd)
         inv = 1.0 / tau_c[sl]
-        Ms, Ss, Mt, St, k, nu, precise = _row_stats(s, t, inv)
+        Ms, Ss, Mt, St, k, nu, precise = _row_stats(s, t, inv, scratch)
         kl[sl] = k
         for i, val in enumerate((Ms, Ss, Mt, St, k, nu)):
             stats[sl, i] = val
@@ -233,6 +271,41 @@ def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
     return kl, ce, stats, out
 
 
+def _bwd_precise_rows(s, t, Ms, Ss, Mt, St, kl, nu, precise, inv, gc, tc, ds, dt, sl):
+    """kd_bwd's KL gradients (no elementwise loss, no target, no τ gradient) in fewer passes, for a
+    chunk whose rows all take the second-order forms, with finite statistics, and whose every element
+    takes the v - ν forms of _log_ratio (per row: max |v| + |ν| + |KL| <= log1p(St) + log1p(Ss), a
+    bound of its per-element test); there u = v - ν, w = u - KL, as _log_ratio gives them.  Returns
+    False (nothing written) for any other chunk."""
+    if not bool((precise != 0).all()):  # host-ok: per-row values
+        return False
+    log_t, log_s = torch.log1p(St), torch.log1p(Ss)
+    if not bool((torch.isfinite(Ms) & torch.isfinite(Mt) & torch.isfinite(kl) & torch.isfinite(nu)
+                 & torch.isfinite(log_t) & torch.isfinite(log_s)).all()):  # host-ok
+        return False
+    v = (s - t).mul_(inv)
+    # (amax and amin: several times faster than aminmax on CPU)
+    v_abs_max = torch.maximum(v.amax(-1, keepdim=True), -v.amin(-1, keepdim=True))
+    if not bool((v_abs_max + nu.abs() + kl.abs() <= log_t + log_s).all()):  # host-ok
+        return False
+    q = _exp_((t - Mt).mul_(inv).sub_(log_t))
+    if not bool((q.amin(-1) > 0).all()):  # host-ok: every class kept
+        return False
+    u = v.sub_(nu)
+    w = u - kl
+    # dzs = q expm1(w) where |w| <= SERIES_BOUND, p - q at the few others
+    big = (w.abs() > SERIES_BOUND).nonzero(as_tuple=True)
+    dzs = torch.expm1(w).mul_(q)
+    if big[0].numel():
+        inv_b = inv.expand_as(w)[big]
+        p_b = torch.exp((s[big] - Ms.expand_as(w)[big]) * inv_b) / (1.0 + Ss.expand_as(w)[big])
+        dzs.index_put_(big, p_b - q[big])
+    if dt is not None:
+        dt[sl] = tc * (-gc * q * u)
+    ds[sl] = tc * dzs.mul_(gc)
+    return True
+
+
 def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teacher_grad, tau_grad):
     R, C = s2.shape
     cd = _compute_dtype(s2)
@@ -244,10 +317,17 @@ def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teach
         g = g.to(cd).reshape(-1).expand(R)
 
     def work(sl):
+        for block in _blocks(sl, C):
+            work_block(block)
+
+    def work_block(sl):
         tc = tau_c[sl]
         inv = 1.0 / tc
         s, t = s2[sl].to(cd), t2[sl].to(cd)
         Ms, Ss, Mt, St, kl, nu = (stats[sl, i].to(cd).unsqueeze(-1) for i in range(6))
+        if target is None and not elementwise and not tau_grad and _bwd_precise_rows(
+                s, t, Ms, Ss, Mt, St, kl, nu, stats[sl, 7], inv, g[sl].unsqueeze(-1), tc, ds, dt, sl):
+            return
         p = torch.exp((s - Ms) * inv) / (1.0 + Ss)
         q = torch.exp((t - Mt) * inv - torch.log1p(St))  # NaN for a row with a NaN, a +inf or no finite logit
         # kl · 0: a row whose KL is NaN or inf (a NaN or +inf logit, a student -inf where q > 0) has
@@ -256,9 +336,10 @@ def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teach
         u, w = _log_ratio(s, t, Ms, Ss, Mt, St, kl, nu, inv)  # w = log p - log q
         keep = q != 0
         small_w = precise & (w.abs() <= SERIES_BOUND)
-        psi_w = psi_series(torch.where(small_w, w, 0.0))
-        # p - q = q expm1(w) with no cancellation where p ≈ q (second-order rows)
-        dcore = torch.where(keep, torch.where(small_w, q * (w + psi_w), p - q), p)
+        # p - q = q expm1(w) with no cancellation where p ≈ q (second-order rows); ψ(w) itself only
+        # for τ's gradient (expm1 has the series' relative precision)
+        psi_w = psi_series(torch.where(small_w, w, 0.0)) if tau_grad else None
+        dcore = torch.where(keep, torch.where(small_w, q * torch.expm1(w), p - q), p)
         gc = g[sl].to(cd) if elementwise else g[sl].unsqueeze(-1)
         if elementwise:
             # F = Σ g q δ, δ = log q - log p = -w
