@@ -68,14 +68,14 @@ def _row_stats(s, t, inv, scratch=None):
     masks, few passes in the given scratch buffers (see _scratch), the plain KL only on the rows that
     take it; any non-finite statistic (a non-finite logit makes v - ν0 non-finite, so A = Σ w (v - ν0)
     is) sends the block to the general form."""
-    fast = _row_stats_finite(s, t, inv, scratch or _scratch(s, 4))
+    fast = _row_stats_finite(s, t, inv, scratch or _scratch(s))
     return fast if fast is not None else _row_stats_general(s, t, inv)
 
 
-def _scratch(like, n):
-    """n buffers of like's shape and dtype, reused for each block of a chunk: on CPU a fresh buffer
-    costs its first-touch page faults, as much as a pass or more."""
-    return [torch.empty_like(like) for _ in range(n)]
+def _scratch(like):
+    """The buffers of _row_stats_finite (4 of like's shape and dtype, one bool), reused for each
+    block of a chunk: on CPU a fresh buffer costs its first-touch page faults, as much as a pass."""
+    return [torch.empty_like(like) for _ in range(4)] + [torch.empty_like(like, dtype=torch.bool)]
 
 
 def _exp_shifted(x, inv, out):
@@ -107,7 +107,7 @@ def _psi_series_(x, out):
 
 def _row_stats_finite(s, t, inv, scratch):
     n = s.shape[0]
-    b_wt, b_ws, b_psi, b_tmp = (b[:n] for b in scratch)
+    b_wt, b_ws, b_psi, b_tmp, b_big = (b[:n] for b in scratch)
     Mt, St, wt = _exp_shifted(t, inv, b_wt)
     Ms, Ss, ws = _exp_shifted(s, inv, b_ws)
     if not bool(torch.isfinite(Ms).all() & torch.isfinite(Mt).all()):  # host-ok: per-row values
@@ -125,17 +125,23 @@ def _row_stats_finite(s, t, inv, scratch):
     A = _dot(wt, x, b_tmp)
     if not bool(torch.isfinite(A).all()):  # host-ok
         return None
-    # w ψ(x): the series on x clamped to [-1, 1], the closed form at the few |x| > SERIES_BOUND
+    # w ψ(x): the series on x clamped to [-1, 1], the closed form where |x| > SERIES_BOUND (at the
+    # few such classes by index, else densely)
     x_c = torch.clamp(x, -SERIES_BOUND, SERIES_BOUND, out=b_tmp)
-    big = (x_c != x).nonzero(as_tuple=True)
-    psi = _psi_series_(x_c, b_psi)
-    if big[0].numel():
-        xb = x[big]
-        zt_b = (t[big] - Mt[big[0]]) * (inv.expand_as(x)[big])
-        # ψ = (w e^x)/w - 1 - x, written back as w ψ below: one product w · (...) for every class
-        psi.index_put_(big, torch.exp(zt_b + xb) - wt[big] * (1.0 + xb))
-        wt.index_put_(big, torch.ones_like(xb))
-    Rr = _dot(wt, psi, b_tmp)
+    big = torch.ne(x_c, x, out=b_big)
+    terms = _psi_series_(x_c, b_psi).mul_(wt)
+    n_big = int(big.sum())  # host-ok: a CPU tensor
+    if 0 < n_big <= big.numel() // 64:
+        at = big.nonzero(as_tuple=True)
+        xb = x[at]
+        zt_b = (t[at] - Mt[at[0]]) * (inv.expand_as(x)[at])
+        terms.index_put_(at, torch.exp(zt_b + xb) - wt[at] * (1.0 + xb))
+    elif n_big:
+        # w e^x as one exp (no overflow of e^x where w is tiny)
+        closed = torch.sub(t, Mt.unsqueeze(-1), out=b_tmp).mul_(inv).add_(x).exp_()
+        closed.sub_(torch.mul(x, wt, out=b_ws).add_(wt))  # v, x are spent
+        torch.where(big, closed, terms, out=terms)
+    Rr = terms.sum(-1)
     a_bar = A.double() / Wt.double()
     b_bar = Rr.double() / Wt.double()
     l = (torch.log1p(a_bar + b_bar) - a_bar).to(s.dtype)
@@ -143,13 +149,11 @@ def _row_stats_finite(s, t, inv, scratch):
     kl = l - torch.log1p(-Pm)
     precise = (l < PRECISE_BOUND) & (Pm < PM_BOUND)
     if not bool(precise.all()):  # host-ok
-        rows = (~precise).nonzero(as_tuple=True)[0]
-        sr, tr, ir = s[rows], t[rows], inv[rows]
-        delta = _shifted_gap(sr, tr, Ms[rows], Mt[rows], ir)
-        wr = torch.exp((tr - Mt[rows].unsqueeze(-1)) * ir)
-        kl_plain = torch.where(wr != 0, wr * delta, 0.0).sum(-1) / Wt[rows] + (
-            torch.log1p(Ss[rows]) - torch.log1p(St[rows]))
-        kl = kl.index_put((rows,), kl_plain)
+        # plain: Σ q δ - D, δ = (t - Mt)/τ - (s - Ms)/τ (see _row_stats_general); dense over the block
+        delta = torch.sub(t, Mt.unsqueeze(-1), out=b_tmp).mul_(inv)
+        delta.sub_(torch.sub(s, Ms.unsqueeze(-1), out=b_psi).mul_(inv))
+        kl_plain = _dot(wt, delta, b_psi) / Wt + (torch.log1p(Ss) - torch.log1p(St))
+        kl = torch.where(precise, kl, kl_plain)
     return Ms, Ss, Mt, St, kl, nu, precise
 
 
@@ -238,7 +242,7 @@ def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
     def work(sl):
         blocks = _blocks(sl, C)
         rows = blocks[0].stop - blocks[0].start
-        scratch = _scratch(torch.empty((rows, C), device=s2.device, dtype=cd), 4)
+        scratch = _scratch(torch.empty((rows, C), device=s2.device, dtype=cd))
         for block in blocks:
             work_block(block, scratch)
 
@@ -271,35 +275,37 @@ def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
     return kl, ce, stats, out
 
 
-def _bwd_precise_rows(s, t, Ms, Ss, Mt, St, kl, nu, precise, inv, gc, tc, ds, dt, sl):
+def _bwd_fast(s, t, Ms, Ss, Mt, St, kl, nu, precise, inv, gc, tc, ds, dt, sl):
     """kd_bwd's KL gradients (no elementwise loss, no target, no τ gradient) in fewer passes, for a
-    chunk whose rows all take the second-order forms, with finite statistics, and whose every element
-    takes the v - ν forms of _log_ratio (per row: max |v| + |ν| + |KL| <= log1p(St) + log1p(Ss), a
-    bound of its per-element test); there u = v - ν, w = u - KL, as _log_ratio gives them.  Returns
-    False (nothing written) for any other chunk."""
-    if not bool((precise != 0).all()):  # host-ok: per-row values
+    block of finite statistics: dzs = p - q on the rows of the plain forms; on the second-order rows
+    (all of whose classes must be kept, and every element take the v - ν forms of _log_ratio, by the
+    per-row bound max |v| + |ν| + |KL| <= log1p(St) + log1p(Ss) of its per-element test) u = v - ν,
+    w = u - KL as _log_ratio gives them, dzs = q expm1(w) where |w| <= SERIES_BOUND.  Returns False
+    (nothing written) for any other block."""
+    precise = (precise != 0).unsqueeze(-1)
+    any_precise = bool(precise.any())  # host-ok: per-row values
+    if dt is not None and not bool(precise.all()):  # host-ok
         return False
     log_t, log_s = torch.log1p(St), torch.log1p(Ss)
     if not bool((torch.isfinite(Ms) & torch.isfinite(Mt) & torch.isfinite(kl) & torch.isfinite(nu)
                  & torch.isfinite(log_t) & torch.isfinite(log_s)).all()):  # host-ok
         return False
-    v = (s - t).mul_(inv)
-    # (amax and amin: several times faster than aminmax on CPU)
-    v_abs_max = torch.maximum(v.amax(-1, keepdim=True), -v.amin(-1, keepdim=True))
-    if not bool((v_abs_max + nu.abs() + kl.abs() <= log_t + log_s).all()):  # host-ok
-        return False
     q = _exp_((t - Mt).mul_(inv).sub_(log_t))
-    if not bool((q.amin(-1) > 0).all()):  # host-ok: every class kept
+    if any_precise and not bool(((q.amin(-1, keepdim=True) > 0) | ~precise).all()):  # host-ok
         return False
-    u = v.sub_(nu)
-    w = u - kl
-    # dzs = q expm1(w) where |w| <= SERIES_BOUND, p - q at the few others
-    big = (w.abs() > SERIES_BOUND).nonzero(as_tuple=True)
-    dzs = torch.expm1(w).mul_(q)
-    if big[0].numel():
-        inv_b = inv.expand_as(w)[big]
-        p_b = torch.exp((s[big] - Ms.expand_as(w)[big]) * inv_b) / (1.0 + Ss.expand_as(w)[big])
-        dzs.index_put_(big, p_b - q[big])
+    u = None
+    if any_precise:
+        v = (s - t).mul_(inv)
+        # (amax and amin: several times faster than aminmax on CPU)
+        v_abs_max = torch.maximum(v.amax(-1, keepdim=True), -v.amin(-1, keepdim=True))
+        if not bool((v_abs_max + nu.abs() + kl.abs() <= log_t + log_s).logical_or_(~precise).all()):  # host-ok
+            return False
+        u = v.sub_(nu)
+    dzs = _exp_((s - Ms).mul_(inv)).div_(1.0 + Ss).sub_(q)  # p - q
+    if any_precise:
+        w = u - kl if dt is not None else u.sub_(kl)
+        small_w = (w.abs() <= SERIES_BOUND).logical_and_(precise)
+        torch.where(small_w, torch.expm1(w).mul_(q), dzs, out=dzs)
     if dt is not None:
         dt[sl] = tc * (-gc * q * u)
     ds[sl] = tc * dzs.mul_(gc)
@@ -325,7 +331,7 @@ def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teach
         inv = 1.0 / tc
         s, t = s2[sl].to(cd), t2[sl].to(cd)
         Ms, Ss, Mt, St, kl, nu = (stats[sl, i].to(cd).unsqueeze(-1) for i in range(6))
-        if target is None and not elementwise and not tau_grad and _bwd_precise_rows(
+        if target is None and not elementwise and not tau_grad and _bwd_fast(
                 s, t, Ms, Ss, Mt, St, kl, nu, stats[sl, 7], inv, g[sl].unsqueeze(-1), tc, ds, dt, sl):
             return
         p = torch.exp((s - Ms) * inv) / (1.0 + Ss)
