@@ -279,7 +279,7 @@ def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
     return kl, ce, stats, out
 
 
-def _bwd_fast(s, t, Ms, Ss, Mt, St, kl, nu, precise, inv, gc, tc, ds, dt, sl):
+def _bwd_fast(s, t, Ms, Ss, Mt, St, kl, nu, precise, inv, gc, tc, ds, dt, sl, scratch):
     """kd_bwd's KL gradients (no elementwise loss, no target, no τ gradient) in fewer passes, for a
     block of finite statistics: dzs = p - q on the rows of the plain forms; on the second-order rows
     (all of whose classes must be kept, and every element take the v - ν forms of _log_ratio, by the
@@ -294,28 +294,37 @@ def _bwd_fast(s, t, Ms, Ss, Mt, St, kl, nu, precise, inv, gc, tc, ds, dt, sl):
     if not bool((torch.isfinite(Ms) & torch.isfinite(Mt) & torch.isfinite(kl) & torch.isfinite(nu)
                  & torch.isfinite(log_t) & torch.isfinite(log_s)).all()):  # host-ok
         return False
-    q = _exp_((t - Mt).mul_(inv).sub_(log_t))
+    n = s.shape[0]
+    b_q, b_v, b_p, b_w, b_small = (b[:n] for b in scratch)
+    q = _exp_(torch.sub(t, Mt, out=b_q).mul_(inv).sub_(log_t))
     if any_precise and not bool(((q.amin(-1, keepdim=True) > 0) | ~precise).all()):  # host-ok
         return False
     u = None
     if any_precise:
-        v = (s - t).mul_(inv)
+        v = torch.sub(s, t, out=b_v).mul_(inv)
         # (amax and amin: several times faster than aminmax on CPU)
         v_abs_max = torch.maximum(v.amax(-1, keepdim=True), -v.amin(-1, keepdim=True))
         if not bool((v_abs_max + nu.abs() + kl.abs() <= log_t + log_s).logical_or_(~precise).all()):  # host-ok
             return False
         u = v.sub_(nu)
-    dzs = _exp_((s - Ms).mul_(inv)).div_(1.0 + Ss).sub_(q)  # p - q
+    dzs = _exp_(torch.sub(s, Ms, out=b_p).mul_(inv)).div_(1.0 + Ss).sub_(q)  # p - q
     if any_precise:
-        w = u - kl if dt is not None else u.sub_(kl)
-        small_w = (w.abs() <= SERIES_BOUND).logical_and_(precise)
+        w = torch.sub(u, kl, out=b_w)
         # the blend by products with the masks (torch.where is several times slower on CPU), all
-        # factors finite: |w| clamped to SERIES_BOUND, the others not taken
-        q_expm1_w = w.clamp_(-SERIES_BOUND, SERIES_BOUND).expm1_().mul_(q)
+        # factors finite: w clamped to SERIES_BOUND where it is not taken
+        if dt is None:  # u is spent
+            w_c = torch.clamp(w, -SERIES_BOUND, SERIES_BOUND, out=b_v)
+            small_w = torch.le(w.abs_(), SERIES_BOUND, out=b_small)
+        else:
+            small_w = torch.le(w.abs(), SERIES_BOUND, out=b_small)
+            w_c = w.clamp_(-SERIES_BOUND, SERIES_BOUND)
+        if not bool(precise.all()):  # host-ok
+            small_w[(~precise).squeeze(-1).nonzero(as_tuple=True)[0]] = False
+        q_expm1_w = w_c.expm1_().mul_(q)
         dzs.mul_(small_w.logical_not()).add_(q_expm1_w.mul_(small_w))
     if dt is not None:
         dt[sl] = tc * (-gc * q * u)
-    ds[sl] = tc * dzs.mul_(gc)
+    torch.mul(tc, dzs.mul_(gc), out=ds[sl])
     return True
 
 
@@ -330,16 +339,19 @@ def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teach
         g = g.to(cd).reshape(-1).expand(R)
 
     def work(sl):
-        for block in _blocks(sl, C):
-            work_block(block)
+        blocks = _blocks(sl, C)
+        rows = blocks[0].stop - blocks[0].start
+        scratch = _scratch(torch.empty((rows, C), device=s2.device, dtype=cd))
+        for block in blocks:
+            work_block(block, scratch)
 
-    def work_block(sl):
+    def work_block(sl, scratch):
         tc = tau_c[sl]
         inv = 1.0 / tc
         s, t = s2[sl].to(cd), t2[sl].to(cd)
         Ms, Ss, Mt, St, kl, nu = (stats[sl, i].to(cd).unsqueeze(-1) for i in range(6))
         if target is None and not elementwise and not tau_grad and _bwd_fast(
-                s, t, Ms, Ss, Mt, St, kl, nu, stats[sl, 7], inv, g[sl].unsqueeze(-1), tc, ds, dt, sl):
+                s, t, Ms, Ss, Mt, St, kl, nu, stats[sl, 7], inv, g[sl].unsqueeze(-1), tc, ds, dt, sl, scratch):
             return
         p = torch.exp((s - Ms) * inv) / (1.0 + Ss)
         q = torch.exp((t - Mt) * inv - torch.log1p(St))  # NaN for a row with a NaN, a +inf or no finite logit
