@@ -64,10 +64,12 @@ def _stats_x(x, inv_tau):
 
 def _row_stats(s, t, inv, scratch=None):
     """The forward's statistics of rows s, t (x units, compute dtype): (Ms, Ss, Mt, St, KL, ν, precise).
-    A fast path for rows of finite logits (the common case): the exponentials computed once, no
+    On CPU a fast path for rows of finite logits (the common case): the exponentials computed once, no
     masks, few passes in the given scratch buffers (see _scratch), the plain KL only on the rows that
     take it; any non-finite statistic (a non-finite logit makes v - ν0 non-finite, so A = Σ w (v - ν0)
     is) sends the block to the general form."""
+    if s.device.type != "cpu":  # the fast path reads per-row tests on the host: CPU only
+        return _row_stats_general(s, t, inv)
     fast = _row_stats_finite(s, t, inv, scratch or _scratch(s))
     return fast if fast is not None else _row_stats_general(s, t, inv)
 
@@ -350,7 +352,7 @@ def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teach
         inv = 1.0 / tc
         s, t = s2[sl].to(cd), t2[sl].to(cd)
         Ms, Ss, Mt, St, kl, nu = (stats[sl, i].to(cd).unsqueeze(-1) for i in range(6))
-        if target is None and not elementwise and not tau_grad and _bwd_fast(
+        if target is None and not elementwise and not tau_grad and s.device.type == "cpu" and _bwd_fast(
                 s, t, Ms, Ss, Mt, St, kl, nu, stats[sl, 7], inv, g[sl].unsqueeze(-1), tc, ds, dt, sl, scratch):
             return
         p = torch.exp((s - Ms) * inv) / (1.0 + Ss)
