@@ -30,6 +30,19 @@ def _blocks(sl, C):
     return [slice(lo, min(sl.stop, lo + step)) for lo in range(sl.start, sl.stop, step)]
 
 
+def _in_blocks(C, device, cd, work_block):
+    """A chunk's work: ``work_block(block, scratch)`` for each cache-sized block of its rows, the
+    scratch buffers made once per chunk."""
+    def work(sl):
+        blocks = _blocks(sl, C)
+        rows = blocks[0].stop - blocks[0].start
+        scratch = _scratch(torch.empty((rows, C), device=device, dtype=cd))
+        for block in blocks:
+            work_block(block, scratch)
+
+    return work
+
+
 def _tau_col(tau, R, cd):
     t = tau.to(cd).reshape(-1)
     return (t.expand(R) if t.numel() == 1 else t).unsqueeze(-1)
@@ -245,13 +258,6 @@ def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
     ce = torch.empty(R, device=s2.device, dtype=cd) if target is not None else None
     out = torch.empty((R, C), device=s2.device, dtype=s2.dtype) if elementwise else None
 
-    def work(sl):
-        blocks = _blocks(sl, C)
-        rows = blocks[0].stop - blocks[0].start
-        scratch = _scratch(torch.empty((rows, C), device=s2.device, dtype=cd))
-        for block in blocks:
-            work_block(block, scratch)
-
     def work_block(sl, scratch):
         s, t = s2[sl].to(cd), t2[sl].to(cd)
         inv = 1.0 / tau_c[sl]
@@ -277,7 +283,7 @@ def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
             ce[sl] = torch.where(valid, (Ms - s_y) + torch.log1p(S1), 0.0)
             stats[sl, 6] = S1
 
-    for_each(row_chunks(R, C, s2.device), work, s2.device, R * C)
+    for_each(row_chunks(R, C, s2.device), _in_blocks(C, s2.device, cd, work_block), s2.device, R * C)
     return kl, ce, stats, out
 
 
@@ -339,13 +345,6 @@ def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teach
     dtau = torch.empty(R, device=s2.device, dtype=cd) if tau_grad else None
     if not elementwise:
         g = g.to(cd).reshape(-1).expand(R)
-
-    def work(sl):
-        blocks = _blocks(sl, C)
-        rows = blocks[0].stop - blocks[0].start
-        scratch = _scratch(torch.empty((rows, C), device=s2.device, dtype=cd))
-        for block in blocks:
-            work_block(block, scratch)
 
     def work_block(sl, scratch):
         tc = tau_c[sl]
@@ -420,5 +419,5 @@ def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teach
             u_small = torch.where(keep, u.abs() <= SERIES_BOUND, True).all(-1)
             dtau[sl] = torch.where(precise.squeeze(-1) & u_small, tc.squeeze(-1) * gc.squeeze(-1) * B, plain)
 
-    for_each(row_chunks(R, C, s2.device), work, s2.device, R * C)
+    for_each(row_chunks(R, C, s2.device), _in_blocks(C, s2.device, cd, work_block), s2.device, R * C)
     return ds, dt, dtau
