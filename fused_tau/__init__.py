@@ -19,10 +19,11 @@ from ._dispatch import backend_for, backend_info
 from .calibration import expected_calibration_error, fit_temperature
 from .contrastive import InfoNCEFunction, NTXentFunction, clip_loss, infonce, nt_xent
 from .cross_entropy import CrossEntropyFunction, cross_entropy
-from .distill import KDFunction, KDLoss, kd_loss
+from .distill import KDFunction, kd_loss
 from .linear import LinearCrossEntropyFunction, linear_cross_entropy
-from .modules import CrossEntropyLoss, InfoNCELoss, LinearCrossEntropyLoss, MoCoQueue, Temperature
-from .sampling import GumbelSoftmax, GumbelSoftmaxFunction, gumbel_softmax, gumbel_tau_schedule, sample
+from .modules import (CrossEntropyLoss, GumbelSoftmax, InfoNCELoss, KDLoss, LinearCrossEntropyLoss, MoCoQueue,
+                      Temperature)
+from .sampling import GumbelSoftmaxFunction, gumbel_softmax, gumbel_tau_schedule, sample
 from .softmax import LogSumExpFunction, SoftmaxFunction, log_softmax, logsumexp, softmax
 from .version import __version__
 

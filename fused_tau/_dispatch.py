@@ -7,6 +7,8 @@ torch path.  ``FUSED_TAU_BACKEND=triton|torch|reference`` forces one; forcing
 float64 inputs always take the torch path: the kernels accumulate in fp32,
 the torch path computes float64 inputs in float64.
 """
+from __future__ import annotations
+
 import functools
 import importlib
 import os
@@ -40,7 +42,7 @@ def forced_backend():
     return forced or None
 
 
-def backend_for(x):
+def backend_for(x: torch.Tensor) -> str:
     """The backend that serves an op whose main input is the tensor ``x``."""
     return _backend_choice(x.device.type, x.dtype in _kernel_dtypes())
 
@@ -123,7 +125,7 @@ def explain_backend(x):
     return backend, "a CUDA tensor and Triton imports"
 
 
-def backend_info(device="cpu", dtype=None):
+def backend_info(device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict:
     """Which backend each public op uses for inputs on ``device`` (float32 unless ``dtype``), and why:
     ``{op: {"backend": ..., "why": ..., "dispatches_on": argument}}``."""
     import torch

@@ -4,9 +4,12 @@
 gradient comes from the same fused backward as the logits').  Both functions are
 offline tools, not training-step code: they return Python numbers / run an optimiser.
 """
+from __future__ import annotations
+
 import math
 
 import torch
+from torch import Tensor
 
 from ._checks import check_tensor, data_check
 from .cross_entropy import cross_entropy
@@ -42,7 +45,7 @@ def _fp32_at_least(logits):
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
-def fit_temperature(logits, labels, max_iter=100, init=1.0):
+def fit_temperature(logits: Tensor, labels: Tensor, max_iter: int = 100, init: float = 1.0) -> float:
     """The T > 0 minimising ``F.cross_entropy(logits / T, labels)`` (Guo et al. 2017), as a float.
 
     LBFGS with a strong-Wolfe line search on log T (so T stays positive), each step one
@@ -81,7 +84,7 @@ def fit_temperature(logits, labels, max_iter=100, init=1.0):
     return math.exp(log_t.item())  # host-ok: calibration is offline and returns a number
 
 
-def expected_calibration_error(logits, labels, n_bins=15, *, tau=1.0):
+def expected_calibration_error(logits: Tensor, labels: Tensor, n_bins: int = 15, *, tau: float | Tensor = 1.0) -> Tensor:
     """ECE of ``softmax(logits / tau)``: Σ_b (|B_b| / N) |accuracy(B_b) - confidence(B_b)| over
     ``n_bins`` equal-width confidence bins (i/n, (i+1)/n] (Guo et al. 2017), as a 0-dim tensor,
     computed in fp32 for fp16 / bf16 logits.  Labels are class indices in [0, C) (no

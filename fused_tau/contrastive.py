@@ -8,8 +8,11 @@ apart from the tiles, from its dot product ``pos`` and the negatives' ``(m, s)``
 relative precision when it is tiny (small τ, a well-separated positive), and the positive's
 gradient ``p_pos - 1 = -p_neg`` is formed from the negatives' share, never as 1 - p_pos.
 """
+from __future__ import annotations
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from . import _ops as ops
 from . import reference
@@ -197,7 +200,8 @@ def _gathered(key):
     return keys, dist.get_rank() * key.shape[0]
 
 
-def infonce(query, key, queue=None, *, tau=0.07, reduction="mean", gather=False):
+def infonce(query: Tensor, key: Tensor, queue: Tensor | torch.nn.Module | None = None, *, tau: float | Tensor = 0.07,
+            reduction: str = "mean", gather: bool = False) -> Tensor:
     """MoCo InfoNCE in one fused pass (the N × K logits never exist).
 
     queue given (MoCo v1/v2): ``F.cross_entropy(cat([(q*k).sum(-1, keepdim=True), q @ queue.T], 1) / tau, 0)``;
@@ -232,13 +236,13 @@ def infonce(query, key, queue=None, *, tau=0.07, reduction="mean", gather=False)
     return loss_under_autocast(InfoNCEFunction.apply(query, key, queue, tau_t, reduction, offset, backend), query)
 
 
-def clip_loss(a, b, *, tau=0.07, gather=False):
+def clip_loss(a: Tensor, b: Tensor, *, tau: float | Tensor = 0.07, gather: bool = False) -> Tensor:
     """CLIP's symmetric loss ``(infonce(a, b, tau=tau) + infonce(b, a, tau=tau)) / 2`` (in-batch;
     ``gather=True`` uses every rank's pairs).  τ may be a learnable one-element tensor."""
     return (infonce(a, b, tau=tau, gather=gather) + infonce(b, a, tau=tau, gather=gather)) / 2
 
 
-def nt_xent(z1, z2, *, tau=0.5):
+def nt_xent(z1: Tensor, z2: Tensor, *, tau: float | Tensor = 0.5) -> Tensor:
     """SimCLR's NT-Xent over the 2N views of N pairs: rows L2-normalised, each view's positive is
     its pair, the other 2N - 2 views its negatives, self-similarity excluded; mean over 2N views."""
     _check_embeddings(z1, z2, None)

@@ -5,7 +5,10 @@ The forward reads the logits once and keeps two fp32 numbers per row; the
 backward recomputes the probabilities and writes the gradient once.  No
 N × C temporary exists besides the gradient, and no fp32 copy of bf16 logits.
 """
+from __future__ import annotations
+
 import torch
+from torch import Tensor
 
 from . import _ops as ops
 from . import reference
@@ -95,8 +98,9 @@ def _check(input, target, weight, ignore_index, reduction, label_smoothing):
     return class_dim
 
 
-def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
-                  reduction="mean", label_smoothing=0.0, *, tau=1.0, inplace_backward=False):
+def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average: bool | None = None,
+                  ignore_index: int = -100, reduce: bool | None = None, reduction: str = "mean",
+                  label_smoothing: float = 0.0, *, tau: float | Tensor = 1.0, inplace_backward: bool = False) -> Tensor:
     """``F.cross_entropy(input / tau, target, weight, size_average, ignore_index, reduce, reduction,
     label_smoothing)``: torch's parameters in torch's positional slots; ``tau`` is keyword-only.
 

@@ -1,9 +1,12 @@
-"""Knowledge distillation on the row engine: ``kd_loss`` and ``KDLoss``.
+"""Knowledge distillation on the row engine: ``kd_loss``.
 
-Layers: kernels/row_kd.py (or fused_tau/_torch_kd.py) -> ``KDFunction`` -> ``kd_loss``.
+Layers: kernels/row_kd.py (or fused_tau/_torch_kd.py) -> ``KDFunction`` -> ``kd_loss`` -> ``KDLoss``
+(fused_tau/modules.py).
 """
+from __future__ import annotations
+
 import torch
-from torch import nn
+from torch import Tensor
 
 from . import _ops as ops
 from . import reference
@@ -106,7 +109,8 @@ def _check(student, teacher, target, alpha, reduction):
         check_class_targets(target, student.shape[-1], -100)
 
 
-def kd_loss(student, teacher, *, tau=4.0, target=None, alpha=0.9, reduction="batchmean"):
+def kd_loss(student: Tensor, teacher: Tensor, *, tau: float | Tensor = 4.0, target: Tensor | None = None, alpha: float = 0.9,
+            reduction: str = "batchmean") -> Tensor:
     """Hinton distillation over the last dimension, in one fused pass over both logits:
 
     ``tau**2 * F.kl_div(F.log_softmax(student / tau, -1), F.softmax(teacher / tau, -1), reduction)``;
@@ -127,18 +131,3 @@ def kd_loss(student, teacher, *, tau=4.0, target=None, alpha=0.9, reduction="bat
     return loss_under_autocast(KDFunction.apply(student, teacher, target, tau_t, float(alpha), reduction, -100,
                                                 backend), student)
 
-
-class KDLoss(nn.Module):
-    """``kd_loss`` as a module: ``KDLoss(tau=4.0, alpha=0.9, reduction="batchmean")(student, teacher, target=None)``
-    (keyword-only options, as kd_loss's)."""
-
-    def __init__(self, *, tau=4.0, alpha=0.9, reduction="batchmean"):
-        super().__init__()
-        self.tau, self.alpha, self.reduction = tau, alpha, reduction
-
-    def forward(self, student, teacher, target=None):
-        return kd_loss(student, teacher, tau=self.tau, target=target, alpha=self.alpha, reduction=self.reduction)
-
-    def extra_repr(self):
-        return f"tau={self.tau if not isinstance(self.tau, torch.Tensor) else 'tensor'}, alpha={self.alpha}, " \
-               f"reduction={self.reduction!r}"

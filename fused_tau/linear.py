@@ -11,10 +11,13 @@ The tiles give the row statistics in dot units (x·W + b, before 1/τ); the dens
 Its gradient, dz_ic = g_i (A_i p_ic - a_ic) with A_i = Σ_c a_ic, is the tiles' recomputed
 p-part (coefficient g·A) minus two GEMMs with a; a class target's own column is a sparse update.
 """
+from __future__ import annotations
+
 import math
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from . import _ops as ops
 from . import reference
@@ -233,9 +236,10 @@ def _check_options(options):
                         f"{type(options).__name__}")
 
 
-def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",
-                         ignore_index=IGNORE_INDEX_DEFAULT, label_smoothing=0.0, options=None, tau=1.0,
-                         normalize=False):
+def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = None,
+                         weight: Tensor | None = None, reduction: str = "mean",
+                         ignore_index: int | None = IGNORE_INDEX_DEFAULT, label_smoothing: float = 0.0,
+                         options: dict | None = None, tau: float | Tensor = 1.0, normalize: bool = False) -> Tensor:
     """torch 2.13's ``F.linear_cross_entropy`` with a temperature: ``F.cross_entropy(logits / tau, target,
     weight, ...)`` with ``logits = F.linear(input, linear_weight, linear_bias)`` reshaped to
     ``(N, C, d1, ..., dK)``, computed without the logits: extra memory O(N + C) beyond inputs and

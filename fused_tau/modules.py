@@ -1,15 +1,21 @@
 """nn.Modules with torch's names and arguments, plus τ."""
+from __future__ import annotations
+
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch import nn
 from torch.nn.modules.loss import _WeightedLoss
 
 from ._checks import legacy_reduction
 from .contrastive import infonce
 from .cross_entropy import cross_entropy
+from .distill import kd_loss
 from .linear import linear_cross_entropy
+from .sampling import gumbel_softmax
 
 
 class CrossEntropyLoss(nn.Module):
@@ -17,8 +23,9 @@ class CrossEntropyLoss(nn.Module):
     applied to ``input / tau``: torch's parameters in torch's positional slots, ``tau`` keyword-only
     (a float, or a tensor: an ``nn.Parameter`` to learn it)."""
 
-    def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
-                 label_smoothing=0.0, *, tau=1.0, inplace_backward=False):
+    def __init__(self, weight: Tensor | None = None, size_average: bool | None = None, ignore_index: int = -100,
+                 reduce: bool | None = None, reduction: str = "mean", label_smoothing: float = 0.0, *,
+                 tau: float | Tensor = 1.0, inplace_backward: bool = False):
         super().__init__()
         if size_average is not None or reduce is not None:
             reduction = legacy_reduction(size_average, reduce)
@@ -29,7 +36,7 @@ class CrossEntropyLoss(nn.Module):
         self.tau = tau
         self.inplace_backward = inplace_backward
 
-    def forward(self, input, target):
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return cross_entropy(input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
                              label_smoothing=self.label_smoothing, tau=self.tau,
                              inplace_backward=self.inplace_backward)
@@ -48,14 +55,14 @@ class Temperature(nn.Module):
     ``forward()`` returns the 0-dim tensor τ to pass as ``tau=`` to any fused_tau loss.
     """
 
-    def __init__(self, init=0.07, tau_min=0.01, tau_max=100.0):
+    def __init__(self, init: float = 0.07, tau_min: float = 0.01, tau_max: float = 100.0):
         super().__init__()
         if not (0 < tau_min <= init <= tau_max):
             raise ValueError(f"need 0 < tau_min <= init <= tau_max, got {tau_min}, {init}, {tau_max}")
         self.log_tau = nn.Parameter(torch.tensor(math.log(init)))
         self.log_min, self.log_max = math.log(tau_min), math.log(tau_max)
 
-    def forward(self):
+    def forward(self) -> Tensor:
         return self.log_tau.clamp(self.log_min, self.log_max).exp()
 
     def extra_repr(self):
@@ -80,7 +87,8 @@ class MoCoQueue(nn.Module):
     code does) to enqueue before it.  The backward raises, naming this fix, if the order is wrong.
     """
 
-    def __init__(self, dim, size=65536, *, generator=None, device=None, dtype=None):
+    def __init__(self, dim: int, size: int = 65536, *, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         if isinstance(dim, bool) or isinstance(size, bool) or not isinstance(dim, int) or not isinstance(size, int) \
                 or dim < 1 or size < 1:
@@ -105,7 +113,7 @@ class MoCoQueue(nn.Module):
         self.queue.index_copy_(0, idx, keys)  # no host sync: the pointer stays on the device
         self.ptr.copy_((self.ptr + keys.shape[0]) % size)
 
-    def forward(self):
+    def forward(self) -> Tensor:
         return self.queue
 
     def extra_repr(self):
@@ -144,12 +152,13 @@ class InfoNCELoss(nn.Module):
     in-batch negatives.
     """
 
-    def __init__(self, *, tau=0.07, learnable_tau=False, reduction="mean", gather=False):
+    def __init__(self, *, tau: float | Tensor = 0.07, learnable_tau: bool = False, reduction: str = "mean",
+                 gather: bool = False):
         super().__init__()
         self.temperature = Temperature(tau) if learnable_tau else None
         self.tau, self.reduction, self.gather = tau, reduction, gather
 
-    def forward(self, query, key, queue=None):
+    def forward(self, query: Tensor, key: Tensor, queue: Tensor | MoCoQueue | None = None) -> Tensor:
         if isinstance(queue, MoCoQueue):
             queue = queue.queue
         tau = self.temperature() if self.temperature is not None else self.tau
@@ -171,9 +180,10 @@ class LinearCrossEntropyLoss(_WeightedLoss):
 
     __constants__ = ["num_classes", "out_features", "reduction", "ignore_index", "label_smoothing"]
 
-    def __init__(self, in_features, num_classes, *, out_features=(), bias=False, device=None, dtype=None,
-                 reduction="mean", weight=None, ignore_index=None, label_smoothing=0.0, options=None, tau=1.0,
-                 normalize=False):
+    def __init__(self, in_features: int, num_classes: int, *, out_features: tuple[int, ...] = (), bias: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, reduction: str = "mean",
+                 weight: Tensor | None = None, ignore_index: int | None = None, label_smoothing: float = 0.0,
+                 options: dict | None = None, tau: float | Tensor = 1.0, normalize: bool = False):
         if weight is not None and tuple(weight.shape) != (num_classes,):
             raise ValueError(f"weight must have shape {(num_classes,)}, one per class, got {tuple(weight.shape)}")
         if not 0.0 <= label_smoothing <= 1.0:
@@ -190,7 +200,7 @@ class LinearCrossEntropyLoss(_WeightedLoss):
         self.tau = tau
         self.normalize = normalize
 
-    def forward(self, input, target):
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
         linear_weight = self.linear.weight.reshape((self.num_classes, *self.out_features, self.linear.in_features))
         linear_bias = (self.linear.bias.reshape((self.num_classes, *self.out_features))
                        if self.linear.bias is not None else None)
@@ -206,3 +216,40 @@ class LinearCrossEntropyLoss(_WeightedLoss):
                 f"reduction={self.reduction}, ignore_index={self.ignore_index}, "
                 f"label_smoothing={self.label_smoothing}, options={self.options}, tau={tau}, "
                 f"normalize={self.normalize}")
+
+
+class KDLoss(nn.Module):
+    """``kd_loss`` as a module: ``KDLoss(tau=4.0, alpha=0.9, reduction="batchmean")(student, teacher, target=None)``
+    (keyword-only options, as kd_loss's)."""
+
+    def __init__(self, *, tau: float | Tensor = 4.0, alpha: float = 0.9, reduction: str = "batchmean"):
+        super().__init__()
+        self.tau, self.alpha, self.reduction = tau, alpha, reduction
+
+    def forward(self, student: Tensor, teacher: Tensor, target: Tensor | None = None) -> Tensor:
+        return kd_loss(student, teacher, tau=self.tau, target=target, alpha=self.alpha, reduction=self.reduction)
+
+    def extra_repr(self):
+        return f"tau={self.tau if not isinstance(self.tau, torch.Tensor) else 'tensor'}, alpha={self.alpha}, " \
+               f"reduction={self.reduction!r}"
+
+
+class GumbelSoftmax(nn.Module):
+    """``gumbel_softmax(logits, tau, hard, eps, dim)`` as a module (the function's positional
+    order); ``tau`` a float or a tensor (update it, e.g. from ``gumbel_tau_schedule``, as
+    training goes).  ``forward(logits, *, generator=None)``."""
+
+    def __init__(self, tau: float | Tensor = 1.0, hard: bool = False, eps: float = 1e-10, dim: int = -1):
+        super().__init__()
+        if eps != 1e-10:
+            warnings.warn("`eps` parameter is deprecated and has no effect.", stacklevel=2)
+        self.tau = tau
+        self.hard = hard
+        self.dim = dim
+
+    def forward(self, logits: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        return gumbel_softmax(logits, self.tau, self.hard, dim=self.dim, generator=generator)
+
+    def extra_repr(self):
+        tau = self.tau if not isinstance(self.tau, torch.Tensor) else "tensor"
+        return f"tau={tau}, hard={self.hard}, dim={self.dim}"

@@ -1,18 +1,20 @@
 """Gumbel-softmax and temperature sampling on the row engine.
 
 Layers: kernels/row_sample.py (or the torch path, fused_tau/_torch_sample.py) ->
-``GumbelSoftmaxFunction`` -> ``gumbel_softmax`` / ``sample`` -> ``GumbelSoftmax``.
+``GumbelSoftmaxFunction`` -> ``gumbel_softmax`` / ``sample`` -> ``GumbelSoftmax`` (fused_tau/modules.py).
 
 The kernels draw their Gumbel noise inside the kernel (Philox, one seed per call drawn
 from the caller's ``torch.Generator`` on the logits' device, without a host sync); the
 noise is never stored, and the hard backward regenerates it.
 """
+from __future__ import annotations
+
 import math
 import numbers
 import warnings
 
 import torch
-from torch import nn
+from torch import Tensor
 
 from . import _ops as ops
 from . import reference
@@ -59,7 +61,8 @@ def _check_generator(generator, x):
         raise ValueError(f"generator is on {generator.device} but logits is on {x.device}")
 
 
-def gumbel_softmax(logits, tau=1.0, hard=False, eps=1e-10, dim=-1, *, generator=None):
+def gumbel_softmax(logits: Tensor, tau: float | Tensor = 1.0, hard: bool = False, eps: float = 1e-10, dim: int = -1, *,
+                   generator: torch.Generator | None = None) -> Tensor:
     """A Gumbel-softmax sample: ``softmax((logits + g) / tau, dim)`` with g = -log(E),
     E ~ Exponential(1) i.i.d. per element, the distribution of ``F.gumbel_softmax``.  Its
     argmax is a draw from ``softmax(logits, dim)`` whatever τ (τ only sharpens the sample).
@@ -129,7 +132,7 @@ def _check_no_nan(ok):
 
 
 @torch.no_grad()
-def sample(logits, *, tau=1.0, generator=None):
+def sample(logits: Tensor, *, tau: float | Tensor = 1.0, generator: torch.Generator | None = None) -> Tensor:
     """One index per row (the last dim) drawn from ``softmax(logits / tau)``: int64 of shape
     ``logits.shape[:-1]``, by the Gumbel-max trick ``argmax(logits / tau + g)``, g ~ Gumbel(0, 1).
 
@@ -166,28 +169,8 @@ def sample(logits, *, tau=1.0, generator=None):
     return idx.view(logits.shape[:-1])
 
 
-def gumbel_tau_schedule(step, tau0=1.0, rate=1e-4, tau_min=0.5):
+def gumbel_tau_schedule(step: int, tau0: float = 1.0, rate: float = 1e-4, tau_min: float = 0.5) -> float:
     """τ at training step ``step``: ``max(tau_min, tau0 * exp(-rate * step))``, the annealing
     of Jang et al. 2017 (Categorical Reparameterization with Gumbel-Softmax)."""
     return max(tau_min, tau0 * math.exp(-rate * step))
 
-
-class GumbelSoftmax(nn.Module):
-    """``gumbel_softmax(logits, tau, hard, eps, dim)`` as a module (the function's positional
-    order); ``tau`` a float or a tensor (update it, e.g. from ``gumbel_tau_schedule``, as
-    training goes).  ``forward(logits, *, generator=None)``."""
-
-    def __init__(self, tau=1.0, hard=False, eps=1e-10, dim=-1):
-        super().__init__()
-        if eps != 1e-10:
-            warnings.warn("`eps` parameter is deprecated and has no effect.", stacklevel=2)
-        self.tau = tau
-        self.hard = hard
-        self.dim = dim
-
-    def forward(self, logits, *, generator=None):
-        return gumbel_softmax(logits, self.tau, self.hard, dim=self.dim, generator=generator)
-
-    def extra_repr(self):
-        tau = self.tau if not isinstance(self.tau, torch.Tensor) else "tensor"
-        return f"tau={tau}, hard={self.hard}, dim={self.dim}"

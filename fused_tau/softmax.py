@@ -3,9 +3,12 @@
 Layers: kernels/row.py (or the torch path) -> custom ops (_ops.py) -> ``SoftmaxFunction`` /
 ``LogSumExpFunction`` -> the public functions below.
 """
+from __future__ import annotations
+
 import math
 
 import torch
+from torch import Tensor
 
 from . import _ops as ops
 from . import reference
@@ -89,7 +92,7 @@ def _cast(input, dtype):
     return input.to(dtype)
 
 
-def softmax(input, dim=-1, *, tau=1.0, dtype=None):
+def softmax(input: Tensor, dim: int = -1, *, tau: float | Tensor = 1.0, dtype: torch.dtype | None = None) -> Tensor:
     """``torch.softmax(input / tau, dim)`` in one fused pass.
 
     Positional order as ``torch.softmax(input, dim)``; ``tau`` is keyword-only; ``dtype`` casts
@@ -104,7 +107,8 @@ def softmax(input, dim=-1, *, tau=1.0, dtype=None):
     return SoftmaxFunction.apply(x, tau_t, dim, False, backend)
 
 
-def log_softmax(input, dim=-1, *, tau=1.0, dtype=None):
+def log_softmax(input: Tensor, dim: int = -1, *, tau: float | Tensor = 1.0,
+                dtype: torch.dtype | None = None) -> Tensor:
     """``torch.log_softmax(input / tau, dim)``; the argmax's value is -log1p(Σ others), exact at small τ.
     Positional order as torch's; ``tau`` is keyword-only."""
     x = _cast(input, dtype)
@@ -114,7 +118,7 @@ def log_softmax(input, dim=-1, *, tau=1.0, dtype=None):
     return SoftmaxFunction.apply(x, tau_t, dim, True, backend)
 
 
-def logsumexp(input, dim=-1, keepdim=False, *, tau=1.0):
+def logsumexp(input: Tensor, dim: int = -1, keepdim: bool = False, *, tau: float | Tensor = 1.0) -> Tensor:
     """``tau * torch.logsumexp(input / tau, dim, keepdim)``: the smooth max, → max(input) as τ → 0.
     Positional order as ``torch.logsumexp(input, dim, keepdim)``; ``tau`` is keyword-only."""
     x = input

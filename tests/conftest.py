@@ -59,3 +59,22 @@ def backend(request, monkeypatch):
         monkeypatch.setattr(torch_tile, "COL_PARTS", 3)
     monkeypatch.setenv("FUSED_TAU_BACKEND", name)
     return name
+
+
+@pytest.fixture
+def no_launch(backend, monkeypatch):
+    """Every engine of the active backend fails loudly when asked for a kernel or a torch-path
+    launcher: a bad-input test that takes this fixture proves its error is raised before any launch."""
+    import fused_tau._ops as ops
+
+    class _NoEngine:
+        def __init__(self, family):
+            self.family = family
+
+        def __getattr__(self, name):
+            def launched(*args, **kwargs):
+                raise AssertionError(f"{self.family}.{name} ran before the argument check")
+            return launched
+
+    monkeypatch.setattr(ops, "engine", lambda backend, family: _NoEngine(family))
+    return backend

@@ -7,7 +7,7 @@ import torch
 import fused_tau
 from fused_tau import reference
 
-from .tolerances import assert_close_to_ref
+from .compare import check_against_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 N, K, D = 19, 37, 20  # none divides the 16-wide test tiles
@@ -15,28 +15,7 @@ N, K, D = 19, 37, 20  # none divides the 16-wide test tiles
 
 def _compare(fn, ref_fn, tensors, tau, dtype, tau_scale=1.0):
     """fn(*tensors, tau) against ref_fn in float64: value and the gradient of every input and of τ."""
-    xs = [t.to(dtype).detach().clone().requires_grad_() for t in tensors]
-    out = fn(*xs, tau=tau)
-    g = torch.rand(out.shape, device=out.device) + 0.5
-    (out.float() * g).sum().backward()
-    x64 = [x.detach().double().requires_grad_() for x in xs]
-    tau64 = tau.detach().double().requires_grad_() if isinstance(tau, torch.Tensor) else tau
-    ref = ref_fn(*x64, tau=tau64)
-    (ref * g.double()).sum().backward()
-    # fp32 cannot beat the conditioning of q·k / τ: bound by torch's own fp32 error too
-    x32 = [x.detach().float().requires_grad_() for x in xs]
-    torch_grads = [None] * len(xs)
-    if dtype == torch.float32:
-        (ref_fn(*x32, tau=tau.detach() if isinstance(tau, torch.Tensor) else tau) * g).sum().backward()
-        torch_grads = [x.grad for x in x32]
-    assert out.dtype == dtype
-    assert_close_to_ref(out, ref, dtype, scale=4.0)  # fp16/bf16: the loss is rounded to its dtype
-    for x, r, tg in zip(xs, x64, torch_grads):
-        assert x.grad.dtype == dtype
-        assert_close_to_ref(x.grad, r.grad, dtype, torch_same_dtype=tg, scale=4.0)
-    if isinstance(tau, torch.Tensor) and tau.requires_grad:
-        assert_close_to_ref(tau.grad, tau64.grad, torch.float32 if dtype == torch.float32 else dtype,
-                            scale=tau_scale)
+    check_against_reference(fn, ref_fn, tensors, dtype=dtype, tau=tau, scale=4.0, tau_scale=tau_scale)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -144,14 +123,14 @@ def test_temperature_is_clamped_like_clip():
     (dict(queue=torch.randn(9, 8), gather=True), ValueError, "gather=True applies to in-batch"),
     (dict(reduction="avg"), ValueError, "reduction must be one of"),
 ])
-def test_bad_infonce_input(backend, kwargs, exc, match):
+def test_bad_infonce_input(no_launch, kwargs, exc, match):
     args = dict(query=torch.randn(5, 8), key=torch.randn(5, 8))
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         fused_tau.infonce(**args)
 
 
-def test_bad_nt_xent_input(backend):
+def test_bad_nt_xent_input(no_launch):
     with pytest.raises(ValueError, match="z2 must have z1's shape"):
         fused_tau.nt_xent(torch.randn(4, 8), torch.randn(3, 8))
 

@@ -6,39 +6,17 @@ import torch.nn.functional as F
 import fused_tau
 from fused_tau import reference
 
+from .compare import check_against_reference
 from .tolerances import assert_close_to_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _run(student, teacher, tau, target, alpha, reduction, dtype, teacher_grad=True):
-    s = student.to(dtype).requires_grad_()
-    t = teacher.to(dtype).requires_grad_(teacher_grad)
-    out = fused_tau.kd_loss(s, t, tau=tau, target=target, alpha=alpha, reduction=reduction)
-    assert out.dtype == dtype
-    g = torch.rand(out.shape, device=s.device) + 0.5
-    (out.float() * g).sum().backward()
-    s64 = s.detach().double().requires_grad_()
-    t64 = t.detach().double().requires_grad_(teacher_grad)
-    tau64 = tau.detach().double().requires_grad_() if isinstance(tau, torch.Tensor) else tau
-    ref = reference.kd_loss(s64, t64, tau=tau64, target=target, alpha=alpha, reduction=reduction)
-    (ref * g.double()).sum().backward()
-    # fp32 cannot beat its conditioning (|z| large): bound by torch's own fp32 error as well
-    ts = s.detach().float().requires_grad_()
-    tt = t.detach().float().requires_grad_(teacher_grad)
-    tref = reference.kd_loss(ts, tt, tau=tau.detach() if isinstance(tau, torch.Tensor) else tau, target=target, alpha=alpha,
-                             reduction=reduction)
-    (tref * g).sum().backward()
-    fp32 = dtype == torch.float32
-    assert_close_to_ref(out, ref, dtype, torch_same_dtype=tref if fp32 else None)
-    assert_close_to_ref(s.grad, s64.grad, dtype, torch_same_dtype=ts.grad if fp32 else None)
-    if teacher_grad:
-        assert_close_to_ref(t.grad, t64.grad, dtype, torch_same_dtype=tt.grad if fp32 else None)
-    else:
-        assert t.grad is None
-    if isinstance(tau, torch.Tensor) and tau.requires_grad:
-        assert tau.grad.shape == tau.shape
-        assert_close_to_ref(tau.grad, tau64.grad, torch.float32 if fp32 else dtype, scale=student.numel())
+    check_against_reference(
+        lambda s, t, tau: fused_tau.kd_loss(s, t, tau=tau, target=target, alpha=alpha, reduction=reduction),
+        lambda s, t, tau: reference.kd_loss(s, t, tau=tau, target=target, alpha=alpha, reduction=reduction),
+        [student, teacher], dtype=dtype, tau=tau, grads=[True, teacher_grad], tau_scale=student.numel())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -123,7 +101,7 @@ def test_kd_module(backend, device):
     (dict(student=torch.randint(0, 3, (4, 7))), TypeError, "student must be float16"),
     (dict(teacher=torch.randn(4, 7, device="meta")), ValueError, "teacher is on meta"),
 ])
-def test_bad_kd_input(backend, kwargs, exc, match):
+def test_bad_kd_input(no_launch, kwargs, exc, match):
     args = dict(student=torch.randn(4, 7), teacher=torch.randn(4, 7))
     args.update(kwargs)
     with pytest.raises(exc, match=match):

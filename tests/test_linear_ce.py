@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import fused_tau
 from fused_tau import reference
 
+from .compare import Fixed, check_against_reference
 from .tolerances import assert_close_to_ref, tol
 
 N, V, D = 19, 45, 20
@@ -17,33 +18,11 @@ N, V, D = 19, 45, 20
 def _check(x, W, y, b, dtype, tau, **opts):
     """Loss and the gradients of input, weight, bias, τ and (probability) target against the float64
     reference; bounded by torch's own fp32 error too."""
-    probs = y.is_floating_point()
-    xs = [t.to(dtype).detach().clone().requires_grad_() if t is not None else None for t in (x, W, b)]
-    ys = y.to(dtype).detach().clone().requires_grad_() if probs else y
-    out = fused_tau.linear_cross_entropy(xs[0], xs[1], ys, linear_bias=xs[2], tau=tau, **opts)
-    g = torch.rand(out.shape, device=x.device) + 0.5
-    (out.float() * g).sum().backward()
-    x64 = [t.detach().double().requires_grad_() if t is not None else None for t in xs + [ys if probs else None]]
-    tau64 = tau.detach().double().requires_grad_() if isinstance(tau, torch.Tensor) else tau
-    opts64 = dict(opts, weight=opts["weight"].double() if opts.get("weight") is not None else None)
-    ref = reference.linear_cross_entropy(x64[0], x64[1], x64[3] if probs else y, linear_bias=x64[2], tau=tau64,
-                                         **opts64)
-    (ref * g.double()).sum().backward()
-    torch_grads = [None] * 4
-    torch_out = None
-    if dtype == torch.float32:  # bound by torch's own fp32 error too (conditioning of x·W / τ)
-        x32 = [t.detach().clone().requires_grad_() if t is not None else None for t in xs + [ys if probs else None]]
-        torch_out = reference.linear_cross_entropy(x32[0], x32[1], x32[3] if probs else y, linear_bias=x32[2],
-                                                   tau=tau.detach() if isinstance(tau, torch.Tensor) else tau, **opts)
-        (torch_out * g).sum().backward()
-        torch_grads = [t.grad if t is not None else None for t in x32]
-    assert out.dtype == dtype and out.shape == ref.shape
-    assert_close_to_ref(out, ref, dtype, torch_same_dtype=torch_out, scale=4.0)
-    for t, r, tg in zip(xs + [ys if probs else None], x64, torch_grads):
-        if t is not None:
-            assert_close_to_ref(t.grad, r.grad, dtype, torch_same_dtype=tg, scale=4.0)
-    if isinstance(tau, torch.Tensor) and tau.requires_grad:
-        assert_close_to_ref(tau.grad, tau64.grad, torch.float32 if dtype == torch.float32 else dtype, scale=N)
+    weight = opts.pop("weight", None)
+    check_against_reference(
+        lambda x, W, y, b, w, tau: fused_tau.linear_cross_entropy(x, W, y, linear_bias=b, weight=w, tau=tau, **opts),
+        lambda x, W, y, b, w, tau: reference.linear_cross_entropy(x, W, y, linear_bias=b, weight=w, tau=tau, **opts),
+        [x, W, y, b, None if weight is None else Fixed(weight)], dtype=dtype, tau=tau, scale=4.0, tau_scale=N)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -313,7 +292,7 @@ def test_module_tau_and_normalize(backend):
     (dict(label_smoothing=2.0), ValueError, "label_smoothing must be a float in \\[0, 1\\]"),
     (dict(linear_weight=torch.randn(9, 8, device="meta")), ValueError, "linear_weight is on meta"),
 ])
-def test_bad_linear_ce_input(backend, kwargs, exc, match):
+def test_bad_linear_ce_input(no_launch, kwargs, exc, match):
     args = dict(input=torch.randn(4, 8), linear_weight=torch.randn(9, 8), target=torch.tensor([0, 1, 2, 3]))
     args.update(kwargs)
     with pytest.raises(exc, match=match):
