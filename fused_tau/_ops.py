@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._dispatch import MODE_LSE, engine
+from ._tau import compute_dtype
 
 _IMPLS = {}
 
@@ -50,11 +51,6 @@ def _call(name):
 
 def _tracing():
     return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
-
-
-def _cd(x):
-    """The launchers' compute dtype: fp32, fp64 for fp64 inputs (only the torch path takes those)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _empty(like):
@@ -85,7 +81,7 @@ def _softmax_fwd(x3: Tensor, tau: Tensor, mode: int, backend: str) -> Tuple[Tens
 def _(x3, tau, mode, backend):
     R = _rows(x3)
     out = x3.new_empty(R) if mode == MODE_LSE else x3.new_empty(x3.shape)
-    return out, x3.new_empty(R, dtype=_cd(x3)), x3.new_empty(R, dtype=_cd(x3))
+    return out, x3.new_empty(R, dtype=compute_dtype(x3)), x3.new_empty(R, dtype=compute_dtype(x3))
 
 
 @_op("softmax_bwd")
@@ -121,7 +117,7 @@ def _ce_fwd(x3: Tensor, target: Tensor, weight: Optional[Tensor], tau: Tensor, i
 
 @_ce_fwd.register_fake
 def _(x3, target, weight, tau, ignore_index, smoothing, prob_target, backend):
-    R, cd = _rows(x3), _cd(x3)
+    R, cd = _rows(x3), compute_dtype(x3)
     has_a = prob_target or smoothing > 0
     return (x3.new_empty(R, dtype=cd), x3.new_empty(0 if prob_target else R, dtype=cd), x3.new_empty(R, dtype=cd),
             x3.new_empty(R, dtype=cd), x3.new_empty(R if has_a else 0, dtype=cd))
@@ -200,7 +196,7 @@ def _kd_fwd(s2: Tensor, t2: Tensor, target: Optional[Tensor], tau: Tensor, ignor
 @_kd_fwd.register_fake
 def _(s2, t2, target, tau, ignore_index, elementwise, backend):
     R, C = s2.shape
-    cd = _cd(s2)
+    cd = compute_dtype(s2)
     return (s2.new_empty(R, dtype=cd), s2.new_empty(R if target is not None else 0, dtype=cd),
             s2.new_empty((R, 8), dtype=cd), s2.new_empty((R, C) if elementwise else (0,)))
 
@@ -308,7 +304,7 @@ def _tile_fwd(a: Tensor, b: Tensor, bias: Optional[Tensor], tau_rows: Tensor, ta
 
 @_tile_fwd.register_fake
 def _(a, b, bias, tau_rows, target, diag_offset, backend):
-    N, cd = a.shape[0], _cd(a)
+    N, cd = a.shape[0], compute_dtype(a)
     return a.new_empty(N, dtype=cd), a.new_empty(N, dtype=cd), a.new_empty(N if target is not None else 0, dtype=cd)
 
 
@@ -323,7 +319,7 @@ def _tile_bwd(a: Tensor, b: Tensor, bias: Optional[Tensor], tau_rows: Tensor, ta
 
 @_tile_bwd.register_fake
 def _(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref, need_da, need_db, need_zp, backend):
-    cd = _cd(a)
+    cd = compute_dtype(a)
     return (a.new_empty(a.shape if need_da else (0,)), b.new_empty(b.shape if need_db else (0,)),
             a.new_empty(b.shape[0] if need_db and bias is not None else 0, dtype=cd),
             a.new_empty(a.shape[0] if need_zp else 0, dtype=cd))

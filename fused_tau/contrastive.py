@@ -16,10 +16,9 @@ from torch import Tensor
 
 from . import _ops as ops
 from . import reference
-from ._checks import check_same_device, check_tensor, reduce_tau_grad, tau_for_kernel, tau_tensor
+from ._checks import check_reduction, check_same_device, check_tensor
 from ._dispatch import autocast_off, backend_for, loss_under_autocast, once_differentiable
-
-REDUCTIONS = ("none", "mean", "sum")
+from ._tau import reduce_tau_grad, tau_for_kernel, tau_over, tau_tensor
 
 
 def nll_from_stats(m, s, pos, tau_rows):
@@ -218,8 +217,7 @@ def infonce(query: Tensor, key: Tensor, queue: Tensor | torch.nn.Module | None =
     _check_embeddings(query, key, queue)
     if gather and queue is not None:
         raise ValueError("gather=True applies to in-batch negatives (queue=None); a MoCoQueue gathers on enqueue")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_reduction(reduction)
     tau_t = tau_tensor(tau, query, (query.shape[0],))
     if queue is None and not gather and key.shape[0] != query.shape[0]:
         raise ValueError(f"in-batch key must hold one row per query ({query.shape[0]}), got {key.shape[0]}")
@@ -229,7 +227,7 @@ def infonce(query: Tensor, key: Tensor, queue: Tensor | torch.nn.Module | None =
     backend = backend_for(query)
     if backend == "reference" or query.shape[0] == 0:
         if offset or key.shape[0] != query.shape[0] and queue is None:
-            logits = query @ key.T / reference._tau_over(tau_t, query, 1)
+            logits = query @ key.T / tau_over(tau_t, query, 1)
             return F.cross_entropy(logits, torch.arange(query.shape[0], device=query.device) + offset,
                                    reduction=reduction)
         return reference.infonce(query, key, queue, tau=tau_t, reduction=reduction)

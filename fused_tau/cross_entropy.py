@@ -13,11 +13,10 @@ from torch import Tensor
 from . import _ops as ops
 from . import reference
 from ._checks import (check_ce_options, check_class_targets, check_inplace_target, check_same_device, check_tensor,
-                      check_vector, legacy_reduction, reduce_tau_grad, tau_for_kernel, tau_tensor)
+                      check_vector, legacy_reduction)
 from ._dispatch import autocast_off, backend_for, loss_under_autocast, once_differentiable
+from ._tau import compute_dtype, reduce_tau_grad, tau_for_kernel, tau_tensor
 from .softmax import view3
-
-REDUCTIONS = ("none", "mean", "sum")
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -30,7 +29,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         x3, A, C, B = view3(input, 1 if input.ndim > 1 else 0)
         prob_target = target.is_floating_point()
         tgt = target.reshape(A, C, B) if prob_target else target.reshape(-1).to(torch.int64).contiguous()
-        cdtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+        cdtype = compute_dtype(input)
         w = weight.detach().to(cdtype).contiguous() if weight is not None else None
         tau_k = tau_for_kernel(tau, input)
         loss, wy, m, s, a = ops.ce_fwd(backend, x3, tgt, w, tau_k, ignore_index, label_smoothing, prob_target)
@@ -92,7 +91,7 @@ def _check(input, target, weight, ignore_index, reduction, label_smoothing):
             raise ValueError(f"target must have shape {expected} for input of shape {tuple(input.shape)}, "
                              f"got {tuple(target.shape)}")
     check_vector(weight, "weight", C, input)
-    check_ce_options(reduction, REDUCTIONS, ignore_index, label_smoothing)
+    check_ce_options(reduction, ignore_index, label_smoothing)
     if not target.is_floating_point():
         check_class_targets(target, C, ignore_index)
     return class_dim

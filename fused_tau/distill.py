@@ -10,9 +10,9 @@ from torch import Tensor
 
 from . import _ops as ops
 from . import reference
-from ._checks import (check_class_targets, check_same_device, check_tensor, reduce_tau_grad, tau_for_kernel,
-                      tau_tensor)
+from ._checks import check_class_targets, check_reduction, check_same_device, check_tensor
 from ._dispatch import autocast_off, backend_for, loss_under_autocast, once_differentiable
+from ._tau import reduce_tau_grad, tau_for_kernel, tau_tensor
 
 KD_REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
@@ -92,8 +92,7 @@ def _check(student, teacher, target, alpha, reduction):
     if teacher.shape != student.shape:
         raise ValueError(f"teacher must have student's shape {tuple(student.shape)}, got {tuple(teacher.shape)}")
     check_same_device(teacher, "teacher", student, "student")
-    if reduction not in KD_REDUCTIONS:
-        raise ValueError(f"reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
+    check_reduction(reduction, KD_REDUCTIONS)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be a float in [0, 1], got {alpha!r}")
     if target is not None:

@@ -21,12 +21,10 @@ from torch import Tensor
 
 from . import _ops as ops
 from . import reference
-from ._checks import (check_ce_options, check_class_targets, check_same_device, check_tensor, check_vector,
-                      reduce_tau_grad, tau_for_kernel, tau_tensor)
+from ._checks import check_ce_options, check_class_targets, check_same_device, check_tensor, check_vector
 from ._dispatch import autocast_off, backend_for, loss_under_autocast, once_differentiable
+from ._tau import compute_dtype, reduce_tau_grad, tau_for_kernel, tau_tensor
 from .contrastive import nll_from_stats, row_grad, softmax_stats
-
-REDUCTIONS = ("none", "mean", "sum")
 
 
 class _DefaultIgnoreIndex(int):
@@ -110,7 +108,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @autocast_off
     def forward(ctx, x, W, b, target, weight, tau, denom, reduction, ignore_index, smoothing, backend):
         N, C = x.shape[0], W.shape[0]
-        cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+        cd = compute_dtype(x)
         tau_rows = tau_for_kernel(tau, x).expand(N).contiguous()
         w = weight.to(cd) if weight is not None else None
         if target.is_floating_point():
@@ -300,7 +298,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             raise ValueError(f"target must have shape {class_shape} (class indices) or {logits_shape} (class "
                              f"probabilities), got {tuple(target.shape)}")
         ignore_index = -100 if ignore_index is None else ignore_index
-    check_ce_options(reduction, REDUCTIONS, ignore_index, label_smoothing)
+    check_ce_options(reduction, ignore_index, label_smoothing)
     ignore_index = int(ignore_index)
     check_vector(weight, "weight", C, input)
     if linear_bias is not None:
@@ -327,7 +325,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     W3 = linear_weight.reshape(C, P, D)
     b2 = linear_bias.reshape(C, P) if linear_bias is not None else None
     t = target.reshape(N, C, P) if probabilities else target.reshape(N, P)
-    cd = torch.float64 if input.dtype == torch.float64 else torch.float32
+    cd = compute_dtype(input)
     denom = None
     if reduction == "mean":
         if probabilities:

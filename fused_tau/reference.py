@@ -11,39 +11,32 @@ import math
 import torch
 import torch.nn.functional as F
 
-
-def _tau_over(tau, x, lead):
-    """Broadcast τ against ``x`` whose first ``lead`` dims are the τ-per-row dims."""
-    if isinstance(tau, torch.Tensor) and tau.numel() != 1:
-        return tau.reshape(tuple(tau.shape) + (1,) * (x.ndim - lead))
-    if isinstance(tau, torch.Tensor):
-        return tau.reshape(())
-    return tau
+from ._tau import tau_over
 
 
 def softmax(x, dim=-1, *, tau=1.0):
     """torch.softmax(x / tau, dim)."""
     dim = dim % max(x.ndim, 1)
-    return torch.softmax(x / _tau_over(tau, x, dim), dim)
+    return torch.softmax(x / tau_over(tau, x, dim), dim)
 
 
 def log_softmax(x, dim=-1, *, tau=1.0):
     """torch.log_softmax(x / tau, dim)."""
     dim = dim % max(x.ndim, 1)
-    return torch.log_softmax(x / _tau_over(tau, x, dim), dim)
+    return torch.log_softmax(x / tau_over(tau, x, dim), dim)
 
 
 def logsumexp(x, dim=-1, keepdim=False, *, tau=1.0):
     """tau * torch.logsumexp(x / tau, dim, keepdim): a smooth max, → max(x) as τ → 0."""
     dim = dim % max(x.ndim, 1)
-    out = torch.logsumexp(x / _tau_over(tau, x, dim), dim, keepdim=keepdim)
-    return _tau_over(tau, out, dim) * out
+    out = torch.logsumexp(x / tau_over(tau, x, dim), dim, keepdim=keepdim)
+    return tau_over(tau, out, dim) * out
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
                   reduction="mean", label_smoothing=0.0, *, tau=1.0):
     """F.cross_entropy(input / tau, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing)."""
-    return F.cross_entropy(input / _tau_over(tau, input, 1), target, weight, size_average, ignore_index, reduce,
+    return F.cross_entropy(input / tau_over(tau, input, 1), target, weight, size_average, ignore_index, reduce,
                            reduction, label_smoothing)
 
 
@@ -71,7 +64,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     if len(batch) > 1:  # rows of an input (..., D)
         logits = logits.reshape(-1, C)
         target = target.reshape(-1, C) if probabilities else target.reshape(-1)
-    loss = F.cross_entropy(logits / _tau_over(tau, logits, 1 if logits.ndim > 1 else 0), target, weight,
+    loss = F.cross_entropy(logits / tau_over(tau, logits, 1 if logits.ndim > 1 else 0), target, weight,
                            ignore_index=-100 if ignore_index is None else ignore_index, reduction=reduction,
                            label_smoothing=label_smoothing)
     return loss.reshape((*batch, *out_features)) if reduction == "none" else loss
@@ -90,7 +83,7 @@ def infonce(query, key, queue=None, *, tau=0.07, reduction="mean"):
         logits = torch.cat([(query * key).sum(-1, keepdim=True), query @ queue.T], 1)
     labels = torch.zeros(n, dtype=torch.long, device=query.device) if queue is not None else \
         torch.arange(n, device=query.device)
-    return F.cross_entropy(logits / _tau_over(tau, logits, 1), labels, reduction=reduction)
+    return F.cross_entropy(logits / tau_over(tau, logits, 1), labels, reduction=reduction)
 
 
 def clip_loss(a, b, *, tau=0.07):
@@ -113,7 +106,7 @@ def kd_loss(student, teacher, *, tau=4.0, target=None, alpha=0.9, reduction="bat
     """tau**2 * F.kl_div(F.log_softmax(student / tau, -1), F.softmax(teacher / tau, -1), reduction);
     with target: alpha * that + (1 - alpha) * F.cross_entropy(student, target) (rows flattened;
     summed for reduction='sum', else averaged).  τ per row has shape student.shape[:-1]."""
-    t = _tau_over(tau, student, student.ndim - 1)
+    t = tau_over(tau, student, student.ndim - 1)
     kd = F.kl_div(F.log_softmax(student / t, -1), F.softmax(teacher / t, -1), reduction="none") * t ** 2
     if reduction == "batchmean":
         kd = kd.sum() / student.shape[0]

@@ -10,7 +10,6 @@ noise is never stored, and the hard backward regenerates it.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 
 import torch
@@ -18,8 +17,9 @@ from torch import Tensor
 
 from . import _ops as ops
 from . import reference
-from ._checks import check_dim, check_same_device, check_tensor, data_check, tau_for_kernel, tau_tensor
+from ._checks import check_dim, check_tensor, data_check
 from ._dispatch import autocast_off, backend_for, once_differentiable
+from ._tau import sample_tau, tau_for_kernel, tau_over, tau_tensor
 from .softmax import view3
 
 
@@ -86,30 +86,9 @@ def gumbel_softmax(logits: Tensor, tau: float | Tensor = 1.0, hard: bool = False
     _check_generator(generator, logits)
     backend = backend_for(logits)
     if backend == "reference" or logits.numel() == 0:
-        return reference.gumbel_softmax(logits, reference._tau_over(tau_t, logits, dim), bool(hard), dim=dim,
+        return reference.gumbel_softmax(logits, tau_over(tau_t, logits, dim), bool(hard), dim=dim,
                                         generator=generator)
     return GumbelSoftmaxFunction.apply(logits, tau_t, dim, bool(hard), generator, backend)
-
-
-def _sample_tau(tau, logits):
-    """(τ as a float32 tensor of one element or one per row, greedy): τ >= 0 and finite."""
-    rows_shape = tuple(logits.shape[:-1])
-    if isinstance(tau, torch.Tensor):
-        check_tensor(tau, "tau")
-        check_same_device(tau, "tau", logits, "logits")
-        if tau.numel() != 1 and tuple(tau.shape) != rows_shape:
-            raise ValueError(f"tau must be a float, a one-element tensor or a tensor of shape {rows_shape} "
-                             f"(one τ per row), got shape {tuple(tau.shape)}")
-        t = tau.detach()
-        if t.numel() > 0:
-            data_check((t >= 0).all() & torch.isfinite(t).all(), "tau must be non-negative and finite")
-        return t.to(torch.float32).reshape(-1).contiguous(), False
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
-        raise TypeError(f"tau must be a float or a tensor, got {type(tau).__name__}")
-    tau = float(tau)
-    if not (math.isfinite(tau) and tau >= 0):
-        raise ValueError(f"tau must be non-negative and finite, got {tau}")
-    return torch.full((1,), tau, dtype=torch.float32, device=logits.device), tau == 0.0
 
 
 def _reference_sample(logits, tau, generator):
@@ -155,7 +134,7 @@ def sample(logits: Tensor, *, tau: float | Tensor = 1.0, generator: torch.Genera
     R = logits.numel() // C if C else math.prod(logits.shape[:-1])
     if C == 0 and R > 0:
         raise ValueError("logits must have at least one class (its last dimension is 0)")
-    tau_k, greedy = _sample_tau(tau, logits)
+    tau_k, greedy = sample_tau(tau, logits)
     _check_generator(generator, logits)
     backend = backend_for(logits)
     if backend == "reference":

@@ -12,8 +12,9 @@ from torch import Tensor
 
 from . import _ops as ops
 from . import reference
-from ._checks import check_dim, check_tensor, reduce_tau_grad, tau_for_kernel, tau_tensor
+from ._checks import check_dim, check_tensor
 from ._dispatch import MODE_LOG_SOFTMAX, MODE_LSE, MODE_SOFTMAX, autocast_off, backend_for, once_differentiable
+from ._tau import reduce_tau_grad, tau_for_kernel, tau_tensor
 
 
 def view3(x, dim):
