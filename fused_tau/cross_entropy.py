@@ -7,6 +7,8 @@ N × C temporary exists besides the gradient, and no fp32 copy of bf16 logits.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -19,13 +21,23 @@ from ._tau import compute_dtype, reduce_tau_grad, tau_for_kernel, tau_tensor
 from .softmax import view3
 
 
+@dataclass(frozen=True)
+class CEOptions:
+    """cross_entropy's options as ``CrossEntropyFunction`` carries them from forward to backward."""
+    ignore_index: int = -100
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+    inplace_backward: bool = False
+
+
 class CrossEntropyFunction(torch.autograd.Function):
-    """F.cross_entropy(input / τ, target, weight, ...) with gradients for input and τ."""
+    """F.cross_entropy(input / τ, target, weight, ...) with gradients for input and τ:
+    ``apply(input, target, weight, tau, options: CEOptions, backend)``."""
 
     @staticmethod
     @autocast_off
-    def forward(ctx, input, target, weight, tau, ignore_index, reduction, label_smoothing,
-                inplace_backward, backend):
+    def forward(ctx, input, target, weight, tau, options, backend):
+        ignore_index, reduction, label_smoothing = options.ignore_index, options.reduction, options.label_smoothing
         x3, A, C, B = view3(input, 1 if input.ndim > 1 else 0)
         prob_target = target.is_floating_point()
         tgt = target.reshape(A, C, B) if prob_target else target.reshape(-1).to(torch.int64).contiguous()
@@ -46,7 +58,7 @@ class CrossEntropyFunction(torch.autograd.Function):
                 denom = torch.where(denom == 0, float("nan"), denom)
                 out = out / denom
         ctx.backend, ctx.input_shape, ctx.B = backend, input.shape, B
-        ctx.options = (ignore_index, label_smoothing, prob_target, reduction, inplace_backward)
+        ctx.options, ctx.prob_target = options, prob_target
         ctx.save_for_backward(x3, tgt, w, tau_k, m, s, a, denom, tau)
         return out  # the compute dtype: the caller rounds it (or not, under autocast)
 
@@ -55,20 +67,20 @@ class CrossEntropyFunction(torch.autograd.Function):
     @autocast_off
     def backward(ctx, grad):
         x3, tgt, w, tau_k, m, s, a, denom, tau = ctx.saved_tensors
-        ignore_index, label_smoothing, prob_target, reduction, inplace = ctx.options
+        opts = ctx.options
         tau_grad = ctx.needs_input_grad[3]
         g = grad.detach().to(m.dtype)
-        if reduction == "none":
+        if opts.reduction == "none":
             g = g.reshape(-1).contiguous()
-        elif reduction == "mean":
+        elif opts.reduction == "mean":
             g = (g / denom).reshape(1)
         else:
             g = g.reshape(1)
-        dx, dtau = ops.ce_bwd(ctx.backend, x3, tgt, w, tau_k, m, s, a, g, ignore_index, label_smoothing,
-                                     prob_target, tau_grad, inplace=inplace)
+        dx, dtau = ops.ce_bwd(ctx.backend, x3, tgt, w, tau_k, m, s, a, g, opts.ignore_index, opts.label_smoothing,
+                              ctx.prob_target, tau_grad, inplace=opts.inplace_backward)
         dtau = reduce_tau_grad(dtau, tau, ctx.B) if tau_grad else None
         dx = dx.reshape(ctx.input_shape) if ctx.needs_input_grad[0] else None
-        return dx, None, None, dtau, None, None, None, None, None
+        return dx, None, None, dtau, None, None
 
 
 def _check(input, target, weight, ignore_index, reduction, label_smoothing):
@@ -129,6 +141,6 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
     if backend == "reference" or input.numel() == 0:
         return reference.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
                                        label_smoothing=label_smoothing, tau=tau_t)
-    out = CrossEntropyFunction.apply(input, target, weight, tau_t, ignore_index, reduction,
-                                     float(label_smoothing), bool(inplace_backward), backend)
+    options = CEOptions(ignore_index, reduction, float(label_smoothing), bool(inplace_backward))
+    out = CrossEntropyFunction.apply(input, target, weight, tau_t, options, backend)
     return loss_under_autocast(out, input)
