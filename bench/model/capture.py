@@ -85,6 +85,31 @@ def _flops(name, args, outs):
     return 2 * out.numel() * k
 
 
+_GATHERS = {"index", "index_select", "gather", "embedding", "take", "take_along_dim"}
+_SCATTERS = {"index_add_", "index_add", "index_put_", "index_put", "index_copy_", "scatter_", "scatter",
+             "scatter_add_", "scatter_add", "scatter_reduce_", "index_reduce_", "_index_put_impl_"}
+
+
+def op_bytes(name, inputs, outputs):
+    """Bytes a GPU kernel of this operator moves: its inputs read and its outputs written, except where
+    the operator touches only part of a tensor (a gather reads the rows it gathers, a scatter reads and
+    writes the rows it updates, nll_loss reads one logit per row) or reads nothing (fills, random draws)."""
+    out_bytes = sum(unique_bytes(o) for o in outputs)
+    if name in _WRITE_ONLY:
+        return out_bytes
+    if name in ("nll_loss_forward", "nll_loss2d_forward"):
+        return sum(unique_bytes(t) for t in inputs[1:]) + inputs[0].element_size() * inputs[1].numel() + out_bytes
+    if name in ("nll_loss_backward", "nll_loss2d_backward"):  # writes the whole gradient; reads no logits
+        return sum(unique_bytes(t) for i, t in enumerate(inputs) if i != 1) + out_bytes
+    index = [t for t in inputs if not t.is_floating_point()]
+    if name in _GATHERS:
+        return 2 * out_bytes + sum(unique_bytes(t) for t in index)
+    if name in _SCATTERS:  # the updated rows of the destination (inputs[0]) are read and written
+        values = [t for t in inputs[1:] if t.is_floating_point()]
+        return sum(3 * unique_bytes(t) for t in values) + sum(unique_bytes(t) for t in index)
+    return sum(unique_bytes(t) for t in inputs) + out_bytes
+
+
 @dataclasses.dataclass
 class TorchOp:
     """One torch operator as a GPU would run it: a kernel moving ``bytes`` and doing ``flops``."""
@@ -144,11 +169,7 @@ class TorchCost(TorchDispatchMode):
         outs = [o for o in torch.utils._pytree.tree_leaves(meta_out) if isinstance(o, torch.Tensor)] \
             if meta_out is not None else []
         written = _schema_aliases(func, args, kwargs)
-        read = [] if name in _WRITE_ONLY else flat_in
-        nbytes = sum(unique_bytes(t) for t in read) + sum(unique_bytes(o) for o in outs)
-        if name in ("nll_loss_forward", "nll_loss2d_forward"):  # reads one logit per row
-            nbytes = sum(unique_bytes(t) for t in flat_in[1:]) + flat_in[0].element_size() * flat_in[1].numel() \
-                + sum(unique_bytes(o) for o in outs)
+        nbytes = op_bytes(name, flat_in, outs)
         flops = _flops(name, flat_in, outs)
         heavy = meta_out is not None and (nbytes > HEAVY_BYTES or flops > HEAVY_FLOPS)
         shapes = ",".join("x".join(map(str, t.shape)) + f":{str(t.dtype).replace('torch.', '')}" for t in flat_in)

@@ -94,7 +94,7 @@ def arch_facts(kernel, arch, programs, spill_instructions=None):
                 waves=round(programs / (R.H100.sms * resident), 3) if resident else None)
 
 
-def spills(a):
+def spills_of(a):
     return bool(a["spill_instructions"] or a["stack_bytes"] or a["local_bytes"])
 
 
@@ -264,7 +264,7 @@ def arch_problems(where, lch):
     out = []
     for arch in ARCHS:
         a = lch[f"sm{arch}"]
-        if spills(a):
+        if spills_of(a):
             out.append(f"{where} spills on sm_{arch} ({a['stack_bytes']} bytes of stack, {a['local_bytes']} of local "
                        f"memory, {a['spill_instructions'] if a['spill_instructions'] is not None else 'unread'} "
                        f"LDL / STL instructions; {a['registers']} registers)")
@@ -338,7 +338,9 @@ def _hot(lch):
                 f"{mma}, {loads} per thread per iteration ×{hot['trips']}")
     if "instructions_per_element" in hot:
         return (f"{hot['source']}: {hot['instructions_per_element']:.1f} instr, {hot['mufu_per_element']:.2f} MUFU "
-                f"per element; {loads} per thread per iteration ×{hot['trips']}")
+                f"per element ({hot['kernel_instructions_per_element']:.1f} and "
+                f"{hot['kernel_mufu_per_element']:.2f} over the kernel); {loads} per thread per iteration "
+                f"×{hot['trips']}")
     return f"{hot['source']}: {hot['instructions_per_iteration']} instr per iteration ×{hot['trips']}"
 
 
@@ -368,7 +370,8 @@ def markdown(report):
         for lch in r["launches"]:
             a9, a8 = lch["sm90"], lch.get("sm80", lch["sm90"])
             grid = "×".join(str(g) for g in lch["grid"] if g != 1) or "1"
-            spills = a9["spill_instructions"] + a8["spill_instructions"]
+            spills = ", ".join(f"sm{arch}: {a['stack_bytes'] + a['local_bytes']} B" for arch, a in ((90, a9), (80, a8))
+                               if spills_of(a)) or "none"
             lines.append(f"| {r['case']} | {lch['kernel']} ×{lch['count']} ({lch['phase']}) | {grid} | "
                          f"{lch['num_warps']} | {a9['registers']} / {a8['registers']} | "
                          f"{a9['shared_bytes'] / 1024:.1f} / {a8['shared_bytes'] / 1024:.1f} | "

@@ -544,6 +544,11 @@ def per_program(facts, args, kernel_path):
             if lp is not None:
                 per_loop[id(lp)][ins.op] += 1
     hot = _hot_loop(facts, trips, steps, per_loop, multiplier)
+    if hot and "instructions_per_element" in hot and hot["trips"]:
+        # the whole kernel over the row it streams (every pass over it, plus the per-row work)
+        row = hot["trips"] * hot["step"] / (32 * facts.num_warps)
+        hot["kernel_instructions_per_element"] = counts.instructions / row
+        hot["kernel_mufu_per_element"] = counts.mufu / row
     return counts, hot, {f"0x{lp.start:x}": trips[id(lp)] for lp in facts.loops}
 
 
