@@ -121,12 +121,18 @@ PROVIDERS = {
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(op):
-    return torch.compile(PROVIDERS[op]["torch"], dynamic=False)
+def _compiled(op, dynamic):
+    return torch.compile(PROVIDERS[op]["torch"], dynamic=dynamic)
+
+
+def _compiled_for(op, inp):
+    """torch.compile of the composition: static shapes on a CPU (each size its own graph, as before); dynamic
+    shapes on a GPU, whose runs cover more sizes per op than torch.compile's recompile limit (8) allows."""
+    return _compiled(op, inp["leaf"].device.type == "cuda")(inp)
 
 
 for _op in PROVIDERS:
-    PROVIDERS[_op]["torch.compile"] = (lambda op: lambda inp: _compiled(op)(inp))(_op)
+    PROVIDERS[_op]["torch.compile"] = (lambda op: lambda inp: _compiled_for(op, inp))(_op)
 
 
 OPS = {
@@ -163,13 +169,16 @@ def make_inputs(case, device, values=True):
     """The inputs of ``case`` on ``device``.  ``values=False`` leaves every floating-point tensor
     uninitialised (``torch.empty``; the performance model runs no kernel on them, and a large CPU
     allocation that is never written costs neither time nor memory); class indices stay valid."""
-    g = torch.Generator(device="cpu").manual_seed(0)
+    device = torch.device(device)
+    # drawn where they are used: on a GPU, 8192 x 128256 logits take seconds on a CPU and a copy over
+    g = torch.Generator(device="cuda" if device.type == "cuda" else "cpu").manual_seed(0)
+    on = dict(device=device) if device.type == "cuda" else {}
     grad = case.mode == "fwd+bwd"
 
     def draw(*shape, scale=1.0, unit_rows=False):
         if not values:
             return torch.empty(*shape, device=device, dtype=case.dtype)
-        t = torch.randn(*shape, generator=g) * scale
+        t = torch.randn(*shape, generator=g, **on) * scale
         if unit_rows:
             t = F.normalize(t, dim=-1)
         return t.to(device=device, dtype=case.dtype)
@@ -187,7 +196,7 @@ def make_inputs(case, device, values=True):
     if case.op == "linear_cross_entropy":
         x = draw(case.n, case.d).requires_grad_(grad)
         W = draw(case.c, case.d, scale=case.d ** -0.5)
-        y = torch.randint(0, case.c, (case.n,), generator=g).to(device)
+        y = torch.randint(0, case.c, (case.n,), generator=g, **on).to(device)
         return dict(x=x, W=W.requires_grad_(grad), y=y, leaf=x, leaves=(x, W))
     if case.op == "kd_loss":
         inp = dict(student=logits().requires_grad_(grad), teacher=logits())
@@ -196,7 +205,7 @@ def make_inputs(case, device, values=True):
         inp = dict(x=logits().requires_grad_(grad))
         inp["leaf"] = inp["x"]
         if case.op == "cross_entropy":
-            inp["y"] = torch.randint(0, case.c, (case.n,), generator=g).to(device)
+            inp["y"] = torch.randint(0, case.c, (case.n,), generator=g, **on).to(device)
         if case.op in ("gumbel_softmax", "softmax") and grad:
             inp["upstream"] = draw(case.n, case.c)
     return inp
