@@ -18,8 +18,10 @@ and their sources).  Beside each case: the eager composition's floor and the pre
                                              # check its registers, spills and shared memory only
 
 Regenerate the committed table after a kernel change: ``python -m bench.model`` (writes
-bench/results/model-<today>.json and .md; commit them with the change).  About a minute on 2 cores
-with Triton's cache warm (~/.triton/cache), a few minutes cold.  Must run without TRITON_INTERPRET=1.
+bench/results/model-<today>.json and .md; commit them with the change; the newest table by name is
+the one --check and tests/test_model.py compare with).  About 15 s on 2 cores with Triton's cache
+warm (~/.triton/cache), 30-60 s cold; --variants adds about a minute cold.  Must run without
+TRITON_INTERPRET=1.
 """
 import argparse
 import json
@@ -81,11 +83,9 @@ def main(argv=None):
     problems = M.resource_problems(report)
     for v in report.get("variants", []):
         problems += M.arch_problems(f"{v['kernel']} ({'; '.join(v['variants'])})", v)
-    if not cases:
-        pass
-    elif baseline is None:
+    if cases and baseline is None:
         problems.append("no committed table to compare with (bench/results/model-*.json)")
-    else:
+    elif cases:
         if ops:
             baseline = dict(baseline, cases=[c for c in baseline["cases"] if c["op"] in ops])
         problems += M.regressions(report, baseline)

@@ -19,7 +19,6 @@ tensor's values on the host; it does not (DESIGN.md, "Bad input, without host sy
 """
 import contextlib
 import dataclasses
-import math
 import os
 
 import torch
@@ -329,10 +328,3 @@ def count_torch():
     rec = TorchCost()
     with rec:
         yield rec
-
-
-def _ceil_div(a, b):
-    return -(-a // b)
-
-
-__all__ = ["capture", "count_torch", "lazy", "unique_bytes", "Launch", "TorchOp", "ARCHS", "_ceil_div", "math"]

@@ -4,7 +4,6 @@ import datetime
 import inspect
 import json
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -395,7 +394,3 @@ def write(report, out):
 
 def default_out():
     return RESULTS / f"model-{datetime.date.today().isoformat()}.json"
-
-
-__all__ = ["model_cases", "run", "markdown", "write", "resource_problems", "regressions", "latest_table",
-           "default_out", "MODEL_SIZES", "os"]

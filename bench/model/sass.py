@@ -1,8 +1,8 @@
 """What a compiled kernel executes, read from its SASS (``nvdisasm`` and ``cuobjdump`` ship with Triton).
 
-:func:`analyse` turns a cubin into static facts (registers, shared memory, spills, the loops and
-what each iteration issues) and :func:`per_program` turns those into dynamic counts for one
-program of a launch, given the launch's arguments.
+:func:`analyse` turns a cubin into static facts (its loops, what each iteration issues, spill
+instructions) and :func:`per_program` turns those into dynamic counts for one program of a launch,
+given the launch's arguments.
 
 How the dynamic counts are formed (per thread of one program; every warp runs the same stream):
 - A loop is a backward branch.  Its trip count comes from the Triton source: the SASS line table
@@ -150,10 +150,6 @@ class Facts:
     arch: int
     num_warps: int
     num_stages: int
-    registers: int
-    shared_bytes: int  # static + dynamic, without the 1 KiB the driver reserves per block
-    stack_bytes: int
-    local_bytes: int
     spill_instructions: int  # LDL / STL in the kernel's code (local memory: spills or a local array)
     instrs: list
     loops: list
@@ -222,33 +218,28 @@ def _prologue_loads(instrs, loops, main_end):
 
 
 def resources(cubin):
+    """REG, STACK, SHARED (static) and LOCAL of the kernel, from ``cuobjdump --dump-resource-usage``."""
     out = _run_tool("cuobjdump", ["--dump-resource-usage"], cubin)
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out))
     return {k.lower(): int(v) for k, v in fields.items()}
 
 
 def analyse(kernel, arch):
-    """Static facts of a Triton ``CompiledKernel`` for ``arch``."""
+    """Static facts of a Triton ``CompiledKernel`` for ``arch`` (its resources: run.arch_facts)."""
     cubin = kernel.asm["cubin"]
     text = _run_tool("nvdisasm", ["-c", "-gi"], cubin)
     instrs, labels, subroutines = parse_sass(text)
     main_end = min(subroutines) if subroutines else (instrs[-1].addr + 1 if instrs else 0)
     loops = _find_loops(instrs, labels, main_end)
-    res = resources(cubin)
     md = kernel.metadata
     facts = Facts(
-        name=md.name, arch=arch, num_warps=md.num_warps, num_stages=md.num_stages, registers=res.get("reg", 0),
-        # cuobjdump's SHARED is the static shared memory; Triton's metadata.shared is what it launches with
-        shared_bytes=int(md.shared) + max(0, res.get("shared", 0) - RESERVED_SHARED),
-        stack_bytes=res.get("stack", 0), local_bytes=res.get("local", 0),
+        name=md.name, arch=arch, num_warps=md.num_warps, num_stages=md.num_stages,
         spill_instructions=sum(1 for i in instrs if i.base in ("LDL", "STL")),
         instrs=[i for i in instrs if i.addr < main_end and i.base != "NOP"],
         loops=loops, cold=_cold_addresses(instrs, labels, main_end),
         prologue_loads=_prologue_loads(instrs, loops, main_end), unmapped_loops=[])
     return facts
 
-
-RESERVED_SHARED = 1024  # shared memory the CUDA driver reserves per block on sm_80 / sm_90
 
 
 # ----------------------------------------------------------------------------- source loops
