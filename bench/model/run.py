@@ -330,7 +330,7 @@ def _hot(lch):
     hot = lch["hot_loop"]
     if not hot:
         return "no loop"
-    loads = " ".join(f"{v}×{k}" for k, v in sorted(hot["loads"].items()))
+    loads = " ".join(f"{v}×{k}" for k, v in sorted({**hot["loads"], **hot["stores"]}.items()))
     if hot["tensor"]:
         mma = " ".join(f"{v}×{k}" for k, v in sorted(hot["tensor"].items()))
         return (f"{hot['source']}: {hot['instructions_per_iteration']} instr, {hot['mufu_per_iteration']} MUFU, "
