@@ -6,6 +6,7 @@ classes of e bytes:
   kd_loss         fwd 2·R·C·e (read both)          fwd+bwd 5·R·C·e (+ read both, write the student's gradient)
   gumbel_softmax  fwd 2·R·C·e (read, write)        fwd+bwd 5·R·C·e (+ read logits and upstream, write gradient)
   sample          fwd R·C·e (read logits)
+  softmax         fwd 2·R·C·e (read, write)        fwd+bwd 5·R·C·e (+ read output and upstream, write gradient)
 The same formula is applied to every provider, so GB/s compares like with like
 ("effective bandwidth": the least traffic the op needs, not what a provider moved).
 
@@ -13,6 +14,8 @@ FLOPs (the tile engine is compute-bound; TFLOP/s = FLOPs / time), N rows, K keys
 V classes, D features:
   infonce (MoCo queue, no queue gradient)  fwd 2·N·K·D      fwd+bwd 4·N·K·D (+ dq)
   linear_cross_entropy                     fwd 2·N·V·D      fwd+bwd 6·N·V·D (+ dx, dW)
+  clip_loss (N pairs: sizes N × N × D)     fwd 2·N·N·D      fwd+bwd 6·N·N·D (one logits matrix serves both
+                                                                           directions; + da, db)
 counted as the matmuls the op must do (a provider's recomputation is its own cost).
 """
 import dataclasses
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 
 import fused_tau
 
-CE_TAU, KD_TAU, GUMBEL_TAU, SAMPLE_TAU, MOCO_TAU = 0.07, 4.0, 0.5, 0.8, 0.2
+CE_TAU, KD_TAU, GUMBEL_TAU, SAMPLE_TAU, MOCO_TAU, SOFTMAX_TAU, CLIP_TAU = 0.07, 4.0, 0.5, 0.8, 0.2, 0.5, 0.07
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +93,14 @@ PROVIDERS = {
         "liger": _liger_flce,
         "cut-cross-entropy": _cce,
     },
+    "clip_loss": {
+        "fused_tau": lambda inp: fused_tau.clip_loss(inp["a"], inp["b"], tau=CLIP_TAU),
+        "torch": lambda inp: fused_tau.reference.clip_loss(inp["a"], inp["b"], tau=CLIP_TAU),
+    },
+    "softmax": {
+        "fused_tau": lambda inp: fused_tau.softmax(inp["x"], -1, tau=SOFTMAX_TAU),
+        "torch": lambda inp: torch.softmax(inp["x"] / SOFTMAX_TAU, -1),
+    },
     "cross_entropy": {
         "fused_tau": lambda inp: fused_tau.cross_entropy(inp["x"], inp["y"], tau=CE_TAU),
         "torch": lambda inp: F.cross_entropy(inp["x"] / CE_TAU, inp["y"]),
@@ -110,12 +121,18 @@ PROVIDERS = {
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(op):
-    return torch.compile(PROVIDERS[op]["torch"], dynamic=False)
+def _compiled(op, dynamic):
+    return torch.compile(PROVIDERS[op]["torch"], dynamic=dynamic)
+
+
+def _compiled_for(op, inp):
+    """torch.compile of the composition: static shapes on a CPU (each size its own graph, as before); dynamic
+    shapes on a GPU, whose runs cover more sizes per op than torch.compile's recompile limit (8) allows."""
+    return _compiled(op, inp["leaf"].device.type == "cuda")(inp)
 
 
 for _op in PROVIDERS:
-    PROVIDERS[_op]["torch.compile"] = (lambda op: lambda inp: _compiled(op)(inp))(_op)
+    PROVIDERS[_op]["torch.compile"] = (lambda op: lambda inp: _compiled_for(op, inp))(_op)
 
 
 OPS = {
@@ -126,6 +143,11 @@ OPS = {
     "linear_cross_entropy": dict(flops={"fwd": 1, "fwd+bwd": 3}, modes=("fwd", "fwd+bwd"),
                                  gpu_sizes=[(8192, 128256, 4096)], cpu_sizes=[(512, 32768, 128)],
                                  cpu_full_sizes=[(128, 32768, 128), (2048, 32768, 128)]),
+    # softmax and clip_loss: GPU sizes only (a default CPU run keeps its cases; --full or --sizes adds them)
+    "clip_loss": dict(flops={"fwd": 1, "fwd+bwd": 3}, modes=("fwd", "fwd+bwd"), gpu_sizes=[(4096, 4096, 512)],
+                      cpu_sizes=[], cpu_full_sizes=[(256, 256, 128)]),
+    "softmax": dict(bytes={"fwd": 2, "fwd+bwd": 5}, modes=("fwd", "fwd+bwd"), gpu_sizes=[(8192, 32000)],
+                    cpu_sizes=[], cpu_full_sizes=[(256, 32000)]),
     "cross_entropy": dict(bytes={"fwd": 1, "fwd+bwd": 3}, modes=("fwd", "fwd+bwd"),
                           gpu_sizes=[(8192, 32000), (8192, 128256), (32768, 32000), (32768, 128256)],
                           cpu_sizes=[(256, 32000), (1024, 32000)], cpu_full_sizes=[(64, 32000), (4096, 32000)]),
@@ -143,21 +165,38 @@ GPU_DTYPES = [torch.bfloat16]
 CPU_DTYPES = [torch.float32]
 
 
-def make_inputs(case, device):
-    g = torch.Generator(device="cpu").manual_seed(0)
+def make_inputs(case, device, values=True):
+    """The inputs of ``case`` on ``device``.  ``values=False`` leaves every floating-point tensor
+    uninitialised (``torch.empty``; the performance model runs no kernel on them, and a large CPU
+    allocation that is never written costs neither time nor memory); class indices stay valid."""
+    device = torch.device(device)
+    # drawn where they are used: on a GPU, 8192 x 128256 logits take seconds on a CPU and a copy over
+    g = torch.Generator(device="cuda" if device.type == "cuda" else "cpu").manual_seed(0)
+    on = dict(device=device) if device.type == "cuda" else {}
     grad = case.mode == "fwd+bwd"
 
+    def draw(*shape, scale=1.0, unit_rows=False):
+        if not values:
+            return torch.empty(*shape, device=device, dtype=case.dtype)
+        t = torch.randn(*shape, generator=g, **on) * scale
+        if unit_rows:
+            t = F.normalize(t, dim=-1)
+        return t.to(device=device, dtype=case.dtype)
+
     def logits():
-        return (torch.randn(case.n, case.c, generator=g) * 4).to(device=device, dtype=case.dtype)
+        return draw(case.n, case.c, scale=4.0)
 
     if case.op == "infonce":
-        q, k = F.normalize(torch.randn(2, case.n, case.d, generator=g), dim=-1).to(device=device, dtype=case.dtype)
-        queue = F.normalize(torch.randn(case.c, case.d, generator=g), dim=-1).to(device=device, dtype=case.dtype)
+        q, k = draw(2, case.n, case.d, unit_rows=True)
+        queue = draw(case.c, case.d, unit_rows=True)
         return dict(q=q.requires_grad_(grad), k=k, queue=queue, leaf=q)
+    if case.op == "clip_loss":
+        a, b = draw(2, case.n, case.d, unit_rows=True)
+        return dict(a=a.requires_grad_(grad), b=b.requires_grad_(grad), leaf=a, leaves=(a, b))
     if case.op == "linear_cross_entropy":
-        x = torch.randn(case.n, case.d, generator=g).to(device=device, dtype=case.dtype).requires_grad_(grad)
-        W = (torch.randn(case.c, case.d, generator=g) / case.d ** 0.5).to(device=device, dtype=case.dtype)
-        y = torch.randint(0, case.c, (case.n,), generator=g).to(device)
+        x = draw(case.n, case.d).requires_grad_(grad)
+        W = draw(case.c, case.d, scale=case.d ** -0.5)
+        y = torch.randint(0, case.c, (case.n,), generator=g, **on).to(device)
         return dict(x=x, W=W.requires_grad_(grad), y=y, leaf=x, leaves=(x, W))
     if case.op == "kd_loss":
         inp = dict(student=logits().requires_grad_(grad), teacher=logits())
@@ -166,9 +205,9 @@ def make_inputs(case, device):
         inp = dict(x=logits().requires_grad_(grad))
         inp["leaf"] = inp["x"]
         if case.op == "cross_entropy":
-            inp["y"] = torch.randint(0, case.c, (case.n,), generator=g).to(device)
-        if case.op == "gumbel_softmax" and grad:
-            inp["upstream"] = torch.randn(case.n, case.c, generator=g).to(device=device, dtype=case.dtype)
+            inp["y"] = torch.randint(0, case.c, (case.n,), generator=g, **on).to(device)
+        if case.op in ("gumbel_softmax", "softmax") and grad:
+            inp["upstream"] = draw(case.n, case.c)
     return inp
 
 
@@ -231,6 +270,8 @@ def cases(device_type, ops=None, sizes=None, dtypes=None, modes=None, full=False
             if len(size) != (3 if "flops" in spec else 2):
                 continue  # an N x C size for a row op, or N x K x D for a tile op
             default = spec.get("gpu_dtypes", GPU_DTYPES) if device_type == "cuda" else CPU_DTYPES
+            if op == "clip_loss":  # N pairs: the keys are the N other views
+                size = (size[0], size[0], *size[2:])
             for dt in dtypes or default:
                 for mode in spec["modes"]:
                     if modes is None or mode in modes:

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 # Largest block a row is streamed in.  4096 fp32 lanes over 8 warps is 16
-# registers a lane per live tensor: no spills on sm_80/sm_90 (tests/test_aot.py).
+# registers a lane per live tensor: no spills on sm_80/sm_90 (tests/test_model.py).
 MAX_BLOCK = 4096
 
 

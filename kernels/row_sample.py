@@ -266,17 +266,3 @@ def sample_fwd(x2, tau, seed, greedy):
     )
     return idx
 
-
-def aot_configs():
-    """``(name, jit_fn, num_warps, grid_of_constexprs)`` for bench/aot.py, at the largest block
-    (unit class stride and B == 1, as the JIT specialises dim=-1).  seed_ptr and idx_ptr are
-    int64 pointers."""
-    from . import row_engine
-
-    block = row_engine.MAX_BLOCK
-    _, _, warps = row_engine.row_config(block)
-    unit = dict(B=[1], stride_xc=[1])
-    yield "gumbel_fwd", _gumbel_fwd_kernel, warps, dict(
-        HARD=[False, True], ONE_BLOCK=[False, True], BLOCK=[block], **unit)
-    yield "gumbel_bwd", _gumbel_bwd_kernel, warps, dict(ONE_BLOCK=[False, True], BLOCK=[block], **unit)
-    yield "sample", _sample_kernel, warps, dict(GREEDY=[False, True], BLOCK=[block], stride_xc=[1])

@@ -16,6 +16,7 @@ from bench.harness import peak_bytes, throttle_warnings
 
 ROOT = Path(__file__).resolve().parents[1]
 OPS = {"cross_entropy", "kd_loss", "gumbel_softmax", "sample", "infonce", "linear_cross_entropy"}
+GPU_SIZED_OPS = {"softmax", "clip_loss"}  # no CPU size of their own: a default CPU run leaves them out
 
 
 def _has_matplotlib():
@@ -38,7 +39,7 @@ def test_python_m_bench_writes_json_markdown_and_plot(tmp_path):
     assert {"date", "torch", "device", "ceilings", "ceilings_end"} <= set(report["environment"])
     assert report["environment"]["ceilings"]["copy_gbps"] > 0
     rows = report["results"]
-    assert {r["op"] for r in rows} == OPS
+    assert {r["op"] for r in rows} == OPS | GPU_SIZED_OPS  # --sizes gives every op its size
     for r in rows:
         assert r["status"] == "ok", r
         assert 0 < r["ms_min"] <= r["ms"] <= r["ms_max"] and r["reps"] >= 3

@@ -1,0 +1,197 @@
+"""``python -m bench.gpu_quick``: one short GPU lease, measured beside the model's prediction.
+
+In order, each result written as one JSON line the moment it is measured (a killed run keeps what
+it had), and printed beside the prediction of the newest committed bench/results/model-*.json:
+  1. the ceilings the model takes as constants: device-to-device copy bandwidth (bytes read + written),
+     the 8192^3 bf16 matmul rate on random data, a copy that stays in L2 (its read + write bandwidth),
+     and the time of a tiny kernel back to back (eager launches and replayed from a CUDA graph);
+  2. every case of the model (bench/model/run.py), fused_tau and the eager composition, then the peers
+     that are installed (Liger-Kernel, cut-cross-entropy: linear_cross_entropy only);
+  3. torch.compile of the composition (dynamic shapes), as long as the time budget lasts.
+Inputs are drawn on the GPU; a case whose inputs fit in L2 several times over rotates among several
+input sets, so that it is not timed from the cache.  Times: triton.testing.do_bench, median ms.
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import cases as C
+from .harness import ceilings, environment
+
+L2_BYTES = 60e6  # the H200's, as PyTorch reported it (KINDS.md); an H100 SXM has 50 MB
+ROTATE_BYTES = 4 * L2_BYTES
+
+
+def _bench(fn, rep_ms=100):
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+
+
+def measure_ceilings(device):
+    base = ceilings(device)  # copy (1 GiB fp32 each way) and matmul (8192^3 bf16, random)
+    small = torch.empty(int(L2_BYTES / 8) // 4, device=device, dtype=torch.float32).fill_(1.0)  # 7.5 MB each way
+    dst = torch.empty_like(small)
+    l2_ms = _bench(lambda: dst.copy_(small))
+    one = torch.zeros(1, device=device)
+    n = 200
+
+    def eager():
+        for _ in range(n):
+            one.add_(1)
+
+    eager_us = _bench(eager) * 1e3 / n
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        eager()  # warm up on the side stream before capture
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        eager()
+    graph_us = _bench(graph.replay) * 1e3 / n
+    return dict(copy_gbps=base["copy_gbps"], matmul_tflops=base["matmul_tflops"],
+                l2_copy_gbps=2 * small.numel() * 4 / l2_ms / 1e6, launch_us_eager=eager_us, launch_us_graph=graph_us,
+                copy_spread=base["copy_spread"], matmul_spread=base["matmul_spread"])
+
+
+def _footprint(inp):
+    seen = {}
+    for v in inp.values():
+        if isinstance(v, torch.Tensor):
+            seen[v.data_ptr()] = v.numel() * v.element_size()
+    return sum(seen.values())
+
+
+def timed_step(case, provider, device):
+    """A callable running one step of ``provider`` on ``case``, cycling through input sets when one set
+    would sit in L2."""
+    first = C.make_inputs(case, device)
+    sets = [first]
+    n_sets = min(8, max(1, math.ceil(ROTATE_BYTES / max(_footprint(first), 1))))
+    for _ in range(n_sets - 1):
+        sets.append(C.make_inputs(case, device))
+    steps = [C.runner(case, provider, inp) for inp in sets]
+    state = {"i": 0}
+
+    def step():
+        state["i"] = (state["i"] + 1) % len(steps)
+        steps[state["i"]]()
+
+    return step, n_sets
+
+
+def load_predictions():
+    from .model.run import latest_table
+
+    path = latest_table()
+    if path is None:
+        return None, {}
+    table = json.loads(path.read_text())
+    return path.name, {r["case"]: r for r in table["cases"]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_quick", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="quick.jsonl", help="JSON lines, appended as measured")
+    p.add_argument("--summary", default=None, help="markdown table of measured beside predicted")
+    p.add_argument("--budget-s", type=float, default=420.0,
+                   help="stop starting new measurements after this many seconds (torch.compile goes last)")
+    p.add_argument("--ops", default=None, help="comma-separated ops (default: every case of the model)")
+    p.add_argument("--device-name", default="h200", choices=("h100", "h200"),
+                   help="which prediction to print beside the measurement")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("python -m bench.gpu_quick needs a CUDA device", file=sys.stderr)
+        return 2
+    from .model.run import model_cases
+
+    t0 = time.perf_counter()
+    device = torch.device("cuda")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table_name, predicted = load_predictions()
+    dev = args.device_name
+    rows = []
+
+    def emit(record):
+        record["t_s"] = round(time.perf_counter() - t0, 1)
+        with out.open("a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+        rows.append(record)
+
+    env = environment(device)
+    for peer in ("liger_kernel", "cut_cross_entropy"):
+        try:
+            env[peer] = __import__(peer).__dict__.get("__version__", "installed")
+        except ImportError:
+            env[peer] = None
+    emit(dict(kind="environment", model_table=table_name, **env))
+    print(f"# {env['device']}, torch {env['torch']}, triton {env['triton']}; predictions: {table_name} ({dev})",
+          flush=True)
+    ceil = measure_ceilings(device)
+    emit(dict(kind="ceilings", **ceil))
+    from .model import roofline as R
+
+    const = {d.name: d for d in R.DEVICES}[dev]
+    print(f"copy {ceil['copy_gbps']:.0f} GB/s (model {const.dram_bytes_s / 1e9:.0f}); matmul "
+          f"{ceil['matmul_tflops']:.0f} TFLOP/s (model {const.matmul_flops_s / 1e12:.0f}); L2 copy "
+          f"{ceil['l2_copy_gbps']:.0f} GB/s (model L2 {const.l2_bytes_s / 1e9:.0f}); launch "
+          f"{ceil['launch_us_eager']:.1f} us eager, {ceil['launch_us_graph']:.1f} us graph "
+          f"(model {const.launch_s * 1e6:.1f})", flush=True)
+
+    cases = model_cases(args.ops.split(",") if args.ops else None)
+    first = ["fused_tau", "torch", "liger", "cut-cross-entropy"]
+    plan = [(case, prov) for prov in first for case in cases if prov in C.PROVIDERS[case.op]]
+    plan += [(case, "torch.compile") for case in cases]
+    print(f"{'case':58} {'provider':18} {'ms':>9} {'model ms':>9} {'meas/model':>10}", flush=True)
+    for case, provider in plan:
+        if time.perf_counter() - t0 > args.budget_s:
+            emit(dict(kind="skipped", case=case.name, provider=provider, reason="time budget"))
+            continue
+        pred = predicted.get(case.name, {})
+        # fused_tau beside its prediction; the composition, eager or compiled, beside its eager floor
+        model_ms = (pred.get("predicted_ms", {}).get(dev) if provider == "fused_tau"
+                    else pred.get("eager_ms", {}).get(dev) if provider in ("torch", "torch.compile") else None)
+        record = dict(kind="case", case=case.name, op=case.op, mode=case.mode, provider=provider, model_ms=model_ms)
+        try:
+            step, n_sets = timed_step(case, provider, device)
+            step()  # compile / autotune / first-call costs stay out of the timing
+            torch.cuda.synchronize()
+            record.update(ms=_bench(step), input_sets=n_sets)
+        except ImportError as e:
+            record.update(status="not installed", error=str(e))
+        except Exception as e:  # noqa: BLE001 - one failing peer must not stop the lease
+            record.update(status="error", error=f"{type(e).__name__}: {e}"[:500])
+        finally:
+            torch.cuda.empty_cache()
+        emit(record)
+        ms = record.get("ms")
+        ratio = f"{ms / model_ms:10.2f}" if ms and model_ms else " " * 10
+        shown = f"{ms:9.3f}" if ms else f"{record.get('status', ''):>9}"
+        print(f"{case.name:58} {provider:18} {shown} {model_ms if model_ms is None else round(model_ms, 3)!s:>9} "
+              f"{ratio}", flush=True)
+    if args.summary:
+        Path(args.summary).write_text(summary(rows, dev))
+    print(f"done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return 0
+
+
+def summary(rows, dev):
+    lines = [f"| case | provider | measured ms | model ms ({dev}) | measured / model |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("kind") != "case":
+            continue
+        ms, model = r.get("ms"), r.get("model_ms")
+        lines.append(f"| {r['case']} | {r['provider']} | {'' if ms is None else f'{ms:.3f}'} | "
+                     f"{'' if model is None else f'{model:.3f}'} | "
+                     f"{'' if not (ms and model) else f'{ms / model:.2f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
