@@ -58,20 +58,25 @@ def _row_configs():
     yield "kd_bwd", row_kd._kd_bwd_kernel, kd_warps, dict(
         BLOCK=[kd_block], HAS_TARGET=[False], ELEMENTWISE=[True], TEACHER_GRAD=[True], TAU_GRAD=[True])
     yield from row_sample.aot_configs()
-    # tile engine at its default tiles; D = 128 (MoCo) puts all of D in one BLOCK_DO program
+    # tile engine at its default tiles; D = 128 (MoCo) puts all of D in one BLOCK_DO program; one τ
+    # (TAU_PER_ROW=False, the common case) and, for the forward, one per row
     tiles = dict(BLOCK_M=[tile.BLOCK_M], BLOCK_N=[tile.BLOCK_N], BLOCK_D=[tile.BLOCK_D], UPCAST=[False],
                  stride_ad=[1], stride_bd=[1])
     per_dtype = {dt: dict(zip(("BLOCK_D", "BLOCK_DO"), tile.blocks(dt))) for dt in ("bf16", "fp16", "fp32")}
     fwd_per_dtype = {dt: {"BLOCK_D": v["BLOCK_D"]} for dt, v in per_dtype.items()}
     yield "tile_fwd", tile._tile_fwd_kernel, tile.NUM_WARPS, dict(
-        HAS_BIAS=[False, True], HAS_TARGET=[True], MASK_DIAG=[False, True], PRECISION=["tf32"], **tiles), fwd_per_dtype
+        HAS_BIAS=[False, True], HAS_TARGET=[True], MASK_DIAG=[False, True], TAU_PER_ROW=[False, True],
+        PRECISION=["tf32"], **tiles), fwd_per_dtype
+    yield "tile_combine", tile._tile_combine_kernel, 4, dict(
+        HAS_TARGET=[False, True], TAU_PER_ROW=[False, True], BLOCK=[tile.COMBINE_BLOCK])
     for kernel, name, extra in ((tile._tile_bwd_da_kernel, "tile_bwd_da", dict(NEED_ZP=[True])),
                                 (tile._tile_bwd_db_kernel, "tile_bwd_db", {})):
         yield name, kernel, tile.NUM_WARPS, dict(HAS_BIAS=[True], HAS_TARGET=[True], MASK_DIAG=[True],
-                                                 PRECISION=["tf32"], BLOCK_DO=[tile.BLOCK_DO], **extra, **tiles), per_dtype
+                                                 TAU_PER_ROW=[False, True], PRECISION=["tf32"],
+                                                 BLOCK_DO=[tile.BLOCK_DO], **extra, **tiles), per_dtype
     yield "tile_bwd_probs", tile._tile_bwd_probs_kernel, tile.NUM_WARPS, dict(
-        HAS_BIAS=[True], HAS_TARGET=[True], MASK_DIAG=[True], NEED_ZP=[True], PRECISION=["tf32"], **tiles), \
-        fwd_per_dtype
+        HAS_BIAS=[True], HAS_TARGET=[True], MASK_DIAG=[True], NEED_ZP=[True], TAU_PER_ROW=[False],
+        PRECISION=["tf32"], **tiles), fwd_per_dtype
 
 
 # pointers that hold logits (or their gradients) in the input dtype; the rest are fp32 / int64
