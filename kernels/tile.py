@@ -6,7 +6,9 @@ backward, the τ-gradient's sum.  A logit enters exp only as a difference of dot
 one per-row constant, log2(e)/τ rounded once: exp((y - c)/τ) = exp2((y - c)·log2(e)/τ).  So at
 small τ exp never sees the difference of two numbers of magnitude 1/τ (an exact tie gives exp2(0)
 = 1 exactly), and at large τ the shifted logits stay small (no cancellation of log K against the
-positive in dL/dτ).  No division per logit.
+positive in dL/dτ).  No division per logit: per logit the forward's epilogue is a subtraction, a
+multiply by log2(e)/τ, MUFU.EX2, its share of the max and of the sum, and one select per kind of
+excluded column (beyond the last column, the target, the diagonal); padding rows are not masked.
 
 Per row i, over the columns j that count (j < K, j ≠ t_i the row's target, j ≠ i + diag_offset
 when self-similarity is excluded):
@@ -115,14 +117,17 @@ def _dots_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D,
 
 
 @triton.jit
-def _counted(rows, cols, N, K, tgt, diag_offset, HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr):
-    """The (row, column) pairs that enter the row's log-sum-exp over negatives."""
-    ok = (rows[:, None] < N) & (cols[None, :] < K)
-    if MASK_DIAG:
-        ok &= cols[None, :] != rows[:, None] + diag_offset
+def _kept(rows, cols, K, hit, diag_offset, HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr):
+    """The tile's entries that enter the row's log-sum-exp over negatives: real columns (j < K), not
+    the row's target (``hit``, the tile's j == t_i, when the rows have targets) and not its own
+    diagonal j = i + diag_offset.  Padding rows are not masked: the forward never stores them, and
+    the backward gives them Q = 0 through their shift (+inf) and scale (0)."""
+    kept = cols[None, :] < K
     if HAS_TARGET:
-        ok &= cols[None, :] != tgt[:, None]
-    return ok
+        kept &= ~hit
+    if MASK_DIAG:
+        kept &= cols[None, :] != rows[:, None] + diag_offset
+    return kept
 
 
 @triton.jit
@@ -150,9 +155,10 @@ def _target(target_ptr, rows, N, HAS_TARGET: tl.constexpr):
 def _row_constants(tau_ptr, shift_ptr, scale_ptr, target_ptr, rows, N, HAS_TARGET: tl.constexpr,
                    TAU_PER_ROW: tl.constexpr):
     """log2(e)/τ, the shift c (dot units), the scale u and the target column of a block of rows
-    (padding rows inert: u = 0)."""
+    (padding rows inert: c = +inf, u = 0)."""
     r2 = _exp2_scale(tau_ptr, rows, N, TAU_PER_ROW)
-    shift = tl.load(shift_ptr + rows, mask=rows < N, other=0.0)
+    # padding rows: exp2((y - inf) r2) = 0 and u = 0, so Q = 0 without a mask per logit
+    shift = tl.load(shift_ptr + rows, mask=rows < N, other=float("inf"))
     u = tl.load(scale_ptr + rows, mask=rows < N, other=0.0)
     return r2, shift, u, _target(target_ptr, rows, N, HAS_TARGET)
 
@@ -167,8 +173,8 @@ def _grad_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, r2, shift, u, tgt, d
     1/τ), so exp never sees two large numbers' difference."""
     y = _dots_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, stride_am, stride_ad, stride_bk,
                    stride_bd, HAS_BIAS, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
-    counted = _counted(rows, cols, N, K, tgt, diag_offset, HAS_TARGET, MASK_DIAG)
-    return y, tl.where(counted, u[:, None] * tl.exp2((y - shift[:, None]) * r2[:, None]), 0.0)
+    kept = _kept(rows, cols, K, cols[None, :] == tgt[:, None], diag_offset, HAS_TARGET, MASK_DIAG)
+    return y, tl.where(kept, u[:, None] * tl.exp2((y - shift[:, None]) * r2[:, None]), 0.0)
 
 
 @triton.jit
@@ -201,9 +207,10 @@ def _tile_fwd_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         y = _dots_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, stride_am, stride_ad, stride_bk,
                        stride_bd, HAS_BIAS, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+        hit = cols[None, :] == tgt[:, None]
         if HAS_TARGET:
-            zy += tl.sum(tl.where(cols[None, :] == tgt[:, None], y, 0.0), 1)
-        y = tl.where(_counted(rows, cols, N, K, tgt, diag_offset, HAS_TARGET, MASK_DIAG), y, float("-inf"))
+            zy += tl.sum(tl.where(hit, y, 0.0), 1)
+        y = tl.where(_kept(rows, cols, K, hit, diag_offset, HAS_TARGET, MASK_DIAG), y, float("-inf"))
         m_new = tl.maximum(m, tl.max(y, 1))
         safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing counted yet: no -inf - -inf
         s = s * tl.exp2((m - safe) * r2) + tl.sum(tl.exp2((y - safe[:, None]) * r2[:, None]), 1)

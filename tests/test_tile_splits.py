@@ -183,3 +183,22 @@ def test_tau_reaches_the_tile_engine_unexpanded(backend, device, monkeypatch, fn
     out.backward()
     assert {name for name, _ in seen} == {"tile_fwd", "tile_bwd"}
     assert all(shape == (1,) for _, shape in seen), seen
+
+
+@pytest.mark.parametrize("route", ["fused", "materialized"])
+def test_padding_rows_stay_inert_under_large_logits(backend, device, monkeypatch, route):
+    """The backward's padding rows (past N in the last row block) are not masked per logit: their
+    shift is +inf and their scale 0, so Q = 0 even where exp of their (bias-only) logits overflows;
+    with a shift of 0, u · exp2(300 log2(e)) = 0 · inf made dW and the bias gradient NaN."""
+    import fused_tau.kernels.tile as tile
+
+    monkeypatch.setattr(tile, "MATERIALIZED_BWD", route)
+    N, V, D = 17, 29, 6  # 17 rows: the second 16-row block is mostly padding
+    x = torch.randn(N, D, device=device)
+    W = torch.randn(V, D, device=device)
+    bias = torch.randn(V, device=device) * 5
+    bias[::3] = 300.0  # logits of 300 at τ = 1: exp overflows fp32 unless shifted by the row's max
+    y = torch.randint(0, V, (N,), device=device)
+    check_against_reference(lambda x, W, b, tau: fused_tau.linear_cross_entropy(x, W, y, linear_bias=b, tau=tau),
+                            lambda x, W, b, tau: reference.linear_cross_entropy(x, W, y, linear_bias=b, tau=tau),
+                            [x, W, bias], dtype=torch.float32, tau=1.0)
