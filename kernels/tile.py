@@ -73,9 +73,10 @@ NUM_WARPS = 8
 MATERIALIZED_BWD = "auto"
 MATERIALIZED_CHUNK_ELEMENTS = 1 << 24
 # Splits (split_plan): a program walks at least MIN_TILES_PER_SPLIT tiles of its long dimension, and
-# the backward's partial sums (splits × the output, fp32) stay within PARTIAL_ELEMENTS elements.  Off
-# the GPU (the interpreter) the plan pretends to SM_COUNT_OFF_GPU SMs; tests lower these so that
-# small shapes cross split boundaries.
+# the backward's partial sums (splits × the output, fp32) stay within PARTIAL_ELEMENTS elements.  For
+# tensors off the GPU the plan assumes SM_COUNT_OFF_GPU SMs: tests raise it (with 1-tile splits) so
+# that small shapes cross split boundaries; a model that drives CPU tensors at real shapes sets the
+# target's count (132 on H100 / H200) to see the grid a GPU run gets.
 MIN_TILES_PER_SPLIT = 4
 PROGRAM_OVERHEAD_TILES = 2  # a program's fixed cost (row constants, partial stores), in tiles
 PARTIAL_ELEMENTS = 1 << 24
