@@ -293,7 +293,8 @@ def sample(backend, x2, tau, seed, greedy):
 # ---------------------------------------------------------------------------- tile engine
 # In dot units y = a·b + bias: tile_fwd gives per row (m = max y, s = Σ exp((y - m)/τ), y at the
 # target); tile_bwd takes per row a shift c, a scale u and a reference r (c, r in dot units) and
-# gives Q = u exp((y - c)/τ) times b and a, and zp = Σ (y - r) Q (see kernels/tile.py).
+# gives Q = u exp((y - c)/τ) times b and a, and zp = Σ (y - r) Q (see kernels/tile.py).  tau_rows
+# holds one τ for every row or one per row (the row engine's layout): never expanded by the callers.
 
 @_op("tile_fwd")
 def _tile_fwd(a: Tensor, b: Tensor, bias: Optional[Tensor], tau_rows: Tensor, target: Optional[Tensor],

@@ -2,6 +2,7 @@
 arguments and results, written with torch matmuls over chunks of columns, so the N × K
 logits matrix never exists (a chunk holds about ``CHUNK_ELEMENTS`` logits).
 
+τ is one element (every row) or one per row, as the kernels take it.
 The engine works in dot units y_ij = a_i · b_j + bias_j (before 1/τ_i) over the columns j
 that count (j < K, j ≠ t_i the row's target, j ≠ i + diag_offset when self-similarity is
 excluded); exp only ever sees a difference of dot products divided by τ (kernels/tile.py):
@@ -92,13 +93,13 @@ class _InChunkOrder:
             self.turn.notify_all()
 
 
-def tile_fwd(a, b, bias, tau_rows, target, diag_offset):
+def tile_fwd(a, b, bias, tau, target, diag_offset):
     """Returns (m, s, y_target or None) in dot units, fp32 (fp64 for fp64 inputs), one per row of ``a``.
     Each block of rows goes through the column chunks in order (the blocks are shared out)."""
     N, K = a.shape[0], b.shape[0]
     cd = _compute_dtype(a)
     a_c = a.to(cd)
-    tau_c = tau_rows.to(cd)
+    tau_c = tau.to(cd).expand(N)  # one τ or one per row: a view, never materialised
     m_out = torch.empty(N, device=a.device, dtype=cd)
     s_out = torch.empty(N, device=a.device, dtype=cd)
     zy_out = torch.empty(N, device=a.device, dtype=cd) if target is not None else None
@@ -130,7 +131,7 @@ def tile_fwd(a, b, bias, tau_rows, target, diag_offset):
     return m_out, s_out, zy_out
 
 
-def tile_bwd(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref, need_da, need_db, need_zp):
+def tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, need_da, need_db, need_zp):
     """Returns (da, db, dbias, zp), each None when not asked for (dbias only with a bias), for
     Q_ij = scale_i exp((y_ij - shift_i) / τ_i) over the counted columns and zp_i = Σ_j (y_ij - ref_i) Q_ij.
 
@@ -140,7 +141,7 @@ def tile_bwd(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref, need_
     N, K = a.shape[0], b.shape[0]
     cd = _compute_dtype(a)
     a_c = a.to(cd)
-    tau_col = tau_rows.to(cd).unsqueeze(-1)
+    tau_col = tau.to(cd).expand(N).unsqueeze(-1)
     da = torch.zeros(a.shape, device=a.device, dtype=cd) if need_da else None
     db = torch.empty(b.shape, device=b.device, dtype=b.dtype) if need_db else None
     dbias = torch.empty(K, device=b.device, dtype=cd) if (need_db and bias is not None) else None

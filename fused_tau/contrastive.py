@@ -79,7 +79,7 @@ class InfoNCEFunction(torch.autograd.Function):
     @autocast_off
     def forward(ctx, query, key, negatives, tau, reduction, label_offset, backend):
         N = query.shape[0]
-        tau_rows = tau_for_kernel(tau, query).expand(N).contiguous()
+        tau_rows = tau_for_kernel(tau, query)  # one τ or one per row: broadcasts
         in_batch = negatives is None
         b = key if in_batch else negatives
         target = torch.arange(N, device=query.device) + label_offset if in_batch else None
@@ -133,7 +133,7 @@ class NTXentFunction(torch.autograd.Function):
     @autocast_off
     def forward(ctx, z, tau, backend):
         n2 = z.shape[0]
-        tau_rows = tau_for_kernel(tau, z).expand(n2).contiguous()
+        tau_rows = tau_for_kernel(tau, z)  # one τ or one per row: broadcasts
         target = (torch.arange(n2, device=z.device) + n2 // 2) % n2
         m, s, pos = ops.tile_fwd(backend, z, z, None, tau_rows, target, 0)
         nll = nll_from_stats(m, s, pos, tau_rows)

@@ -109,7 +109,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, x, W, b, target, weight, tau, denom, reduction, ignore_index, smoothing, backend):
         N, C = x.shape[0], W.shape[0]
         cd = compute_dtype(x)
-        tau_rows = tau_for_kernel(tau, x).expand(N).contiguous()
+        tau_rows = tau_for_kernel(tau, x)  # one τ or one per row: broadcasts
         w = weight.to(cd) if weight is not None else None
         if target.is_floating_point():
             m, s = _tile_stats(backend, x, W, b, tau_rows, None)

@@ -6,11 +6,14 @@ backward, the τ-gradient's sum.  A logit enters exp only as a difference of dot
 one per-row constant, log2(e)/τ rounded once: exp((y - c)/τ) = exp2((y - c)·log2(e)/τ).  So at
 small τ exp never sees the difference of two numbers of magnitude 1/τ (an exact tie gives exp2(0)
 = 1 exactly), and at large τ the shifted logits stay small (no cancellation of log K against the
-positive in dL/dτ).  No division per logit.
+positive in dL/dτ).  No division per logit: per logit the forward's epilogue is a subtraction, a
+multiply by log2(e)/τ, MUFU.EX2, its share of the max and of the sum, and one select per kind of
+excluded column (beyond the last column, the target, the diagonal); padding rows are not masked.
 
 Per row i, over the columns j that count (j < K, j ≠ t_i the row's target, j ≠ i + diag_offset
 when self-similarity is excluded):
   _tile_fwd_kernel     m_i = max y_ij, s_i = Σ exp((y_ij - m_i)/τ_i), and y_{i,t_i} from the same tiles
+  _tile_combine_kernel the forward's splits of the columns merged: m_i = max_k m_ik, s_i = Σ_k ...
   _tile_bwd_da_kernel  da = Q @ b and zp_i = Σ_j (y_ij - r_i) Q_ij, Q_ij = u_i exp((y_ij - c_i)/τ_i)
   _tile_bwd_db_kernel  db = Qᵀ @ a and dbias = Σ_i Q_ij
 The caller picks the per-row shift c (dot units) and scale u: for a softmax cross-entropy with
@@ -21,8 +24,18 @@ dL/dτ_i = -(1/τ_i) Σ_j (y_ij - r_i) Q_ij for any reference r_i; the caller ta
 dependence on the forward's s agreeing with the backward's tiles to the last bit.
 Both backward kernels recompute their tiles (two kernels, no atomics: deterministic).  The
 output dimension of da / db is split into BLOCK_DO-wide programs; each recomputes the tile
-over all of D.  FLOPs: forward 2·N·K·D; backward 2·N·K·D·(2 + 2·D/BLOCK_DO), i.e. 8·N·K·D for
-D <= BLOCK_DO (contrastive embeddings, D = 128).
+over all of D.
+
+The grid does not depend on N alone (flash-decoding): the long dimension each program walks (the
+columns for the forward and da, the rows for db) is cut into ``splits`` ranges of whole tiles,
+chosen by ``split_plan`` from the number of programs, the number of tiles and the SM count.  Each
+program writes partial statistics (m, s, y_target) or partial sums (da, zp, db, dbias) for its
+range; ``_tile_combine_kernel`` merges the forward's (m, s) in split order, and the backward's
+partial sums are summed over the splits by one torch reduction: no atomics, the same bits on every
+run.  MoCo N = 256, K = 65536 on 132 SMs: 4 programs walking 1024 tiles each became 128 walking 32.
+
+FLOPs: forward 2·N·K·D; backward 2·N·K·D·(2 + 2·D/BLOCK_DO), i.e. 8·N·K·D for D <= BLOCK_DO
+(contrastive embeddings, D = 128).
   _tile_bwd_probs_kernel  for D > BLOCK_DO (the LLM head, D in the thousands, where the fused
                           kernels would recompute every tile D / BLOCK_DO times): one
                           recomputation writes ds = Q for a chunk of columns (about N·D
@@ -30,11 +43,16 @@ D <= BLOCK_DO (contrastive embeddings, D = 128).
                           give db[chunk] = dsᵀ @ a and da += ds @ b[chunk]: 6·N·K·D FLOPs,
                           no atomics.
 
+τ is one element (every row) or one per row (``TAU_PER_ROW``), as the row engine takes it: the
+callers never materialise an N-vector.  log2(e)/τ is an IEEE division once per row (once per
+program for one τ), never per logit.
+
 fp32 inputs multiply in IEEE fp32 unless ``torch.backends.cuda.matmul.allow_tf32`` is set;
 fp16 / bf16 multiply on tensor cores with fp32 accumulation.  Interpreter trap (Triton 3.9,
 checked): ``tl.dot`` on bf16 operands returns garbage under TRITON_INTERPRET=1, so UPCAST
 (set only there) multiplies in fp32.
 """
+import functools
 import os
 
 import torch
@@ -54,6 +72,16 @@ NUM_WARPS = 8
 # one, for tests): ds chunks of at least this many elements (about N·D, the size of the input)
 MATERIALIZED_BWD = "auto"
 MATERIALIZED_CHUNK_ELEMENTS = 1 << 24
+# Splits (split_plan): a program walks at least MIN_TILES_PER_SPLIT tiles of its long dimension, and
+# the backward's partial sums (splits × the output, fp32) stay within PARTIAL_ELEMENTS elements.  For
+# tensors off the GPU the plan assumes SM_COUNT_OFF_GPU SMs: tests raise it (with 1-tile splits) so
+# that small shapes cross split boundaries; a model that drives CPU tensors at real shapes sets the
+# target's count (132 on H100 / H200) to see the grid a GPU run gets.
+MIN_TILES_PER_SPLIT = 4
+PROGRAM_OVERHEAD_TILES = 2  # a program's fixed cost (row constants, partial stores), in tiles
+PARTIAL_ELEMENTS = 1 << 24
+SM_COUNT_OFF_GPU = 4
+COMBINE_BLOCK = 128  # rows per program of the forward's combine
 
 
 def blocks(dtype):
@@ -90,35 +118,50 @@ def _dots_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D,
 
 
 @triton.jit
-def _counted(rows, cols, N, K, tgt, diag_offset, HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr):
-    """The (row, column) pairs that enter the row's log-sum-exp over negatives."""
-    ok = (rows[:, None] < N) & (cols[None, :] < K)
+def _kept(rows, cols, K, hit, diag_offset, HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr):
+    """The tile's entries that enter the row's log-sum-exp over negatives: real columns (j < K), not
+    the row's target (``hit``, the tile's j == t_i, when the rows have targets) and not its own
+    diagonal j = i + diag_offset.  Padding rows are not masked: the forward never stores them, and
+    the backward gives them Q = 0 through their shift (+inf) and scale (0)."""
+    kept = cols[None, :] < K
+    if HAS_TARGET:
+        kept &= ~hit
     if MASK_DIAG:
-        ok &= cols[None, :] != rows[:, None] + diag_offset
-    if HAS_TARGET:
-        ok &= cols[None, :] != tgt[:, None]
-    return ok
+        kept &= cols[None, :] != rows[:, None] + diag_offset
+    return kept
 
 
 @triton.jit
-def _exp2_scale(tau_ptr, rows, N):
+def _exp2_scale(tau_ptr, rows, N, TAU_PER_ROW: tl.constexpr):
     """log2(e) / τ per row, rounded once: exp((y - c) / τ) = exp2((y - c) * this), one multiply per
-    logit (no division, no separate log2(e) multiply).  Padding rows read τ = 1."""
-    tau = tl.load(tau_ptr + rows, mask=rows < N, other=1.0).to(tl.float32)
-    return 1.4426950408889634 / tau
+    logit (no division, no separate log2(e) multiply).  One τ: one division for the block.  Padding
+    rows read τ = 1."""
+    if TAU_PER_ROW:
+        tau = tl.load(tau_ptr + rows, mask=rows < N, other=1.0).to(tl.float32)
+        return 1.4426950408889634 / tau
+    return tl.zeros([rows.shape[0]], tl.float32) + 1.4426950408889634 / tl.load(tau_ptr).to(tl.float32)
 
 
 @triton.jit
-def _row_constants(tau_ptr, shift_ptr, scale_ptr, target_ptr, rows, N, HAS_TARGET: tl.constexpr):
-    """log2(e)/τ, the shift c (dot units), the scale u and the target column of a block of rows
-    (padding rows inert: u = 0)."""
-    r2 = _exp2_scale(tau_ptr, rows, N)
-    shift = tl.load(shift_ptr + rows, mask=rows < N, other=0.0)
-    u = tl.load(scale_ptr + rows, mask=rows < N, other=0.0)
-    tgt = tl.full([rows.shape[0]], -1, tl.int64)
+def _target(target_ptr, rows, N, HAS_TARGET: tl.constexpr):
+    """The rows' target columns as int32 (columns are < 2^31; a 32-bit compare per logit instead of a
+    64-bit one), -1 for padding rows and without targets."""
+    tgt = tl.full([rows.shape[0]], -1, tl.int32)
     if HAS_TARGET:
-        tgt = tl.load(target_ptr + rows, mask=rows < N, other=-1)
-    return r2, shift, u, tgt
+        tgt = tl.load(target_ptr + rows, mask=rows < N, other=-1).to(tl.int32)
+    return tgt
+
+
+@triton.jit
+def _row_constants(tau_ptr, shift_ptr, scale_ptr, target_ptr, rows, N, HAS_TARGET: tl.constexpr,
+                   TAU_PER_ROW: tl.constexpr):
+    """log2(e)/τ, the shift c (dot units), the scale u and the target column of a block of rows
+    (padding rows inert: c = +inf, u = 0)."""
+    r2 = _exp2_scale(tau_ptr, rows, N, TAU_PER_ROW)
+    # padding rows: exp2((y - inf) r2) = 0 and u = 0, so Q = 0 without a mask per logit
+    shift = tl.load(shift_ptr + rows, mask=rows < N, other=float("inf"))
+    u = tl.load(scale_ptr + rows, mask=rows < N, other=0.0)
+    return r2, shift, u, _target(target_ptr, rows, N, HAS_TARGET)
 
 
 @triton.jit
@@ -131,72 +174,109 @@ def _grad_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, r2, shift, u, tgt, d
     1/τ), so exp never sees two large numbers' difference."""
     y = _dots_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, stride_am, stride_ad, stride_bk,
                    stride_bd, HAS_BIAS, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
-    counted = _counted(rows, cols, N, K, tgt, diag_offset, HAS_TARGET, MASK_DIAG)
-    return y, tl.where(counted, u[:, None] * tl.exp2((y - shift[:, None]) * r2[:, None]), 0.0)
+    kept = _kept(rows, cols, K, cols[None, :] == tgt[:, None], diag_offset, HAS_TARGET, MASK_DIAG)
+    return y, tl.where(kept, u[:, None] * tl.exp2((y - shift[:, None]) * r2[:, None]), 0.0)
 
 
 @triton.jit
 def _tile_fwd_kernel(
-    # pointers
+    # pointers; m, s, zy are (splits, N) fp32 partials (the outputs themselves for one split)
     a_ptr, b_ptr, bias_ptr, tau_ptr, target_ptr, m_ptr, s_ptr, zy_ptr,
-    # shapes: a (N, D), b (K, D); diag_offset: column excluded from row i is i + diag_offset
-    N, K, D, diag_offset,
+    # shapes: a (N, D), b (K, D); diag_offset: column excluded from row i is i + diag_offset;
+    # program (i-block, split) walks the columns [split · split_cols, (split + 1) · split_cols)
+    N, K, D, diag_offset, split_cols,
     # strides
     stride_am, stride_ad, stride_bk, stride_bd,
     # constants
-    HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr, TAU_PER_ROW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Per row, in dot units y = a·b + bias: m = max y, s = Σ exp((y - m) / τ) over the counted
-    columns, and y at the target column.  The running max stays in dot units: each logit costs a
-    subtraction and a multiply by log2(e)/τ before exp2."""
+    """Per row and split of the columns, in dot units y = a·b + bias: m = max y, s = Σ exp((y - m) / τ)
+    over the counted columns, and y at the target column (0 where the target is in another split).
+    The running max stays in dot units: each logit costs a subtraction and a multiply by log2(e)/τ
+    before exp2."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    r2 = _exp2_scale(tau_ptr, rows, N)
-    tgt = tl.full([BLOCK_M], -1, tl.int64)
-    if HAS_TARGET:
-        tgt = tl.load(target_ptr + rows, mask=rows < N, other=-1)
+    col0 = tl.program_id(1) * split_cols
+    col_end = tl.minimum(K, col0 + split_cols)
+    r2 = _exp2_scale(tau_ptr, rows, N, TAU_PER_ROW)
+    tgt = _target(target_ptr, rows, N, HAS_TARGET)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_M], tl.float32)
     zy = tl.zeros([BLOCK_M], tl.float32)
-    for n0 in range(0, K, BLOCK_N):
+    for n0 in range(col0, col_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         y = _dots_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, stride_am, stride_ad, stride_bk,
                        stride_bd, HAS_BIAS, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+        hit = cols[None, :] == tgt[:, None]
         if HAS_TARGET:
-            zy += tl.sum(tl.where(cols[None, :] == tgt[:, None], y, 0.0), 1)
-        y = tl.where(_counted(rows, cols, N, K, tgt, diag_offset, HAS_TARGET, MASK_DIAG), y, float("-inf"))
+            zy += tl.sum(tl.where(hit, y, 0.0), 1)
+        y = tl.where(_kept(rows, cols, K, hit, diag_offset, HAS_TARGET, MASK_DIAG), y, float("-inf"))
         m_new = tl.maximum(m, tl.max(y, 1))
         safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing counted yet: no -inf - -inf
         s = s * tl.exp2((m - safe) * r2) + tl.sum(tl.exp2((y - safe[:, None]) * r2[:, None]), 1)
         m = m_new
-    tl.store(m_ptr + rows, m, mask=rows < N)
-    tl.store(s_ptr + rows, s, mask=rows < N)
+    part = tl.program_id(1).to(tl.int64) * N  # this split's row of the partials
+    tl.store(m_ptr + part + rows, m, mask=rows < N)
+    tl.store(s_ptr + part + rows, s, mask=rows < N)
     if HAS_TARGET:
-        tl.store(zy_ptr + rows, zy, mask=rows < N)
+        tl.store(zy_ptr + part + rows, zy, mask=rows < N)
+
+
+@triton.jit
+def _tile_combine_kernel(
+    # pointers: (splits, N) fp32 partials of the forward, and the (N,) results
+    tau_ptr, m_part_ptr, s_part_ptr, zy_part_ptr, m_ptr, s_ptr, zy_ptr,
+    N, splits,
+    HAS_TARGET: tl.constexpr, TAU_PER_ROW: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The forward's splits merged in split order: m = max_k m_k, s = Σ_k s_k exp((m_k - m) / τ)
+    (the online update of one program walking every split), y_target = Σ_k of the partials (one
+    split holds it, the others 0)."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = rows < N
+    r2 = _exp2_scale(tau_ptr, rows, N, TAU_PER_ROW)
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    for k in range(0, splits):
+        m = tl.maximum(m, tl.load(m_part_ptr + k * N + rows, mask=live, other=float("-inf")))
+    safe = tl.where(m == float("-inf"), 0.0, m)  # no column counted: s = 0, not NaN
+    s = tl.zeros([BLOCK], tl.float32)
+    zy = tl.zeros([BLOCK], tl.float32)
+    for k in range(0, splits):
+        m_k = tl.load(m_part_ptr + k * N + rows, mask=live, other=float("-inf"))
+        s += tl.load(s_part_ptr + k * N + rows, mask=live, other=0.0) * tl.exp2((m_k - safe) * r2)
+        if HAS_TARGET:
+            zy += tl.load(zy_part_ptr + k * N + rows, mask=live, other=0.0)
+    tl.store(m_ptr + rows, m, mask=live)
+    tl.store(s_ptr + rows, s, mask=live)
+    if HAS_TARGET:
+        tl.store(zy_ptr + rows, zy, mask=live)
 
 
 @triton.jit
 def _tile_bwd_da_kernel(
-    # pointers
+    # pointers; da (splits, N, D) and zp (splits, N) are fp32 partials (the outputs for one split)
     a_ptr, b_ptr, bias_ptr, tau_ptr, target_ptr, shift_ptr, scale_ptr, ref_ptr, da_ptr, zp_ptr,
-    # shapes
-    N, K, D, diag_offset,
-    # strides (da is a contiguous fp32 (N, D) buffer)
+    # shapes; program (i-block, do-block, split) walks the columns [split · split_cols, + split_cols)
+    N, K, D, diag_offset, split_cols,
+    # strides
     stride_am, stride_ad, stride_bk, stride_bd,
     # constants
     HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr, NEED_ZP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    TAU_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """da[rows, do] = Σ_j Q_ij b[j, do] and zp_i = Σ_j (y_ij - ref_i) Q_ij; program (i-block, do-block)."""
+    """da[rows, do] = Σ_j Q_ij b[j, do] and zp_i = Σ_j (y_ij - ref_i) Q_ij over the split's columns."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    r2, shift, u, tgt = _row_constants(tau_ptr, shift_ptr, scale_ptr, target_ptr, rows, N, HAS_TARGET)
+    split = tl.program_id(2)
+    col0 = split * split_cols
+    col_end = tl.minimum(K, col0 + split_cols)
+    r2, shift, u, tgt = _row_constants(tau_ptr, shift_ptr, scale_ptr, target_ptr, rows, N, HAS_TARGET, TAU_PER_ROW)
     ref = tl.load(ref_ptr + rows, mask=rows < N, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
     zp = tl.zeros([BLOCK_M], tl.float32)
-    for n0 in range(0, K, BLOCK_N):
+    for n0 in range(col0, col_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         y, Q = _grad_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, r2, shift, u, tgt, diag_offset,
                           stride_am, stride_ad, stride_bk, stride_bd, HAS_BIAS, HAS_TARGET, MASK_DIAG, BLOCK_D,
@@ -209,33 +289,39 @@ def _tile_bwd_da_kernel(
             acc = tl.dot(Q, b.to(tl.float32), acc, input_precision=PRECISION)
         else:
             acc = tl.dot(Q.to(b.dtype), b, acc, input_precision=PRECISION)
-    tl.store(da_ptr + rows.to(tl.int64)[:, None] * D + do[None, :], acc, mask=(rows[:, None] < N) & (do[None, :] < D))
+    part = split.to(tl.int64) * N  # this split's (N, D) slice of the partials
+    tl.store(da_ptr + part * D + rows.to(tl.int64)[:, None] * D + do[None, :], acc,
+             mask=(rows[:, None] < N) & (do[None, :] < D))
     if NEED_ZP:
         if tl.program_id(1) == 0:  # every do-block computed zp; one writes it
-            tl.store(zp_ptr + rows, zp, mask=rows < N)
+            tl.store(zp_ptr + part + rows, zp, mask=rows < N)
 
 
 @triton.jit
 def _tile_bwd_db_kernel(
-    # pointers
+    # pointers; db (splits, K, D) and dbias (splits, K) are fp32 partials (the outputs for one split)
     a_ptr, b_ptr, bias_ptr, tau_ptr, target_ptr, shift_ptr, scale_ptr, db_ptr, dbias_ptr,
-    # shapes
-    N, K, D, diag_offset,
-    # strides (db is a contiguous fp32 (K, D) buffer)
+    # shapes; program (j-block, do-block, split) walks the rows [split · split_rows, + split_rows)
+    N, K, D, diag_offset, split_rows,
+    # strides
     stride_am, stride_ad, stride_bk, stride_bd,
     # constants
-    HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr, TAU_PER_ROW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """db[cols, do] = Σ_i Q_ij a[i, do] and dbias[cols] = Σ_i Q_ij; program (j-block, do-block)."""
+    """db[cols, do] = Σ_i Q_ij a[i, do] and dbias[cols] = Σ_i Q_ij over the split's rows."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    split = tl.program_id(2)
+    row0 = split * split_rows
+    row_end = tl.minimum(N, row0 + split_rows)
     acc = tl.zeros([BLOCK_N, BLOCK_DO], tl.float32)
     dbias = tl.zeros([BLOCK_N], tl.float32)
-    for m0 in range(0, N, BLOCK_M):
+    for m0 in range(row0, row_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        r2, shift, u, tgt = _row_constants(tau_ptr, shift_ptr, scale_ptr, target_ptr, rows, N, HAS_TARGET)
+        r2, shift, u, tgt = _row_constants(tau_ptr, shift_ptr, scale_ptr, target_ptr, rows, N, HAS_TARGET,
+                                           TAU_PER_ROW)
         _, Q = _grad_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, r2, shift, u, tgt, diag_offset,
                           stride_am, stride_ad, stride_bk, stride_bd, HAS_BIAS, HAS_TARGET, MASK_DIAG, BLOCK_D,
                           UPCAST, PRECISION, BLOCK_M, BLOCK_N)
@@ -247,10 +333,12 @@ def _tile_bwd_db_kernel(
             acc = tl.dot(tl.trans(Q.to(a.dtype)), a, acc, input_precision=PRECISION)
         if HAS_BIAS:
             dbias += tl.sum(Q, 0)
-    tl.store(db_ptr + cols.to(tl.int64)[:, None] * D + do[None, :], acc, mask=(cols[:, None] < K) & (do[None, :] < D))
+    part = split.to(tl.int64) * K  # this split's (K, D) slice of the partials
+    tl.store(db_ptr + part * D + cols.to(tl.int64)[:, None] * D + do[None, :], acc,
+             mask=(cols[:, None] < K) & (do[None, :] < D))
     if HAS_BIAS:
         if tl.program_id(1) == 0:
-            tl.store(dbias_ptr + cols, dbias, mask=cols < K)
+            tl.store(dbias_ptr + part + cols, dbias, mask=cols < K)
 
 
 @triton.jit
@@ -265,7 +353,7 @@ def _tile_bwd_probs_kernel(
     stride_am, stride_ad, stride_bk, stride_bd,
     # constants
     HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr, NEED_ZP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TAU_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """ds[i, j - col0] = Q_ij for one (i-block, j-block) tile of a chunk of columns, and the tile's
@@ -274,7 +362,7 @@ def _tile_bwd_probs_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     local = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = col0 + local
-    r2, shift, u, tgt = _row_constants(tau_ptr, shift_ptr, scale_ptr, target_ptr, rows, N, HAS_TARGET)
+    r2, shift, u, tgt = _row_constants(tau_ptr, shift_ptr, scale_ptr, target_ptr, rows, N, HAS_TARGET, TAU_PER_ROW)
     # columns past col_end read as out of range: the chunk's own bound
     y, Q = _grad_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, col_end, D, r2, shift, u, tgt, diag_offset,
                        stride_am, stride_ad, stride_bk, stride_bd, HAS_BIAS, HAS_TARGET, MASK_DIAG, BLOCK_D,
@@ -302,65 +390,135 @@ def _precision(a):
     return "tf32"
 
 
-def _common(a, b, bias, target, diag_offset):
+def _common(a, b, bias, tau, target, diag_offset):
     return dict(HAS_BIAS=bias is not None, HAS_TARGET=target is not None, MASK_DIAG=diag_offset is not None,
-                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=blocks(a.dtype)[0], UPCAST=_interpreted(),
-                PRECISION=_precision(a), num_warps=NUM_WARPS)
+                TAU_PER_ROW=tau.numel() != 1, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=blocks(a.dtype)[0],
+                UPCAST=_interpreted(), PRECISION=_precision(a), num_warps=NUM_WARPS)
 
 
 def _block_do(D, dtype):
     return min(max(triton.next_power_of_2(D), 16), blocks(dtype)[1])
 
 
-def tile_fwd(a, b, bias, tau_rows, target, diag_offset):
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device):
+    """The SMs the grid should fill: the device's on CUDA, SM_COUNT_OFF_GPU elsewhere (the interpreter)."""
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return SM_COUNT_OFF_GPU
+
+
+def split_plan(programs, tiles, sms, max_splits=None):
+    """(splits, tiles per split) for a grid of ``programs`` programs that each walk ``tiles`` tiles.
+
+    Time is taken as waves × (tiles per program + PROGRAM_OVERHEAD_TILES), waves =
+    ceil(programs · splits / sms), one 8-warp tile program per SM (~190-255 registers a thread,
+    python -m bench.aot): the fewest splits that reach the least time, each of at least
+    MIN_TILES_PER_SPLIT tiles and at most ``max_splits`` of them.  On 132 SMs: MoCo N = 256,
+    K = 65536 (4 row blocks × 1024 column tiles) -> 32 splits of 32 tiles, 128 programs; N = 4096 ->
+    2 splits, 128 programs; the LLM head N = 8192, V = 128256 (128 row blocks) -> 1 split."""
+    return _split_plan(programs, tiles, sms, MIN_TILES_PER_SPLIT, PROGRAM_OVERHEAD_TILES, max_splits)
+
+
+@functools.lru_cache(maxsize=4096)
+def _split_plan(programs, tiles, sms, min_tiles, overhead, max_splits):
+    if tiles <= 0 or programs <= 0:
+        return 1, max(tiles, 0)
+    most = max(1, tiles // max(min_tiles, 1))
+    if max_splits is not None:
+        most = max(1, min(most, max_splits))
+    best = (triton.cdiv(programs, sms) * (tiles + overhead), 1, tiles)
+    for want in range(2, most + 1):
+        per = triton.cdiv(tiles, want)
+        splits = triton.cdiv(tiles, per)
+        time = triton.cdiv(programs * splits, sms) * (per + overhead)
+        if time < best[0]:
+            best = (time, splits, per)
+    return best[1], best[2]
+
+
+def _partial_cap(output_elements):
+    """The most splits whose fp32 partial sums of an output of this size stay within PARTIAL_ELEMENTS."""
+    return max(1, PARTIAL_ELEMENTS // max(output_elements, 1))
+
+
+def tile_fwd(a, b, bias, tau, target, diag_offset):
     """Returns (m, s, y_target or None), fp32, one per row of ``a``, in dot units (see the module
-    docstring): m the max of y = a·b + bias over the counted columns, s = Σ exp((y - m) / τ)."""
+    docstring): m the max of y = a·b + bias over the counted columns, s = Σ exp((y - m) / τ).
+    ``tau``: one element, or one per row of ``a``."""
     N, D = a.shape
     K = b.shape[0]
     f32 = dict(device=a.device, dtype=torch.float32)
+    row_blocks = triton.cdiv(N, BLOCK_M)
+    splits, per = split_plan(row_blocks, triton.cdiv(K, BLOCK_N), sm_count(a.device))
     m, s = torch.empty(N, **f32), torch.empty(N, **f32)
     zy = torch.empty(N, **f32) if target is not None else None
-    _tile_fwd_kernel[(triton.cdiv(N, BLOCK_M),)](
-        a, b, bias if bias is not None else m, tau_rows, target if target is not None else m, m, s,
-        zy if zy is not None else m, N, K, D, diag_offset or 0, *a.stride(), *b.stride(),
-        **_common(a, b, bias, target, diag_offset),
+    if splits == 1:
+        m_part, s_part, zy_part = m, s, zy
+    else:
+        m_part, s_part = torch.empty((splits, N), **f32), torch.empty((splits, N), **f32)
+        zy_part = torch.empty((splits, N), **f32) if target is not None else None
+    common = _common(a, b, bias, tau, target, diag_offset)
+    _tile_fwd_kernel[(row_blocks, splits)](
+        a, b, bias if bias is not None else m, tau, target if target is not None else m, m_part, s_part,
+        zy_part if zy_part is not None else m, N, K, D, diag_offset or 0, per * BLOCK_N, *a.stride(), *b.stride(),
+        **common,
     )
+    if splits > 1:
+        _tile_combine_kernel[(triton.cdiv(N, COMBINE_BLOCK),)](
+            tau, m_part, s_part, zy_part if zy_part is not None else m, m, s, zy if zy is not None else m, N, splits,
+            HAS_TARGET=target is not None, TAU_PER_ROW=common["TAU_PER_ROW"], BLOCK=COMBINE_BLOCK, num_warps=4,
+        )
     return m, s, zy
 
 
-def tile_bwd(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref, need_da, need_db, need_zp):
+def tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, need_da, need_db, need_zp):
     """Returns (da in a's dtype, db in b's dtype, dbias fp32, zp fp32), each None when not asked for,
     for Q_ij = scale_i exp((y_ij - shift_i) / τ_i) over the counted columns and
-    zp_i = Σ_j (y_ij - ref_i) Q_ij (shift and ref in dot units)."""
+    zp_i = Σ_j (y_ij - ref_i) Q_ij (shift and ref in dot units).  The splits' partial sums are added
+    by torch reductions over the split dimension (fixed order: deterministic)."""
     N, D = a.shape
     shift = shift.to(torch.float32).contiguous()
     scale = scale.to(torch.float32).contiguous()
     ref = ref.to(torch.float32).contiguous()
     bdo = _block_do(D, a.dtype)
     if _materialized(D, bdo, a, b):
-        return _tile_bwd_materialized(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref, need_da, need_db,
+        return _tile_bwd_materialized(a, b, bias, tau, target, diag_offset, shift, scale, ref, need_da, need_db,
                                       need_zp)
     K = b.shape[0]
     f32 = dict(device=a.device, dtype=torch.float32)
-    common = _common(a, b, bias, target, diag_offset)
-    args = (N, K, D, diag_offset or 0, *a.stride(), *b.stride())
+    common = _common(a, b, bias, tau, target, diag_offset)
+    strides = (*a.stride(), *b.stride())
+    row_blocks, col_blocks, do_blocks = triton.cdiv(N, BLOCK_M), triton.cdiv(K, BLOCK_N), triton.cdiv(D, bdo)
+    sms = sm_count(a.device)
     da = db = dbias = zp = None
     if need_da or need_zp:
-        da_buf = torch.empty((N, D), **f32)
-        zp = torch.empty(N, **f32) if need_zp else None
-        _tile_bwd_da_kernel[(triton.cdiv(N, BLOCK_M), triton.cdiv(D, bdo))](
-            a, b, bias if bias is not None else shift, tau_rows, target if target is not None else shift, shift, scale, ref,
-            da_buf, zp if zp is not None else shift, *args, NEED_ZP=need_zp, BLOCK_DO=bdo, **common,
+        splits, per = split_plan(row_blocks * do_blocks, col_blocks, sms, _partial_cap(N * D))
+        da_part = torch.empty((splits, N, D), **f32)
+        zp_part = torch.empty((splits, N), **f32) if need_zp else None
+        _tile_bwd_da_kernel[(row_blocks, do_blocks, splits)](
+            a, b, bias if bias is not None else shift, tau, target if target is not None else shift, shift, scale,
+            ref, da_part, zp_part if zp_part is not None else shift, N, K, D, diag_offset or 0, per * BLOCK_N,
+            *strides, NEED_ZP=need_zp, BLOCK_DO=bdo, **common,
         )
-        da = da_buf.to(a.dtype) if need_da else None
+        da = (da_part[0] if splits == 1 else da_part.sum(0)).to(a.dtype) if need_da else None
+        zp = (zp_part[0] if splits == 1 else zp_part.sum(0)) if need_zp else None
     if need_db:
-        db_buf = torch.empty((K, D), **f32)
-        dbias = torch.empty(K, **f32) if bias is not None else None
-        _tile_bwd_db_kernel[(triton.cdiv(K, BLOCK_N), triton.cdiv(D, bdo))](
-            a, b, bias if bias is not None else shift, tau_rows, target if target is not None else shift, shift, scale,
-            db_buf, dbias if dbias is not None else shift, *args, BLOCK_DO=bdo, **common,
+        splits, per = split_plan(col_blocks * do_blocks, row_blocks, sms, _partial_cap(K * D))
+        db_part = torch.empty((splits, K, D), **f32)
+        dbias_part = torch.empty((splits, K), **f32) if bias is not None else None
+        _tile_bwd_db_kernel[(col_blocks, do_blocks, splits)](
+            a, b, bias if bias is not None else shift, tau, target if target is not None else shift, shift, scale,
+            db_part, dbias_part if dbias_part is not None else shift, N, K, D, diag_offset or 0, per * BLOCK_M,
+            *strides, BLOCK_DO=bdo, **common,
         )
-        db = db_buf.to(b.dtype)
+        db = (db_part[0] if splits == 1 else db_part.sum(0)).to(b.dtype)
+        if bias is not None:
+            dbias = dbias_part[0] if splits == 1 else dbias_part.sum(0)
     return da, db, dbias, zp
 
 
@@ -375,7 +533,7 @@ def _materialized(D, bdo, a, b):
     return D > bdo and a.dtype == b.dtype
 
 
-def _tile_bwd_materialized(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref, need_da, need_db,
+def _tile_bwd_materialized(a, b, bias, tau, target, diag_offset, shift, scale, ref, need_da, need_db,
                            need_zp):
     """Chunks of columns: ds = Q = P / τ (N × chunk, in the operands' dtype, fp32 for fp32) from one
     recomputation of the tiles, then db[chunk] = dsᵀ @ a (complete: one GEMM over all rows) and
@@ -388,7 +546,7 @@ def _tile_bwd_materialized(a, b, bias, tau_rows, target, diag_offset, shift, sca
     f32 = dict(device=a.device, dtype=torch.float32)
     width = max(N * D, MATERIALIZED_CHUNK_ELEMENTS) // max(N, 1)
     width = min(K, max(BLOCK_N, width // BLOCK_N * BLOCK_N))
-    common = _common(a, b, bias, target, diag_offset)
+    common = _common(a, b, bias, tau, target, diag_offset)
     ds_buf = torch.empty(N * width, device=a.device, dtype=a.dtype)
     zp_buf = torch.empty(N * triton.cdiv(width, BLOCK_N), **f32) if need_zp else shift
     row_blocks = triton.cdiv(N, BLOCK_M)
@@ -406,7 +564,7 @@ def _tile_bwd_materialized(a, b, bias, tau_rows, target, diag_offset, shift, sca
         n_blocks = triton.cdiv(c1 - c0, BLOCK_N)
         ds = ds_buf[:N * (c1 - c0)].view(N, c1 - c0)
         _tile_bwd_probs_kernel[(row_blocks, n_blocks)](
-            a, b, bias if bias is not None else shift, tau_rows, target if target is not None else shift, shift, scale, ref,
+            a, b, bias if bias is not None else shift, tau, target if target is not None else shift, shift, scale, ref,
             ds, zp_buf, dbias_buf, N, c0, c1, D, diag_offset or 0, *a.stride(), *b.stride(),
             NEED_ZP=need_zp, INTERPRETED=_interpreted(), **common,
         )

@@ -34,7 +34,8 @@ def device():
 @pytest.fixture(params=_BACKENDS)
 def backend(request, monkeypatch):
     """Force one backend for the test; on CPU both stream rows and tiles in small blocks
-    (chunks for the torch path) so that odd sizes cross several block boundaries."""
+    (chunks for the torch path) so that odd sizes cross several block boundaries, and the tile
+    kernels split their long dimension across programs (several splits on small shapes)."""
     name = request.param
     if name == "triton":
         if not triton_available():
@@ -47,6 +48,9 @@ def backend(request, monkeypatch):
             for block in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DO"):
                 monkeypatch.setattr(tile, block, 16)
             monkeypatch.setattr(tile, "MATERIALIZED_CHUNK_ELEMENTS", 0)  # several row chunks of ds
+            # split the long dimension on small shapes (a split may be one tile, the last one partial)
+            monkeypatch.setattr(tile, "SM_COUNT_OFF_GPU", 16)
+            monkeypatch.setattr(tile, "MIN_TILES_PER_SPLIT", 1)
     else:
         import fused_tau._torch_row as torch_row
         import fused_tau._torch_tile as torch_tile

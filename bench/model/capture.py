@@ -291,8 +291,16 @@ def capture(archs=ARCHS):
     from triton.runtime.jit import JITFunction
 
     from fused_tau import _dispatch, _ops
+    from fused_tau.kernels import tile as kernel_tile
+
+    from .roofline import H100, H200
 
     triton_rec = TritonCapture(archs)
+    # the tile engine sizes its grid from the SM count, read from the device on CUDA: the model's CPU
+    # tensors must get the modelled GPU's grid (both devices have the same count)
+    assert H100.sms == H200.sms
+    saved_sms = kernel_tile.SM_COUNT_OFF_GPU
+    kernel_tile.SM_COUNT_OFF_GPU = H200.sms
     saved_run, saved_interp, saved_tracing = JITFunction.run, _dispatch.interpreter_on, _ops._tracing
     saved_backend = os.environ.get("FUSED_TAU_BACKEND")
 
@@ -314,6 +322,7 @@ def capture(archs=ARCHS):
             yield triton_rec, torch_rec
     finally:
         JITFunction.run = saved_run
+        kernel_tile.SM_COUNT_OFF_GPU = saved_sms
         _dispatch.interpreter_on = saved_interp
         _ops._tracing = saved_tracing
         if saved_backend is None:

@@ -398,6 +398,21 @@ class _Eval(ast.NodeVisitor):
             return -self.visit(node.operand)
         raise ValueError(ast.dump(node))
 
+    def visit_Call(self, node):
+        """The few calls a loop bound is built from: a program's index (the first program, whose trip
+        count every program but a ragged last one shares), min / max and cdiv."""
+        name = getattr(node.func, "attr", getattr(node.func, "id", None))
+        if name == "program_id":
+            return 0
+        vals = [self.visit(a) for a in node.args]
+        if name in ("minimum", "min"):
+            return min(vals)
+        if name in ("maximum", "max"):
+            return max(vals)
+        if name == "cdiv":
+            return -(-vals[0] // vals[1])
+        raise ValueError(f"cannot evaluate {ast.unparse(node)}")
+
     def generic_visit(self, node):
         raise ValueError(f"cannot evaluate {ast.unparse(node)}")
 
@@ -426,9 +441,21 @@ def _lookup_through(chain, level, args, kernel_name, dirs):
     path = _resolve_path(chain[level][0], dirs)
     fn = _function_at(path, chain[level][1]) if path else None
 
+    # in the kernel itself, a name assigned once in its body (e.g. a split's first column from
+    # tl.program_id) evaluates through its assignment
+    kernel_fn = fn if fn is not None and fn.name == kernel_name else None
+    assigned = {}
+    if kernel_fn is not None:
+        once = Counter(t.id for st in kernel_fn.body if isinstance(st, ast.Assign)
+                       for t in st.targets if isinstance(t, ast.Name))
+        assigned = {st.targets[0].id: st.value for st in kernel_fn.body if isinstance(st, ast.Assign)
+                    and len(st.targets) == 1 and isinstance(st.targets[0], ast.Name) and once[st.targets[0].id] == 1}
+
     def from_args(name):
         if name in args:
             return _scalar(args[name])
+        if name in assigned:
+            return _scalar(_Eval(from_args).visit(assigned[name]))
         raise ValueError(f"{name!r} is not a launch argument")
 
     if fn is None or fn.name == kernel_name or level + 1 >= len(chain):

@@ -1,0 +1,204 @@
+"""The tile engine's grid (kernels/tile.py, issue 14 item 1): the long dimension split across
+programs whatever N (flash-decoding), the splits' partials merged deterministically, and τ passed as
+one element or one per row, never expanded (issue 17)."""
+import math
+
+import pytest
+import torch
+import triton
+
+import fused_tau
+from fused_tau import reference
+
+from .compare import check_against_reference
+
+pytest.importorskip("triton")
+
+
+# ---------------------------------------------------------------------------- the plan
+
+@pytest.mark.parametrize("programs, tiles, sms", [(4, 1024, 132), (64, 1024, 132), (128, 2004, 132), (1, 1, 132),
+                                                  (3, 7, 4), (2, 3, 16), (5, 0, 8), (200, 5, 132), (4, 1024, 108)])
+def test_split_plan_covers_every_tile_once(programs, tiles, sms):
+    import fused_tau.kernels.tile as tile
+
+    splits, per = tile.split_plan(programs, tiles, sms)
+    assert splits >= 1
+    if tiles == 0:
+        return
+    assert per >= min(tile.MIN_TILES_PER_SPLIT, tiles)
+    assert splits * per >= tiles and (splits - 1) * per < tiles  # every tile in one split, no empty split
+    assert tile.split_plan(programs, tiles, sms, max_splits=2)[0] <= 2
+
+
+class _Launches:
+    """Stands in for the tile kernels: records each launch's grid, launches nothing."""
+
+    def __init__(self):
+        self.grids = {}
+
+    def kernel(self, name):
+        launches = self
+
+        class _Kernel:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    launches.grids[name] = tuple(grid)
+                return launch
+        return _Kernel()
+
+
+@pytest.mark.parametrize("N", [256, 4096])
+def test_grid_fills_the_gpu_at_moco_shapes(monkeypatch, N):
+    """MoCo, K = 65536 keys, D = 128, bf16, on 132 SMs: the forward and the backward's da kernel
+    launched one program per 64 queries (4 programs at N = 256, 64 at N = 4096); now at least 90% of
+    the SMs get one."""
+    import fused_tau.kernels.tile as tile
+
+    launches = _Launches()
+    for name in ("_tile_fwd_kernel", "_tile_combine_kernel", "_tile_bwd_da_kernel", "_tile_bwd_db_kernel"):
+        monkeypatch.setattr(tile, name, launches.kernel(name), raising=False)
+    monkeypatch.setattr(tile, "sm_count", lambda device: 132, raising=False)
+    K, D = 65536, 128
+    q = torch.empty(N, D, dtype=torch.bfloat16)
+    queue = torch.empty(K, D, dtype=torch.bfloat16)
+    tau = torch.full((1,), 0.2)
+    tile.tile_fwd(q, queue, None, tau, None, None)
+    stats = torch.zeros(N)
+    tile.tile_bwd(q, queue, None, tau, None, None, stats, stats, stats, True, False, True)
+    for name in ("_tile_fwd_kernel", "_tile_bwd_da_kernel"):
+        programs = math.prod(launches.grids[name])
+        assert 0.9 * 132 <= programs <= 2 * 132, (name, launches.grids[name])
+    assert "_tile_combine_kernel" in launches.grids
+
+
+# ---------------------------------------------------------------------------- splits against the reference
+
+def _forced_plan(per):
+    """A split_plan that cuts every long dimension into splits of ``per`` tiles (the last one partial)."""
+    def plan(programs, tiles, sms, max_splits=None):
+        if tiles <= 0:
+            return 1, max(tiles, 0)
+        p = min(per, tiles)
+        return triton.cdiv(tiles, p), p
+    return plan
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("per", [1, 2, 3])
+@pytest.mark.parametrize("N, K", [(1, 15), (17, 16), (33, 49), (16, 47)])
+@pytest.mark.parametrize("route", ["fused", "materialized"])
+def test_every_split_against_the_reference(backend, device, monkeypatch, per, N, K, route):
+    """Splits of 1, 2 and 3 sixteen-wide tiles over odd sizes around the tile and split boundaries: MoCo
+    with a learnable queue (the forward's and da's column splits, db's row splits), in-batch InfoNCE (the
+    target in one split), NT-Xent (the excluded diagonal), linear cross-entropy with a bias (dbias);
+    per-row τ and one τ; loss and every gradient against float64."""
+    import fused_tau.kernels.tile as tile
+
+    monkeypatch.setattr(tile, "split_plan", _forced_plan(per))
+    monkeypatch.setattr(tile, "MATERIALIZED_BWD", route)
+    D, n = 5, K // 2 + 1
+
+    def tau_rows(rows):
+        return (torch.rand(rows, device=device) * 0.3 + 0.1).requires_grad_()
+
+    def tau_one():
+        return torch.tensor(0.15, device=device, requires_grad=True)
+
+    q, k, queue = (torch.randn(rows, D, device=device) for rows in (N, N, K))
+    check_against_reference(lambda q, k, qu, tau: fused_tau.infonce(q, k, qu, tau=tau, reduction="none"),
+                            lambda q, k, qu, tau: reference.infonce(q, k, qu, tau=tau, reduction="none"),
+                            [q, k, queue], dtype=torch.float32, tau=tau_rows(N), tau_scale=N)
+    a, b = torch.randn(n, D, device=device), torch.randn(n, D, device=device)
+    check_against_reference(lambda a, b, tau: fused_tau.infonce(a, b, tau=tau),
+                            lambda a, b, tau: reference.infonce(a, b, tau=tau),
+                            [a, b], dtype=torch.float32, tau=tau_one(), tau_scale=n)
+    check_against_reference(fused_tau.nt_xent, reference.nt_xent, [a, b], dtype=torch.float32, tau=tau_one(),
+                            tau_scale=n)
+    W, bias = torch.randn(K, D, device=device), torch.randn(K, device=device)
+    y = torch.randint(0, K, (N,), device=device)
+    check_against_reference(lambda x, W, b, tau: fused_tau.linear_cross_entropy(x, W, y, linear_bias=b, tau=tau),
+                            lambda x, W, b, tau: reference.linear_cross_entropy(x, W, y, linear_bias=b, tau=tau),
+                            [q, W, bias], dtype=torch.float32, tau=tau_rows(N), tau_scale=N)
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_splits_merge_special_rows(backend, device, monkeypatch):
+    """Rows whose splits disagree: a +inf logit in one split (NaN loss, as the composition), a -inf
+    (masked) split beside finite ones, a row whose every negative is -inf (the positive alone: loss 0),
+    and a NaN in one split; every split merged in the combine kernel."""
+    import fused_tau.kernels.tile as tile
+
+    monkeypatch.setattr(tile, "split_plan", _forced_plan(1))
+    D, K = 3, 40
+    q = torch.ones(4, D, device=device)
+    k = torch.ones(4, D, device=device)
+    queue = torch.randn(K, D, device=device)
+    queue[:16] = -float("inf")  # the first split: -inf logits only (q > 0)
+    q[1, 0] = float("inf")  # +inf logits in every split
+    q[2] = torch.tensor([float("nan"), 1.0, 1.0])
+    queue_all_masked = torch.full((K, D), -float("inf"), device=device)
+    ours = fused_tau.infonce(q, k, queue, tau=0.5, reduction="none")
+    ref = reference.infonce(q.double(), k.double(), queue.double(), tau=0.5, reduction="none")
+    torch.testing.assert_close(ours.double(), ref, equal_nan=True, rtol=1e-5, atol=1e-6)
+    alone = fused_tau.infonce(q[3:], k[3:], queue_all_masked, tau=0.5, reduction="none")
+    assert alone.item() == 0.0
+
+
+# ---------------------------------------------------------------------------- τ layout
+
+@pytest.mark.parametrize("fn", ["infonce_queue", "infonce_in_batch", "nt_xent", "linear_cross_entropy"])
+def test_tau_reaches_the_tile_engine_unexpanded(backend, device, monkeypatch, fn):
+    """Issue 17: the tile engine takes τ as the row engine does, one element or one per row; a float or
+    one-element τ reaches both launchers as one element (it was expanded into an N-vector)."""
+    import fused_tau._ops as ops
+
+    seen = []
+    real_engine = ops.engine
+
+    class _Spy:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            fn_ = getattr(self.inner, name)
+            if name not in ("tile_fwd", "tile_bwd"):
+                return fn_
+
+            def call(a, b, bias, tau, *rest):
+                seen.append((name, tuple(tau.shape)))
+                return fn_(a, b, bias, tau, *rest)
+            return call
+
+    monkeypatch.setattr(ops, "engine", lambda backend, family: _Spy(real_engine(backend, family)))
+    N, K, D = 9, 13, 4
+    q, k = torch.randn(N, D, device=device), torch.randn(N, D, device=device)
+    tau = torch.tensor(0.3, device=device, requires_grad=True)
+    q.requires_grad_()
+    out = {"infonce_queue": lambda: fused_tau.infonce(q, k, torch.randn(K, D, device=device), tau=tau),
+           "infonce_in_batch": lambda: fused_tau.infonce(q, k, tau=tau),
+           "nt_xent": lambda: fused_tau.nt_xent(q, k, tau=tau),
+           "linear_cross_entropy": lambda: fused_tau.linear_cross_entropy(
+               q, torch.randn(K, D, device=device), torch.randint(0, K, (N,), device=device), tau=tau)}[fn]()
+    out.backward()
+    assert {name for name, _ in seen} == {"tile_fwd", "tile_bwd"}
+    assert all(shape == (1,) for _, shape in seen), seen
+
+
+@pytest.mark.parametrize("route", ["fused", "materialized"])
+def test_padding_rows_stay_inert_under_large_logits(backend, device, monkeypatch, route):
+    """The backward's padding rows (past N in the last row block) are not masked per logit: their
+    shift is +inf and their scale 0, so Q = 0 even where exp of their (bias-only) logits overflows;
+    with a shift of 0, u · exp2(300 log2(e)) = 0 · inf made dW and the bias gradient NaN."""
+    import fused_tau.kernels.tile as tile
+
+    monkeypatch.setattr(tile, "MATERIALIZED_BWD", route)
+    N, V, D = 17, 29, 6  # 17 rows: the second 16-row block is mostly padding
+    x = torch.randn(N, D, device=device)
+    W = torch.randn(V, D, device=device)
+    bias = torch.randn(V, device=device) * 5
+    bias[::3] = 300.0  # logits of 300 at τ = 1: exp overflows fp32 unless shifted by the row's max
+    y = torch.randint(0, V, (N,), device=device)
+    check_against_reference(lambda x, W, b, tau: fused_tau.linear_cross_entropy(x, W, y, linear_bias=b, tau=tau),
+                            lambda x, W, b, tau: reference.linear_cross_entropy(x, W, y, linear_bias=b, tau=tau),
+                            [x, W, bias], dtype=torch.float32, tau=1.0)
