@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .row_engine import half_gap, interpreted, load_x, load_z, row_config, rows, tau_stride
+from .row_engine import half_gap, interpreted, load_x, load_z, row_config, row_start, rows, tau_stride
 from .tl_math import (log1p, nan_if_posinf, online_finalize, online_update, to_store, weighted_gap_finalize,
                       weighted_gap_update)
 
@@ -45,12 +45,8 @@ def _ce_fwd_kernel(
     class index y: loss = (1-ε) w_y (lse - z_y) + (ε/C) Σ_c w_c (lse - z_c), 0 if y == ignore_index;
     probabilities t: loss = Σ_c w_c ((1-ε) t_c + ε/C) (lse - z_c).
     lse - z_y is formed as (M - z_y) + log1p(S): exact when y is the argmax at small τ."""
-    r = tl.program_id(0).to(tl.int64)
-    a = r // B
-    b = r % B
-    x_row = x_ptr + a * stride_xa + b * stride_xb
+    r, a, b, x_row, tau = row_start(x_ptr, tau_ptr, B, stride_xa, stride_xb, stride_tau)
     t_row = target_ptr + a * stride_ta + b * stride_tb
-    tau = tl.load(tau_ptr + a * stride_tau).to(tl.float32)
     cols = tl.arange(0, BLOCK)
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK], tl.float32)
@@ -110,13 +106,9 @@ def _ce_bwd_kernel(
 
     The target's p_y - 1 is -Σ_{j≠y} p_j = -S/(1+S) when y is the argmax, so
     the row's gradient still sums to zero at small τ."""
-    r = tl.program_id(0).to(tl.int64)
-    a = r // B
-    b = r % B
-    x_row = x_ptr + a * stride_xa + b * stride_xb
+    r, a, b, x_row, tau = row_start(x_ptr, tau_ptr, B, stride_xa, stride_xb, stride_tau)
     t_row = target_ptr + a * stride_ta + b * stride_tb
     dx_row = dx_ptr + a * stride_da + b * stride_db
-    tau = tl.load(tau_ptr + a * stride_tau).to(tl.float32)
     inv_tau = 1.0 / tau
     M = tl.load(m_ptr + r)
     S = tl.load(s_ptr + r)

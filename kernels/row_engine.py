@@ -22,6 +22,8 @@ import os
 import triton
 import triton.language as tl
 
+from .tl_math import gumbel_noise
+
 # Largest block a row is streamed in.  4096 fp32 lanes over 8 warps is 16
 # registers a lane per live tensor: no spills on sm_80/sm_90 (tests/test_aot.py).
 MAX_BLOCK = 4096
@@ -42,9 +44,32 @@ def row_config(n_cols, lanes_per_block=1):
 
 
 @triton.jit
+def row_start(x_ptr, tau_ptr, B, stride_xa, stride_xb, stride_tau):
+    """The program's row: ``(r, a, b, x_row, τ)``, r = a·B + b (int64 before any stride product),
+    ``x_row`` the pointer to its first logit, τ its temperature in fp32 (τ's stride over a is 0 for
+    one τ, 1 for one τ per a)."""
+    r = tl.program_id(0).to(tl.int64)
+    a = r // B
+    b = r % B
+    tau = tl.load(tau_ptr + a * stride_tau).to(tl.float32)
+    return r, a, b, x_ptr + a * stride_xa + b * stride_xb, tau
+
+
+@triton.jit
 def load_x(x_row, c, C, stride_xc):
     """The logits x of columns ``c`` in fp32, -inf past the end."""
     return tl.load(x_row + c.to(tl.int64) * stride_xc, mask=c < C, other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
+def load_v(x_row, c, C, stride_xc, seed, noise_row, NOISY: tl.constexpr):
+    """``load_x``, plus, when NOISY, the Gumbel noise of each element: v = x + g (fp32), g from Philox
+    counter ``noise_row + c`` under ``seed`` (kernels/row_sample.py), -inf past the end.  The noise
+    depends on (seed, row, column) only, so any pass over the row regenerates the same v."""
+    x = load_x(x_row, c, C, stride_xc)
+    if NOISY:
+        x = x + gumbel_noise(seed, noise_row + c)
+    return x
 
 
 @triton.jit

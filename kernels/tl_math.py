@@ -22,6 +22,24 @@ def log1p(x):
     return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
 
 
+# tl.rand returns k · 2^-31 (k < 2^31), 0 included.  Clamped into [2^-32, 1 - 2^-24], the
+# Gumbel value is finite whatever k is: g ∈ [-2.8, 22.2].
+_U_MIN = tl.constexpr(2.3283064365386963e-10)
+_U_MAX = tl.constexpr(0.99999994)
+
+
+@triton.jit
+def gumbel_noise(seed, offs):
+    """g = -log(E), E = -log1p(-u) ~ Exponential(1), u = tl.rand(seed, offs) clamped.
+
+    E is formed with log1p so that small u (large g, the tail a rare class is
+    sampled from) keeps full relative precision; -log(u) would round 1 - u first.
+    """
+    u = tl.rand(seed, offs)
+    u = tl.minimum(tl.maximum(u, _U_MIN), _U_MAX)
+    return -tl.log(-log1p(-u))
+
+
 @triton.jit
 def online_update(m, s, z):
     """Fold a block ``z`` (masked lanes are -inf) into per-lane ``(m, s)``.
