@@ -128,9 +128,10 @@ def aot_configs():
 
     block = row_engine.MAX_BLOCK
     _, _, warps = row_engine.row_config(block)
+    noisy = row_softmax.noisy_warps(block, warps)
     unit = dict(B=[1], stride_xc=[1])
-    yield "softmax_fwd", row_softmax._softmax_fwd_kernel, warps, dict(
+    yield "softmax_fwd", row_softmax._softmax_fwd_kernel, noisy, dict(
         MODE=[MODE_SOFTMAX], NOISY=[True], HARD=[False, True], ONE_BLOCK=[False, True], BLOCK=[block], **unit)
-    yield "softmax_bwd", row_softmax._softmax_bwd_kernel, warps, dict(
+    yield "softmax_bwd", row_softmax._softmax_bwd_kernel, noisy, dict(
         LOG=[False], NOISY=[True], TAU_GRAD=[False], ONE_BLOCK=[False, True], BLOCK=[block], **unit)
     yield "sample", _sample_kernel, warps, dict(GREEDY=[False, True], BLOCK=[block], stride_xc=[1])

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from .row_engine import interpreted, load_v, load_x, recompute_p, row_config, row_start, rows, tau_stride
-from .tl_math import log1p, nan_if_posinf, online_finalize, online_update, to_store
+from .tl_math import exp2_scale, log1p, nan_if_posinf, online_finalize_log2, online_update_log2, to_store
 
 MODE_LSE, MODE_SOFTMAX, MODE_LOG_SOFTMAX = 0, 1, 2
 
@@ -28,8 +28,12 @@ def _softmax_fwd_kernel(
 
     NOISY (Gumbel-softmax, MODE 1): every x is loaded as x + g, g ~ Gumbel(0, 1) regenerated from
     the seed (load_v); HARD: out is the one-hot of the row's argmax (the first index on ties; index 0
-    for a row with no finite value, as torch.argmax) instead of the softmax."""
+    for a row with no finite value, as torch.argmax) instead of the softmax.
+
+    In x units (row_engine.py): v = x (+ g), M = max v, exp((v - M)/τ) = exp2((v - M)·c),
+    log_softmax = (v - M)·(1/τ) - log1p(S), τ·logsumexp = M + τ·log1p(S)."""
     r, a, b, x_row, tau = row_start(x_ptr, tau_ptr, B, stride_xa, stride_xb, stride_tau)
+    scale = exp2_scale(tau)
     seed = 0
     noise_row = r
     if NOISY:
@@ -41,24 +45,24 @@ def _softmax_fwd_kernel(
     # HARD: per lane, the first column holding the lane's max (columns arrive in increasing order)
     arg = tl.zeros([BLOCK], tl.int32)
     if ONE_BLOCK:
-        z_kept = tl.math.div_rn(load_v(x_row, cols, C, stride_xc, seed, noise_row, NOISY), tau)
+        v_kept = load_v(x_row, cols, C, stride_xc, seed, noise_row, NOISY)
         if HARD:
-            arg = tl.where(z_kept > m, cols, arg)
-        m, s = online_update(m, s, z_kept)
+            arg = tl.where(v_kept > m, cols, arg)
+        m, s = online_update_log2(m, s, v_kept, scale)
     else:
         for start in range(0, C, BLOCK):
             c = start + cols
-            z = tl.math.div_rn(load_v(x_row, c, C, stride_xc, seed, noise_row, NOISY), tau)
+            v = load_v(x_row, c, C, stride_xc, seed, noise_row, NOISY)
             if HARD:
-                arg = tl.where(z > m, c, arg)
-            m, s = online_update(m, s, z)
-    M, S = online_finalize(m, s)
+                arg = tl.where(v > m, c, arg)
+            m, s = online_update_log2(m, s, v, scale)
+    M, S = online_finalize_log2(m, s, scale)
     if MODE != 0:
         S = nan_if_posinf(M, S)
     tl.store(m_ptr + r, M)
     tl.store(s_ptr + r, S)
     if MODE == 0:
-        tl.store(out_ptr + r, to_store(tau * (M + log1p(S)), out_ptr, INTERPRETED))
+        tl.store(out_ptr + r, to_store(M + tau * log1p(S), out_ptr, INTERPRETED))
     else:
         out_row = out_ptr + a * C * B + b
         if HARD:
@@ -67,31 +71,32 @@ def _softmax_fwd_kernel(
         else:
             inv_total = 1.0 / (1.0 + S)
             log_total = log1p(S)
+            inv_tau = 1.0 / tau
         for start in range(0, C, BLOCK):
             c = start + cols
             if HARD:
                 y = tl.where(c == top, 1.0, 0.0)
             else:
                 if ONE_BLOCK:
-                    z = z_kept
+                    v = v_kept
                 else:
-                    z = tl.math.div_rn(load_v(x_row, c, C, stride_xc, seed, noise_row, NOISY), tau)
+                    v = load_v(x_row, c, C, stride_xc, seed, noise_row, NOISY)
                 if MODE == 1:
-                    y = tl.exp(z - M) * inv_total
+                    y = tl.exp2((v - M) * scale) * inv_total
                 else:
-                    y = (z - M) - log_total
+                    # exactly -log1p(S) at the argmax
+                    y = (v - M) * inv_tau - log_total
             tl.store(out_row + c.to(tl.int64) * B, to_store(y, out_ptr, INTERPRETED), mask=c < C)
 
 
 @triton.jit
-def _softmax_output(y_ptr, base, c, C, B, x_row, stride_xc, tau, M, inv_total, seed, noise_row,
+def _softmax_output(y_ptr, base, c, C, B, x_row, stride_xc, scale, M, inv_total, seed, noise_row,
                     LOG: tl.constexpr, NOISY: tl.constexpr):
     """The forward's output y at columns ``c``: loaded from y_ptr (padding lanes must give dz = 0:
     y = 0 for softmax, log y = -inf for log_softmax), or, NOISY, the soft Gumbel sample recomputed
     from the logits, the regenerated noise and the row's saved statistics (y = 0 past the end)."""
     if NOISY:
-        z = tl.math.div_rn(load_v(x_row, c, C, stride_xc, seed, noise_row, True), tau)
-        return tl.exp(z - M) * inv_total
+        return tl.exp2((load_v(x_row, c, C, stride_xc, seed, noise_row, True) - M) * scale) * inv_total
     ptrs = y_ptr + base + c.to(tl.int64) * B
     if LOG:
         return tl.load(ptrs, mask=c < C, other=float("-inf")).to(tl.float32)
@@ -113,8 +118,8 @@ def _softmax_bwd_kernel(
     """dz = y (g - Σ g y) for softmax, dz = g - exp(y) Σ g for log_softmax; dx = dz / τ.
 
     NOISY (the Gumbel-softmax's backward, straight-through when the forward was hard): y is not
-    read but recomputed, the soft sample y = exp(z - M) / (1 + S), z = (x + g_noise) / τ, from the
-    forward's seed and saved statistics (y_ptr unread, τ gets no gradient).
+    read but recomputed, the soft sample y = exp2((x + g_noise - M)·c) / (1 + S), c = log2(e)/τ, from
+    the forward's seed and saved statistics (y_ptr unread, τ gets no gradient).
 
     dL/dτ of the row is -(1/τ²) Σ (x - c) dz: the shift c changes nothing (Σ dz = 0); taken in
     x units (half_gap) the terms carry no rounding of x / τ, at any τ and any common offset.
@@ -126,7 +131,9 @@ def _softmax_bwd_kernel(
     noise_row = r
     M = 0.0
     inv_total = 1.0
+    scale = 1.0
     if NOISY:
+        scale = exp2_scale(tau)
         seed = tl.load(seed_ptr)
         noise_row = r * C
         M = tl.load(m_ptr + r)
@@ -134,7 +141,7 @@ def _softmax_bwd_kernel(
     cols = tl.arange(0, BLOCK)
     if ONE_BLOCK:
         offs = cols.to(tl.int64) * B
-        y_kept = _softmax_output(y_ptr, base, cols, C, B, x_row, stride_xc, tau, M, inv_total, seed, noise_row,
+        y_kept = _softmax_output(y_ptr, base, cols, C, B, x_row, stride_xc, scale, M, inv_total, seed, noise_row,
                                  LOG, NOISY)
         g_kept = tl.load(g_ptr + base + offs, mask=cols < C, other=0.0).to(tl.float32)
         if LOG:
@@ -150,13 +157,13 @@ def _softmax_bwd_kernel(
             if LOG:
                 acc += g
             else:
-                acc += g * _softmax_output(y_ptr, base, c, C, B, x_row, stride_xc, tau, M, inv_total, seed,
+                acc += g * _softmax_output(y_ptr, base, c, C, B, x_row, stride_xc, scale, M, inv_total, seed,
                                            noise_row, LOG, NOISY)
         red = tl.sum(acc, 0)
     if TAU_GRAD:
         # The shift c of Σ (x - c) dz: exact whatever c in exact arithmetic (Σ dz = 0), but the rounded
         # y break that, by errors ∝ y |x - c|: the p-weighted mean of x is the best c.  A row that is
-        # one block has x in registers for it; a longer row takes the max, M τ (one read of x).
+        # one block has x in registers for it; a longer row takes the max M (one read of x).
         if ONE_BLOCK:
             x_kept = load_x(x_row, cols, C, stride_xc)
             if LOG:
@@ -165,7 +172,7 @@ def _softmax_bwd_kernel(
                 p_kept = y_kept
             c_half = 0.5 * tl.sum(tl.where(p_kept != 0.0, p_kept * x_kept, 0.0), 0)
         else:
-            c_half = tl.load(m_ptr + r) * (0.5 * tau)
+            c_half = tl.load(m_ptr + r) * 0.5
         tau_acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         c = start + cols
@@ -174,7 +181,7 @@ def _softmax_bwd_kernel(
             y = y_kept
             g = g_kept
         else:
-            y = _softmax_output(y_ptr, base, c, C, B, x_row, stride_xc, tau, M, inv_total, seed, noise_row,
+            y = _softmax_output(y_ptr, base, c, C, B, x_row, stride_xc, scale, M, inv_total, seed, noise_row,
                                 LOG, NOISY)
             g = tl.load(g_ptr + base + offs, mask=c < C, other=0.0).to(tl.float32)
         if LOG:
@@ -205,8 +212,10 @@ def _lse_bwd_kernel(
     # constants
     TAU_GRAD: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    """out = τ·lse(x/τ): dx = g·softmax(x/τ); dL/dτ = g·(lse - Σ p z) = g·(log1p(S) + Σ p (M - z))."""
+    """out = τ·lse(x/τ): dx = g·softmax(x/τ); dL/dτ = g·(lse - Σ p z) = g·(log1p(S) + Σ p (M - x) / τ)
+    (M = max x: every term ≥ 0)."""
     r, a, b, x_row, tau = row_start(x_ptr, tau_ptr, B, stride_xa, stride_xb, stride_tau)
+    scale = exp2_scale(tau)
     dx_row = dx_ptr + a * C * B + b
     M = tl.load(m_ptr + r)
     S = tl.load(s_ptr + r)
@@ -216,12 +225,23 @@ def _lse_bwd_kernel(
     tau_acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         c = start + cols
-        z, p = recompute_p(x_row, c, C, stride_xc, tau, M, inv_total)
+        x, p = recompute_p(x_row, c, C, stride_xc, scale, M, inv_total)
         tl.store(dx_row + c.to(tl.int64) * B, to_store(g * p, dx_ptr, INTERPRETED), mask=c < C)
         if TAU_GRAD:
-            tau_acc += tl.where(p != 0.0, p * (M - z), 0.0)
+            tau_acc += tl.where(p != 0.0, p * (M - x), 0.0)
     if TAU_GRAD:
-        tl.store(dtau_ptr + r, g * (log1p(S) + tl.sum(tau_acc, 0)))
+        tl.store(dtau_ptr + r, g * (log1p(S) + tl.sum(tau_acc, 0) * (1.0 / tau)))
+
+
+# The noisy (Gumbel) kernels draw a Philox word per element: at 16 elements a thread (4096 lanes over
+# 8 warps) the hard forward needs more registers than ptxas gives it on sm_90 (8 bytes spilled,
+# tests/test_aot.py); they run at most 8 elements a thread, with more warps (same block, same sums).
+NOISY_ELEMENTS_PER_THREAD = 8
+
+
+def noisy_warps(block, num_warps):
+    """The warps a noisy launch of ``block`` lanes takes (row_config's ``num_warps`` for the others)."""
+    return max(num_warps, block // (32 * NOISY_ELEMENTS_PER_THREAD))
 
 
 def softmax_fwd(x3, tau, mode, seed=None, hard=False):
@@ -235,6 +255,8 @@ def softmax_fwd(x3, tau, mode, seed=None, hard=False):
     m = torch.empty(R, device=dev, dtype=torch.float32)
     s = torch.empty(R, device=dev, dtype=torch.float32)
     block, one_block, num_warps = row_config(C)
+    if seed is not None:
+        num_warps = noisy_warps(block, num_warps)
     _softmax_fwd_kernel[(R,)](
         x3, out, m, s, tau, m if seed is None else seed, C, B, *x3.stride(), tau_stride(tau),
         MODE=mode, NOISY=seed is not None, HARD=hard, BLOCK=block, ONE_BLOCK=one_block,
@@ -250,6 +272,8 @@ def softmax_bwd(y, g, x3, m, s, tau, log, tau_grad, seed=None):
     dx = torch.empty_like(g, dtype=x3.dtype)
     dtau = torch.empty(R, device=g.device, dtype=torch.float32) if tau_grad else m
     block, one_block, num_warps = row_config(C)
+    if seed is not None:
+        num_warps = noisy_warps(block, num_warps)
     _softmax_bwd_kernel[(R,)](
         y, g, dx, x3, m, s, tau, dtau, m if seed is None else seed, C, B, *x3.stride(), tau_stride(tau),
         LOG=log, NOISY=seed is not None, TAU_GRAD=tau_grad, BLOCK=block, ONE_BLOCK=one_block,
