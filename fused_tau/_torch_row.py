@@ -4,7 +4,8 @@ same arguments and results, written with torch ops, for devices without Triton.
 Same numerics as the kernels: the statistics ``M = max x`` (x units, as the kernels save them)
 and ``S = Σ_{j ≠ argmax} exp((x_j - M) / τ)`` per row (the argmax's own 1 left out: no
 cancellation), and the exact small-τ forms built on them.  The softmax family works in x units
-as the kernels do (``_shifted_z``: (x - M) / τ, exact near the max).  Work is done in fp32 (fp64 for fp64
+as the kernels do (``_shifted_z``: (x - M) / τ, exact near the max); cross-entropy forms z = x / τ
+and saves the logit at its argmax (``_max_logit``).  Work is done in fp32 (fp64 for fp64
 inputs) over chunks of about ``CHUNK_ELEMENTS`` elements, small enough that a
 chunk's passes stay in cache and no temporary grows with the input.
 
@@ -210,6 +211,12 @@ def _shifted_z(X, sl, tau_r, cd, M=None):
     return torch.sub(x, c).div_(tau_r[sl]), c
 
 
+def _max_logit(X, sl, idx, cd):
+    """The saved M of a chunk's rows (x units): the logit at ``idx``, the argmax of z = x / τ.  It is
+    the row's max x (but for two logits that round to one z), and M / τ is max z exactly."""
+    return X[sl].gather(-1, idx).squeeze(-1).to(cd)
+
+
 def _nan_if_posinf(M, S):
     """S for everything but τ·logsumexp: NaN in a row with a +inf logit, as torch's inf - inf."""
     return torch.where(M == float("inf"), float("nan"), S)
@@ -335,9 +342,9 @@ def ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target):
 
     def work(sl):
         z = _z(X, sl, tau_r, cd)
-        M, S, _ = _stats(z)
+        M, S, idx = _stats(z)
         S = _nan_if_posinf(M, S)
-        m[sl], s[sl] = M, S
+        m[sl], s[sl] = _max_logit(X, sl, idx, cd), S
         L = torch.log1p(S)
         part = torch.zeros_like(M)
         if has_a:
@@ -368,7 +375,7 @@ def ce_bwd(x3, target, weight, tau, m, s, a_rows, g, ignore_index, smoothing, pr
 
     def work(sl):
         z = _z(X, sl, tau_r, cd)
-        M, S = m[sl], s[sl]
+        M, S = m[sl] / tau_r[sl].squeeze(-1), s[sl]  # max z, exactly (_max_logit)
         A_row = a_rows[sl] if a_rows is not None else torch.zeros_like(S)
         scale = g[sl] / tau_r[sl].squeeze(-1)  # dx = (g / τ) dz
         if prob_target:
