@@ -1,9 +1,11 @@
 """The torch path of the row engine: the launchers of ``kernels/row.py`` with the
 same arguments and results, written with torch ops, for devices without Triton.
 
-Same numerics as the kernels: the statistics ``M = max z`` and
-``S = Σ_{j ≠ argmax} exp(z_j - M)`` per row (the argmax's own 1 left out: no
-cancellation), and the exact small-τ forms built on them.  Work is done in fp32 (fp64 for fp64
+Same numerics as the kernels: the statistics ``M = max x`` (x units, as the kernels save them)
+and ``S = Σ_{j ≠ argmax} exp((x_j - M) / τ)`` per row (the argmax's own 1 left out: no
+cancellation), and the exact small-τ forms built on them.  The softmax family works in x units
+as the kernels do (``_shifted_z``: (x - M) / τ, exact near the max); cross-entropy forms z = x / τ
+and saves the logit at its argmax (``_max_logit``).  Work is done in fp32 (fp64 for fp64
 inputs) over chunks of about ``CHUNK_ELEMENTS`` elements, small enough that a
 chunk's passes stay in cache and no temporary grows with the input.
 
@@ -196,6 +198,25 @@ def _stats(z):
     return M, torch.where(M == float("-inf"), -1.0, S), idx
 
 
+def _shifted_z(X, sl, tau_r, cd, M=None):
+    """``(d, c)``: d = (x - c) / τ for a chunk's rows, c the row's max logit (x units; ``M``: the saved
+    one, else taken from the rows) where it is finite, else 0 (a row with ±inf or NaN keeps z = x / τ
+    and its special values).  x - c is exact near the max, so d has one rounding relative to itself,
+    where z = x / τ rounds relative to |x| / τ: at x ~ 1e4, τ = 1e-3 one ulp of z is 1 in the exponent.
+    d's max is 0 where c is the max; the row's statistics follow from d as from z (lse = c/τ + lse(d))."""
+    x = X[sl]
+    if M is None:
+        M = x.amax(-1)
+    c = torch.where(torch.isfinite(M), M, 0).to(cd).unsqueeze(-1)
+    return torch.sub(x, c).div_(tau_r[sl]), c
+
+
+def _max_logit(X, sl, idx, cd):
+    """The saved M of a chunk's rows (x units): the logit at ``idx``, the argmax of z = x / τ.  It is
+    the row's max x (but for two logits that round to one z), and M / τ is max z exactly."""
+    return X[sl].gather(-1, idx).squeeze(-1).to(cd)
+
+
 def _nan_if_posinf(M, S):
     """S for everything but τ·logsumexp: NaN in a row with a +inf logit, as torch's inf - inf."""
     return torch.where(M == float("inf"), float("nan"), S)
@@ -218,13 +239,14 @@ def softmax_fwd(x3, tau, mode):
     out = torch.empty(R if mode == MODE_LSE else (R, C), device=x3.device, dtype=x3.dtype)
 
     def work(sl):
-        z = _z(X, sl, tau_r, cd)
-        M, S, idx = _stats(z)
+        z, c = _shifted_z(X, sl, tau_r, cd)
+        M, S, _ = _stats(z)  # M = 0 where c is the row's max, else ±inf or NaN
         if mode != MODE_LSE:
             S = _nan_if_posinf(M, S)
-        m[sl], s[sl] = M, S
+        t, c = tau_r[sl].squeeze(-1), c.squeeze(-1)
+        m[sl], s[sl] = c + t * M, S  # max x
         if mode == MODE_LSE:
-            out[sl] = tau_r[sl].squeeze(-1) * (M + torch.log1p(S))
+            out[sl] = t * (M + torch.log1p(S)) + c
         elif mode == MODE_SOFTMAX:
             out[sl] = _exp_(z - M.unsqueeze(-1)).div_((1.0 + S).unsqueeze(-1))
         else:
@@ -274,8 +296,8 @@ def lse_bwd(x3, m, s, tau, g, tau_grad):
     dtau = torch.empty(R, device=x3.device, dtype=cd) if tau_grad else None
 
     def work(sl):
-        z = _z(X, sl, tau_r, cd)
-        M, S = m[sl].unsqueeze(-1), s[sl]
+        z, c = _shifted_z(X, sl, tau_r, cd, m[sl])
+        M, S = (m[sl].unsqueeze(-1) - c) / tau_r[sl], s[sl]  # max z: 0, or the row's ±inf / NaN
         # from the forward's statistics: a +inf logit gets NaN, the others 0, as in torch
         p = _exp_(z - M).div_((1.0 + S).unsqueeze(-1))
         gg = g[sl].to(cd)
@@ -320,9 +342,9 @@ def ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target):
 
     def work(sl):
         z = _z(X, sl, tau_r, cd)
-        M, S, _ = _stats(z)
+        M, S, idx = _stats(z)
         S = _nan_if_posinf(M, S)
-        m[sl], s[sl] = M, S
+        m[sl], s[sl] = _max_logit(X, sl, idx, cd), S
         L = torch.log1p(S)
         part = torch.zeros_like(M)
         if has_a:
@@ -353,7 +375,7 @@ def ce_bwd(x3, target, weight, tau, m, s, a_rows, g, ignore_index, smoothing, pr
 
     def work(sl):
         z = _z(X, sl, tau_r, cd)
-        M, S = m[sl], s[sl]
+        M, S = m[sl] / tau_r[sl].squeeze(-1), s[sl]  # max z, exactly (_max_logit)
         A_row = a_rows[sl] if a_rows is not None else torch.zeros_like(S)
         scale = g[sl] / tau_r[sl].squeeze(-1)  # dx = (g / τ) dz
         if prob_target:

@@ -13,7 +13,7 @@ is needed.
 """
 import torch
 
-from ._torch_row import _as_rows, _chunks, _compute_dtype, _from_rows, _tau_rows, for_each, row_chunks
+from ._torch_row import _as_rows, _chunks, _compute_dtype, _from_rows, _tau_rows, for_each, softmax_bwd
 
 
 def _gumbel(n_rows, C, dtype, device, generator):
@@ -65,20 +65,10 @@ def gumbel_fwd(x3, tau, seed, hard, need_grad):
 
 def gumbel_bwd(g, tau, hard, src, seed, aux):
     """dx = y (g - Σ g y) / τ with y the soft sample: ``src`` (the output) when not ``hard``,
-    else the one gumbel_fwd kept; contiguous (A, C, B).  Out of place: y may be the caller's
-    output."""
+    else the one gumbel_fwd kept; contiguous (A, C, B).  The softmax backward (_torch_row.py),
+    out of place: y may be the caller's output."""
     y = aux[0] if hard else src
-    A, C, B = y.shape
-    cd = _compute_dtype(y)
-    Y, G, tau_r = _as_rows(y), _as_rows(g), _tau_rows(tau, A, B, cd)
-    dx = torch.empty((A * B, C), device=y.device, dtype=y.dtype)
-
-    def work(sl):
-        yy, gg = Y[sl].to(cd), G[sl].to(cd)
-        dx[sl] = (gg - (gg * yy).sum(-1, keepdim=True)).mul_(yy).div_(tau_r[sl])
-
-    for_each(row_chunks(A * B, C, y.device), work, y.device, A * B * C)
-    return _from_rows(dx, A, B).contiguous()
+    return softmax_bwd(y, g, y, None, None, tau, False, False)[0]
 
 
 def sample_fwd(x2, tau, seed, greedy):

@@ -4,9 +4,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .row_engine import half_gap, interpreted, load_x, load_z, row_config, rows, tau_stride
-from .tl_math import (log1p, nan_if_posinf, online_finalize, online_update, to_store, weighted_gap_finalize,
-                      weighted_gap_update)
+from .row_engine import half_gap, interpreted, load_x, recompute_p, row_config, row_start, rows, tau_stride
+from .tl_math import (exp2_scale, log1p, nan_if_posinf, online_finalize_log2, online_update_log2, to_store,
+                      weighted_gap_finalize, weighted_gap_update)
 
 
 @triton.jit
@@ -41,16 +41,15 @@ def _ce_fwd_kernel(
     # constants
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, SMOOTH: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Per row, z = x/τ, lse = M + log1p(S):
+    """Per row, z = x/τ, lse = M/τ + log1p(S) (M = max x, row_engine.py):
     class index y: loss = (1-ε) w_y (lse - z_y) + (ε/C) Σ_c w_c (lse - z_c), 0 if y == ignore_index;
     probabilities t: loss = Σ_c w_c ((1-ε) t_c + ε/C) (lse - z_c).
-    lse - z_y is formed as (M - z_y) + log1p(S): exact when y is the argmax at small τ."""
-    r = tl.program_id(0).to(tl.int64)
-    a = r // B
-    b = r % B
-    x_row = x_ptr + a * stride_xa + b * stride_xb
+    lse - z_y is formed as (M - x_y)·(1/τ) + log1p(S): exact when y is the argmax at small τ, and
+    Σ_c a_c (M - x_c) (non-negative terms) is summed in x units and scaled by 1/τ once."""
+    r, a, b, x_row, tau = row_start(x_ptr, tau_ptr, B, stride_xa, stride_xb, stride_tau)
     t_row = target_ptr + a * stride_ta + b * stride_tb
-    tau = tl.load(tau_ptr + a * stride_tau).to(tl.float32)
+    scale = exp2_scale(tau)
+    inv_tau = 1.0 / tau
     cols = tl.arange(0, BLOCK)
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK], tl.float32)
@@ -58,13 +57,13 @@ def _ce_fwd_kernel(
     D = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         c = start + cols
-        z = load_z(x_row, c, C, stride_xc, tau)
+        x = load_x(x_row, c, C, stride_xc)
         if PROB_TARGET or SMOOTH:
             coef = _ce_coefficient(t_row, weight_ptr, c, C, stride_tc, smoothing,
                                    HAS_WEIGHT, PROB_TARGET, SMOOTH)
-            A, D = weighted_gap_update(m, A, D, z, coef)
-        m, s = online_update(m, s, z)
-    M, S = online_finalize(m, s)
+            A, D = weighted_gap_update(m, A, D, x, coef)
+        m, s = online_update_log2(m, s, x, scale)
+    M, S = online_finalize_log2(m, s, scale)
     S = nan_if_posinf(M, S)
     log_total = log1p(S)
     tl.store(m_ptr + r, M)
@@ -73,7 +72,7 @@ def _ce_fwd_kernel(
     if PROB_TARGET or SMOOTH:
         A_row, D_row = weighted_gap_finalize(m, A, D, M)
         tl.store(a_ptr + r, A_row)
-        loss = D_row + A_row * log_total
+        loss = D_row * inv_tau + A_row * log_total
     if not PROB_TARGET:
         y = tl.load(target_ptr + r)
         valid = y != ignore_index
@@ -84,8 +83,8 @@ def _ce_fwd_kernel(
         else:
             w_y = 1.0
         w_y = tl.where(valid, w_y, 0.0)
-        z_y = tl.math.div_rn(tl.load(x_row + y_safe * stride_xc).to(tl.float32), tau)
-        loss = (1.0 - smoothing) * w_y * ((M - z_y) + log_total) + loss
+        x_y = tl.load(x_row + y_safe * stride_xc).to(tl.float32)
+        loss = (1.0 - smoothing) * w_y * ((M - x_y) * inv_tau + log_total) + loss
         loss = tl.where(valid, loss, 0.0)
         tl.store(wy_ptr + r, w_y)
     tl.store(loss_ptr + r, loss)
@@ -110,13 +109,10 @@ def _ce_bwd_kernel(
 
     The target's p_y - 1 is -Σ_{j≠y} p_j = -S/(1+S) when y is the argmax, so
     the row's gradient still sums to zero at small τ."""
-    r = tl.program_id(0).to(tl.int64)
-    a = r // B
-    b = r % B
-    x_row = x_ptr + a * stride_xa + b * stride_xb
+    r, a, b, x_row, tau = row_start(x_ptr, tau_ptr, B, stride_xa, stride_xb, stride_tau)
     t_row = target_ptr + a * stride_ta + b * stride_tb
     dx_row = dx_ptr + a * stride_da + b * stride_db
-    tau = tl.load(tau_ptr + a * stride_tau).to(tl.float32)
+    scale = exp2_scale(tau)
     inv_tau = 1.0 / tau
     M = tl.load(m_ptr + r)
     S = tl.load(s_ptr + r)
@@ -140,12 +136,10 @@ def _ce_bwd_kernel(
     tau_acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         c = start + cols
-        x = load_x(x_row, c, C, stride_xc)
-        z = tl.math.div_rn(x, tau)
-        p = tl.exp(z - M) * inv_total
+        x, p = recompute_p(x_row, c, C, stride_xc, scale, M, inv_total)
         dz = tl.zeros([BLOCK], tl.float32)
         if not PROB_TARGET:
-            q = tl.where(z == M, S * inv_total, 1.0 - p)
+            q = tl.where(x == M, S * inv_total, 1.0 - p)
             dz = h * tl.where(c == y, -q, p)
         if PROB_TARGET or SMOOTH:
             coef = _ce_coefficient(t_row, weight_ptr, c, C, stride_tc, smoothing,
@@ -154,8 +148,9 @@ def _ce_bwd_kernel(
         dz = tl.where(valid, g * dz, 0.0)
         tl.store(dx_row + c.to(tl.int64) * stride_dc, to_store(dz * inv_tau, dx_ptr, INTERPRETED), mask=c < C)
         if TAU_GRAD:
-            # -(1/τ²) Σ (x - M τ) dz (see row_engine.py); masked classes (dz = 0) add 0, NaN adds NaN
-            tau_acc += tl.where(dz != 0.0, half_gap(x, M, tau) * dz, 0.0)
+            # -(1/τ²) Σ (x - M) dz (see row_engine.py; M in x units: half_gap's τ is 1); masked classes
+            # (dz = 0) add 0, NaN adds NaN
+            tau_acc += tl.where(dz != 0.0, half_gap(x, M, 1.0) * dz, 0.0)
     if TAU_GRAD:
         tl.store(dtau_ptr + r, -(tl.sum(tau_acc, 0) * inv_tau) * (2.0 * inv_tau))
 

@@ -1,4 +1,4 @@
-"""Row engine core: one program streams one row of logits, dividing by τ on load.
+"""Row engine core: one program streams one row of logits in fp32, x / τ never divided per element.
 
 Every tensor is seen as ``(A, C, B)``: ``C`` is the softmax dimension, row
 ``r = a * B + b``.  ``dim=-1`` is ``B = 1`` (Triton specialises the unit stride,
@@ -6,12 +6,17 @@ so loads vectorise); class-dim-1 inputs ``(N, C, d1, ...)`` are ``A = N``,
 ``B = d1 * ...`` read in place, without a transposed copy.
 
 Forward kernels read the logits once (one online pass keeping per-lane
-``(max, Σ others)``, see ``tl_math``) and save two fp32 numbers per row,
-``M = max z`` and ``S = Σ_{j ≠ argmax} exp(z_j - M)``.  Backward kernels
+``(max, Σ others)``, see ``tl_math``) and save two fp32 numbers per row, in x units:
+``M = max x`` and ``S = Σ_{j ≠ argmax} exp((x_j - M) / τ)`` (so lse(x / τ) = M / τ + log1p(S),
+and τ·lse = M + τ log1p(S)).  Every exponent is formed as exp2((x - M)·c), c = log2(e)/τ rounded
+once per row (``tl_math.exp2_scale``, with the error bound), and every z - M as (x - M)·(1/τ):
+an IEEE division per element (~10 instructions) does not fit a memory-bound loop, and the
+difference x - M is exact near the max where z - M is not.  The torch path
+(fused_tau/_torch_row.py) saves the same M.  Backward kernels
 recompute probabilities from the logits and these two numbers and write the
 gradient once; they also reduce the row's contribution to dL/dτ when τ needs
-a gradient, from ``dL/dτ = -(1/τ) Σ_j z_j dL/dz_j = -(1/τ²) Σ_j (x_j - M τ) dL/dz_j`` (z = x / τ;
-Σ_j dL/dz_j = 0), summed in x units (``half_gap``).
+a gradient, from ``dL/dτ = -(1/τ) Σ_j z_j dL/dz_j = -(1/τ²) Σ_j (x_j - M) dL/dz_j`` (z = x / τ;
+Σ_j dL/dz_j = 0), summed in x units: no rounding of x / τ at a large τ or a common offset.
 
 Memory traffic (bytes of the logits dtype, R rows × C): cross-entropy forward
 reads R·C, backward reads R·C and writes R·C; no R × C temporary exists.
@@ -21,6 +26,8 @@ import os
 
 import triton
 import triton.language as tl
+
+from .tl_math import gumbel_noise
 
 # Largest block a row is streamed in.  4096 fp32 lanes over 8 warps is 16
 # registers a lane per live tensor: no spills on sm_80/sm_90 (tests/test_model.py).
@@ -42,14 +49,38 @@ def row_config(n_cols, lanes_per_block=1):
 
 
 @triton.jit
+def row_start(x_ptr, tau_ptr, B, stride_xa, stride_xb, stride_tau):
+    """The program's row: ``(r, a, b, x_row, τ)``, r = a·B + b (int64 before any stride product),
+    ``x_row`` the pointer to its first logit, τ its temperature in fp32 (τ's stride over a is 0 for
+    one τ, 1 for one τ per a)."""
+    r = tl.program_id(0).to(tl.int64)
+    a = r // B
+    b = r % B
+    tau = tl.load(tau_ptr + a * stride_tau).to(tl.float32)
+    return r, a, b, x_ptr + a * stride_xa + b * stride_xb, tau
+
+
+@triton.jit
 def load_x(x_row, c, C, stride_xc):
     """The logits x of columns ``c`` in fp32, -inf past the end."""
     return tl.load(x_row + c.to(tl.int64) * stride_xc, mask=c < C, other=float("-inf")).to(tl.float32)
 
 
 @triton.jit
+def load_v(x_row, c, C, stride_xc, seed, noise_row, NOISY: tl.constexpr):
+    """``load_x``, plus, when NOISY, the Gumbel noise of each element: v = x + g (fp32), g from Philox
+    counter ``noise_row + c`` under ``seed`` (kernels/row_sample.py), -inf past the end.  The noise
+    depends on (seed, row, column) only, so any pass over the row regenerates the same v."""
+    x = load_x(x_row, c, C, stride_xc)
+    if NOISY:
+        x = x + gumbel_noise(seed, noise_row + c)
+    return x
+
+
+@triton.jit
 def half_gap(x, M, tau):
-    """(x - M·τ) / 2: the logit's distance to the row's max in x units, halved so that it stays finite for
+    """(x - M·τ) / 2 for a max M in z units (kd_loss's kernel; the other kernels keep M in x units and
+    take τ = 1): the logit's distance to the row's max in x units, halved so that it stays finite for
     logits of ±3e38.  The τ gradient sums these (Σ_j dL/dz_j = 0 makes any shift exact): in x units the
     shift is exact (no rounding of x / τ at a large τ or a common offset), and one FMA an element."""
     return x * 0.5 - M * (0.5 * tau)
@@ -57,18 +88,19 @@ def half_gap(x, M, tau):
 
 @triton.jit
 def load_z(x_row, c, C, stride_xc, tau):
-    """z = x / τ for columns ``c`` of a row, -inf past the end.  An IEEE-rounded division,
-    not x * (1/τ): at |z| ~ 1e3 the second rounding alone would double fp32's error in exp(z - M)."""
+    """z = x / τ for columns ``c`` of a row, -inf past the end, by an IEEE-rounded division (kd_loss's
+    kernel only: the others work in x units, see the module docstring)."""
     x = tl.load(x_row + c.to(tl.int64) * stride_xc, mask=c < C, other=float("-inf"))
     return tl.math.div_rn(x.to(tl.float32), tau)
 
 
 @triton.jit
-def recompute_p(x_row, c, C, stride_xc, tau, M, inv_total):
-    """The backward's (z, p) for columns ``c``: z = x / τ and p = exp(z - M) / (1 + S) from the
-    forward's saved row statistics (inv_total = 1 / (1 + S)); p = 0 past the row's end."""
-    z = load_z(x_row, c, C, stride_xc, tau)
-    return z, tl.exp(z - M) * inv_total
+def recompute_p(x_row, c, C, stride_xc, scale, M, inv_total):
+    """The backward's (x, p) for columns ``c``: p = exp((x - M)/τ) / (1 + S) = exp2((x - M)·scale)·inv_total
+    from the forward's saved row statistics (M = max x, inv_total = 1 / (1 + S), scale = log2(e)/τ);
+    p = 0 past the row's end."""
+    x = load_x(x_row, c, C, stride_xc)
+    return x, tl.exp2((x - M) * scale) * inv_total
 
 
 # Shared by the launchers of row_softmax.py and row_ce.py.  Launchers allocate, choose the

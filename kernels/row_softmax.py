@@ -1,100 +1,148 @@
 """Row engine, softmax family: softmax, log_softmax and τ·logsumexp along a dimension, forward
-and backward (see row_engine.py for the layout and the saved statistics)."""
+and backward (see row_engine.py for the layout and the saved statistics).  Gumbel-softmax is the
+same kernels with a noisy load (NOISY: x + g, the noise regenerated from a Philox seed on every
+pass; HARD: the one-hot of the argmax); its launchers are in row_sample.py."""
 import torch
 import triton
 import triton.language as tl
 
-from .row_engine import interpreted, load_x, load_z, recompute_p, row_config, rows, tau_stride
-from .tl_math import log1p, nan_if_posinf, online_finalize, online_update, to_store
+from .row_engine import interpreted, load_v, load_x, recompute_p, row_config, row_start, rows, tau_stride
+from .tl_math import exp2_scale, log1p, nan_if_posinf, online_finalize_log2, online_update_log2, to_store
 
 MODE_LSE, MODE_SOFTMAX, MODE_LOG_SOFTMAX = 0, 1, 2
 
 
 @triton.jit
 def _softmax_fwd_kernel(
-    # pointers
-    x_ptr, out_ptr, m_ptr, s_ptr, tau_ptr,
+    # pointers (seed_ptr: the Philox seed, read only when NOISY)
+    x_ptr, out_ptr, m_ptr, s_ptr, tau_ptr, seed_ptr,
     # shapes: x is (A, C, B), row r = a * B + b; out is contiguous
     C, B,
     # strides of x, and of τ (0: one τ; 1: one τ per a)
     stride_xa, stride_xc, stride_xb, stride_tau,
     # constants
-    MODE: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
+    MODE: tl.constexpr, NOISY: tl.constexpr, HARD: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
-    """MODE 0: out[r] = τ·logsumexp(x_r / τ); 1: softmax(x_r / τ); 2: log_softmax(x_r / τ)."""
-    r = tl.program_id(0).to(tl.int64)
-    a = r // B
-    b = r % B
-    x_row = x_ptr + a * stride_xa + b * stride_xb
-    tau = tl.load(tau_ptr + a * stride_tau).to(tl.float32)
+    """MODE 0: out[r] = τ·logsumexp(x_r / τ); 1: softmax(x_r / τ); 2: log_softmax(x_r / τ).
+
+    NOISY (Gumbel-softmax, MODE 1): every x is loaded as x + g, g ~ Gumbel(0, 1) regenerated from
+    the seed (load_v); HARD: out is the one-hot of the row's argmax (the first index on ties; index 0
+    for a row with no finite value, as torch.argmax) instead of the softmax.
+
+    In x units (row_engine.py): v = x (+ g), M = max v, exp((v - M)/τ) = exp2((v - M)·c),
+    log_softmax = (v - M)·(1/τ) - log1p(S), τ·logsumexp = M + τ·log1p(S)."""
+    r, a, b, x_row, tau = row_start(x_ptr, tau_ptr, B, stride_xa, stride_xb, stride_tau)
+    scale = exp2_scale(tau)
+    seed = 0
+    noise_row = r
+    if NOISY:
+        seed = tl.load(seed_ptr)
+        noise_row = r * C
     cols = tl.arange(0, BLOCK)
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK], tl.float32)
+    # HARD: per lane, the first column holding the lane's max (columns arrive in increasing order)
+    arg = tl.zeros([BLOCK], tl.int32)
     if ONE_BLOCK:
-        z_kept = load_z(x_row, cols, C, stride_xc, tau)
-        m, s = online_update(m, s, z_kept)
+        v_kept = load_v(x_row, cols, C, stride_xc, seed, noise_row, NOISY)
+        if HARD:
+            arg = tl.where(v_kept > m, cols, arg)
+        m, s = online_update_log2(m, s, v_kept, scale)
     else:
         for start in range(0, C, BLOCK):
-            m, s = online_update(m, s, load_z(x_row, start + cols, C, stride_xc, tau))
-    M, S = online_finalize(m, s)
+            c = start + cols
+            v = load_v(x_row, c, C, stride_xc, seed, noise_row, NOISY)
+            if HARD:
+                arg = tl.where(v > m, c, arg)
+            m, s = online_update_log2(m, s, v, scale)
+    M, S = online_finalize_log2(m, s, scale)
     if MODE != 0:
         S = nan_if_posinf(M, S)
     tl.store(m_ptr + r, M)
     tl.store(s_ptr + r, S)
     if MODE == 0:
-        tl.store(out_ptr + r, to_store(tau * (M + log1p(S)), out_ptr, INTERPRETED))
+        tl.store(out_ptr + r, to_store(M + tau * log1p(S), out_ptr, INTERPRETED))
     else:
         out_row = out_ptr + a * C * B + b
-        inv_total = 1.0 / (1.0 + S)
-        log_total = log1p(S)
+        if HARD:
+            # a row with no finite value has every lane at M = -inf and all arg = 0: index 0
+            top = tl.min(tl.where(m == M, arg, C), 0)
+        else:
+            inv_total = 1.0 / (1.0 + S)
+            log_total = log1p(S)
+            inv_tau = 1.0 / tau
         for start in range(0, C, BLOCK):
             c = start + cols
-            if ONE_BLOCK:
-                z = z_kept
+            if HARD:
+                y = tl.where(c == top, 1.0, 0.0)
             else:
-                z = load_z(x_row, c, C, stride_xc, tau)
-            if MODE == 1:
-                y = tl.exp(z - M) * inv_total
-            else:
-                y = (z - M) - log_total
+                if ONE_BLOCK:
+                    v = v_kept
+                else:
+                    v = load_v(x_row, c, C, stride_xc, seed, noise_row, NOISY)
+                if MODE == 1:
+                    y = tl.exp2((v - M) * scale) * inv_total
+                else:
+                    # exactly -log1p(S) at the argmax
+                    y = (v - M) * inv_tau - log_total
             tl.store(out_row + c.to(tl.int64) * B, to_store(y, out_ptr, INTERPRETED), mask=c < C)
 
 
 @triton.jit
-def _load_y(ptrs, mask, LOG: tl.constexpr):
-    """The forward's output; padding lanes must give dz = 0: y = 0 for softmax, log y = -inf for log_softmax."""
+def _softmax_output(y_ptr, base, c, C, B, x_row, stride_xc, scale, M, inv_total, seed, noise_row,
+                    LOG: tl.constexpr, NOISY: tl.constexpr):
+    """The forward's output y at columns ``c``: loaded from y_ptr (padding lanes must give dz = 0:
+    y = 0 for softmax, log y = -inf for log_softmax), or, NOISY, the soft Gumbel sample recomputed
+    from the logits, the regenerated noise and the row's saved statistics (y = 0 past the end)."""
+    if NOISY:
+        return tl.exp2((load_v(x_row, c, C, stride_xc, seed, noise_row, True) - M) * scale) * inv_total
+    ptrs = y_ptr + base + c.to(tl.int64) * B
     if LOG:
-        return tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
-    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        return tl.load(ptrs, mask=c < C, other=float("-inf")).to(tl.float32)
+    return tl.load(ptrs, mask=c < C, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _softmax_bwd_kernel(
     # pointers: y (the forward's output), g (its gradient) and dx share y's contiguous layout
-    y_ptr, g_ptr, dx_ptr, x_ptr, m_ptr, s_ptr, tau_ptr, dtau_ptr,
+    y_ptr, g_ptr, dx_ptr, x_ptr, m_ptr, s_ptr, tau_ptr, dtau_ptr, seed_ptr,
     # shapes
     C, B,
-    # strides of x (read only for dL/dτ) and of τ
+    # strides of x (read for dL/dτ, or for the noisy y) and of τ
     stride_xa, stride_xc, stride_xb, stride_tau,
     # constants
-    LOG: tl.constexpr, TAU_GRAD: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr,
-    INTERPRETED: tl.constexpr,
+    LOG: tl.constexpr, NOISY: tl.constexpr, TAU_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    ONE_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """dz = y (g - Σ g y) for softmax, dz = g - exp(y) Σ g for log_softmax; dx = dz / τ.
+
+    NOISY (the Gumbel-softmax's backward, straight-through when the forward was hard): y is not
+    read but recomputed, the soft sample y = exp2((x + g_noise - M)·c) / (1 + S), c = log2(e)/τ, from
+    the forward's seed and saved statistics (y_ptr unread, τ gets no gradient).
 
     dL/dτ of the row is -(1/τ²) Σ (x - c) dz: the shift c changes nothing (Σ dz = 0); taken in
     x units (half_gap) the terms carry no rounding of x / τ, at any τ and any common offset.
     """
-    r = tl.program_id(0).to(tl.int64)
-    a = r // B
-    b = r % B
+    r, a, b, x_row, tau = row_start(x_ptr, tau_ptr, B, stride_xa, stride_xb, stride_tau)
     base = a * C * B + b
-    tau = tl.load(tau_ptr + a * stride_tau).to(tl.float32)
     inv_tau = 1.0 / tau
+    seed = 0
+    noise_row = r
+    M = 0.0
+    inv_total = 1.0
+    scale = 1.0
+    if NOISY:
+        scale = exp2_scale(tau)
+        seed = tl.load(seed_ptr)
+        noise_row = r * C
+        M = tl.load(m_ptr + r)
+        inv_total = 1.0 / (1.0 + tl.load(s_ptr + r))
     cols = tl.arange(0, BLOCK)
     if ONE_BLOCK:
         offs = cols.to(tl.int64) * B
-        y_kept = _load_y(y_ptr + base + offs, cols < C, LOG)
+        y_kept = _softmax_output(y_ptr, base, cols, C, B, x_row, stride_xc, scale, M, inv_total, seed, noise_row,
+                                 LOG, NOISY)
         g_kept = tl.load(g_ptr + base + offs, mask=cols < C, other=0.0).to(tl.float32)
         if LOG:
             red = tl.sum(g_kept, 0)
@@ -109,13 +157,13 @@ def _softmax_bwd_kernel(
             if LOG:
                 acc += g
             else:
-                acc += g * tl.load(y_ptr + base + offs, mask=c < C, other=0.0).to(tl.float32)
+                acc += g * _softmax_output(y_ptr, base, c, C, B, x_row, stride_xc, scale, M, inv_total, seed,
+                                           noise_row, LOG, NOISY)
         red = tl.sum(acc, 0)
     if TAU_GRAD:
-        x_row = x_ptr + a * stride_xa + b * stride_xb
         # The shift c of Σ (x - c) dz: exact whatever c in exact arithmetic (Σ dz = 0), but the rounded
         # y break that, by errors ∝ y |x - c|: the p-weighted mean of x is the best c.  A row that is
-        # one block has x in registers for it; a longer row takes the max, M τ (one read of x).
+        # one block has x in registers for it; a longer row takes the max M (one read of x).
         if ONE_BLOCK:
             x_kept = load_x(x_row, cols, C, stride_xc)
             if LOG:
@@ -124,7 +172,7 @@ def _softmax_bwd_kernel(
                 p_kept = y_kept
             c_half = 0.5 * tl.sum(tl.where(p_kept != 0.0, p_kept * x_kept, 0.0), 0)
         else:
-            c_half = tl.load(m_ptr + r) * (0.5 * tau)
+            c_half = tl.load(m_ptr + r) * 0.5
         tau_acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         c = start + cols
@@ -133,7 +181,8 @@ def _softmax_bwd_kernel(
             y = y_kept
             g = g_kept
         else:
-            y = _load_y(y_ptr + base + offs, c < C, LOG)
+            y = _softmax_output(y_ptr, base, c, C, B, x_row, stride_xc, scale, M, inv_total, seed, noise_row,
+                                LOG, NOISY)
             g = tl.load(g_ptr + base + offs, mask=c < C, other=0.0).to(tl.float32)
         if LOG:
             dz = g - tl.exp(y) * red
@@ -163,13 +212,11 @@ def _lse_bwd_kernel(
     # constants
     TAU_GRAD: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    """out = τ·lse(x/τ): dx = g·softmax(x/τ); dL/dτ = g·(lse - Σ p z) = g·(log1p(S) + Σ p (M - z))."""
-    r = tl.program_id(0).to(tl.int64)
-    a = r // B
-    b = r % B
-    x_row = x_ptr + a * stride_xa + b * stride_xb
+    """out = τ·lse(x/τ): dx = g·softmax(x/τ); dL/dτ = g·(lse - Σ p z) = g·(log1p(S) + Σ p (M - x) / τ)
+    (M = max x: every term ≥ 0)."""
+    r, a, b, x_row, tau = row_start(x_ptr, tau_ptr, B, stride_xa, stride_xb, stride_tau)
+    scale = exp2_scale(tau)
     dx_row = dx_ptr + a * C * B + b
-    tau = tl.load(tau_ptr + a * stride_tau).to(tl.float32)
     M = tl.load(m_ptr + r)
     S = tl.load(s_ptr + r)
     g = tl.load(g_ptr + r).to(tl.float32)
@@ -178,40 +225,59 @@ def _lse_bwd_kernel(
     tau_acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         c = start + cols
-        z, p = recompute_p(x_row, c, C, stride_xc, tau, M, inv_total)
+        x, p = recompute_p(x_row, c, C, stride_xc, scale, M, inv_total)
         tl.store(dx_row + c.to(tl.int64) * B, to_store(g * p, dx_ptr, INTERPRETED), mask=c < C)
         if TAU_GRAD:
-            tau_acc += tl.where(p != 0.0, p * (M - z), 0.0)
+            tau_acc += tl.where(p != 0.0, p * (M - x), 0.0)
     if TAU_GRAD:
-        tl.store(dtau_ptr + r, g * (log1p(S) + tl.sum(tau_acc, 0)))
+        tl.store(dtau_ptr + r, g * (log1p(S) + tl.sum(tau_acc, 0) * (1.0 / tau)))
 
 
-def softmax_fwd(x3, tau, mode):
+# The noisy (Gumbel) kernels draw a Philox word per element: at 16 elements a thread (4096 lanes over
+# 8 warps) the hard forward needs more registers than ptxas gives it on sm_90 (8 bytes spilled,
+# tests/test_aot.py); they run at most 8 elements a thread, with more warps (same block, same sums).
+NOISY_ELEMENTS_PER_THREAD = 8
+
+
+def noisy_warps(block, num_warps):
+    """The warps a noisy launch of ``block`` lanes takes (row_config's ``num_warps`` for the others)."""
+    return max(num_warps, block // (32 * NOISY_ELEMENTS_PER_THREAD))
+
+
+def softmax_fwd(x3, tau, mode, seed=None, hard=False):
     """Returns (out, M, S): out is τ·lse (shape (A*B,)) for MODE_LSE, else softmax or
-    log_softmax in x3's dtype and contiguous (A, C, B) layout."""
+    log_softmax in x3's dtype and contiguous (A, C, B) layout.  ``seed`` (a one-element int64
+    tensor; MODE_SOFTMAX only): the Gumbel-softmax of x3 with that seed's noise, or, ``hard``,
+    the one-hot of its argmax (kernels/row_sample.py's gumbel_fwd)."""
     R, C, B = rows(x3)
     dev = x3.device
     out = torch.empty(R if mode == MODE_LSE else (x3.shape[0], C, B), device=dev, dtype=x3.dtype)
     m = torch.empty(R, device=dev, dtype=torch.float32)
     s = torch.empty(R, device=dev, dtype=torch.float32)
     block, one_block, num_warps = row_config(C)
+    if seed is not None:
+        num_warps = noisy_warps(block, num_warps)
     _softmax_fwd_kernel[(R,)](
-        x3, out, m, s, tau, C, B, *x3.stride(), tau_stride(tau),
-        MODE=mode, BLOCK=block, ONE_BLOCK=one_block, INTERPRETED=interpreted(), num_warps=num_warps,
+        x3, out, m, s, tau, m if seed is None else seed, C, B, *x3.stride(), tau_stride(tau),
+        MODE=mode, NOISY=seed is not None, HARD=hard, BLOCK=block, ONE_BLOCK=one_block,
+        INTERPRETED=interpreted(), num_warps=num_warps,
     )
     return out, m, s
 
 
-def softmax_bwd(y, g, x3, m, s, tau, log, tau_grad):
-    """Returns (dx, dτ per row or None); y, g contiguous (A, C, B)."""
+def softmax_bwd(y, g, x3, m, s, tau, log, tau_grad, seed=None):
+    """Returns (dx, dτ per row or None); y, g contiguous (A, C, B).  ``seed``: the backward of the
+    Gumbel-softmax drawn with it, y recomputed from the logits x3 (``y`` is then unread)."""
     R, C, B = rows(x3)
-    dx = torch.empty_like(y)
-    dtau = torch.empty(R, device=y.device, dtype=torch.float32) if tau_grad else m
+    dx = torch.empty_like(g, dtype=x3.dtype)
+    dtau = torch.empty(R, device=g.device, dtype=torch.float32) if tau_grad else m
     block, one_block, num_warps = row_config(C)
+    if seed is not None:
+        num_warps = noisy_warps(block, num_warps)
     _softmax_bwd_kernel[(R,)](
-        y, g, dx, x3, m, s, tau, dtau, C, B, *x3.stride(), tau_stride(tau),
-        LOG=log, TAU_GRAD=tau_grad, BLOCK=block, ONE_BLOCK=one_block, INTERPRETED=interpreted(),
-        num_warps=num_warps,
+        y, g, dx, x3, m, s, tau, dtau, m if seed is None else seed, C, B, *x3.stride(), tau_stride(tau),
+        LOG=log, NOISY=seed is not None, TAU_GRAD=tau_grad, BLOCK=block, ONE_BLOCK=one_block,
+        INTERPRETED=interpreted(), num_warps=num_warps,
     )
     return dx, (dtau if tau_grad else None)
 

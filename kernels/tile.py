@@ -417,7 +417,7 @@ def split_plan(programs, tiles, sms, max_splits=None):
 
     Time is taken as waves × (tiles per program + PROGRAM_OVERHEAD_TILES), waves =
     ceil(programs · splits / sms), one 8-warp tile program per SM (~190-255 registers a thread,
-    python -m bench.aot): the fewest splits that reach the least time, each of at least
+    python -m bench.model): the fewest splits that reach the least time, each of at least
     MIN_TILES_PER_SPLIT tiles and at most ``max_splits`` of them.  On 132 SMs: MoCo N = 256,
     K = 65536 (4 row blocks × 1024 column tiles) -> 32 splits of 32 tiles, 128 programs; N = 4096 ->
     2 splits, 128 programs; the LLM head N = 8192, V = 128256 (128 row blocks) -> 1 split."""

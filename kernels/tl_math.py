@@ -6,6 +6,10 @@ over every element *but one* that attains the max.  The log-sum-exp is then
 ``lse = m + log1p(s)``, and the cross-entropy of the argmax class is ``log1p(s)``
 with full relative precision even when it is 1e-9 (where ``log(1 + s)`` rounds
 to 0 in fp32).  This is the small-τ promise of DESIGN.md ("Numerics").
+
+The softmax, cross-entropy and Gumbel kernels keep the max in x units, ``m = max x``
+(``online_update_log2``: no division by τ per element, see ``exp2_scale`` for the error
+bound); ``online_update`` (z units) serves kd_loss's kernel.
 """
 import triton
 import triton.language as tl
@@ -20,6 +24,66 @@ def log1p(x):
     """
     u = 1.0 + x
     return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+
+# tl.rand returns k · 2^-31 (k < 2^31), 0 included.  Clamped into [2^-32, 1 - 2^-24], the
+# Gumbel value is finite whatever k is: g ∈ [-2.8, 22.2].
+_U_MIN = tl.constexpr(2.3283064365386963e-10)
+_U_MAX = tl.constexpr(0.99999994)
+
+
+@triton.jit
+def gumbel_noise(seed, offs):
+    """g = -log(E), E = -log1p(-u) ~ Exponential(1), u = tl.rand(seed, offs) clamped.
+
+    E is formed with log1p so that small u (large g, the tail a rare class is
+    sampled from) keeps full relative precision; -log(u) would round 1 - u first.
+    """
+    u = tl.rand(seed, offs)
+    u = tl.minimum(tl.maximum(u, _U_MIN), _U_MAX)
+    return -tl.log(-log1p(-u))
+
+
+@triton.jit
+def exp2_scale(tau):
+    """c = log2(e) / τ rounded once to fp32 (formed in fp64): exp((x - m) / τ) = exp2((x - m)·c).
+
+    Why x units and no division per element.  With m the running max of x (x / τ has the same
+    argmax, τ > 0), the exponent t = (x - m)·c is rounded three times, each relative to |t| itself:
+    x - m (exact by Sterbenz where x ≥ m/2, i.e. near the max), c, and the product; so
+    t = t_exact (1 + δ), |δ| ≤ 3u (u = 2^-24), and exp2(t) = exp(a)(1 + ε) with a = (x - m)/τ ≤ 0,
+    |ε| ≤ 3u|a| + (exp2's own rounding).  Since |a| e^a ≤ 1/e, every term's absolute error is below
+    1.2u whatever τ and however far the logits are from 0.  Forming z = x / τ first (the IEEE
+    division, or torch's composition) rounds relative to |x| / τ instead: at an offset row
+    (x ≈ 1e4, τ = 1e-3, z ≈ 1e7) one ulp of z is 1 in the exponent."""
+    return (tl.full([], 1.4426950408889634, tl.float64) / tau.to(tl.float64)).to(tl.float32)
+
+
+@triton.jit
+def online_update_log2(m, s, x, c):
+    """:func:`online_update` in x units: fold a block ``x`` (masked lanes -inf) into per-lane
+    ``(m, s)`` with m the running max of x and s = Σ_{j ≠ argmax} exp2((x_j - m)·c), c = log2(e)/τ
+    (:func:`exp2_scale`).  One exp2 per element, no division; ties, infinities and NaN as
+    online_update."""
+    is_new = x > m
+    d = tl.where(is_new, m - x, x - m)
+    e = tl.exp2(tl.where(x == m, 0.0, d * c))
+    s = tl.where(is_new, s * e + e, s + e)
+    m = tl.maximum(m, x)
+    return m, s
+
+
+@triton.jit
+def online_finalize_log2(m, s, c):
+    """:func:`online_finalize` for the lanes of :func:`online_update_log2`: the row's
+    ``(M, S)``, M = max x, S = Σ_{j ≠ argmax} exp((x_j - M)/τ), S = -1 for a row with no finite x."""
+    M = tl.max(m, 0)
+    valid = m > float("-inf")
+    at_top = valid & (m == M)
+    scale = tl.exp2(tl.where(at_top, 0.0, tl.where(valid, (m - M) * c, float("-inf"))))
+    S = tl.sum(s * scale, 0) + tl.sum(tl.where(valid & (m < M), scale, 0.0), 0)
+    S = S + (tl.sum(at_top.to(tl.float32), 0) - 1.0)
+    return M, S
 
 
 @triton.jit
@@ -68,7 +132,8 @@ def nan_if_posinf(M, S):
 
 @triton.jit
 def weighted_gap_update(m, A, D, z, a):
-    """Per-lane ``A = Σ a_j`` and ``D = Σ a_j (m - z_j)`` under the *old* lane max ``m``.
+    """Per-lane ``A = Σ a_j`` and ``D = Σ a_j (m - z_j)`` under the *old* lane max ``m`` (in the units of
+    m and z: x units in row_ce.py, which scales the row's D by 1/τ once).
 
     Every term of D is non-negative, so ``Σ_j a_j (lse - z_j) = D + A log1p(S)``
     (after :func:`weighted_gap_finalize`) has no cancellation at small τ.  This is

@@ -251,6 +251,18 @@ def test_long_row(backend, device, monkeypatch):
     assert chi2_ok(bins(hard.argmax(-1)), probs(1.0))
 
 
+def test_posinf_logit_gives_compositions_nan(backend, device):
+    """A +inf logit makes F.gumbel_softmax's soft sample NaN in its whole row (inf - inf): ours too,
+    on both backends (the kernel gave NaN at the +inf and 0 elsewhere); the other rows are untouched."""
+    x = torch.randn(3, 21, device=device)
+    x[1, 4] = float("inf")
+    y = gumbel_softmax(x, 0.5, generator=gen(device, 2))
+    composition = torch.nn.functional.gumbel_softmax(x.cpu(), 0.5)
+    assert torch.isnan(composition[1]).all()
+    assert torch.isnan(y[1]).all()
+    assert torch.isfinite(y[[0, 2]]).all()
+
+
 def test_tau_tensor_gets_no_gradient(backend, device):
     x = torch.randn(4, 9, device=device, requires_grad=True)
     tau = torch.tensor(0.5, device=device, requires_grad=True)
