@@ -155,6 +155,8 @@ def tile_config(arch, dtype, D, kernel="fwd"):
     cfg.update(_OVERRIDE)
     if arch < 90 and arch != 80:
         cfg["num_stages"] = min(cfg["num_stages"], 2)
+    # a D-step no wider than D's power of two (D = 64 in the 128 bin: no MMA on zero padding)
+    cfg["BLOCK_D"] = min(cfg["BLOCK_D"], max(16, triton.next_power_of_2(D)))
     if BLOCK_CAP is not None:
         for name in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DO"):
             cfg[name] = min(cfg[name], BLOCK_CAP)
