@@ -167,10 +167,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         sparse = (u0 * (smoothing / C * w_all.sum()) * e_t - (u0 * h) * e_rest).unsqueeze(-1)
         dense = (_dense_grads(smoothing / C * g / tau_rows, w_all, x, W, cd, need_x, need_W,
                               need_b and b is not None) if smoothing > 0 else (None, None, None))
-        if need_x:
-            dx = dx.to(cd) + sparse * W[y].to(cd)
-        if need_W:
-            dW = dW.to(cd).index_add_(0, y, sparse * x.to(cd))
+        if smoothing > 0:
+            if need_x:
+                dx = dx.to(cd) + sparse * W[y].to(cd)
+            if need_W:
+                dW = dW.to(cd).index_add_(0, y, sparse * x.to(cd))
+        else:  # in place, D-slices at a time: no fp32 copy of dW (K × D, 2.1 GB for an LLM head)
+            if need_x:
+                _add_scaled_rows_(dx, None, sparse.squeeze(-1), W, y)
+            if need_W:
+                _add_scaled_rows_(dW, y, sparse.squeeze(-1), x, None)
         if need_b and b is not None:
             dB = dB.index_add_(0, y, sparse.squeeze(-1))
         dx, dW, dB = _finish(dx, dW, dB, dense, x, W, b)
@@ -211,6 +217,34 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             # dL/dτ_i = -(1/τ_i²) Σ_c (y_ic - m_i) dz_ic (Σ_c dz_ic = 0): the tiles' zp minus the a-part
             dtau = reduce_tau_grad(-(zp - g / tau_rows * (ya - m * A)) / tau_rows, tau, 1)
         return dx, dW, dB, dt, None, dtau, None, None, None, None, None
+
+
+CORRECTION_ELEMENTS = 1 << 22  # fp32 elements of _add_scaled_rows_'s temporaries per D-slice (16 MiB)
+
+
+def _add_scaled_rows_(dst, index, coef, src, src_rows):
+    """dst[index[i]] += coef[i] · src[src_rows[i]] for every i (``index`` None: row i; ``src_rows``
+    None: row i), several i possibly sharing a row of dst: each touched row summed in fp32 (fp64 for
+    fp64 operands) and rounded once into dst's dtype.  Only the touched rows are read and written, a
+    D-slice at a time, so the temporaries stay within about CORRECTION_ELEMENTS elements whatever
+    dst's size (no host sync: the rows' runs come from a sort)."""
+    n, D = coef.shape[0], dst.shape[1]
+    step = max(1, CORRECTION_ELEMENTS // max(n, 1))
+    f32 = torch.promote_types(dst.dtype, coef.dtype)  # fp32, or fp64 for fp64 operands
+    if index is None:
+        for d0 in range(0, D, step):
+            part = dst[:, d0:d0 + step]
+            rows = src[src_rows, d0:d0 + step] if src_rows is not None else src[:, d0:d0 + step]
+            part.copy_(part.to(f32).addcmul_(coef.unsqueeze(-1), rows.to(f32)))
+        return dst
+    idx, order = torch.sort(index, stable=True)
+    head = torch.searchsorted(idx, idx)  # each position's first position among equal rows
+    pick = order if src_rows is None else src_rows[order]
+    for d0 in range(0, D, step):
+        rows = dst[idx, d0:d0 + step].to(f32)  # equal rows hold the same start
+        rows.index_add_(0, head, src[pick, d0:d0 + step].to(f32).mul_(coef[order].unsqueeze(-1)))
+        dst[:, d0:d0 + step].index_put_((idx,), rows[head].to(dst.dtype))  # equal rows: the same total
+    return dst
 
 
 def _finish(dx, dW, dB, dense, x, W, b):

@@ -32,7 +32,7 @@ chosen by ``split_plan`` from the number of programs, the number of tiles and th
 program writes partial statistics (m, s, y_target) or partial sums (da, zp, db, dbias) for its
 range; ``_tile_combine_kernel`` merges the forward's (m, s) in split order, and the backward's
 partial sums are summed over the splits by one torch reduction: no atomics, the same bits on every
-run.  MoCo N = 256, K = 65536 on 132 SMs: 4 programs walking 1024 tiles each became 128 walking 32.
+run.  MoCo N = 256, K = 65536 on 132 SMs: 4 programs walking 1024 tiles each became 128 walking 16.
 
 FLOPs: forward 2·N·K·D; backward 2·N·K·D·(2 + 2·D/BLOCK_DO), i.e. 8·N·K·D for D <= BLOCK_DO
 (contrastive embeddings, D = 128).
@@ -40,8 +40,9 @@ FLOPs: forward 2·N·K·D; backward 2·N·K·D·(2 + 2·D/BLOCK_DO), i.e. 8·N·
                           kernels would recompute every tile D / BLOCK_DO times): one
                           recomputation writes ds = Q for a chunk of columns (about N·D
                           elements, the input's size; never the N × K matrix), and two GEMMs
-                          give db[chunk] = dsᵀ @ a and da += ds @ b[chunk]: 6·N·K·D FLOPs,
-                          no atomics.
+                          give db[chunk] = dsᵀ @ a and da += ds @ b[chunk] (added into da's
+                          fp32 sum by cuBLAS, accumulate_mm): 6·N·K·D FLOPs, no atomics;
+                          the tiles run in groups of GROUP_M row blocks (L2 reuse).
 
 τ is one element (every row) or one per row (``TAU_PER_ROW``), as the row engine takes it: the
 callers never materialise an N-vector.  log2(e)/τ is an IEEE division once per row (once per
@@ -61,17 +62,58 @@ import triton.language as tl
 
 from .tl_math import to_store
 
-# Tile sizes (tests lower them to cross tile boundaries on small shapes).  With 4 warps a
-# 64 × 64 tile spills (ptxas stack 80-144 bytes on sm_80/sm_90); 8 warps do not.  fp32
-# operands take twice the registers: their D-steps are capped (FP32_BLOCK_D, FP32_BLOCK_DO),
-# which is spill-free with TF32 on both architectures (tests/test_model.py lists what still spills).
-BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DO = 64, 64, 64, 128
-FP32_BLOCK_D, FP32_BLOCK_DO = 32, 64
-NUM_WARPS = 8
+# Tile shapes per architecture, operand kind and D-bin (``tile_config``), from a fixed table: never
+# keyed on N (the grid's split of the long dimension adapts to N, split_plan), so the same binary
+# serves every batch.  bf16 / fp16: 128-row tiles (two warpgroups of wgmma m64 on sm_90), so each
+# byte of a column tile read through L2 feeds 128 rows; for D <= 256 one D-step covers the whole
+# row and the row tile stays on-chip across every column tile of the program (RESIDENT): only the
+# column tiles stream, pipelined over ``num_stages`` buffers; beyond, 128 × 128 output tiles with
+# 64-wide D-steps (the GEMM shape).  fp32 operands take twice the registers: 64 × 64 tiles with
+# capped D-steps and no software pipelining (num_stages=1: with 2-4 stages ptxas spilled 8-24 bytes
+# in the forward on sm_80 or sm_90), spill-free on both architectures, IEEE or TF32.  sm_80 takes the same tiles as sm_90 with shared memory within sm_80's 163 KiB, so that
+# a launch specialised with the sm_90 entry (the model compiles one launch for both targets)
+# compiles spill-free and fits on both; other architectures below sm_90 (sm_86 / sm_89: 99 KiB of
+# shared memory a block) take sm_80's tiles with at most two stages.
+D_BINS = (128, 256, 512, 4096)  # a D falls in the first bin >= D (the last bin beyond)
+_BF16_SMALL = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_DO=128, num_warps=8)
+_BF16_LARGE = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, BLOCK_DO=128, num_warps=8)
+_FP32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, BLOCK_DO=64, num_warps=8, num_stages=1)
+TILE_CONFIGS = {}
+for _arch in (90, 80):
+    # the backward's fused kernels hold a second accumulator (BLOCK_M × BLOCK_DO): da walks 32-wide
+    # column tiles and db two stages, within sm_80's registers (mma.sync keeps the fixed tile in them)
+    # and shared memory
+    TILE_CONFIGS[(_arch, "16", 128)] = dict(_BF16_SMALL, BLOCK_D=128, num_stages=3, da=dict(BLOCK_N=32),
+                                            db=dict(num_stages=2))
+    TILE_CONFIGS[(_arch, "16", 256)] = dict(_BF16_SMALL, BLOCK_D=256, num_stages=2)
+    TILE_CONFIGS[(_arch, "16", 512)] = dict(_BF16_LARGE, num_stages=3)
+    TILE_CONFIGS[(_arch, "16", 4096)] = dict(_BF16_LARGE, num_stages=4 if _arch == 90 else 3)
+    for _bin in D_BINS:
+        TILE_CONFIGS[(_arch, "32", _bin)] = dict(_FP32)
+# Tests cap every block (BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DO) so that odd sizes cross tile boundaries
+BLOCK_CAP = None
+# The architecture off the GPU (CPU tensors: the interpreter, a model compiling for sm_90)
+ARCH_OFF_GPU = 90
+# FUSED_TAU_TILE_AUTOTUNE=1: the first call of tile_fwd / tile_bwd for each (arch, operand kind,
+# D-bin) times AUTOTUNE_CANDIDATES (each laid over the table's entry: tile shape, warps, stages; the
+# D-steps stay the table's) and keeps the fastest for the process.  Never keyed on N.  Off by default:
+# the table is what runs (and what the model reads).
+AUTOTUNE_ENV = "FUSED_TAU_TILE_AUTOTUNE"
+AUTOTUNE_CANDIDATES = (
+    {},
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4),
+)
+_TUNED = {}  # (op, arch, kind, D-bin) -> the chosen candidate
+_OVERRIDE = {}  # the candidate in force while one is timed or applied
+NUM_WARPS = 8  # the combine's and the table's default
 # The backward takes the two-GEMM route when D > BLOCK_DO ("auto"; "fused" / "materialized" force
 # one, for tests): ds chunks of at least this many elements (about N·D, the size of the input)
 MATERIALIZED_BWD = "auto"
 MATERIALIZED_CHUNK_ELEMENTS = 1 << 24
+GROUP_M = 8  # the probabilities' tiles run in groups of GROUP_M row blocks (L2 reuse of b's tiles)
 # Splits (split_plan): a program walks at least MIN_TILES_PER_SPLIT tiles of its long dimension, and
 # the backward's partial sums (splits × the output, fp32) stay within PARTIAL_ELEMENTS elements.  For
 # tensors off the GPU the plan assumes SM_COUNT_OFF_GPU SMs: tests raise it (with 1-tile splits) so
@@ -84,34 +126,89 @@ SM_COUNT_OFF_GPU = 4
 COMBINE_BLOCK = 128  # rows per program of the forward's combine
 
 
-def blocks(dtype):
-    """(BLOCK_D, BLOCK_DO) for operands of ``dtype`` (a torch dtype or Triton's name, e.g. 'fp32')."""
-    if dtype in (torch.float32, "fp32"):
-        return min(BLOCK_D, FP32_BLOCK_D), min(BLOCK_DO, FP32_BLOCK_DO)
-    return BLOCK_D, BLOCK_DO
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index):
+    major, minor = torch.cuda.get_device_capability(index)
+    return major * 10 + minor
+
+
+def arch_of(device):
+    """The compute capability as an int (90 for sm_90): the device's on CUDA, ARCH_OFF_GPU elsewhere."""
+    if device.type == "cuda":
+        return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+    return ARCH_OFF_GPU
+
+
+def d_bin(D):
+    return next((b for b in D_BINS if D <= b), D_BINS[-1])
+
+
+def tile_config(arch, dtype, D, kernel="fwd"):
+    """The launch configuration for operands of ``dtype`` (a torch dtype) with D features on ``arch``
+    (a dict: BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DO, num_warps, num_stages, BLOCK_CAP applied, and
+    RESIDENT: one D-step covers D, so a program's fixed tile is loaded once).  ``kernel`` ("fwd",
+    "da", "db", "probs") picks the entry's overrides for that kernel."""
+    kind = "32" if dtype == torch.float32 else "16"
+    entry = TILE_CONFIGS[(90 if arch >= 90 else 80, kind, d_bin(D))]
+    cfg = {k: v for k, v in entry.items() if not isinstance(v, dict)}
+    cfg.update(entry.get(kernel, {}))
+    cfg.update(_OVERRIDE)
+    if arch < 90 and arch != 80:
+        cfg["num_stages"] = min(cfg["num_stages"], 2)
+    # a D-step no wider than D's power of two (D = 64 in the 128 bin: no MMA on zero padding)
+    cfg["BLOCK_D"] = min(cfg["BLOCK_D"], max(16, triton.next_power_of_2(D)))
+    if BLOCK_CAP is not None:
+        for name in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DO"):
+            cfg[name] = min(cfg[name], BLOCK_CAP)
+    cfg["RESIDENT"] = D <= cfg["BLOCK_D"]
+    return cfg
+
+
+@triton.jit
+def _load_tile(ptr, idx, n, D, stride_i, stride_d, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """ptr[idx, :BLOCK_D] as a (len(idx), BLOCK_D) tile, rows >= n and features >= D read as 0: the
+    whole row when D <= BLOCK_D (a program's fixed tile, loaded once)."""
+    dd = tl.arange(0, BLOCK_D)
+    t = tl.load(ptr + idx.to(tl.int64)[:, None] * stride_i + dd.to(tl.int64)[None, :] * stride_d,
+                mask=(idx[:, None] < n) & (dd[None, :] < D), other=0.0)
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
 
 
 @triton.jit
 def _dots_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D,
-               stride_am, stride_ad, stride_bk, stride_bd,
+               stride_am, stride_ad, stride_bk, stride_bd, a_fixed, b_fixed,
                HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, A_FIXED: tl.constexpr, B_FIXED: tl.constexpr):
     """y = a[rows] @ b[cols].T + bias[cols], the logits in dot units (before 1/τ), an fp32
-    (BLOCK_M, BLOCK_N) tile."""
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    rows64 = rows.to(tl.int64)
-    cols64 = cols.to(tl.int64)
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        dd64 = dd.to(tl.int64)
-        a = tl.load(a_ptr + rows64[:, None] * stride_am + dd64[None, :] * stride_ad,
-                    mask=(rows[:, None] < N) & (dd[None, :] < D), other=0.0)
-        b = tl.load(b_ptr + cols64[:, None] * stride_bk + dd64[None, :] * stride_bd,
-                    mask=(cols[:, None] < K) & (dd[None, :] < D), other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+    (BLOCK_M, BLOCK_N) tile.  A_FIXED / B_FIXED (only when D <= BLOCK_D): ``a_fixed`` / ``b_fixed``
+    is that side's tile, loaded once by the caller (_load_tile) and kept on-chip across its loop."""
+    if A_FIXED or B_FIXED:
+        if A_FIXED:
+            a = a_fixed
+        else:
+            a = _load_tile(a_ptr, rows, N, D, stride_am, stride_ad, BLOCK_D, UPCAST)
+        if B_FIXED:
+            b = b_fixed
+        else:
+            b = _load_tile(b_ptr, cols, K, D, stride_bk, stride_bd, BLOCK_D, UPCAST)
+        acc = tl.dot(a, tl.trans(b), input_precision=PRECISION)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        rows64 = rows.to(tl.int64)
+        cols64 = cols.to(tl.int64)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            dd64 = dd.to(tl.int64)
+            a = tl.load(a_ptr + rows64[:, None] * stride_am + dd64[None, :] * stride_ad,
+                        mask=(rows[:, None] < N) & (dd[None, :] < D), other=0.0)
+            b = tl.load(b_ptr + cols64[:, None] * stride_bk + dd64[None, :] * stride_bd,
+                        mask=(cols[:, None] < K) & (dd[None, :] < D), other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
     return acc
@@ -166,14 +263,16 @@ def _row_constants(tau_ptr, shift_ptr, scale_ptr, target_ptr, rows, N, HAS_TARGE
 
 @triton.jit
 def _grad_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, r2, shift, u, tgt, diag_offset,
-               stride_am, stride_ad, stride_bk, stride_bd,
+               stride_am, stride_ad, stride_bk, stride_bd, a_fixed, b_fixed,
                HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr, BLOCK_D: tl.constexpr,
-               UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+               UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               A_FIXED: tl.constexpr, B_FIXED: tl.constexpr):
     """The backward's recomputed tile: (y, Q) with Q_ij = u_i exp((y_ij - c_i) / τ_i) on the counted
     columns and 0 elsewhere.  y - c is a difference of dot products (exact near the max, whatever
     1/τ), so exp never sees two large numbers' difference."""
     y = _dots_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, stride_am, stride_ad, stride_bk,
-                   stride_bd, HAS_BIAS, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+                   stride_bd, a_fixed, b_fixed, HAS_BIAS, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, A_FIXED,
+                   B_FIXED)
     kept = _kept(rows, cols, K, cols[None, :] == tgt[:, None], diag_offset, HAS_TARGET, MASK_DIAG)
     return y, tl.where(kept, u[:, None] * tl.exp2((y - shift[:, None]) * r2[:, None]), 0.0)
 
@@ -190,7 +289,7 @@ def _tile_fwd_kernel(
     # constants
     HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr, TAU_PER_ROW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, RESIDENT: tl.constexpr,
 ):
     """Per row and split of the columns, in dot units y = a·b + bias: m = max y, s = Σ exp((y - m) / τ)
     over the counted columns, and y at the target column (0 where the target is in another split).
@@ -204,10 +303,14 @@ def _tile_fwd_kernel(
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_M], tl.float32)
     zy = tl.zeros([BLOCK_M], tl.float32)
+    a_fixed = 0.0
+    if RESIDENT:  # the rows' tile, read once for every column tile
+        a_fixed = _load_tile(a_ptr, rows, N, D, stride_am, stride_ad, BLOCK_D, UPCAST)
     for n0 in range(col0, col_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         y = _dots_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, stride_am, stride_ad, stride_bk,
-                       stride_bd, HAS_BIAS, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+                       stride_bd, a_fixed, 0.0, HAS_BIAS, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, RESIDENT,
+                       False)
         hit = cols[None, :] == tgt[:, None]
         if HAS_TARGET:
             zy += tl.sum(tl.where(hit, y, 0.0), 1)
@@ -264,7 +367,7 @@ def _tile_bwd_da_kernel(
     # constants
     HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr, NEED_ZP: tl.constexpr,
     TAU_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_DO: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, RESIDENT: tl.constexpr,
 ):
     """da[rows, do] = Σ_j Q_ij b[j, do] and zp_i = Σ_j (y_ij - ref_i) Q_ij over the split's columns."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -276,11 +379,14 @@ def _tile_bwd_da_kernel(
     ref = tl.load(ref_ptr + rows, mask=rows < N, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
     zp = tl.zeros([BLOCK_M], tl.float32)
+    a_fixed = 0.0
+    if RESIDENT:  # the rows' tile, read once for every column tile
+        a_fixed = _load_tile(a_ptr, rows, N, D, stride_am, stride_ad, BLOCK_D, UPCAST)
     for n0 in range(col0, col_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         y, Q = _grad_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, r2, shift, u, tgt, diag_offset,
-                          stride_am, stride_ad, stride_bk, stride_bd, HAS_BIAS, HAS_TARGET, MASK_DIAG, BLOCK_D,
-                          UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+                          stride_am, stride_ad, stride_bk, stride_bd, a_fixed, 0.0, HAS_BIAS, HAS_TARGET, MASK_DIAG,
+                          BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, RESIDENT, False)
         if NEED_ZP:
             zp += tl.sum(tl.where(Q != 0.0, (y - ref[:, None]) * Q, 0.0), 1)
         b = tl.load(b_ptr + cols.to(tl.int64)[:, None] * stride_bk + do.to(tl.int64)[None, :] * stride_bd,
@@ -308,7 +414,7 @@ def _tile_bwd_db_kernel(
     # constants
     HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr, TAU_PER_ROW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, RESIDENT: tl.constexpr,
 ):
     """db[cols, do] = Σ_i Q_ij a[i, do] and dbias[cols] = Σ_i Q_ij over the split's rows."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -318,13 +424,16 @@ def _tile_bwd_db_kernel(
     row_end = tl.minimum(N, row0 + split_rows)
     acc = tl.zeros([BLOCK_N, BLOCK_DO], tl.float32)
     dbias = tl.zeros([BLOCK_N], tl.float32)
+    b_fixed = 0.0
+    if RESIDENT:  # the columns' tile, read once for every row tile
+        b_fixed = _load_tile(b_ptr, cols, K, D, stride_bk, stride_bd, BLOCK_D, UPCAST)
     for m0 in range(row0, row_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         r2, shift, u, tgt = _row_constants(tau_ptr, shift_ptr, scale_ptr, target_ptr, rows, N, HAS_TARGET,
                                            TAU_PER_ROW)
         _, Q = _grad_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, r2, shift, u, tgt, diag_offset,
-                          stride_am, stride_ad, stride_bk, stride_bd, HAS_BIAS, HAS_TARGET, MASK_DIAG, BLOCK_D,
-                          UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+                          stride_am, stride_ad, stride_bk, stride_bd, 0.0, b_fixed, HAS_BIAS, HAS_TARGET, MASK_DIAG,
+                          BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, False, RESIDENT)
         a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * stride_am + do.to(tl.int64)[None, :] * stride_ad,
                     mask=(rows[:, None] < N) & (do[None, :] < D), other=0.0)
         if UPCAST:
@@ -354,27 +463,36 @@ def _tile_bwd_probs_kernel(
     # constants
     HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr, NEED_ZP: tl.constexpr,
     TAU_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """ds[i, j - col0] = Q_ij for one (i-block, j-block) tile of a chunk of columns, and the tile's
     shares of zp_i = Σ_j (y_ij - ref_i) Q_ij and (with a bias) of dbias_j, summed in fp32 before ds is rounded to its dtype;
     the launcher multiplies ds into da and db with GEMMs (the large-D backward)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    local = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # grouped order: consecutive programs cover GROUP_M row blocks × every column block, so the
+    # programs in flight share a few row tiles of a and column tiles of b in L2
+    width = col_end - col0
+    col_blocks = tl.cdiv(width, BLOCK_N)
+    per_group = GROUP_M * col_blocks
+    pid = tl.program_id(0)
+    first = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tl.cdiv(N, BLOCK_M) - first, GROUP_M)
+    row_block = first + (pid % per_group) % group_rows
+    col_block = (pid % per_group) // group_rows
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    local = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = col0 + local
     r2, shift, u, tgt = _row_constants(tau_ptr, shift_ptr, scale_ptr, target_ptr, rows, N, HAS_TARGET, TAU_PER_ROW)
     # columns past col_end read as out of range: the chunk's own bound
     y, Q = _grad_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, col_end, D, r2, shift, u, tgt, diag_offset,
-                       stride_am, stride_ad, stride_bk, stride_bd, HAS_BIAS, HAS_TARGET, MASK_DIAG, BLOCK_D,
-                       UPCAST, PRECISION, BLOCK_M, BLOCK_N)
-    width = col_end - col0
+                       stride_am, stride_ad, stride_bk, stride_bd, 0.0, 0.0, HAS_BIAS, HAS_TARGET, MASK_DIAG, BLOCK_D,
+                       UPCAST, PRECISION, BLOCK_M, BLOCK_N, False, False)
     ds_ptrs = ds_ptr + rows.to(tl.int64)[:, None] * width + local[None, :]
     tl.store(ds_ptrs, to_store(Q, ds_ptr, INTERPRETED), mask=(rows[:, None] < N) & (local[None, :] < width))
     if HAS_BIAS:
-        tl.store(dbias_ptr + tl.program_id(0).to(tl.int64) * width + local, tl.sum(Q, 0), mask=local < width)
+        tl.store(dbias_ptr + row_block.to(tl.int64) * width + local, tl.sum(Q, 0), mask=local < width)
     if NEED_ZP:
         ref = tl.load(ref_ptr + rows, mask=rows < N, other=0.0)
-        tl.store(zp_ptr + rows.to(tl.int64) * tl.num_programs(1) + tl.program_id(1),
+        tl.store(zp_ptr + rows.to(tl.int64) * col_blocks + col_block,
                  tl.sum(tl.where(Q != 0.0, (y - ref[:, None]) * Q, 0.0), 1), mask=rows < N)
 
 
@@ -390,14 +508,20 @@ def _precision(a):
     return "tf32"
 
 
-def _common(a, b, bias, tau, target, diag_offset):
+def _config(a, kernel="fwd"):
+    """tile_config for the operands ``a`` (N, D) on their device."""
+    return tile_config(arch_of(a.device), a.dtype, a.shape[1], kernel)
+
+
+def _common(a, b, bias, tau, target, diag_offset, cfg):
     return dict(HAS_BIAS=bias is not None, HAS_TARGET=target is not None, MASK_DIAG=diag_offset is not None,
-                TAU_PER_ROW=tau.numel() != 1, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=blocks(a.dtype)[0],
-                UPCAST=_interpreted(), PRECISION=_precision(a), num_warps=NUM_WARPS)
+                TAU_PER_ROW=tau.numel() != 1, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                BLOCK_D=cfg["BLOCK_D"], UPCAST=_interpreted(), PRECISION=_precision(a), num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"])
 
 
-def _block_do(D, dtype):
-    return min(max(triton.next_power_of_2(D), 16), blocks(dtype)[1])
+def _block_do(D, cfg):
+    return min(max(triton.next_power_of_2(D), 16), cfg["BLOCK_DO"])
 
 
 @functools.lru_cache(maxsize=None)
@@ -416,11 +540,12 @@ def split_plan(programs, tiles, sms, max_splits=None):
     """(splits, tiles per split) for a grid of ``programs`` programs that each walk ``tiles`` tiles.
 
     Time is taken as waves × (tiles per program + PROGRAM_OVERHEAD_TILES), waves =
-    ceil(programs · splits / sms), one 8-warp tile program per SM (~190-255 registers a thread,
-    python -m bench.model): the fewest splits that reach the least time, each of at least
-    MIN_TILES_PER_SPLIT tiles and at most ``max_splits`` of them.  On 132 SMs: MoCo N = 256,
-    K = 65536 (4 row blocks × 1024 column tiles) -> 32 splits of 32 tiles, 128 programs; N = 4096 ->
-    2 splits, 128 programs; the LLM head N = 8192, V = 128256 (128 row blocks) -> 1 split."""
+    ceil(programs · splits / sms), one 8-warp tile program per SM (python -m bench.model: 1-2
+    resident a SM): the fewest splits that reach the least time, each of at least
+    MIN_TILES_PER_SPLIT tiles and at most ``max_splits`` of them.  On 132 SMs with the sm_90 table's
+    128-row tiles: MoCo N = 256, K = 65536 (2 row blocks × 1024 column tiles of 64) -> 64 splits of 16
+    tiles, 128 programs; N = 4096 (32 row blocks) -> 4 splits, 128 programs; the LLM head N = 8192,
+    V = 128256 (64 row blocks × 1002 column tiles of 128) -> 2 splits."""
     return _split_plan(programs, tiles, sms, MIN_TILES_PER_SPLIT, PROGRAM_OVERHEAD_TILES, max_splits)
 
 
@@ -446,13 +571,62 @@ def _partial_cap(output_elements):
     return max(1, PARTIAL_ELEMENTS // max(output_elements, 1))
 
 
+def _time_call(call, device):
+    """Seconds one call takes (CUDA: triton's do_bench, median of repeats)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(call, return_mode="median") * 1e-3
+    import time
+    t0 = time.perf_counter()
+    call()
+    return time.perf_counter() - t0
+
+
+def _autotuned(op, a, call):
+    """call() under the table's configuration, or with FUSED_TAU_TILE_AUTOTUNE=1 under the fastest of
+    AUTOTUNE_CANDIDATES for (op, arch, operand kind, D-bin), timed on the first call (the calls
+    only write fresh outputs: repeating them is harmless).  A candidate that fails to compile or
+    launch (out of shared memory or registers) is skipped."""
+    global _OVERRIDE
+    if os.environ.get(AUTOTUNE_ENV, "0") != "1" or _OVERRIDE:
+        return call()
+    key = (op, arch_of(a.device), "32" if a.dtype == torch.float32 else "16", d_bin(a.shape[1]))
+    if key not in _TUNED:
+        best = (float("inf"), {})
+        for cand in AUTOTUNE_CANDIDATES:
+            _OVERRIDE = dict(cand)
+            try:
+                call()  # compile outside the timing
+                seconds = _time_call(call, a.device)
+            except Exception:  # noqa: BLE001 - triton's OutOfResources and compile errors vary by version
+                continue
+            finally:
+                _OVERRIDE = {}
+            if seconds < best[0]:
+                best = (seconds, cand)
+        _TUNED[key] = best[1]
+    _OVERRIDE = dict(_TUNED[key])
+    try:
+        return call()
+    finally:
+        _OVERRIDE = {}
+
+
 def tile_fwd(a, b, bias, tau, target, diag_offset):
+    """Returns (m, s, y_target or None): see _tile_fwd (FUSED_TAU_TILE_AUTOTUNE: _autotuned)."""
+    return _autotuned("fwd", a, lambda: _tile_fwd(a, b, bias, tau, target, diag_offset))
+
+
+def _tile_fwd(a, b, bias, tau, target, diag_offset):
     """Returns (m, s, y_target or None), fp32, one per row of ``a``, in dot units (see the module
     docstring): m the max of y = a·b + bias over the counted columns, s = Σ exp((y - m) / τ).
     ``tau``: one element, or one per row of ``a``."""
     N, D = a.shape
     K = b.shape[0]
     f32 = dict(device=a.device, dtype=torch.float32)
+    cfg = _config(a)
+    BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
     row_blocks = triton.cdiv(N, BLOCK_M)
     splits, per = split_plan(row_blocks, triton.cdiv(K, BLOCK_N), sm_count(a.device))
     m, s = torch.empty(N, **f32), torch.empty(N, **f32)
@@ -462,11 +636,11 @@ def tile_fwd(a, b, bias, tau, target, diag_offset):
     else:
         m_part, s_part = torch.empty((splits, N), **f32), torch.empty((splits, N), **f32)
         zy_part = torch.empty((splits, N), **f32) if target is not None else None
-    common = _common(a, b, bias, tau, target, diag_offset)
+    common = _common(a, b, bias, tau, target, diag_offset, cfg)
     _tile_fwd_kernel[(row_blocks, splits)](
         a, b, bias if bias is not None else m, tau, target if target is not None else m, m_part, s_part,
         zy_part if zy_part is not None else m, N, K, D, diag_offset or 0, per * BLOCK_N, *a.stride(), *b.stride(),
-        **common,
+        RESIDENT=cfg["RESIDENT"], **common,
     )
     if splits > 1:
         _tile_combine_kernel[(triton.cdiv(N, COMBINE_BLOCK),)](
@@ -477,6 +651,12 @@ def tile_fwd(a, b, bias, tau, target, diag_offset):
 
 
 def tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, need_da, need_db, need_zp):
+    """Returns (da, db, dbias, zp): see _tile_bwd (FUSED_TAU_TILE_AUTOTUNE: _autotuned)."""
+    return _autotuned("bwd", a, lambda: _tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, need_da,
+                                                  need_db, need_zp))
+
+
+def _tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, need_da, need_db, need_zp):
     """Returns (da in a's dtype, db in b's dtype, dbias fp32, zp fp32), each None when not asked for,
     for Q_ij = scale_i exp((y_ij - shift_i) / τ_i) over the counted columns and
     zp_i = Σ_j (y_ij - ref_i) Q_ij (shift and ref in dot units).  The splits' partial sums are added
@@ -485,41 +665,77 @@ def tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, need_da, n
     shift = shift.to(torch.float32).contiguous()
     scale = scale.to(torch.float32).contiguous()
     ref = ref.to(torch.float32).contiguous()
-    bdo = _block_do(D, a.dtype)
+    bdo = _block_do(D, _config(a, "da"))
     if _materialized(D, bdo, a, b):
         return _tile_bwd_materialized(a, b, bias, tau, target, diag_offset, shift, scale, ref, need_da, need_db,
-                                      need_zp)
+                                      need_zp, _config(a, "probs"))
     K = b.shape[0]
     f32 = dict(device=a.device, dtype=torch.float32)
-    common = _common(a, b, bias, tau, target, diag_offset)
     strides = (*a.stride(), *b.stride())
-    row_blocks, col_blocks, do_blocks = triton.cdiv(N, BLOCK_M), triton.cdiv(K, BLOCK_N), triton.cdiv(D, bdo)
     sms = sm_count(a.device)
     da = db = dbias = zp = None
     if need_da or need_zp:
-        splits, per = split_plan(row_blocks * do_blocks, col_blocks, sms, _partial_cap(N * D))
+        cfg = _config(a, "da")
+        common = _common(a, b, bias, tau, target, diag_offset, cfg)
+        BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
+        row_blocks, do_blocks = triton.cdiv(N, BLOCK_M), triton.cdiv(D, bdo)
+        splits, per = split_plan(row_blocks * do_blocks, triton.cdiv(K, BLOCK_N), sms, _partial_cap(N * D))
         da_part = torch.empty((splits, N, D), **f32)
         zp_part = torch.empty((splits, N), **f32) if need_zp else None
         _tile_bwd_da_kernel[(row_blocks, do_blocks, splits)](
             a, b, bias if bias is not None else shift, tau, target if target is not None else shift, shift, scale,
             ref, da_part, zp_part if zp_part is not None else shift, N, K, D, diag_offset or 0, per * BLOCK_N,
-            *strides, NEED_ZP=need_zp, BLOCK_DO=bdo, **common,
+            *strides, NEED_ZP=need_zp, BLOCK_DO=bdo, RESIDENT=cfg["RESIDENT"], **common,
         )
         da = (da_part[0] if splits == 1 else da_part.sum(0)).to(a.dtype) if need_da else None
         zp = (zp_part[0] if splits == 1 else zp_part.sum(0)) if need_zp else None
     if need_db:
-        splits, per = split_plan(col_blocks * do_blocks, row_blocks, sms, _partial_cap(K * D))
+        cfg = _config(a, "db")
+        common = _common(a, b, bias, tau, target, diag_offset, cfg)
+        BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
+        col_blocks, do_blocks = triton.cdiv(K, BLOCK_N), triton.cdiv(D, bdo)
+        splits, per = split_plan(col_blocks * do_blocks, triton.cdiv(N, BLOCK_M), sms, _partial_cap(K * D))
         db_part = torch.empty((splits, K, D), **f32)
         dbias_part = torch.empty((splits, K), **f32) if bias is not None else None
         _tile_bwd_db_kernel[(col_blocks, do_blocks, splits)](
             a, b, bias if bias is not None else shift, tau, target if target is not None else shift, shift, scale,
             db_part, dbias_part if dbias_part is not None else shift, N, K, D, diag_offset or 0, per * BLOCK_M,
-            *strides, BLOCK_DO=bdo, **common,
+            *strides, BLOCK_DO=bdo, RESIDENT=cfg["RESIDENT"], **common,
         )
         db = (db_part[0] if splits == 1 else db_part.sum(0)).to(b.dtype)
         if bias is not None:
             dbias = dbias_part[0] if splits == 1 else dbias_part.sum(0)
     return da, db, dbias, zp
+
+
+# How this torch multiplies 16-bit operands into an fp32 sum, per device type (accumulate_mm): found
+# on first use, from the most direct way down
+_FP32_OUT_GEMM = {}
+
+
+def accumulate_mm(acc, x, w):
+    """acc += x @ w, acc fp32, x and w in the operands' dtype: the product accumulated in fp32 and added
+    without being rounded to x's dtype.  For bf16 / fp16 operands, in order: cuBLAS adding into acc
+    (``torch.addmm(acc, x, w, out_dtype=float32, out=acc)``: no temporary), an fp32-output GEMM then an
+    add (one (N, D) fp32 temporary), the operands upcast (CPU: the interpreter's tests)."""
+    if x.dtype == torch.float32:
+        acc.addmm_(x, w)
+        return
+    how = _FP32_OUT_GEMM.get(acc.device.type)
+    if how in (None, "addmm"):
+        try:
+            torch.addmm(acc, x, w, out_dtype=torch.float32, out=acc)
+            _FP32_OUT_GEMM[acc.device.type] = "addmm"
+            return
+        except (RuntimeError, TypeError, NotImplementedError):  # an older torch, or no such kernel here
+            how = _FP32_OUT_GEMM[acc.device.type] = "mm"
+    if how == "mm":
+        try:
+            acc += torch.mm(x, w, out_dtype=torch.float32)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            how = _FP32_OUT_GEMM[acc.device.type] = "upcast"
+    acc.addmm_(x.to(torch.float32), w.to(torch.float32))
 
 
 def _materialized(D, bdo, a, b):
@@ -534,7 +750,7 @@ def _materialized(D, bdo, a, b):
 
 
 def _tile_bwd_materialized(a, b, bias, tau, target, diag_offset, shift, scale, ref, need_da, need_db,
-                           need_zp):
+                           need_zp, cfg):
     """Chunks of columns: ds = Q = P / τ (N × chunk, in the operands' dtype, fp32 for fp32) from one
     recomputation of the tiles, then db[chunk] = dsᵀ @ a (complete: one GEMM over all rows) and
     da += ds @ b[chunk] (fp32, in chunk order: deterministic).  Chunking the columns, not the rows,
@@ -544,9 +760,10 @@ def _tile_bwd_materialized(a, b, bias, tau, target, diag_offset, shift, scale, r
     N, D = a.shape
     K = b.shape[0]
     f32 = dict(device=a.device, dtype=torch.float32)
+    BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
     width = max(N * D, MATERIALIZED_CHUNK_ELEMENTS) // max(N, 1)
     width = min(K, max(BLOCK_N, width // BLOCK_N * BLOCK_N))
-    common = _common(a, b, bias, tau, target, diag_offset)
+    common = _common(a, b, bias, tau, target, diag_offset, cfg)
     ds_buf = torch.empty(N * width, device=a.device, dtype=a.dtype)
     zp_buf = torch.empty(N * triton.cdiv(width, BLOCK_N), **f32) if need_zp else shift
     row_blocks = triton.cdiv(N, BLOCK_M)
@@ -563,16 +780,16 @@ def _tile_bwd_materialized(a, b, bias, tau, target, diag_offset, shift, scale, r
         c1 = min(K, c0 + width)
         n_blocks = triton.cdiv(c1 - c0, BLOCK_N)
         ds = ds_buf[:N * (c1 - c0)].view(N, c1 - c0)
-        _tile_bwd_probs_kernel[(row_blocks, n_blocks)](
+        _tile_bwd_probs_kernel[(row_blocks * n_blocks,)](
             a, b, bias if bias is not None else shift, tau, target if target is not None else shift, shift, scale, ref,
             ds, zp_buf, dbias_buf, N, c0, c1, D, diag_offset or 0, *a.stride(), *b.stride(),
-            NEED_ZP=need_zp, INTERPRETED=_interpreted(), **common,
+            NEED_ZP=need_zp, INTERPRETED=_interpreted(), GROUP_M=GROUP_M, **common,
         )
         if need_da:
             if single:
                 torch.mm(ds, b, out=da)
             else:
-                da_sum += torch.mm(ds, b[c0:c1]).to(torch.float32)
+                accumulate_mm(da_sum, ds, b[c0:c1])
         if need_db:
             torch.mm(ds.t(), a, out=db[c0:c1])
             if dbias is not None:

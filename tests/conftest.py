@@ -45,8 +45,8 @@ def backend(request, monkeypatch):
 
         if DEVICE == "cpu":
             monkeypatch.setattr(row, "MAX_BLOCK", 16)
-            for block in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DO"):
-                monkeypatch.setattr(tile, block, 16)
+            monkeypatch.setattr(tile, "BLOCK_CAP", 16)  # every tile block of the table at most 16
+            monkeypatch.setattr(tile, "GROUP_M", 2)  # several groups of row blocks, the last one partial
             monkeypatch.setattr(tile, "MATERIALIZED_CHUNK_ELEMENTS", 0)  # several row chunks of ds
             # split the long dimension on small shapes (a split may be one tile, the last one partial)
             monkeypatch.setattr(tile, "SM_COUNT_OFF_GPU", 16)

@@ -393,3 +393,39 @@ def test_both_backward_routes(backend, device, dtype, route, monkeypatch):
     y[4] = -100
     tau = torch.tensor(0.7, device=device, requires_grad=True)
     _check(x, W, y, b, dtype, tau, weight=torch.rand(V, device=device) + 0.2, label_smoothing=0.1)
+
+
+def test_llm_head_backward_memory_within_a_tenth_of_inputs_and_gradients(backend):
+    """An LLM-style head (V·D ≫ N·D), bf16: the backward's extra memory beyond inputs and gradients
+    (x, W and their gradients) stays within 10% of them, on the torch path and on the Triton kernels'
+    materialized route (D > BLOCK_DO: chunks of ds, da's fp32 sum).  It held a full fp32 copy of dW
+    (K × D, 2.1 GB at V = 128256, D = 4096) to add the target column's term, twice W's own bf16
+    gradient."""
+    g = torch.Generator().manual_seed(0)
+    N, D, V = (16, 128, 16384) if backend == "torch" else (16, 64, 4096)
+    x = torch.randn(N, D, generator=g).to(torch.bfloat16).requires_grad_()
+    W = (torch.randn(V, D, generator=g) * 0.1).to(torch.bfloat16).requires_grad_()
+    y = torch.randint(0, V, (N,), generator=g)
+    y[3] = y[5]  # a row of W that two targets share
+    loss = fused_tau.linear_cross_entropy(x, W, y)
+    held = 2 * (x.numel() * x.element_size() + W.numel() * W.element_size())
+
+    def backward():
+        loss.backward()
+
+    extra = _peak(backward) - (held - x.numel() * x.element_size() - W.numel() * W.element_size())
+    assert extra <= held / 10, (extra, held)
+
+
+def test_fp32_accumulated_gemm_is_not_rounded_to_bf16():
+    """accumulate_mm (the LLM-head backward's da += ds @ W[chunk], kernels/tile.py) adds the product in
+    fp32: it was rounded to bf16 first (2^-9 relative), now as exact as an fp32 sum."""
+    import fused_tau.kernels.tile as tile
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 256, generator=g).to(torch.bfloat16)
+    w = torch.rand(256, 96, generator=g).to(torch.bfloat16)
+    acc = torch.rand(64, 96, generator=g)
+    exact = acc.double() + x.double() @ w.double()
+    tile.accumulate_mm(acc, x, w)
+    assert ((acc.double() - exact).abs() / exact.abs()).max() < 1e-5

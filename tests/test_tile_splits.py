@@ -202,3 +202,50 @@ def test_padding_rows_stay_inert_under_large_logits(backend, device, monkeypatch
     check_against_reference(lambda x, W, b, tau: fused_tau.linear_cross_entropy(x, W, y, linear_bias=b, tau=tau),
                             lambda x, W, b, tau: reference.linear_cross_entropy(x, W, y, linear_bias=b, tau=tau),
                             [x, W, bias], dtype=torch.float32, tau=1.0)
+
+
+def test_autotuning_only_behind_its_variable_and_never_keyed_on_n(monkeypatch):
+    """FUSED_TAU_TILE_AUTOTUNE=1: the first call per (op, arch, kind, D-bin) times every candidate
+    (here a stand-in clock that prefers the 4-warp one) and later calls at other N reuse the pick;
+    the results are the table's.  Without the variable nothing is timed."""
+    import fused_tau.kernels.tile as tile
+
+    timed = []
+
+    def clock(call, device):
+        timed.append(dict(tile._OVERRIDE))
+        return 0.0 if tile._OVERRIDE.get("num_warps") == 4 else 1.0
+
+    monkeypatch.setattr(tile, "_time_call", clock)
+    monkeypatch.setattr(tile, "_TUNED", {})
+    b = torch.randn(40, 8)
+    tau = torch.full((1,), 0.3)
+    a = torch.randn(20, 8)
+    plain = tile.tile_fwd(a, b, None, tau, None, None)
+    assert timed == []
+    monkeypatch.setenv(tile.AUTOTUNE_ENV, "1")
+    tuned = tile.tile_fwd(a, b, None, tau, None, None)
+    assert len(timed) == len(tile.AUTOTUNE_CANDIDATES)
+    assert tile._TUNED == {("fwd", tile.ARCH_OFF_GPU, "32", 128): dict(BLOCK_M=64, BLOCK_N=128, num_warps=4,
+                                                                       num_stages=4)}
+    for x, y in zip(plain[:2], tuned[:2]):
+        torch.testing.assert_close(x, y)
+    tile.tile_fwd(torch.randn(300, 8), b, None, tau, None, None)  # another N: the same pick, no timing
+    assert len(timed) == len(tile.AUTOTUNE_CANDIDATES)
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_tile_table_per_arch_and_d_bin(arch):
+    """The table (kernels/tile.py TILE_CONFIGS): 128-row tiles for 16-bit operands on sm_90 and sm_80,
+    the whole row in one D-step (kept on-chip) up to D = 256 but never wider than D's power of two
+    (D = 64 would multiply 64 columns of zero padding), 64-wide D-steps beyond, capped D-steps for fp32;
+    nothing depends on N."""
+    import fused_tau.kernels.tile as tile
+
+    for D, step, resident in ((32, 32, True), (64, 64, True), (128, 128, True), (200, 256, True),
+                              (512, 64, False), (4096, 64, False)):
+        cfg = tile.tile_config(arch, torch.bfloat16, D)
+        assert cfg["BLOCK_M"] >= 128 and cfg["BLOCK_N"] >= 64, (D, cfg)
+        assert (cfg["BLOCK_D"], cfg["RESIDENT"]) == (step, resident), (D, cfg)
+        assert cfg == tile.tile_config(arch, torch.float16, D)
+    assert tile.tile_config(arch, torch.float32, 4096)["BLOCK_D"] == 32

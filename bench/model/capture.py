@@ -169,7 +169,8 @@ class TorchCost(TorchDispatchMode):
             if meta_out is not None else []
         written = _schema_aliases(func, args, kwargs)
         nbytes = op_bytes(name, flat_in, outs)
-        flops = _flops(name, flat_in, outs)
+        # a GEMM's operands are its positional tensors (an out= tensor is not one of them)
+        flops = _flops(name, [a for a in args if isinstance(a, torch.Tensor)] or flat_in, outs)
         heavy = meta_out is not None and (nbytes > HEAVY_BYTES or flops > HEAVY_FLOPS)
         shapes = ",".join("x".join(map(str, t.shape)) + f":{str(t.dtype).replace('torch.', '')}" for t in flat_in)
         self.ops.append(TorchOp(name, int(nbytes), int(flops), shapes, self.phase, not heavy))
@@ -296,11 +297,14 @@ def capture(archs=ARCHS):
     from .roofline import H100, H200
 
     triton_rec = TritonCapture(archs)
-    # the tile engine sizes its grid from the SM count, read from the device on CUDA: the model's CPU
-    # tensors must get the modelled GPU's grid (both devices have the same count)
+    # the tile engine sizes its grid from the SM count and picks its tiles by architecture, both read
+    # from the device on CUDA: the model's CPU tensors must get the modelled GPU's grid (both devices
+    # have the same count) and sm_90's tiles (the table keeps them spill-free and within shared memory
+    # on sm_80 too, so the same launch is compiled for both targets)
     assert H100.sms == H200.sms
-    saved_sms = kernel_tile.SM_COUNT_OFF_GPU
+    saved_sms, saved_arch = kernel_tile.SM_COUNT_OFF_GPU, kernel_tile.ARCH_OFF_GPU
     kernel_tile.SM_COUNT_OFF_GPU = H200.sms
+    kernel_tile.ARCH_OFF_GPU = 90
     saved_run, saved_interp, saved_tracing = JITFunction.run, _dispatch.interpreter_on, _ops._tracing
     saved_backend = os.environ.get("FUSED_TAU_BACKEND")
 
@@ -322,7 +326,7 @@ def capture(archs=ARCHS):
             yield triton_rec, torch_rec
     finally:
         JITFunction.run = saved_run
-        kernel_tile.SM_COUNT_OFF_GPU = saved_sms
+        kernel_tile.SM_COUNT_OFF_GPU, kernel_tile.ARCH_OFF_GPU = saved_sms, saved_arch
         _dispatch.interpreter_on = saved_interp
         _ops._tracing = saved_tracing
         if saved_backend is None:
