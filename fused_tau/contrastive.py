@@ -10,6 +10,8 @@ gradient ``p_pos - 1 = -p_neg`` is formed from the negatives' share, never as 1 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -68,6 +70,14 @@ def _saved(ctx):
             "queue.queue.clone() to the loss to enqueue before it") from e
 
 
+@dataclass(frozen=True)
+class InfoNCEOptions:
+    """infonce's options as ``InfoNCEFunction`` carries them: the reduction, and in-batch the column of
+    row 0's positive (this rank's offset among the gathered keys)."""
+    reduction: str = "mean"
+    label_offset: int = 0
+
+
 class InfoNCEFunction(torch.autograd.Function):
     """Rows of F.cross_entropy over [q·k_pos, q·negatives] / τ, the positive first.
 
@@ -77,7 +87,8 @@ class InfoNCEFunction(torch.autograd.Function):
 
     @staticmethod
     @autocast_off
-    def forward(ctx, query, key, negatives, tau, reduction, label_offset, backend):
+    def forward(ctx, query, key, negatives, tau, options, backend):
+        reduction, label_offset = options.reduction, options.label_offset
         N = query.shape[0]
         tau_rows = tau_for_kernel(tau, query)  # one τ or one per row: broadcasts
         in_batch = negatives is None
@@ -90,7 +101,7 @@ class InfoNCEFunction(torch.autograd.Function):
             pos = (query.to(m.dtype) * key[:N].to(m.dtype)).sum(-1)
         nll = nll_from_stats(m, s, pos, tau_rows)
         shift, e_pos, e_neg = softmax_stats(m, s, pos, tau_rows)
-        ctx.backend, ctx.options = backend, (reduction, label_offset, in_batch)
+        ctx.backend, ctx.options, ctx.in_batch = backend, options, in_batch
         ctx.save_for_backward(query, key, negatives, tau_rows, target, pos, shift, e_pos, e_neg, nll, tau)
         return reduce_rows(nll, reduction)  # the compute dtype: the caller rounds it (or not, under autocast)
 
@@ -99,7 +110,7 @@ class InfoNCEFunction(torch.autograd.Function):
     @autocast_off
     def backward(ctx, grad):
         query, key, negatives, tau_rows, target, pos, shift, e_pos, e_neg, nll, tau = _saved(ctx)
-        reduction, label_offset, in_batch = ctx.options
+        reduction, label_offset, in_batch = ctx.options.reduction, ctx.options.label_offset, ctx.in_batch
         N = query.shape[0]
         need_q, need_k, need_neg, need_tau = ctx.needs_input_grad[:4]
         g = row_grad(grad, N, reduction, nll.dtype)
@@ -122,7 +133,7 @@ class InfoNCEFunction(torch.autograd.Function):
             dk = (dpos * query).to(key.dtype)
         if not in_batch and need_neg:
             dneg = db
-        return dq, dk, dneg, dtau, None, None, None
+        return dq, dk, dneg, dtau, None, None
 
 
 class NTXentFunction(torch.autograd.Function):
@@ -231,7 +242,8 @@ def infonce(query: Tensor, key: Tensor, queue: Tensor | torch.nn.Module | None =
             return F.cross_entropy(logits, torch.arange(query.shape[0], device=query.device) + offset,
                                    reduction=reduction)
         return reference.infonce(query, key, queue, tau=tau_t, reduction=reduction)
-    return loss_under_autocast(InfoNCEFunction.apply(query, key, queue, tau_t, reduction, offset, backend), query)
+    options = InfoNCEOptions(reduction, offset)
+    return loss_under_autocast(InfoNCEFunction.apply(query, key, queue, tau_t, options, backend), query)
 
 
 def clip_loss(a: Tensor, b: Tensor, *, tau: float | Tensor = 0.07, gather: bool = False) -> Tensor:

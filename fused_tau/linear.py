@@ -14,6 +14,7 @@ p-part (coefficient g·A) minus two GEMMs with a; a class target's own column is
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +97,14 @@ def _prob_coefficients(target, w, smoothing, cd):
     return t * w if w is not None else t
 
 
+@dataclass(frozen=True)
+class LinearCEOptions:
+    """linear_cross_entropy's options as ``LinearCrossEntropyFunction`` carries them."""
+    reduction: str = "mean"
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Rows of ``F.cross_entropy((x @ W.T + b) / τ, target, w, ignore_index=..., label_smoothing=...)`` for
     x (N, D), W (C, D): ``target`` holds class indices (N,) (int64) or probabilities (N, C) (float).
@@ -106,8 +115,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     @autocast_off
-    def forward(ctx, x, W, b, target, weight, tau, denom, reduction, ignore_index, smoothing, backend):
+    def forward(ctx, x, W, b, target, weight, tau, denom, options, backend):
         N, C = x.shape[0], W.shape[0]
+        reduction, ignore_index, smoothing = options.reduction, options.ignore_index, options.label_smoothing
         cd = compute_dtype(x)
         tau_rows = tau_for_kernel(tau, x)  # one τ or one per row: broadcasts
         w = weight.to(cd) if weight is not None else None
@@ -134,7 +144,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 loss = loss + torch.where(valid, smoothing / C * spread, 0.0)
             saved = (y, shift, e_t, e_rest, y_t, valid, w_y, wy)
         out = loss if reduction == "none" else (loss.sum() / denom if reduction == "mean" else loss.sum())
-        ctx.backend, ctx.options = backend, (reduction, smoothing)
+        ctx.backend, ctx.options = backend, options
         ctx.save_for_backward(x, W, b, w, tau_rows, denom, tau, *saved)
         return out
 
@@ -143,7 +153,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @autocast_off
     def backward(ctx, grad):
         x, W, b, w, tau_rows, denom, tau, target, *stats = ctx.saved_tensors
-        reduction, smoothing = ctx.options
+        reduction, smoothing = ctx.options.reduction, ctx.options.label_smoothing
         N, C = x.shape[0], W.shape[0]
         cd = tau_rows.dtype
         need_x, need_W, need_b, need_t = ctx.needs_input_grad[:4]
@@ -187,7 +197,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if smoothing > 0:
                 terms = terms - smoothing / C * g / tau_rows * (wy - w_all.sum() * y_t)
             dtau = reduce_tau_grad(-terms / tau_rows, tau, 1)
-        return dx, dW, dB, None, None, dtau, None, None, None, None, None
+        return dx, dW, dB, None, None, dtau, None, None, None
 
     @staticmethod
     def _backward_probs(ctx, g, x, W, b, w, tau_rows, tau, target, m, s, ya, smoothing, need_x, need_W, need_b,
@@ -216,7 +226,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if need_tau:
             # dL/dτ_i = -(1/τ_i²) Σ_c (y_ic - m_i) dz_ic (Σ_c dz_ic = 0): the tiles' zp minus the a-part
             dtau = reduce_tau_grad(-(zp - g / tau_rows * (ya - m * A)) / tau_rows, tau, 1)
-        return dx, dW, dB, dt, None, dtau, None, None, None, None, None
+        return dx, dW, dB, dt, None, dtau, None, None, None
 
 
 CORRECTION_ELEMENTS = 1 << 22  # fp32 elements of _add_scaled_rows_'s temporaries per D-slice (16 MiB)
@@ -372,13 +382,13 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     Ws = linear_weight.reshape(C, D) if P == 1 else W3.unbind(1)
     bs = (b2.reshape(C) if P == 1 else b2.unbind(1)) if b2 is not None else None
     ts = t.reshape(t.shape[:-1]) if P == 1 else t.unbind(-1)
+    options = LinearCEOptions(reduction, ignore_index, float(label_smoothing))
     rows = []
     for p in range(P):
         W_p = Ws if P == 1 else Ws[p]
         b_p = (bs if P == 1 else bs[p].contiguous()) if bs is not None else None
         t_p = ts if P == 1 else ts[p].contiguous()
-        rows.append(LinearCrossEntropyFunction.apply(x, W_p, b_p, t_p, weight, tau_t, denom, reduction, ignore_index,
-                                                     float(label_smoothing), backend))
+        rows.append(LinearCrossEntropyFunction.apply(x, W_p, b_p, t_p, weight, tau_t, denom, options, backend))
     if reduction == "none":
         out = (rows[0] if P == 1 else torch.stack(rows, 1)).reshape(class_shape)
     else:
