@@ -45,6 +45,8 @@ def backend(request, monkeypatch):
 
         if DEVICE == "cpu":
             monkeypatch.setattr(row, "MAX_BLOCK", 16)
+            # few rows of two blocks or more are split across programs (SM_COUNT_OFF_GPU below)
+            monkeypatch.setattr(row, "MIN_BLOCKS_PER_SPLIT", 1)
             for block in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DO"):
                 monkeypatch.setattr(tile, block, 16)
             monkeypatch.setattr(tile, "MATERIALIZED_CHUNK_ELEMENTS", 0)  # several row chunks of ds
