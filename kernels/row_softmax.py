@@ -231,8 +231,9 @@ def _softmax_bwd_kernel(
 def _lse_bwd_kernel(
     # pointers
     x_ptr, m_ptr, s_ptr, tau_ptr, g_ptr, dx_ptr, dtau_ptr,
-    # shapes
-    C, B,
+    # shapes; program (r, j) takes columns [j·span, (j + 1)·span), span = span_blocks·BLOCK, of row r
+    # (dtau: (R, splits))
+    C, B, span_blocks,
     # strides of x and τ; dx is contiguous
     stride_xa, stride_xc, stride_xb, stride_tau,
     # constants
@@ -247,16 +248,21 @@ def _lse_bwd_kernel(
     S = tl.load(s_ptr + r)
     g = tl.load(g_ptr + r).to(tl.float32)
     inv_total = 1.0 / (1.0 + S)
+    col0 = tl.program_id(1) * span_blocks * BLOCK  # a multiple of BLOCK: aligned loads
+    col_end = tl.minimum(col0 + span_blocks * BLOCK, C)
     cols = tl.arange(0, BLOCK)
     tau_acc = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, C, BLOCK):
+    for start in range(col0, col_end, BLOCK):
         c = start + cols
         x, p = recompute_p(x_row, c, C, stride_xc, scale, M, inv_total)
         tl.store(dx_row + c.to(tl.int64) * B, to_store(g * p, dx_ptr, INTERPRETED), mask=c < C)
         if TAU_GRAD:
             tau_acc += tl.where(p != 0.0, p * (M - x), 0.0)
     if TAU_GRAD:
-        tl.store(dtau_ptr + r, g * (log1p(S) + tl.sum(tau_acc, 0) * (1.0 / tau)))
+        # log1p(S) once a row: in the first split's partial
+        first_split = tl.where(tl.program_id(1) == 0, log1p(S), 0.0)
+        tl.store(dtau_ptr + r * tl.num_programs(1) + tl.program_id(1),
+                 g * (first_split + tl.sum(tau_acc, 0) * (1.0 / tau)))
 
 
 # The noisy (Gumbel) kernels draw a Philox word per element: at 16 elements a thread (4096 lanes over
@@ -321,13 +327,17 @@ def softmax_bwd(y, g, x3, m, s, tau, log, tau_grad, seed=None):
 
 
 def lse_bwd(x3, m, s, tau, g, tau_grad):
-    """Returns (dx, dτ per row or None); g is contiguous (A*B,)."""
+    """Returns (dx, dτ per row or None); g is contiguous (A*B,).  Few long rows are split across
+    programs (row_engine.row_splits); a split row's dτ is the sum of its (R, splits) partials."""
     R, C, B = rows(x3)
     dx = torch.empty((x3.shape[0], C, B), device=x3.device, dtype=x3.dtype)
-    dtau = torch.empty(R, device=x3.device, dtype=torch.float32) if tau_grad else m
     block, _, num_warps = row_config(C)
-    _lse_bwd_kernel[(R,)](
-        x3, m, s, tau, g, dx, dtau, C, B, *x3.stride(), tau_stride(tau),
+    splits, span = row_splits(R, C, block, x3.device)
+    dtau = torch.empty((R, splits), device=x3.device, dtype=torch.float32) if tau_grad else m
+    _lse_bwd_kernel[(R, splits)](
+        x3, m, s, tau, g, dx, dtau, C, B, span // block, *x3.stride(), tau_stride(tau),
         TAU_GRAD=tau_grad, BLOCK=block, INTERPRETED=interpreted(), num_warps=num_warps,
     )
-    return dx, (dtau if tau_grad else None)
+    if not tau_grad:
+        return dx, None
+    return dx, (dtau[:, 0] if splits == 1 else dtau.sum(1))

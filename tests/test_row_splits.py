@@ -165,7 +165,7 @@ def test_cross_entropy(split, device, C, kind):
 
 def test_split_paths_are_taken(split, device, monkeypatch):
     """The tests above take the split paths: the launchers plan three splits of 16 columns (softmax,
-    sample, cross-entropy forward and backward)."""
+    sample, cross-entropy and τ·logsumexp forward and backward)."""
     import fused_tau.kernels.row_ce as row_ce
     import fused_tau.kernels.row_engine as row_engine
     import fused_tau.kernels.row_sample as row_sample
@@ -184,4 +184,5 @@ def test_split_paths_are_taken(split, device, monkeypatch):
     softmax(x, tau=1.0)
     sample(x.detach(), tau=1.0)
     cross_entropy(x, torch.tensor([0, 5, 36], device=device), tau=1.0).backward()
-    assert plans == [(3, 16)] * 4
+    logsumexp(x, tau=1.0).sum().backward()
+    assert plans == [(3, 16)] * 6
