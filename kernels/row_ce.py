@@ -4,7 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .row_engine import half_gap, interpreted, load_x, recompute_p, row_config, row_start, rows, tau_stride
+from .row_engine import (half_gap, interpreted, load_x, recompute_p, row_config, row_splits, row_start, rows,
+                         tau_stride)
 from .tl_math import (exp2_scale, log1p, nan_if_posinf, online_finalize_log2, online_update_log2, to_store,
                       weighted_gap_finalize, weighted_gap_update)
 
@@ -32,38 +33,93 @@ def _ce_coefficient(t_row, w_ptr, c, C, stride_tc, smoothing,
 def _ce_fwd_kernel(
     # pointers
     x_ptr, target_ptr, weight_ptr, tau_ptr, loss_ptr, wy_ptr, m_ptr, s_ptr, a_ptr,
-    # shapes: x is (A, C, B); class-index targets are contiguous (A*B,)
-    C, B,
+    # (R, splits) partials of a split row: M_j, S_j, A_j, D_j
+    part_m_ptr, part_s_ptr, part_a_ptr, part_d_ptr,
+    # shapes: x is (A, C, B); class-index targets are contiguous (A*B,); program (r, j) of PHASE 1
+    # takes columns [j·span, (j + 1)·span), span = span_blocks·BLOCK, of row r
+    C, B, span_blocks, splits,
     # strides of x, of probability targets and of τ
     stride_xa, stride_xc, stride_xb, stride_ta, stride_tc, stride_tb, stride_tau,
     # runtime scalars
     ignore_index, smoothing,
     # constants
-    HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, SMOOTH: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, SMOOTH: tl.constexpr, PHASE: tl.constexpr,
+    BLOCK: tl.constexpr, SPLITS_BLOCK: tl.constexpr,
 ):
     """Per row, z = x/τ, lse = M/τ + log1p(S) (M = max x, row_engine.py):
     class index y: loss = (1-ε) w_y (lse - z_y) + (ε/C) Σ_c w_c (lse - z_c), 0 if y == ignore_index;
     probabilities t: loss = Σ_c w_c ((1-ε) t_c + ε/C) (lse - z_c).
     lse - z_y is formed as (M - x_y)·(1/τ) + log1p(S): exact when y is the argmax at small τ, and
-    Σ_c a_c (M - x_c) (non-negative terms) is summed in x units and scaled by 1/τ once."""
+    Σ_c a_c (M - x_c) (non-negative terms) is summed in x units and scaled by 1/τ once.
+
+    PHASE 0: one program a row.  A row split across programs (row_engine.row_splits): PHASE 1 (grid
+    (R, splits)) reduces each program's columns to (M_j, S_j, A_j, D_j), one lane's statistics; PHASE 2
+    (grid (R,)) reduces those as lanes, in a fixed order (deterministic), and forms the loss."""
     r, a, b, x_row, tau = row_start(x_ptr, tau_ptr, B, stride_xa, stride_xb, stride_tau)
     t_row = target_ptr + a * stride_ta + b * stride_tb
     scale = exp2_scale(tau)
     inv_tau = 1.0 / tau
-    cols = tl.arange(0, BLOCK)
-    m = tl.full([BLOCK], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK], tl.float32)
-    A = tl.zeros([BLOCK], tl.float32)
-    D = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, C, BLOCK):
-        c = start + cols
-        x = load_x(x_row, c, C, stride_xc)
+    col0 = tl.program_id(1) * span_blocks * BLOCK  # a multiple of BLOCK: aligned loads
+    col_end = tl.minimum(col0 + span_blocks * BLOCK, C)
+    first = r * splits
+    if PHASE == 2:
+        j = tl.arange(0, SPLITS_BLOCK)
+        m = tl.load(part_m_ptr + first + j, mask=j < splits, other=float("-inf"))
+        s = tl.load(part_s_ptr + first + j, mask=j < splits, other=0.0)
         if PROB_TARGET or SMOOTH:
-            coef = _ce_coefficient(t_row, weight_ptr, c, C, stride_tc, smoothing,
-                                   HAS_WEIGHT, PROB_TARGET, SMOOTH)
-            A, D = weighted_gap_update(m, A, D, x, coef)
-        m, s = online_update_log2(m, s, x, scale)
+            A = tl.load(part_a_ptr + first + j, mask=j < splits, other=0.0)
+            D = tl.load(part_d_ptr + first + j, mask=j < splits, other=0.0)
+        else:
+            A = tl.zeros([SPLITS_BLOCK], tl.float32)
+            D = tl.zeros([SPLITS_BLOCK], tl.float32)
+    else:
+        cols = tl.arange(0, BLOCK)
+        m = tl.full([BLOCK], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK], tl.float32)
+        A = tl.zeros([BLOCK], tl.float32)
+        D = tl.zeros([BLOCK], tl.float32)
+        for start in range(col0, col_end, BLOCK):
+            c = start + cols
+            x = load_x(x_row, c, C, stride_xc)
+            if PROB_TARGET or SMOOTH:
+                coef = _ce_coefficient(t_row, weight_ptr, c, C, stride_tc, smoothing,
+                                       HAS_WEIGHT, PROB_TARGET, SMOOTH)
+                A, D = weighted_gap_update(m, A, D, x, coef)
+            m, s = online_update_log2(m, s, x, scale)
     M, S = online_finalize_log2(m, s, scale)
+    if PHASE == 1:
+        part = first + tl.program_id(1)
+        tl.store(part_m_ptr + part, M)
+        tl.store(part_s_ptr + part, S)
+        if PROB_TARGET or SMOOTH:
+            A_part, D_part = weighted_gap_finalize(m, A, D, M)
+            # a split without a finite logit: its classes at -inf cost +inf (M - m would be -inf - -inf)
+            D_part = tl.where(M == float("-inf"), tl.where(A_part != 0.0, float("inf"), 0.0), D_part)
+            tl.store(part_a_ptr + part, A_part)
+            tl.store(part_d_ptr + part, D_part)
+        if not PROB_TARGET:
+            # the target's logit, parked in the row's loss slot for PHASE 2 (which then reads no logits)
+            tl.store(loss_ptr + r, tl.load(x_row + _safe_target(target_ptr, r, C, ignore_index) * stride_xc),
+                     mask=tl.program_id(1) == 0)
+    else:
+        _ce_loss(x_row, target_ptr, weight_ptr, loss_ptr, wy_ptr, m_ptr, s_ptr, a_ptr, r, m, A, D, M, S, C,
+                 stride_xc, inv_tau, ignore_index, smoothing, HAS_WEIGHT, PROB_TARGET, SMOOTH, PHASE == 2)
+
+
+@triton.jit
+def _safe_target(target_ptr, r, C, ignore_index):
+    """Row r's class index, 0 where it is ignore_index (an out-of-range target was reported before the
+    launch; never read out of bounds)."""
+    y = tl.load(target_ptr + r)
+    return tl.where((y != ignore_index) & (y >= 0) & (y < C), y, 0)
+
+
+@triton.jit
+def _ce_loss(x_row, target_ptr, weight_ptr, loss_ptr, wy_ptr, m_ptr, s_ptr, a_ptr, r, m, A, D, M, S, C,
+             stride_xc, inv_tau, ignore_index, smoothing,
+             HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, SMOOTH: tl.constexpr, X_Y_PARKED: tl.constexpr):
+    """The row's loss (and saved M, S, A, w_y) from its reduced statistics: (M, S) and the lanes'
+    (m, A, D) of weighted_gap_update.  X_Y_PARKED: the target's logit is read from the loss slot."""
     S = nan_if_posinf(M, S)
     log_total = log1p(S)
     tl.store(m_ptr + r, M)
@@ -74,16 +130,17 @@ def _ce_fwd_kernel(
         tl.store(a_ptr + r, A_row)
         loss = D_row * inv_tau + A_row * log_total
     if not PROB_TARGET:
-        y = tl.load(target_ptr + r)
-        valid = y != ignore_index
-        # An out-of-range target was reported before the launch; never read out of bounds.
-        y_safe = tl.where(valid & (y >= 0) & (y < C), y, 0)
+        valid = tl.load(target_ptr + r) != ignore_index
+        y_safe = _safe_target(target_ptr, r, C, ignore_index)
         if HAS_WEIGHT:
             w_y = tl.load(weight_ptr + y_safe).to(tl.float32)
         else:
             w_y = 1.0
         w_y = tl.where(valid, w_y, 0.0)
-        x_y = tl.load(x_row + y_safe * stride_xc).to(tl.float32)
+        if X_Y_PARKED:
+            x_y = tl.load(loss_ptr + r)
+        else:
+            x_y = tl.load(x_row + y_safe * stride_xc).to(tl.float32)
         loss = (1.0 - smoothing) * w_y * ((M - x_y) * inv_tau + log_total) + loss
         loss = tl.where(valid, loss, 0.0)
         tl.store(wy_ptr + r, w_y)
@@ -94,8 +151,8 @@ def _ce_fwd_kernel(
 def _ce_bwd_kernel(
     # pointers
     x_ptr, target_ptr, weight_ptr, tau_ptr, m_ptr, s_ptr, a_ptr, g_ptr, dx_ptr, dtau_ptr,
-    # shapes
-    C, B,
+    # shapes; program (r, j) takes columns [j·span, (j + 1)·span), span = span_blocks·BLOCK, of row r (dtau: (R, splits))
+    C, B, span_blocks,
     # strides of x, of probability targets, of dx, of τ, of g (0: one scale for all rows)
     stride_xa, stride_xc, stride_xb, stride_ta, stride_tc, stride_tb,
     stride_da, stride_dc, stride_db, stride_tau, stride_g,
@@ -132,9 +189,11 @@ def _ce_bwd_kernel(
         else:
             w_y = 1.0
         h = (1.0 - smoothing) * w_y
+    col0 = tl.program_id(1) * span_blocks * BLOCK  # a multiple of BLOCK: aligned loads
+    col_end = tl.minimum(col0 + span_blocks * BLOCK, C)
     cols = tl.arange(0, BLOCK)
     tau_acc = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, C, BLOCK):
+    for start in range(col0, col_end, BLOCK):
         c = start + cols
         x, p = recompute_p(x_row, c, C, stride_xc, scale, M, inv_total)
         dz = tl.zeros([BLOCK], tl.float32)
@@ -152,13 +211,14 @@ def _ce_bwd_kernel(
             # (dz = 0) add 0, NaN adds NaN
             tau_acc += tl.where(dz != 0.0, half_gap(x, M, 1.0) * dz, 0.0)
     if TAU_GRAD:
-        tl.store(dtau_ptr + r, -(tl.sum(tau_acc, 0) * inv_tau) * (2.0 * inv_tau))
+        tl.store(dtau_ptr + r * tl.num_programs(1) + tl.program_id(1), -(tl.sum(tau_acc, 0) * inv_tau) * (2.0 * inv_tau))
 
 
 def ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target):
     """Returns (loss, w_y, M, S, A) per row, fp32.  ``target`` is (A*B,) int64 class
     indices or an (A, C, B) view of probabilities; w_y is None for probabilities and
-    A is None without label smoothing or probabilities."""
+    A is None without label smoothing or probabilities.  Few long rows are split across programs
+    (row_engine.row_splits): a launch for the partial statistics (R·splits·16 bytes), then one a row."""
     R, C, B = rows(x3)
     dev = x3.device
     f32 = dict(device=dev, dtype=torch.float32)
@@ -168,30 +228,39 @@ def ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target):
     wy = m if prob_target else torch.empty(R, **f32)
     t_strides = target.stride() if prob_target else (0, 0, 0)
     block, _, num_warps = row_config(C)
-    _ce_fwd_kernel[(R,)](
-        x3, target, weight if weight is not None else m, tau, loss, wy, m, s, a,
-        C, B, *x3.stride(), *t_strides, tau_stride(tau),
-        ignore_index, float(smoothing),
-        HAS_WEIGHT=weight is not None, PROB_TARGET=prob_target, SMOOTH=smoothing > 0,
-        BLOCK=block, num_warps=num_warps,
-    )
+    splits, span = row_splits(R, C, block, dev)
+    parts = [torch.empty(R * splits, **f32) for _ in range(4)] if splits > 1 else [m] * 4
+    args = (x3, target, weight if weight is not None else m, tau, loss, wy, m, s, a, *parts, C, B, span // block, splits,
+            *x3.stride(), *t_strides, tau_stride(tau), ignore_index, float(smoothing))
+    consts = dict(HAS_WEIGHT=weight is not None, PROB_TARGET=prob_target, SMOOTH=smoothing > 0, BLOCK=block,
+                  SPLITS_BLOCK=max(triton.next_power_of_2(splits), 2))
+    if splits == 1:
+        _ce_fwd_kernel[(R, 1)](*args, PHASE=0, num_warps=num_warps, **consts)
+    else:
+        _ce_fwd_kernel[(R, splits)](*args, PHASE=1, num_warps=num_warps, **consts)
+        _ce_fwd_kernel[(R, 1)](*args, PHASE=2, num_warps=1, **consts)
     return loss, (None if prob_target else wy), m, s, (a if has_a else None)
 
 
 def ce_bwd(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_target,
            tau_grad, inplace=False):
     """Returns (dx, dτ per row or None).  ``g`` is one fp32 scale per row (A*B,) or a
-    single element used for every row.  ``inplace`` writes dx over x3."""
+    single element used for every row.  ``inplace`` writes dx over x3.  Few long rows are split
+    across programs (row_engine.row_splits); a split row's dτ is the sum of its programs' (R, splits)
+    partials, in a fixed order."""
     R, C, B = rows(x3)
     dx = x3 if inplace else torch.empty((x3.shape[0], C, B), device=x3.device, dtype=x3.dtype)
-    dtau = torch.empty(R, device=x3.device, dtype=torch.float32) if tau_grad else m
     t_strides = target.stride() if prob_target else (0, 0, 0)
     block, _, num_warps = row_config(C)
-    _ce_bwd_kernel[(R,)](
+    splits, span = row_splits(R, C, block, x3.device)
+    dtau = torch.empty((R, splits), device=x3.device, dtype=torch.float32) if tau_grad else m
+    _ce_bwd_kernel[(R, splits)](
         x3, target, weight if weight is not None else m, tau, m, s, a if a is not None else m, g, dx, dtau,
-        C, B, *x3.stride(), *t_strides, *dx.stride(), tau_stride(tau), 0 if g.numel() == 1 else 1,
+        C, B, span // block, *x3.stride(), *t_strides, *dx.stride(), tau_stride(tau), 0 if g.numel() == 1 else 1,
         ignore_index, float(smoothing),
         HAS_WEIGHT=weight is not None, PROB_TARGET=prob_target, SMOOTH=smoothing > 0,
         TAU_GRAD=tau_grad, BLOCK=block, INTERPRETED=interpreted(), num_warps=num_warps,
     )
-    return dx, (dtau if tau_grad else None)
+    if not tau_grad:
+        return dx, None
+    return dx, (dtau[:, 0] if splits == 1 else dtau.sum(1))

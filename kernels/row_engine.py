@@ -27,11 +27,33 @@ import os
 import triton
 import triton.language as tl
 
-from .tl_math import gumbel_noise
+from . import tile
+from .tl_math import gumbel_block
 
 # Largest block a row is streamed in.  4096 fp32 lanes over 8 warps is 16
 # registers a lane per live tensor: no spills on sm_80/sm_90 (tests/test_model.py).
 MAX_BLOCK = 4096
+
+
+# Few long rows: a row is split across programs when the rows alone would leave SMs idle, each
+# program taking at least MIN_BLOCKS_PER_SPLIT blocks (tests lower it to 1 and shrink the blocks);
+# the split count aims at PROGRAMS_PER_SM programs an SM.  The SM count is the device's on CUDA and
+# kernels/tile.py's SM_COUNT_OFF_GPU elsewhere (tests raise it; bench/model sets the H100's 132).
+MIN_BLOCKS_PER_SPLIT = 4
+PROGRAMS_PER_SM = 2
+
+
+def row_splits(n_rows, n_cols, block, device):
+    """(splits, span): each of ``n_rows`` rows is taken by ``splits`` programs of ``span`` columns
+    (a multiple of ``block``, the last one partial); (1, a span covering the row) when rows fill the
+    SMs or a row is too short to split."""
+    n_blocks = triton.cdiv(n_cols, block)
+    target = PROGRAMS_PER_SM * tile.sm_count(device)
+    splits = min(target // max(n_rows, 1), n_blocks // MIN_BLOCKS_PER_SPLIT)
+    if splits < 2:
+        return 1, max(n_blocks, 1) * block
+    span = triton.cdiv(n_blocks, splits) * block
+    return triton.cdiv(n_cols, span), span
 
 
 def row_config(n_cols, lanes_per_block=1):
@@ -67,14 +89,22 @@ def load_x(x_row, c, C, stride_xc):
 
 
 @triton.jit
-def load_v(x_row, c, C, stride_xc, seed, noise_row, NOISY: tl.constexpr):
-    """``load_x``, plus, when NOISY, the Gumbel noise of each element: v = x + g (fp32), g from Philox
-    counter ``noise_row + c`` under ``seed`` (kernels/row_sample.py), -inf past the end.  The noise
-    depends on (seed, row, column) only, so any pass over the row regenerates the same v."""
-    x = load_x(x_row, c, C, stride_xc)
+def load_v(x_row, start, C, stride_xc, seed, noise_row, NOISY: tl.constexpr, BLOCK: tl.constexpr,
+           INTERPRETED: tl.constexpr):
+    """``load_x`` of columns ``start .. start + BLOCK``, plus, when NOISY, the Gumbel noise of each
+    element: v = x + g (fp32), g from ``tl_math.gumbel_block`` (noise_row = r · ceil(C / 4)), -inf past
+    the end.  The noise depends on (seed, row, column) only, so any pass over the row regenerates the
+    same v."""
+    x = load_x(x_row, start + tl.arange(0, BLOCK), C, stride_xc)
     if NOISY:
-        x = x + gumbel_noise(seed, noise_row + c)
+        x = x + gumbel_block(seed, noise_row, start, BLOCK, INTERPRETED)
     return x
+
+
+@triton.jit
+def noise_counter(r, C):
+    """The first Philox counter of row r's noise (four columns a counter, tl_math.gumbel_block)."""
+    return r * ((C + 3) // 4)
 
 
 @triton.jit

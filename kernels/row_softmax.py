@@ -6,7 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .row_engine import interpreted, load_v, load_x, recompute_p, row_config, row_start, rows, tau_stride
+from .row_engine import (interpreted, load_v, load_x, noise_counter, recompute_p, row_config, row_splits, row_start,
+                         rows, tau_stride)
 from .tl_math import exp2_scale, log1p, nan_if_posinf, online_finalize_log2, online_update_log2, to_store
 
 MODE_LSE, MODE_SOFTMAX, MODE_LOG_SOFTMAX = 0, 1, 2
@@ -14,21 +15,27 @@ MODE_LSE, MODE_SOFTMAX, MODE_LOG_SOFTMAX = 0, 1, 2
 
 @triton.jit
 def _softmax_fwd_kernel(
-    # pointers (seed_ptr: the Philox seed, read only when NOISY)
-    x_ptr, out_ptr, m_ptr, s_ptr, tau_ptr, seed_ptr,
-    # shapes: x is (A, C, B), row r = a * B + b; out is contiguous
-    C, B,
+    # pointers (seed_ptr: the Philox seed, read only when NOISY); part_*: (R, splits) partials of a split row
+    x_ptr, out_ptr, m_ptr, s_ptr, tau_ptr, seed_ptr, part_m_ptr, part_s_ptr, part_arg_ptr,
+    # shapes: x is (A, C, B), row r = a * B + b; out is contiguous; program (r, j) takes columns
+    # [j·span, (j + 1)·span), span = span_blocks·BLOCK, of row r
+    C, B, span_blocks, splits,
     # strides of x, and of τ (0: one τ; 1: one τ per a)
     stride_xa, stride_xc, stride_xb, stride_tau,
     # constants
-    MODE: tl.constexpr, NOISY: tl.constexpr, HARD: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr,
-    INTERPRETED: tl.constexpr,
+    MODE: tl.constexpr, NOISY: tl.constexpr, HARD: tl.constexpr, PHASE: tl.constexpr, BLOCK: tl.constexpr,
+    ONE_BLOCK: tl.constexpr, SPLITS_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """MODE 0: out[r] = τ·logsumexp(x_r / τ); 1: softmax(x_r / τ); 2: log_softmax(x_r / τ).
 
     NOISY (Gumbel-softmax, MODE 1): every x is loaded as x + g, g ~ Gumbel(0, 1) regenerated from
     the seed (load_v); HARD: out is the one-hot of the row's argmax (the first index on ties; index 0
     for a row with no finite value, as torch.argmax) instead of the softmax.
+
+    PHASE 0: one program a row.  A row split across programs (row_engine.row_splits) takes two
+    launches: PHASE 1 folds each program's columns into their (M_j, S_j) (and the first argmax) as
+    one lane's statistics; PHASE 2 reduces the row's partials as lanes (online_finalize_log2: the
+    same reduction as within a program, in a fixed order, so deterministic) and writes its columns.
 
     In x units (row_engine.py): v = x (+ g), M = max v, exp((v - M)/τ) = exp2((v - M)·c),
     log_softmax = (v - M)·(1/τ) - log1p(S), τ·logsumexp = M + τ·log1p(S)."""
@@ -38,65 +45,84 @@ def _softmax_fwd_kernel(
     noise_row = r
     if NOISY:
         seed = tl.load(seed_ptr)
-        noise_row = r * C
+        noise_row = noise_counter(r, C)
+    col0 = tl.program_id(1) * span_blocks * BLOCK  # a multiple of BLOCK: aligned loads
+    col_end = tl.minimum(col0 + span_blocks * BLOCK, C)
+    first = r * splits
     cols = tl.arange(0, BLOCK)
-    m = tl.full([BLOCK], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK], tl.float32)
-    # HARD: per lane, the first column holding the lane's max (columns arrive in increasing order)
-    arg = tl.zeros([BLOCK], tl.int32)
-    if ONE_BLOCK:
-        v_kept = load_v(x_row, cols, C, stride_xc, seed, noise_row, NOISY)
+    if PHASE == 2:
+        j = tl.arange(0, SPLITS_BLOCK)
+        m = tl.load(part_m_ptr + first + j, mask=j < splits, other=float("-inf"))
+        s = tl.load(part_s_ptr + first + j, mask=j < splits, other=0.0)
+        arg = tl.zeros([SPLITS_BLOCK], tl.int32)
         if HARD:
-            arg = tl.where(v_kept > m, cols, arg)
-        m, s = online_update_log2(m, s, v_kept, scale)
+            arg = tl.load(part_arg_ptr + first + j, mask=j < splits, other=C)
     else:
-        for start in range(0, C, BLOCK):
-            c = start + cols
-            v = load_v(x_row, c, C, stride_xc, seed, noise_row, NOISY)
+        m = tl.full([BLOCK], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK], tl.float32)
+        # HARD: per lane, the first column holding the lane's max (columns arrive in increasing order)
+        arg = tl.zeros([BLOCK], tl.int32)
+        if ONE_BLOCK:
+            v_kept = load_v(x_row, 0, C, stride_xc, seed, noise_row, NOISY, BLOCK, INTERPRETED)
             if HARD:
-                arg = tl.where(v > m, c, arg)
-            m, s = online_update_log2(m, s, v, scale)
-    M, S = online_finalize_log2(m, s, scale)
-    if MODE != 0:
-        S = nan_if_posinf(M, S)
-    tl.store(m_ptr + r, M)
-    tl.store(s_ptr + r, S)
-    if MODE == 0:
-        tl.store(out_ptr + r, to_store(M + tau * log1p(S), out_ptr, INTERPRETED))
-    else:
-        out_row = out_ptr + a * C * B + b
-        if HARD:
-            # a row with no finite value has every lane at M = -inf and all arg = 0: index 0
-            top = tl.min(tl.where(m == M, arg, C), 0)
+                arg = tl.where(v_kept > m, cols, arg)
+            m, s = online_update_log2(m, s, v_kept, scale)
         else:
-            inv_total = 1.0 / (1.0 + S)
-            log_total = log1p(S)
-            inv_tau = 1.0 / tau
-        for start in range(0, C, BLOCK):
-            c = start + cols
-            if HARD:
-                y = tl.where(c == top, 1.0, 0.0)
-            else:
-                if ONE_BLOCK:
-                    v = v_kept
+            for start in range(col0, col_end, BLOCK):
+                c = start + cols
+                v = load_v(x_row, start, C, stride_xc, seed, noise_row, NOISY, BLOCK, INTERPRETED)
+                if HARD:
+                    arg = tl.where(v > m, c, arg)
+                m, s = online_update_log2(m, s, v, scale)
+    M, S = online_finalize_log2(m, s, scale)
+    # a row (or split) with no finite value has every lane at M = -inf and all arg = 0: index 0
+    top = tl.min(tl.where(m == M, arg, C), 0)
+    if PHASE == 1:
+        tl.store(part_m_ptr + first + tl.program_id(1), M)
+        tl.store(part_s_ptr + first + tl.program_id(1), S)
+        if HARD:
+            tl.store(part_arg_ptr + first + tl.program_id(1), top)
+    else:
+        if MODE != 0:
+            S = nan_if_posinf(M, S)
+        row_owner = tl.program_id(1) == 0
+        tl.store(m_ptr + r, M, mask=row_owner)
+        tl.store(s_ptr + r, S, mask=row_owner)
+        if MODE == 0:
+            tl.store(out_ptr + r, to_store(M + tau * log1p(S), out_ptr, INTERPRETED), mask=row_owner)
+        else:
+            out_row = out_ptr + a * C * B + b
+            if not HARD:
+                inv_total = 1.0 / (1.0 + S)
+                log_total = log1p(S)
+                inv_tau = 1.0 / tau
+            for start in range(col0, col_end, BLOCK):
+                c = start + cols
+                if HARD:
+                    y = tl.where(c == top, 1.0, 0.0)
                 else:
-                    v = load_v(x_row, c, C, stride_xc, seed, noise_row, NOISY)
-                if MODE == 1:
-                    y = tl.exp2((v - M) * scale) * inv_total
-                else:
-                    # exactly -log1p(S) at the argmax
-                    y = (v - M) * inv_tau - log_total
-            tl.store(out_row + c.to(tl.int64) * B, to_store(y, out_ptr, INTERPRETED), mask=c < C)
+                    if ONE_BLOCK:
+                        v = v_kept
+                    else:
+                        v = load_v(x_row, start, C, stride_xc, seed, noise_row, NOISY, BLOCK, INTERPRETED)
+                    if MODE == 1:
+                        y = tl.exp2((v - M) * scale) * inv_total
+                    else:
+                        # exactly -log1p(S) at the argmax
+                        y = (v - M) * inv_tau - log_total
+                tl.store(out_row + c.to(tl.int64) * B, to_store(y, out_ptr, INTERPRETED), mask=c < C)
 
 
 @triton.jit
-def _softmax_output(y_ptr, base, c, C, B, x_row, stride_xc, scale, M, inv_total, seed, noise_row,
-                    LOG: tl.constexpr, NOISY: tl.constexpr):
-    """The forward's output y at columns ``c``: loaded from y_ptr (padding lanes must give dz = 0:
+def _softmax_output(y_ptr, base, start, C, B, x_row, stride_xc, scale, M, inv_total, seed, noise_row,
+                    LOG: tl.constexpr, NOISY: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+    """The forward's output y at columns ``c = start .. start + BLOCK``: loaded from y_ptr (padding lanes must give dz = 0:
     y = 0 for softmax, log y = -inf for log_softmax), or, NOISY, the soft Gumbel sample recomputed
     from the logits, the regenerated noise and the row's saved statistics (y = 0 past the end)."""
     if NOISY:
-        return tl.exp2((load_v(x_row, c, C, stride_xc, seed, noise_row, True) - M) * scale) * inv_total
+        v = load_v(x_row, start, C, stride_xc, seed, noise_row, True, BLOCK, INTERPRETED)
+        return tl.exp2((v - M) * scale) * inv_total
+    c = start + tl.arange(0, BLOCK)
     ptrs = y_ptr + base + c.to(tl.int64) * B
     if LOG:
         return tl.load(ptrs, mask=c < C, other=float("-inf")).to(tl.float32)
@@ -135,14 +161,14 @@ def _softmax_bwd_kernel(
     if NOISY:
         scale = exp2_scale(tau)
         seed = tl.load(seed_ptr)
-        noise_row = r * C
+        noise_row = noise_counter(r, C)
         M = tl.load(m_ptr + r)
         inv_total = 1.0 / (1.0 + tl.load(s_ptr + r))
     cols = tl.arange(0, BLOCK)
     if ONE_BLOCK:
         offs = cols.to(tl.int64) * B
-        y_kept = _softmax_output(y_ptr, base, cols, C, B, x_row, stride_xc, scale, M, inv_total, seed, noise_row,
-                                 LOG, NOISY)
+        y_kept = _softmax_output(y_ptr, base, 0, C, B, x_row, stride_xc, scale, M, inv_total, seed, noise_row,
+                                 LOG, NOISY, BLOCK, INTERPRETED)
         g_kept = tl.load(g_ptr + base + offs, mask=cols < C, other=0.0).to(tl.float32)
         if LOG:
             red = tl.sum(g_kept, 0)
@@ -157,8 +183,8 @@ def _softmax_bwd_kernel(
             if LOG:
                 acc += g
             else:
-                acc += g * _softmax_output(y_ptr, base, c, C, B, x_row, stride_xc, scale, M, inv_total, seed,
-                                           noise_row, LOG, NOISY)
+                acc += g * _softmax_output(y_ptr, base, start, C, B, x_row, stride_xc, scale, M, inv_total, seed,
+                                           noise_row, LOG, NOISY, BLOCK, INTERPRETED)
         red = tl.sum(acc, 0)
     if TAU_GRAD:
         # The shift c of Σ (x - c) dz: exact whatever c in exact arithmetic (Σ dz = 0), but the rounded
@@ -181,8 +207,8 @@ def _softmax_bwd_kernel(
             y = y_kept
             g = g_kept
         else:
-            y = _softmax_output(y_ptr, base, c, C, B, x_row, stride_xc, scale, M, inv_total, seed, noise_row,
-                                LOG, NOISY)
+            y = _softmax_output(y_ptr, base, start, C, B, x_row, stride_xc, scale, M, inv_total, seed, noise_row,
+                                LOG, NOISY, BLOCK, INTERPRETED)
             g = tl.load(g_ptr + base + offs, mask=c < C, other=0.0).to(tl.float32)
         if LOG:
             dz = g - tl.exp(y) * red
@@ -205,8 +231,9 @@ def _softmax_bwd_kernel(
 def _lse_bwd_kernel(
     # pointers
     x_ptr, m_ptr, s_ptr, tau_ptr, g_ptr, dx_ptr, dtau_ptr,
-    # shapes
-    C, B,
+    # shapes; program (r, j) takes columns [j·span, (j + 1)·span), span = span_blocks·BLOCK, of row r
+    # (dtau: (R, splits))
+    C, B, span_blocks,
     # strides of x and τ; dx is contiguous
     stride_xa, stride_xc, stride_xb, stride_tau,
     # constants
@@ -221,16 +248,21 @@ def _lse_bwd_kernel(
     S = tl.load(s_ptr + r)
     g = tl.load(g_ptr + r).to(tl.float32)
     inv_total = 1.0 / (1.0 + S)
+    col0 = tl.program_id(1) * span_blocks * BLOCK  # a multiple of BLOCK: aligned loads
+    col_end = tl.minimum(col0 + span_blocks * BLOCK, C)
     cols = tl.arange(0, BLOCK)
     tau_acc = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, C, BLOCK):
+    for start in range(col0, col_end, BLOCK):
         c = start + cols
         x, p = recompute_p(x_row, c, C, stride_xc, scale, M, inv_total)
         tl.store(dx_row + c.to(tl.int64) * B, to_store(g * p, dx_ptr, INTERPRETED), mask=c < C)
         if TAU_GRAD:
             tau_acc += tl.where(p != 0.0, p * (M - x), 0.0)
     if TAU_GRAD:
-        tl.store(dtau_ptr + r, g * (log1p(S) + tl.sum(tau_acc, 0) * (1.0 / tau)))
+        # log1p(S) once a row: in the first split's partial
+        first_split = tl.where(tl.program_id(1) == 0, log1p(S), 0.0)
+        tl.store(dtau_ptr + r * tl.num_programs(1) + tl.program_id(1),
+                 g * (first_split + tl.sum(tau_acc, 0) * (1.0 / tau)))
 
 
 # The noisy (Gumbel) kernels draw a Philox word per element: at 16 elements a thread (4096 lanes over
@@ -248,7 +280,9 @@ def softmax_fwd(x3, tau, mode, seed=None, hard=False):
     """Returns (out, M, S): out is τ·lse (shape (A*B,)) for MODE_LSE, else softmax or
     log_softmax in x3's dtype and contiguous (A, C, B) layout.  ``seed`` (a one-element int64
     tensor; MODE_SOFTMAX only): the Gumbel-softmax of x3 with that seed's noise, or, ``hard``,
-    the one-hot of its argmax (kernels/row_sample.py's gumbel_fwd)."""
+    the one-hot of its argmax (kernels/row_sample.py's gumbel_fwd).  Few long rows are split across
+    programs (row_engine.row_splits): a launch for the partial statistics, R·splits·12 bytes, then
+    one that reduces them and writes the output."""
     R, C, B = rows(x3)
     dev = x3.device
     out = torch.empty(R if mode == MODE_LSE else (x3.shape[0], C, B), device=dev, dtype=x3.dtype)
@@ -257,11 +291,21 @@ def softmax_fwd(x3, tau, mode, seed=None, hard=False):
     block, one_block, num_warps = row_config(C)
     if seed is not None:
         num_warps = noisy_warps(block, num_warps)
-    _softmax_fwd_kernel[(R,)](
-        x3, out, m, s, tau, m if seed is None else seed, C, B, *x3.stride(), tau_stride(tau),
-        MODE=mode, NOISY=seed is not None, HARD=hard, BLOCK=block, ONE_BLOCK=one_block,
-        INTERPRETED=interpreted(), num_warps=num_warps,
-    )
+    splits, span = row_splits(R, C, block, dev)
+    args = (x3, out, m, s, tau, m if seed is None else seed)
+    consts = dict(MODE=mode, NOISY=seed is not None, HARD=hard, BLOCK=block, ONE_BLOCK=one_block,
+                  INTERPRETED=interpreted(), num_warps=num_warps)
+    strides = (*x3.stride(), tau_stride(tau))
+    if splits == 1:
+        _softmax_fwd_kernel[(R, 1)](*args, m, s, m, C, B, span // block, 1, *strides, PHASE=0, SPLITS_BLOCK=1, **consts)
+        return out, m, s
+    part_m = torch.empty(R * splits, device=dev, dtype=torch.float32)
+    part_s = torch.empty_like(part_m)
+    part_arg = torch.empty(R * splits, device=dev, dtype=torch.int32) if hard else part_m
+    splits_block = max(triton.next_power_of_2(splits), 2)
+    for phase, grid in ((1, (R, splits)), (2, (R, splits if mode != MODE_LSE else 1))):
+        _softmax_fwd_kernel[grid](*args, part_m, part_s, part_arg, C, B, span // block, splits, *strides,
+                                  PHASE=phase, SPLITS_BLOCK=splits_block, **consts)
     return out, m, s
 
 
@@ -283,13 +327,17 @@ def softmax_bwd(y, g, x3, m, s, tau, log, tau_grad, seed=None):
 
 
 def lse_bwd(x3, m, s, tau, g, tau_grad):
-    """Returns (dx, dτ per row or None); g is contiguous (A*B,)."""
+    """Returns (dx, dτ per row or None); g is contiguous (A*B,).  Few long rows are split across
+    programs (row_engine.row_splits); a split row's dτ is the sum of its (R, splits) partials."""
     R, C, B = rows(x3)
     dx = torch.empty((x3.shape[0], C, B), device=x3.device, dtype=x3.dtype)
-    dtau = torch.empty(R, device=x3.device, dtype=torch.float32) if tau_grad else m
     block, _, num_warps = row_config(C)
-    _lse_bwd_kernel[(R,)](
-        x3, m, s, tau, g, dx, dtau, C, B, *x3.stride(), tau_stride(tau),
+    splits, span = row_splits(R, C, block, x3.device)
+    dtau = torch.empty((R, splits), device=x3.device, dtype=torch.float32) if tau_grad else m
+    _lse_bwd_kernel[(R, splits)](
+        x3, m, s, tau, g, dx, dtau, C, B, span // block, *x3.stride(), tau_stride(tau),
         TAU_GRAD=tau_grad, BLOCK=block, INTERPRETED=interpreted(), num_warps=num_warps,
     )
-    return dx, (dtau if tau_grad else None)
+    if not tau_grad:
+        return dx, None
+    return dx, (dtau[:, 0] if splits == 1 else dtau.sum(1))

@@ -13,6 +13,7 @@ bound); ``online_update`` (z units) serves kd_loss's kernel.
 """
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
 
 @triton.jit
@@ -26,22 +27,64 @@ def log1p(x):
     return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
 
 
-# tl.rand returns k · 2^-31 (k < 2^31), 0 included.  Clamped into [2^-32, 1 - 2^-24], the
-# Gumbel value is finite whatever k is: g ∈ [-2.8, 22.2].
+# Gumbel noise from Philox words.  A word k (uint32) becomes u = k · 2^-32 (rounded to fp32, so small
+# u keep their full relative precision: the right tail of g, the rare classes a sample may pick)
+# clamped into [2^-32, 1 - 2^-24]: g ∈ [-2.8, 22.2], finite whatever k is.
 _U_MIN = tl.constexpr(2.3283064365386963e-10)
 _U_MAX = tl.constexpr(0.99999994)
+_TWO_POW_M32 = tl.constexpr(2.3283064365386963e-10)
+# Below _SERIES_BELOW, L = -log2(1 - u) is its series Σ_k u^k / (k ln 2), k = 1..5 (relative truncation
+# error < u^5 / 5 < 2^-27); above it, 1 - u is exact to 2^-25 relative to L's 2^-5 / ln 2 and
+# log2 is the hardware one (MUFU.LG2, absolute error ≤ 2^-22 near 1): L to ~2^-16 relative there, where
+# g < 3.5 (a relative error of L is an absolute error of g).
+_SERIES_BELOW = tl.constexpr(0.03125)
+_L1 = tl.constexpr(1.4426950408889634)
+_L2 = tl.constexpr(0.7213475204444817)
+_L3 = tl.constexpr(0.4808983469629878)
+_L4 = tl.constexpr(0.36067376022224085)
+_L5 = tl.constexpr(0.28853900817779266)
+_LN2 = tl.constexpr(0.6931471805599453)
+# g = -ln E, E = L·ln 2:  g = -ln 2 · log2(L) - ln(ln 2)
+_MINUS_LN_LN2 = tl.constexpr(0.36651292058166435)
 
 
 @triton.jit
-def gumbel_noise(seed, offs):
-    """g = -log(E), E = -log1p(-u) ~ Exponential(1), u = tl.rand(seed, offs) clamped.
+def fast_log2(x, INTERPRETED: tl.constexpr):
+    """log2(x) by the hardware's approximation (MUFU.LG2: absolute error ≤ 2^-22 in [0.5, 2], 2 ulp
+    elsewhere); tl.log2 is a software polynomial of ~20 instructions.  libdevice returns None under
+    the interpreter, which takes tl.log2."""
+    if INTERPRETED:
+        return tl.log2(x)
+    return libdevice.fast_log2f(x)
 
-    E is formed with log1p so that small u (large g, the tail a rare class is
-    sampled from) keeps full relative precision; -log(u) would round 1 - u first.
-    """
-    u = tl.rand(seed, offs)
+
+@triton.jit
+def gumbel_of_word(w, INTERPRETED: tl.constexpr):
+    """g = -ln(E), E = -ln(1 - u) ~ Exponential(1), u = w · 2^-32 clamped (w a uint32 Philox word).
+
+    Both logarithms are log2 (the hardware's), their ln 2 factors folded into one FMA:
+    g = -ln 2 · log2(L) - ln(ln 2) with L = E / ln 2 = -log2(1 - u).  For small u (large g, the tail a
+    rare class is sampled from) L is its series in u, which keeps full relative precision where
+    1 - u would round it away."""
+    u = w.to(tl.float32) * _TWO_POW_M32
     u = tl.minimum(tl.maximum(u, _U_MIN), _U_MAX)
-    return -tl.log(-log1p(-u))
+    series = u * (_L1 + u * (_L2 + u * (_L3 + u * (_L4 + u * _L5))))
+    L = tl.where(u < _SERIES_BELOW, series, -fast_log2(1.0 - u, INTERPRETED))
+    return fast_log2(L, INTERPRETED) * (-_LN2) + _MINUS_LN_LN2
+
+
+@triton.jit
+def gumbel_block(seed, noise_row, start, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Gumbel(0, 1) noise of columns ``start .. start + BLOCK`` of a row (``start`` a multiple of 4):
+    column c gets word c % 4 of the Philox counter ``noise_row + c // 4`` under ``seed`` (noise_row =
+    r · ceil(C / 4) for row r), so four columns share one Philox call and the noise is a function of
+    (seed, row, column) alone, whatever the block or the split of the row."""
+    q = noise_row + start // 4 + tl.arange(0, BLOCK // 4)
+    w0, w1, w2, w3 = tl.randint4x(seed, q)
+    # join(join(a0, a2), join(a1, a3)) flattens to a0[0], a1[0], a2[0], a3[0], a0[1], ...
+    g = tl.join(tl.join(gumbel_of_word(w0, INTERPRETED), gumbel_of_word(w2, INTERPRETED)),
+                tl.join(gumbel_of_word(w1, INTERPRETED), gumbel_of_word(w3, INTERPRETED)))
+    return tl.reshape(g, [BLOCK])
 
 
 @triton.jit

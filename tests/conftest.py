@@ -47,6 +47,8 @@ def backend(request, monkeypatch):
             monkeypatch.setattr(row, "MAX_BLOCK", 16)
             monkeypatch.setattr(tile, "BLOCK_CAP", 16)  # every tile block of the table at most 16
             monkeypatch.setattr(tile, "GROUP_M", 2)  # several groups of row blocks, the last one partial
+            # few rows of two blocks or more are split across programs (SM_COUNT_OFF_GPU below)
+            monkeypatch.setattr(row, "MIN_BLOCKS_PER_SPLIT", 1)
             monkeypatch.setattr(tile, "MATERIALIZED_CHUNK_ELEMENTS", 0)  # several row chunks of ds
             # split the long dimension on small shapes (a split may be one tile, the last one partial)
             monkeypatch.setattr(tile, "SM_COUNT_OFF_GPU", 16)

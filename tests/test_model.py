@@ -102,7 +102,9 @@ def test_every_loop_is_counted(report):
     notes = [f"{case}: {lch['kernel']}: {n}" for case, lch in _launches(report) for n in lch["notes"]]
     assert not notes, "\n".join(notes)
     for case, lch in _launches(report):  # each launch's loops ran their source loop's trip count
-        assert lch["loop_trips"] and all(t >= 1 for t in lch["loop_trips"].values()), (case, lch["kernel"])
+        # (a launch without a loop in its SASS, e.g. the combine of a split row, has no hot loop)
+        assert lch["loop_trips"] or lch["hot_loop"] is None, (case, lch["kernel"])
+        assert all(t >= 1 for t in lch["loop_trips"].values()), (case, lch["kernel"])
 
 
 def test_no_case_moved_from_the_committed_table(report):

@@ -102,6 +102,75 @@ def test_gumbel_noise_differences_are_logistic(backend, device):
     assert ks < 1.95 / math.sqrt(n), ks  # Kolmogorov-Smirnov at p = 0.001
 
 
+try:
+    import triton
+    import triton.language as tl
+
+    from fused_tau.kernels.tl_math import gumbel_of_word
+
+    @triton.jit
+    def _gumbel_transform(w_ptr, g_ptr, n, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        w = tl.load(w_ptr + i, mask=i < n, other=0).to(tl.uint32)
+        tl.store(g_ptr + i, gumbel_of_word(w, INTERPRETED), mask=i < n)
+except ImportError:
+    _gumbel_transform = None
+
+
+def test_gumbel_transform_matches_float64_over_the_tail(device):
+    """The kernels' word-to-Gumbel transform (tl_math.gumbel_of_word: hardware log2, the series below
+    u = 1/32) against -log(-log1p(-u)) in float64 for the same u = w · 2^-32 (clamped), over words
+    from 0 (g = 22.2, the far right tail a rare class is drawn from) to 2^32 - 1 (g = -2.8), both
+    sides of the series' threshold included.  The bound is the hardware log2's (2^-22 absolute near
+    1, relative to L = -log2(1 - u) ≥ 0.045 above the threshold)."""
+    if _gumbel_transform is None:
+        pytest.skip("triton is not installed")
+    from fused_tau.kernels.row_engine import interpreted
+
+    if device == "cpu" and not interpreted():
+        pytest.skip("kernels on CPU tensors need the interpreter")
+    threshold = 2 ** 27  # u = 1/32
+    words = sorted({0, 1, 2, 3, 2 ** 32 - 1, 2 ** 32 - 256, threshold - 1, threshold, threshold + 1}
+                   | {int(2 ** (k / 4)) for k in range(128)}
+                   | set(torch.randint(0, 2 ** 32, (300,), generator=torch.Generator().manual_seed(0)).tolist()))
+    w = torch.tensor(words, dtype=torch.int64)
+    g = torch.empty(len(words), dtype=torch.float32, device=device)
+    _gumbel_transform[(1,)](w.to(device), g, len(words), BLOCK=1024, INTERPRETED=interpreted())
+    u = (w.to(torch.float32) * 2.0 ** -32).clamp(2.0 ** -32, 1.0 - 2.0 ** -24).double()
+    expected = -torch.log(-torch.log1p(-u))
+    assert expected.max() > 22.0 and expected.min() < -2.7
+    torch.testing.assert_close(g.cpu().double(), expected, atol=2e-5, rtol=1e-6)
+
+
+def test_noise_does_not_depend_on_the_block(device, monkeypatch):
+    """The kernels' noise is a function of (seed, row, column) alone: the same seed draws the same
+    samples and the same Gumbel-softmax (forward and hard backward) whether a row of 50 classes is
+    streamed in blocks of 16 (a partial last one) or held in one block."""
+    pytest.importorskip("triton")
+    import fused_tau.kernels.row_engine as row_engine
+
+    monkeypatch.setenv("FUSED_TAU_BACKEND", "triton")
+    x = torch.randn(6, 50, device=device, requires_grad=True)
+    w = torch.randn(6, 50, device=device)
+    taus = torch.tensor([0.3, 1.0, 3.0, 0.3, 1.0, 3.0], device=device).unsqueeze(1)
+
+    def draws():
+        idx = sample(x.detach(), tau=taus.squeeze(1), generator=gen(device, 5))
+        soft = gumbel_softmax(x, 0.7, generator=gen(device, 6))
+        hard = gumbel_softmax(x, 0.7, hard=True, generator=gen(device, 6))
+        (dx,) = torch.autograd.grad((hard * w).sum(), x)
+        return idx, soft.detach(), hard.detach(), dx
+
+    results = []
+    for block in (16, 64):
+        monkeypatch.setattr(row_engine, "MAX_BLOCK", block)
+        results.append(draws())
+    (i16, s16, h16, d16), (i64, s64, h64, d64) = results
+    assert torch.equal(i16, i64) and torch.equal(h16, h64)
+    torch.testing.assert_close(s16, s64, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(d16, d64, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("shape,dim", [((5, 37), -1), ((3, 41, 2), 1), ((4, 3), 0)])
 def test_hard_is_one_hot_with_the_soft_gradient(backend, device, monkeypatch, shape, dim):
     """Same generator seed: the hard sample is the one-hot of the soft one's argmax, and both have

@@ -1,0 +1,188 @@
+"""Few long rows split across programs (kernels/row_engine.py ``row_splits``): every split path of the
+row kernels gives what one program a row gives, and the split is chosen from the rows, the columns and
+the SM count.
+
+Rows are streamed in blocks of 16 (odd C, so split boundaries and the last block are partial); the
+split runs take one block a split and as many splits as the row has blocks, the unsplit runs forbid
+splitting.  The unsplit kernels are checked against float64 references by the other test files."""
+import pytest
+import torch
+
+from fused_tau import cross_entropy, log_softmax, logsumexp, softmax
+from fused_tau.sampling import gumbel_softmax, sample
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture
+def split(monkeypatch):
+    """Call ``split(on)`` to allow (on) or forbid row splits; the triton backend, blocks of 16."""
+    import fused_tau.kernels.row_engine as row_engine
+    import fused_tau.kernels.tile as tile
+
+    monkeypatch.setenv("FUSED_TAU_BACKEND", "triton")
+    monkeypatch.setattr(row_engine, "MAX_BLOCK", 16)
+    monkeypatch.setattr(tile, "SM_COUNT_OFF_GPU", 64)
+
+    def set_split(on):
+        monkeypatch.setattr(row_engine, "MIN_BLOCKS_PER_SPLIT", 1 if on else 1 << 30)
+
+    return set_split
+
+
+def both(split, fn):
+    split(True)
+    ours = fn()
+    split(False)
+    return ours, fn()
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, equal_nan=True)
+
+
+def test_plan(monkeypatch):
+    import fused_tau.kernels.row_engine as row_engine
+    import fused_tau.kernels.tile as tile
+
+    monkeypatch.setattr(tile, "SM_COUNT_OFF_GPU", 132)
+    cpu = torch.device("cpu")
+    assert row_engine.row_splits(64, 256000, 4096, cpu) == (4, 65536)  # 63 blocks: 16, 16, 16, 15
+    assert row_engine.row_splits(8192, 32000, 4096, cpu)[0] == 1  # the rows fill the SMs
+    assert row_engine.row_splits(4, 4096 * 7, 4096, cpu)[0] == 1  # under 2 · MIN_BLOCKS_PER_SPLIT blocks
+    splits, span = row_engine.row_splits(3, 100000, 4096, cpu)
+    assert span % 4096 == 0 and (splits - 1) * span < 100000 <= splits * span
+
+
+@pytest.mark.parametrize("C", [37, 100])
+def test_softmax_family(split, device, C):
+    """softmax, log_softmax, τ·logsumexp and their gradients (τ's too), rows with ±inf and NaN,
+    a per-group τ along a class dimension that is not the last."""
+    x = torch.randn(3, C, device=device) * 3
+    x[1, 5] = float("inf")
+    x[2, :] = float("-inf")
+    x[2, C - 1] = 0.5
+    x = torch.cat([x, torch.full((1, C), float("-inf"), device=device)])
+    nan_row = torch.randn(1, C, device=device)
+    nan_row[0, C // 2] = float("nan")
+    x = torch.cat([x, nan_row])
+    w = torch.randn(x.shape, device=device)
+
+    def run(fn, **kw):
+        xs = x.clone().requires_grad_(True)
+        tau = torch.tensor(0.7, device=device, requires_grad=True)
+        y = fn(xs, tau=tau, **kw)
+        gy = w if y.dim() == 2 else w[:, 0]
+        dx, dtau = torch.autograd.grad((torch.where(y.isfinite(), y, 0.0) * gy).sum(), (xs, tau), allow_unused=True)
+        return y.detach(), dx, dtau
+
+    for fn, kw in ((softmax, dict(dim=-1)), (log_softmax, dict(dim=-1)), (logsumexp, dict(dim=-1))):
+        for a, b in zip(*both(split, lambda: run(fn, **kw))):
+            close(a, b)
+    # class dimension 1 of (A, C, B), one τ per a
+    x3 = torch.randn(2, C, 3, device=device)
+    taus = torch.tensor([0.3, 2.0], device=device)
+    close(*both(split, lambda: softmax(x3, dim=1, tau=taus)))
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_gumbel_softmax(split, device, hard):
+    """The noise is a function of (seed, row, column): a split row draws the same sample, forward and
+    (straight-through) backward; rows with no finite logit, and ties, take the first index."""
+    C = 53
+    x = torch.randn(4, C, device=device)
+    x[3] = float("-inf")
+
+    def run():
+        xs = x.clone().requires_grad_(True)
+        y = gumbel_softmax(xs, 0.5, hard=hard, generator=torch.Generator(device=device).manual_seed(3))
+        (dx,) = torch.autograd.grad((torch.nan_to_num(y) * torch.arange(C, device=device)).sum(), xs)
+        return y.detach(), dx
+
+    (y1, d1), (y2, d2) = both(split, run)
+    if hard:
+        assert torch.equal(y1, y2) and y1[3, 0] == 1
+    close(y1, y2)
+    close(d1, d2)
+
+
+def test_sample(split, device):
+    """Split rows draw what unsplit rows draw (the noise and the comparison keys are the same); the
+    first +inf, the first index of a row without a finite logit, -1 for a row with a NaN (the caller
+    raises), τ = 0 and greedy rows are argmax."""
+    import fused_tau.kernels.row_sample as row_sample
+
+    C = 71
+    x = torch.randn(8, C, device=device)
+    x[1, [20, 60]] = float("inf")
+    x[2] = float("-inf")
+    x[3, 40:] = x[3, :31]  # equal logits across a split boundary, different noise
+    taus = torch.tensor([0.5, 1.0, 1.0, 2.0, 0.0, 1e-3, 30.0, 1.0], device=device)
+    gen = lambda: torch.Generator(device=device).manual_seed(11)  # noqa: E731
+    a, b = both(split, lambda: sample(x, tau=taus, generator=gen()))
+    assert torch.equal(a, b)
+    assert a[1] == 20 and a[2] == 0 and a[4] == x[4].argmax()
+    a, b = both(split, lambda: sample(x, tau=0.0))
+    assert torch.equal(a, b) and torch.equal(a[3:], x[3:].argmax(-1))
+    x[5, 50] = float("nan")
+    seed = torch.tensor([5], device=device)
+    tau = torch.ones(1, device=device)
+    for greedy in (False, True):
+        a, b = both(split, lambda: row_sample.sample_fwd(x, tau, seed, greedy))
+        assert torch.equal(a, b) and a[5] == -1
+
+
+@pytest.mark.parametrize("C", [37, 100])
+@pytest.mark.parametrize("kind", ["index", "smoothing", "probs"])
+def test_cross_entropy(split, device, C, kind):
+    """Loss and gradients (τ's too) of split rows: class indices with ignore_index and class weights,
+    label smoothing, probability targets; rows with a +inf logit, no finite logit (a masked target
+    costs +inf) and a NaN."""
+    x = torch.randn(5, C, device=device) * 4
+    x[1, 7] = float("inf")
+    x[2, : C - 3] = float("-inf")
+    x[3, C // 2] = float("nan")
+    weight = torch.rand(C, device=device) + 0.5
+    if kind == "probs":
+        target = torch.softmax(torch.randn(5, C, device=device), -1)
+        kw = dict(label_smoothing=0.1)
+    else:
+        target = torch.tensor([3, C - 1, C - 2, 0, -100], device=device)
+        kw = dict(weight=weight, ignore_index=-100, label_smoothing=0.2 if kind == "smoothing" else 0.0)
+
+    def run(reduction):
+        xs = x.clone().requires_grad_(True)
+        tau = torch.tensor(0.6, device=device, requires_grad=True)
+        loss = cross_entropy(xs, target, tau=tau, reduction=reduction, **kw)
+        scale = torch.arange(1.0, loss.numel() + 1, device=device).view(loss.shape)
+        dx, dtau = torch.autograd.grad((torch.nan_to_num(loss, posinf=0.0) * scale).sum(), (xs, tau))
+        return loss.detach(), dx, dtau
+
+    for reduction in ("none", "sum"):
+        for a, b in zip(*both(split, lambda: run(reduction))):
+            close(a, b)
+
+
+def test_split_paths_are_taken(split, device, monkeypatch):
+    """The tests above take the split paths: the launchers plan three splits of 16 columns (softmax,
+    sample, cross-entropy and τ·logsumexp forward and backward)."""
+    import fused_tau.kernels.row_ce as row_ce
+    import fused_tau.kernels.row_engine as row_engine
+    import fused_tau.kernels.row_sample as row_sample
+    import fused_tau.kernels.row_softmax as row_softmax
+
+    plans = []
+
+    def recorded(*args):
+        plans.append(row_engine.row_splits(*args))
+        return plans[-1]
+
+    for module in (row_softmax, row_sample, row_ce):
+        monkeypatch.setattr(module, "row_splits", recorded)
+    split(True)
+    x = torch.randn(3, 37, device=device, requires_grad=True)
+    softmax(x, tau=1.0)
+    sample(x.detach(), tau=1.0)
+    cross_entropy(x, torch.tensor([0, 5, 36], device=device), tau=1.0).backward()
+    logsumexp(x, tau=1.0).sum().backward()
+    assert plans == [(3, 16)] * 6
