@@ -57,7 +57,13 @@ def test_torchrun_two_ranks(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(root / "bench" / "train_moco.py"), "--device", "cpu", "--steps", "3", "--batch", "16",
            "--queue", "256", "--no-plot", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    for attempt in range(2):
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        # gloo sometimes aborts a rank while the process group is torn down after the run (std::terminate
+        # in a destructor, after every rank passed the final barrier; seen under heavy CPU load, 2 of ~10
+        # loaded runs): that teardown, not the training, is run once more
+        if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
+            break
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "train_moco.json").read_text())
     assert report["world_size"] == 2
