@@ -1,26 +1,47 @@
 """Row engine, distillation: ``τ² · KL(softmax(t/τ) ‖ softmax(s/τ))`` per row, optionally mixed
 with the hard-label cross-entropy of the student at τ = 1, from one pass over both rows.
 
-Per row r, with zs = s/τ, zt = t/τ, q = softmax(zt), p = softmax(zs), d = zt - zs and
-D = lse(zt) - lse(zs):  KL = Σ_c q_c (log q_c - log p_c) = Σ_c q_c d_c - D.
-The forward keeps the online statistics of zs, of zt, of s (τ = 1, when a target is
-given) and the q-weighted sum of d, rescaled as the teacher's max moves
-(flash-attention style), so both rows are read once.  Classes where the teacher
-puts zero probability contribute exactly 0 (as F.kl_div's xlogy does), never NaN.
+Per row, in x units (logits; a max is a logit, z = x/τ is never formed): q = softmax(t/τ),
+p = softmax(s/τ), v = (s - t)/τ, ν = E_q v, u = v - ν, and P_m = the student's mass on the classes
+of teacher probability 0.  Then log p - log q = w = u - KL and, since E_q u = 0,
 
-Backward, for an upstream gradient g_c of the element τ² q_c δ_c (δ = log q - log p;
-g_c = g for every reduction but 'none'), with G1 = Σ g_c q_c and G2 = Σ g_c q_c (δ_c + 1):
-  dL/ds_j = τ (p_j G1 - g_j q_j)        dL/dt_j = τ q_j (g_j (δ_j + 1) - G2)
-and dL/dτ = 2τ F - τ Σ_j [(zs_j - Ms) ∂F/∂zs_j + (zt_j - Mt) ∂F/∂zt_j], F = Σ g_c q_c δ_c, where
-τ (z_j - M) = x_j - M τ is taken in x units.  A NaN or +inf logit, or a teacher row with no finite
-logit, makes the row's loss and every gradient NaN, as the composition; a masked teacher class
-(-inf, q = 0) adds exactly 0.
+    KL = log E_q e^u - log(1 - P_m) = log1p(E_q ψ(u)) - log(1 - P_m),   ψ(x) = e^x - 1 - x,
+
+which is second order in u: exact where the student is near its teacher, at any τ and under a common
+logit offset, where Σ q (zt - zs) - (lse_t - lse_s) cancels to below the ulp of its terms (τ = 1e4
+gave a negative KL).  The forward keeps, beside the online (max, Σ others) of s and t per lane, the
+teacher-weighted moments A = Σ w x and R = Σ w ψ(x) of x = v - ν0 and the student's mass on the
+classes of teacher weight 0, rescaled as the teacher's (student's) lane max moves; ψ by its 9-term
+series for |x| <= 1, else as w e^x - w(1 + x) with w e^x one exp.  ν0 is a reference read from the
+first block (the q-weighted mean of v there), so that x is small.  With ā = A/W, b̄ = R/W
+(W = Σ w = 1 + St): E_q e^u = 1 + e^-ā (b̄ - ψ(ā)), ν = ν0 + ā.  A row whose log E_q e^u reaches 1,
+or whose P_m reaches 1/2, has no cancellation to avoid and takes the plain form
+KL = (Ms - Mt)/τ - ν + log1p(Ss) - log1p(St), whose (Ms - Mt)/τ - ν0 is formed through one class
+(the anchor) in x units with the exact errors of its roundings (two-sum, fma), never through the
+magnitude of ν0 (as large as the logits/τ for a student far from its teacher).
+stats[r] = (Ms, Ss, Mt, St, KL, ν, S1, precise): maxima in x units, precise = 1 where the row takes
+the second-order forms.  The torch path (fused_tau/_torch_kd.py) computes the same quantities.
+
+Backward, for an upstream gradient g (per row; 'none': per element g_c with G1 = Σ g_c q_c and
+F = Σ g_c q_c δ_c, δ = -w):  dL/ds = τ g (p - q), dL/dt = -τ g q u (elementwise: τ (p G1 - g q) and
+τ q (g (1 - w) - F - G1)), with u and w per element from the form with the smaller rounding: v - ν
+(ulp(v) + ulp(ν)) or the gaps to the maxima, (s - Ms)/τ - (t - Mt)/τ + log1p(St) - log1p(Ss).  On the
+second-order rows p - q = q expm1(w) where |w| <= 1 (no cancellation where p ≈ q).
+dL/dτ = τ g B, B = 2 KL - Σ (s/τ)(p - q) + Σ (t/τ) q u, in its plain form shifted by the maxima in x
+units, 2 (τ g KL - Σ (s - Ms)/2 ∂/∂zs - Σ (t - Mt)/2 ∂/∂zt), or on the second-order rows whose kept
+|u| are all <= 1 in the third-order form
+  B = Σ_q>0 [2 q ψ3(u) - u q ψ(w) - ζ q (ψ(w) - KL)] - Σ_q=0 p ((s - Mt)/τ - ν) - 2 ψ(l) - 2 log(1 - P_m),
+ζ = (t - Mt)/τ, ψ3(x) = e^x - 1 - x - x²/2, l = KL + log(1 - P_m), every term of third order in 1/τ.
+A NaN or +inf logit, or a teacher row with no finite logit, makes the row's loss and every gradient
+NaN, as the composition; a masked teacher class (-inf, q = 0) adds exactly 0.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .row_engine import half_gap, interpreted, load_x, load_z, row_config, tau_stride
+from .row_engine import interpreted, load_x, row_config, tau_stride
+from .tl_math import (lane_scale, log1p, nan_if_posinf, online_finalize_x, online_update_x, psi3_series,
+                      psi_series, to_store)
 
 # seven per-lane accumulators (student, teacher, τ = 1 statistics and the q-weighted sum):
 # a quarter of the engine's block over 8 warps is spill-free on sm_80 and sm_90 at 48-75
@@ -28,18 +49,88 @@ from .row_engine import half_gap, interpreted, load_x, load_z, row_config, tau_s
 # still spills 16-24 bytes, a quarter over 4 warps 8 bytes on sm_90)
 LANES_PER_BLOCK = 4
 NUM_WARPS = 8
-from .tl_math import log1p, nan_if_posinf, online_finalize, online_update, to_store
 
 
 @triton.jit
-def _weighted_mean_update(m, w, z, d):
-    """Per lane, under the lane max ``m`` of z *before* this block: w = Σ exp(z_j - m) d_j.
-    Lanes whose weight is 0 (z = -inf) add nothing, whatever d is."""
-    is_new = z > m
-    scale = tl.exp(tl.where(is_new & (m > float("-inf")), m - z, 0.0))
-    w = tl.where(is_new, w * scale, w)
-    e = tl.exp(tl.where(z > float("-inf"), z - tl.maximum(m, z), float("-inf")))
-    return w + tl.where(e != 0.0, e * d, 0.0)
+def _recentre(A, R, W, c, E, d, psi_d, small):
+    """Moments moved to a reference d higher and scaled by c: Σ c w ψ(x - d) = E R + c expm1(-d) A +
+    c ψ(-d) W and Σ c w (x - d) = c (A - d W), given E = c e^-d and psi_d = ψ(d) where |d| <= 1
+    (small): c ψ(-d) = E (d² + (d - 1) ψ(d)) there, E - c + c d elsewhere.  A lane that is dropped
+    (c = 0: it saw no finite teacher logit, or its weights underflow) gives 0, also for an A of -inf."""
+    c_psi = tl.where(small, E * (d * d + (d - 1.0) * psi_d), E - c + c * d)
+    return tl.where(c == 0.0, 0.0, c * (A - d * W)), E * R + (c_psi - c * d) * A + c_psi * W
+
+
+@triton.jit
+def _moments_update(mt, st, A, R, s_ref, t_ref, xs, xt, inv):
+    """One block into the teacher's lane (max, Σ others) and the moments A = Σ w x, R = Σ w ψ(x) of
+    x = v - v_ref under w = exp((t - mt)/τ).  The reference is the class of the lane's teacher max,
+    (s_ref, t_ref), so that x is small where the teacher's mass is, and x is formed from gaps in x
+    units, ((s - s_ref) - (t - t_ref))/τ: never through v itself, whose rounding is that of the logits'
+    magnitude over τ (a student far from its teacher).  Returns the element's w as well (0: a class of
+    teacher weight 0, whose student mass goes to P_m)."""
+    W = st + tl.where(mt > float("-inf"), 1.0, 0.0)  # Σ w of the old sums
+    mt, st, e, is_new, arg = online_update_x(mt, st, xt, inv)
+    w = tl.where(is_new, 1.0, tl.where(xt > float("-inf"), e, 0.0))
+    x = tl.where(w != 0.0, ((xs - s_ref) - (xt - t_ref)) * inv, 0.0)
+    # a new max moves the reference to its class (not to a student -inf: its x of -inf makes A -inf, KL +inf)
+    move = is_new & (x - x == 0.0)
+    d = tl.where(move, x, 0.0)
+    small = tl.abs(x) <= 1.0
+    psi_x = psi_series(tl.where(small, x, 0.0))
+    # one exp: w e^x of an element (its ψ where |x| > 1, as one exp: no overflow where w is tiny), or
+    # c e^-d of the old sums where is_new (arg is then their scale's exponent)
+    E = tl.exp(arg + tl.where(is_new, -d, x))
+    w_psi = tl.where(small, w * psi_x, E - w * (1.0 + x))
+    A_new, R_new = _recentre(A, R, W, tl.where(is_new, e, 1.0), E, d, psi_x, small)
+    A = tl.where(is_new, A_new, A) + tl.where(move, 0.0, w * x)
+    R = tl.where(is_new, R_new, R) + tl.where(move, 0.0, w_psi)
+    return mt, st, A, R, tl.where(move, xs, s_ref), tl.where(move, xt, t_ref), w
+
+
+@triton.jit
+def _moments_finalize(mt, st, A, R, s_ref, t_ref, Mt, inv):
+    """The lanes' moments moved to the row's teacher max Mt and to the reference of a lane that holds
+    it: (A, R, s_ref, t_ref) of the row."""
+    valid = mt > float("-inf")
+    at_top = valid & (mt == Mt)
+    s_row = tl.max(tl.where(at_top, s_ref, float("-inf")), 0)
+    t_row = tl.max(tl.where(at_top & (s_ref == s_row), t_ref, float("-inf")), 0)
+    log_c = tl.where(at_top, 0.0, tl.where(valid, (mt - Mt) * inv, float("-inf")))
+    d = tl.where(valid, ((s_row - s_ref) - (t_row - t_ref)) * inv, 0.0)
+    small = tl.abs(d) <= 1.0
+    A, R = _recentre(A, R, st + tl.where(valid, 1.0, 0.0), tl.exp(log_c), tl.exp(log_c - d), d,
+                     psi_series(tl.where(small, d, 0.0)), small)
+    return tl.sum(A, 0), tl.sum(R, 0), s_row, t_row
+
+
+@triton.jit
+def _row_kl(A, R, Pm, Ss, St, gap):
+    """(KL, ā, precise) of the row from its moments (module docstring); gap = (Ms - Mt)/τ - v_ref."""
+    W = 1.0 + St
+    a = A / W
+    psi_a = tl.where(tl.abs(a) <= 1.0, psi_series(a), tl.exp(a) - 1.0 - a)
+    l = log1p(tl.exp(-a) * (R / W - psi_a))  # log E_q e^u: NaN or inf sends the row to the plain form
+    pm = Pm / (1.0 + Ss)
+    precise = (l < 1.0) & (pm < 0.5)
+    kl = tl.where(precise, l - log1p(-pm), (gap - a) + (log1p(Ss) - log1p(St)))
+    return kl, a, precise
+
+
+@triton.jit
+def _log_ratio(xs, xt, zs_gap, zt_gap, inv, nu, kl, log_t, log_s):
+    """(u, w) per element, w = log p - log q = u - KL, each from the form with the smaller rounding:
+    v - ν (ulp(v) + ulp(ν)) or the gaps to the maxima zs_gap - zt_gap + log1p(St) - log1p(Ss).  Both
+    carry KL·0: a row whose KL is NaN or inf has NaN u and w."""
+    kz = kl * 0.0
+    v = (xs - xt) * inv
+    u_mean = (v - nu) + kz
+    w_gap = (zs_gap - zt_gap) + ((log_t - log_s) + kz)
+    err_mean = tl.abs(v) + tl.abs(nu)
+    err_gap = (tl.abs(zs_gap) + tl.abs(zt_gap)) + (log_t + log_s)
+    u = tl.where(err_mean <= err_gap + tl.abs(kl), u_mean, w_gap + kl)
+    w = tl.where(err_mean + tl.abs(kl) <= err_gap, u_mean - kl, w_gap)
+    return u, w
 
 
 @triton.jit
@@ -55,37 +146,45 @@ def _kd_fwd_kernel(
     # constants
     HAS_TARGET: tl.constexpr, ELEMENTWISE: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    """kd[r] = KL of the row (without τ²); ce[r] = CE of s at τ = 1 (0 if ignored);
-    stats[r] = (Ms, Ss, Mt, St, KL, M1, S1); ELEMENTWISE also writes out = τ² q (log q - log p)."""
+    """kd[r] = KL of the row (without τ²); ce[r] = CE of s at τ = 1 (0 if ignored); stats[r] as the
+    module docstring; ELEMENTWISE also writes out = τ² q (log q - log p)."""
     r = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + r * stride_s
     t_row = t_ptr + r * stride_t
     tau = tl.load(tau_ptr + r * stride_tau).to(tl.float32)
+    inv = 1.0 / tau
     cols = tl.arange(0, BLOCK)
     ms = tl.full([BLOCK], float("-inf"), tl.float32)
-    ss = tl.zeros([BLOCK], tl.float32)
     mt = tl.full([BLOCK], float("-inf"), tl.float32)
+    ss = tl.zeros([BLOCK], tl.float32)
     st = tl.zeros([BLOCK], tl.float32)
-    w = tl.zeros([BLOCK], tl.float32)
-    m1 = tl.full([BLOCK], float("-inf"), tl.float32)
+    A = tl.zeros([BLOCK], tl.float32)
+    R = tl.zeros([BLOCK], tl.float32)
+    s_ref = tl.zeros([BLOCK], tl.float32)
+    t_ref = tl.zeros([BLOCK], tl.float32)
+    pm = tl.zeros([BLOCK], tl.float32)
     s1 = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         c = start + cols
-        zs = load_z(s_row, c, C, 1, tau)
-        zt = load_z(t_row, c, C, 1, tau)
-        w = _weighted_mean_update(mt, w, zt, zt - zs)
-        mt, st = online_update(mt, st, zt)
-        ms, ss = online_update(ms, ss, zs)
-        if HAS_TARGET:
-            m1, s1 = online_update(m1, s1, load_z(s_row, c, C, 1, 1.0))
-    # a +inf or NaN logit, or a row with no finite teacher logit, makes the row NaN (as the composition)
-    Ms, Ss = online_finalize(ms, ss)
+        xs = load_x(s_row, c, C, 1)
+        xt = load_x(t_row, c, C, 1)
+        mt, st, A, R, s_ref, t_ref, w = _moments_update(mt, st, A, R, s_ref, t_ref, xs, xt, inv)
+        if HAS_TARGET:  # τ = 1 under the same lane max
+            _, s1, _, _, _ = online_update_x(ms, s1, xs, 1.0)
+        ms, ss, e, is_new, _ = online_update_x(ms, ss, xs, inv)
+        pm = pm * tl.where(is_new, e, 1.0) + tl.where(w != 0.0, 0.0, tl.where(is_new, 1.0, e))
+    # a +inf or NaN logit, or a row with no finite logit, makes the row NaN (as the composition)
+    Ms, Ss = online_finalize_x(ms, ss, inv)
     Ss = nan_if_posinf(Ms, Ss)
-    Mt, St = online_finalize(mt, st)
+    Mt, St = online_finalize_x(mt, st, inv)
     St = nan_if_posinf(Mt, St)
-    w_row = tl.sum(tl.where(w != 0.0, w * tl.exp(mt - Mt), 0.0), 0)
-    D = (Mt - Ms) + (log1p(St) - log1p(Ss))
-    kl = w_row / (1.0 + St) - D
+    A, R, s_ref, t_ref = _moments_finalize(mt, st, A, R, s_ref, t_ref, Mt, inv)
+    scale_s, _, _ = lane_scale(ms, Ms, inv)
+    # (Ms - Mt)/τ - v_ref from gaps in x units (never the magnitude of v_ref)
+    kl, a, precise = _row_kl(A, R, tl.sum(tl.where(scale_s == 0.0, 0.0, pm * scale_s), 0), Ss, St,
+                             ((Ms - s_ref) - (Mt - t_ref)) * inv)
+    kl = tl.where((Ms == float("-inf")) | (Mt == float("-inf")) | (Ss != Ss) | (St != St), float("nan"), kl)
+    nu = (s_ref - t_ref) * inv + a
     tl.store(kd_ptr + r, kl)
     base = stats_ptr + r * 8
     tl.store(base + 0, Ms)
@@ -93,26 +192,40 @@ def _kd_fwd_kernel(
     tl.store(base + 2, Mt)
     tl.store(base + 3, St)
     tl.store(base + 4, kl)
+    tl.store(base + 5, nu)
+    tl.store(base + 7, precise.to(tl.float32))
     if HAS_TARGET:
-        M1, S1 = online_finalize(m1, s1)
-        S1 = nan_if_posinf(M1, S1)
+        _, S1 = online_finalize_x(ms, s1, 1.0)
+        S1 = nan_if_posinf(Ms, S1)
         y = tl.load(target_ptr + r)
         valid = y != ignore_index
         y_safe = tl.where(valid & (y >= 0) & (y < C), y, 0)
         s_y = tl.load(s_row + y_safe).to(tl.float32)
-        tl.store(ce_ptr + r, tl.where(valid, (M1 - s_y) + log1p(S1), 0.0))
-        tl.store(base + 5, M1)
+        tl.store(ce_ptr + r, tl.where(valid, (Ms - s_y) + log1p(S1), 0.0))
         tl.store(base + 6, S1)
     if ELEMENTWISE:
-        log_total_t = log1p(St)
+        log_t, log_s = log1p(St), log1p(Ss)
         for start in range(0, C, BLOCK):
             c = start + cols
-            zs = load_z(s_row, c, C, 1, tau)
-            zt = load_z(t_row, c, C, 1, tau)
-            q = tl.exp((zt - Mt) - log_total_t)
+            xs = load_x(s_row, c, C, 1)
+            xt = load_x(t_row, c, C, 1)
+            zt_gap = (xt - Mt) * inv
+            q = tl.exp(zt_gap - log_t)
+            _, w = _log_ratio(xs, xt, (xs - Ms) * inv, zt_gap, inv, nu, kl, log_t, log_s)
             # q = 0 (a masked teacher class) adds exactly 0; a NaN q stays NaN
-            val = tl.where(q != 0.0, tau * tau * q * ((zt - zs) - D), 0.0)
+            val = tl.where(q != 0.0, -(tau * tau) * q * w, 0.0)
             tl.store(out_ptr + r * C + c, to_store(val, out_ptr, INTERPRETED), mask=c < C)
+
+
+@triton.jit
+def _third_order(p, q, u, w, q_psi_w, keep, zt_gap, xs, Mt, inv, nu, kl, e_kl):
+    """One element's terms of B (module docstring) less the plain part: the kept classes' body and
+    the masked classes' p ((s - Mt)/τ - ν)."""
+    small_u = tl.abs(u) <= 1.0
+    q_psi3_u = tl.where(small_u, q * psi3_series(tl.where(small_u, u, 0.0)),
+                        p * e_kl - q * (1.0 + u + 0.5 * u * u))
+    body = tl.where(keep, 2.0 * q_psi3_u - u * q_psi_w - zt_gap * (q_psi_w - q * kl), 0.0)
+    return body - tl.where(keep | (p == 0.0), 0.0, p * ((xs - Mt) * inv - nu))
 
 
 @triton.jit
@@ -129,84 +242,113 @@ def _kd_bwd_kernel(
     HAS_TARGET: tl.constexpr, ELEMENTWISE: tl.constexpr, TEACHER_GRAD: tl.constexpr,
     TAU_GRAD: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    """ds = τ (p G1 - g q) + g_ce (softmax(s) - onehot(y)); dt = τ q (g (δ + 1) - G2) (see the module
-    docstring); g is per row (ELEMENTWISE: per element, g_ptr holds an (R, C) gradient)."""
+    """ds = τ g (p - q) + g_ce (softmax(s) - onehot(y)); dt = -τ g q u; dτ (module docstring); g is per
+    row (ELEMENTWISE: per element, g_ptr holds an (R, C) gradient)."""
     r = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + r * stride_s
     t_row = t_ptr + r * stride_t
     tau = tl.load(tau_ptr + r * stride_tau).to(tl.float32)
+    inv = 1.0 / tau
     base = stats_ptr + r * 8
     Ms = tl.load(base + 0)
     Ss = tl.load(base + 1)
     Mt = tl.load(base + 2)
     St = tl.load(base + 3)
     kl = tl.load(base + 4)
-    log_total_t = log1p(St)
-    # lse_t - lse_s without rounding either lse (M + log1p(S) loses |M| ulps): as the forward
-    D = (Mt - Ms) + (log_total_t - log1p(Ss))
+    nu = tl.load(base + 5)
+    precise = tl.load(base + 7) != 0.0
+    # the series bound of w on the second-order rows, -1 (never) on the others
+    w_bound = tl.where(precise, 1.0, -1.0)
+    log_t, log_s = log1p(St), log1p(Ss)
+    inv_s = 1.0 / (1.0 + Ss)
     cols = tl.arange(0, BLOCK)
     if ELEMENTWISE:
-        acc1 = tl.zeros([BLOCK], tl.float32)
-        acc2 = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, C, BLOCK):
-            c = start + cols
-            zs = load_z(s_row, c, C, 1, tau)
-            zt = load_z(t_row, c, C, 1, tau)
-            q = tl.exp((zt - Mt) - log_total_t)
-            gc = tl.load(g_ptr + r * C + c, mask=c < C, other=0.0).to(tl.float32)
-            gq = tl.where(q != 0.0, gc * q, 0.0)
-            acc1 += gq
-            acc2 += tl.where(q != 0.0, gq * ((zt - zs) - D), 0.0)
-        G1 = tl.sum(acc1, 0)
-        F = tl.sum(acc2, 0)
-        G2 = F + G1
+        G1, F = _elementwise_sums(s_row, t_row, g_ptr + r * C, cols, C, Ms, Mt, inv, nu, kl, log_t, log_s, BLOCK)
         g = 0.0
     else:
         g = tl.load(g_ptr + r * stride_g).to(tl.float32)
         G1 = g
         F = g * kl
-        G2 = F + g
     if HAS_TARGET:
-        M1 = tl.load(base + 5)
         S1 = tl.load(base + 6)
         inv1 = 1.0 / (1.0 + S1)
         y = tl.load(target_ptr + r)
         g_ce = tl.where(y != ignore_index, tl.load(gce_ptr + r * stride_g).to(tl.float32), 0.0)
-    inv_s = 1.0 / (1.0 + Ss)
+    e_kl = tl.exp(kl)
     tau_acc = tl.zeros([BLOCK], tl.float32)
+    b_acc = tl.zeros([BLOCK], tl.float32)
+    pm_acc = tl.zeros([BLOCK], tl.float32)
+    u_max = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         c = start + cols
         xs = load_x(s_row, c, C, 1)
         xt = load_x(t_row, c, C, 1)
-        zs = tl.math.div_rn(xs, tau)
-        zt = tl.math.div_rn(xt, tau)
-        p = tl.exp(zs - Ms) * inv_s
-        q = tl.exp((zt - Mt) - log_total_t)
+        zs_gap = (xs - Ms) * inv
+        zt_gap = (xt - Mt) * inv
+        p = tl.exp(zs_gap) * inv_s
+        q = tl.exp(zt_gap - log_t)
+        u, w = _log_ratio(xs, xt, zs_gap, zt_gap, inv, nu, kl, log_t, log_s)
+        # q = 0 (a masked teacher class) adds exactly 0; a NaN q (a non-finite teacher row) stays NaN
+        keep = q != 0.0
+        small_w = tl.abs(w) <= w_bound
+        psi_w = psi_series(tl.where(small_w, w, 0.0))
         if ELEMENTWISE:
             gc = tl.load(g_ptr + r * C + c, mask=c < C, other=0.0).to(tl.float32)
+            gq = tl.where(keep, gc * q, 0.0)
+            dzs = p * G1 - gq
+            dzt = tl.where(keep, q * (gc * (1.0 - w) - (F + G1)), 0.0)
         else:
-            gc = g
-        # q = 0 (a masked teacher class) adds exactly 0; a NaN q (a non-finite teacher row) stays NaN
-        gq = tl.where(q != 0.0, gc * q, 0.0)
-        dzs = p * G1 - gq
+            # p - q = q expm1(w): no cancellation where p ≈ q (the second-order rows)
+            dzs = g * tl.where(keep, tl.where(small_w, q * (w + psi_w), p - q), p)
+            dzt = tl.where(keep, -g * q * u, 0.0)
         ds = tau * dzs
         if HAS_TARGET:
-            s1 = load_z(s_row, c, C, 1, 1.0)
-            p1 = tl.exp(s1 - M1) * inv1
-            q1 = tl.where(s1 == M1, S1 * inv1, 1.0 - p1)
+            p1 = tl.exp(xs - Ms) * inv1
+            q1 = tl.where(xs == Ms, S1 * inv1, 1.0 - p1)
             ds += g_ce * tl.where(c == y, -q1, p1)
         tl.store(ds_ptr + r * C + c, to_store(ds, ds_ptr, INTERPRETED), mask=c < C)
-        if TEACHER_GRAD or TAU_GRAD:
-            delta = (zt - zs) - D
-            dzt = tl.where(q != 0.0, q * (gc * (delta + 1.0) - G2), 0.0)
         if TEACHER_GRAD:
             tl.store(dt_ptr + r * C + c, to_store(tau * dzt, dt_ptr, INTERPRETED), mask=c < C)
         if TAU_GRAD:
-            # τ (z - M) = x - M τ: in x units (half_gap), no rounding of x / τ in the shift
-            tau_acc += (tl.where(dzs != 0.0, half_gap(xs, Ms, tau) * dzs, 0.0)
-                        + tl.where(dzt != 0.0, half_gap(xt, Mt, tau) * dzt, 0.0))
+            # shifted by the maxima in x units and halved (finite for logits of ±3e38)
+            tau_acc += (tl.where(dzs != 0.0, (xs * 0.5 - Ms * 0.5) * dzs, 0.0)
+                        + tl.where(dzt != 0.0, (xt * 0.5 - Mt * 0.5) * dzt, 0.0))
+            if not ELEMENTWISE:
+                q_psi_w = tl.where(small_w, q * psi_w, (p - q) - q * w)
+                b_acc += _third_order(p, q, u, w, q_psi_w, keep, zt_gap, xs, Mt, inv, nu, kl, e_kl)
+                pm_acc += tl.where(keep, 0.0, p)
+                u_max = tl.maximum(u_max, tl.where(keep, tl.abs(u), 0.0))
     if TAU_GRAD:
-        tl.store(dtau_ptr + r, 2.0 * (tau * F - tl.sum(tau_acc, 0)))
+        shifted = tl.sum(tau_acc, 0)
+        if ELEMENTWISE:
+            tl.store(dtau_ptr + r, 2.0 * (tau * F - shifted))
+        else:
+            log_kept = log1p(-tl.sum(pm_acc, 0))
+            l = kl + log_kept
+            psi_l = tl.where(tl.abs(l) <= 1.0, psi_series(l), tl.exp(l) - 1.0 - l)
+            B = tl.sum(b_acc, 0) - 2.0 * psi_l - 2.0 * log_kept
+            # the third-order terms are small only where every kept u is: a class far from the rest (a
+            # student far from its teacher) makes them large and cancelling, the plain form exact
+            third = precise & (tl.max(u_max, 0) <= 1.0)
+            tl.store(dtau_ptr + r, tl.where(third, tau * g * B, 2.0 * (tau * g * kl - shifted)))
+
+
+@triton.jit
+def _elementwise_sums(s_row, t_row, g_row, cols, C, Ms, Mt, inv, nu, kl, log_t, log_s, BLOCK: tl.constexpr):
+    """G1 = Σ g q and F = Σ g q δ (δ = log q - log p = -w) of a row with a per-element gradient g."""
+    acc1 = tl.zeros([BLOCK], tl.float32)
+    acc2 = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, C, BLOCK):
+        c = start + cols
+        xs = load_x(s_row, c, C, 1)
+        xt = load_x(t_row, c, C, 1)
+        zt_gap = (xt - Mt) * inv
+        q = tl.exp(zt_gap - log_t)
+        _, w = _log_ratio(xs, xt, (xs - Ms) * inv, zt_gap, inv, nu, kl, log_t, log_s)
+        gq = tl.where(q != 0.0, tl.load(g_row + c, mask=c < C, other=0.0).to(tl.float32) * q, 0.0)
+        acc1 += gq
+        acc2 += tl.where(q != 0.0, -gq * w, 0.0)
+    return tl.sum(acc1, 0), tl.sum(acc2, 0)
 
 
 # ---------------------------------------------------------------------------- launchers
@@ -217,7 +359,7 @@ def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
     R, C = s2.shape
     dev = s2.device
     kl = torch.empty(R, device=dev, dtype=torch.float32)
-    stats = torch.zeros(R, 8, device=dev, dtype=torch.float32)  # the torch path's width; column 7 unused here
+    stats = torch.zeros(R, 8, device=dev, dtype=torch.float32)  # (Ms, Ss, Mt, St, KL, ν, S1, precise)
     ce = torch.empty(R, device=dev, dtype=torch.float32) if target is not None else kl
     out = torch.empty((R, C), device=dev, dtype=s2.dtype) if elementwise else kl
     block, _, _ = row_config(C, LANES_PER_BLOCK)

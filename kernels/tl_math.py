@@ -60,6 +60,73 @@ def online_finalize(m, s):
 
 
 @triton.jit
+def online_update_x(m, s, x, inv):
+    """:func:`online_update` for z = x·inv kept in x units (the max m is a logit, never rounded by a
+    division: exp((x - m)·inv) takes one rounding of the gap, not of |x|/τ).
+
+    Returns ``(m, s, e, is_new, arg)``: e = exp(arg) is the old sum's rescale where ``is_new`` and the
+    element's own weight exp((x - m)·inv) otherwise, so that a caller keeping more sums under the same
+    max needs no second exp.
+    """
+    is_new = x > m
+    # a tie adds exp(0) = 1, also at inf - inf (see online_update)
+    arg = tl.where(x == m, 0.0, tl.where(is_new, m - x, x - m) * inv)
+    e = tl.exp(arg)
+    s = tl.where(is_new, s * e + e, s + e)
+    m = tl.maximum(m, x)
+    return m, s, e, is_new, arg
+
+
+@triton.jit
+def lane_scale(m, M, inv):
+    """exp((m - M)·inv) per lane: the factor that moves a lane's sums from its max m to the row's max M;
+    1 at the lanes that attain M (also M = +inf), 0 at the lanes that saw no finite value."""
+    valid = m > float("-inf")
+    at_top = valid & (m == M)
+    return tl.exp(tl.where(at_top, 0.0, tl.where(valid, (m - M) * inv, float("-inf")))), valid, at_top
+
+
+@triton.jit
+def online_finalize_x(m, s, inv):
+    """:func:`online_finalize` for the lanes of :func:`online_update_x`: ``(M, S)`` with M = max x (x
+    units) and S = Σ_{j ≠ argmax} exp((x_j - M)·inv)."""
+    M = tl.max(m, 0)
+    scale, valid, at_top = lane_scale(m, M, inv)
+    S = tl.sum(s * scale, 0) + tl.sum(tl.where(valid & (m < M), scale, 0.0), 0)
+    S = S + (tl.sum(at_top.to(tl.float32), 0) - 1.0)
+    return M, S
+
+
+@triton.jit
+def psi_series(x):
+    """ψ(x) = e^x - 1 - x for |x| <= 1, with full relative precision: x² Σ_{k<9} x^k/(k+2)! (the
+    truncation is below 4e-8 relative at |x| = 1)."""
+    h = x * (1.0 / 3628800) + 1.0 / 362880
+    h = h * x + 1.0 / 40320
+    h = h * x + 1.0 / 5040
+    h = h * x + 1.0 / 720
+    h = h * x + 1.0 / 120
+    h = h * x + 1.0 / 24
+    h = h * x + 1.0 / 6
+    h = h * x + 0.5
+    return x * x * h
+
+
+@triton.jit
+def psi3_series(x):
+    """e^x - 1 - x - x²/2 for |x| <= 1, with full relative precision: x³ Σ_{k<9} x^k/(k+3)!."""
+    h = x * (1.0 / 39916800) + 1.0 / 3628800
+    h = h * x + 1.0 / 362880
+    h = h * x + 1.0 / 40320
+    h = h * x + 1.0 / 5040
+    h = h * x + 1.0 / 720
+    h = h * x + 1.0 / 120
+    h = h * x + 1.0 / 24
+    h = h * x + 1.0 / 6
+    return x * x * x * h
+
+
+@triton.jit
 def nan_if_posinf(M, S):
     """S for softmax, log_softmax and the losses: a row with a +inf logit is NaN there, as in torch
     (inf - inf); only τ·logsumexp keeps ``(M, S) = (+inf, #others at +inf)`` and returns +inf."""
