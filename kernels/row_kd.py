@@ -43,11 +43,11 @@ from .row_engine import interpreted, load_x, row_config, tau_stride
 from .tl_math import (lane_scale, log1p, nan_if_posinf, online_finalize_x, online_update_x, psi3_series,
                       psi_series, to_store)
 
-# seven per-lane accumulators (student, teacher, τ = 1 statistics and the q-weighted sum):
-# a quarter of the engine's block over 8 warps is spill-free on sm_80 and sm_90 at 48-75
-# registers (python -m bench.aot; the full block needs 255, half a block over 8 warps
-# still spills 16-24 bytes, a quarter over 4 warps 8 bytes on sm_90)
-LANES_PER_BLOCK = 4
+# ten per-lane accumulators (the student's and teacher's (max, Σ others), the moments A and R, the
+# reference class (s, t), P_m and the τ = 1 sum): an eighth of the engine's block over 8 warps (2
+# elements a thread) is spill-free on sm_80 and sm_90 at 29-61 registers (python -m bench.aot; a
+# quarter spilled 8-16 bytes on sm_90 with a target, where ptxas caps the forward at 80 registers)
+LANES_PER_BLOCK = 8
 NUM_WARPS = 8
 
 
@@ -69,12 +69,12 @@ def _moments_update(mt, st, A, R, s_ref, t_ref, xs, xt, inv):
     units, ((s - s_ref) - (t - t_ref))/τ: never through v itself, whose rounding is that of the logits'
     magnitude over τ (a student far from its teacher).  Returns the element's w as well (0: a class of
     teacher weight 0, whose student mass goes to P_m)."""
-    W = st + tl.where(mt > float("-inf"), 1.0, 0.0)  # Σ w of the old sums
+    W = st + 1.0  # Σ w of the old sums (st starts at -1: 0 before the lane's first finite logit)
     mt, st, e, is_new, arg = online_update_x(mt, st, xt, inv)
     w = tl.where(is_new, 1.0, tl.where(xt > float("-inf"), e, 0.0))
     x = tl.where(w != 0.0, ((xs - s_ref) - (xt - t_ref)) * inv, 0.0)
     # a new max moves the reference to its class (not to a student -inf: its x of -inf makes A -inf, KL +inf)
-    move = is_new & (x - x == 0.0)
+    move = is_new & (tl.abs(x) < float("inf"))
     d = tl.where(move, x, 0.0)
     small = tl.abs(x) <= 1.0
     psi_x = psi_series(tl.where(small, x, 0.0))
@@ -157,7 +157,7 @@ def _kd_fwd_kernel(
     ms = tl.full([BLOCK], float("-inf"), tl.float32)
     mt = tl.full([BLOCK], float("-inf"), tl.float32)
     ss = tl.zeros([BLOCK], tl.float32)
-    st = tl.zeros([BLOCK], tl.float32)
+    st = tl.full([BLOCK], -1.0, tl.float32)  # see _moments_update
     A = tl.zeros([BLOCK], tl.float32)
     R = tl.zeros([BLOCK], tl.float32)
     s_ref = tl.zeros([BLOCK], tl.float32)
@@ -170,8 +170,8 @@ def _kd_fwd_kernel(
         xt = load_x(t_row, c, C, 1)
         mt, st, A, R, s_ref, t_ref, w = _moments_update(mt, st, A, R, s_ref, t_ref, xs, xt, inv)
         if HAS_TARGET:  # τ = 1 under the same lane max
-            _, s1, _, _, _ = online_update_x(ms, s1, xs, 1.0)
-        ms, ss, e, is_new, _ = online_update_x(ms, ss, xs, inv)
+            s1 = online_update_x(ms, s1, xs, 1.0)[1]
+        ms, ss, e, is_new, arg = online_update_x(ms, ss, xs, inv)
         pm = pm * tl.where(is_new, e, 1.0) + tl.where(w != 0.0, 0.0, tl.where(is_new, 1.0, e))
     # a +inf or NaN logit, or a row with no finite logit, makes the row NaN (as the composition)
     Ms, Ss = online_finalize_x(ms, ss, inv)
@@ -179,7 +179,7 @@ def _kd_fwd_kernel(
     Mt, St = online_finalize_x(mt, st, inv)
     St = nan_if_posinf(Mt, St)
     A, R, s_ref, t_ref = _moments_finalize(mt, st, A, R, s_ref, t_ref, Mt, inv)
-    scale_s, _, _ = lane_scale(ms, Ms, inv)
+    scale_s = lane_scale(ms, Ms, inv)[0]
     # (Ms - Mt)/τ - v_ref from gaps in x units (never the magnitude of v_ref)
     kl, a, precise = _row_kl(A, R, tl.sum(tl.where(scale_s == 0.0, 0.0, pm * scale_s), 0), Ss, St,
                              ((Ms - s_ref) - (Mt - t_ref)) * inv)
@@ -195,7 +195,7 @@ def _kd_fwd_kernel(
     tl.store(base + 5, nu)
     tl.store(base + 7, precise.to(tl.float32))
     if HAS_TARGET:
-        _, S1 = online_finalize_x(ms, s1, 1.0)
+        S1 = online_finalize_x(ms, s1, 1.0)[1]
         S1 = nan_if_posinf(Ms, S1)
         y = tl.load(target_ptr + r)
         valid = y != ignore_index
@@ -211,7 +211,7 @@ def _kd_fwd_kernel(
             xt = load_x(t_row, c, C, 1)
             zt_gap = (xt - Mt) * inv
             q = tl.exp(zt_gap - log_t)
-            _, w = _log_ratio(xs, xt, (xs - Ms) * inv, zt_gap, inv, nu, kl, log_t, log_s)
+            w = _log_ratio(xs, xt, (xs - Ms) * inv, zt_gap, inv, nu, kl, log_t, log_s)[1]
             # q = 0 (a masked teacher class) adds exactly 0; a NaN q stays NaN
             val = tl.where(q != 0.0, -(tau * tau) * q * w, 0.0)
             tl.store(out_ptr + r * C + c, to_store(val, out_ptr, INTERPRETED), mask=c < C)
@@ -344,7 +344,7 @@ def _elementwise_sums(s_row, t_row, g_row, cols, C, Ms, Mt, inv, nu, kl, log_t, 
         xt = load_x(t_row, c, C, 1)
         zt_gap = (xt - Mt) * inv
         q = tl.exp(zt_gap - log_t)
-        _, w = _log_ratio(xs, xt, (xs - Ms) * inv, zt_gap, inv, nu, kl, log_t, log_s)
+        w = _log_ratio(xs, xt, (xs - Ms) * inv, zt_gap, inv, nu, kl, log_t, log_s)[1]
         gq = tl.where(q != 0.0, tl.load(g_row + c, mask=c < C, other=0.0).to(tl.float32) * q, 0.0)
         acc1 += gq
         acc2 += tl.where(q != 0.0, -gq * w, 0.0)
