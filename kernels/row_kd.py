@@ -10,15 +10,18 @@ of teacher probability 0.  Then log p - log q = w = u - KL and, since E_q u = 0,
 which is second order in u: exact where the student is near its teacher, at any τ and under a common
 logit offset, where Σ q (zt - zs) - (lse_t - lse_s) cancels to below the ulp of its terms (τ = 1e4
 gave a negative KL).  The forward keeps, beside the online (max, Σ others) of s and t per lane, the
-teacher-weighted moments A = Σ w x and R = Σ w ψ(x) of x = v - ν0 and the student's mass on the
-classes of teacher weight 0, rescaled as the teacher's (student's) lane max moves; ψ by its 9-term
-series for |x| <= 1, else as w e^x - w(1 + x) with w e^x one exp.  ν0 is a reference read from the
-first block (the q-weighted mean of v there), so that x is small.  With ā = A/W, b̄ = R/W
-(W = Σ w = 1 + St): E_q e^u = 1 + e^-ā (b̄ - ψ(ā)), ν = ν0 + ā.  A row whose log E_q e^u reaches 1,
+teacher-weighted moments A = Σ w x and R = Σ w ψ(x) of x = v - v_ref about a reference class, and the
+student's mass on the classes of teacher weight 0, rescaled as the teacher's (student's) lane max
+moves; ψ by its 9-term series for |x| <= 1, else as w e^x - w(1 + x) with w e^x one exp.  The
+reference class is the lane's teacher max, so that x is small where the teacher's mass is (a fixed
+reference, e.g. from the first block, leaves E_q ψ(u) to a cancellation e^|ā| times its size against
+a peaked teacher): when the max moves, the sums move with it, Σ w ψ(x - d) = e^-d R + expm1(-d) A +
+ψ(-d) W, Σ w (x - d) = A - d W, and at the end every lane's sums move to the class of the row's
+teacher max.  x is formed from gaps in x units, ((s - s_ref) - (t - t_ref))/τ, never through v, whose
+rounding is that of |s - t|/τ (a student far from its teacher).  With ā = A/W, b̄ = R/W
+(W = Σ w = 1 + St): E_q e^u = 1 + e^-ā (b̄ - ψ(ā)), ν = v_ref + ā.  A row whose log E_q e^u reaches 1,
 or whose P_m reaches 1/2, has no cancellation to avoid and takes the plain form
-KL = (Ms - Mt)/τ - ν + log1p(Ss) - log1p(St), whose (Ms - Mt)/τ - ν0 is formed through one class
-(the anchor) in x units with the exact errors of its roundings (two-sum, fma), never through the
-magnitude of ν0 (as large as the logits/τ for a student far from its teacher).
+KL = ((Ms - s_ref) - (Mt - t_ref))/τ - ā + log1p(Ss) - log1p(St).
 stats[r] = (Ms, Ss, Mt, St, KL, ν, S1, precise): maxima in x units, precise = 1 where the row takes
 the second-order forms.  The torch path (fused_tau/_torch_kd.py) computes the same quantities.
 
@@ -99,7 +102,7 @@ def _moments_finalize(mt, st, A, R, s_ref, t_ref, Mt, inv):
     log_c = tl.where(at_top, 0.0, tl.where(valid, (mt - Mt) * inv, float("-inf")))
     d = tl.where(valid, ((s_row - s_ref) - (t_row - t_ref)) * inv, 0.0)
     small = tl.abs(d) <= 1.0
-    A, R = _recentre(A, R, st + tl.where(valid, 1.0, 0.0), tl.exp(log_c), tl.exp(log_c - d), d,
+    A, R = _recentre(A, R, st + 1.0, tl.exp(log_c), tl.exp(log_c - d), d,
                      psi_series(tl.where(small, d, 0.0)), small)
     return tl.sum(A, 0), tl.sum(R, 0), s_row, t_row
 
@@ -171,7 +174,8 @@ def _kd_fwd_kernel(
         mt, st, A, R, s_ref, t_ref, w = _moments_update(mt, st, A, R, s_ref, t_ref, xs, xt, inv)
         if HAS_TARGET:  # τ = 1 under the same lane max
             s1 = online_update_x(ms, s1, xs, 1.0)[1]
-        ms, ss, e, is_new, arg = online_update_x(ms, ss, xs, inv)
+        ms, ss, e, is_new, _arg = online_update_x(ms, ss, xs, inv)
+        # the student's mass on the classes of teacher weight 0, under the student's lane max
         pm = pm * tl.where(is_new, e, 1.0) + tl.where(w != 0.0, 0.0, tl.where(is_new, 1.0, e))
     # a +inf or NaN logit, or a row with no finite logit, makes the row NaN (as the composition)
     Ms, Ss = online_finalize_x(ms, ss, inv)
@@ -218,7 +222,7 @@ def _kd_fwd_kernel(
 
 
 @triton.jit
-def _third_order(p, q, u, w, q_psi_w, keep, zt_gap, xs, Mt, inv, nu, kl, e_kl):
+def _third_order(p, q, u, q_psi_w, keep, zt_gap, xs, Mt, inv, nu, kl, e_kl):
     """One element's terms of B (module docstring) less the plain part: the kept classes' body and
     the masked classes' p ((s - Mt)/τ - ν)."""
     small_u = tl.abs(u) <= 1.0
@@ -315,7 +319,7 @@ def _kd_bwd_kernel(
                         + tl.where(dzt != 0.0, (xt * 0.5 - Mt * 0.5) * dzt, 0.0))
             if not ELEMENTWISE:
                 q_psi_w = tl.where(small_w, q * psi_w, (p - q) - q * w)
-                b_acc += _third_order(p, q, u, w, q_psi_w, keep, zt_gap, xs, Mt, inv, nu, kl, e_kl)
+                b_acc += _third_order(p, q, u, q_psi_w, keep, zt_gap, xs, Mt, inv, nu, kl, e_kl)
                 pm_acc += tl.where(keep, 0.0, p)
                 u_max = tl.maximum(u_max, tl.where(keep, tl.abs(u), 0.0))
     if TAU_GRAD:

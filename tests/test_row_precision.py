@@ -284,6 +284,24 @@ def test_kd_student_far_from_teacher(backend, device, tau):
     _compare(_kd(fused_tau), _kd_reference(), [s, t], tau, degree=2)
 
 
+@pytest.mark.parametrize("tau", [1.0, 1e4])
+def test_kd_peaked_teacher_long_row(backend, device, tau, monkeypatch):
+    """Long rows at the engine's real block (the kernel: several classes a lane, many lanes), a teacher
+    peaked on a class past the first block and a student 6 above it on the first block's classes of
+    little teacher mass.  The second-order form needs E_q ψ(u) about a point near ν = E_q v: a reference
+    taken from the first block (near v + 6 there) would leave it to a cancellation e^6 times its size."""
+    if backend == "triton":
+        import fused_tau.kernels.row_engine as row
+
+        monkeypatch.setattr(row, "MAX_BLOCK", 4096)
+    t = torch.randn(2, 3000, device=device)
+    t[:, 2000] += 12.0
+    t[:, :512] -= 3.0
+    s = t + 0.05 * torch.randn(2, 3000, device=device)
+    s[:, :512] += 6.0
+    _compare(_kd(fused_tau), _kd_reference(), [s, t], tau, degree=2, normalise_dtau=True)
+
+
 # ------------------------------------------------------------------ item 12: huge logits, zero weights
 
 @pytest.mark.parametrize("op", list(ROW_OPS))
