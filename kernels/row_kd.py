@@ -208,13 +208,13 @@ def _kd_fwd_kernel(
         tl.store(ce_ptr + r, tl.where(valid, (Ms - s_y) + log1p(S1), 0.0))
         tl.store(base + 6, S1)
     if ELEMENTWISE:
-        log_t, log_s = log1p(St), log1p(Ss)
+        log_t, log_s, inv_t = log1p(St), log1p(Ss), 1.0 / (1.0 + St)
         for start in range(0, C, BLOCK):
             c = start + cols
             xs = load_x(s_row, c, C, 1)
             xt = load_x(t_row, c, C, 1)
             zt_gap = (xt - Mt) * inv
-            q = tl.exp(zt_gap - log_t)
+            q = tl.exp(zt_gap) * inv_t
             w = _log_ratio(xs, xt, (xs - Ms) * inv, zt_gap, inv, nu, kl, log_t, log_s)[1]
             # q = 0 (a masked teacher class) adds exactly 0; a NaN q stays NaN
             val = tl.where(q != 0.0, -(tau * tau) * q * w, 0.0)
@@ -264,10 +264,14 @@ def _kd_bwd_kernel(
     # the series bound of w on the second-order rows, -1 (never) on the others
     w_bound = tl.where(precise, 1.0, -1.0)
     log_t, log_s = log1p(St), log1p(Ss)
+    # p = exp((s - Ms)/τ) / (1 + Ss), q likewise: the normaliser's log in the exponent would add its
+    # rounding, ulp(log C) relative, to every probability
     inv_s = 1.0 / (1.0 + Ss)
+    inv_t = 1.0 / (1.0 + St)
     cols = tl.arange(0, BLOCK)
     if ELEMENTWISE:
-        G1, F = _elementwise_sums(s_row, t_row, g_ptr + r * C, cols, C, Ms, Mt, inv, nu, kl, log_t, log_s, BLOCK)
+        G1, F = _elementwise_sums(s_row, t_row, g_ptr + r * C, cols, C, Ms, Mt, inv, nu, kl, log_t, log_s, inv_t,
+                                  BLOCK)
         g = 0.0
     else:
         g = tl.load(g_ptr + r * stride_g).to(tl.float32)
@@ -290,7 +294,7 @@ def _kd_bwd_kernel(
         zs_gap = (xs - Ms) * inv
         zt_gap = (xt - Mt) * inv
         p = tl.exp(zs_gap) * inv_s
-        q = tl.exp(zt_gap - log_t)
+        q = tl.exp(zt_gap) * inv_t
         u, w = _log_ratio(xs, xt, zs_gap, zt_gap, inv, nu, kl, log_t, log_s)
         # q = 0 (a masked teacher class) adds exactly 0; a NaN q (a non-finite teacher row) stays NaN
         keep = q != 0.0
@@ -338,7 +342,7 @@ def _kd_bwd_kernel(
 
 
 @triton.jit
-def _elementwise_sums(s_row, t_row, g_row, cols, C, Ms, Mt, inv, nu, kl, log_t, log_s, BLOCK: tl.constexpr):
+def _elementwise_sums(s_row, t_row, g_row, cols, C, Ms, Mt, inv, nu, kl, log_t, log_s, inv_t, BLOCK: tl.constexpr):
     """G1 = Σ g q and F = Σ g q δ (δ = log q - log p = -w) of a row with a per-element gradient g."""
     acc1 = tl.zeros([BLOCK], tl.float32)
     acc2 = tl.zeros([BLOCK], tl.float32)
@@ -347,7 +351,7 @@ def _elementwise_sums(s_row, t_row, g_row, cols, C, Ms, Mt, inv, nu, kl, log_t, 
         xs = load_x(s_row, c, C, 1)
         xt = load_x(t_row, c, C, 1)
         zt_gap = (xt - Mt) * inv
-        q = tl.exp(zt_gap - log_t)
+        q = tl.exp(zt_gap) * inv_t
         w = _log_ratio(xs, xt, (xs - Ms) * inv, zt_gap, inv, nu, kl, log_t, log_s)[1]
         gq = tl.where(q != 0.0, tl.load(g_row + c, mask=c < C, other=0.0).to(tl.float32) * q, 0.0)
         acc1 += gq
