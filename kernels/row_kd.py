@@ -44,7 +44,7 @@ import triton.language as tl
 
 from .row_engine import interpreted, load_x, row_config, tau_stride
 from .tl_math import (lane_scale, log1p, nan_if_posinf, online_finalize_x, online_update_x, psi3_series,
-                      psi_series, to_store)
+                      psi_series, psi_series_f64, to_store)
 
 # ten per-lane accumulators (the student's and teacher's (max, Σ others), the moments A and R, the
 # reference class (s, t), P_m and the τ = 1 sum): an eighth of the engine's block over 8 warps (2
@@ -58,26 +58,44 @@ NUM_WARPS = 8
 def _recentre(A, R, W, c, E, d, psi_d, small):
     """Moments moved to a reference d higher and scaled by c: Σ c w ψ(x - d) = E R + c expm1(-d) A +
     c ψ(-d) W and Σ c w (x - d) = c (A - d W), given E = c e^-d and psi_d = ψ(d) where |d| <= 1
-    (small): c ψ(-d) = E (d² + (d - 1) ψ(d)) there, E - c + c d elsewhere.  A lane that is dropped
-    (c = 0: it saw no finite teacher logit, or its weights underflow) gives 0, also for an A of -inf."""
+    (small): c ψ(-d) = E (d² + (d - 1) ψ(d)) there, E - c + c d elsewhere.  Sums that are dropped
+    (c = 0: no finite teacher logit yet, or weights that underflow) give 0, also where they overflowed."""
     c_psi = tl.where(small, E * (d * d + (d - 1.0) * psi_d), E - c + c * d)
-    return tl.where(c == 0.0, 0.0, c * (A - d * W)), E * R + (c_psi - c * d) * A + c_psi * W
+    dropped = c == 0.0
+    return (tl.where(dropped, 0.0, c * (A - d * W)),
+            tl.where(dropped, 0.0, E * R + (c_psi - c * d) * A + c_psi * W))
 
 
 @triton.jit
-def _moments_update(mt, st, A, R, s_ref, t_ref, xs, xt, inv):
+def _kahan_add(total, comp, term):
+    """total + term with the compensated (Kahan) sum: the exact sum is total - comp to a rounding or two
+    of the whole, where a lane's plain running sum of n terms drifts by about √n roundings."""
+    y = term - comp
+    t = total + y
+    return t, (t - total) - y
+
+
+@triton.jit
+def _moments_update(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, xs, xt, inv):
     """One block into the teacher's lane (max, Σ others) and the moments A = Σ w x, R = Σ w ψ(x) of
-    x = v - v_ref under w = exp((t - mt)/τ).  The reference is the class of the lane's teacher max,
-    (s_ref, t_ref), so that x is small where the teacher's mass is, and x is formed from gaps in x
-    units, ((s - s_ref) - (t - t_ref))/τ: never through v itself, whose rounding is that of the logits'
-    magnitude over τ (a student far from its teacher).  Returns the element's w as well (0: a class of
-    teacher weight 0, whose student mass goes to P_m)."""
+    x = v - v_ref under w = exp((t - mt)/τ), compensated sums (cA, cR).  The reference is the class of
+    the lane's teacher max, (s_ref, t_ref), so that x is small where the teacher's mass is, and x is
+    formed from gaps in x units, ((s - s_ref) - (t - t_ref))/τ: never through v itself, whose rounding
+    is that of the logits' magnitude over τ (a student far from its teacher).  inf_mass: Σ w over the
+    classes whose x is not finite (a student -inf where the teacher has weight: KL = +inf), left out of
+    the moments.  Returns the element's w as well (0: a class of teacher weight 0, whose student mass
+    goes to P_m) and whether a new max dropped the old sums (their weights underflow: their classes'
+    student mass goes to P_m too)."""
     W = st + 1.0  # Σ w of the old sums (st starts at -1: 0 before the lane's first finite logit)
     mt, st, e, is_new, arg = online_update_x(mt, st, xt, inv)
     w = tl.where(is_new, 1.0, tl.where(xt > float("-inf"), e, 0.0))
-    x = tl.where(w != 0.0, ((xs - s_ref) - (xt - t_ref)) * inv, 0.0)
-    # a new max moves the reference to its class (not to a student -inf: its x of -inf makes A -inf, KL +inf)
-    move = is_new & (tl.abs(x) < float("inf"))
+    c = tl.where(is_new, e, 1.0)
+    x = ((xs - s_ref) - (xt - t_ref)) * inv
+    finite = tl.abs(x) < float("inf")
+    inf_mass = inf_mass * c + tl.where(finite, 0.0, w)
+    x = tl.where(finite & (w != 0.0), x, 0.0)
+    # a new max moves the reference to its class
+    move = is_new & finite
     d = tl.where(move, x, 0.0)
     small = tl.abs(x) <= 1.0
     psi_x = psi_series(tl.where(small, x, 0.0))
@@ -85,39 +103,54 @@ def _moments_update(mt, st, A, R, s_ref, t_ref, xs, xt, inv):
     # c e^-d of the old sums where is_new (arg is then their scale's exponent)
     E = tl.exp(arg + tl.where(is_new, -d, x))
     w_psi = tl.where(small, w * psi_x, E - w * (1.0 + x))
-    A_new, R_new = _recentre(A, R, W, tl.where(is_new, e, 1.0), E, d, psi_x, small)
-    A = tl.where(is_new, A_new, A) + tl.where(move, 0.0, w * x)
-    R = tl.where(is_new, R_new, R) + tl.where(move, 0.0, w_psi)
-    return mt, st, A, R, tl.where(move, xs, s_ref), tl.where(move, xt, t_ref), w
+    A_new, R_new = _recentre(A - cA, R - cR, W, c, E, d, psi_x, small)
+    A, cA = _kahan_add(tl.where(is_new, A_new, A), tl.where(is_new, 0.0, cA), tl.where(move, 0.0, w * x))
+    R, cR = _kahan_add(tl.where(is_new, R_new, R), tl.where(is_new, 0.0, cR), tl.where(move, 0.0, w_psi))
+    return (mt, st, A, cA, R, cR, tl.where(move, xs, s_ref), tl.where(move, xt, t_ref), inf_mass, w,
+            is_new & (c == 0.0))
 
 
 @triton.jit
-def _moments_finalize(mt, st, A, R, s_ref, t_ref, Mt, inv):
-    """The lanes' moments moved to the row's teacher max Mt and to the reference of a lane that holds
-    it: (A, R, s_ref, t_ref) of the row."""
+def _psi_f64(x):
+    """ψ(x) = e^x - 1 - x in float64."""
+    return tl.where(tl.abs(x) <= 1.0, psi_series_f64(x), tl.exp(x) - 1.0 - x)
+
+
+@triton.jit
+def _moments_finalize(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, Mt, inv):
+    """The lanes' moments moved to the row's teacher max Mt and to the reference class of a lane that
+    holds it, in float64 (the merge is where the moments cancel: E_q ψ(u) = e^-ā (b̄ - ψ(ā)) is a
+    difference of terms e^|ā| times its size).  Returns (ā, l = log E_q e^u, Σ q over the classes of
+    infinite x, s_ref, t_ref) of the row and the lanes it dropped (weights that underflow)."""
     valid = mt > float("-inf")
     at_top = valid & (mt == Mt)
-    s_row = tl.max(tl.where(at_top, s_ref, float("-inf")), 0)
-    t_row = tl.max(tl.where(at_top & (s_ref == s_row), t_ref, float("-inf")), 0)
-    log_c = tl.where(at_top, 0.0, tl.where(valid, (mt - Mt) * inv, float("-inf")))
-    d = tl.where(valid, ((s_row - s_ref) - (t_row - t_ref)) * inv, 0.0)
-    small = tl.abs(d) <= 1.0
-    A, R = _recentre(A, R, st + 1.0, tl.exp(log_c), tl.exp(log_c - d), d,
-                     psi_series(tl.where(small, d, 0.0)), small)
-    return tl.sum(A, 0), tl.sum(R, 0), s_row, t_row
+    s0 = tl.max(tl.where(at_top, s_ref, float("-inf")), 0)
+    t0 = tl.max(tl.where(at_top & (s_ref == s0), t_ref, float("-inf")), 0)
+    inv64 = inv.to(tl.float64)
+    log_c = tl.where(valid, (mt.to(tl.float64) - Mt.to(tl.float64)) * inv64, float("-inf"))
+    d = tl.where(valid, ((s0.to(tl.float64) - s_ref.to(tl.float64)) - (t0.to(tl.float64) - t_ref.to(tl.float64)))
+                 * inv64, 0.0)
+    c = tl.exp(log_c)
+    dropped = c == 0.0  # (their sums may have overflowed)
+    W = tl.where(dropped, 0.0, c * (st.to(tl.float64) + 1.0))
+    A = tl.where(dropped, 0.0, A.to(tl.float64) - cA.to(tl.float64))
+    psi_neg_d = _psi_f64(-d)
+    R = tl.where(dropped, 0.0, tl.exp(log_c - d) * (R.to(tl.float64) - cR.to(tl.float64))
+                 + c * ((psi_neg_d - d) * A) + psi_neg_d * W)
+    W_row = tl.sum(W, 0)
+    a = tl.sum(c * A - d * W, 0) / W_row
+    l = log1p(tl.exp(-a) * (tl.sum(R, 0) / W_row - _psi_f64(a)))
+    return a, l, tl.sum(tl.where(dropped, 0.0, c * inf_mass.to(tl.float64)), 0) / W_row, s0, t0, dropped
 
 
 @triton.jit
-def _row_kl(A, R, Pm, Ss, St, gap):
-    """(KL, ā, precise) of the row from its moments (module docstring); gap = (Ms - Mt)/τ - v_ref."""
-    W = 1.0 + St
-    a = A / W
-    psi_a = tl.where(tl.abs(a) <= 1.0, psi_series(a), tl.exp(a) - 1.0 - a)
-    l = log1p(tl.exp(-a) * (R / W - psi_a))  # log E_q e^u: NaN or inf sends the row to the plain form
+def _row_kl(a, l, inf_q, Pm, Ss, St, gap):
+    """(KL, precise) of the row from its moments (float64; module docstring); gap = (Ms - Mt)/τ - v_ref."""
     pm = Pm / (1.0 + Ss)
-    precise = (l < 1.0) & (pm < 0.5)
-    kl = tl.where(precise, l - log1p(-pm), (gap - a) + (log1p(Ss) - log1p(St)))
-    return kl, a, precise
+    precise = (l < 1.0) & (pm < 0.5) & (inf_q == 0.0)  # NaN or inf l: the plain form
+    kl = tl.where(precise, (l - log1p(-pm.to(tl.float64))).to(tl.float32),
+                  ((gap - a).to(tl.float32) + (log1p(Ss) - log1p(St))))
+    return tl.where(inf_q > 0.0, float("inf"), kl), precise
 
 
 @triton.jit
@@ -162,33 +195,45 @@ def _kd_fwd_kernel(
     ss = tl.zeros([BLOCK], tl.float32)
     st = tl.full([BLOCK], -1.0, tl.float32)  # see _moments_update
     A = tl.zeros([BLOCK], tl.float32)
+    cA = tl.zeros([BLOCK], tl.float32)
     R = tl.zeros([BLOCK], tl.float32)
+    cR = tl.zeros([BLOCK], tl.float32)
+    inf_mass = tl.zeros([BLOCK], tl.float32)
     s_ref = tl.zeros([BLOCK], tl.float32)
     t_ref = tl.zeros([BLOCK], tl.float32)
     pm = tl.zeros([BLOCK], tl.float32)
+    pk = tl.zeros([BLOCK], tl.float32)
     s1 = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         c = start + cols
         xs = load_x(s_row, c, C, 1)
         xt = load_x(t_row, c, C, 1)
-        mt, st, A, R, s_ref, t_ref, w = _moments_update(mt, st, A, R, s_ref, t_ref, xs, xt, inv)
+        mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, w, drop = _moments_update(mt, st, A, cA, R, cR, s_ref, t_ref,
+                                                                                 inf_mass, xs, xt, inv)
         if HAS_TARGET:  # τ = 1 under the same lane max
             s1 = online_update_x(ms, s1, xs, 1.0)[1]
         ms, ss, e, is_new, _arg = online_update_x(ms, ss, xs, inv)
-        # the student's mass on the classes of teacher weight 0, under the student's lane max
-        pm = pm * tl.where(is_new, e, 1.0) + tl.where(w != 0.0, 0.0, tl.where(is_new, 1.0, e))
+        # the student's mass on the classes of teacher weight 0 (pm) and on the others (pk) under the
+        # student's lane max: every class in the moments or in P_m, never in neither
+        scale = tl.where(is_new, e, 1.0)
+        p = tl.where(is_new, 1.0, e)
+        pm = (pm + tl.where(drop, pk, 0.0)) * scale + tl.where(w != 0.0, 0.0, p)
+        pk = tl.where(drop, 0.0, pk) * scale + tl.where(w != 0.0, p, 0.0)
     # a +inf or NaN logit, or a row with no finite logit, makes the row NaN (as the composition)
     Ms, Ss = online_finalize_x(ms, ss, inv)
     Ss = nan_if_posinf(Ms, Ss)
     Mt, St = online_finalize_x(mt, st, inv)
     St = nan_if_posinf(Mt, St)
-    A, R, s_ref, t_ref = _moments_finalize(mt, st, A, R, s_ref, t_ref, Mt, inv)
+    a, l, inf_q, s_ref, t_ref, dropped = _moments_finalize(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, Mt, inv)
     scale_s = lane_scale(ms, Ms, inv)[0]
+    pm = tl.where(scale_s == 0.0, 0.0, (pm + tl.where(dropped, pk, 0.0)) * scale_s)
     # (Ms - Mt)/τ - v_ref from gaps in x units (never the magnitude of v_ref)
-    kl, a, precise = _row_kl(A, R, tl.sum(tl.where(scale_s == 0.0, 0.0, pm * scale_s), 0), Ss, St,
-                             ((Ms - s_ref) - (Mt - t_ref)) * inv)
+    gap = ((Ms.to(tl.float64) - s_ref) - (Mt.to(tl.float64) - t_ref)) * inv.to(tl.float64)
+    kl, precise = _row_kl(a, l, inf_q, tl.sum(pm, 0), Ss, St, gap)
     kl = tl.where((Ms == float("-inf")) | (Mt == float("-inf")) | (Ss != Ss) | (St != St), float("nan"), kl)
-    nu = (s_ref - t_ref) * inv + a
+    # ν = v_ref + ā about v_ref rounded as the backward rounds v = (s - t)·inv: where the teacher's mass
+    # sits on the reference class its u = v - ν is then exactly 0, not ulp(v)
+    nu = (((s_ref - t_ref) * inv).to(tl.float64) + a).to(tl.float32)
     tl.store(kd_ptr + r, kl)
     base = stats_ptr + r * 8
     tl.store(base + 0, Ms)

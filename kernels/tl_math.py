@@ -113,6 +113,16 @@ def psi_series(x):
 
 
 @triton.jit
+def psi_series_f64(x):
+    """ψ(x) = e^x - 1 - x for |x| <= 1 in float64 to its precision: x²/2 (1 + x/3 (1 + x/4 (... (1 + x/19)))),
+    every coefficient an exact integer (a float literal would be rounded to fp32 first)."""
+    h = 1.0 + x / 19.0
+    for k in tl.static_range(18, 2, -1):
+        h = 1.0 + x / k * h
+    return x * x * 0.5 * h
+
+
+@triton.jit
 def psi3_series(x):
     """e^x - 1 - x - x²/2 for |x| <= 1, with full relative precision: x³ Σ_{k<9} x^k/(k+3)!."""
     h = x * (1.0 / 39916800) + 1.0 / 3628800
