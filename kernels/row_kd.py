@@ -126,17 +126,19 @@ def _moments_finalize(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, Mt, inv):
     at_top = valid & (mt == Mt)
     s0 = tl.max(tl.where(at_top, s_ref, float("-inf")), 0)
     t0 = tl.max(tl.where(at_top & (s_ref == s0), t_ref, float("-inf")), 0)
+    # the lanes' weights as the backward's q: 0 (dropped, their sums may have overflowed) where fp32 underflows
+    c32 = lane_scale(mt, Mt, inv)[0]
+    dropped = c32 == 0.0
+    c = c32.to(tl.float64)
     inv64 = inv.to(tl.float64)
-    log_c = tl.where(valid, (mt.to(tl.float64) - Mt.to(tl.float64)) * inv64, float("-inf"))
     d = tl.where(valid, ((s0.to(tl.float64) - s_ref.to(tl.float64)) - (t0.to(tl.float64) - t_ref.to(tl.float64)))
                  * inv64, 0.0)
-    c = tl.exp(log_c)
-    dropped = c == 0.0  # (their sums may have overflowed)
+    e_neg_d = tl.exp(-d)
+    psi_neg_d = tl.where(tl.abs(d) <= 1.0, psi_series_f64(-d), e_neg_d - 1.0 + d)
     W = tl.where(dropped, 0.0, c * (st.to(tl.float64) + 1.0))
     A = tl.where(dropped, 0.0, A.to(tl.float64) - cA.to(tl.float64))
-    psi_neg_d = _psi_f64(-d)
-    R = tl.where(dropped, 0.0, tl.exp(log_c - d) * (R.to(tl.float64) - cR.to(tl.float64))
-                 + c * ((psi_neg_d - d) * A) + psi_neg_d * W)
+    R = tl.where(dropped, 0.0, c * (e_neg_d * (R.to(tl.float64) - cR.to(tl.float64)) + (psi_neg_d - d) * A)
+                 + psi_neg_d * W)
     W_row = tl.sum(W, 0)
     a = tl.sum(c * A - d * W, 0) / W_row
     l = log1p(tl.exp(-a) * (tl.sum(R, 0) / W_row - _psi_f64(a)))
