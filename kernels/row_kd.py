@@ -19,8 +19,13 @@ a peaked teacher): when the max moves, the sums move with it, Σ w ψ(x - d) = e
 ψ(-d) W, Σ w (x - d) = A - d W, and at the end every lane's sums move to the class of the row's
 teacher max.  x is formed from gaps in x units, ((s - s_ref) - (t - t_ref))/τ, never through v, whose
 rounding is that of |s - t|/τ (a student far from its teacher).  With ā = A/W, b̄ = R/W
-(W = Σ w = 1 + St): E_q e^u = 1 + e^-ā (b̄ - ψ(ā)), ν = v_ref + ā.  A row whose log E_q e^u reaches 1,
-or whose P_m reaches 1/2, has no cancellation to avoid and takes the plain form
+(W = Σ w = 1 + St): E_q e^u = 1 + e^-ā (b̄ - ψ(ā)), ν = v_ref + ā.  That difference is where the
+rounding of the moments is amplified (e^|ā| times, ā of order the spread of u for a flat teacher),
+so the lanes sum A and R compensated (Kahan) and are merged in float64 (per row, not per element).
+Every class is either in the moments or, with its student mass, in P_m: a class whose teacher weight
+a later max makes underflow (in its lane or at the merge) moves its student mass to P_m.  A student
+-inf where the teacher has weight gives KL = +inf, outside the moments.  A row whose log E_q e^u
+reaches 1, or whose P_m reaches 1/2, has no cancellation to avoid and takes the plain form
 KL = ((Ms - s_ref) - (Mt - t_ref))/τ - ā + log1p(Ss) - log1p(St).
 stats[r] = (Ms, Ss, Mt, St, KL, ν, S1, precise): maxima in x units, precise = 1 where the row takes
 the second-order forms.  The torch path (fused_tau/_torch_kd.py) computes the same quantities.
@@ -46,10 +51,11 @@ from .row_engine import interpreted, load_x, row_config, tau_stride
 from .tl_math import (lane_scale, log1p, nan_if_posinf, online_finalize_x, online_update_x, psi3_series,
                       psi_series, psi_series_f64, to_store)
 
-# ten per-lane accumulators (the student's and teacher's (max, Σ others), the moments A and R, the
-# reference class (s, t), P_m and the τ = 1 sum): an eighth of the engine's block over 8 warps (2
-# elements a thread) is spill-free on sm_80 and sm_90 at 29-61 registers (python -m bench.aot; a
-# quarter spilled 8-16 bytes on sm_90 with a target, where ptxas caps the forward at 80 registers)
+# fifteen per-lane accumulators (the student's and teacher's (max, Σ others), the moments A and R and
+# their compensations, the reference class (s, t), the mass of infinite x, the student's masked and
+# kept mass, the τ = 1 sum): an eighth of the engine's block over 8 warps (2 elements a thread) is
+# spill-free on sm_80 and sm_90 (python -m bench.aot: forward 94-112 registers, most of them for the
+# float64 merge after the loop, backward 32-57; a quarter of the block spilled on sm_90)
 LANES_PER_BLOCK = 8
 NUM_WARPS = 8
 
