@@ -48,8 +48,8 @@ import triton
 import triton.language as tl
 
 from .row_engine import interpreted, load_x, row_config, tau_stride
-from .tl_math import (lane_scale, log1p, nan_if_posinf, online_finalize_x, online_update_x, psi3_series,
-                      psi_series, psi_series_f64, to_store)
+from .tl_math import (lane_scale, log1p, mul_inv, nan_if_posinf, online_finalize, online_finalize_x, online_update,
+                      online_update_x, psi3_series, psi_series, psi_series_f64, reciprocal_split, to_store)
 
 # fifteen per-lane accumulators (the student's and teacher's (max, Σ others), the moments A and R and
 # their compensations, the reference class (s, t), the mass of infinite x, the student's masked and
@@ -82,7 +82,7 @@ def _kahan_add(total, comp, term):
 
 
 @triton.jit
-def _moments_update(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, xs, xt, inv):
+def _moments_update(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, xs, xt, inv, inv_lo):
     """One block into the teacher's lane (max, Σ others) and the moments A = Σ w x, R = Σ w ψ(x) of
     x = v - v_ref under w = exp((t - mt)/τ), compensated sums (cA, cR).  The reference is the class of
     the lane's teacher max, (s_ref, t_ref), so that x is small where the teacher's mass is, and x is
@@ -93,10 +93,10 @@ def _moments_update(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, xs, xt, inv):
     goes to P_m) and whether a new max dropped the old sums (their weights underflow: their classes'
     student mass goes to P_m too)."""
     W = st + 1.0  # Σ w of the old sums (st starts at -1: 0 before the lane's first finite logit)
-    mt, st, e, is_new, arg = online_update_x(mt, st, xt, inv)
+    mt, st, e, is_new, arg = online_update_x(mt, st, xt, inv, inv_lo)
     w = tl.where(is_new, 1.0, tl.where(xt > float("-inf"), e, 0.0))
     c = tl.where(is_new, e, 1.0)
-    x = ((xs - s_ref) - (xt - t_ref)) * inv
+    x = mul_inv((xs - s_ref) - (xt - t_ref), inv, inv_lo)
     finite = tl.abs(x) < float("inf")
     inf_mass = inf_mass * c + tl.where(finite, 0.0, w)
     x = tl.where(finite & (w != 0.0), x, 0.0)
@@ -123,7 +123,7 @@ def _psi_f64(x):
 
 
 @triton.jit
-def _moments_finalize(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, Mt, inv):
+def _moments_finalize(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, Mt, inv, inv_lo):
     """The lanes' moments moved to the row's teacher max Mt and to the reference class of a lane that
     holds it, in float64 (the merge is where the moments cancel: E_q ψ(u) = e^-ā (b̄ - ψ(ā)) is a
     difference of terms e^|ā| times its size).  Returns (ā, l = log E_q e^u, Σ q over the classes of
@@ -133,10 +133,10 @@ def _moments_finalize(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, Mt, inv):
     s0 = tl.max(tl.where(at_top, s_ref, float("-inf")), 0)
     t0 = tl.max(tl.where(at_top & (s_ref == s0), t_ref, float("-inf")), 0)
     # the lanes' weights as the backward's q: 0 (dropped, their sums may have overflowed) where fp32 underflows
-    c32 = lane_scale(mt, Mt, inv)[0]
+    c32 = lane_scale(mt, Mt, inv, inv_lo)[0]
     dropped = c32 == 0.0
     c = c32.to(tl.float64)
-    inv64 = inv.to(tl.float64)
+    inv64 = inv.to(tl.float64) + inv_lo.to(tl.float64)
     d = tl.where(valid, ((s0.to(tl.float64) - s_ref.to(tl.float64)) - (t0.to(tl.float64) - t_ref.to(tl.float64)))
                  * inv64, 0.0)
     e_neg_d = tl.exp(-d)
@@ -162,12 +162,12 @@ def _row_kl(a, l, inf_q, Pm, Ss, St, gap):
 
 
 @triton.jit
-def _log_ratio(xs, xt, zs_gap, zt_gap, inv, nu, kl, log_t, log_s):
+def _log_ratio(xs, xt, zs_gap, zt_gap, inv, inv_lo, nu, kl, log_t, log_s):
     """(u, w) per element, w = log p - log q = u - KL, each from the form with the smaller rounding:
     v - ν (ulp(v) + ulp(ν)) or the gaps to the maxima zs_gap - zt_gap + log1p(St) - log1p(Ss).  Both
     carry KL·0: a row whose KL is NaN or inf has NaN u and w."""
     kz = kl * 0.0
-    v = (xs - xt) * inv
+    v = mul_inv(xs - xt, inv, inv_lo)
     u_mean = (v - nu) + kz
     w_gap = (zs_gap - zt_gap) + ((log_t - log_s) + kz)
     err_mean = tl.abs(v) + tl.abs(nu)
@@ -196,7 +196,7 @@ def _kd_fwd_kernel(
     s_row = s_ptr + r * stride_s
     t_row = t_ptr + r * stride_t
     tau = tl.load(tau_ptr + r * stride_tau).to(tl.float32)
-    inv = 1.0 / tau
+    inv, inv_lo = reciprocal_split(tau)
     cols = tl.arange(0, BLOCK)
     ms = tl.full([BLOCK], float("-inf"), tl.float32)
     mt = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -217,10 +217,10 @@ def _kd_fwd_kernel(
         xs = load_x(s_row, c, C, 1)
         xt = load_x(t_row, c, C, 1)
         mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, w, drop = _moments_update(mt, st, A, cA, R, cR, s_ref, t_ref,
-                                                                                 inf_mass, xs, xt, inv)
+                                                                                 inf_mass, xs, xt, inv, inv_lo)
         if HAS_TARGET:  # τ = 1 under the same lane max
-            s1 = online_update_x(ms, s1, xs, 1.0)[1]
-        ms, ss, e, is_new, _arg = online_update_x(ms, ss, xs, inv)
+            s1 = online_update(ms, s1, xs)[1]
+        ms, ss, e, is_new, _arg = online_update_x(ms, ss, xs, inv, inv_lo)
         # the student's mass on the classes of teacher weight 0 (pm) and on the others (pk) under the
         # student's lane max: every class in the moments or in P_m, never in neither
         scale = tl.where(is_new, e, 1.0)
@@ -228,20 +228,21 @@ def _kd_fwd_kernel(
         pm = (pm + tl.where(drop, pk, 0.0)) * scale + tl.where(w != 0.0, 0.0, p)
         pk = tl.where(drop, 0.0, pk) * scale + tl.where(w != 0.0, p, 0.0)
     # a +inf or NaN logit, or a row with no finite logit, makes the row NaN (as the composition)
-    Ms, Ss = online_finalize_x(ms, ss, inv)
+    Ms, Ss = online_finalize_x(ms, ss, inv, inv_lo)
     Ss = nan_if_posinf(Ms, Ss)
-    Mt, St = online_finalize_x(mt, st, inv)
+    Mt, St = online_finalize_x(mt, st, inv, inv_lo)
     St = nan_if_posinf(Mt, St)
-    a, l, inf_q, s_ref, t_ref, dropped = _moments_finalize(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, Mt, inv)
-    scale_s = lane_scale(ms, Ms, inv)[0]
+    a, l, inf_q, s_ref, t_ref, dropped = _moments_finalize(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, Mt, inv,
+                                                           inv_lo)
+    scale_s = lane_scale(ms, Ms, inv, inv_lo)[0]
     pm = tl.where(scale_s == 0.0, 0.0, (pm + tl.where(dropped, pk, 0.0)) * scale_s)
     # (Ms - Mt)/τ - v_ref from gaps in x units (never the magnitude of v_ref)
-    gap = ((Ms.to(tl.float64) - s_ref) - (Mt.to(tl.float64) - t_ref)) * inv.to(tl.float64)
+    gap = ((Ms.to(tl.float64) - s_ref) - (Mt.to(tl.float64) - t_ref)) * (inv.to(tl.float64) + inv_lo)
     kl, precise = _row_kl(a, l, inf_q, tl.sum(pm, 0), Ss, St, gap)
     kl = tl.where((Ms == float("-inf")) | (Mt == float("-inf")) | (Ss != Ss) | (St != St), float("nan"), kl)
     # ν = v_ref + ā about v_ref rounded as the backward rounds v = (s - t)·inv: where the teacher's mass
     # sits on the reference class its u = v - ν is then exactly 0, not ulp(v)
-    nu = (((s_ref - t_ref) * inv).to(tl.float64) + a).to(tl.float32)
+    nu = (mul_inv(s_ref - t_ref, inv, inv_lo).to(tl.float64) + a).to(tl.float32)
     tl.store(kd_ptr + r, kl)
     base = stats_ptr + r * 8
     tl.store(base + 0, Ms)
@@ -252,7 +253,7 @@ def _kd_fwd_kernel(
     tl.store(base + 5, nu)
     tl.store(base + 7, precise.to(tl.float32))
     if HAS_TARGET:
-        S1 = online_finalize_x(ms, s1, 1.0)[1]
+        S1 = online_finalize(ms, s1)[1]
         S1 = nan_if_posinf(Ms, S1)
         y = tl.load(target_ptr + r)
         valid = y != ignore_index
@@ -261,28 +262,28 @@ def _kd_fwd_kernel(
         tl.store(ce_ptr + r, tl.where(valid, (Ms - s_y) + log1p(S1), 0.0))
         tl.store(base + 6, S1)
     if ELEMENTWISE:
-        log_t, log_s, inv_t = log1p(St), log1p(Ss), 1.0 / (1.0 + St)
+        log_t, log_s, inv_t = log1p(St), log1p(Ss), tl.math.div_rn(1.0, 1.0 + St)
         for start in range(0, C, BLOCK):
             c = start + cols
             xs = load_x(s_row, c, C, 1)
             xt = load_x(t_row, c, C, 1)
-            zt_gap = (xt - Mt) * inv
+            zt_gap = mul_inv(xt - Mt, inv, inv_lo)
             q = tl.exp(zt_gap) * inv_t
-            w = _log_ratio(xs, xt, (xs - Ms) * inv, zt_gap, inv, nu, kl, log_t, log_s)[1]
+            w = _log_ratio(xs, xt, mul_inv(xs - Ms, inv, inv_lo), zt_gap, inv, inv_lo, nu, kl, log_t, log_s)[1]
             # q = 0 (a masked teacher class) adds exactly 0; a NaN q stays NaN
             val = tl.where(q != 0.0, -(tau * tau) * q * w, 0.0)
             tl.store(out_ptr + r * C + c, to_store(val, out_ptr, INTERPRETED), mask=c < C)
 
 
 @triton.jit
-def _third_order(p, q, u, q_psi_w, keep, zt_gap, xs, Mt, inv, nu, kl, e_kl):
+def _third_order(p, q, u, q_psi_w, keep, zt_gap, xs, Mt, inv, inv_lo, nu, kl, e_kl):
     """One element's terms of B (module docstring) less the plain part: the kept classes' body and
     the masked classes' p ((s - Mt)/τ - ν)."""
     small_u = tl.abs(u) <= 1.0
     q_psi3_u = tl.where(small_u, q * psi3_series(tl.where(small_u, u, 0.0)),
                         p * e_kl - q * (1.0 + u + 0.5 * u * u))
     body = tl.where(keep, 2.0 * q_psi3_u - u * q_psi_w - zt_gap * (q_psi_w - q * kl), 0.0)
-    return body - tl.where(keep | (p == 0.0), 0.0, p * ((xs - Mt) * inv - nu))
+    return body - tl.where(keep | (p == 0.0), 0.0, p * (mul_inv(xs - Mt, inv, inv_lo) - nu))
 
 
 @triton.jit
@@ -305,7 +306,7 @@ def _kd_bwd_kernel(
     s_row = s_ptr + r * stride_s
     t_row = t_ptr + r * stride_t
     tau = tl.load(tau_ptr + r * stride_tau).to(tl.float32)
-    inv = 1.0 / tau
+    inv, inv_lo = reciprocal_split(tau)
     base = stats_ptr + r * 8
     Ms = tl.load(base + 0)
     Ss = tl.load(base + 1)
@@ -319,12 +320,12 @@ def _kd_bwd_kernel(
     log_t, log_s = log1p(St), log1p(Ss)
     # p = exp((s - Ms)/τ) / (1 + Ss), q likewise: the normaliser's log in the exponent would add its
     # rounding, ulp(log C) relative, to every probability
-    inv_s = 1.0 / (1.0 + Ss)
-    inv_t = 1.0 / (1.0 + St)
+    inv_s = tl.math.div_rn(1.0, 1.0 + Ss)
+    inv_t = tl.math.div_rn(1.0, 1.0 + St)
     cols = tl.arange(0, BLOCK)
     if ELEMENTWISE:
-        G1, F = _elementwise_sums(s_row, t_row, g_ptr + r * C, cols, C, Ms, Mt, inv, nu, kl, log_t, log_s, inv_t,
-                                  BLOCK)
+        G1, F = _elementwise_sums(s_row, t_row, g_ptr + r * C, cols, C, Ms, Mt, inv, inv_lo, nu, kl, log_t, log_s,
+                                  inv_t, BLOCK)
         g = 0.0
     else:
         g = tl.load(g_ptr + r * stride_g).to(tl.float32)
@@ -332,7 +333,7 @@ def _kd_bwd_kernel(
         F = g * kl
     if HAS_TARGET:
         S1 = tl.load(base + 6)
-        inv1 = 1.0 / (1.0 + S1)
+        inv1 = tl.math.div_rn(1.0, 1.0 + S1)
         y = tl.load(target_ptr + r)
         g_ce = tl.where(y != ignore_index, tl.load(gce_ptr + r * stride_g).to(tl.float32), 0.0)
     e_kl = tl.exp(kl)
@@ -344,11 +345,11 @@ def _kd_bwd_kernel(
         c = start + cols
         xs = load_x(s_row, c, C, 1)
         xt = load_x(t_row, c, C, 1)
-        zs_gap = (xs - Ms) * inv
-        zt_gap = (xt - Mt) * inv
+        zs_gap = mul_inv(xs - Ms, inv, inv_lo)
+        zt_gap = mul_inv(xt - Mt, inv, inv_lo)
         p = tl.exp(zs_gap) * inv_s
         q = tl.exp(zt_gap) * inv_t
-        u, w = _log_ratio(xs, xt, zs_gap, zt_gap, inv, nu, kl, log_t, log_s)
+        u, w = _log_ratio(xs, xt, zs_gap, zt_gap, inv, inv_lo, nu, kl, log_t, log_s)
         # q = 0 (a masked teacher class) adds exactly 0; a NaN q (a non-finite teacher row) stays NaN
         keep = q != 0.0
         small_w = tl.abs(w) <= w_bound
@@ -376,7 +377,7 @@ def _kd_bwd_kernel(
                         + tl.where(dzt != 0.0, (xt * 0.5 - Mt * 0.5) * dzt, 0.0))
             if not ELEMENTWISE:
                 q_psi_w = tl.where(small_w, q * psi_w, (p - q) - q * w)
-                b_acc += _third_order(p, q, u, q_psi_w, keep, zt_gap, xs, Mt, inv, nu, kl, e_kl)
+                b_acc += _third_order(p, q, u, q_psi_w, keep, zt_gap, xs, Mt, inv, inv_lo, nu, kl, e_kl)
                 pm_acc += tl.where(keep, 0.0, p)
                 u_max = tl.maximum(u_max, tl.where(keep, tl.abs(u), 0.0))
     if TAU_GRAD:
@@ -395,7 +396,8 @@ def _kd_bwd_kernel(
 
 
 @triton.jit
-def _elementwise_sums(s_row, t_row, g_row, cols, C, Ms, Mt, inv, nu, kl, log_t, log_s, inv_t, BLOCK: tl.constexpr):
+def _elementwise_sums(s_row, t_row, g_row, cols, C, Ms, Mt, inv, inv_lo, nu, kl, log_t, log_s, inv_t,
+                      BLOCK: tl.constexpr):
     """G1 = Σ g q and F = Σ g q δ (δ = log q - log p = -w) of a row with a per-element gradient g."""
     acc1 = tl.zeros([BLOCK], tl.float32)
     acc2 = tl.zeros([BLOCK], tl.float32)
@@ -403,9 +405,9 @@ def _elementwise_sums(s_row, t_row, g_row, cols, C, Ms, Mt, inv, nu, kl, log_t, 
         c = start + cols
         xs = load_x(s_row, c, C, 1)
         xt = load_x(t_row, c, C, 1)
-        zt_gap = (xt - Mt) * inv
+        zt_gap = mul_inv(xt - Mt, inv, inv_lo)
         q = tl.exp(zt_gap) * inv_t
-        w = _log_ratio(xs, xt, (xs - Ms) * inv, zt_gap, inv, nu, kl, log_t, log_s)[1]
+        w = _log_ratio(xs, xt, mul_inv(xs - Ms, inv, inv_lo), zt_gap, inv, inv_lo, nu, kl, log_t, log_s)[1]
         gq = tl.where(q != 0.0, tl.load(g_row + c, mask=c < C, other=0.0).to(tl.float32) * q, 0.0)
         acc1 += gq
         acc2 += tl.where(q != 0.0, -gq * w, 0.0)

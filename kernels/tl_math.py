@@ -60,9 +60,26 @@ def online_finalize(m, s):
 
 
 @triton.jit
-def online_update_x(m, s, x, inv):
-    """:func:`online_update` for z = x·inv kept in x units (the max m is a logit, never rounded by a
-    division: exp((x - m)·inv) takes one rounding of the gap, not of |x|/τ).
+def reciprocal_split(tau):
+    """1/τ as a pair (inv, inv_lo), inv + inv_lo = 1/τ to about ε²: x/τ as :func:`mul_inv` is then
+    rounded once, where x·fl(1/τ) also carries fl(1/τ)'s own rounding, the same relative error in every
+    element (a slightly different τ).  inv is set just below 1/τ so that inv_lo > 0: mul_inv keeps ±inf
+    (a remainder of 0, or of the other sign, would make inf·0 or inf - inf)."""
+    inv = tl.math.div_rn(1.0, tau) * (1.0 - 1.0 / 2097152)
+    return inv, tl.fma(-tau, inv, 1.0) * inv
+
+
+@triton.jit
+def mul_inv(x, inv, inv_lo):
+    """x/τ to one rounding from the pair of :func:`reciprocal_split`: one multiply and one fma."""
+    return tl.fma(x, inv, x * inv_lo)
+
+
+@triton.jit
+def online_update_x(m, s, x, inv, inv_lo):
+    """:func:`online_update` for z = x/τ kept in x units (the max m is a logit, never rounded by a
+    division: exp((x - m)/τ) takes one rounding of the gap, not of |x|/τ); (inv, inv_lo) from
+    :func:`reciprocal_split`.
 
     Returns ``(m, s, e, is_new, arg)``: e = exp(arg) is the old sum's rescale where ``is_new`` and the
     element's own weight exp((x - m)·inv) otherwise, so that a caller keeping more sums under the same
@@ -70,7 +87,7 @@ def online_update_x(m, s, x, inv):
     """
     is_new = x > m
     # a tie adds exp(0) = 1, also at inf - inf (see online_update)
-    arg = tl.where(x == m, 0.0, tl.where(is_new, m - x, x - m) * inv)
+    arg = tl.where(x == m, 0.0, mul_inv(tl.where(is_new, m - x, x - m), inv, inv_lo))
     e = tl.exp(arg)
     s = tl.where(is_new, s * e + e, s + e)
     m = tl.maximum(m, x)
@@ -78,20 +95,20 @@ def online_update_x(m, s, x, inv):
 
 
 @triton.jit
-def lane_scale(m, M, inv):
-    """exp((m - M)·inv) per lane: the factor that moves a lane's sums from its max m to the row's max M;
+def lane_scale(m, M, inv, inv_lo):
+    """exp((m - M)/τ) per lane: the factor that moves a lane's sums from its max m to the row's max M;
     1 at the lanes that attain M (also M = +inf), 0 at the lanes that saw no finite value."""
     valid = m > float("-inf")
     at_top = valid & (m == M)
-    return tl.exp(tl.where(at_top, 0.0, tl.where(valid, (m - M) * inv, float("-inf")))), valid, at_top
+    return tl.exp(tl.where(at_top, 0.0, tl.where(valid, mul_inv(m - M, inv, inv_lo), float("-inf")))), valid, at_top
 
 
 @triton.jit
-def online_finalize_x(m, s, inv):
+def online_finalize_x(m, s, inv, inv_lo):
     """:func:`online_finalize` for the lanes of :func:`online_update_x`: ``(M, S)`` with M = max x (x
-    units) and S = Σ_{j ≠ argmax} exp((x_j - M)·inv)."""
+    units) and S = Σ_{j ≠ argmax} exp((x_j - M)/τ)."""
     M = tl.max(m, 0)
-    scale, valid, at_top = lane_scale(m, M, inv)
+    scale, valid, at_top = lane_scale(m, M, inv, inv_lo)
     S = tl.sum(s * scale, 0) + tl.sum(tl.where(valid & (m < M), scale, 0.0), 0)
     S = S + (tl.sum(at_top.to(tl.float32), 0) - 1.0)
     return M, S
