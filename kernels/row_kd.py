@@ -1,7 +1,8 @@
 """Row engine, distillation: ``τ² · KL(softmax(t/τ) ‖ softmax(s/τ))`` per row, optionally mixed
 with the hard-label cross-entropy of the student at τ = 1, from one pass over both rows.
 
-Per row, in x units (logits; a max is a logit, z = x/τ is never formed): q = softmax(t/τ),
+Per row, in x units (logits; a max is a logit, z = x/τ is never formed, a gap in x units is taken
+to z units to one rounding by the pair 1/τ = inv + inv_lo of tl_math.reciprocal_split): q = softmax(t/τ),
 p = softmax(s/τ), v = (s - t)/τ, ν = E_q v, u = v - ν, and P_m = the student's mass on the classes
 of teacher probability 0.  Then log p - log q = w = u - KL and, since E_q u = 0,
 
@@ -54,8 +55,8 @@ from .tl_math import (lane_scale, log1p, mul_inv, nan_if_posinf, online_finalize
 # fifteen per-lane accumulators (the student's and teacher's (max, Σ others), the moments A and R and
 # their compensations, the reference class (s, t), the mass of infinite x, the student's masked and
 # kept mass, the τ = 1 sum): an eighth of the engine's block over 8 warps (2 elements a thread) is
-# spill-free on sm_80 and sm_90 (python -m bench.aot: forward 94-112 registers, most of them for the
-# float64 merge after the loop, backward 32-57; a quarter of the block spilled on sm_90)
+# spill-free on sm_80 and sm_90 (python -m bench.aot: forward 92-108 registers, most of them for the
+# float64 merge after the loop, backward 32-56; a quarter of the block spilled on sm_90)
 LANES_PER_BLOCK = 8
 NUM_WARPS = 8
 
