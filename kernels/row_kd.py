@@ -55,7 +55,7 @@ from .tl_math import (lane_scale, log1p, mul_inv, nan_if_posinf, online_finalize
 # fifteen per-lane accumulators (the student's and teacher's (max, Σ others), the moments A and R and
 # their compensations, the reference class (s, t), the mass of infinite x, the student's masked and
 # kept mass, the τ = 1 sum): an eighth of the engine's block over 8 warps (2 elements a thread) is
-# spill-free on sm_80 and sm_90 (python -m bench.aot: forward 92-108 registers, most of them for the
+# spill-free on sm_80 and sm_90 (python -m bench.aot: forward 92-112 registers, most of them for the
 # float64 merge after the loop, backward 32-56; a quarter of the block spilled on sm_90)
 LANES_PER_BLOCK = 8
 NUM_WARPS = 8
