@@ -1,45 +1,181 @@
 """Row engine, distillation: ``τ² · KL(softmax(t/τ) ‖ softmax(s/τ))`` per row, optionally mixed
 with the hard-label cross-entropy of the student at τ = 1, from one pass over both rows.
 
-Per row r, with zs = s/τ, zt = t/τ, q = softmax(zt), p = softmax(zs), d = zt - zs and
-D = lse(zt) - lse(zs):  KL = Σ_c q_c (log q_c - log p_c) = Σ_c q_c d_c - D.
-The forward keeps the online statistics of zs, of zt, of s (τ = 1, when a target is
-given) and the q-weighted sum of d, rescaled as the teacher's max moves
-(flash-attention style), so both rows are read once.  Classes where the teacher
-puts zero probability contribute exactly 0 (as F.kl_div's xlogy does), never NaN.
+Per row, in x units (logits; a max is a logit, z = x/τ is never formed, a gap in x units is taken
+to z units to one rounding by the pair 1/τ = inv + inv_lo of tl_math.reciprocal_split): q = softmax(t/τ),
+p = softmax(s/τ), v = (s - t)/τ, ν = E_q v, u = v - ν, and P_m = the student's mass on the classes
+of teacher probability 0.  Then log p - log q = w = u - KL and, since E_q u = 0,
 
-Backward, for an upstream gradient g_c of the element τ² q_c δ_c (δ = log q - log p;
-g_c = g for every reduction but 'none'), with G1 = Σ g_c q_c and G2 = Σ g_c q_c (δ_c + 1):
-  dL/ds_j = τ (p_j G1 - g_j q_j)        dL/dt_j = τ q_j (g_j (δ_j + 1) - G2)
-and dL/dτ = 2τ F - τ Σ_j [(zs_j - Ms) ∂F/∂zs_j + (zt_j - Mt) ∂F/∂zt_j], F = Σ g_c q_c δ_c, where
-τ (z_j - M) = x_j - M τ is taken in x units.  A NaN or +inf logit, or a teacher row with no finite
-logit, makes the row's loss and every gradient NaN, as the composition; a masked teacher class
-(-inf, q = 0) adds exactly 0.
+    KL = log E_q e^u - log(1 - P_m) = log1p(E_q ψ(u)) - log(1 - P_m),   ψ(x) = e^x - 1 - x,
+
+which is second order in u: exact where the student is near its teacher, at any τ and under a common
+logit offset, where Σ q (zt - zs) - (lse_t - lse_s) cancels to below the ulp of its terms (τ = 1e4
+gave a negative KL).  The forward keeps, beside the online (max, Σ others) of s and t per lane, the
+teacher-weighted moments A = Σ w x and R = Σ w ψ(x) of x = v - v_ref about a reference class, and the
+student's mass on the classes of teacher weight 0, rescaled as the teacher's (student's) lane max
+moves; ψ by its 9-term series for |x| <= 1, else as w e^x - w(1 + x) with w e^x one exp.  The
+reference class is the lane's teacher max, so that x is small where the teacher's mass is (a fixed
+reference, e.g. from the first block, leaves E_q ψ(u) to a cancellation e^|ā| times its size against
+a peaked teacher): when the max moves, the sums move with it, Σ w ψ(x - d) = e^-d R + expm1(-d) A +
+ψ(-d) W, Σ w (x - d) = A - d W, and at the end every lane's sums move to the class of the row's
+teacher max.  x is formed from gaps in x units, ((s - s_ref) - (t - t_ref))/τ, never through v, whose
+rounding is that of |s - t|/τ (a student far from its teacher).  With ā = A/W, b̄ = R/W
+(W = Σ w = 1 + St): E_q e^u = 1 + e^-ā (b̄ - ψ(ā)), ν = v_ref + ā.  That difference is where the
+rounding of the moments is amplified (e^|ā| times, ā of order the spread of u for a flat teacher),
+so the lanes sum A and R compensated (Kahan) and are merged in float64 (per row, not per element).
+Every class is either in the moments or, with its student mass, in P_m: a class whose teacher weight
+a later max makes underflow (in its lane or at the merge) moves its student mass to P_m.  A student
+-inf where the teacher has weight gives KL = +inf, outside the moments.  A row whose log E_q e^u
+reaches 1, or whose P_m reaches 1/2, has no cancellation to avoid and takes the plain form
+KL = ((Ms - s_ref) - (Mt - t_ref))/τ - ā + log1p(Ss) - log1p(St).
+stats[r] = (Ms, Ss, Mt, St, KL, ν, S1, precise): maxima in x units, precise = 1 where the row takes
+the second-order forms.  The torch path (fused_tau/_torch_kd.py) computes the same quantities.
+
+Backward, for an upstream gradient g (per row; 'none': per element g_c with G1 = Σ g_c q_c and
+F = Σ g_c q_c δ_c, δ = -w):  dL/ds = τ g (p - q), dL/dt = -τ g q u (elementwise: τ (p G1 - g q) and
+τ q (g (1 - w) - F - G1)), with u and w per element from the form with the smaller rounding: v - ν
+(ulp(v) + ulp(ν)) or the gaps to the maxima, (s - Ms)/τ - (t - Mt)/τ + log1p(St) - log1p(Ss).  On the
+second-order rows p - q = q expm1(w) where |w| <= 1 (no cancellation where p ≈ q).
+dL/dτ = τ g B, B = 2 KL - Σ (s/τ)(p - q) + Σ (t/τ) q u, in its plain form shifted by the maxima in x
+units, 2 (τ g KL - Σ (s - Ms)/2 ∂/∂zs - Σ (t - Mt)/2 ∂/∂zt), or on the second-order rows whose kept
+|u| are all <= 1 in the third-order form
+  B = Σ_q>0 [2 q ψ3(u) - u q ψ(w) - ζ q (ψ(w) - KL)] - Σ_q=0 p ((s - Mt)/τ - ν) - 2 ψ(l) - 2 log(1 - P_m),
+ζ = (t - Mt)/τ, ψ3(x) = e^x - 1 - x - x²/2, l = KL + log(1 - P_m), every term of third order in 1/τ.
+A NaN or +inf logit, or a teacher row with no finite logit, makes the row's loss and every gradient
+NaN, as the composition; a masked teacher class (-inf, q = 0) adds exactly 0.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .row_engine import half_gap, interpreted, load_x, load_z, row_config, tau_stride
+from .row_engine import interpreted, load_x, row_config, tau_stride
+from .tl_math import (lane_scale, log1p, mul_inv, nan_if_posinf, online_finalize, online_finalize_x, online_update,
+                      online_update_x, psi3_series, psi_series, psi_series_f64, reciprocal_split, to_store)
 
-# seven per-lane accumulators (student, teacher, τ = 1 statistics and the q-weighted sum):
-# a quarter of the engine's block over 8 warps is spill-free on sm_80 and sm_90 at 48-75
-# registers (python -m bench.aot; the full block needs 255, half a block over 8 warps
-# still spills 16-24 bytes, a quarter over 4 warps 8 bytes on sm_90)
-LANES_PER_BLOCK = 4
+# fifteen per-lane accumulators (the student's and teacher's (max, Σ others), the moments A and R and
+# their compensations, the reference class (s, t), the mass of infinite x, the student's masked and
+# kept mass, the τ = 1 sum): an eighth of the engine's block over 8 warps (2 elements a thread) is
+# spill-free on sm_80 and sm_90 (python -m bench.model --variants: forward 92-112 registers, most of them for the
+# float64 merge after the loop, backward 32-56; a quarter of the block spilled on sm_90)
+LANES_PER_BLOCK = 8
 NUM_WARPS = 8
-from .tl_math import log1p, nan_if_posinf, online_finalize, online_update, to_store
 
 
 @triton.jit
-def _weighted_mean_update(m, w, z, d):
-    """Per lane, under the lane max ``m`` of z *before* this block: w = Σ exp(z_j - m) d_j.
-    Lanes whose weight is 0 (z = -inf) add nothing, whatever d is."""
-    is_new = z > m
-    scale = tl.exp(tl.where(is_new & (m > float("-inf")), m - z, 0.0))
-    w = tl.where(is_new, w * scale, w)
-    e = tl.exp(tl.where(z > float("-inf"), z - tl.maximum(m, z), float("-inf")))
-    return w + tl.where(e != 0.0, e * d, 0.0)
+def _recentre(A, R, W, c, E, d, psi_d, small):
+    """Moments moved to a reference d higher and scaled by c: Σ c w ψ(x - d) = E R + c expm1(-d) A +
+    c ψ(-d) W and Σ c w (x - d) = c (A - d W), given E = c e^-d and psi_d = ψ(d) where |d| <= 1
+    (small): c ψ(-d) = E (d² + (d - 1) ψ(d)) there, E - c + c d elsewhere.  Sums that are dropped
+    (c = 0: no finite teacher logit yet, or weights that underflow) give 0, also where they overflowed."""
+    c_psi = tl.where(small, E * (d * d + (d - 1.0) * psi_d), E - c + c * d)
+    dropped = c == 0.0
+    return (tl.where(dropped, 0.0, c * (A - d * W)),
+            tl.where(dropped, 0.0, E * R + (c_psi - c * d) * A + c_psi * W))
+
+
+@triton.jit
+def _kahan_add(total, comp, term):
+    """total + term with the compensated (Kahan) sum: the exact sum is total - comp to a rounding or two
+    of the whole, where a lane's plain running sum of n terms drifts by about √n roundings."""
+    y = term - comp
+    t = total + y
+    return t, (t - total) - y
+
+
+@triton.jit
+def _moments_update(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, xs, xt, inv, inv_lo):
+    """One block into the teacher's lane (max, Σ others) and the moments A = Σ w x, R = Σ w ψ(x) of
+    x = v - v_ref under w = exp((t - mt)/τ), compensated sums (cA, cR).  The reference is the class of
+    the lane's teacher max, (s_ref, t_ref), so that x is small where the teacher's mass is, and x is
+    formed from gaps in x units, ((s - s_ref) - (t - t_ref))/τ: never through v itself, whose rounding
+    is that of the logits' magnitude over τ (a student far from its teacher).  inf_mass: Σ w over the
+    classes whose x is not finite (a student -inf where the teacher has weight: KL = +inf), left out of
+    the moments.  Returns the element's w as well (0: a class of teacher weight 0, whose student mass
+    goes to P_m) and whether a new max dropped the old sums (their weights underflow: their classes'
+    student mass goes to P_m too)."""
+    W = st + 1.0  # Σ w of the old sums (st starts at -1: 0 before the lane's first finite logit)
+    mt, st, e, is_new, arg = online_update_x(mt, st, xt, inv, inv_lo)
+    w = tl.where(is_new, 1.0, tl.where(xt > float("-inf"), e, 0.0))
+    c = tl.where(is_new, e, 1.0)
+    x = mul_inv((xs - s_ref) - (xt - t_ref), inv, inv_lo)
+    finite = tl.abs(x) < float("inf")
+    inf_mass = inf_mass * c + tl.where(finite, 0.0, w)
+    x = tl.where(finite & (w != 0.0), x, 0.0)
+    # a new max moves the reference to its class
+    move = is_new & finite
+    d = tl.where(move, x, 0.0)
+    small = tl.abs(x) <= 1.0
+    psi_x = psi_series(tl.where(small, x, 0.0))
+    # one exp: w e^x of an element (its ψ where |x| > 1, as one exp: no overflow where w is tiny), or
+    # c e^-d of the old sums where is_new (arg is then their scale's exponent)
+    E = tl.exp(arg + tl.where(is_new, -d, x))
+    w_psi = tl.where(small, w * psi_x, E - w * (1.0 + x))
+    A_new, R_new = _recentre(A - cA, R - cR, W, c, E, d, psi_x, small)
+    A, cA = _kahan_add(tl.where(is_new, A_new, A), tl.where(is_new, 0.0, cA), tl.where(move, 0.0, w * x))
+    R, cR = _kahan_add(tl.where(is_new, R_new, R), tl.where(is_new, 0.0, cR), tl.where(move, 0.0, w_psi))
+    return (mt, st, A, cA, R, cR, tl.where(move, xs, s_ref), tl.where(move, xt, t_ref), inf_mass, w,
+            is_new & (c == 0.0))
+
+
+@triton.jit
+def _psi_f64(x):
+    """ψ(x) = e^x - 1 - x in float64."""
+    return tl.where(tl.abs(x) <= 1.0, psi_series_f64(x), tl.exp(x) - 1.0 - x)
+
+
+@triton.jit
+def _moments_finalize(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, Mt, inv, inv_lo):
+    """The lanes' moments moved to the row's teacher max Mt and to the reference class of a lane that
+    holds it, in float64 (the merge is where the moments cancel: E_q ψ(u) = e^-ā (b̄ - ψ(ā)) is a
+    difference of terms e^|ā| times its size).  Returns (ā, l = log E_q e^u, Σ q over the classes of
+    infinite x, s_ref, t_ref) of the row and the lanes it dropped (weights that underflow)."""
+    valid = mt > float("-inf")
+    at_top = valid & (mt == Mt)
+    s0 = tl.max(tl.where(at_top, s_ref, float("-inf")), 0)
+    t0 = tl.max(tl.where(at_top & (s_ref == s0), t_ref, float("-inf")), 0)
+    # the lanes' weights as the backward's q: 0 (dropped, their sums may have overflowed) where fp32 underflows
+    c32 = lane_scale(mt, Mt, inv, inv_lo)[0]
+    dropped = c32 == 0.0
+    c = c32.to(tl.float64)
+    inv64 = inv.to(tl.float64) + inv_lo.to(tl.float64)
+    d = tl.where(valid, ((s0.to(tl.float64) - s_ref.to(tl.float64)) - (t0.to(tl.float64) - t_ref.to(tl.float64)))
+                 * inv64, 0.0)
+    e_neg_d = tl.exp(-d)
+    psi_neg_d = tl.where(tl.abs(d) <= 1.0, psi_series_f64(-d), e_neg_d - 1.0 + d)
+    W = tl.where(dropped, 0.0, c * (st.to(tl.float64) + 1.0))
+    A = tl.where(dropped, 0.0, A.to(tl.float64) - cA.to(tl.float64))
+    R = tl.where(dropped, 0.0, c * (e_neg_d * (R.to(tl.float64) - cR.to(tl.float64)) + (psi_neg_d - d) * A)
+                 + psi_neg_d * W)
+    W_row = tl.sum(W, 0)
+    a = tl.sum(c * A - d * W, 0) / W_row
+    l = log1p(tl.exp(-a) * (tl.sum(R, 0) / W_row - _psi_f64(a)))
+    return a, l, tl.sum(tl.where(dropped, 0.0, c * inf_mass.to(tl.float64)), 0) / W_row, s0, t0, dropped
+
+
+@triton.jit
+def _row_kl(a, l, inf_q, Pm, Ss, St, gap):
+    """(KL, precise) of the row from its moments (float64; module docstring); gap = (Ms - Mt)/τ - v_ref."""
+    pm = Pm / (1.0 + Ss)
+    precise = (l < 1.0) & (pm < 0.5) & (inf_q == 0.0)  # NaN or inf l: the plain form
+    kl = tl.where(precise, (l - log1p(-pm.to(tl.float64))).to(tl.float32),
+                  ((gap - a).to(tl.float32) + (log1p(Ss) - log1p(St))))
+    return tl.where(inf_q > 0.0, float("inf"), kl), precise
+
+
+@triton.jit
+def _log_ratio(xs, xt, zs_gap, zt_gap, inv, inv_lo, nu, kl, log_t, log_s):
+    """(u, w) per element, w = log p - log q = u - KL, each from the form with the smaller rounding:
+    v - ν (ulp(v) + ulp(ν)) or the gaps to the maxima zs_gap - zt_gap + log1p(St) - log1p(Ss).  Both
+    carry KL·0: a row whose KL is NaN or inf has NaN u and w."""
+    kz = kl * 0.0
+    v = mul_inv(xs - xt, inv, inv_lo)
+    u_mean = (v - nu) + kz
+    w_gap = (zs_gap - zt_gap) + ((log_t - log_s) + kz)
+    err_mean = tl.abs(v) + tl.abs(nu)
+    err_gap = (tl.abs(zs_gap) + tl.abs(zt_gap)) + (log_t + log_s)
+    u = tl.where(err_mean <= err_gap + tl.abs(kl), u_mean, w_gap + kl)
+    w = tl.where(err_mean + tl.abs(kl) <= err_gap, u_mean - kl, w_gap)
+    return u, w
 
 
 @triton.jit
@@ -55,37 +191,59 @@ def _kd_fwd_kernel(
     # constants
     HAS_TARGET: tl.constexpr, ELEMENTWISE: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    """kd[r] = KL of the row (without τ²); ce[r] = CE of s at τ = 1 (0 if ignored);
-    stats[r] = (Ms, Ss, Mt, St, KL, M1, S1); ELEMENTWISE also writes out = τ² q (log q - log p)."""
+    """kd[r] = KL of the row (without τ²); ce[r] = CE of s at τ = 1 (0 if ignored); stats[r] as the
+    module docstring; ELEMENTWISE also writes out = τ² q (log q - log p)."""
     r = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + r * stride_s
     t_row = t_ptr + r * stride_t
     tau = tl.load(tau_ptr + r * stride_tau).to(tl.float32)
+    inv, inv_lo = reciprocal_split(tau)
     cols = tl.arange(0, BLOCK)
     ms = tl.full([BLOCK], float("-inf"), tl.float32)
-    ss = tl.zeros([BLOCK], tl.float32)
     mt = tl.full([BLOCK], float("-inf"), tl.float32)
-    st = tl.zeros([BLOCK], tl.float32)
-    w = tl.zeros([BLOCK], tl.float32)
-    m1 = tl.full([BLOCK], float("-inf"), tl.float32)
+    ss = tl.zeros([BLOCK], tl.float32)
+    st = tl.full([BLOCK], -1.0, tl.float32)  # see _moments_update
+    A = tl.zeros([BLOCK], tl.float32)
+    cA = tl.zeros([BLOCK], tl.float32)
+    R = tl.zeros([BLOCK], tl.float32)
+    cR = tl.zeros([BLOCK], tl.float32)
+    inf_mass = tl.zeros([BLOCK], tl.float32)
+    s_ref = tl.zeros([BLOCK], tl.float32)
+    t_ref = tl.zeros([BLOCK], tl.float32)
+    pm = tl.zeros([BLOCK], tl.float32)
+    pk = tl.zeros([BLOCK], tl.float32)
     s1 = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         c = start + cols
-        zs = load_z(s_row, c, C, 1, tau)
-        zt = load_z(t_row, c, C, 1, tau)
-        w = _weighted_mean_update(mt, w, zt, zt - zs)
-        mt, st = online_update(mt, st, zt)
-        ms, ss = online_update(ms, ss, zs)
-        if HAS_TARGET:
-            m1, s1 = online_update(m1, s1, load_z(s_row, c, C, 1, 1.0))
-    # a +inf or NaN logit, or a row with no finite teacher logit, makes the row NaN (as the composition)
-    Ms, Ss = online_finalize(ms, ss)
+        xs = load_x(s_row, c, C, 1)
+        xt = load_x(t_row, c, C, 1)
+        mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, w, drop = _moments_update(mt, st, A, cA, R, cR, s_ref, t_ref,
+                                                                                 inf_mass, xs, xt, inv, inv_lo)
+        if HAS_TARGET:  # τ = 1 under the same lane max
+            s1 = online_update(ms, s1, xs)[1]
+        ms, ss, e, is_new, _arg = online_update_x(ms, ss, xs, inv, inv_lo)
+        # the student's mass on the classes of teacher weight 0 (pm) and on the others (pk) under the
+        # student's lane max: every class in the moments or in P_m, never in neither
+        scale = tl.where(is_new, e, 1.0)
+        p = tl.where(is_new, 1.0, e)
+        pm = (pm + tl.where(drop, pk, 0.0)) * scale + tl.where(w != 0.0, 0.0, p)
+        pk = tl.where(drop, 0.0, pk) * scale + tl.where(w != 0.0, p, 0.0)
+    # a +inf or NaN logit, or a row with no finite logit, makes the row NaN (as the composition)
+    Ms, Ss = online_finalize_x(ms, ss, inv, inv_lo)
     Ss = nan_if_posinf(Ms, Ss)
-    Mt, St = online_finalize(mt, st)
+    Mt, St = online_finalize_x(mt, st, inv, inv_lo)
     St = nan_if_posinf(Mt, St)
-    w_row = tl.sum(tl.where(w != 0.0, w * tl.exp(mt - Mt), 0.0), 0)
-    D = (Mt - Ms) + (log1p(St) - log1p(Ss))
-    kl = w_row / (1.0 + St) - D
+    a, l, inf_q, s_ref, t_ref, dropped = _moments_finalize(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, Mt, inv,
+                                                           inv_lo)
+    scale_s = lane_scale(ms, Ms, inv, inv_lo)[0]
+    pm = tl.where(scale_s == 0.0, 0.0, (pm + tl.where(dropped, pk, 0.0)) * scale_s)
+    # (Ms - Mt)/τ - v_ref from gaps in x units (never the magnitude of v_ref)
+    gap = ((Ms.to(tl.float64) - s_ref) - (Mt.to(tl.float64) - t_ref)) * (inv.to(tl.float64) + inv_lo)
+    kl, precise = _row_kl(a, l, inf_q, tl.sum(pm, 0), Ss, St, gap)
+    kl = tl.where((Ms == float("-inf")) | (Mt == float("-inf")) | (Ss != Ss) | (St != St), float("nan"), kl)
+    # ν = v_ref + ā about v_ref rounded as the backward rounds v = (s - t)·inv: where the teacher's mass
+    # sits on the reference class its u = v - ν is then exactly 0, not ulp(v)
+    nu = (mul_inv(s_ref - t_ref, inv, inv_lo).to(tl.float64) + a).to(tl.float32)
     tl.store(kd_ptr + r, kl)
     base = stats_ptr + r * 8
     tl.store(base + 0, Ms)
@@ -93,26 +251,40 @@ def _kd_fwd_kernel(
     tl.store(base + 2, Mt)
     tl.store(base + 3, St)
     tl.store(base + 4, kl)
+    tl.store(base + 5, nu)
+    tl.store(base + 7, precise.to(tl.float32))
     if HAS_TARGET:
-        M1, S1 = online_finalize(m1, s1)
-        S1 = nan_if_posinf(M1, S1)
+        S1 = online_finalize(ms, s1)[1]
+        S1 = nan_if_posinf(Ms, S1)
         y = tl.load(target_ptr + r)
         valid = y != ignore_index
         y_safe = tl.where(valid & (y >= 0) & (y < C), y, 0)
         s_y = tl.load(s_row + y_safe).to(tl.float32)
-        tl.store(ce_ptr + r, tl.where(valid, (M1 - s_y) + log1p(S1), 0.0))
-        tl.store(base + 5, M1)
+        tl.store(ce_ptr + r, tl.where(valid, (Ms - s_y) + log1p(S1), 0.0))
         tl.store(base + 6, S1)
     if ELEMENTWISE:
-        log_total_t = log1p(St)
+        log_t, log_s, inv_t = log1p(St), log1p(Ss), tl.math.div_rn(1.0, 1.0 + St)
         for start in range(0, C, BLOCK):
             c = start + cols
-            zs = load_z(s_row, c, C, 1, tau)
-            zt = load_z(t_row, c, C, 1, tau)
-            q = tl.exp((zt - Mt) - log_total_t)
+            xs = load_x(s_row, c, C, 1)
+            xt = load_x(t_row, c, C, 1)
+            zt_gap = mul_inv(xt - Mt, inv, inv_lo)
+            q = tl.exp(zt_gap) * inv_t
+            w = _log_ratio(xs, xt, mul_inv(xs - Ms, inv, inv_lo), zt_gap, inv, inv_lo, nu, kl, log_t, log_s)[1]
             # q = 0 (a masked teacher class) adds exactly 0; a NaN q stays NaN
-            val = tl.where(q != 0.0, tau * tau * q * ((zt - zs) - D), 0.0)
+            val = tl.where(q != 0.0, -(tau * tau) * q * w, 0.0)
             tl.store(out_ptr + r * C + c, to_store(val, out_ptr, INTERPRETED), mask=c < C)
+
+
+@triton.jit
+def _third_order(p, q, u, q_psi_w, keep, zt_gap, xs, Mt, inv, inv_lo, nu, kl, e_kl):
+    """One element's terms of B (module docstring) less the plain part: the kept classes' body and
+    the masked classes' p ((s - Mt)/τ - ν)."""
+    small_u = tl.abs(u) <= 1.0
+    q_psi3_u = tl.where(small_u, q * psi3_series(tl.where(small_u, u, 0.0)),
+                        p * e_kl - q * (1.0 + u + 0.5 * u * u))
+    body = tl.where(keep, 2.0 * q_psi3_u - u * q_psi_w - zt_gap * (q_psi_w - q * kl), 0.0)
+    return body - tl.where(keep | (p == 0.0), 0.0, p * (mul_inv(xs - Mt, inv, inv_lo) - nu))
 
 
 @triton.jit
@@ -129,84 +301,118 @@ def _kd_bwd_kernel(
     HAS_TARGET: tl.constexpr, ELEMENTWISE: tl.constexpr, TEACHER_GRAD: tl.constexpr,
     TAU_GRAD: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    """ds = τ (p G1 - g q) + g_ce (softmax(s) - onehot(y)); dt = τ q (g (δ + 1) - G2) (see the module
-    docstring); g is per row (ELEMENTWISE: per element, g_ptr holds an (R, C) gradient)."""
+    """ds = τ g (p - q) + g_ce (softmax(s) - onehot(y)); dt = -τ g q u; dτ (module docstring); g is per
+    row (ELEMENTWISE: per element, g_ptr holds an (R, C) gradient)."""
     r = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + r * stride_s
     t_row = t_ptr + r * stride_t
     tau = tl.load(tau_ptr + r * stride_tau).to(tl.float32)
+    inv, inv_lo = reciprocal_split(tau)
     base = stats_ptr + r * 8
     Ms = tl.load(base + 0)
     Ss = tl.load(base + 1)
     Mt = tl.load(base + 2)
     St = tl.load(base + 3)
     kl = tl.load(base + 4)
-    log_total_t = log1p(St)
-    # lse_t - lse_s without rounding either lse (M + log1p(S) loses |M| ulps): as the forward
-    D = (Mt - Ms) + (log_total_t - log1p(Ss))
+    nu = tl.load(base + 5)
+    precise = tl.load(base + 7) != 0.0
+    # the series bound of w on the second-order rows, -1 (never) on the others
+    w_bound = tl.where(precise, 1.0, -1.0)
+    log_t, log_s = log1p(St), log1p(Ss)
+    # p = exp((s - Ms)/τ) / (1 + Ss), q likewise: the normaliser's log in the exponent would add its
+    # rounding, ulp(log C) relative, to every probability
+    inv_s = tl.math.div_rn(1.0, 1.0 + Ss)
+    inv_t = tl.math.div_rn(1.0, 1.0 + St)
     cols = tl.arange(0, BLOCK)
     if ELEMENTWISE:
-        acc1 = tl.zeros([BLOCK], tl.float32)
-        acc2 = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, C, BLOCK):
-            c = start + cols
-            zs = load_z(s_row, c, C, 1, tau)
-            zt = load_z(t_row, c, C, 1, tau)
-            q = tl.exp((zt - Mt) - log_total_t)
-            gc = tl.load(g_ptr + r * C + c, mask=c < C, other=0.0).to(tl.float32)
-            gq = tl.where(q != 0.0, gc * q, 0.0)
-            acc1 += gq
-            acc2 += tl.where(q != 0.0, gq * ((zt - zs) - D), 0.0)
-        G1 = tl.sum(acc1, 0)
-        F = tl.sum(acc2, 0)
-        G2 = F + G1
+        G1, F = _elementwise_sums(s_row, t_row, g_ptr + r * C, cols, C, Ms, Mt, inv, inv_lo, nu, kl, log_t, log_s,
+                                  inv_t, BLOCK)
         g = 0.0
     else:
         g = tl.load(g_ptr + r * stride_g).to(tl.float32)
         G1 = g
         F = g * kl
-        G2 = F + g
     if HAS_TARGET:
-        M1 = tl.load(base + 5)
         S1 = tl.load(base + 6)
-        inv1 = 1.0 / (1.0 + S1)
+        inv1 = tl.math.div_rn(1.0, 1.0 + S1)
         y = tl.load(target_ptr + r)
         g_ce = tl.where(y != ignore_index, tl.load(gce_ptr + r * stride_g).to(tl.float32), 0.0)
-    inv_s = 1.0 / (1.0 + Ss)
+    e_kl = tl.exp(kl)
     tau_acc = tl.zeros([BLOCK], tl.float32)
+    b_acc = tl.zeros([BLOCK], tl.float32)
+    pm_acc = tl.zeros([BLOCK], tl.float32)
+    u_max = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         c = start + cols
         xs = load_x(s_row, c, C, 1)
         xt = load_x(t_row, c, C, 1)
-        zs = tl.math.div_rn(xs, tau)
-        zt = tl.math.div_rn(xt, tau)
-        p = tl.exp(zs - Ms) * inv_s
-        q = tl.exp((zt - Mt) - log_total_t)
+        zs_gap = mul_inv(xs - Ms, inv, inv_lo)
+        zt_gap = mul_inv(xt - Mt, inv, inv_lo)
+        p = tl.exp(zs_gap) * inv_s
+        q = tl.exp(zt_gap) * inv_t
+        u, w = _log_ratio(xs, xt, zs_gap, zt_gap, inv, inv_lo, nu, kl, log_t, log_s)
+        # q = 0 (a masked teacher class) adds exactly 0; a NaN q (a non-finite teacher row) stays NaN
+        keep = q != 0.0
+        small_w = tl.abs(w) <= w_bound
+        psi_w = psi_series(tl.where(small_w, w, 0.0))
         if ELEMENTWISE:
             gc = tl.load(g_ptr + r * C + c, mask=c < C, other=0.0).to(tl.float32)
+            gq = tl.where(keep, gc * q, 0.0)
+            dzs = p * G1 - gq
+            dzt = tl.where(keep, q * (gc * (1.0 - w) - (F + G1)), 0.0)
         else:
-            gc = g
-        # q = 0 (a masked teacher class) adds exactly 0; a NaN q (a non-finite teacher row) stays NaN
-        gq = tl.where(q != 0.0, gc * q, 0.0)
-        dzs = p * G1 - gq
+            # p - q = q expm1(w): no cancellation where p ≈ q (the second-order rows)
+            dzs = g * tl.where(keep, tl.where(small_w, q * (w + psi_w), p - q), p)
+            dzt = tl.where(keep, -g * q * u, 0.0)
         ds = tau * dzs
         if HAS_TARGET:
-            s1 = load_z(s_row, c, C, 1, 1.0)
-            p1 = tl.exp(s1 - M1) * inv1
-            q1 = tl.where(s1 == M1, S1 * inv1, 1.0 - p1)
+            p1 = tl.exp(xs - Ms) * inv1
+            q1 = tl.where(xs == Ms, S1 * inv1, 1.0 - p1)
             ds += g_ce * tl.where(c == y, -q1, p1)
         tl.store(ds_ptr + r * C + c, to_store(ds, ds_ptr, INTERPRETED), mask=c < C)
-        if TEACHER_GRAD or TAU_GRAD:
-            delta = (zt - zs) - D
-            dzt = tl.where(q != 0.0, q * (gc * (delta + 1.0) - G2), 0.0)
         if TEACHER_GRAD:
             tl.store(dt_ptr + r * C + c, to_store(tau * dzt, dt_ptr, INTERPRETED), mask=c < C)
         if TAU_GRAD:
-            # τ (z - M) = x - M τ: in x units (half_gap), no rounding of x / τ in the shift
-            tau_acc += (tl.where(dzs != 0.0, half_gap(xs, Ms, tau) * dzs, 0.0)
-                        + tl.where(dzt != 0.0, half_gap(xt, Mt, tau) * dzt, 0.0))
+            # shifted by the maxima in x units and halved (finite for logits of ±3e38)
+            tau_acc += (tl.where(dzs != 0.0, (xs * 0.5 - Ms * 0.5) * dzs, 0.0)
+                        + tl.where(dzt != 0.0, (xt * 0.5 - Mt * 0.5) * dzt, 0.0))
+            if not ELEMENTWISE:
+                q_psi_w = tl.where(small_w, q * psi_w, (p - q) - q * w)
+                b_acc += _third_order(p, q, u, q_psi_w, keep, zt_gap, xs, Mt, inv, inv_lo, nu, kl, e_kl)
+                pm_acc += tl.where(keep, 0.0, p)
+                u_max = tl.maximum(u_max, tl.where(keep, tl.abs(u), 0.0))
     if TAU_GRAD:
-        tl.store(dtau_ptr + r, 2.0 * (tau * F - tl.sum(tau_acc, 0)))
+        shifted = tl.sum(tau_acc, 0)
+        if ELEMENTWISE:
+            tl.store(dtau_ptr + r, 2.0 * (tau * F - shifted))
+        else:
+            log_kept = log1p(-tl.sum(pm_acc, 0))
+            l = kl + log_kept
+            psi_l = tl.where(tl.abs(l) <= 1.0, psi_series(l), tl.exp(l) - 1.0 - l)
+            B = tl.sum(b_acc, 0) - 2.0 * psi_l - 2.0 * log_kept
+            # the third-order terms are small only where every kept u is: a class far from the rest (a
+            # student far from its teacher) makes them large and cancelling, the plain form exact
+            third = precise & (tl.max(u_max, 0) <= 1.0)
+            tl.store(dtau_ptr + r, tl.where(third, tau * g * B, 2.0 * (tau * g * kl - shifted)))
+
+
+@triton.jit
+def _elementwise_sums(s_row, t_row, g_row, cols, C, Ms, Mt, inv, inv_lo, nu, kl, log_t, log_s, inv_t,
+                      BLOCK: tl.constexpr):
+    """G1 = Σ g q and F = Σ g q δ (δ = log q - log p = -w) of a row with a per-element gradient g."""
+    acc1 = tl.zeros([BLOCK], tl.float32)
+    acc2 = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, C, BLOCK):
+        c = start + cols
+        xs = load_x(s_row, c, C, 1)
+        xt = load_x(t_row, c, C, 1)
+        zt_gap = mul_inv(xt - Mt, inv, inv_lo)
+        q = tl.exp(zt_gap) * inv_t
+        w = _log_ratio(xs, xt, mul_inv(xs - Ms, inv, inv_lo), zt_gap, inv, inv_lo, nu, kl, log_t, log_s)[1]
+        gq = tl.where(q != 0.0, tl.load(g_row + c, mask=c < C, other=0.0).to(tl.float32) * q, 0.0)
+        acc1 += gq
+        acc2 += tl.where(q != 0.0, -gq * w, 0.0)
+    return tl.sum(acc1, 0), tl.sum(acc2, 0)
 
 
 # ---------------------------------------------------------------------------- launchers
@@ -217,7 +423,7 @@ def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
     R, C = s2.shape
     dev = s2.device
     kl = torch.empty(R, device=dev, dtype=torch.float32)
-    stats = torch.zeros(R, 8, device=dev, dtype=torch.float32)  # the torch path's width; column 7 unused here
+    stats = torch.zeros(R, 8, device=dev, dtype=torch.float32)  # (Ms, Ss, Mt, St, KL, ν, S1, precise)
     ce = torch.empty(R, device=dev, dtype=torch.float32) if target is not None else kl
     out = torch.empty((R, C), device=dev, dtype=s2.dtype) if elementwise else kl
     block, _, _ = row_config(C, LANES_PER_BLOCK)

@@ -167,6 +167,100 @@ def online_finalize(m, s):
 
 
 @triton.jit
+def reciprocal_split(tau):
+    """1/τ as a pair (inv, inv_lo), inv + inv_lo = 1/τ to about ε²: x/τ as :func:`mul_inv` is then
+    rounded once, where x·fl(1/τ) also carries fl(1/τ)'s own rounding, the same relative error in every
+    element (a slightly different τ).  inv is set just below 1/τ so that inv_lo > 0: mul_inv keeps ±inf
+    (a remainder of 0, or of the other sign, would make inf·0 or inf - inf)."""
+    inv = tl.math.div_rn(1.0, tau) * (1.0 - 1.0 / 2097152)
+    return inv, tl.fma(-tau, inv, 1.0) * inv
+
+
+@triton.jit
+def mul_inv(x, inv, inv_lo):
+    """x/τ to one rounding from the pair of :func:`reciprocal_split`: one multiply and one fma."""
+    return tl.fma(x, inv, x * inv_lo)
+
+
+@triton.jit
+def online_update_x(m, s, x, inv, inv_lo):
+    """:func:`online_update` for z = x/τ kept in x units (the max m is a logit, never rounded by a
+    division: exp((x - m)/τ) takes one rounding of the gap, not of |x|/τ); (inv, inv_lo) from
+    :func:`reciprocal_split`.
+
+    Returns ``(m, s, e, is_new, arg)``: e = exp(arg) is the old sum's rescale where ``is_new`` and the
+    element's own weight exp((x - m)·inv) otherwise, so that a caller keeping more sums under the same
+    max needs no second exp.
+    """
+    is_new = x > m
+    # a tie adds exp(0) = 1, also at inf - inf (see online_update)
+    arg = tl.where(x == m, 0.0, mul_inv(tl.where(is_new, m - x, x - m), inv, inv_lo))
+    e = tl.exp(arg)
+    s = tl.where(is_new, s * e + e, s + e)
+    m = tl.maximum(m, x)
+    return m, s, e, is_new, arg
+
+
+@triton.jit
+def lane_scale(m, M, inv, inv_lo):
+    """exp((m - M)/τ) per lane: the factor that moves a lane's sums from its max m to the row's max M;
+    1 at the lanes that attain M (also M = +inf), 0 at the lanes that saw no finite value."""
+    valid = m > float("-inf")
+    at_top = valid & (m == M)
+    return tl.exp(tl.where(at_top, 0.0, tl.where(valid, mul_inv(m - M, inv, inv_lo), float("-inf")))), valid, at_top
+
+
+@triton.jit
+def online_finalize_x(m, s, inv, inv_lo):
+    """:func:`online_finalize` for the lanes of :func:`online_update_x`: ``(M, S)`` with M = max x (x
+    units) and S = Σ_{j ≠ argmax} exp((x_j - M)/τ)."""
+    M = tl.max(m, 0)
+    scale, valid, at_top = lane_scale(m, M, inv, inv_lo)
+    S = tl.sum(s * scale, 0) + tl.sum(tl.where(valid & (m < M), scale, 0.0), 0)
+    S = S + (tl.sum(at_top.to(tl.float32), 0) - 1.0)
+    return M, S
+
+
+@triton.jit
+def psi_series(x):
+    """ψ(x) = e^x - 1 - x for |x| <= 1, with full relative precision: x² Σ_{k<9} x^k/(k+2)! (the
+    truncation is below 4e-8 relative at |x| = 1)."""
+    h = x * (1.0 / 3628800) + 1.0 / 362880
+    h = h * x + 1.0 / 40320
+    h = h * x + 1.0 / 5040
+    h = h * x + 1.0 / 720
+    h = h * x + 1.0 / 120
+    h = h * x + 1.0 / 24
+    h = h * x + 1.0 / 6
+    h = h * x + 0.5
+    return x * x * h
+
+
+@triton.jit
+def psi_series_f64(x):
+    """ψ(x) = e^x - 1 - x for |x| <= 1 in float64 to its precision: x²/2 (1 + x/3 (1 + x/4 (... (1 + x/19)))),
+    every coefficient an exact integer (a float literal would be rounded to fp32 first)."""
+    h = 1.0 + x / 19.0
+    for k in tl.static_range(18, 2, -1):
+        h = 1.0 + x / k * h
+    return x * x * 0.5 * h
+
+
+@triton.jit
+def psi3_series(x):
+    """e^x - 1 - x - x²/2 for |x| <= 1, with full relative precision: x³ Σ_{k<9} x^k/(k+3)!."""
+    h = x * (1.0 / 39916800) + 1.0 / 3628800
+    h = h * x + 1.0 / 362880
+    h = h * x + 1.0 / 40320
+    h = h * x + 1.0 / 5040
+    h = h * x + 1.0 / 720
+    h = h * x + 1.0 / 120
+    h = h * x + 1.0 / 24
+    h = h * x + 1.0 / 6
+    return x * x * x * h
+
+
+@triton.jit
 def nan_if_posinf(M, S):
     """S for softmax, log_softmax and the losses: a row with a +inf logit is NaN there, as in torch
     (inf - inf); only τ·logsumexp keeps ``(M, S) = (+inf, #others at +inf)`` and returns +inf."""

@@ -1,7 +1,7 @@
 """Property-based: random shapes, τ and options against the float64 reference."""
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fused_tau
@@ -204,13 +204,9 @@ def _kd(x, t, lib, teacher):
     return lib.kd_loss(x, teacher, tau=t)
 
 
-@settings(SETTINGS, phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no shrinking: the kernel's strict
-@given(case=special_logits(), data=st.data())                              # xfail would shrink for minutes
-def test_kd_loss_special_values(backend, case, data, request):
-    if backend == "triton":  # the kernel's KL cancels at large τ (issue 12 item 9), open: see test_row_precision
-        request.applymarker(pytest.mark.xfail(strict=True, reason="open (issue 12 item 9) on the kernel path: "
-                                              "KL = Σ q d - (lse_t - lse_s) loses digits at τ ≥ 100 and with a "
-                                              "student far from its teacher (2.62327 vs 2.62376 at τ = 100)"))
+@SETTINGS
+@given(case=special_logits(), data=st.data())
+def test_kd_loss_special_values(backend, case, data):
     x, tau, g = case
     teacher = torch.randn(x.shape, generator=g) * data.draw(st.sampled_from([1.0, 30.0]))
     if data.draw(st.booleans()):
