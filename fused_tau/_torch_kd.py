@@ -5,7 +5,8 @@ base measure, v = (s - t)/τ, ν = E_q v, u = v - ν, KL = log E_q e^u - log(1 -
 in memory here, so the reference ν0 of the kernel is the exact q-weighted mean."""
 import torch
 
-from ._torch_row import _compute_dtype, _exp_, _nan_if_posinf, for_each, row_chunks
+from . import _torch_row
+from ._torch_row import _compute_dtype, _exp_, _nan_if_posinf, for_each, row_chunks, threads_for
 
 INF = float("inf")
 # Taylor coefficients of ψ(x) = e^x - 1 - x = x² Σ_k x^k/(k+2)! and of ψ3(x) = e^x - 1 - x - x²/2
@@ -83,14 +84,14 @@ def _row_stats(s, t, inv, scratch=None):
     is) sends the block to the general form."""
     if s.device.type != "cpu":  # the fast path reads per-row tests on the host: CPU only
         return _row_stats_general(s, t, inv)
-    fast = _row_stats_finite(s, t, inv, scratch or _scratch(s))
+    fast = _row_stats_cpu(s, t, inv, scratch or _scratch(s))
     return fast if fast is not None else _row_stats_general(s, t, inv)
 
 
 def _scratch(like):
-    """The buffers of _row_stats_finite (4 of like's shape and dtype, one bool), reused for each
+    """The buffers of _row_stats_cpu and _bwd_fast (5 of like's shape and dtype), reused for each
     block of a chunk: on CPU a fresh buffer costs its first-touch page faults, as much as a pass."""
-    return [torch.empty_like(like) for _ in range(4)] + [torch.empty_like(like, dtype=torch.bool)]
+    return [torch.empty_like(like) for _ in range(5)]
 
 
 def _exp_shifted(x, inv, out):
@@ -173,6 +174,78 @@ def _row_stats_finite(s, t, inv, scratch):
         delta.sub_(torch.sub(s, Ms.unsqueeze(-1), out=b_psi).mul_(inv))
         kl_plain = _dot(wt, delta, b_psi) / Wt + (torch.log1p(Ss) - torch.log1p(St))
         kl = torch.where(precise, kl, kl_plain)
+    return Ms, Ss, Mt, St, kl, nu, precise
+
+
+# A second-order row's l = log E_q e^u takes the direct form log(E/W) - A/W (E = Σ w e^x: one exp, no
+# series) where its rounding is within this factor of the series form's (see _row_stats_cpu)
+DIRECT_FACTOR = 8.0
+
+
+def _exp_shifted_kept(x, inv, shifted, out, scratch):
+    """_exp_shifted keeping the shifted logits: (M, S, w, a) with a = (x - M)/τ in ``shifted`` and
+    w = exp(a) in ``out`` (w = 1 at every tie), for rows whose max is finite (the caller checks)."""
+    M = x.amax(-1, keepdim=True)
+    a = torch.sub(x, M, out=shifted).mul_(inv)
+    w = _exp_(a, scratch, out=out)
+    S = w.sum(-1) - 1.0
+    if not bool((S >= 1.0).all()):  # host-ok: per-row values
+        idx = x.argmax(-1, keepdim=True)
+        S = w.scatter_(-1, idx, 0.0).sum(-1)
+        w.scatter_(-1, idx, 1.0)
+    return M.squeeze(-1), S, w, a
+
+
+def _row_stats_cpu(s, t, inv, scratch):
+    """_row_stats_finite in fewer passes (CPU, rows of finite logits; None sends the block to the
+    general form).  The same statistics and forms, except that a second-order row whose l is not small
+    takes l = log(E/W) - A/W, E = Σ w e^x, instead of log1p(ā + b̄) - ā with R = Σ w ψ(x) from the
+    series: with γ the rounding of a sum, the direct form is off by at most about γ (2 + (Σ w|x| + |A|)/W)
+    and the series form by about γ l (1 + Σ w|x| / W), so the direct form is taken on the rows where the
+    first is within DIRECT_FACTOR of the second; the other rows are recomputed by _row_stats_finite."""
+    n = s.shape[0]
+    b_at, b_as, b_w, b_x, b_tmp = (b[:n] for b in scratch)
+    Mt, St, wt, a_t = _exp_shifted_kept(t, inv, b_at, b_w, b_tmp)
+    Ms, Ss, ws, a_s = _exp_shifted_kept(s, inv, b_as, b_x, b_tmp)
+    if not bool(torch.isfinite(Ms).all() & torch.isfinite(Mt).all()):  # host-ok: per-row values
+        return None
+    Wt = 1.0 + St
+    if bool((wt.amin(-1) > 0).all()):  # host-ok: no class of teacher probability 0
+        Pm = torch.zeros_like(Ms)
+    else:
+        Pm = torch.where(wt != 0, 0.0, ws).sum(-1) / (1.0 + Ss)
+    v = torch.sub(s, t, out=b_x).mul_(inv)  # ws is spent
+    nu0 = _dot(wt, v, b_tmp) / Wt
+    if not bool(torch.isfinite(nu0).all()):  # host-ok
+        return None
+    x = v.sub_(nu0.unsqueeze(-1))
+    A = _dot(wt, x, b_tmp)
+    E = _exp_(x, out=b_tmp).mul_(wt).sum(-1)  # Σ w e^x
+    abs_x = torch.abs(x, out=b_tmp).mul_(wt).sum(-1)  # Σ w |x|
+    if not bool(torch.isfinite(A).all() & torch.isfinite(abs_x).all()):  # host-ok
+        return None
+    Wd, Ad = Wt.double(), A.double()
+    a_bar = Ad / Wd
+    # l = log1p(ā + b̄) - ā with b̄ = R/W, R = E - W - A: ā + b̄ = (E - W)/W
+    l = (torch.log1p((E.double() - Wd) / Wd) - a_bar).to(s.dtype)
+    direct = torch.isfinite(E) & (2.0 * Wt + abs_x + A.abs() <= DIRECT_FACTOR * l.abs() * (Wt + abs_x))
+    nu = nu0 + a_bar.to(s.dtype)
+    kl = l - torch.log1p(-Pm)
+    precise = (l < PRECISE_BOUND) & (Pm < PM_BOUND)
+    if not bool(precise.all()):  # host-ok
+        # plain: Σ q δ - D, δ = (t - Mt)/τ - (s - Ms)/τ (see _row_stats_general)
+        delta = torch.sub(a_t, a_s, out=b_as)
+        kl_plain = _dot(wt, delta, b_tmp) / Wt + (torch.log1p(Ss) - torch.log1p(St))
+        kl = torch.where(precise, kl, kl_plain)
+    redo = (~direct).nonzero().squeeze(1)
+    if redo.numel():  # the series form on the rows where the direct one is not precise enough
+        k = redo.numel()
+        old = _row_stats_finite(s[redo], t[redo], inv if inv.shape[0] == 1 else inv[redo],
+                                [b[:k] for b in scratch[:4]] + [torch.empty((k, s.shape[1]), dtype=torch.bool)])
+        if old is None:
+            return None
+        kl, nu, precise = kl.clone(), nu.clone(), precise.clone()
+        kl[redo], nu[redo], precise[redo] = old[4], old[5], old[6]
     return Ms, Ss, Mt, St, kl, nu, precise
 
 
@@ -336,7 +409,102 @@ def _bwd_fast(s, t, Ms, Ss, Mt, St, kl, nu, precise, inv, gc, tc, ds, dt, sl, sc
     return True
 
 
+def _row_groups(precise, C, device):
+    """The rows of each kind (plain, second-order), in groups of about _torch_row.CHUNK_ELEMENTS elements, at
+    least one per thread of for_each: (second-order?, rows) with rows a slice where they are
+    consecutive, else an index tensor."""
+    R = precise.numel()
+    step = max(1, min(_torch_row.CHUNK_ELEMENTS // max(C, 1), -(-R // threads_for(device, R * C))))
+    groups = []
+    for kind in (False, True):
+        rows = (precise == kind).nonzero().squeeze(1)
+        for lo in range(0, rows.numel(), step):
+            part = rows[lo:lo + step]
+            first, last = int(part[0]), int(part[-1])  # host-ok: CPU
+            groups.append((kind, slice(first, last + 1) if last - first + 1 == part.numel() else part))
+    return groups
+
+
+def _bwd_kind(s, t, Ms, Ss, Mt, St, kl, nu, precise, inv, scratch):
+    """dzs = p - q for a group of rows of one kind (kd_bwd without elementwise loss, target, teacher or
+    τ gradient, CPU), in few passes: on plain rows as _bwd_fast; on second-order rows q expm1(w) at
+    every class (w = log p - log q = (v - ν) - KL as _log_ratio's v - ν form, which the per-row bound
+    max |v| + |ν| + |KL| <= log1p(St) + log1p(Ss) makes its choice at every element; where |w| > 1,
+    q expm1(w) is as precise as p - q: both carry the rounding of exponentials of arguments of that
+    size).  None (nothing computed) where a statistic is not finite or, on second-order rows, a
+    class has q = 0 or the bound fails: the caller takes the general form."""
+    log_t, log_s = torch.log1p(St), torch.log1p(Ss)
+    if not bool((torch.isfinite(Ms) & torch.isfinite(Mt) & torch.isfinite(kl) & torch.isfinite(nu)
+                 & torch.isfinite(log_t) & torch.isfinite(log_s)).all()):  # host-ok: per-row values
+        return None
+    n = s.shape[0]
+    b_q, b_x, b_tmp = (b[:n] for b in scratch[:3])
+    q = _exp_(torch.sub(t, Mt, out=b_q).mul_(inv).sub_(log_t), b_tmp)
+    if not precise:
+        return _exp_(torch.sub(s, Ms, out=b_x).mul_(inv), b_tmp).div_(1.0 + Ss).sub_(q)  # p - q
+    if not bool((q.amin(-1) > 0).all()):  # host-ok
+        return None
+    v = torch.sub(s, t, out=b_x).mul_(inv)
+    # (amax and amin: several times faster than aminmax on CPU)
+    v_abs_max = torch.maximum(v.amax(-1, keepdim=True), -v.amin(-1, keepdim=True))
+    if not bool((v_abs_max + nu.abs() + kl.abs() <= log_t + log_s).all()):  # host-ok
+        return None
+    return v.sub_(nu).sub_(kl).expm1_().mul_(q)  # q expm1(w)
+
+
 def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teacher_grad, tau_grad):
+    if (target is None and not elementwise and not teacher_grad and not tau_grad and s2.device.type == "cpu"
+            and s2.numel()):
+        return _kd_bwd_cpu(s2, t2, tau, stats, g), None, None
+    return _kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teacher_grad, tau_grad)
+
+
+def _kd_bwd_cpu(s2, t2, tau, stats, g):
+    """kd_bwd's student gradient on CPU without elementwise loss, target, teacher or τ gradient: the
+    rows of each kind in their own groups (_bwd_kind), a group the general form cannot serve in few
+    passes sent to it."""
+    R, C = s2.shape
+    cd = _compute_dtype(s2)
+    tau_c = _tau_col(tau, R, cd)
+    ds = torch.empty((R, C), device=s2.device, dtype=s2.dtype)
+    g = g.to(cd).reshape(-1).expand(R)
+    groups = _row_groups(stats[:, 7] != 0, C, s2.device)
+    size = max((r.stop - r.start if isinstance(r, slice) else r.numel()) for _, r in groups)
+    general = []
+
+    def work(group, scratch):
+        precise, rows = group
+        gathered = not isinstance(rows, slice)
+        n = rows.numel() if gathered else rows.stop - rows.start
+        if gathered:
+            s = torch.index_select(s2, 0, rows, out=scratch[3][:n]) if s2.dtype == cd else s2[rows].to(cd)
+            t = torch.index_select(t2, 0, rows, out=scratch[4][:n]) if t2.dtype == cd else t2[rows].to(cd)
+        else:
+            s, t = s2[rows].to(cd), t2[rows].to(cd)
+        Ms, Ss, Mt, St, kl, nu = stats[rows, :6].to(cd).unsqueeze(-1).unbind(1)
+        tc = tau_c[rows]
+        dzs = _bwd_kind(s, t, Ms, Ss, Mt, St, kl, nu, precise, 1.0 / tc, scratch)
+        if dzs is None:
+            general.append(rows)
+            return
+        if gathered:
+            ds.index_copy_(0, rows, torch.mul(tc, dzs.mul_(g[rows].unsqueeze(-1))).to(ds.dtype))
+        elif ds.dtype == cd:
+            torch.mul(tc, dzs.mul_(g[rows].unsqueeze(-1)), out=ds[rows])
+        else:
+            ds[rows] = torch.mul(tc, dzs.mul_(g[rows].unsqueeze(-1)))
+
+    def buffers():
+        return [torch.empty((size, C), device=s2.device, dtype=cd) for _ in range(5)]
+
+    for_each(groups, work, s2.device, R * C, scratch=buffers)
+    for rows in general:  # after the parallel part: its rows are its own, in any order
+        part, _, _ = _kd_bwd(s2[rows], t2[rows], None, tau_c[rows], stats[rows], g[rows], None, 0, False, False, False)
+        ds[rows] = part
+    return ds
+
+
+def _kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teacher_grad, tau_grad):
     R, C = s2.shape
     cd = _compute_dtype(s2)
     tau_c = _tau_col(tau, R, cd)
