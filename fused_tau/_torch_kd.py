@@ -6,7 +6,7 @@ in memory here, so the reference ν0 of the kernel is the exact q-weighted mean.
 import torch
 
 from . import _torch_row
-from ._torch_row import _compute_dtype, _exp_, _nan_if_posinf, for_each, row_chunks, threads_for
+from ._torch_row import _compute_dtype, _exp_, _max_argmax, _nan_if_posinf, for_each, row_chunks, threads_for
 
 INF = float("inf")
 # Taylor coefficients of ψ(x) = e^x - 1 - x = x² Σ_k x^k/(k+2)! and of ψ3(x) = e^x - 1 - x - x²/2
@@ -22,7 +22,7 @@ PM_BOUND = 0.5
 
 # rows a chunk's work takes at a time, in elements: its dozen passes over a few buffers of this
 # size then stay in cache (a pass over buffers of a whole chunk goes to memory: several times slower)
-BLOCK_ELEMENTS = 1 << 18
+BLOCK_ELEMENTS = 1 << 19
 
 
 def _blocks(sl, C):
@@ -31,17 +31,17 @@ def _blocks(sl, C):
     return [slice(lo, min(sl.stop, lo + step)) for lo in range(sl.start, sl.stop, step)]
 
 
-def _in_blocks(C, device, cd, work_block):
-    """A chunk's work: ``work_block(block, scratch)`` for each cache-sized block of its rows, the
-    scratch buffers made once per chunk."""
-    def work(sl):
-        blocks = _blocks(sl, C)
-        rows = blocks[0].stop - blocks[0].start
-        scratch = _scratch(torch.empty((rows, C), device=device, dtype=cd))
-        for block in blocks:
+def _in_blocks(R, C, device, cd, work_block):
+    """for_each over the chunks of R rows with ``work_block(block, scratch)`` for each cache-sized
+    block of a chunk's rows, the scratch buffers (_scratch) made once per thread."""
+    chunks = row_chunks(R, C, device)
+    rows = max((b.stop - b.start for sl in chunks for b in _blocks(sl, C)), default=0)
+
+    def work(sl, scratch):
+        for block in _blocks(sl, C):
             work_block(block, scratch)
 
-    return work
+    for_each(chunks, work, device, R * C, scratch=lambda: _scratch(torch.empty((rows, C), device=device, dtype=cd)))
 
 
 def _tau_col(tau, R, cd):
@@ -177,74 +177,99 @@ def _row_stats_finite(s, t, inv, scratch):
     return Ms, Ss, Mt, St, kl, nu, precise
 
 
+# the plain KL's rounding bound, relative to the magnitude of its terms (sums of at most 2^31 terms: a
+# few dozen ulps at most), for the rows that take it without the second-order forms (_row_stats_cpu)
+PLAIN_SLACK = {torch.float32: 2.0 ** -16, torch.float64: 2.0 ** -45}
 # A second-order row's l = log E_q e^u takes the direct form log(E/W) - A/W (E = Σ w e^x: one exp, no
 # series) where its rounding is within this factor of the series form's (see _row_stats_cpu)
 DIRECT_FACTOR = 8.0
 
 
-def _exp_shifted_kept(x, inv, shifted, out, scratch):
-    """_exp_shifted keeping the shifted logits: (M, S, w, a) with a = (x - M)/τ in ``shifted`` and
-    w = exp(a) in ``out`` (w = 1 at every tie), for rows whose max is finite (the caller checks)."""
+def _softmax_shifted(x, inv, shifted, out):
+    """(M, S, w, W, a) for rows whose max is finite (the caller checks): M = max x, a = (x - M)/τ (x
+    units) in ``shifted``, w = softmax(a) in ``out`` by torch's fused kernel (its exponentials as
+    precise as torch.exp's, without its slow path and in fewer passes), W = Σ w (1 but for rounding),
+    S = Σ_{j≠argmax} w_j / w_argmax = Σ_{j≠argmax} exp(a_j) (every tie counting 1), as the sum less the
+    argmax's own w where that leaves S >= 1 (no cancellation), else with the argmax's w left out."""
     M = x.amax(-1, keepdim=True)
     a = torch.sub(x, M, out=shifted).mul_(inv)
-    w = _exp_(a, scratch, out=out)
-    S = w.sum(-1) - 1.0
-    if not bool((S >= 1.0).all()):  # host-ok: per-row values
-        idx = x.argmax(-1, keepdim=True)
-        S = w.scatter_(-1, idx, 0.0).sum(-1)
-        w.scatter_(-1, idx, 1.0)
-    return M.squeeze(-1), S, w, a
+    w = torch.softmax(a, -1, out=out)
+    W = w.sum(-1)
+    S = W / w.amax(-1) - 1.0
+    if not bool((S >= 1.0).all()):  # host-ok: per-row values (NaN where a max is not finite: the caller checks)
+        idx = _max_argmax(a)[1].unsqueeze(-1)
+        w_max = w.gather(-1, idx)
+        S = w.scatter_(-1, idx, 0.0).sum(-1) / w_max.squeeze(-1)
+        w.scatter_(-1, idx, w_max)
+    return M.squeeze(-1), S, w, W, a
 
 
 def _row_stats_cpu(s, t, inv, scratch):
     """_row_stats_finite in fewer passes (CPU, rows of finite logits; None sends the block to the
-    general form).  The same statistics and forms, except that a second-order row whose l is not small
-    takes l = log(E/W) - A/W, E = Σ w e^x, instead of log1p(ā + b̄) - ā with R = Σ w ψ(x) from the
+    general form).  The same statistics and forms (the second-order ones only on rows that may take
+    them, see PLAIN_SLACK), with the teacher's and the student's
+    probabilities q and p from torch's softmax (_softmax_shifted; every form here is homogeneous in
+    the weights w = q W), except that a second-order row whose l is not small takes
+    l = log(E/W) - A/W, E = Σ w e^x, instead of log1p(ā + b̄) - ā with R = Σ w ψ(x) from the
     series: with γ the rounding of a sum, the direct form is off by at most about γ (2 + (Σ w|x| + |A|)/W)
     and the series form by about γ l (1 + Σ w|x| / W), so the direct form is taken on the rows where the
     first is within DIRECT_FACTOR of the second; the other rows are recomputed by _row_stats_finite."""
     n = s.shape[0]
     b_at, b_as, b_w, b_x, b_tmp = (b[:n] for b in scratch)
-    Mt, St, wt, a_t = _exp_shifted_kept(t, inv, b_at, b_w, b_tmp)
-    Ms, Ss, ws, a_s = _exp_shifted_kept(s, inv, b_as, b_x, b_tmp)
+    Mt, St, wt, Wt, a_t = _softmax_shifted(t, inv, b_at, b_w)
+    Ms, Ss, ps, _, a_s = _softmax_shifted(s, inv, b_as, b_x)
     if not bool(torch.isfinite(Ms).all() & torch.isfinite(Mt).all()):  # host-ok: per-row values
         return None
-    Wt = 1.0 + St
     if bool((wt.amin(-1) > 0).all()):  # host-ok: no class of teacher probability 0
         Pm = torch.zeros_like(Ms)
     else:
-        Pm = torch.where(wt != 0, 0.0, ws).sum(-1) / (1.0 + Ss)
-    v = torch.sub(s, t, out=b_x).mul_(inv)  # ws is spent
+        Pm = torch.where(wt != 0, 0.0, ps).sum(-1)
+    v = torch.sub(s, t, out=b_x).mul_(inv)  # ps is spent
     nu0 = _dot(wt, v, b_tmp) / Wt
     if not bool(torch.isfinite(nu0).all()):  # host-ok
         return None
     x = v.sub_(nu0.unsqueeze(-1))
     A = _dot(wt, x, b_tmp)
-    E = _exp_(x, out=b_tmp).mul_(wt).sum(-1)  # Σ w e^x
-    abs_x = torch.abs(x, out=b_tmp).mul_(wt).sum(-1)  # Σ w |x|
-    if not bool(torch.isfinite(A).all() & torch.isfinite(abs_x).all()):  # host-ok
+    if not bool(torch.isfinite(A).all()):  # host-ok
         return None
-    Wd, Ad = Wt.double(), A.double()
-    a_bar = Ad / Wd
-    # l = log1p(ā + b̄) - ā with b̄ = R/W, R = E - W - A: ā + b̄ = (E - W)/W
-    l = (torch.log1p((E.double() - Wd) / Wd) - a_bar).to(s.dtype)
-    direct = torch.isfinite(E) & (2.0 * Wt + abs_x + A.abs() <= DIRECT_FACTOR * l.abs() * (Wt + abs_x))
+    a_bar = A.double() / Wt.double()
     nu = nu0 + a_bar.to(s.dtype)
-    kl = l - torch.log1p(-Pm)
-    precise = (l < PRECISE_BOUND) & (Pm < PM_BOUND)
-    if not bool(precise.all()):  # host-ok
-        # plain: Σ q δ - D, δ = (t - Mt)/τ - (s - Ms)/τ (see _row_stats_general)
-        delta = torch.sub(a_t, a_s, out=b_as)
-        kl_plain = _dot(wt, delta, b_tmp) / Wt + (torch.log1p(Ss) - torch.log1p(St))
-        kl = torch.where(precise, kl, kl_plain)
-    redo = (~direct).nonzero().squeeze(1)
+    # the plain KL on every row: Σ q δ - D, δ = (t - Mt)/τ - (s - Ms)/τ (see _row_stats_general)
+    delta = torch.sub(a_t, a_s, out=b_as)
+    log_s, log_t, log_kept = torch.log1p(Ss), torch.log1p(St), torch.log1p(-Pm)
+    kl_plain = _dot(wt, delta, b_tmp) / Wt + (log_s - log_t)
+    # a row whose l = KL + log1p(-Pm) is past PRECISE_BOUND even with the plain form off by PLAIN_SLACK
+    # of its terms' magnitudes (Σ q |δ| <= W max |δ|) takes the plain form, as it would after the
+    # second-order forms: they are computed only on the other rows
+    d_abs = torch.maximum(delta.amax(-1), -delta.amin(-1))
+    slack = PLAIN_SLACK[s.dtype] * (d_abs + log_s + log_t + kl_plain.abs() - log_kept + 1.0)
+    plain = (Pm >= PM_BOUND) | (kl_plain + log_kept - slack >= PRECISE_BOUND)
+    rows = (~plain).nonzero().squeeze(1)
+    if not rows.numel():
+        return Ms, Ss, Mt, St, kl_plain, nu, torch.zeros_like(plain)
+    every = rows.numel() == n
+    x_r, w_r = (x, wt) if every else (x[rows], wt[rows])
+    tmp = b_tmp if every else torch.empty_like(x_r)
+    E = _exp_(x_r, out=tmp).mul_(w_r).sum(-1)  # Σ w e^x
+    abs_x = torch.abs(x_r, out=tmp).mul_(w_r).sum(-1)  # Σ w |x|
+    if not bool(torch.isfinite(abs_x).all()):  # host-ok
+        return None
+    W_r, A_r, a_bar_r = Wt[rows], A[rows], a_bar[rows]
+    # l = log1p(ā + b̄) - ā with b̄ = R/W, R = E - W - A: ā + b̄ = (E - W)/W
+    l = (torch.log1p((E.double() - W_r.double()) / W_r.double()) - a_bar_r).to(s.dtype)
+    direct = torch.isfinite(E) & (2.0 * W_r + abs_x + A_r.abs() <= DIRECT_FACTOR * l.abs() * (W_r + abs_x))
+    precise_r = (l < PRECISE_BOUND) & (Pm[rows] < PM_BOUND)
+    kl, precise = kl_plain.clone(), torch.zeros_like(plain)
+    kl[rows] = torch.where(precise_r, l - log_kept[rows], kl_plain[rows])
+    precise[rows] = precise_r
+    redo = rows[~direct]
     if redo.numel():  # the series form on the rows where the direct one is not precise enough
         k = redo.numel()
         old = _row_stats_finite(s[redo], t[redo], inv if inv.shape[0] == 1 else inv[redo],
                                 [b[:k] for b in scratch[:4]] + [torch.empty((k, s.shape[1]), dtype=torch.bool)])
         if old is None:
             return None
-        kl, nu, precise = kl.clone(), nu.clone(), precise.clone()
+        nu = nu.clone()
         kl[redo], nu[redo], precise[redo] = old[4], old[5], old[6]
     return Ms, Ss, Mt, St, kl, nu, precise
 
@@ -356,7 +381,7 @@ def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
             ce[sl] = torch.where(valid, (Ms - s_y) + torch.log1p(S1), 0.0)
             stats[sl, 6] = S1
 
-    for_each(row_chunks(R, C, s2.device), _in_blocks(C, s2.device, cd, work_block), s2.device, R * C)
+    _in_blocks(R, C, s2.device, cd, work_block)
     return kl, ce, stats, out
 
 
@@ -427,8 +452,9 @@ def _row_groups(precise, C, device):
 
 def _bwd_kind(s, t, Ms, Ss, Mt, St, kl, nu, precise, inv, scratch):
     """dzs = p - q for a group of rows of one kind (kd_bwd without elementwise loss, target, teacher or
-    τ gradient, CPU), in few passes: on plain rows as _bwd_fast; on second-order rows q expm1(w) at
-    every class (w = log p - log q = (v - ν) - KL as _log_ratio's v - ν form, which the per-row bound
+    τ gradient, CPU), in few passes, p and q by torch's softmax of the shifted logits (as
+    _softmax_shifted): on plain rows p - q; on second-order rows q expm1(w) at every class
+    (w = log p - log q = (v - ν) - KL as _log_ratio's v - ν form, which the per-row bound
     max |v| + |ν| + |KL| <= log1p(St) + log1p(Ss) makes its choice at every element; where |w| > 1,
     q expm1(w) is as precise as p - q: both carry the rounding of exponentials of arguments of that
     size).  None (nothing computed) where a statistic is not finite or, on second-order rows, a
@@ -439,9 +465,9 @@ def _bwd_kind(s, t, Ms, Ss, Mt, St, kl, nu, precise, inv, scratch):
         return None
     n = s.shape[0]
     b_q, b_x, b_tmp = (b[:n] for b in scratch[:3])
-    q = _exp_(torch.sub(t, Mt, out=b_q).mul_(inv).sub_(log_t), b_tmp)
+    q = torch.softmax(torch.sub(t, Mt, out=b_tmp).mul_(inv), -1, out=b_q)
     if not precise:
-        return _exp_(torch.sub(s, Ms, out=b_x).mul_(inv), b_tmp).div_(1.0 + Ss).sub_(q)  # p - q
+        return torch.softmax(torch.sub(s, Ms, out=b_tmp).mul_(inv), -1, out=b_x).sub_(q)  # p - q
     if not bool((q.amin(-1) > 0).all()):  # host-ok
         return None
     v = torch.sub(s, t, out=b_x).mul_(inv)
@@ -487,12 +513,13 @@ def _kd_bwd_cpu(s2, t2, tau, stats, g):
         if dzs is None:
             general.append(rows)
             return
+        scale = tc * g[rows].unsqueeze(-1)  # ds = τ g dzs
         if gathered:
-            ds.index_copy_(0, rows, torch.mul(tc, dzs.mul_(g[rows].unsqueeze(-1))).to(ds.dtype))
+            ds.index_copy_(0, rows, dzs.mul_(scale).to(ds.dtype))
         elif ds.dtype == cd:
-            torch.mul(tc, dzs.mul_(g[rows].unsqueeze(-1)), out=ds[rows])
+            torch.mul(dzs, scale, out=ds[rows])
         else:
-            ds[rows] = torch.mul(tc, dzs.mul_(g[rows].unsqueeze(-1)))
+            ds[rows] = dzs.mul_(scale)
 
     def buffers():
         return [torch.empty((size, C), device=s2.device, dtype=cd) for _ in range(5)]
@@ -587,5 +614,5 @@ def _kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teac
             u_small = torch.where(keep, u.abs() <= SERIES_BOUND, True).all(-1)
             dtau[sl] = torch.where(precise.squeeze(-1) & u_small, tc.squeeze(-1) * gc.squeeze(-1) * B, plain)
 
-    for_each(row_chunks(R, C, s2.device), _in_blocks(C, s2.device, cd, work_block), s2.device, R * C)
+    _in_blocks(R, C, s2.device, cd, work_block)
     return ds, dt, dtau
