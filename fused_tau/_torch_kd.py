@@ -89,8 +89,8 @@ def _row_stats(s, t, inv, scratch=None):
 
 
 def _scratch(like):
-    """The buffers of _row_stats_cpu and _bwd_fast (5 of like's shape and dtype), reused for each
-    block of a chunk: on CPU a fresh buffer costs its first-touch page faults, as much as a pass."""
+    """The buffers of _row_stats_cpu, _bwd_fast and _bwd_kind (5 of like's shape and dtype), reused
+    for each block: on CPU a fresh buffer costs its first-touch page faults, as much as a pass."""
     return [torch.empty_like(like) for _ in range(5)]
 
 
@@ -206,14 +206,15 @@ def _softmax_shifted(x, inv, shifted, out):
 
 def _row_stats_cpu(s, t, inv, scratch):
     """_row_stats_finite in fewer passes (CPU, rows of finite logits; None sends the block to the
-    general form).  The same statistics and forms (the second-order ones only on rows that may take
-    them, see PLAIN_SLACK), with the teacher's and the student's
-    probabilities q and p from torch's softmax (_softmax_shifted; every form here is homogeneous in
-    the weights w = q W), except that a second-order row whose l is not small takes
-    l = log(E/W) - A/W, E = Σ w e^x, instead of log1p(ā + b̄) - ā with R = Σ w ψ(x) from the
-    series: with γ the rounding of a sum, the direct form is off by at most about γ (2 + (Σ w|x| + |A|)/W)
-    and the series form by about γ l (1 + Σ w|x| / W), so the direct form is taken on the rows where the
-    first is within DIRECT_FACTOR of the second; the other rows are recomputed by _row_stats_finite."""
+    general form): the same statistics, decisions and forms, with three differences.
+    - The teacher's and the student's probabilities q and p come from torch's softmax
+      (_softmax_shifted); every form here is homogeneous in the weights, so q stands for w.
+    - The plain KL is formed first, on every row; the second-order forms only on the rows whose
+      decision it leaves open (see PLAIN_SLACK).
+    - There, l takes the direct form log(E/W) - A/W, E = Σ w e^x (one exp, no series), where its
+      rounding is within DIRECT_FACTOR of the series form's: with γ the rounding of a sum, the direct
+      form is off by at most about γ (2 + (Σ w|x| + |A|)/W) and the series form by about
+      γ l (1 + Σ w|x| / W).  The other rows are recomputed by _row_stats_finite."""
     n = s.shape[0]
     b_at, b_as, b_w, b_x, b_tmp = (b[:n] for b in scratch)
     Mt, St, wt, Wt, a_t = _softmax_shifted(t, inv, b_at, b_w)

@@ -192,13 +192,13 @@ def _exp_(d, scratch=None, out=None):
     if d.device.type != "cpu" or d.dtype not in _EXP_RANGE or d.numel() == 0:
         return torch.exp(d, out=out)
     if not d.is_contiguous() or not out.is_contiguous():
-        return out.copy_(_exp_(d.contiguous(), scratch))
+        return out.copy_(_exp_(d.clone(memory_format=torch.contiguous_format), scratch))  # d kept
     low, zero_below = _EXP_RANGE[d.dtype]
     flat, n = d.view(-1), d.numel()
-    groups = n // BAND_GROUP
-    g_len = groups * BAND_GROUP
     if not float(flat.amin()) <= low:  # host-ok: a CPU tensor. Nothing underflows, or a NaN (min is NaN)
         return torch.exp(d, out=out)
+    groups = n // BAND_GROUP
+    g_len = groups * BAND_GROUP
     above = _EXP_ABOVE_LOW[d.dtype]
     t = scratch.view(-1)[:n] if scratch is not None else torch.empty_like(flat)
     # t = d where d > zero_below, else `above` (exp(d) = 0 there): band elements are those with t < above

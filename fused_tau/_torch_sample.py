@@ -47,9 +47,11 @@ def gumbel_fwd(x3, tau, seed, hard, need_grad):
     soft = torch.empty_like(out) if hard and need_grad else None
 
     def work(sl):
-        xs = X[sl]
-        z = xs.to(cd) if xs.dtype != cd else xs.clone()
-        z.add_(_gumbel(z.shape[0], C, cd, x3.device, generators[sl.start])).div_(tau_r[sl])
+        # z = (x + g) / τ in the noise's own buffer (g + x: the same sum)
+        z = _gumbel(sl.stop - sl.start, C, cd, x3.device, generators[sl.start]).add_(X[sl]).div_(tau_r[sl])
+        if not hard and out.dtype == cd:
+            torch.softmax(z, -1, out=out[sl])  # rows of out: contiguous
+            return
         p = torch.softmax(z, -1)
         if not hard:
             out[sl] = p
