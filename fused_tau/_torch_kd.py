@@ -5,7 +5,8 @@ base measure, v = (s - t)/τ, ν = E_q v, u = v - ν, KL = log E_q e^u - log(1 -
 in memory here, so the reference ν0 of the kernel is the exact q-weighted mean."""
 import torch
 
-from ._torch_row import _compute_dtype, _exp_, _nan_if_posinf, for_each, row_chunks
+from . import _torch_row
+from ._torch_row import _compute_dtype, _exp_, _max_argmax, _nan_if_posinf, for_each, row_chunks, threads_for
 
 INF = float("inf")
 # Taylor coefficients of ψ(x) = e^x - 1 - x = x² Σ_k x^k/(k+2)! and of ψ3(x) = e^x - 1 - x - x²/2
@@ -21,7 +22,7 @@ PM_BOUND = 0.5
 
 # rows a chunk's work takes at a time, in elements: its dozen passes over a few buffers of this
 # size then stay in cache (a pass over buffers of a whole chunk goes to memory: several times slower)
-BLOCK_ELEMENTS = 1 << 18
+BLOCK_ELEMENTS = 1 << 19
 
 
 def _blocks(sl, C):
@@ -30,17 +31,17 @@ def _blocks(sl, C):
     return [slice(lo, min(sl.stop, lo + step)) for lo in range(sl.start, sl.stop, step)]
 
 
-def _in_blocks(C, device, cd, work_block):
-    """A chunk's work: ``work_block(block, scratch)`` for each cache-sized block of its rows, the
-    scratch buffers made once per chunk."""
-    def work(sl):
-        blocks = _blocks(sl, C)
-        rows = blocks[0].stop - blocks[0].start
-        scratch = _scratch(torch.empty((rows, C), device=device, dtype=cd))
-        for block in blocks:
+def _in_blocks(R, C, device, cd, work_block):
+    """for_each over the chunks of R rows with ``work_block(block, scratch)`` for each cache-sized
+    block of a chunk's rows, the scratch buffers (_scratch) made once per thread."""
+    chunks = row_chunks(R, C, device)
+    rows = max((b.stop - b.start for sl in chunks for b in _blocks(sl, C)), default=0)
+
+    def work(sl, scratch):
+        for block in _blocks(sl, C):
             work_block(block, scratch)
 
-    return work
+    for_each(chunks, work, device, R * C, scratch=lambda: _scratch(torch.empty((rows, C), device=device, dtype=cd)))
 
 
 def _tau_col(tau, R, cd):
@@ -83,14 +84,14 @@ def _row_stats(s, t, inv, scratch=None):
     is) sends the block to the general form."""
     if s.device.type != "cpu":  # the fast path reads per-row tests on the host: CPU only
         return _row_stats_general(s, t, inv)
-    fast = _row_stats_finite(s, t, inv, scratch or _scratch(s))
+    fast = _row_stats_cpu(s, t, inv, scratch or _scratch(s))
     return fast if fast is not None else _row_stats_general(s, t, inv)
 
 
 def _scratch(like):
-    """The buffers of _row_stats_finite (4 of like's shape and dtype, one bool), reused for each
-    block of a chunk: on CPU a fresh buffer costs its first-touch page faults, as much as a pass."""
-    return [torch.empty_like(like) for _ in range(4)] + [torch.empty_like(like, dtype=torch.bool)]
+    """The buffers of _row_stats_cpu, _bwd_fast and _bwd_kind (5 of like's shape and dtype), reused
+    for each block: on CPU a fresh buffer costs its first-touch page faults, as much as a pass."""
+    return [torch.empty_like(like) for _ in range(5)]
 
 
 def _exp_shifted(x, inv, out):
@@ -150,11 +151,13 @@ def _row_stats_finite(s, t, inv, scratch):
         at = big.nonzero(as_tuple=True)
         xb = x[at]
         zt_b = (t[at] - Mt[at[0]]) * (inv.expand_as(x)[at])
-        terms.index_put_(at, torch.exp(zt_b + xb) - wt[at] * (1.0 + xb))
+        # a class whose teacher weight underflowed to 0 adds nothing here: its student mass is in P_m
+        terms.index_put_(at, torch.where(wt[at] != 0, torch.exp(zt_b + xb) - wt[at] * (1.0 + xb), 0.0))
     elif n_big:
         # w e^x as one exp (no overflow of e^x where w is tiny)
         closed = torch.sub(t, Mt.unsqueeze(-1), out=b_tmp).mul_(inv).add_(x).exp_()
         closed.sub_(torch.mul(x, wt, out=b_ws).add_(wt))  # v, x are spent
+        closed.masked_fill_(wt == 0, 0.0)  # teacher weight underflowed to 0: its student mass is in P_m
         # the blend by products with the masks (torch.where is several times slower on CPU); an
         # overflowing e^x of a class it drops (inf · 0) leaves a NaN: such blocks go to the general form
         terms.mul_(big.logical_not_()).add_(closed.mul_(big.logical_not_()))
@@ -173,6 +176,104 @@ def _row_stats_finite(s, t, inv, scratch):
         delta.sub_(torch.sub(s, Ms.unsqueeze(-1), out=b_psi).mul_(inv))
         kl_plain = _dot(wt, delta, b_psi) / Wt + (torch.log1p(Ss) - torch.log1p(St))
         kl = torch.where(precise, kl, kl_plain)
+    return Ms, Ss, Mt, St, kl, nu, precise
+
+
+# the plain KL's rounding bound, relative to the magnitude of its terms (sums of at most 2^31 terms: a
+# few dozen ulps at most), for the rows that take it without the second-order forms (_row_stats_cpu)
+PLAIN_SLACK = {torch.float32: 2.0 ** -16, torch.float64: 2.0 ** -45}
+# A second-order row's l = log E_q e^u takes the direct form log(E/W) - A/W (E = Σ w e^x: one exp, no
+# series) where its rounding is within this factor of the series form's (see _row_stats_cpu)
+DIRECT_FACTOR = 8.0
+
+
+def _softmax_shifted(x, inv, shifted, out):
+    """(M, S, w, W, a) for rows whose max is finite (the caller checks): M = max x, a = (x - M)/τ (x
+    units) in ``shifted``, w = softmax(a) in ``out`` by torch's fused kernel (its exponentials as
+    precise as torch.exp's, without its slow path and in fewer passes), W = Σ w (1 but for rounding),
+    S = Σ_{j≠argmax} w_j / w_argmax = Σ_{j≠argmax} exp(a_j) (every tie counting 1), as the sum less the
+    argmax's own w where that leaves S >= 1 (no cancellation), else with the argmax's w left out."""
+    M = x.amax(-1, keepdim=True)
+    a = torch.sub(x, M, out=shifted).mul_(inv)
+    w = torch.softmax(a, -1, out=out)
+    W = w.sum(-1)
+    S = W / w.amax(-1) - 1.0
+    if not bool((S >= 1.0).all()):  # host-ok: per-row values (NaN where a max is not finite: the caller checks)
+        idx = _max_argmax(a)[1].unsqueeze(-1)
+        w_max = w.gather(-1, idx)
+        S = w.scatter_(-1, idx, 0.0).sum(-1) / w_max.squeeze(-1)
+        w.scatter_(-1, idx, w_max)
+    return M.squeeze(-1), S, w, W, a
+
+
+def _row_stats_cpu(s, t, inv, scratch):
+    """_row_stats_finite in fewer passes (CPU, rows of finite logits; None sends the block to the
+    general form): the same statistics, decisions and forms, with three differences.
+    - The teacher's and the student's probabilities q and p come from torch's softmax
+      (_softmax_shifted); every form here is homogeneous in the weights, so q stands for w.
+    - The plain KL is formed first, on every row; the second-order forms only on the rows whose
+      decision it leaves open (see PLAIN_SLACK).
+    - There, l takes the direct form log(E/W) - A/W, E = Σ w e^x (one exp, no series), where its
+      rounding is within DIRECT_FACTOR of the series form's: with γ the rounding of a sum, the direct
+      form is off by at most about γ (2 + (Σ w|x| + |A|)/W) and the series form by about
+      γ l (1 + Σ w|x| / W).  The other rows are recomputed by _row_stats_finite."""
+    n = s.shape[0]
+    b_at, b_as, b_w, b_x, b_tmp = (b[:n] for b in scratch)
+    Mt, St, wt, Wt, a_t = _softmax_shifted(t, inv, b_at, b_w)
+    Ms, Ss, ps, _, a_s = _softmax_shifted(s, inv, b_as, b_x)
+    if not bool(torch.isfinite(Ms).all() & torch.isfinite(Mt).all()):  # host-ok: per-row values
+        return None
+    if bool((wt.amin(-1) > 0).all()):  # host-ok: no class of teacher probability 0
+        Pm = torch.zeros_like(Ms)
+    else:
+        Pm = torch.where(wt != 0, 0.0, ps).sum(-1)
+    v = torch.sub(s, t, out=b_x).mul_(inv)  # ps is spent
+    nu0 = _dot(wt, v, b_tmp) / Wt
+    if not bool(torch.isfinite(nu0).all()):  # host-ok
+        return None
+    x = v.sub_(nu0.unsqueeze(-1))
+    A = _dot(wt, x, b_tmp)
+    if not bool(torch.isfinite(A).all()):  # host-ok
+        return None
+    a_bar = A.double() / Wt.double()
+    nu = nu0 + a_bar.to(s.dtype)
+    # the plain KL on every row: Σ q δ - D, δ = (t - Mt)/τ - (s - Ms)/τ (see _row_stats_general)
+    delta = torch.sub(a_t, a_s, out=b_as)
+    log_s, log_t, log_kept = torch.log1p(Ss), torch.log1p(St), torch.log1p(-Pm)
+    kl_plain = _dot(wt, delta, b_tmp) / Wt + (log_s - log_t)
+    # a row whose l = KL + log1p(-Pm) is past PRECISE_BOUND even with the plain form off by PLAIN_SLACK
+    # of its terms' magnitudes (Σ q |δ| <= W max |δ|) takes the plain form, as it would after the
+    # second-order forms: they are computed only on the other rows
+    d_abs = torch.maximum(delta.amax(-1), -delta.amin(-1))
+    slack = PLAIN_SLACK[s.dtype] * (d_abs + log_s + log_t + kl_plain.abs() - log_kept + 1.0)
+    plain = (Pm >= PM_BOUND) | (kl_plain + log_kept - slack >= PRECISE_BOUND)
+    rows = (~plain).nonzero().squeeze(1)
+    if not rows.numel():
+        return Ms, Ss, Mt, St, kl_plain, nu, torch.zeros_like(plain)
+    every = rows.numel() == n
+    x_r, w_r = (x, wt) if every else (x[rows], wt[rows])
+    tmp = b_tmp if every else torch.empty_like(x_r)
+    E = _exp_(x_r, out=tmp).mul_(w_r).sum(-1)  # Σ w e^x
+    abs_x = torch.abs(x_r, out=tmp).mul_(w_r).sum(-1)  # Σ w |x|
+    if not bool(torch.isfinite(abs_x).all()):  # host-ok
+        return None
+    W_r, A_r, a_bar_r = Wt[rows], A[rows], a_bar[rows]
+    # l = log1p(ā + b̄) - ā with b̄ = R/W, R = E - W - A: ā + b̄ = (E - W)/W
+    l = (torch.log1p((E.double() - W_r.double()) / W_r.double()) - a_bar_r).to(s.dtype)
+    direct = torch.isfinite(E) & (2.0 * W_r + abs_x + A_r.abs() <= DIRECT_FACTOR * l.abs() * (W_r + abs_x))
+    precise_r = (l < PRECISE_BOUND) & (Pm[rows] < PM_BOUND)
+    kl, precise = kl_plain.clone(), torch.zeros_like(plain)
+    kl[rows] = torch.where(precise_r, l - log_kept[rows], kl_plain[rows])
+    precise[rows] = precise_r
+    redo = rows[~direct]
+    if redo.numel():  # the series form on the rows where the direct one is not precise enough
+        k = redo.numel()
+        old = _row_stats_finite(s[redo], t[redo], inv if inv.shape[0] == 1 else inv[redo],
+                                [b[:k] for b in scratch[:4]] + [torch.empty((k, s.shape[1]), dtype=torch.bool)])
+        if old is None:
+            return None
+        nu = nu.clone()
+        kl[redo], nu[redo], precise[redo] = old[4], old[5], old[6]
     return Ms, Ss, Mt, St, kl, nu, precise
 
 
@@ -283,7 +384,7 @@ def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
             ce[sl] = torch.where(valid, (Ms - s_y) + torch.log1p(S1), 0.0)
             stats[sl, 6] = S1
 
-    for_each(row_chunks(R, C, s2.device), _in_blocks(C, s2.device, cd, work_block), s2.device, R * C)
+    _in_blocks(R, C, s2.device, cd, work_block)
     return kl, ce, stats, out
 
 
@@ -336,7 +437,104 @@ def _bwd_fast(s, t, Ms, Ss, Mt, St, kl, nu, precise, inv, gc, tc, ds, dt, sl, sc
     return True
 
 
+def _row_groups(precise, C, device):
+    """The rows of each kind (plain, second-order), in groups of about _torch_row.CHUNK_ELEMENTS elements, at
+    least one per thread of for_each: (second-order?, rows) with rows a slice where they are
+    consecutive, else an index tensor."""
+    R = precise.numel()
+    step = max(1, min(_torch_row.CHUNK_ELEMENTS // max(C, 1), -(-R // threads_for(device, R * C))))
+    groups = []
+    for kind in (False, True):
+        rows = (precise == kind).nonzero().squeeze(1)
+        for lo in range(0, rows.numel(), step):
+            part = rows[lo:lo + step]
+            first, last = int(part[0]), int(part[-1])  # host-ok: CPU
+            groups.append((kind, slice(first, last + 1) if last - first + 1 == part.numel() else part))
+    return groups
+
+
+def _bwd_kind(s, t, Ms, Ss, Mt, St, kl, nu, precise, inv, scratch):
+    """dzs = p - q for a group of rows of one kind (kd_bwd without elementwise loss, target, teacher or
+    τ gradient, CPU), in few passes, p and q by torch's softmax of the shifted logits (as
+    _softmax_shifted): on plain rows p - q; on second-order rows q expm1(w) at every class
+    (w = log p - log q = (v - ν) - KL as _log_ratio's v - ν form, which the per-row bound
+    max |v| + |ν| + |KL| <= log1p(St) + log1p(Ss) makes its choice at every element; where |w| > 1,
+    q expm1(w) is as precise as p - q: both carry the rounding of exponentials of arguments of that
+    size).  None (nothing computed) where a statistic is not finite or, on second-order rows, a
+    class has q = 0 or the bound fails: the caller takes the general form."""
+    log_t, log_s = torch.log1p(St), torch.log1p(Ss)
+    if not bool((torch.isfinite(Ms) & torch.isfinite(Mt) & torch.isfinite(kl) & torch.isfinite(nu)
+                 & torch.isfinite(log_t) & torch.isfinite(log_s)).all()):  # host-ok: per-row values
+        return None
+    n = s.shape[0]
+    b_q, b_x, b_tmp = (b[:n] for b in scratch[:3])
+    q = torch.softmax(torch.sub(t, Mt, out=b_tmp).mul_(inv), -1, out=b_q)
+    if not precise:
+        return torch.softmax(torch.sub(s, Ms, out=b_tmp).mul_(inv), -1, out=b_x).sub_(q)  # p - q
+    if not bool((q.amin(-1) > 0).all()):  # host-ok
+        return None
+    v = torch.sub(s, t, out=b_x).mul_(inv)
+    # (amax and amin: several times faster than aminmax on CPU)
+    v_abs_max = torch.maximum(v.amax(-1, keepdim=True), -v.amin(-1, keepdim=True))
+    if not bool((v_abs_max + nu.abs() + kl.abs() <= log_t + log_s).all()):  # host-ok
+        return None
+    return v.sub_(nu).sub_(kl).expm1_().mul_(q)  # q expm1(w)
+
+
 def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teacher_grad, tau_grad):
+    if (target is None and not elementwise and not teacher_grad and not tau_grad and s2.device.type == "cpu"
+            and s2.numel()):
+        return _kd_bwd_cpu(s2, t2, tau, stats, g), None, None
+    return _kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teacher_grad, tau_grad)
+
+
+def _kd_bwd_cpu(s2, t2, tau, stats, g):
+    """kd_bwd's student gradient on CPU without elementwise loss, target, teacher or τ gradient: the
+    rows of each kind in their own groups (_bwd_kind), a group the general form cannot serve in few
+    passes sent to it."""
+    R, C = s2.shape
+    cd = _compute_dtype(s2)
+    tau_c = _tau_col(tau, R, cd)
+    ds = torch.empty((R, C), device=s2.device, dtype=s2.dtype)
+    g = g.to(cd).reshape(-1).expand(R)
+    groups = _row_groups(stats[:, 7] != 0, C, s2.device)
+    size = max((r.stop - r.start if isinstance(r, slice) else r.numel()) for _, r in groups)
+    general = []
+
+    def work(group, scratch):
+        precise, rows = group
+        gathered = not isinstance(rows, slice)
+        n = rows.numel() if gathered else rows.stop - rows.start
+        if gathered:
+            s = torch.index_select(s2, 0, rows, out=scratch[3][:n]) if s2.dtype == cd else s2[rows].to(cd)
+            t = torch.index_select(t2, 0, rows, out=scratch[4][:n]) if t2.dtype == cd else t2[rows].to(cd)
+        else:
+            s, t = s2[rows].to(cd), t2[rows].to(cd)
+        Ms, Ss, Mt, St, kl, nu = stats[rows, :6].to(cd).unsqueeze(-1).unbind(1)
+        tc = tau_c[rows]
+        dzs = _bwd_kind(s, t, Ms, Ss, Mt, St, kl, nu, precise, 1.0 / tc, scratch)
+        if dzs is None:
+            general.append(rows)
+            return
+        scale = tc * g[rows].unsqueeze(-1)  # ds = τ g dzs
+        if gathered:
+            ds.index_copy_(0, rows, dzs.mul_(scale).to(ds.dtype))
+        elif ds.dtype == cd:
+            torch.mul(dzs, scale, out=ds[rows])
+        else:
+            ds[rows] = dzs.mul_(scale)
+
+    def buffers():
+        return [torch.empty((size, C), device=s2.device, dtype=cd) for _ in range(5)]
+
+    for_each(groups, work, s2.device, R * C, scratch=buffers)
+    for rows in general:  # after the parallel part: its rows are its own, in any order
+        part, _, _ = _kd_bwd(s2[rows], t2[rows], None, tau_c[rows], stats[rows], g[rows], None, 0, False, False, False)
+        ds[rows] = part
+    return ds
+
+
+def _kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teacher_grad, tau_grad):
     R, C = s2.shape
     cd = _compute_dtype(s2)
     tau_c = _tau_col(tau, R, cd)
@@ -419,5 +617,5 @@ def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teach
             u_small = torch.where(keep, u.abs() <= SERIES_BOUND, True).all(-1)
             dtau[sl] = torch.where(precise.squeeze(-1) & u_small, tc.squeeze(-1) * gc.squeeze(-1) * B, plain)
 
-    for_each(row_chunks(R, C, s2.device), _in_blocks(C, s2.device, cd, work_block), s2.device, R * C)
+    _in_blocks(R, C, s2.device, cd, work_block)
     return ds, dt, dtau

@@ -58,14 +58,26 @@ def threads_for(device, elements):
     return torch.get_num_threads()
 
 
-def for_each(tasks, work, device, elements):
+def for_each(tasks, work, device, elements, scratch=None):
     """``work(task)`` for every task, in any order and concurrently: on CPU (for ``elements`` ≥
     PARALLEL_MIN_ELEMENTS) by ``torch.get_num_threads()`` threads, the caller's among them, each
     taking the next task when done with one, with torch's intra-op threads set to 1 meanwhile
     (restored after; the workers start with that setting, and with the caller's grad and inference
-    modes).  Tasks must write disjoint outputs; what each computes does not depend on the thread."""
+    modes).  Tasks must write disjoint outputs; what each computes does not depend on the thread.
+    With ``scratch`` (a function of no argument), each thread makes ``scratch()`` once, before its
+    first task, and calls ``work(task, that)``: buffers reused by the thread's tasks (on CPU a fresh
+    buffer costs its first-touch page faults, as much as a pass over it)."""
     tasks = list(tasks)
     n = min(threads_for(device, elements), len(tasks))
+    if scratch is not None:
+        plain, held = work, threading.local()
+
+        def work(task):
+            buffers = getattr(held, "buffers", None)
+            if buffers is None:
+                buffers = held.buffers = scratch()
+            plain(task, buffers)
+
     if n <= 1:
         for task in tasks:
             work(task)
@@ -154,28 +166,61 @@ def _z(X, sl, tau_r, cd):
     return z if z.dtype == cd else z.to(cd)
 
 
-# Below LOW, exp(x) is subnormal (or 0) and torch.exp on x86 takes a slow path for every vector
-# holding such an argument (measured: 20x for arguments below -104 in fp32, where exp is 0, and 50x
-# between -104 and -87.3, where it is subnormal; -inf 3x).  z - M reaches them whenever x / τ spans
+# Below LOW, exp(x) is subnormal (or 0) and torch.exp on x86 takes a slow path for each lane holding
+# such an argument (measured: 10 ns per lane below -104 in fp32, where exp is 0, and 30 ns between -104
+# and -87.3, where it is subnormal, against 0.8 ns; -inf 3x).  z - M reaches them whenever x / τ spans
 # more than about 90 (small τ), where most of a row's elements can lie there.
 _EXP_RANGE = {torch.float32: (-87.3, -104.0), torch.float64: (-708.3, -746.0)}  # (LOW, exp(x) = 0 below)
 _EXP_LOW = {dt: float(torch.tensor(low, dtype=dt).exp()) for dt, (low, _) in _EXP_RANGE.items()}  # host-ok: CPU
+# the next value above LOW: the band of _exp_ is (zero_below, LOW], i.e. below this
+_EXP_ABOVE_LOW = {dt: float(torch.nextafter(torch.tensor(low, dtype=dt), torch.tensor(0.0, dtype=dt)))  # host-ok: CPU
+                  for dt, (low, _) in _EXP_RANGE.items()}
+# _exp_ looks for band elements in strided groups of this many (a reduction across rows of a
+# (BAND_GROUP, n / BAND_GROUP) view: vectorised, unlike one over short contiguous segments)
+BAND_GROUP = 16
 
 
-def _exp_(d):
-    """exp(d) in place, for d <= 0 (or NaN): bitwise the values of ``d.exp_()``, several times faster
-    on CPU where many elements underflow: every element gets exp(max(d, LOW)), those at or below LOW
-    are set to 0, and those between where exp is 0 and LOW (subnormal; a band of width 17 in fp32,
-    few elements) get torch.exp of themselves."""
+def _exp_(d, scratch=None, out=None):
+    """exp(d) in place (or into ``out``, a contiguous tensor of d's shape, d kept): bitwise the values
+    of ``d.exp_()``, several times faster on CPU where many elements underflow: every element gets
+    exp(max(d, LOW)), those at or below LOW are set to 0, and those between where exp is 0 and LOW (the
+    band, subnormal; a band of width 17 in fp32, few elements) get torch.exp of themselves.  The band
+    is found with float passes: t = d, or just above LOW where d is at or below where exp is 0, so that
+    the band is where t is below that value; the minimum of t over strided groups of BAND_GROUP
+    elements (one vectorised pass) names the groups to search elementwise.  ``scratch``: a contiguous
+    buffer of d's dtype with at least d's number of elements (else one is made where needed)."""
+    if out is None:
+        out = d
     if d.device.type != "cpu" or d.dtype not in _EXP_RANGE or d.numel() == 0:
-        return d.exp_()
+        return torch.exp(d, out=out)
+    if not d.is_contiguous() or not out.is_contiguous():
+        return out.copy_(_exp_(d.clone(memory_format=torch.contiguous_format), scratch))  # d kept
     low, zero_below = _EXP_RANGE[d.dtype]
-    if not float(d.min()) <= low:  # host-ok: a CPU tensor. Nothing underflows, or a NaN (min is NaN)
-        return d.exp_()
-    band = (torch.nn.functional.threshold(d, zero_below, 0.0) <= low).nonzero(as_tuple=True)
-    subnormal = d[band].exp_()
-    torch.nn.functional.threshold_(d.clamp_(min=low).exp_(), _EXP_LOW[d.dtype], 0.0)  # exp(LOW) -> 0
-    return d.index_put_(band, subnormal)
+    flat, n = d.view(-1), d.numel()
+    if not float(flat.amin()) <= low:  # host-ok: a CPU tensor. Nothing underflows, or a NaN (min is NaN)
+        return torch.exp(d, out=out)
+    groups = n // BAND_GROUP
+    g_len = groups * BAND_GROUP
+    above = _EXP_ABOVE_LOW[d.dtype]
+    t = scratch.view(-1)[:n] if scratch is not None else torch.empty_like(flat)
+    # t = d where d > zero_below, else `above` (exp(d) = 0 there): band elements are those with t < above
+    torch.ops.aten.threshold.out(flat, zero_below, above, out=t)
+    parts = []
+    if groups:
+        t_groups = t[:g_len].view(BAND_GROUP, groups)
+        cols = (t_groups.amin(0) < above).nonzero().squeeze(1)  # the groups holding a band element
+        if cols.numel():
+            at = (t_groups.index_select(1, cols) < above).nonzero()  # (member, group) of each band element
+            parts.append(at[:, 0] * groups + cols[at[:, 1]])
+    if g_len < n:
+        parts.append((t[g_len:] < above).nonzero().squeeze(1) + g_len)
+    band = torch.cat(parts) if len(parts) > 1 else parts[0] if parts else None
+    subnormal = t[band].exp_() if band is not None and band.numel() else None
+    result = out.view(-1)
+    torch.nn.functional.threshold_(torch.clamp(flat, min=low, out=result).exp_(), _EXP_LOW[d.dtype], 0.0)  # exp(LOW) -> 0
+    if subnormal is not None:
+        result.index_copy_(0, band, subnormal)
+    return out
 
 
 def _exp(d):
@@ -215,6 +260,61 @@ def _max_logit(X, sl, idx, cd):
     """The saved M of a chunk's rows (x units): the logit at ``idx``, the argmax of z = x / τ.  It is
     the row's max x (but for two logits that round to one z), and M / τ is max z exactly."""
     return X[sl].gather(-1, idx).squeeze(-1).to(cd)
+
+
+# _max_argmax's segments: a reduction over an inner dimension this long is vectorised (over 16, several
+# times slower than a pass; over 64, about one)
+ARGMAX_SEGMENT = 64
+
+
+def _max_argmax(z):
+    """``z.max(-1)`` (the maximum and the first index holding it, a NaN counting as the maximum) for a
+    contiguous 2-D CPU z, in about one vectorised pass (torch's max with indices is several times
+    slower than one): the maximum over segments of ARGMAX_SEGMENT elements of each row, the first
+    segment holding the row's maximum, the first index of it there."""
+    rows, C = z.shape
+    n_seg = C // ARGMAX_SEGMENT
+    if n_seg < 2 or not z.is_contiguous():
+        return z.max(-1)
+    segs = z.as_strided((rows, n_seg, ARGMAX_SEGMENT), (C, ARGMAX_SEGMENT, 1))
+    best, seg = segs.amax(-1).max(-1)
+    at = segs.gather(1, seg.view(rows, 1, 1).expand(rows, 1, ARGMAX_SEGMENT)).squeeze(1).argmax(-1)
+    idx = seg * ARGMAX_SEGMENT + at
+    if n_seg * ARGMAX_SEGMENT < C:
+        tail_best, tail_at = z[:, n_seg * ARGMAX_SEGMENT:].max(-1)
+        later = (tail_best > best) | (torch.isnan(tail_best) & ~torch.isnan(best))
+        best = torch.where(later, tail_best, best)
+        idx = torch.where(later, tail_at + n_seg * ARGMAX_SEGMENT, idx)
+    return best, idx
+
+
+def _rows_in(buffer, rows, C):
+    """The first rows × C elements of a flat scratch buffer, as a contiguous (rows, C) tensor."""
+    return buffer[:rows * C].view(rows, C)
+
+
+def row_scratch(chunks, C, dtype, device, count):
+    """A function making ``count`` flat buffers of the largest chunk's size (for_each's scratch)."""
+    size = max((sl.stop - sl.start for sl in chunks), default=0) * C
+    return lambda: [torch.empty(size, dtype=dtype, device=device) for _ in range(count)]
+
+
+def _stats_cpu(z, p):
+    """``_stats(z)`` for a contiguous 2-D CPU z in fewer passes, as (M, S, idx, p): the max and argmax
+    in one pass (_max_argmax), p = softmax(z) into the buffer ``p`` (z's shape) by torch's fused
+    kernel (its exponentials are as precise as torch.exp's, several times faster where many
+    underflow, see _exp_), then S = Σ_{j≠argmax} p_j / p_argmax: the same sum of exp(z_j - M) as
+    _stats's, with no cancellation (the normaliser cancels in the ratio; each term carries the
+    rounding of one division more).  p is left with 0 at the argmax; None where a row's max is +inf
+    (then the general form: a +inf is counted)."""
+    M, idx = _max_argmax(z)
+    if bool((M == float("inf")).any()):  # host-ok: a CPU tensor
+        return _stats(z) + (None,)
+    idx = idx.unsqueeze(-1)
+    p = torch.softmax(z, -1, out=p)
+    p_max = p.gather(-1, idx).squeeze(-1)
+    S = p.scatter_(-1, idx, 0.0).sum(-1) / p_max
+    return M, torch.where(M == float("-inf"), -1.0, S), idx, p
 
 
 def _nan_if_posinf(M, S):
@@ -340,9 +440,13 @@ def ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target):
     a_rows = torch.empty(R, **new) if has_a else None
     wy = None if prob_target else torch.empty(R, **new)
 
-    def work(sl):
-        z = _z(X, sl, tau_r, cd)
-        M, S, idx = _stats(z)
+    def work(sl, scratch=None):
+        if scratch is None:
+            z = _z(X, sl, tau_r, cd)
+            M, S, idx = _stats(z)
+        else:  # CPU: in the thread's buffers
+            z = torch.div(X[sl], tau_r[sl], out=_rows_in(scratch[0], sl.stop - sl.start, C))
+            M, S, idx, _ = _stats_cpu(z, _rows_in(scratch[1], sl.stop - sl.start, C))
         S = _nan_if_posinf(M, S)
         m[sl], s[sl] = _max_logit(X, sl, idx, cd), S
         L = torch.log1p(S)
@@ -359,7 +463,9 @@ def ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target):
             wy[sl] = w_y
         loss[sl] = part
 
-    for_each(row_chunks(R, C, x3.device), work, x3.device, R * C)
+    chunks = row_chunks(R, C, x3.device)
+    cpu = x3.device.type == "cpu"
+    for_each(chunks, work, x3.device, R * C, row_scratch(chunks, C, cd, x3.device, 2) if cpu else None)
     return loss, wy, m, s, a_rows
 
 
@@ -373,8 +479,15 @@ def ce_bwd(x3, target, weight, tau, m, s, a_rows, g, ignore_index, smoothing, pr
     dx = torch.empty((R, C), device=x3.device, dtype=x3.dtype)
     dtau = torch.empty(R, device=x3.device, dtype=cd) if tau_grad else None
 
-    def work(sl):
-        z = _z(X, sl, tau_r, cd)
+    direct = dx.dtype == cd  # softmax written into the gradient's rows, then scaled there
+
+    def work(sl, scratch=None):
+        if scratch is None:
+            z = _z(X, sl, tau_r, cd)
+            p = torch.softmax(z, -1)
+        else:  # CPU: in the thread's buffers
+            z = torch.div(X[sl], tau_r[sl], out=_rows_in(scratch[0], sl.stop - sl.start, C))
+            p = torch.softmax(z, -1, out=dx[sl] if direct else _rows_in(scratch[1], sl.stop - sl.start, C))
         M, S = m[sl] / tau_r[sl].squeeze(-1), s[sl]  # max z, exactly (_max_logit)
         A_row = a_rows[sl] if a_rows is not None else torch.zeros_like(S)
         scale = g[sl] / tau_r[sl].squeeze(-1)  # dx = (g / τ) dz
@@ -385,7 +498,6 @@ def ce_bwd(x3, target, weight, tau, m, s, a_rows, g, ignore_index, smoothing, pr
             h = (1.0 - smoothing) * w_y
             scale = torch.where(valid, scale, 0.0)
         # dz = h (p - δ_y) + A p - a
-        p = torch.softmax(z, -1)
         if not prob_target:
             # the target's p_y - 1 is -Σ_{j≠y} p_j = -S/(1+S) when y is the argmax
             p_y = p.gather(-1, y_safe).squeeze(-1)
@@ -402,9 +514,12 @@ def ce_bwd(x3, target, weight, tau, m, s, a_rows, g, ignore_index, smoothing, pr
         if tau_grad:
             # dL/dτ = -(1/τ) Σ z dL/dz = -(1/τ) Σ (x - M τ) dx  (Σ dz = 0), in x units
             dtau[sl] = -_half_gap_sum(X, sl, M, tau_r, cd, dz) * (2.0 / tau_r[sl].squeeze(-1))
-        dx[sl] = dz
+        if scratch is None or not direct:
+            dx[sl] = dz
 
-    for_each(row_chunks(R, C, x3.device), work, x3.device, R * C)
+    chunks = row_chunks(R, C, x3.device)
+    cpu = x3.device.type == "cpu"
+    for_each(chunks, work, x3.device, R * C, row_scratch(chunks, C, cd, x3.device, 1 if direct else 2) if cpu else None)
     dx = _from_rows(dx, A, B)
     if inplace:
         return x3.copy_(dx), dtau

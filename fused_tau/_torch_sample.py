@@ -13,7 +13,7 @@ is needed.
 """
 import torch
 
-from ._torch_row import _as_rows, _chunks, _compute_dtype, _from_rows, _tau_rows, for_each, softmax_bwd
+from ._torch_row import _as_rows, _chunks, _compute_dtype, _from_rows, _max_argmax, _tau_rows, for_each, softmax_bwd
 
 
 def _gumbel(n_rows, C, dtype, device, generator):
@@ -47,16 +47,18 @@ def gumbel_fwd(x3, tau, seed, hard, need_grad):
     soft = torch.empty_like(out) if hard and need_grad else None
 
     def work(sl):
-        xs = X[sl]
-        z = xs.to(cd) if xs.dtype != cd else xs.clone()
-        z.add_(_gumbel(z.shape[0], C, cd, x3.device, generators[sl.start])).div_(tau_r[sl])
+        # z = (x + g) / τ in the noise's own buffer (g + x: the same sum)
+        z = _gumbel(sl.stop - sl.start, C, cd, x3.device, generators[sl.start]).add_(X[sl]).div_(tau_r[sl])
+        if not hard and out.dtype == cd:
+            torch.softmax(z, -1, out=out[sl])  # rows of out: contiguous
+            return
         p = torch.softmax(z, -1)
         if not hard:
             out[sl] = p
             return
         if soft is not None:
             soft[sl] = p
-        out[sl].zero_().scatter_(-1, z.argmax(-1, keepdim=True), 1.0)
+        out[sl].zero_().scatter_(-1, _max_argmax(z)[1].unsqueeze(-1), 1.0)
 
     for_each(chunks, work, x3.device, R * C)
     out = _from_rows(out, A, B).contiguous()
@@ -85,16 +87,18 @@ def sample_fwd(x2, tau, seed, greedy):
     tau_r = tau.to(cd).reshape(-1, 1).expand(R, 1)
 
     def work(sl):
+        # (_max_argmax: torch's argmax, and its max, in about one pass; a NaN in a row is its max)
         x = x2[sl]
-        top = x.argmax(-1)
+        m, top = _max_argmax(x) if x.is_contiguous() else x.max(-1)
         if not greedy:
             x = x.to(cd)
-            m = x.amax(-1, keepdim=True)
+            m = m.to(cd).unsqueeze(-1)
             t = tau_r[sl]
             noisy = ((t > 0) & torch.isfinite(m)).squeeze(-1)
             key = (x - m).div_(t).add_(_gumbel(x.shape[0], C, cd, x2.device, generators[sl.start]))
-            top = torch.where(noisy, key.argmax(-1), top)
-        idx[sl] = top.masked_fill_(torch.isnan(x).any(-1), -1)
+            top = torch.where(noisy, _max_argmax(key)[1], top)
+            m = m.squeeze(-1)
+        idx[sl] = top.masked_fill_(torch.isnan(m), -1)
 
     for_each(chunks, work, x2.device, R * C)
     return idx

@@ -52,6 +52,23 @@ def _dots(a_c, b, bias, lo, hi, cd):
     return y
 
 
+def _dots_into(a_rows, b, bias, lo, hi, cd, buffer):
+    """_dots into the first rows × (hi - lo) elements of a flat buffer (CPU: no fresh tile per chunk)."""
+    y = torch.mm(a_rows, b[lo:hi].to(cd).T, out=buffer[:a_rows.shape[0] * (hi - lo)].view(a_rows.shape[0], hi - lo))
+    if bias is not None:
+        y += bias[lo:hi].to(cd)
+    return y
+
+
+def _tile_buffer(row_blocks, col_chunks, cd, device):
+    """for_each's scratch on CPU: a function making one flat buffer of the largest tile's size."""
+    if device.type != "cpu":
+        return None
+    rows = max((r.stop - r.start for r in row_blocks), default=0)
+    cols = max((hi - lo for lo, hi in col_chunks), default=0)
+    return lambda: torch.empty(rows * cols, device=device, dtype=cd)
+
+
 def _excluded_columns(rows, lo, hi, target, diag_offset, device):
     """Per excluded kind (target, self), the chunk-local column of each of the ``rows`` (a slice) and
     whether it is in the chunk."""
@@ -63,6 +80,38 @@ def _excluded_columns(rows, lo, hi, target, diag_offset, device):
     return [((c - lo).clamp(0, hi - lo - 1).unsqueeze(-1), ((c >= lo) & (c < hi)).unsqueeze(-1)) for c in out]
 
 
+def _excluded_entries(row_blocks, col_chunks, target, diag_offset):
+    """CPU: the excluded entries of each tile, {(row block, column chunk): {kind: (rows in the block,
+    columns in the chunk)}} with kind 0 the target, 1 the row itself, from a few ops over all the
+    rows at once, so that a tile holding none (most of them) costs nothing and the others one indexed
+    write per kind."""
+    if not row_blocks or not col_chunks:
+        return {}
+    N = row_blocks[-1].stop
+    rb = row_blocks[0].stop - row_blocks[0].start
+    K = col_chunks[-1][1]
+    starts = torch.tensor([lo for lo, _ in col_chunks])
+    kinds = ([(0, target)] if target is not None else []) + \
+        ([(1, torch.arange(N, device=target.device if target is not None else None) + diag_offset)]
+         if diag_offset is not None else [])
+    out = {}
+    for kind, c in kinds:
+        rows = ((c >= 0) & (c < K)).nonzero().squeeze(1)
+        cols = c[rows]
+        chunk = torch.searchsorted(starts, cols, right=True) - 1
+        key = (rows // rb) * len(col_chunks) + chunk  # rows ascending: key sorted within a block
+        order = torch.argsort(key, stable=True)
+        rows, cols, chunk, key = rows[order], cols[order], chunk[order], key[order]
+        groups, counts = torch.unique_consecutive(key, return_counts=True)
+        at = 0
+        for g, n in zip(groups.tolist(), counts.tolist()):  # host-ok: CPU only
+            block, k = divmod(g, len(col_chunks))
+            sel = slice(at, at + n)
+            out.setdefault((block, k), {})[kind] = (rows[sel] - block * rb, cols[sel] - starts[k])
+            at += n
+    return out
+
+
 def _exclude_(z, excluded, fill):
     """Set the excluded (row, column) entries of the chunk to ``fill``: an O(N) scatter, no N × chunk mask."""
     for col, hit in excluded:
@@ -70,26 +119,50 @@ def _exclude_(z, excluded, fill):
     return z
 
 
-class _InChunkOrder:
-    """Runs each column chunk's update of the shared accumulators in chunk order, whichever thread
-    computed it, so that the sums are those of one pass over the chunks (for_each hands the chunks out
-    in order: the chunk a thread waits for is being computed by another)."""
+# how many elements of finished column chunks' contributions may wait for their turn (see _InChunkOrder)
+PENDING_ELEMENTS = 1 << 24
 
-    def __init__(self):
+
+class _InChunkOrder:
+    """Applies each column chunk's update of the shared accumulators in chunk order, whichever thread
+    computed it, so that the sums are those of one pass over the chunks.  A thread whose chunk is not
+    next leaves its update waiting and goes on with another chunk (a thread that had to wait for a
+    slower one, on a busy core, would leave its own core idle); the thread that finds nobody applying
+    applies every waiting update that is next.  At most ``backlog`` updates wait (their buffers are
+    the memory this costs): a thread further ahead than that waits for its turn."""
+
+    def __init__(self, backlog):
         self.next, self.failed, self.turn = 0, False, threading.Condition()
+        self.backlog, self.waiting, self.applying = max(1, backlog), {}, False
 
     def run(self, i, update):
         with self.turn:
-            self.turn.wait_for(lambda: self.next == i or self.failed)
+            self.turn.wait_for(lambda: self.failed or i < self.next + self.backlog)
             if self.failed:
                 raise RuntimeError("another chunk failed")
-            update()
-            self.next += 1
-            self.turn.notify_all()
+            self.waiting[i] = update
+            if self.applying:
+                return
+            self.applying = True
+        while True:
+            with self.turn:
+                update = self.waiting.pop(self.next, None)
+                if update is None or self.failed:
+                    self.applying = False
+                    return
+            try:
+                update()
+            except BaseException:
+                self.fail()
+                raise
+            with self.turn:
+                self.next += 1
+                self.turn.notify_all()
 
     def fail(self):
         with self.turn:
             self.failed = True
+            self.waiting.clear()
             self.turn.notify_all()
 
 
@@ -104,30 +177,52 @@ def tile_fwd(a, b, bias, tau, target, diag_offset):
     s_out = torch.empty(N, device=a.device, dtype=cd)
     zy_out = torch.empty(N, device=a.device, dtype=cd) if target is not None else None
     row_blocks, col_chunks = _tiles(N, K, a.device)
+    cpu = a.device.type == "cpu"
+    entries = _excluded_entries(row_blocks, col_chunks, target, diag_offset) if cpu else None
 
-    def block(rows):
+    def block(rows, scratch=None):
         n = rows.stop - rows.start
         tau_r = tau_c[rows]
         tau_col = tau_r.unsqueeze(-1)
         m = torch.full((n,), float("-inf"), device=a.device, dtype=cd)
         s = torch.zeros(n, device=a.device, dtype=cd)
         zy = torch.zeros(n, device=a.device, dtype=cd) if target is not None else None
-        for lo, hi in col_chunks:
-            y = _dots(a_c[rows], b, bias, lo, hi, cd)
-            excluded = _excluded_columns(rows, lo, hi, target, diag_offset, a.device)
-            if target is not None:
-                col, hit = excluded[0]
-                zy = torch.where(hit.squeeze(-1), y.gather(1, col).squeeze(-1), zy)
-            _exclude_(y, excluded, float("-inf"))
+        for k, (lo, hi) in enumerate(col_chunks):
+            if cpu:  # the tile in the thread's buffer; its excluded entries, if any, by index
+                y = _dots_into(a_c[rows], b, bias, lo, hi, cd, scratch)
+                here = entries.get((rows.start // row_blocks[0].stop, k), {})
+                if 0 in here:
+                    r, c = here[0]
+                    zy[r] = y[r, c]
+                for r, c in here.values():
+                    y[r, c] = float("-inf")
+            else:
+                y = _dots(a_c[rows], b, bias, lo, hi, cd)
+                excluded = _excluded_columns(rows, lo, hi, target, diag_offset, a.device)
+                if target is not None:
+                    col, hit = excluded[0]
+                    zy = torch.where(hit.squeeze(-1), y.gather(1, col).squeeze(-1), zy)
+                _exclude_(y, excluded, float("-inf"))
             m_new = torch.maximum(m, y.amax(1))
             safe = torch.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing yet: no -inf - -inf
-            s = s * torch.exp((m - safe) / tau_r) + y.sub_(safe.unsqueeze(-1)).div_(tau_col).exp_().sum(1)
+            d = y.sub_(safe.unsqueeze(-1)).div_(tau_col)
+            if cpu:
+                # the excluded entries' exp(-inf) = 0 set after the exp (an argument of -inf takes
+                # _exp_'s underflow passes)
+                for r, c in here.values():
+                    d[r, c] = 0.0
+                e = torch_row._exp_(d)
+                for r, c in here.values():
+                    e[r, c] = 0.0
+            else:
+                e = d.exp_()
+            s = s * torch.exp((m - safe) / tau_r) + e.sum(1)
             m = m_new
         m_out[rows], s_out[rows] = m, s
         if target is not None:
             zy_out[rows] = zy
 
-    torch_row.for_each(row_blocks, block, a.device, N * K)
+    torch_row.for_each(row_blocks, block, a.device, N * K, scratch=_tile_buffer(row_blocks, col_chunks, cd, a.device))
     return m_out, s_out, zy_out
 
 
@@ -150,42 +245,55 @@ def tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, need_da, n
     scale_col = scale.to(cd).unsqueeze(-1)
     ref_col = ref.to(cd).unsqueeze(-1)
     row_blocks, col_chunks = _tiles(N, K, a.device)
+    cpu = a.device.type == "cpu"
+    entries = _excluded_entries(row_blocks, col_chunks, target, diag_offset) if cpu else None
+    buffer = _tile_buffer(row_blocks, col_chunks, cd, a.device)
 
-    def tile_q(rows, lo, hi):
-        """(y - ref or None, Q) on the rows' chunk of columns [lo, hi); y - ref only for zp."""
-        y = _dots(a_c[rows], b, bias, lo, hi, cd)
-        Q = _exclude_(((y - shift_col[rows]) / tau_col[rows]).exp_().mul_(scale_col[rows]),
-                      _excluded_columns(rows, lo, hi, target, diag_offset, a.device), 0.0)
+    def tile_q(rows, k, scratch):
+        """(y - ref or None, Q) on the rows' k-th chunk of columns; y - ref only for zp.  On CPU Q is
+        in ``scratch`` (the thread's buffer), valid until the thread's next tile."""
+        lo, hi = col_chunks[k]
+        y = _dots_into(a_c[rows], b, bias, lo, hi, cd, scratch) if cpu else _dots(a_c[rows], b, bias, lo, hi, cd)
+        d = (y - shift_col[rows]) if need_zp else y.sub_(shift_col[rows])  # y itself is spent without zp
+        Q = torch_row._exp_(d.div_(tau_col[rows])).mul_(scale_col[rows])
+        if cpu:
+            for r, c in entries.get((rows.start // row_blocks[0].stop, k), {}).values():
+                Q[r, c] = 0.0
+        else:
+            _exclude_(Q, _excluded_columns(rows, lo, hi, target, diag_offset, a.device), 0.0)
         # y is finite here (no column was set to -inf): 0 · y = 0
         return (y.sub_(ref_col[rows]) if need_zp else None), Q
 
     if not need_db:
-        def block(rows):
-            for lo, hi in col_chunks:
-                y_ref, Q = tile_q(rows, lo, hi)
+        def block(rows, scratch=None):
+            for k, (lo, hi) in enumerate(col_chunks):
+                y_ref, Q = tile_q(rows, k, scratch)
                 if need_zp:
                     zp[rows] += (y_ref * Q).sum(1)
                 if need_da:
                     da[rows] += Q @ b[lo:hi].to(cd)
 
-        torch_row.for_each(row_blocks, block, a.device, N * K)
+        torch_row.for_each(row_blocks, block, a.device, N * K, scratch=buffer)
     else:
-        order = _InChunkOrder()
+        update_elements = (N * a.shape[1] if need_da else 0) + (N if need_zp else 0)
+        order = _InChunkOrder(min(2 * torch_row.threads_for(a.device, N * K),
+                                  PENDING_ELEMENTS // max(update_elements, 1)))
 
-        def chunk(task):
+        def chunk(task, scratch=None):
             i, (lo, hi) = task
             try:
                 zp_i = torch.empty_like(zp) if need_zp else None
                 da_i = torch.empty_like(da) if need_da else None
                 db_i = dbias_i = None
+                b_chunk = b[lo:hi].to(cd)
                 for rows in row_blocks:
-                    y_ref, Q = tile_q(rows, lo, hi)
+                    y_ref, Q = tile_q(rows, i, scratch)
                     if need_zp:
                         zp_i[rows] = (y_ref * Q).sum(1)
                     if need_da:
-                        da_i[rows] = Q @ b[lo:hi].to(cd)
-                    db_r = Q.T @ a_c[rows]
-                    db_i = db_r if db_i is None else db_i.add_(db_r)
+                        torch.mm(Q, b_chunk, out=da_i[rows])
+                    # summed into the chunk's db in place: no product matrix made and added
+                    db_i = Q.T @ a_c[rows] if db_i is None else db_i.addmm_(Q.T, a_c[rows])
                     if dbias is not None:
                         dbias_i = Q.sum(0) if dbias_i is None else dbias_i.add_(Q.sum(0))
                 db[lo:hi] = db_i.to(b.dtype)
@@ -196,5 +304,5 @@ def tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, need_da, n
                 order.fail()
                 raise
 
-        torch_row.for_each(list(enumerate(col_chunks)), chunk, a.device, N * K)
+        torch_row.for_each(list(enumerate(col_chunks)), chunk, a.device, N * K, scratch=buffer)
     return (da.to(a.dtype) if need_da else None), db, dbias, zp
