@@ -216,8 +216,8 @@ def _exp_(d, scratch=None, out=None):
         parts.append((t[g_len:] < above).nonzero().squeeze(1) + g_len)
     band = torch.cat(parts) if len(parts) > 1 else parts[0] if parts else None
     subnormal = t[band].exp_() if band is not None and band.numel() else None
-    result = out.view(-1)
-    torch.nn.functional.threshold_(torch.clamp(flat, min=low, out=result).exp_(), _EXP_LOW[d.dtype], 0.0)  # exp(LOW) -> 0
+    result = torch.clamp(flat, min=low, out=out.view(-1)).exp_()
+    torch.nn.functional.threshold_(result, _EXP_LOW[d.dtype], 0.0)  # exp(LOW) -> 0
     if subnormal is not None:
         result.index_copy_(0, band, subnormal)
     return out

@@ -107,8 +107,7 @@ def test_cross_entropy_tiny_loss_full_precision():
     y = torch.full((3,), 4098)
     x[1, 7] = float("-inf")
     loss = fused_tau.cross_entropy(x, y, tau=0.05, reduction="none")
-    exact = torch.log1p(torch.exp(torch.tensor(-20.0, dtype=torch.float64)) + torch.exp(torch.tensor(-40.0,
-                                                                                                     dtype=torch.float64)))
+    exact = torch.log1p(torch.tensor(-20.0, dtype=torch.float64).exp() + torch.tensor(-40.0, dtype=torch.float64).exp())
     torch.testing.assert_close(loss.double(), exact.expand(3), rtol=4e-7, atol=0)
 
 
@@ -214,8 +213,11 @@ def test_in_chunk_order_applies_in_order_without_waiting():
     the backlog waits for its turn."""
     order = torch_tile._InChunkOrder(backlog=3)
     applied = []
-    order.run(1, lambda: applied.append(1))
-    order.run(2, lambda: applied.append(2))  # returned at once: chunk 0 is not done
+    ahead = threading.Thread(target=lambda: (order.run(1, lambda: applied.append(1)),
+                                             order.run(2, lambda: applied.append(2))), daemon=True)
+    ahead.start()
+    ahead.join(5)
+    assert not ahead.is_alive()  # both returned at once, chunk 0 not done (its thread would wait for it)
     assert applied == []
     blocked = threading.Event()
 
