@@ -247,7 +247,7 @@ def _row_stats_cpu(s, t, inv, scratch):
     d_abs = torch.maximum(delta.amax(-1), -delta.amin(-1))
     slack = PLAIN_SLACK[s.dtype] * (d_abs + log_s + log_t + kl_plain.abs() - log_kept + 1.0)
     plain = (Pm >= PM_BOUND) | (kl_plain + log_kept - slack >= PRECISE_BOUND)
-    rows = (~plain).nonzero().squeeze(1)
+    rows = (~plain).nonzero().squeeze(1)  # host-ok: the CPU fast path
     if not rows.numel():
         return Ms, Ss, Mt, St, kl_plain, nu, torch.zeros_like(plain)
     every = rows.numel() == n
@@ -445,7 +445,7 @@ def _row_groups(precise, C, device):
     step = max(1, min(_torch_row.CHUNK_ELEMENTS // max(C, 1), -(-R // threads_for(device, R * C))))
     groups = []
     for kind in (False, True):
-        rows = (precise == kind).nonzero().squeeze(1)
+        rows = (precise == kind).nonzero().squeeze(1)  # host-ok: the torch path (CUDA only for fp64 or forced)
         for lo in range(0, rows.numel(), step):
             part = rows[lo:lo + step]
             first, last = int(part[0]), int(part[-1])  # host-ok: CPU

@@ -208,12 +208,13 @@ def _exp_(d, scratch=None, out=None):
     parts = []
     if groups:
         t_groups = t[:g_len].view(BAND_GROUP, groups)
-        cols = (t_groups.amin(0) < above).nonzero().squeeze(1)  # the groups holding a band element
+        # _exp_ takes this band path on CPU tensors only: the nonzero below read no device
+        cols = (t_groups.amin(0) < above).nonzero().squeeze(1)  # host-ok: CPU; the groups holding a band element
         if cols.numel():
-            at = (t_groups.index_select(1, cols) < above).nonzero()  # (member, group) of each band element
+            at = (t_groups.index_select(1, cols) < above).nonzero()  # host-ok: CPU; (member, group) of each
             parts.append(at[:, 0] * groups + cols[at[:, 1]])
     if g_len < n:
-        parts.append((t[g_len:] < above).nonzero().squeeze(1) + g_len)
+        parts.append((t[g_len:] < above).nonzero().squeeze(1) + g_len)  # host-ok: CPU
     band = torch.cat(parts) if len(parts) > 1 else parts[0] if parts else None
     subnormal = t[band].exp_() if band is not None and band.numel() else None
     result = torch.clamp(flat, min=low, out=out.view(-1)).exp_()

@@ -96,7 +96,7 @@ def _excluded_entries(row_blocks, col_chunks, target, diag_offset):
          if diag_offset is not None else [])
     out = {}
     for kind, c in kinds:
-        rows = ((c >= 0) & (c < K)).nonzero().squeeze(1)
+        rows = ((c >= 0) & (c < K)).nonzero().squeeze(1)  # host-ok: the torch path (CUDA only for fp64 or forced)
         cols = c[rows]
         chunk = torch.searchsorted(starts, cols, right=True) - 1
         key = (rows // rb) * len(col_chunks) + chunk  # rows ascending: key sorted within a block
