@@ -16,10 +16,11 @@ import torch
 from ._torch_row import _as_rows, _chunks, _compute_dtype, _from_rows, _max_argmax, _tau_rows, for_each, softmax_bwd
 
 
-def _gumbel(n_rows, C, dtype, device, generator):
-    """(n_rows, C) Gumbel(0, 1) noise, finite: E is clamped to the dtype's smallest normal."""
+def _log_exponential(n_rows, C, dtype, device, generator):
+    """(n_rows, C) log E, E ~ Exponential(1) clamped to the dtype's smallest normal: minus finite
+    Gumbel(0, 1) noise g = -log E (the callers subtract it: a + g and a - log E are the same sum)."""
     e = torch.empty((n_rows, C), dtype=dtype, device=device).exponential_(generator=generator)
-    return e.clamp_(min=torch.finfo(dtype).tiny).log_().neg_()
+    return e.clamp_(min=torch.finfo(dtype).tiny).log_()
 
 
 def _chunk_generators(seed, chunks):
@@ -47,8 +48,9 @@ def gumbel_fwd(x3, tau, seed, hard, need_grad):
     soft = torch.empty_like(out) if hard and need_grad else None
 
     def work(sl):
-        # z = (x + g) / τ in the noise's own buffer (g + x: the same sum)
-        z = _gumbel(sl.stop - sl.start, C, cd, x3.device, generators[sl.start]).add_(X[sl]).div_(tau_r[sl])
+        # z = (x + g) / τ = (x - log E) / τ in the noise's own buffer
+        log_e = _log_exponential(sl.stop - sl.start, C, cd, x3.device, generators[sl.start])
+        z = torch.sub(X[sl], log_e, out=log_e).div_(tau_r[sl])
         if not hard and out.dtype == cd:
             torch.softmax(z, -1, out=out[sl])  # rows of out: contiguous
             return
@@ -95,7 +97,7 @@ def sample_fwd(x2, tau, seed, greedy):
             m = m.to(cd).unsqueeze(-1)
             t = tau_r[sl]
             noisy = ((t > 0) & torch.isfinite(m)).squeeze(-1)
-            key = (x - m).div_(t).add_(_gumbel(x.shape[0], C, cd, x2.device, generators[sl.start]))
+            key = (x - m).div_(t).sub_(_log_exponential(x.shape[0], C, cd, x2.device, generators[sl.start]))
             top = torch.where(noisy, _max_argmax(key)[1], top)
             m = m.squeeze(-1)
         idx[sl] = top.masked_fill_(torch.isnan(m), -1)
