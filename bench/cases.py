@@ -2,7 +2,8 @@
 
 Bytes moved (the row engine is memory-bound; GB/s = bytes / time), R rows × C
 classes of e bytes:
-  cross_entropy   fwd R·C·e (read logits)          fwd+bwd 3·R·C·e (+ read logits, write gradient)
+  cross_entropy   fwd R·C·e (read logits)          fwd+bwd 2·R·C·e (read logits, write gradient: the least;
+                                                   a backward of its own reads them again, 3·R·C·e)
   kd_loss         fwd 2·R·C·e (read both)          fwd+bwd 5·R·C·e (+ read both, write the student's gradient)
   gumbel_softmax  fwd 2·R·C·e (read, write)        fwd+bwd 5·R·C·e (+ read logits and upstream, write gradient)
   sample          fwd R·C·e (read logits)
@@ -148,7 +149,7 @@ OPS = {
                       cpu_sizes=[], cpu_full_sizes=[(256, 256, 128)]),
     "softmax": dict(bytes={"fwd": 2, "fwd+bwd": 5}, modes=("fwd", "fwd+bwd"), gpu_sizes=[(8192, 32000)],
                     cpu_sizes=[], cpu_full_sizes=[(256, 32000)]),
-    "cross_entropy": dict(bytes={"fwd": 1, "fwd+bwd": 3}, modes=("fwd", "fwd+bwd"),
+    "cross_entropy": dict(bytes={"fwd": 1, "fwd+bwd": 2}, modes=("fwd", "fwd+bwd"),
                           gpu_sizes=[(8192, 32000), (8192, 128256), (32768, 32000), (32768, 128256)],
                           cpu_sizes=[(256, 32000), (1024, 32000)], cpu_full_sizes=[(64, 32000), (4096, 32000)]),
     "kd_loss": dict(bytes={"fwd": 2, "fwd+bwd": 5}, modes=("fwd", "fwd+bwd"),

@@ -116,7 +116,7 @@ def _ce_fwd(x3: Tensor, target: Tensor, weight: Optional[Tensor], tau: Tensor, i
 
 
 @_ce_fwd.register_fake
-def _(x3, target, weight, tau, ignore_index, smoothing, prob_target, backend):
+def _ce_fwd_fake(x3, target, weight, tau, ignore_index, smoothing, prob_target, backend):
     R, cd = _rows(x3), compute_dtype(x3)
     has_a = prob_target or smoothing > 0
     return (x3.new_empty(R, dtype=cd), x3.new_empty(0 if prob_target else R, dtype=cd), x3.new_empty(R, dtype=cd),
@@ -135,6 +135,31 @@ def _ce_bwd(x3: Tensor, target: Tensor, weight: Optional[Tensor], tau: Tensor, m
 @_ce_bwd.register_fake
 def _(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_target, tau_grad, backend):
     return x3.new_empty(x3.shape), m.new_empty(_rows(x3) if tau_grad else 0)
+
+
+@_op("ce_fwd_grad")
+def _ce_fwd_grad(x3: Tensor, target: Tensor, weight: Optional[Tensor], tau: Tensor, ignore_index: int,
+                 smoothing: float, prob_target: bool, g: Tensor, tau_grad: bool,
+                 backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    loss, wy, m, s, a, dx, dtau = engine(backend, "row").ce_fwd_grad(x3, target, weight, tau, ignore_index, smoothing,
+                                                                     prob_target, g, tau_grad)
+    return loss, _or_empty(wy, m), m, s, _or_empty(a, m), dx, _or_empty(dtau, m)
+
+
+@_ce_fwd_grad.register_fake
+def _(x3, target, weight, tau, ignore_index, smoothing, prob_target, g, tau_grad, backend):
+    loss, wy, m, s, a = _ce_fwd_fake(x3, target, weight, tau, ignore_index, smoothing, prob_target, backend)
+    return loss, wy, m, s, a, x3.new_empty(x3.shape), m.new_empty(_rows(x3) if tau_grad else 0)
+
+
+@_op("ce_grad_rescale", mutates_args=("dx",))
+def _ce_grad_rescale(dx: Tensor, g: Tensor, backend: str) -> None:
+    engine(backend, "row").ce_grad_rescale(dx, g)
+
+
+@_ce_grad_rescale.register_fake
+def _(dx, g, backend):
+    return None
 
 
 @_op("ce_bwd_inplace", mutates_args=("x3",))
@@ -169,6 +194,22 @@ def ce_fwd(backend, x3, target, weight, tau, ignore_index, smoothing, prob_targe
     loss, wy, m, s, a = _call("ce_fwd")(x3, target, weight, tau, ignore_index, smoothing, prob_target,
                                                    backend)
     return loss, _or_none(wy, not prob_target), m, s, _or_none(a, prob_target or smoothing > 0)
+
+
+def ce_fwd_grad(backend, x3, target, weight, tau, ignore_index, smoothing, prob_target, g, tau_grad):
+    loss, wy, m, s, a, dx, dtau = _call("ce_fwd_grad")(x3, target, weight, tau, ignore_index, smoothing, prob_target,
+                                                        g, tau_grad, backend)
+    return (loss, _or_none(wy, not prob_target), m, s, _or_none(a, prob_target or smoothing > 0), dx,
+            _or_none(dtau, tau_grad))
+
+
+def ce_grad_rescale(backend, dx, g):
+    """dx · g: in place in eager code (nothing touched when g == 1, checked on the device); a new tensor
+    while tracing (AOTAutograd's backward may not mutate a tensor saved by the forward)."""
+    if _tracing():
+        return (dx.to(g.dtype) * g.reshape(())).to(dx.dtype)
+    _call("ce_grad_rescale")(dx, g, backend)
+    return dx
 
 
 def ce_bwd(backend, x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_target, tau_grad,

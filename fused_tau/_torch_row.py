@@ -525,3 +525,24 @@ def ce_bwd(x3, target, weight, tau, m, s, a_rows, g, ignore_index, smoothing, pr
     if inplace:
         return x3.copy_(dx), dtau
     return dx.contiguous(), dtau
+
+
+def ce_fwd_grad(x3, target, weight, tau, ignore_index, smoothing, prob_target, g, tau_grad):
+    """``ce_fwd``, then ``ce_bwd`` for the incoming gradient ``g`` (one element for every row):
+    (loss, w_y, M, S, A, dx, dτ per row or None), as kernels/row_ce.py's launcher of the same name."""
+    loss, wy, m, s, a_rows = ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target)
+    dx, dtau = ce_bwd(x3, target, weight, tau, m, s, a_rows, g, ignore_index, smoothing, prob_target, tau_grad)
+    return loss, wy, m, s, a_rows, dx, dtau
+
+
+def ce_grad_rescale(dx, g):
+    """dx *= g in place; on the CPU nothing is touched when g == 1 (elsewhere the check would wait for
+    the device: the product is taken)."""
+    if g.device.type == "cpu" and bool(g.reshape(()) == 1):  # host-ok: a CPU tensor
+        return
+    cd = torch.promote_types(dx.dtype, torch.float32)
+    g = g.reshape(()).to(cd)
+    if dx.dtype == cd:
+        dx.mul_(g)
+    else:  # a half-precision gradient is scaled in fp32 and rounded once
+        dx.copy_(dx.to(cd).mul_(g))

@@ -28,6 +28,9 @@ class CEOptions:
     reduction: str = "mean"
     label_smoothing: float = 0.0
     inplace_backward: bool = False
+    # the forward also writes the gradient for an incoming gradient of 1 (cross_entropy sets it when a
+    # backward will follow: see its docstring); reductions 'mean' and 'sum' only
+    grad_in_forward: bool = False
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -44,21 +47,30 @@ class CrossEntropyFunction(torch.autograd.Function):
         cdtype = compute_dtype(input)
         w = weight.detach().to(cdtype).contiguous() if weight is not None else None
         tau_k = tau_for_kernel(tau, input)
-        loss, wy, m, s, a = ops.ce_fwd(backend, x3, tgt, w, tau_k, ignore_index, label_smoothing, prob_target)
+        two_pass = options.grad_in_forward and reduction != "none"
+        denom = dx = dtau = None
+        if reduction == "mean":
+            denom = _mean_denominator(tgt, w, ignore_index, prob_target, A * B, cdtype) if two_pass else None
+        if two_pass:
+            # the gradient of the reduction for an incoming gradient of 1: 1/denominator or 1
+            g = (1.0 / denom if denom is not None else torch.ones((), dtype=cdtype, device=input.device)).reshape(1)
+            loss, wy, m, s, a, dx, dtau = ops.ce_fwd_grad(backend, x3, tgt, w, tau_k, ignore_index, label_smoothing,
+                                                          prob_target, g, ctx.needs_input_grad[3])
+        else:
+            loss, wy, m, s, a = ops.ce_fwd(backend, x3, tgt, w, tau_k, ignore_index, label_smoothing, prob_target)
         if reduction == "none":
             out = loss.view(tuple(input.shape[:1]) + tuple(input.shape[2:]) if input.ndim > 1 else ())
-            denom = None
         else:
             out = loss.sum()
-            denom = None
             if reduction == "mean":
-                denom = torch.full((), float(A * B), dtype=cdtype, device=input.device) if prob_target \
-                    else wy.sum()
-                # Σ w_y = 0: torch's hard-label part is 0/0 = NaN, whatever the smoothing part's x/0 (+inf)
-                denom = torch.where(denom == 0, float("nan"), denom)
+                if denom is None:
+                    denom = _nan_if_zero(torch.full((), float(A * B), dtype=cdtype, device=input.device)
+                                         if prob_target else wy.sum())
                 out = out / denom
         ctx.backend, ctx.input_shape, ctx.B = backend, input.shape, B
         ctx.options, ctx.prob_target = options, prob_target
+        # dx and dτ wait until the first backward takes them (not saved tensors: it scales dx in place)
+        ctx.grads_of_forward = (dx, dtau) if two_pass else None
         ctx.save_for_backward(x3, tgt, w, tau_k, m, s, a, denom, tau)
         return out  # the compute dtype: the caller rounds it (or not, under autocast)
 
@@ -70,17 +82,41 @@ class CrossEntropyFunction(torch.autograd.Function):
         opts = ctx.options
         tau_grad = ctx.needs_input_grad[3]
         g = grad.detach().to(m.dtype)
-        if opts.reduction == "none":
-            g = g.reshape(-1).contiguous()
-        elif opts.reduction == "mean":
-            g = (g / denom).reshape(1)
-        else:
+        if ctx.grads_of_forward is not None:
+            # written by the forward for an incoming gradient of 1; a second backward (retain_graph) must
+            # not scale the gradient handed out by the first, so it recomputes
+            (dx, dtau), ctx.grads_of_forward = ctx.grads_of_forward, None
             g = g.reshape(1)
-        dx, dtau = ops.ce_bwd(ctx.backend, x3, tgt, w, tau_k, m, s, a, g, opts.ignore_index, opts.label_smoothing,
-                              ctx.prob_target, tau_grad, inplace=opts.inplace_backward)
-        dtau = reduce_tau_grad(dtau, tau, ctx.B) if tau_grad else None
+            dx = ops.ce_grad_rescale(ctx.backend, dx, g) if ctx.needs_input_grad[0] else None
+            dtau = reduce_tau_grad(dtau * g, tau, ctx.B) if tau_grad else None
+        else:
+            if opts.reduction == "none":
+                g = g.reshape(-1).contiguous()
+            elif opts.reduction == "mean":
+                g = (g / denom).reshape(1)
+            else:
+                g = g.reshape(1)
+            dx, dtau = ops.ce_bwd(ctx.backend, x3, tgt, w, tau_k, m, s, a, g, opts.ignore_index,
+                                  opts.label_smoothing, ctx.prob_target, tau_grad, inplace=opts.inplace_backward)
+            dtau = reduce_tau_grad(dtau, tau, ctx.B) if tau_grad else None
         dx = dx.reshape(ctx.input_shape) if ctx.needs_input_grad[0] else None
         return dx, None, None, dtau, None, None
+
+
+def _nan_if_zero(denom):
+    """Σ w_y = 0: torch's hard-label part is 0/0 = NaN, whatever the smoothing part's x/0 (+inf)."""
+    return torch.where(denom == 0, float("nan"), denom)
+
+
+def _mean_denominator(tgt, w, ignore_index, prob_target, n_rows, cdtype):
+    """'mean''s denominator from the targets alone (a pass over N targets, on the device): the row count
+    for probabilities, else Σ w_y over the rows whose y is not ignore_index (their count without weights)."""
+    if prob_target:
+        return _nan_if_zero(torch.full((), float(n_rows), dtype=cdtype, device=tgt.device))
+    valid = tgt != ignore_index
+    if w is None:
+        return _nan_if_zero(valid.sum(dtype=cdtype))
+    return _nan_if_zero(torch.where(valid, w[torch.where(valid, tgt, 0)], 0.0).sum())
 
 
 def _check(input, target, weight, ignore_index, reduction, label_smoothing):
@@ -129,6 +165,19 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
     ``inplace_backward=True`` writes the gradient into ``input``'s memory (saves one
     N × C buffer; only when nothing else reads ``input`` after the loss).  It is refused for
     an input whose elements overlap (an expanded tensor) and for a leaf that requires grad.
+
+    Passes over the logits: without a gradient (``torch.no_grad()`` or an input that does not require
+    grad) the forward reads them once.  When a backward will follow (grad mode on, ``input`` requires
+    grad) and ``reduction`` is 'mean' or 'sum', the forward also writes the gradient for an incoming
+    gradient of 1 (and τ's), reading each row a second time while it is in L2: forward + backward read
+    the logits from memory once and write the gradient once, where a separate backward reads them
+    again.  The gradient buffer (input's size) then lives from the forward to the backward, which only
+    scales it by the real incoming gradient, in place and on the device (it is not touched when that
+    gradient is 1, the usual ``loss.backward()``; a scaled loss such as AMP's costs one read and write
+    of it).  A forward under grad mode whose backward never runs (validation without ``no_grad``)
+    pays the write.  ``reduction='none'`` (a gradient per row, known only in the backward) and
+    ``inplace_backward=True`` keep the separate backward: read in the forward, read and write in
+    the backward.
     """
     if size_average is not None or reduce is not None:
         reduction = legacy_reduction(size_average, reduce)
@@ -141,6 +190,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
     if backend == "reference" or input.numel() == 0:
         return reference.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
                                        label_smoothing=label_smoothing, tau=tau_t)
-    options = CEOptions(ignore_index, reduction, float(label_smoothing), bool(inplace_backward))
+    grad_in_forward = (torch.is_grad_enabled() and input.requires_grad and reduction != "none"
+                       and not inplace_backward)
+    options = CEOptions(ignore_index, reduction, float(label_smoothing), bool(inplace_backward), grad_in_forward)
     out = CrossEntropyFunction.apply(input, target, weight, tau_t, options, backend)
     return loss_under_autocast(out, input)

@@ -35,16 +35,19 @@ def _ce_fwd_kernel(
     x_ptr, target_ptr, weight_ptr, tau_ptr, loss_ptr, wy_ptr, m_ptr, s_ptr, a_ptr,
     # (R, splits) partials of a split row: M_j, S_j, A_j, D_j
     part_m_ptr, part_s_ptr, part_a_ptr, part_d_ptr,
+    # WRITE_GRAD: the incoming gradient's scale g (one fp32), the gradient dx and the rows' dL/dτ
+    g_ptr, dx_ptr, dtau_ptr,
     # shapes: x is (A, C, B); class-index targets are contiguous (A*B,); program (r, j) of PHASE 1
     # takes columns [j·span, (j + 1)·span), span = span_blocks·BLOCK, of row r
     C, B, span_blocks, splits,
     # strides of x, of probability targets and of τ
-    stride_xa, stride_xc, stride_xb, stride_ta, stride_tc, stride_tb, stride_tau,
+    stride_xa, stride_xc, stride_xb, stride_ta, stride_tc, stride_tb, stride_da, stride_dc, stride_db, stride_tau,
     # runtime scalars
     ignore_index, smoothing,
     # constants
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, SMOOTH: tl.constexpr, PHASE: tl.constexpr,
-    BLOCK: tl.constexpr, SPLITS_BLOCK: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, TAU_GRAD: tl.constexpr, BLOCK: tl.constexpr, SPLITS_BLOCK: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     """Per row, z = x/τ, lse = M/τ + log1p(S) (M = max x, row_engine.py):
     class index y: loss = (1-ε) w_y (lse - z_y) + (ε/C) Σ_c w_c (lse - z_c), 0 if y == ignore_index;
@@ -54,7 +57,12 @@ def _ce_fwd_kernel(
 
     PHASE 0: one program a row.  A row split across programs (row_engine.row_splits): PHASE 1 (grid
     (R, splits)) reduces each program's columns to (M_j, S_j, A_j, D_j), one lane's statistics; PHASE 2
-    (grid (R,)) reduces those as lanes, in a fixed order (deterministic), and forms the loss."""
+    (grid (R,)) reduces those as lanes, in a fixed order (deterministic), and forms the loss.
+
+    WRITE_GRAD (PHASE 0): the program then streams its row again, while it is still in L2, and writes
+    the gradient for an incoming gradient g (``_ce_grad_block``, the backward kernel's formula) and,
+    with TAU_GRAD, the row's dL/dτ: forward + backward read the logits from HBM once and write the
+    gradient once (two passes where a separate backward makes three)."""
     r, a, b, x_row, tau = row_start(x_ptr, tau_ptr, B, stride_xa, stride_xb, stride_tau)
     t_row = target_ptr + a * stride_ta + b * stride_tb
     scale = exp2_scale(tau)
@@ -102,8 +110,21 @@ def _ce_fwd_kernel(
             tl.store(loss_ptr + r, tl.load(x_row + _safe_target(target_ptr, r, C, ignore_index) * stride_xc),
                      mask=tl.program_id(1) == 0)
     else:
-        _ce_loss(x_row, target_ptr, weight_ptr, loss_ptr, wy_ptr, m_ptr, s_ptr, a_ptr, r, m, A, D, M, S, C,
-                 stride_xc, inv_tau, ignore_index, smoothing, HAS_WEIGHT, PROB_TARGET, SMOOTH, PHASE == 2)
+        S, A_row = _ce_loss(x_row, target_ptr, weight_ptr, loss_ptr, wy_ptr, m_ptr, s_ptr, a_ptr, r, m, A, D, M, S,
+                            C, stride_xc, inv_tau, ignore_index, smoothing, HAS_WEIGHT, PROB_TARGET, SMOOTH,
+                            PHASE == 2)
+        if WRITE_GRAD:
+            dx_row = dx_ptr + a * stride_da + b * stride_db
+            y, valid, h = _ce_target(target_ptr, weight_ptr, r, C, ignore_index, smoothing, HAS_WEIGHT, PROB_TARGET)
+            g = tl.load(g_ptr).to(tl.float32)
+            inv_total = tl.where(S == -1.0, float("nan"), 1.0 / (1.0 + S))
+            tau_acc = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, C, BLOCK):
+                tau_acc += _ce_grad_block(x_row, t_row, weight_ptr, dx_row, dx_ptr, start + cols, C, stride_xc,
+                                          stride_tc, stride_dc, scale, inv_tau, M, S, inv_total, A_row, g, y,
+                                          valid, h, smoothing, HAS_WEIGHT, PROB_TARGET, SMOOTH, INTERPRETED)
+            if TAU_GRAD:
+                tl.store(dtau_ptr + r, -(tl.sum(tau_acc, 0) * inv_tau) * (2.0 * inv_tau))
 
 
 @triton.jit
@@ -119,24 +140,20 @@ def _ce_loss(x_row, target_ptr, weight_ptr, loss_ptr, wy_ptr, m_ptr, s_ptr, a_pt
              stride_xc, inv_tau, ignore_index, smoothing,
              HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, SMOOTH: tl.constexpr, X_Y_PARKED: tl.constexpr):
     """The row's loss (and saved M, S, A, w_y) from its reduced statistics: (M, S) and the lanes'
-    (m, A, D) of weighted_gap_update.  X_Y_PARKED: the target's logit is read from the loss slot."""
+    (m, A, D) of weighted_gap_update.  X_Y_PARKED: the target's logit is read from the loss slot.
+    Returns the saved S and A = Σ_c a_c (0.0 without probabilities or smoothing)."""
     S = nan_if_posinf(M, S)
     log_total = log1p(S)
     tl.store(m_ptr + r, M)
     tl.store(s_ptr + r, S)
     loss = 0.0
+    A_row = 0.0
     if PROB_TARGET or SMOOTH:
         A_row, D_row = weighted_gap_finalize(m, A, D, M)
         tl.store(a_ptr + r, A_row)
         loss = D_row * inv_tau + A_row * log_total
     if not PROB_TARGET:
-        valid = tl.load(target_ptr + r) != ignore_index
-        y_safe = _safe_target(target_ptr, r, C, ignore_index)
-        if HAS_WEIGHT:
-            w_y = tl.load(weight_ptr + y_safe).to(tl.float32)
-        else:
-            w_y = 1.0
-        w_y = tl.where(valid, w_y, 0.0)
+        y_safe, valid, w_y = _ce_target(target_ptr, weight_ptr, r, C, ignore_index, 0.0, HAS_WEIGHT, PROB_TARGET)
         if X_Y_PARKED:
             x_y = tl.load(loss_ptr + r)
         else:
@@ -145,6 +162,47 @@ def _ce_loss(x_row, target_ptr, weight_ptr, loss_ptr, wy_ptr, m_ptr, s_ptr, a_pt
         loss = tl.where(valid, loss, 0.0)
         tl.store(wy_ptr + r, w_y)
     tl.store(loss_ptr + r, loss)
+    return S, A_row
+
+
+@triton.jit
+def _ce_target(target_ptr, weight_ptr, r, C, ignore_index, smoothing,
+               HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr):
+    """Row r's (y, valid, h): its class index (0 where ignored: never read out of bounds), whether it
+    counts, and h = (1-ε) w_y, the weight of its hard-label term (0 where ignored).  Probability
+    targets: (-1, True, 0)."""
+    if PROB_TARGET:
+        return -1, True, 0.0
+    else:
+        valid = tl.load(target_ptr + r) != ignore_index
+        y = _safe_target(target_ptr, r, C, ignore_index)
+        if HAS_WEIGHT:
+            w_y = tl.load(weight_ptr + y).to(tl.float32)
+        else:
+            w_y = 1.0
+        return y, valid, tl.where(valid, (1.0 - smoothing) * w_y, 0.0)
+
+
+@triton.jit
+def _ce_grad_block(x_row, t_row, weight_ptr, dx_row, dx_ptr, c, C, stride_xc, stride_tc, stride_dc, scale, inv_tau,
+                   M, S, inv_total, A_row, g, y, valid, h, smoothing,
+                   HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, SMOOTH: tl.constexpr,
+                   INTERPRETED: tl.constexpr):
+    """Writes dx_c = (g/τ) [h (p_c - δ_{c,y}) + A p_c - a_c] for columns ``c`` and returns their terms of
+    the τ gradient's sum, (x - M)/2 · dL/dz (see _ce_bwd_kernel).  The target's p_y - 1 is
+    -Σ_{j≠y} p_j = -S/(1+S) when y is the argmax, so the row's gradient still sums to zero at small τ."""
+    x, p = recompute_p(x_row, c, C, stride_xc, scale, M, inv_total)
+    dz = tl.zeros_like(p)
+    if not PROB_TARGET:
+        q = tl.where(x == M, S * inv_total, 1.0 - p)
+        dz = h * tl.where(c == y, -q, p)
+    if PROB_TARGET or SMOOTH:
+        coef = _ce_coefficient(t_row, weight_ptr, c, C, stride_tc, smoothing, HAS_WEIGHT, PROB_TARGET, SMOOTH)
+        dz += A_row * p - coef
+    dz = tl.where(valid, g * dz, 0.0)
+    tl.store(dx_row + c.to(tl.int64) * stride_dc, to_store(dz * inv_tau, dx_ptr, INTERPRETED), mask=c < C)
+    # masked classes (dz = 0) add 0, NaN adds NaN; M in x units: half_gap's τ is 1
+    return tl.where(dz != 0.0, half_gap(x, M, 1.0) * dz, 0.0)
 
 
 @triton.jit
@@ -162,10 +220,8 @@ def _ce_bwd_kernel(
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, SMOOTH: tl.constexpr,
     TAU_GRAD: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    """dL/dz_c = g_r [h (p_c - δ_{c,y}) + A p_c - a_c], h = (1-ε) w_y, A = Σ a_c; dx = dL/dz / τ.
-
-    The target's p_y - 1 is -Σ_{j≠y} p_j = -S/(1+S) when y is the argmax, so
-    the row's gradient still sums to zero at small τ."""
+    """dL/dz_c = g_r [h (p_c - δ_{c,y}) + A p_c - a_c], h = (1-ε) w_y, A = Σ a_c; dx = dL/dz / τ
+    (``_ce_grad_block``); dL/dτ = -(1/τ²) Σ (x - M) dL/dz (row_engine.py)."""
     r, a, b, x_row, tau = row_start(x_ptr, tau_ptr, B, stride_xa, stride_xb, stride_tau)
     t_row = target_ptr + a * stride_ta + b * stride_tb
     dx_row = dx_ptr + a * stride_da + b * stride_db
@@ -176,42 +232,31 @@ def _ce_bwd_kernel(
     # S = -1 marks a row with no finite logit: NaN everywhere, as the composition's softmax (not ±inf)
     inv_total = tl.where(S == -1.0, float("nan"), 1.0 / (1.0 + S))
     g = tl.load(g_ptr + r * stride_g).to(tl.float32)
+    A_row = 0.0
     if PROB_TARGET or SMOOTH:
         A_row = tl.load(a_ptr + r)
-    valid = True
-    h = 0.0
-    y = -1
-    if not PROB_TARGET:
-        y = tl.load(target_ptr + r)
-        valid = y != ignore_index
-        if HAS_WEIGHT:
-            w_y = tl.load(weight_ptr + tl.where(valid & (y >= 0) & (y < C), y, 0)).to(tl.float32)
-        else:
-            w_y = 1.0
-        h = (1.0 - smoothing) * w_y
+    y, valid, h = _ce_target(target_ptr, weight_ptr, r, C, ignore_index, smoothing, HAS_WEIGHT, PROB_TARGET)
     col0 = tl.program_id(1) * span_blocks * BLOCK  # a multiple of BLOCK: aligned loads
     col_end = tl.minimum(col0 + span_blocks * BLOCK, C)
     cols = tl.arange(0, BLOCK)
     tau_acc = tl.zeros([BLOCK], tl.float32)
     for start in range(col0, col_end, BLOCK):
-        c = start + cols
-        x, p = recompute_p(x_row, c, C, stride_xc, scale, M, inv_total)
-        dz = tl.zeros([BLOCK], tl.float32)
-        if not PROB_TARGET:
-            q = tl.where(x == M, S * inv_total, 1.0 - p)
-            dz = h * tl.where(c == y, -q, p)
-        if PROB_TARGET or SMOOTH:
-            coef = _ce_coefficient(t_row, weight_ptr, c, C, stride_tc, smoothing,
-                                   HAS_WEIGHT, PROB_TARGET, SMOOTH)
-            dz += A_row * p - coef
-        dz = tl.where(valid, g * dz, 0.0)
-        tl.store(dx_row + c.to(tl.int64) * stride_dc, to_store(dz * inv_tau, dx_ptr, INTERPRETED), mask=c < C)
-        if TAU_GRAD:
-            # -(1/τ²) Σ (x - M) dz (see row_engine.py; M in x units: half_gap's τ is 1); masked classes
-            # (dz = 0) add 0, NaN adds NaN
-            tau_acc += tl.where(dz != 0.0, half_gap(x, M, 1.0) * dz, 0.0)
+        tau_acc += _ce_grad_block(x_row, t_row, weight_ptr, dx_row, dx_ptr, start + cols, C, stride_xc, stride_tc,
+                                  stride_dc, scale, inv_tau, M, S, inv_total, A_row, g, y, valid, h, smoothing,
+                                  HAS_WEIGHT, PROB_TARGET, SMOOTH, INTERPRETED)
     if TAU_GRAD:
         tl.store(dtau_ptr + r * tl.num_programs(1) + tl.program_id(1), -(tl.sum(tau_acc, 0) * inv_tau) * (2.0 * inv_tau))
+
+
+@triton.jit
+def _ce_grad_rescale_kernel(dx_ptr, g_ptr, n, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+    """dx *= g in place, and nothing read or written when g == 1 (the usual ``loss.backward()``): the
+    check is on the device, so the host never waits for g."""
+    g = tl.load(g_ptr).to(tl.float32)
+    if g != 1.0:
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        v = tl.load(dx_ptr + i, mask=i < n, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + i, to_store(v * g, dx_ptr, INTERPRETED), mask=i < n)
 
 
 def ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target):
@@ -219,6 +264,24 @@ def ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target):
     indices or an (A, C, B) view of probabilities; w_y is None for probabilities and
     A is None without label smoothing or probabilities.  Few long rows are split across programs
     (row_engine.row_splits): a launch for the partial statistics (R·splits·16 bytes), then one a row."""
+    loss, wy, m, s, a, _, _ = _ce_fwd_launch(x3, target, weight, tau, ignore_index, smoothing, prob_target)
+    return loss, wy, m, s, a
+
+
+def ce_fwd_grad(x3, target, weight, tau, ignore_index, smoothing, prob_target, g, tau_grad):
+    """``ce_fwd`` and, in the same pass over the logits, what ``ce_bwd`` returns for the incoming
+    gradient ``g`` (one fp32 element for every row): (loss, w_y, M, S, A, dx, dτ per row or None).
+    A split row (few long rows) takes ce_fwd's two launches and then ce_bwd's."""
+    R, C, B = rows(x3)
+    block, _, _ = row_config(C)
+    if row_splits(R, C, block, x3.device)[0] > 1:
+        loss, wy, m, s, a = ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target)
+        dx, dtau = ce_bwd(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_target, tau_grad)
+        return loss, wy, m, s, a, dx, dtau
+    return _ce_fwd_launch(x3, target, weight, tau, ignore_index, smoothing, prob_target, g, tau_grad)
+
+
+def _ce_fwd_launch(x3, target, weight, tau, ignore_index, smoothing, prob_target, g=None, tau_grad=False):
     R, C, B = rows(x3)
     dev = x3.device
     f32 = dict(device=dev, dtype=torch.float32)
@@ -227,19 +290,35 @@ def ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target):
     a = torch.empty(R, **f32) if has_a else m
     wy = m if prob_target else torch.empty(R, **f32)
     t_strides = target.stride() if prob_target else (0, 0, 0)
+    write_grad = g is not None
+    dx = torch.empty((x3.shape[0], C, B), device=dev, dtype=x3.dtype) if write_grad else x3
+    dtau = torch.empty(R, **f32) if write_grad and tau_grad else m
     block, _, num_warps = row_config(C)
     splits, span = row_splits(R, C, block, dev)
     parts = [torch.empty(R * splits, **f32) for _ in range(4)] if splits > 1 else [m] * 4
-    args = (x3, target, weight if weight is not None else m, tau, loss, wy, m, s, a, *parts, C, B, span // block, splits,
-            *x3.stride(), *t_strides, tau_stride(tau), ignore_index, float(smoothing))
+    args = (x3, target, weight if weight is not None else m, tau, loss, wy, m, s, a, *parts,
+            g if write_grad else m, dx, dtau, C, B, span // block, splits,
+            *x3.stride(), *t_strides, *dx.stride(), tau_stride(tau), ignore_index, float(smoothing))
     consts = dict(HAS_WEIGHT=weight is not None, PROB_TARGET=prob_target, SMOOTH=smoothing > 0, BLOCK=block,
-                  SPLITS_BLOCK=max(triton.next_power_of_2(splits), 2))
+                  SPLITS_BLOCK=max(triton.next_power_of_2(splits), 2), WRITE_GRAD=write_grad,
+                  TAU_GRAD=write_grad and tau_grad, INTERPRETED=interpreted())
     if splits == 1:
         _ce_fwd_kernel[(R, 1)](*args, PHASE=0, num_warps=num_warps, **consts)
     else:
         _ce_fwd_kernel[(R, splits)](*args, PHASE=1, num_warps=num_warps, **consts)
         _ce_fwd_kernel[(R, 1)](*args, PHASE=2, num_warps=1, **consts)
-    return loss, (None if prob_target else wy), m, s, (a if has_a else None)
+    return (loss, (None if prob_target else wy), m, s, (a if has_a else None), dx if write_grad else None,
+            dtau if write_grad and tau_grad else None)
+
+
+RESCALE_BLOCK = 4096
+
+
+def ce_grad_rescale(dx, g):
+    """dx *= g (one fp32 element) in place, on the device, reading and writing nothing when g == 1."""
+    n = dx.numel()
+    _ce_grad_rescale_kernel[(triton.cdiv(n, RESCALE_BLOCK),)](dx, g, n, BLOCK=RESCALE_BLOCK,
+                                                             INTERPRETED=interpreted(), num_warps=8)
 
 
 def ce_bwd(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_target,

@@ -292,6 +292,10 @@ def test_opcheck_every_custom_op(backend):
     calls += [(torch.ops.fused_tau.ce_bwd_inplace.default, [a.clone() if isinstance(a, torch.Tensor) else a
                                                               for a in args], kwargs)
               for func, args, kwargs in calls if func._name == "fused_tau::ce_bwd"]
+    # likewise the eager backward's in-place scaling of the gradient the forward wrote (g = 1: untouched)
+    calls += [(torch.ops.fused_tau.ce_grad_rescale.default, [args[0].clone(), torch.full((1,), g, device=DEVICE),
+                                                            args[-1]], {})
+              for func, args, kwargs in calls if func._name == "fused_tau::ce_fwd_grad" for g in (1.0, 2.5)]
     names = {func._name for func, _, _ in calls}
     registered = {name for name in dir(torch.ops.fused_tau) if not name.startswith("_")} - {"name"}
     ours = {"fused_tau::" + n for n in registered if isinstance(getattr(torch.ops.fused_tau, n),

@@ -195,3 +195,71 @@ def test_offsets_are_int64(backend, device):
     out = fused_tau.cross_entropy(x, y, tau=0.5, reduction="none")
     ref = F.cross_entropy(x.double() / 0.5, y, reduction="none")
     assert_close_to_ref(out, ref, torch.bfloat16)
+
+
+def _launches(monkeypatch):
+    """Counts the calls of the cross-entropy ops (fused_tau/_ops.py) by name."""
+    from fused_tau import _ops
+
+    seen = []
+    for name in ("ce_fwd", "ce_fwd_grad", "ce_bwd", "ce_grad_rescale"):
+        real = getattr(_ops, name)
+        monkeypatch.setattr(_ops, name, lambda *a, _real=real, _name=name, **k: seen.append(_name) or _real(*a, **k))
+    return seen
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_which_passes_run(backend, device, monkeypatch, reduction):
+    """The forward writes the gradient when a backward will follow and the reduction is a scalar; it reads
+    only under no_grad or for an input that needs no gradient; 'none' and inplace_backward keep the
+    separate backward."""
+    seen = _launches(monkeypatch)
+    x = torch.randn(5, 13, device=device)
+    y = _targets((5,), 13, device)
+    with torch.no_grad():
+        fused_tau.cross_entropy(x.requires_grad_(), y, tau=0.5, reduction=reduction)
+    fused_tau.cross_entropy(x.detach(), y, tau=0.5, reduction=reduction)
+    assert seen == ["ce_fwd", "ce_fwd"]
+    seen.clear()
+    fused_tau.cross_entropy(x, y, tau=0.5, reduction=reduction).sum().backward()
+    assert seen == (["ce_fwd", "ce_bwd"] if reduction == "none" else ["ce_fwd_grad", "ce_grad_rescale"])
+    seen.clear()
+    fused_tau.cross_entropy(x * 1, y, tau=0.5, reduction=reduction, inplace_backward=True).sum().backward()
+    assert seen == ["ce_fwd", "ce_bwd"]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("target_kind", ["index", "probs"])
+def test_gradient_from_the_forward_under_any_incoming_gradient(backend, device, reduction, target_kind):
+    """The gradient written by the forward, scaled in the backward: incoming gradients of 1, 0.37, 0 and
+    -2 (x and τ), against the float64 composition; with ignore_index, class weights and smoothing."""
+    x = torch.randn(7, 19, device=device) * 3
+    y = _targets((7,), 19, device) if target_kind == "index" else torch.softmax(torch.randn(7, 19, device=device), 1)
+    w = torch.rand(19, device=device) + 0.5
+    for g in (1.0, 0.37, 0.0, -2.0):
+        xi = x.clone().requires_grad_()
+        tau = torch.tensor(0.4, device=device, requires_grad=True)
+        out = fused_tau.cross_entropy(xi, y, w, tau=tau, reduction=reduction, label_smoothing=0.1)
+        (out * g).backward()
+        x64, t64 = x.double().requires_grad_(), tau.detach().double().requires_grad_()
+        ref = reference.cross_entropy(x64, y if target_kind == "index" else y.double(), w.double(), tau=t64,
+                                      reduction=reduction, label_smoothing=0.1)
+        (ref * g).backward()
+        assert_close_to_ref(out, ref, torch.float32)
+        assert_close_to_ref(xi.grad, x64.grad, torch.float32)
+        assert_close_to_ref(tau.grad, t64.grad, torch.float32)
+
+
+def test_second_backward_with_retain_graph(backend, device):
+    """retain_graph=True: the first backward hands out the forward's gradient (scaled in place); a
+    second recomputes it and leaves the first's untouched."""
+    x = torch.randn(6, 23, device=device, requires_grad=True)
+    y = _targets((6,), 23, device)
+    tau = torch.tensor(0.3, device=device, requires_grad=True)
+    out = fused_tau.cross_entropy(x, y, tau=tau, label_smoothing=0.05)
+    (dx1, dt1) = torch.autograd.grad(out * 3.0, (x, tau), retain_graph=True)
+    first = dx1.clone()
+    (dx2, dt2) = torch.autograd.grad(out * 0.5, (x, tau))
+    assert torch.equal(dx1, first)
+    torch.testing.assert_close(dx2, first / 6.0, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(dt2, dt1 / 6.0, rtol=1e-5, atol=1e-8)

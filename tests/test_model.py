@@ -219,6 +219,35 @@ def test_pointer_access_follows_pointers_not_values():
     assert sass.pointer_access(ttir) == ({"x_ptr", "y_ptr"}, {"out_ptr"})
 
 
+def test_pointer_access_ignores_an_offset_named_as_a_pointer_elsewhere():
+    """Sibling regions (two loops) may reuse an SSA name: %o is a pointer in the first loop and an integer
+    offset in the second; only addptr's base carries an origin."""
+    ttir = """
+  tt.func public @k(%x_ptr: !tt.ptr<bf16> loc("x_ptr"), %dx_ptr: !tt.ptr<bf16> loc("dx_ptr")) attributes {noinline = false} {
+    %0 = scf.for %i = %c0 to %n step %c1 iter_args(%a = %z) -> (f32)  : i32 {
+      %o = tt.addptr %x_ptr, %i : !tt.ptr<bf16>, i32 loc(#loc1)
+      %v = tt.load %o : !tt.ptr<bf16> loc(#loc2)
+    }
+    %1 = scf.for %i = %c0 to %n step %c1 iter_args(%a = %z) -> (f32)  : i32 {
+      %o = arith.extsi %i : i32 to i64 loc(#loc3)
+      %p = tt.addptr %dx_ptr, %o : !tt.ptr<bf16>, i64 loc(#loc4)
+      tt.store %p, %v : !tt.ptr<bf16> loc(#loc5)
+    }
+"""
+    assert sass.pointer_access(ttir) == ({"x_ptr"}, {"dx_ptr"})
+
+
+def test_second_reads_come_from_dram_when_the_rows_in_flight_overflow_l2():
+    dev = R.H100
+    row = 64_000  # bytes a program reads, twice
+    fits = 132 * 2  # programs in flight: 264 x 64 kB = 17 MB, within 50 MB
+    assert R.reread_dram_bytes(dev, 8192, 2, 8192 * row, 2 * 8192 * row) == 0.0
+    assert R.reread_dram_bytes(dev, 8192, 2, 8192 * row, 8192 * row) == 0.0  # read once: nothing again
+    big = 4 * row * 10  # 264 x 2.56 MB = 676 MB in flight: L2 holds 50 / 676 of the second reads
+    again = R.reread_dram_bytes(dev, 8192, 2, 8192 * big, 2 * 8192 * big)
+    assert again == pytest.approx(8192 * big * (1 - dev.l2_capacity_bytes / (fits * big)))
+
+
 def test_roofline_terms_and_the_busy_share():
     dev = R.H100
     assert R.busy_share(132, dev) == 1.0 and R.busy_share(66, dev) == 0.5

@@ -17,8 +17,11 @@ memory (its tensors' footprints), takes
 i.e. every term at the whole chip's rate, divided by the share of the chip the grid keeps busy (the
 busiest SM runs ceil(P / SMs) programs), and at least the launch floor.  Torch operators on the
 way (cuBLAS GEMMs, elementwise passes) take max(bytes / DRAM bandwidth, FLOPs / matmul rate,
-launch floor).  The model ignores latency (too few warps in flight to cover it), bank conflicts,
-and the L2's reuse of a tensor read twice; its resident-blocks figure is reported, not used.
+launch floor).  The model ignores latency (too few warps in flight to cover it) and bank conflicts.
+A row-engine kernel that loads more bytes than its tensors hold reads some of them twice (a row's second pass):
+the second read comes from L2 while the programs in flight (resident blocks × SMs) hold less than
+the L2's capacity between them, and in the share that does not fit, from DRAM again
+(``reread_dram_bytes``; the L2's two partitions make its useful capacity smaller still, a lead).
 """
 import dataclasses
 import math
@@ -52,6 +55,7 @@ class Device:
     issue_per_clock: int = 4  # warp-instructions per SM per clock [CUDA-PG]
     mufu_per_clock: float = 0.5  # warp-instructions per SM per clock: 16 lanes [CUDA-PG]
     launch_s: float = 2.5e-6  # per kernel: a lead (back-to-back launches of tiny kernels), to measure
+    l2_capacity_bytes: float = 50e6  # [H100-WP] 50 MB; [KINDS] 60 MB on the H200
     sources: str = ""
 
     def tensor_rate(self, dtype, kind):
@@ -65,6 +69,7 @@ class Device:
 # the H200 as measured here; the H100 SXM: the same chip and clocks with the datasheet's HBM3, its copy
 # bandwidth taken at the H200's measured share of its datasheet figure (4.3 / 4.8 = 0.90 of 3.35 TB/s)
 H200 = Device("h200", sms=132, clock_hz=1.98e9, dram_bytes_s=4.3e12, l2_bytes_s=7.0e12, matmul_flops_s=788e12,
+              l2_capacity_bytes=60e6,
               sources="[KINDS] SMs, copy 4.3 TB/s, matmul 788 TFLOP/s, clock; [C&C] L2")
 H100 = Device("h100", sms=132, clock_hz=1.98e9, dram_bytes_s=3.35e12 * 4.3 / 4.8, l2_bytes_s=7.0e12,
               matmul_flops_s=788e12,
@@ -96,6 +101,17 @@ def busy_share(programs, device):
     if programs <= 0:
         return 1.0
     return (programs / device.sms) / math.ceil(programs / device.sms)
+
+
+def reread_dram_bytes(device, programs, resident_blocks, read_footprint, loaded_bytes):
+    """DRAM bytes of a launch's second reads: of the ``loaded_bytes - read_footprint`` bytes loaded again,
+    the share whose working set (each program's ``read_footprint / programs`` bytes, times the programs in
+    flight) does not fit in L2."""
+    again = loaded_bytes - read_footprint
+    if again <= 0 or programs <= 0 or not resident_blocks:
+        return 0.0
+    in_flight = min(programs, resident_blocks * device.sms) * read_footprint / programs
+    return again * max(0.0, 1.0 - device.l2_capacity_bytes / in_flight)
 
 
 def kernel_time(device, programs, num_warps, counts, dram_bytes):

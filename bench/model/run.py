@@ -76,7 +76,7 @@ class Analyser:
                     seen[(t.data_ptr(), unique_bytes(t))] = unique_bytes(t)
             return sum(seen.values())
 
-        return footprint(reads) + footprint(writes), sorted(reads), sorted(writes)
+        return footprint(reads), footprint(writes), sorted(reads), sorted(writes)
 
 
 def arch_facts(kernel, arch, programs, spill_instructions=None):
@@ -97,11 +97,26 @@ def spills_of(a):
     return bool(a["spill_instructions"] or a["stack_bytes"] or a["local_bytes"])
 
 
+# Kernels whose body runs only when a value on the device says so, with the predicate (of the launch's
+# bound arguments, read from the capture's real tensors) under which it runs; otherwise the launch costs
+# its start only.  cross_entropy's backward scales the gradient its forward wrote unless the incoming
+# gradient is 1 (kernels/row_ce.py, _ce_grad_rescale_kernel).
+CONDITIONAL_BODY = {
+    "_ce_grad_rescale_kernel": ("g == 1: nothing read or written",
+                                lambda args: float(args["g_ptr"].reshape(-1)[0]) != 1.0),  # host-ok: CPU capture
+}
+
+
 def launch_record(launch, analyser):
     programs = math.prod(launch.grid)
     f90 = analyser.facts(launch, 90)
     counts, hot, trips = analyser.counts(launch, 90)
-    dram, reads, writes = analyser.dram_bytes(launch)
+    read_bytes, write_bytes, reads, writes = analyser.dram_bytes(launch)
+    dram = read_bytes + write_bytes
+    skipped_body = None
+    if launch.name in CONDITIONAL_BODY and not CONDITIONAL_BODY[launch.name][1](launch.args):
+        skipped_body = CONDITIONAL_BODY[launch.name][0]
+        counts, dram, hot = sass.Counts(), 0, None
     rec = dict(kernel=launch.name, phase=launch.phase, count=1, grid=list(launch.grid), programs=programs,
                num_warps=f90.num_warps, num_stages=f90.num_stages,
                sm90=arch_facts(launch.compiled[90], 90, programs, f90.spill_instructions), hot_loop=hot,
@@ -111,13 +126,20 @@ def launch_record(launch, analyser):
                reads=reads, writes=writes, dram_bytes=dram,
                l2_bytes=programs * f90.num_warps * 32 * (counts.load_bytes + counts.store_bytes),
                tensor_flops=programs * sum(counts.tensor_flops.values()),
-               notes=list(f90.unmapped_loops))
+               notes=list(f90.unmapped_loops), skipped_body=skipped_body)
     for arch in ARCHS:
         if arch != 90:
             rec[f"sm{arch}"] = arch_facts(launch.compiled[arch], arch, programs)
     rec["time_us"], rec["limit"], rec["terms_us"] = {}, {}, {}
+    rec["reread_dram_bytes"] = {}
+    loaded = programs * f90.num_warps * 32 * counts.load_bytes
     for dev in R.DEVICES:
-        t, limit, terms = R.kernel_time(dev, programs, f90.num_warps, counts, dram)
+        # row-engine kernels: a program re-reads its own rows; the tile engine's programs share their
+        # operands, whose reuse across programs this does not describe
+        again = 0.0 if counts.tensor_flops else R.reread_dram_bytes(dev, programs, rec["sm90"]["resident_blocks"],
+                                                                     read_bytes, loaded)
+        rec["reread_dram_bytes"][dev.name] = again
+        t, limit, terms = R.kernel_time(dev, programs, f90.num_warps, counts, dram + again)
         rec["time_us"][dev.name] = t * 1e6
         rec["limit"][dev.name] = limit
         rec["terms_us"][dev.name] = {k: v * 1e6 for k, v in terms.items()}
@@ -328,6 +350,8 @@ def _ms(v):
 
 def _hot(lch):
     hot = lch["hot_loop"]
+    if lch.get("skipped_body"):
+        return f"body skipped ({lch['skipped_body']})"
     if not hot:
         return "no loop"
     loads = " ".join(f"{v}×{k}" for k, v in sorted({**hot["loads"], **hot["stores"]}.items()))

@@ -675,7 +675,9 @@ def pointer_access(ttir):
                 continue
             is_pointer = "!tt.ptr" in rest or "tt.tensordesc" in rest or op == "tt.make_tensor_descriptor"
             if is_pointer:
-                o = refs(rest)
+                # addptr's offset is an integer: only its base carries an origin (sibling regions, such as
+                # two loops, may reuse an SSA name that is a pointer in one of them)
+                o = refs(rest.split(",")[0]) if op == "tt.addptr" else refs(rest)
                 if o:
                     origin.setdefault(lhs, set()).update(o)
     return reads, writes
