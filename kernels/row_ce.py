@@ -4,8 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .row_engine import (half_gap, interpreted, load_x, recompute_p, row_config, row_splits, row_start, rows,
-                         tau_stride)
+from .row_engine import (half_gap, interpreted, load_x, recompute_p, reread_config, row_config, row_splits, row_start,
+                         rows, tau_stride)
 from .tl_math import (exp2_scale, log1p, nan_if_posinf, online_finalize_log2, online_update_log2, to_store,
                       weighted_gap_finalize, weighted_gap_update)
 
@@ -293,7 +293,7 @@ def _ce_fwd_launch(x3, target, weight, tau, ignore_index, smoothing, prob_target
     write_grad = g is not None
     dx = torch.empty((x3.shape[0], C, B), device=dev, dtype=x3.dtype) if write_grad else x3
     dtau = torch.empty(R, **f32) if write_grad and tau_grad else m
-    block, _, num_warps = row_config(C)
+    block, num_warps = reread_config(C, x3.element_size(), dev) if write_grad else row_config(C)[::2]
     splits, span = row_splits(R, C, block, dev)
     parts = [torch.empty(R * splits, **f32) for _ in range(4)] if splits > 1 else [m] * 4
     args = (x3, target, weight if weight is not None else m, tau, loss, wy, m, s, a, *parts,

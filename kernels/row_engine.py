@@ -22,8 +22,10 @@ Memory traffic (bytes of the logits dtype, R rows × C): cross-entropy forward
 reads R·C, backward reads R·C and writes R·C; no R × C temporary exists.
 Offsets are int64 (the row index is widened before any stride product).
 """
+import functools
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -54,6 +56,35 @@ def row_splits(n_rows, n_cols, block, device):
         return 1, max(n_blocks, 1) * block
     span = triton.cdiv(n_blocks, splits) * block
     return triton.cdiv(n_cols, span), span
+
+
+# A kernel that streams its row twice (cross-entropy's forward that also writes the gradient) reads it
+# the second time from L2 only while the rows in flight fit there: about 32 resident warps an SM, i.e.
+# ROWS_PER_SM 8-warp programs.  Off the GPU the L2 is the H100's (bench/model's target; tests lower it).
+L2_BYTES_OFF_GPU = 50_000_000
+ROWS_PER_SM = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_l2_bytes(index):
+    return torch.cuda.get_device_properties(index).L2_cache_size
+
+
+def l2_bytes(device):
+    if device.type == "cuda":
+        return _cuda_l2_bytes(device.index if device.index is not None else torch.cuda.current_device())
+    return L2_BYTES_OFF_GPU
+
+
+def reread_config(n_cols, elem_bytes, device):
+    """(block, num_warps) of a row kernel that streams each row twice: ``row_config``'s while ROWS_PER_SM
+    rows an SM fit in L2; longer rows take one 32-warp program an SM (1024 threads, so one resident), a
+    block of 8 elements a thread (128-bit loads of bf16, within the 64 registers a thread has there), and
+    their rows in flight (one an SM) keep the second read in L2."""
+    block, _, num_warps = row_config(n_cols)
+    if tile.sm_count(device) * ROWS_PER_SM * n_cols * elem_bytes <= l2_bytes(device):
+        return block, num_warps
+    return min(max(triton.next_power_of_2(n_cols), 16), 2 * MAX_BLOCK), 32
 
 
 def row_config(n_cols, lanes_per_block=1):
