@@ -276,20 +276,25 @@ def _max_argmax(z):
     return _max_argmax_segments(z)[:2]
 
 
-def _max_argmax_segments(z):
+def _max_argmax_segments(z, tau=None):
     """``_max_argmax(z)`` and the maxima of the segments of ARGMAX_SEGMENT elements of z's rows (the
-    tail of a row that does not fill one left out), or None where it takes torch's max."""
+    tail of a row that does not fill one left out), or None where it takes torch's max.  With ``tau``
+    (a column of the rows' τ), z = x / τ for the rows x given, divided only where needed (x / τ rounds
+    monotonically: the maximum of a segment's z is its maximum x's, divided)."""
+    def div(part, rows_tau=tau):
+        return part if tau is None else torch.div(part, rows_tau)
+
     rows, C = z.shape
     n_seg = C // ARGMAX_SEGMENT
     if n_seg < 2 or not z.is_contiguous():
-        return z.max(-1) + (None,)
+        return div(z).max(-1) + (None,)
     segs = z.as_strided((rows, n_seg, ARGMAX_SEGMENT), (C, ARGMAX_SEGMENT, 1))
-    seg_max = segs.amax(-1)
+    seg_max = div(segs.amax(-1))
     best, seg = seg_max.max(-1)
-    at = segs.gather(1, seg.view(rows, 1, 1).expand(rows, 1, ARGMAX_SEGMENT)).squeeze(1).argmax(-1)
+    at = div(segs.gather(1, seg.view(rows, 1, 1).expand(rows, 1, ARGMAX_SEGMENT)).squeeze(1)).argmax(-1)
     idx = seg * ARGMAX_SEGMENT + at
     if n_seg * ARGMAX_SEGMENT < C:
-        tail_best, tail_at = z[:, n_seg * ARGMAX_SEGMENT:].max(-1)
+        tail_best, tail_at = div(z[:, n_seg * ARGMAX_SEGMENT:]).max(-1)
         later = (tail_best > best) | (torch.isnan(tail_best) & ~torch.isnan(best))
         best = torch.where(later, tail_best, best)
         idx = torch.where(later, tail_at + n_seg * ARGMAX_SEGMENT, idx)
@@ -339,15 +344,17 @@ def _stats_cpu(z, p, maxima=None):
     return M, S, idx, p
 
 
-def _unfloored_rows(z, M, idx, S, floor_term, p=None):
+def _unfloored_rows(z, M, idx, S, floor_term, p=None, tau=None):
     """S with the rows where the floor could show in it (S below _FLOOR_MARGIN (C - 1) ``floor_term``,
     the most a floored or skipped element adds, a NaN, or no finite value) recomputed from z unfloored
-    (and p's rows with them, where given)."""
-    floored_ok = S >= (z.shape[-1] - 1) * _FLOOR_MARGIN[z.dtype] * floor_term
+    (and p's rows with them, where given; with ``tau``, z = x / τ for the rows x given)."""
+    floored_ok = S >= (z.shape[-1] - 1) * _FLOOR_MARGIN[S.dtype] * floor_term
     if bool(floored_ok.all()):  # host-ok: a CPU tensor
         return S
     rows = (~floored_ok).nonzero().squeeze(1)  # host-ok: CPU
     z_r, idx_r = z.index_select(0, rows), idx.index_select(0, rows)
+    if tau is not None:
+        z_r = torch.div(z_r, tau.index_select(0, rows))
     p_r = torch.softmax(z_r, -1)
     S_r = _others_over_max(p_r, idx_r)
     S.index_copy_(0, rows, torch.where(M.index_select(0, rows) == float("-inf"), -1.0, S_r))
@@ -361,40 +368,45 @@ def _unfloored_rows(z, M, idx, S, floor_term, p=None):
 SPARSE_SHARE = 0.4
 
 
-def _stats_sparse(z, M, idx, seg_max):
+def _stats_sparse(z, M, idx, seg_max, tau=None):
     """S of _stats_cpu from the segments of z's rows (_max_argmax_segments: ``M``, ``idx``, ``seg_max``)
     holding an element above the floor M + _SOFTMAX_FLOOR only, or None (nothing computed) where more
     than SPARSE_SHARE of them do, or a row's max is not finite: Σ_{j≠argmax} exp(max(z_j - M, floor))
     by torch.exp (bitwise _exp_ at those arguments) over those segments and the tail, each skipped
     element's term being below exp(floor) as a floored one's is, the rows where that could show
     recomputed unfloored (_unfloored_rows).  Where the floor removes most of z (small τ), most of the
-    exponentials are skipped."""
+    exponentials are skipped.  With ``tau`` (a column of the rows' τ), z = x / τ for the rows x given,
+    divided only in the segments taken."""
     if seg_max is None or not bool(torch.isfinite(M).all()):  # host-ok: a CPU tensor
         return None
     rows, C = z.shape
     n_seg = seg_max.shape[1]
     body = n_seg * ARGMAX_SEGMENT
+    low = _SOFTMAX_FLOOR[M.dtype]
     # a segment is taken where its max's z - M (rounded, as each element's) is above the floor
-    sel = (seg_max - M.unsqueeze(-1) >= _SOFTMAX_FLOOR[z.dtype]).view(-1).nonzero().squeeze(1)  # host-ok: CPU
+    sel = (seg_max - M.unsqueeze(-1) >= low).view(-1).nonzero().squeeze(1)  # host-ok: CPU; row-major
     if sel.numel() > SPARSE_SHARE * seg_max.numel():
         return None
     sel_row = sel.div(n_seg, rounding_mode="floor")
     segs = z.as_strided((rows * n_seg, ARGMAX_SEGMENT), (ARGMAX_SEGMENT, 1)) if body == C else \
         z.as_strided((rows, n_seg, ARGMAX_SEGMENT), (C, ARGMAX_SEGMENT, 1)).reshape(-1, ARGMAX_SEGMENT)
-    e = segs.index_select(0, sel).sub_(M.index_select(0, sel_row).unsqueeze(-1))
-    e = e.clamp_(min=_SOFTMAX_FLOOR[z.dtype]).exp_()
+    e = segs.index_select(0, sel)
+    if tau is not None:
+        e = torch.div(e, tau.index_select(0, sel_row))
+    e = e.sub_(M.index_select(0, sel_row).unsqueeze(-1)).clamp_(min=low).exp_()
     # the argmax's own 1 left out: its segment holds the max, so it is among those taken (or in the tail)
     in_body = (idx < body).nonzero().squeeze(1)  # host-ok: CPU
     arg_b = idx.index_select(0, in_body)
     at = torch.searchsorted(sel, in_body * n_seg + arg_b.div(ARGMAX_SEGMENT, rounding_mode="floor"))
     e.index_put_((at, arg_b.remainder(ARGMAX_SEGMENT)), torch.zeros((), dtype=e.dtype))
-    S = torch.zeros(rows, dtype=z.dtype).index_add_(0, sel_row, e.sum(-1))
+    S = torch.zeros(rows, dtype=M.dtype).index_add_(0, sel_row, e.sum(-1))
     if body < C:
-        tail = z[:, body:].sub(M.unsqueeze(-1)).clamp_(min=_SOFTMAX_FLOOR[z.dtype]).exp_()
+        tail = z[:, body:] if tau is None else torch.div(z[:, body:], tau)
+        tail = tail.sub(M.unsqueeze(-1)).clamp_(min=low).exp_()
         in_tail = (idx >= body).nonzero().squeeze(1)  # host-ok: CPU
-        tail.index_put_((in_tail, idx.index_select(0, in_tail) - body), torch.zeros((), dtype=z.dtype))
+        tail.index_put_((in_tail, idx.index_select(0, in_tail) - body), torch.zeros((), dtype=M.dtype))
         S += tail.sum(-1)
-    return _unfloored_rows(z, M, idx.unsqueeze(-1), S, _EXP_LOW[z.dtype])
+    return _unfloored_rows(z, M, idx.unsqueeze(-1), S, _EXP_LOW[M.dtype], tau=tau)
 
 
 def _others_over_max(p, idx):
@@ -532,9 +544,13 @@ def ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target):
             z = _z(X, sl, tau_r, cd)
             M_c, S_c, idx_c = _stats(z)
         else:  # CPU: in the thread's buffers
-            z = torch.div(X[sl], tau_r[sl], out=_rows_in(scratch[0], sl.stop - sl.start, C))
-            M_c, idx_c, seg_max = _max_argmax_segments(z)
-            S_c = _stats_sparse(z, M_c, idx_c, seg_max)
+            # the maxima from x (z = x / τ divided where needed); the sum from the segments above the floor
+            # where they are few, else from z whole
+            x, t = X[sl], tau_r[sl]
+            M_c, idx_c, seg_max = _max_argmax_segments(x, t)
+            S_c = _stats_sparse(x, M_c, idx_c, seg_max, t)
+            if S_c is None or has_a:
+                z = torch.div(x, t, out=_rows_in(scratch[0], sl.stop - sl.start, C))
             if S_c is None:
                 M_c, S_c, idx_c, _ = _stats_cpu(z, _rows_in(scratch[1], sl.stop - sl.start, C), (M_c, idx_c))
             else:
