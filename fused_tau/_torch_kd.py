@@ -32,16 +32,13 @@ def _blocks(sl, C):
 
 
 def _in_blocks(R, C, device, cd, work_block):
-    """for_each over the chunks of R rows with ``work_block(block, scratch)`` for each cache-sized
-    block of a chunk's rows, the scratch buffers (_scratch) made once per thread."""
-    chunks = row_chunks(R, C, device)
-    rows = max((b.stop - b.start for sl in chunks for b in _blocks(sl, C)), default=0)
-
-    def work(sl, scratch):
-        for block in _blocks(sl, C):
-            work_block(block, scratch)
-
-    for_each(chunks, work, device, R * C, scratch=lambda: _scratch(torch.empty((rows, C), device=device, dtype=cd)))
+    """for_each over the cache-sized blocks of the chunks of R rows with ``work_block(block, scratch)``,
+    the scratch buffers (_scratch) made once per thread."""
+    # each block a task of its own: the threads' shares even out to a block, not a chunk
+    blocks = [b for sl in row_chunks(R, C, device) for b in _blocks(sl, C)]
+    rows = max((b.stop - b.start for b in blocks), default=0)
+    for_each(blocks, work_block, device, R * C,
+             scratch=lambda: _scratch(torch.empty((rows, C), device=device, dtype=cd)))
 
 
 def _tau_col(tau, R, cd):
