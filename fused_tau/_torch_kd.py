@@ -214,7 +214,7 @@ def _row_stats_cpu(s, t, inv, scratch):
       rounding is within DIRECT_FACTOR of the series form's: with γ the rounding of a sum, the direct
       form is off by at most about γ (2 + (Σ w|x| + |A|)/W) and the series form by about
       γ l (1 + Σ w|x| / W).  The other rows are recomputed by _row_stats_finite.
-    The passes are _row_sums's (E and Σ w |x| on every row), the per-row decisions _stats_from_sums's."""
+    The passes are _row_sums's, the per-row decisions _stats_from_sums's."""
     sums = _row_sums(s, t, inv, scratch)
 
     def series(rows):
@@ -281,6 +281,7 @@ def _plain_kl(Ss, St, Wt, Pm, kl_dot, d_abs):
 
 
 def _may_be_second_order(Ss, St, Wt, Pm, kl_dot, d_abs):
+    """Whether each row's plain KL leaves open that it takes the second-order forms (_plain_kl)."""
     return _plain_kl(Ss, St, Wt, Pm, kl_dot, d_abs)[2]
 
 
