@@ -517,13 +517,14 @@ def _bwd_fast(s, t, Ms, Ss, Mt, St, kl, nu, precise, inv, gc, tc, ds, dt, sl, sc
 
 
 def _row_groups(precise, C, device):
-    """The rows of each kind (plain, second-order), in groups of about _torch_row.CHUNK_ELEMENTS elements, at
+    """The rows of each kind (second-order, then plain), in groups of about _torch_row.CHUNK_ELEMENTS elements, at
     least one per thread of for_each: (second-order?, rows) with rows a slice where they are
     consecutive, else an index tensor."""
     R = precise.numel()
     step = max(1, min(_torch_row.CHUNK_ELEMENTS // max(C, 1), -(-R // threads_for(device, R * C))))
     groups = []
-    for kind in (False, True):
+    # the second-order groups first: the costlier tasks taken first, the threads' shares end more evenly
+    for kind in (True, False):
         rows = (precise == kind).nonzero().squeeze(1)  # host-ok: the torch path (CUDA only for fp64 or forced)
         for lo in range(0, rows.numel(), step):
             part = rows[lo:lo + step]
