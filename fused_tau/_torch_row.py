@@ -337,6 +337,9 @@ def _stats_cpu(z, p, maxima=None):
         return _stats(z) + (None,)
     idx = idx.unsqueeze(-1)
     floor = M + _SOFTMAX_FLOOR[z.dtype]  # a NaN max: NaN (recomputed)
+    if bool((z.amin(-1) >= floor).all()):  # host-ok: a CPU tensor. Nothing to floor (a pass less)
+        S = _others_over_max(torch.softmax(z, -1, out=p), idx)
+        return M, torch.where(M == float("-inf"), -1.0, S), idx, p
     torch.clamp(z, min=floor.unsqueeze(-1), out=p)
     p = torch.softmax(p, -1, out=p)  # in place (checked: tests/test_torch_path.py)
     # a floored element's term: exp(floor - M) as softmax forms it (not exp(floor) where M's ulp is large)
