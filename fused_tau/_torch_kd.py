@@ -517,11 +517,13 @@ def _bwd_fast(s, t, Ms, Ss, Mt, St, kl, nu, precise, inv, gc, tc, ds, dt, sl, sc
 
 
 def _row_groups(precise, C, device):
-    """The rows of each kind (second-order, then plain), in groups of about _torch_row.CHUNK_ELEMENTS elements, at
+    """The rows of each kind (second-order, then plain), in groups of about BLOCK_ELEMENTS elements, at
     least one per thread of for_each: (second-order?, rows) with rows a slice where they are
     consecutive, else an index tensor."""
     R = precise.numel()
-    step = max(1, min(_torch_row.CHUNK_ELEMENTS // max(C, 1), -(-R // threads_for(device, R * C))))
+    # (at most BLOCK_ELEMENTS: the group's five buffers of every thread then stay in cache together)
+    elements = min(_torch_row.CHUNK_ELEMENTS, BLOCK_ELEMENTS)
+    step = max(1, min(elements // max(C, 1), -(-R // threads_for(device, R * C))))
     groups = []
     # the second-order groups first: the costlier tasks taken first, the threads' shares end more evenly
     for kind in (True, False):
