@@ -32,16 +32,13 @@ def _blocks(sl, C):
 
 
 def _in_blocks(R, C, device, cd, work_block):
-    """for_each over the chunks of R rows with ``work_block(block, scratch)`` for each cache-sized
-    block of a chunk's rows, the scratch buffers (_scratch) made once per thread."""
-    chunks = row_chunks(R, C, device)
-    rows = max((b.stop - b.start for sl in chunks for b in _blocks(sl, C)), default=0)
-
-    def work(sl, scratch):
-        for block in _blocks(sl, C):
-            work_block(block, scratch)
-
-    for_each(chunks, work, device, R * C, scratch=lambda: _scratch(torch.empty((rows, C), device=device, dtype=cd)))
+    """for_each over the cache-sized blocks of the chunks of R rows with ``work_block(block, scratch)``,
+    the scratch buffers (_scratch) made once per thread."""
+    # each block a task of its own: the threads' shares even out to a block, not a chunk
+    blocks = [b for sl in row_chunks(R, C, device) for b in _blocks(sl, C)]
+    rows = max((b.stop - b.start for b in blocks), default=0)
+    for_each(blocks, work_block, device, R * C,
+             scratch=lambda: _scratch(torch.empty((rows, C), device=device, dtype=cd)))
 
 
 def _tau_col(tau, R, cd):
@@ -216,65 +213,103 @@ def _row_stats_cpu(s, t, inv, scratch):
     - There, l takes the direct form log(E/W) - A/W, E = Σ w e^x (one exp, no series), where its
       rounding is within DIRECT_FACTOR of the series form's: with γ the rounding of a sum, the direct
       form is off by at most about γ (2 + (Σ w|x| + |A|)/W) and the series form by about
-      γ l (1 + Σ w|x| / W).  The other rows are recomputed by _row_stats_finite."""
+      γ l (1 + Σ w|x| / W).  The other rows are recomputed by _row_stats_finite.
+    The passes are _row_sums's, the per-row decisions _stats_from_sums's."""
+    sums = _row_sums(s, t, inv, scratch)
+
+    def series(rows):
+        k = rows.numel()
+        old = _row_stats_finite(s[rows], t[rows], inv if inv.shape[0] == 1 else inv[rows],
+                                [b[:k] for b in scratch[:4]] + [torch.empty((k, s.shape[1]), dtype=torch.bool)])
+        return None if old is None else old[4:7]
+
+    *stats, general = _stats_from_sums(sums, series)
+    if bool(general.any()):  # host-ok: per-row values
+        return None
+    return tuple(stats)
+
+
+# the per-row sums of _row_sums, the columns of its result in this order
+ROW_SUMS = ("Ms", "Ss", "Mt", "St", "Wt", "Pm", "nu0", "A", "kl_dot", "d_abs", "E", "abs_x")
+
+
+def _row_sums(s, t, inv, scratch):
+    """The passes of _row_stats_cpu over a block of rows (scratch: _scratch's buffers): the per-row
+    sums ROW_SUMS as the columns of a (rows, 12) tensor; a row whose logits are not all finite gets a
+    non-finite Ms, Mt, ν0 or A (then _stats_from_sums sends it to the general form).  E = Σ w e^x and
+    Σ w |x| only on the rows whose plain KL leaves the decision open (_plain_kl); the other per-row
+    decisions are made for all rows at once (_stats_from_sums: few small ops per block)."""
     n = s.shape[0]
     b_at, b_as, b_w, b_x, b_tmp = (b[:n] for b in scratch)
     Mt, St, wt, Wt, a_t = _softmax_shifted(t, inv, b_at, b_w)
     Ms, Ss, ps, _, a_s = _softmax_shifted(s, inv, b_as, b_x)
-    if not bool(torch.isfinite(Ms).all() & torch.isfinite(Mt).all()):  # host-ok: per-row values
-        return None
     if bool((wt.amin(-1) > 0).all()):  # host-ok: no class of teacher probability 0
         Pm = torch.zeros_like(Ms)
     else:
         Pm = torch.where(wt != 0, 0.0, ps).sum(-1)
     v = torch.sub(s, t, out=b_x).mul_(inv)  # ps is spent
     nu0 = _dot(wt, v, b_tmp) / Wt
-    if not bool(torch.isfinite(nu0).all()):  # host-ok
-        return None
     x = v.sub_(nu0.unsqueeze(-1))
     A = _dot(wt, x, b_tmp)
-    if not bool(torch.isfinite(A).all()):  # host-ok
-        return None
-    a_bar = A.double() / Wt.double()
-    nu = nu0 + a_bar.to(s.dtype)
-    # the plain KL on every row: Σ q δ - D, δ = (t - Mt)/τ - (s - Ms)/τ (see _row_stats_general)
+    # the plain KL's sum: Σ q δ, δ = (t - Mt)/τ - (s - Ms)/τ (see _row_stats_general), and max |δ|
     delta = torch.sub(a_t, a_s, out=b_as)
-    log_s, log_t, log_kept = torch.log1p(Ss), torch.log1p(St), torch.log1p(-Pm)
-    kl_plain = _dot(wt, delta, b_tmp) / Wt + (log_s - log_t)
-    # a row whose l = KL + log1p(-Pm) is past PRECISE_BOUND even with the plain form off by PLAIN_SLACK
-    # of its terms' magnitudes (Σ q |δ| <= W max |δ|) takes the plain form, as it would after the
-    # second-order forms: they are computed only on the other rows
+    kl_dot = _dot(wt, delta, b_tmp)
+    # (amax and amin: several times faster than aminmax on CPU)
     d_abs = torch.maximum(delta.amax(-1), -delta.amin(-1))
-    slack = PLAIN_SLACK[s.dtype] * (d_abs + log_s + log_t + kl_plain.abs() - log_kept + 1.0)
-    plain = (Pm >= PM_BOUND) | (kl_plain + log_kept - slack >= PRECISE_BOUND)
-    rows = (~plain).nonzero().squeeze(1)  # host-ok: the CPU fast path
-    if not rows.numel():
-        return Ms, Ss, Mt, St, kl_plain, nu, torch.zeros_like(plain)
-    every = rows.numel() == n
-    x_r, w_r = (x, wt) if every else (x[rows], wt[rows])
-    tmp = b_tmp if every else torch.empty_like(x_r)
-    E = _exp_(x_r, out=tmp).mul_(w_r).sum(-1)  # Σ w e^x
-    abs_x = torch.abs(x_r, out=tmp).mul_(w_r).sum(-1)  # Σ w |x|
-    if not bool(torch.isfinite(abs_x).all()):  # host-ok
-        return None
-    W_r, A_r, a_bar_r = Wt[rows], A[rows], a_bar[rows]
+    # E = Σ w e^x and Σ w |x| on the rows that may take the second-order forms (0 on the others)
+    rows = _may_be_second_order(Ss, St, Wt, Pm, kl_dot, d_abs).nonzero().squeeze(1)  # host-ok: CPU
+    k = rows.numel()
+    E, abs_x = torch.zeros_like(Ms), torch.zeros_like(Ms)
+    if k:
+        # the rows gathered into the spent buffers of a_t and δ (index_select: several times faster than x[rows])
+        x_r, w_r = (x, wt) if k == n else (torch.index_select(x, 0, rows, out=b_at[:k]),
+                                           torch.index_select(wt, 0, rows, out=b_as[:k]))
+        E.index_copy_(0, rows, _exp_(x_r, out=b_tmp[:k]).mul_(w_r).sum(-1))
+        abs_x.index_copy_(0, rows, torch.abs(x_r, out=b_tmp[:k]).mul_(w_r).sum(-1))
+    return torch.stack((Ms, Ss, Mt, St, Wt, Pm, nu0, A, kl_dot, d_abs, E, abs_x), -1)
+
+
+def _plain_kl(Ss, St, Wt, Pm, kl_dot, d_abs):
+    """(the plain KL, log1p(-Pm), whether the row may take the second-order forms): a row whose
+    l = KL + log1p(-Pm) is past PRECISE_BOUND even with the plain form off by PLAIN_SLACK of its terms'
+    magnitudes (Σ q |δ| <= W max |δ|) takes the plain form, as it would after the second-order forms:
+    they are taken only on the other rows."""
+    log_s, log_t, log_kept = torch.log1p(Ss), torch.log1p(St), torch.log1p(-Pm)
+    kl_plain = kl_dot / Wt + (log_s - log_t)
+    slack = PLAIN_SLACK[Ss.dtype] * (d_abs + log_s + log_t + kl_plain.abs() - log_kept + 1.0)
+    return kl_plain, log_kept, ~((Pm >= PM_BOUND) | (kl_plain + log_kept - slack >= PRECISE_BOUND))
+
+
+def _may_be_second_order(Ss, St, Wt, Pm, kl_dot, d_abs):
+    """Whether each row's plain KL leaves open that it takes the second-order forms (_plain_kl)."""
+    return _plain_kl(Ss, St, Wt, Pm, kl_dot, d_abs)[2]
+
+
+def _stats_from_sums(sums, series):
+    """(Ms, Ss, Mt, St, KL, ν, precise, general) of _row_stats_cpu from _row_sums's columns, for any
+    number of rows at once; ``series(rows)``: (KL, ν, precise) of _row_stats_finite on those rows (the
+    second-order rows whose direct form is not precise enough), or None.  general: the rows that need
+    the general form (a non-finite statistic, or series gave None)."""
+    Ms, Ss, Mt, St, Wt, Pm, nu0, A, kl_dot, d_abs, E, abs_x = sums.unbind(-1)
+    dt = sums.dtype
+    general = ~(torch.isfinite(Ms) & torch.isfinite(Mt) & torch.isfinite(nu0) & torch.isfinite(A))
+    a_bar = A.double() / Wt.double()
+    nu = nu0 + a_bar.to(dt)
+    kl_plain, log_kept, second = _plain_kl(Ss, St, Wt, Pm, kl_dot, d_abs)
+    general |= second & ~torch.isfinite(abs_x)
     # l = log1p(ā + b̄) - ā with b̄ = R/W, R = E - W - A: ā + b̄ = (E - W)/W
-    l = (torch.log1p((E.double() - W_r.double()) / W_r.double()) - a_bar_r).to(s.dtype)
-    direct = torch.isfinite(E) & (2.0 * W_r + abs_x + A_r.abs() <= DIRECT_FACTOR * l.abs() * (W_r + abs_x))
-    precise_r = (l < PRECISE_BOUND) & (Pm[rows] < PM_BOUND)
-    kl, precise = kl_plain.clone(), torch.zeros_like(plain)
-    kl[rows] = torch.where(precise_r, l - log_kept[rows], kl_plain[rows])
-    precise[rows] = precise_r
-    redo = rows[~direct]
+    l = (torch.log1p((E.double() - Wt.double()) / Wt.double()) - a_bar).to(dt)
+    direct = torch.isfinite(E) & (2.0 * Wt + abs_x + A.abs() <= DIRECT_FACTOR * l.abs() * (Wt + abs_x))
+    precise = second & (l < PRECISE_BOUND) & (Pm < PM_BOUND)
+    kl = torch.where(precise, l - log_kept, kl_plain)
+    redo = (second & ~direct & ~general).nonzero().squeeze(1)  # host-ok: the CPU fast path
     if redo.numel():  # the series form on the rows where the direct one is not precise enough
-        k = redo.numel()
-        old = _row_stats_finite(s[redo], t[redo], inv if inv.shape[0] == 1 else inv[redo],
-                                [b[:k] for b in scratch[:4]] + [torch.empty((k, s.shape[1]), dtype=torch.bool)])
+        old = series(redo)
         if old is None:
-            return None
-        nu = nu.clone()
-        kl[redo], nu[redo], precise[redo] = old[4], old[5], old[6]
-    return Ms, Ss, Mt, St, kl, nu, precise
+            general[redo] = True
+        else:
+            kl[redo], nu[redo], precise[redo] = old
+    return Ms, Ss, Mt, St, kl, nu, precise, general
 
 
 def _row_stats_general(s, t, inv):
@@ -350,6 +385,8 @@ def _flat(x):
 
 
 def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
+    if target is None and not elementwise and s2.device.type == "cpu" and s2.numel():
+        return _kd_fwd_cpu(s2, t2, tau)
     R, C = s2.shape
     cd = _compute_dtype(s2)
     tau_c = _tau_col(tau, R, cd)
@@ -386,6 +423,48 @@ def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
 
     _in_blocks(R, C, s2.device, cd, work_block)
     return kl, ce, stats, out
+
+
+def _kd_fwd_cpu(s2, t2, tau):
+    """kd_fwd without elementwise loss or target on CPU: _row_sums's passes block by block, then the
+    per-row decisions and forms for all rows at once (_stats_from_sums), the rows that need the series
+    or the general form taken again from the logits, a block of them at a time."""
+    R, C = s2.shape
+    cd = _compute_dtype(s2)
+    inv = 1.0 / _tau_col(tau, R, cd)
+    sums = torch.empty(R, len(ROW_SUMS), device=s2.device, dtype=cd)
+
+    def work_block(sl, scratch):
+        sums[sl] = _row_sums(s2[sl].to(cd), t2[sl].to(cd), inv[sl], scratch)
+
+    _in_blocks(R, C, s2.device, cd, work_block)
+    step = max(1, BLOCK_ELEMENTS // max(C, 1))
+
+    def pieces(rows):
+        for lo in range(0, rows.numel(), step):
+            part = rows[lo:lo + step]
+            yield part, s2.index_select(0, part).to(cd), t2.index_select(0, part).to(cd), inv.index_select(0, part)
+
+    def series(rows):
+        out = []
+        for _, s, t, inv_r in pieces(rows):
+            old = _row_stats_finite(s, t, inv_r, _scratch(s)[:4] + [torch.empty(s.shape, dtype=torch.bool)])
+            if old is None:
+                return None
+            out.append(old[4:7])
+        return tuple(torch.cat(parts) for parts in zip(*out))
+
+    Ms, Ss, Mt, St, kl, nu, precise, general = _stats_from_sums(sums, series)
+    columns = [Ms, Ss, Mt, St, kl, nu]
+    rows = general.nonzero().squeeze(1)  # host-ok: CPU
+    for part, s, t, inv_r in pieces(rows):
+        res = _row_stats_general(s, t, inv_r)
+        for col, val in zip(columns, res[:6]):
+            col[part] = val
+        precise[part] = res[6]
+    # (Ms, Ss, Mt, St, KL, ν, S1, precise): precise = 1 where the row takes the second-order forms
+    stats = torch.stack(columns + [torch.zeros_like(kl), precise.to(cd)], -1)
+    return kl.clone(), None, stats, None
 
 
 def _bwd_fast(s, t, Ms, Ss, Mt, St, kl, nu, precise, inv, gc, tc, ds, dt, sl, scratch):
@@ -438,13 +517,16 @@ def _bwd_fast(s, t, Ms, Ss, Mt, St, kl, nu, precise, inv, gc, tc, ds, dt, sl, sc
 
 
 def _row_groups(precise, C, device):
-    """The rows of each kind (plain, second-order), in groups of about _torch_row.CHUNK_ELEMENTS elements, at
+    """The rows of each kind (second-order, then plain), in groups of about BLOCK_ELEMENTS elements, at
     least one per thread of for_each: (second-order?, rows) with rows a slice where they are
     consecutive, else an index tensor."""
     R = precise.numel()
-    step = max(1, min(_torch_row.CHUNK_ELEMENTS // max(C, 1), -(-R // threads_for(device, R * C))))
+    # (at most BLOCK_ELEMENTS: the group's five buffers of every thread then stay in cache together)
+    elements = min(_torch_row.CHUNK_ELEMENTS, BLOCK_ELEMENTS)
+    step = max(1, min(elements // max(C, 1), -(-R // threads_for(device, R * C))))
     groups = []
-    for kind in (False, True):
+    # the second-order groups first: the costlier tasks taken first, the threads' shares end more evenly
+    for kind in (True, False):
         rows = (precise == kind).nonzero().squeeze(1)  # host-ok: the torch path (CUDA only for fp64 or forced)
         for lo in range(0, rows.numel(), step):
             part = rows[lo:lo + step]
@@ -488,6 +570,18 @@ def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teach
     return _kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teacher_grad, tau_grad)
 
 
+def _runs(rows):
+    """(slice of positions in ``rows``, slice of rows) for each run of consecutive values of the sorted
+    CPU index tensor ``rows``."""
+    r = rows.tolist()  # host-ok: a CPU tensor (the CPU path)
+    out, lo = [], 0
+    for i in range(1, len(r) + 1):
+        if i == len(r) or r[i] != r[i - 1] + 1:
+            out.append((slice(lo, i), slice(r[lo], r[i - 1] + 1)))
+            lo = i
+    return out
+
+
 def _kd_bwd_cpu(s2, t2, tau, stats, g):
     """kd_bwd's student gradient on CPU without elementwise loss, target, teacher or τ gradient: the
     rows of each kind in their own groups (_bwd_kind), a group the general form cannot serve in few
@@ -518,7 +612,13 @@ def _kd_bwd_cpu(s2, t2, tau, stats, g):
             return
         scale = tc * g[rows].unsqueeze(-1)  # ds = τ g dzs
         if gathered:
-            ds.index_copy_(0, rows, dzs.mul_(scale).to(ds.dtype))
+            # written run by run of consecutive rows, the scaling with it (index_copy_ on CPU is several
+            # times slower than a pass)
+            for at, dst in _runs(rows):
+                if ds.dtype == cd:
+                    torch.mul(dzs[at], scale[at], out=ds[dst])
+                else:
+                    ds[dst] = dzs[at].mul_(scale[at])
         elif ds.dtype == cd:
             torch.mul(dzs, scale, out=ds[rows])
         else:

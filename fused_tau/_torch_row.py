@@ -273,20 +273,32 @@ def _max_argmax(z):
     contiguous 2-D CPU z, in about one vectorised pass (torch's max with indices is several times
     slower than one): the maximum over segments of ARGMAX_SEGMENT elements of each row, the first
     segment holding the row's maximum, the first index of it there."""
+    return _max_argmax_segments(z)[:2]
+
+
+def _max_argmax_segments(z, tau=None):
+    """``_max_argmax(z)`` and the maxima of the segments of ARGMAX_SEGMENT elements of z's rows (the
+    tail of a row that does not fill one left out), or None where it takes torch's max.  With ``tau``
+    (a column of the rows' τ), z = x / τ for the rows x given, divided only where needed (x / τ rounds
+    monotonically: the maximum of a segment's z is its maximum x's, divided)."""
+    def div(part, rows_tau=tau):
+        return part if tau is None else torch.div(part, rows_tau)
+
     rows, C = z.shape
     n_seg = C // ARGMAX_SEGMENT
     if n_seg < 2 or not z.is_contiguous():
-        return z.max(-1)
+        return div(z).max(-1) + (None,)
     segs = z.as_strided((rows, n_seg, ARGMAX_SEGMENT), (C, ARGMAX_SEGMENT, 1))
-    best, seg = segs.amax(-1).max(-1)
-    at = segs.gather(1, seg.view(rows, 1, 1).expand(rows, 1, ARGMAX_SEGMENT)).squeeze(1).argmax(-1)
+    seg_max = div(segs.amax(-1))
+    best, seg = seg_max.max(-1)
+    at = div(segs.gather(1, seg.view(rows, 1, 1).expand(rows, 1, ARGMAX_SEGMENT)).squeeze(1)).argmax(-1)
     idx = seg * ARGMAX_SEGMENT + at
     if n_seg * ARGMAX_SEGMENT < C:
-        tail_best, tail_at = z[:, n_seg * ARGMAX_SEGMENT:].max(-1)
+        tail_best, tail_at = div(z[:, n_seg * ARGMAX_SEGMENT:]).max(-1)
         later = (tail_best > best) | (torch.isnan(tail_best) & ~torch.isnan(best))
         best = torch.where(later, tail_best, best)
         idx = torch.where(later, tail_at + n_seg * ARGMAX_SEGMENT, idx)
-    return best, idx
+    return best, idx, seg_max
 
 
 def _rows_in(buffer, rows, C):
@@ -300,22 +312,110 @@ def row_scratch(chunks, C, dtype, device, count):
     return lambda: [torch.empty(size, dtype=dtype, device=device) for _ in range(count)]
 
 
-def _stats_cpu(z, p):
+# _stats_cpu's floor, below the max, of the arguments it hands softmax: exp of anything lower is subnormal
+# or 0, which x86 computes by a microcode assist per lane (measured: softmax of z / 0.07 logits, 99% of
+# them there, 1.6-2x slower than of the same logits floored), as torch's own log_softmax does
+_SOFTMAX_FLOOR = {dt: low for dt, (low, _) in _EXP_RANGE.items()}
+# a row whose S is at least this many times (C - 1) exp(floor) keeps the floored S: the floored
+# elements' error, below exp(floor) each, is then below 2^-27 of S (2^-56 in fp64), a fraction of its
+# rounding; the other rows are recomputed from z unfloored
+_FLOOR_MARGIN = {torch.float32: 2.0 ** 27, torch.float64: 2.0 ** 56}
+
+
+def _stats_cpu(z, p, maxima=None):
     """``_stats(z)`` for a contiguous 2-D CPU z in fewer passes, as (M, S, idx, p): the max and argmax
-    in one pass (_max_argmax), p = softmax(z) into the buffer ``p`` (z's shape) by torch's fused
-    kernel (its exponentials are as precise as torch.exp's, several times faster where many
-    underflow, see _exp_), then S = Σ_{j≠argmax} p_j / p_argmax: the same sum of exp(z_j - M) as
-    _stats's, with no cancellation (the normaliser cancels in the ratio; each term carries the
-    rounding of one division more).  p is left with 0 at the argmax; None where a row's max is +inf
-    (then the general form: a +inf is counted)."""
-    M, idx = _max_argmax(z)
+    in one pass (_max_argmax; ``maxima``: (M, idx) already taken), p = softmax(max(z, M + floor)) into
+    the buffer ``p`` (z's shape) by torch's fused kernel (its exponentials are as precise as torch.exp's,
+    several times faster where many underflow, see _exp_; the floor, _SOFTMAX_FLOOR, keeps its arguments
+    out of the subnormal range), then S = Σ_{j≠argmax} p_j / p_argmax: the same sum of exp(z_j - M) as
+    _stats's, with no cancellation (the normaliser cancels in the ratio; each term carries the rounding
+    of one division more).  A floored element adds exp(floor) where its own term is smaller: the rows
+    where that could show are recomputed unfloored (_unfloored_rows).  z is left as it was; p is left
+    with 0 at the argmax; None where a row's max is +inf (then the general form: a +inf is counted)."""
+    M, idx = maxima if maxima is not None else _max_argmax(z)
     if bool((M == float("inf")).any()):  # host-ok: a CPU tensor
         return _stats(z) + (None,)
     idx = idx.unsqueeze(-1)
-    p = torch.softmax(z, -1, out=p)
+    floor = M + _SOFTMAX_FLOOR[z.dtype]  # a NaN max: NaN (recomputed)
+    if bool((z.amin(-1) >= floor).all()):  # host-ok: a CPU tensor. Nothing to floor (a pass less)
+        S = _others_over_max(torch.softmax(z, -1, out=p), idx)
+        return M, torch.where(M == float("-inf"), -1.0, S), idx, p
+    torch.clamp(z, min=floor.unsqueeze(-1), out=p)
+    p = torch.softmax(p, -1, out=p)  # in place (checked: tests/test_torch_path.py)
+    # a floored element's term: exp(floor - M) as softmax forms it (not exp(floor) where M's ulp is large)
+    S = _unfloored_rows(z, M, idx, _others_over_max(p, idx), torch.exp(floor - M), p)
+    return M, S, idx, p
+
+
+def _unfloored_rows(z, M, idx, S, floor_term, p=None, tau=None):
+    """S with the rows where the floor could show in it (S below _FLOOR_MARGIN (C - 1) ``floor_term``,
+    the most a floored or skipped element adds, a NaN, or no finite value) recomputed from z unfloored
+    (and p's rows with them, where given; with ``tau``, z = x / τ for the rows x given)."""
+    floored_ok = S >= (z.shape[-1] - 1) * _FLOOR_MARGIN[S.dtype] * floor_term
+    if bool(floored_ok.all()):  # host-ok: a CPU tensor
+        return S
+    rows = (~floored_ok).nonzero().squeeze(1)  # host-ok: CPU
+    z_r, idx_r = z.index_select(0, rows), idx.index_select(0, rows)
+    if tau is not None:
+        z_r = torch.div(z_r, tau.index_select(0, rows))
+    p_r = torch.softmax(z_r, -1)
+    S_r = _others_over_max(p_r, idx_r)
+    S.index_copy_(0, rows, torch.where(M.index_select(0, rows) == float("-inf"), -1.0, S_r))
+    if p is not None:
+        p.index_copy_(0, rows, p_r)
+    return S
+
+
+# _stats_sparse takes a chunk where at most this share of its segments hold an element above the floor
+# (beyond it, the floored softmax's passes cost less than gathering the segments)
+SPARSE_SHARE = 0.4
+
+
+def _stats_sparse(z, M, idx, seg_max, tau=None):
+    """S of _stats_cpu from the segments of z's rows (_max_argmax_segments: ``M``, ``idx``, ``seg_max``)
+    holding an element above the floor M + _SOFTMAX_FLOOR only, or None (nothing computed) where more
+    than SPARSE_SHARE of them do, or a row's max is not finite: Σ_{j≠argmax} exp(max(z_j - M, floor))
+    by torch.exp (bitwise _exp_ at those arguments) over those segments and the tail, each skipped
+    element's term being below exp(floor) as a floored one's is, the rows where that could show
+    recomputed unfloored (_unfloored_rows).  Where the floor removes most of z (small τ), most of the
+    exponentials are skipped.  With ``tau`` (a column of the rows' τ), z = x / τ for the rows x given,
+    divided only in the segments taken."""
+    if seg_max is None or not bool(torch.isfinite(M).all()):  # host-ok: a CPU tensor
+        return None
+    rows, C = z.shape
+    n_seg = seg_max.shape[1]
+    body = n_seg * ARGMAX_SEGMENT
+    low = _SOFTMAX_FLOOR[M.dtype]
+    # a segment is taken where its max's z - M (rounded, as each element's) is above the floor
+    sel = (seg_max - M.unsqueeze(-1) >= low).view(-1).nonzero().squeeze(1)  # host-ok: CPU; row-major
+    if sel.numel() > SPARSE_SHARE * seg_max.numel():
+        return None
+    sel_row = sel.div(n_seg, rounding_mode="floor")
+    segs = z.as_strided((rows * n_seg, ARGMAX_SEGMENT), (ARGMAX_SEGMENT, 1)) if body == C else \
+        z.as_strided((rows, n_seg, ARGMAX_SEGMENT), (C, ARGMAX_SEGMENT, 1)).reshape(-1, ARGMAX_SEGMENT)
+    e = segs.index_select(0, sel)
+    if tau is not None:
+        e = torch.div(e, tau.index_select(0, sel_row))
+    e = e.sub_(M.index_select(0, sel_row).unsqueeze(-1)).clamp_(min=low).exp_()
+    # the argmax's own 1 left out: its segment holds the max, so it is among those taken (or in the tail)
+    in_body = (idx < body).nonzero().squeeze(1)  # host-ok: CPU
+    arg_b = idx.index_select(0, in_body)
+    at = torch.searchsorted(sel, in_body * n_seg + arg_b.div(ARGMAX_SEGMENT, rounding_mode="floor"))
+    e.index_put_((at, arg_b.remainder(ARGMAX_SEGMENT)), torch.zeros((), dtype=e.dtype))
+    S = torch.zeros(rows, dtype=M.dtype).index_add_(0, sel_row, e.sum(-1))
+    if body < C:
+        tail = z[:, body:] if tau is None else torch.div(z[:, body:], tau)
+        tail = tail.sub(M.unsqueeze(-1)).clamp_(min=low).exp_()
+        in_tail = (idx >= body).nonzero().squeeze(1)  # host-ok: CPU
+        tail.index_put_((in_tail, idx.index_select(0, in_tail) - body), torch.zeros((), dtype=M.dtype))
+        S += tail.sum(-1)
+    return _unfloored_rows(z, M, idx.unsqueeze(-1), S, _EXP_LOW[M.dtype], tau=tau)
+
+
+def _others_over_max(p, idx):
+    """Σ_{j≠idx} p_j / p_idx per row; p is left with 0 at idx."""
     p_max = p.gather(-1, idx).squeeze(-1)
-    S = p.scatter_(-1, idx, 0.0).sum(-1) / p_max
-    return M, torch.where(M == float("-inf"), -1.0, S), idx, p
+    return p.scatter_(-1, idx, 0.0).sum(-1) / p_max
 
 
 def _nan_if_posinf(M, S):
@@ -436,38 +536,46 @@ def ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target):
     X, tau_r = _as_rows(x3), _tau_rows(tau, A, B, cd)
     T = _as_rows(target) if prob_target else None
     new = dict(device=x3.device, dtype=cd)
-    loss, m, s = torch.empty(R, **new), torch.empty(R, **new), torch.empty(R, **new)
+    M, s = torch.empty(R, **new), torch.empty(R, **new)
+    idx = torch.empty((R, 1), device=x3.device, dtype=torch.int64)
     has_a = prob_target or smoothing > 0
-    a_rows = torch.empty(R, **new) if has_a else None
-    wy = None if prob_target else torch.empty(R, **new)
+    a_rows, gap = (torch.empty(R, **new), torch.empty(R, **new)) if has_a else (None, None)
 
     def work(sl, scratch=None):
+        # per chunk only what needs the rows (the statistics, Σ a_c (M - z_c)); the rest on all rows at once
         if scratch is None:
             z = _z(X, sl, tau_r, cd)
-            M, S, idx = _stats(z)
+            M_c, S_c, idx_c = _stats(z)
         else:  # CPU: in the thread's buffers
-            z = torch.div(X[sl], tau_r[sl], out=_rows_in(scratch[0], sl.stop - sl.start, C))
-            M, S, idx, _ = _stats_cpu(z, _rows_in(scratch[1], sl.stop - sl.start, C))
-        S = _nan_if_posinf(M, S)
-        m[sl], s[sl] = _max_logit(X, sl, idx, cd), S
-        L = torch.log1p(S)
-        part = torch.zeros_like(M)
+            # the maxima from x (z = x / τ divided where needed); the sum from the segments above the floor
+            # where they are few, else from z whole
+            x, t = X[sl], tau_r[sl]
+            M_c, idx_c, seg_max = _max_argmax_segments(x, t)
+            S_c = _stats_sparse(x, M_c, idx_c, seg_max, t)
+            if S_c is None or has_a:
+                z = torch.div(x, t, out=_rows_in(scratch[0], sl.stop - sl.start, C))
+            if S_c is None:
+                M_c, S_c, idx_c, _ = _stats_cpu(z, _rows_in(scratch[1], sl.stop - sl.start, C), (M_c, idx_c))
+            else:
+                idx_c = idx_c.unsqueeze(-1)
+        M[sl], s[sl], idx[sl] = M_c, S_c, idx_c
         if has_a:
             a = _coefficients(T, sl, weight, C, smoothing, prob_target, cd, x3.device)
-            a_rows[sl] = a_sum = a.sum(-1).expand(M.shape[0])
-            gap = torch.where(a != 0, a * (M.unsqueeze(-1) - z), 0.0).sum(-1)  # Σ a_c (M - z_c) >= 0
-            part = gap + a_sum * L
-        if not prob_target:
-            valid, y_safe, w_y = _hard_target(target, sl, weight, ignore_index, cd, M)
-            z_y = z.gather(-1, y_safe).squeeze(-1)
-            part = torch.where(valid, (1.0 - smoothing) * w_y * ((M - z_y) + L) + part, 0.0)
-            wy[sl] = w_y
-        loss[sl] = part
+            a_rows[sl] = a.sum(-1).expand(M_c.shape[0])
+            gap[sl] = torch.where(a != 0, a * (M_c.unsqueeze(-1) - z), 0.0).sum(-1)  # Σ a_c (M - z_c) >= 0
 
     chunks = row_chunks(R, C, x3.device)
     cpu = x3.device.type == "cpu"
     for_each(chunks, work, x3.device, R * C, row_scratch(chunks, C, cd, x3.device, 2) if cpu else None)
-    return loss, wy, m, s, a_rows
+    s = _nan_if_posinf(M, s)
+    L = torch.log1p(s)
+    loss = gap + a_rows * L if has_a else torch.zeros_like(M)
+    wy = None
+    if not prob_target:
+        valid, y_safe, wy = _hard_target(target, slice(None), weight, ignore_index, cd, M)
+        z_y = _z(X.gather(-1, y_safe), slice(None), tau_r, cd).squeeze(-1)  # x_y / τ: z's own division
+        loss = torch.where(valid, (1.0 - smoothing) * wy * ((M - z_y) + L) + loss, 0.0)
+    return loss, wy, _max_logit(X, slice(None), idx, cd), s, a_rows
 
 
 def ce_bwd(x3, target, weight, tau, m, s, a_rows, g, ignore_index, smoothing, prob_target,

@@ -111,6 +111,91 @@ def test_cross_entropy_tiny_loss_full_precision():
     torch.testing.assert_close(loss.double(), exact.expand(3), rtol=4e-7, atol=0)
 
 
+def test_softmax_in_place_is_out_of_place():
+    """_stats_cpu hands torch.softmax its input as its out: the same values as a fresh output."""
+    z = torch.randn(7, 3001, generator=torch.Generator().manual_seed(4)) * 30
+    ref = torch.softmax(z, -1)
+    assert torch.equal(_bits(torch.softmax(z, -1, out=z)), _bits(ref))
+
+
+@pytest.mark.parametrize("C", [3000, 3001, 32000])
+@pytest.mark.parametrize("tau", [0.01, 0.03])
+def test_stats_sparse_matches_stats(C, tau):
+    """The segment form of the cross-entropy statistics (only the segments above the floor): _stats's M
+    and argmax, S to a few ulps (ties at the max, an argmax in the tail, -inf classes, rows whose S is
+    so small the floor could show, recomputed unfloored)."""
+    g = torch.Generator().manual_seed(C)
+    z = torch.randn(16, C, generator=g) * 4 / tau
+    z[3, [5, 900]] = z[3].amax()  # a tie: counted 1
+    z[4, 7] = float("-inf")
+    z[5, C - 1] = z[5].amax() + 1  # the argmax in the tail (C = 3001)
+    z[6, C - 2:] = z[6].amax() + 1  # ... tied there
+    z[7, 11] = z[7].amax() + 200  # S exactly 0
+    z[8] = -1e4 / tau
+    z[8, [100, 2000, C - 1]] = torch.tensor([1.0, 2.0, 3.0]) / tau  # DESIGN.md's tiny loss
+    M, S, idx = torch_row._stats(z.clone())
+    M2, idx2, seg_max = torch_row._max_argmax_segments(z)
+    S2 = torch_row._stats_sparse(z, M2, idx2, seg_max)
+    assert S2 is not None  # small τ: most segments are below the floor
+    assert torch.equal(_bits(M2), _bits(M)) and torch.equal(idx2, idx.squeeze(-1))
+    torch.testing.assert_close(S2, S, rtol=8 * 2 ** -24, atol=0)
+    assert S2[7] == 0 and S2[8] > 0
+
+
+@pytest.mark.parametrize("C", [300, 3000])
+def test_floor_with_huge_max(C):
+    """Logits so large that M + floor rounds far from it (an ulp of 1e9 is 64, of 3e38 2e31): both forms
+    of the statistics still give _stats's S (the floored softmax judges a floored element by
+    exp(floor - M) as rounded; the segment form takes segments by their own z - M)."""
+    g = torch.Generator().manual_seed(C)
+    z = torch.randn(6, C, generator=g) * 300
+    z[1] += 1e9
+    z[2] = z[2] * 1e6 + 1e9
+    z[3, :2] = torch.tensor([3e38, 3e38 * (1 - 2 ** -23)])
+    z[4] = z[4] * 1e34
+    M, S, idx = torch_row._stats(z.clone())
+    M2, S2, idx2, _ = torch_row._stats_cpu(z.clone(), torch.empty_like(z))
+    torch.testing.assert_close(S2, S, rtol=8 * 2 ** -24, atol=0)
+    S3 = torch_row._stats_sparse(z, *torch_row._max_argmax_segments(z))
+    assert S3 is not None
+    torch.testing.assert_close(S3, S, rtol=8 * 2 ** -24, atol=0)
+
+
+def test_stats_sparse_declines_dense_and_special_rows():
+    """None (the floored softmax instead) where most segments hold an element above the floor, or a
+    row's max is not finite."""
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(8, 3000, generator=g)
+    assert torch_row._stats_sparse(z, *torch_row._max_argmax_segments(z)) is None
+    z = torch.randn(8, 3000, generator=g) * 400
+    assert torch_row._stats_sparse(z, *torch_row._max_argmax_segments(z)) is not None
+    for special in (NAN, INF):
+        z[2, 5] = special
+        assert torch_row._stats_sparse(z, *torch_row._max_argmax_segments(z)) is None
+
+
+def test_cross_entropy_exponentials_skip_the_subnormal_range(monkeypatch):
+    """The CPU forward at small τ hands torch.softmax no argument in the subnormal range of exp (each
+    such lane costs a microcode assist on x86: the forward was 1.3x slower than eager torch's), and
+    keeps float64's loss."""
+    seen = []
+    softmax = torch.softmax
+
+    def spy(t, dim, *args, **kwargs):
+        seen.append(float((t - t.amax(-1, keepdim=True)).min()))
+        return softmax(t, dim, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "softmax", spy)
+    g = torch.Generator().manual_seed(6)
+    for C, tau in ((32000, 0.2), (3001, 0.2), (32000, 3.0)):  # the segment form; the floored softmax; no floor
+        x = torch.randn(64, C, generator=g) * 4
+        y = torch.randint(0, C, (64,), generator=g)
+        loss = fused_tau.cross_entropy(x, y, tau=tau, reduction="none")
+        ref = torch.nn.functional.cross_entropy(x.double() / tau, y, reduction="none")
+        torch.testing.assert_close(loss.double(), ref, rtol=4e-7, atol=0)
+    assert seen and min(seen) >= torch_row._EXP_RANGE[torch.float32][0] - 1e-3
+
+
 # ------------------------------------------------------------------ kd_loss
 
 def _kl64(s, t, tau):
