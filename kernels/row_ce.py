@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .row_engine import (half_gap, interpreted, load_x, recompute_p, reread_config, row_config, row_splits, row_start,
+from .row_engine import (half_gap, interpreted, load_x, reread_config, row_config, row_splits, row_start,
                          rows, tau_stride)
 from .tl_math import (exp2_scale, log1p, nan_if_posinf, online_finalize_log2, online_update_log2, to_store,
                       weighted_gap_finalize, weighted_gap_update)
@@ -115,16 +115,17 @@ def _ce_fwd_kernel(
                             PHASE == 2)
         if WRITE_GRAD:
             dx_row = dx_ptr + a * stride_da + b * stride_db
-            y, valid, h = _ce_target(target_ptr, weight_ptr, r, C, ignore_index, smoothing, HAS_WEIGHT, PROB_TARGET)
             g = tl.load(g_ptr).to(tl.float32)
-            inv_total = tl.where(S == -1.0, float("nan"), 1.0 / (1.0 + S))
+            K, G, y, D_y, valid = _ce_grad_row(x_row, t_row, target_ptr, weight_ptr, r, C, stride_xc, stride_tc, scale,
+                                               inv_tau, M, S, A_row, g, ignore_index, smoothing, HAS_WEIGHT,
+                                               PROB_TARGET, SMOOTH)
             tau_acc = tl.zeros([BLOCK], tl.float32)
             for start in range(0, C, BLOCK):
                 tau_acc += _ce_grad_block(x_row, t_row, weight_ptr, dx_row, dx_ptr, start + cols, C, stride_xc,
-                                          stride_tc, stride_dc, scale, inv_tau, M, S, inv_total, A_row, g, y,
-                                          valid, h, smoothing, HAS_WEIGHT, PROB_TARGET, SMOOTH, INTERPRETED)
+                                          stride_tc, stride_dc, scale, M, K, G, y, D_y, valid, smoothing, HAS_WEIGHT,
+                                          PROB_TARGET, SMOOTH, INTERPRETED)
             if TAU_GRAD:
-                tl.store(dtau_ptr + r, -(tl.sum(tau_acc, 0) * inv_tau) * (2.0 * inv_tau))
+                tl.store(dtau_ptr + r, -tl.sum(tau_acc, 0) * (2.0 * inv_tau))
 
 
 @triton.jit
@@ -184,25 +185,49 @@ def _ce_target(target_ptr, weight_ptr, r, C, ignore_index, smoothing,
 
 
 @triton.jit
-def _ce_grad_block(x_row, t_row, weight_ptr, dx_row, dx_ptr, c, C, stride_xc, stride_tc, stride_dc, scale, inv_tau,
-                   M, S, inv_total, A_row, g, y, valid, h, smoothing,
-                   HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, SMOOTH: tl.constexpr,
-                   INTERPRETED: tl.constexpr):
-    """Writes dx_c = (g/τ) [h (p_c - δ_{c,y}) + A p_c - a_c] for columns ``c`` and returns their terms of
-    the τ gradient's sum, (x - M)/2 · dL/dz (see _ce_bwd_kernel).  The target's p_y - 1 is
-    -Σ_{j≠y} p_j = -S/(1+S) when y is the argmax, so the row's gradient still sums to zero at small τ."""
-    x, p = recompute_p(x_row, c, C, stride_xc, scale, M, inv_total)
-    dz = tl.zeros_like(p)
+def _ce_grad_row(x_row, t_row, target_ptr, weight_ptr, r, C, stride_xc, stride_tc, scale, inv_tau, M, S, A_row, g,
+                 ignore_index, smoothing, HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, SMOOTH: tl.constexpr):
+    """The row's constants of ``_ce_grad_block``: (K, G, y, D_y, valid).
+
+    dx_c = (g/τ) dL/dz_c, dL/dz_c = h (p_c - δ_{c,y}) + A p_c - a_c (h = (1-ε) w_y, A = Σ a_c), is
+    K e_c - G a_c off the target, e_c = exp2((x_c - M)·scale) = p_c (1 + S), G = g/τ, K = G (h + A)/(1 + S);
+    at the target, D_y = G (A p_y - h q_y - a_y) with q_y = 1 - p_y, or S/(1 + S) when y is the argmax
+    (so the row's gradient still sums to zero at small τ), formed once a row.  S = -1 marks a row with no
+    finite logit: NaN everywhere, as the composition's softmax (not ±inf)."""
+    inv_total = tl.where(S == -1.0, float("nan"), 1.0 / (1.0 + S))
+    G = g * inv_tau
+    y, valid, h = _ce_target(target_ptr, weight_ptr, r, C, ignore_index, smoothing, HAS_WEIGHT, PROB_TARGET)
+    K = G * (h + A_row) * inv_total
+    D_y = 0.0
     if not PROB_TARGET:
-        q = tl.where(x == M, S * inv_total, 1.0 - p)
-        dz = h * tl.where(c == y, -q, p)
+        x_y = tl.load(x_row + y * stride_xc).to(tl.float32)
+        p_y = tl.exp2((x_y - M) * scale) * inv_total
+        q_y = tl.where(x_y == M, S * inv_total, 1.0 - p_y)
+        D_y = A_row * p_y - h * q_y
+        if SMOOTH:
+            D_y -= _ce_coefficient(t_row, weight_ptr, y, C, stride_tc, smoothing, HAS_WEIGHT, PROB_TARGET, SMOOTH)
+        D_y = G * D_y
+        y = y.to(tl.int32)  # compared with int32 columns (C < 2^31): one instruction an element, not four
+    return K, G, y, D_y, valid
+
+
+@triton.jit
+def _ce_grad_block(x_row, t_row, weight_ptr, dx_row, dx_ptr, c, C, stride_xc, stride_tc, stride_dc, scale, M, K, G, y,
+                   D_y, valid, smoothing, HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, SMOOTH: tl.constexpr,
+                   INTERPRETED: tl.constexpr):
+    """Writes dx_c = K e_c - G a_c (D_y at the target) for columns ``c`` (``_ce_grad_row``'s constants;
+    0 on an ignored row, also where its logits are NaN) and returns their terms of the τ gradient's sum,
+    (x - M)/2 · dx: dL/dτ = -(1/τ) Σ (x - M) dx (row_engine.py)."""
+    x = load_x(x_row, c, C, stride_xc)
+    v = K * tl.exp2((x - M) * scale)
     if PROB_TARGET or SMOOTH:
-        coef = _ce_coefficient(t_row, weight_ptr, c, C, stride_tc, smoothing, HAS_WEIGHT, PROB_TARGET, SMOOTH)
-        dz += A_row * p - coef
-    dz = tl.where(valid, g * dz, 0.0)
-    tl.store(dx_row + c.to(tl.int64) * stride_dc, to_store(dz * inv_tau, dx_ptr, INTERPRETED), mask=c < C)
-    # masked classes (dz = 0) add 0, NaN adds NaN; M in x units: half_gap's τ is 1
-    return tl.where(dz != 0.0, half_gap(x, M, 1.0) * dz, 0.0)
+        v -= G * _ce_coefficient(t_row, weight_ptr, c, C, stride_tc, smoothing, HAS_WEIGHT, PROB_TARGET, SMOOTH)
+    if not PROB_TARGET:
+        v = tl.where(c == y, D_y, v)
+    v = tl.where(valid, v, 0.0)
+    tl.store(dx_row + c.to(tl.int64) * stride_dc, to_store(v, dx_ptr, INTERPRETED), mask=c < C)
+    # masked classes (v = 0) add 0, NaN adds NaN; M in x units: half_gap's τ is 1
+    return tl.where(v != 0.0, half_gap(x, M, 1.0) * v, 0.0)
 
 
 @triton.jit
@@ -229,23 +254,23 @@ def _ce_bwd_kernel(
     inv_tau = 1.0 / tau
     M = tl.load(m_ptr + r)
     S = tl.load(s_ptr + r)
-    # S = -1 marks a row with no finite logit: NaN everywhere, as the composition's softmax (not ±inf)
-    inv_total = tl.where(S == -1.0, float("nan"), 1.0 / (1.0 + S))
     g = tl.load(g_ptr + r * stride_g).to(tl.float32)
     A_row = 0.0
     if PROB_TARGET or SMOOTH:
         A_row = tl.load(a_ptr + r)
-    y, valid, h = _ce_target(target_ptr, weight_ptr, r, C, ignore_index, smoothing, HAS_WEIGHT, PROB_TARGET)
+    K, G, y, D_y, valid = _ce_grad_row(x_row, t_row, target_ptr, weight_ptr, r, C, stride_xc, stride_tc, scale,
+                                       inv_tau, M, S, A_row, g, ignore_index, smoothing, HAS_WEIGHT, PROB_TARGET,
+                                       SMOOTH)
     col0 = tl.program_id(1) * span_blocks * BLOCK  # a multiple of BLOCK: aligned loads
     col_end = tl.minimum(col0 + span_blocks * BLOCK, C)
     cols = tl.arange(0, BLOCK)
     tau_acc = tl.zeros([BLOCK], tl.float32)
     for start in range(col0, col_end, BLOCK):
         tau_acc += _ce_grad_block(x_row, t_row, weight_ptr, dx_row, dx_ptr, start + cols, C, stride_xc, stride_tc,
-                                  stride_dc, scale, inv_tau, M, S, inv_total, A_row, g, y, valid, h, smoothing,
-                                  HAS_WEIGHT, PROB_TARGET, SMOOTH, INTERPRETED)
+                                  stride_dc, scale, M, K, G, y, D_y, valid, smoothing, HAS_WEIGHT, PROB_TARGET, SMOOTH,
+                                  INTERPRETED)
     if TAU_GRAD:
-        tl.store(dtau_ptr + r * tl.num_programs(1) + tl.program_id(1), -(tl.sum(tau_acc, 0) * inv_tau) * (2.0 * inv_tau))
+        tl.store(dtau_ptr + r * tl.num_programs(1) + tl.program_id(1), -tl.sum(tau_acc, 0) * (2.0 * inv_tau))
 
 
 @triton.jit

@@ -109,8 +109,9 @@ def online_update_log2(m, s, x, c):
     (:func:`exp2_scale`).  One exp2 per element, no division; ties, infinities and NaN as
     online_update."""
     is_new = x > m
-    d = tl.where(is_new, m - x, x - m)
-    e = tl.exp2(tl.where(x == m, 0.0, d * c))
+    # the exponent -|x - m|·c: the old max's weight when x is the new max, x's own otherwise (one FADD
+    # and one FMUL with its abs and negation as operand modifiers); ties (x == m, also ±inf) weigh 1
+    e = tl.exp2(tl.where(x == m, 0.0, -tl.abs(x - m) * c))
     s = tl.where(is_new, s * e + e, s + e)
     m = tl.maximum(m, x)
     return m, s
