@@ -49,16 +49,27 @@ import triton
 import triton.language as tl
 
 from .row_engine import interpreted, load_x, row_config, tau_stride
-from .tl_math import (lane_scale, log1p, mul_inv, nan_if_posinf, online_finalize, online_finalize_x, online_update,
-                      online_update_x, psi3_series, psi_series, psi_series_f64, reciprocal_split, to_store)
+from .tl_math import (lane_scale, log1p, mul_inv, nan_if_posinf, online_finalize, online_finalize_x, psi3_series,
+                      psi_series, psi_series_f64, reciprocal_split, to_store)
 
 # fifteen per-lane accumulators (the student's and teacher's (max, Σ others), the moments A and R and
 # their compensations, the reference class (s, t), the mass of infinite x, the student's masked and
-# kept mass, the τ = 1 sum): an eighth of the engine's block over 8 warps (2 elements a thread) is
-# spill-free on sm_80 and sm_90 (python -m bench.model --variants: forward 92-112 registers, most of them for the
-# float64 merge after the loop, backward 32-56; a quarter of the block spilled on sm_90)
-LANES_PER_BLOCK = 8
-NUM_WARPS = 8
+# kept mass, the τ = 1 sum), one lane a thread: each iteration a lane folds CHUNK contiguous classes
+# (one 128-bit load of bf16) into its sums at once, so that a moving max rescales and recentres the
+# lane's sums once per chunk, not per element, and the moments' compensated (Kahan) add takes the
+# chunk's plain sum.  A quarter of the engine's block (128 lanes over 4 warps) is spill-free on sm_80
+# and sm_90 (python -m bench.model --variants); the backward streams the same block, 8 a thread.
+LANES_PER_BLOCK = 4
+CHUNK = 8
+
+
+def kd_config(C):
+    """(lanes, chunk, num_warps) of a row of C classes: an iteration reads lanes × chunk classes of each
+    row, chunk of them contiguous a lane (a thread); blocks shrunk by the tests keep 2 lanes of 2."""
+    block = row_config(C, LANES_PER_BLOCK)[0]
+    chunk = min(CHUNK, max(block // 2, 1))
+    lanes = block // chunk
+    return lanes, chunk, max(1, min(4, lanes // 32))
 
 
 @triton.jit
@@ -82,39 +93,96 @@ def _kahan_add(total, comp, term):
     return t, (t - total) - y
 
 
+_LOG2E = tl.constexpr(1.4426950408889634)
+_FLT_MIN = tl.constexpr(1.1754943508222875e-38)
+
+
 @triton.jit
-def _moments_update(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, xs, xt, inv, inv_lo):
-    """One block into the teacher's lane (max, Σ others) and the moments A = Σ w x, R = Σ w ψ(x) of
-    x = v - v_ref under w = exp((t - mt)/τ), compensated sums (cA, cR).  The reference is the class of
+def _exp2(x, INTERPRETED: tl.constexpr):
+    """2^x by the hardware's ex2 alone (MUFU.EX2, ~2 ulp), results below 2^-126 flushed to 0: tl.exp and
+    tl.exp2 add a subnormal fix-up of three instructions per element (a weight below 2^-126 of the
+    row's max is a class of weight 0, its student mass in P_m).  The interpreter takes tl.exp2 and
+    flushes the same."""
+    if INTERPRETED:
+        y = tl.exp2(x)
+        return tl.where(y < _FLT_MIN, 0.0, y)
+    return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def exp2_split(tau):
+    """log2(e)/τ as a pair (k2, k2_lo), k2 + k2_lo = log2(e)/τ to about ε² (formed in float64), for
+    mul_inv: a gap in x units to an exponent of 2 in one rounding.  k2 is set just below so that
+    k2_lo > 0 (mul_inv keeps ±inf, as reciprocal_split)."""
+    k = _LOG2E / tau.to(tl.float64)
+    k2 = (k * (1.0 - 1.0 / 2097152)).to(tl.float32)
+    return k2, (k - k2.to(tl.float64)).to(tl.float32)
+
+
+@triton.jit
+def _online_chunk(m, s, x, k2, k2_lo, INTERPRETED: tl.constexpr):
+    """:func:`online_update_x` of a chunk x [lanes, k] at once: the lane's max m' = max(m, max_k x), the
+    old sum rescaled once by c = exp((m - m')/τ) where the max moves, and s' = Σ_{j ≠ argmax} e_j with
+    e = 2^g, g = (x - m')·log2(e)/τ per element ((k2, k2_lo) of exp2_split): one exp a logit, 1 at m'
+    (ties count 1 each, all but one of them in s), 0 at -inf (also while the lane is still at -inf), NaN
+    at a NaN (and at +inf: its row is NaN).  The chunk's ties with m' are counted as the sum of the
+    chunk's e less the sum without them (an exact integer after rounding: the plain sum of e would lose
+    the others' full relative precision beside the 1s).
+    Returns (m', s', e, g, c = 2^g_c, g_c, whether the max moved)."""
+    m_new = tl.maximum(m, tl.max(x, 1))
+    is_new = m_new > m
+    m_gap = tl.where(m_new == float("-inf"), 0.0, m_new)
+    g = mul_inv(x - m_gap[:, None], k2, k2_lo)
+    e = _exp2(g, INTERPRETED)
+    s_rest = tl.sum(tl.where(x == m_new[:, None], 0.0, e), 1)
+    n_top = tl.floor((tl.sum(e, 1) - s_rest) + 0.5)
+    g_c = tl.where(is_new, mul_inv(m - m_new, k2, k2_lo), 0.0)
+    c = _exp2(g_c, INTERPRETED)
+    # a moved max: the old max's own term c joins the others and one of the chunk's tops is the argmax
+    s = tl.where(is_new, s * c + c + (n_top - 1.0), s + n_top) + s_rest
+    return m_new, s, e, g, c, g_c, is_new
+
+
+@triton.jit
+def _moments_update(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, xs, xt, inv, inv_lo, k2, k2_lo,
+                    INTERPRETED: tl.constexpr):
+    """One chunk [lanes, k] into the teacher's lane (max, Σ others) and the moments A = Σ w x, R = Σ w ψ(x)
+    of x = v - v_ref under w = exp((t - mt)/τ), compensated sums (cA, cR).  The reference is the class of
     the lane's teacher max, (s_ref, t_ref), so that x is small where the teacher's mass is, and x is
     formed from gaps in x units, ((s - s_ref) - (t - t_ref))/τ: never through v itself, whose rounding
     is that of the logits' magnitude over τ (a student far from its teacher).  inf_mass: Σ w over the
     classes whose x is not finite (a student -inf where the teacher has weight: KL = +inf), left out of
-    the moments.  Returns the element's w as well (0: a class of teacher weight 0, whose student mass
-    goes to P_m) and whether a new max dropped the old sums (their weights underflow: their classes'
-    student mass goes to P_m too)."""
+    the moments.  Returns the elements' w as well (0: a class of teacher weight 0, whose student mass
+    goes to P_m) and, per lane, whether a new max dropped the old sums (their weights underflow: their
+    classes' student mass goes to P_m too)."""
     W = st + 1.0  # Σ w of the old sums (st starts at -1: 0 before the lane's first finite logit)
-    mt, st, e, is_new, arg = online_update_x(mt, st, xt, inv, inv_lo)
-    w = tl.where(is_new, 1.0, tl.where(xt > float("-inf"), e, 0.0))
-    c = tl.where(is_new, e, 1.0)
-    x = mul_inv((xs - s_ref) - (xt - t_ref), inv, inv_lo)
+    mt, st, w, g, c, g_c, is_new = _online_chunk(mt, st, xt, k2, k2_lo, INTERPRETED)
+    # a new max moves the reference to its class (of the chunk's tied tops, the largest student)
+    s_top = tl.max(tl.where(xt == mt[:, None], xs, float("-inf")), 1)
+    d = mul_inv((s_top - s_ref) - (mt - t_ref), inv, inv_lo)
+    move = is_new & (tl.abs(d) < float("inf"))
+    d = tl.where(move, d, 0.0)
+    s_ref = tl.where(move, s_top, s_ref)
+    t_ref = tl.where(move, mt, t_ref)
+    small_d = tl.abs(d) <= 1.0
+    E_old = _exp2(g_c - d * _LOG2E, INTERPRETED)  # c e^-d
+    A_new, R_new = _recentre(A - cA, R - cR, W, c, E_old, d, psi_series(tl.where(small_d, d, 0.0)), small_d)
+    A = tl.where(is_new, A_new, A)
+    R = tl.where(is_new, R_new, R)
+    cA = tl.where(is_new, 0.0, cA)
+    cR = tl.where(is_new, 0.0, cR)
+    x = mul_inv((xs - s_ref[:, None]) - (xt - t_ref[:, None]), inv, inv_lo)
     finite = tl.abs(x) < float("inf")
-    inf_mass = inf_mass * c + tl.where(finite, 0.0, w)
+    inf_mass = inf_mass * c + tl.sum(tl.where(finite, 0.0, w), 1)
     x = tl.where(finite & (w != 0.0), x, 0.0)
-    # a new max moves the reference to its class
-    move = is_new & finite
-    d = tl.where(move, x, 0.0)
     small = tl.abs(x) <= 1.0
     psi_x = psi_series(tl.where(small, x, 0.0))
-    # one exp: w e^x of an element (its ψ where |x| > 1, as one exp: no overflow where w is tiny), or
-    # c e^-d of the old sums where is_new (arg is then their scale's exponent)
-    E = tl.exp(arg + tl.where(is_new, -d, x))
-    w_psi = tl.where(small, w * psi_x, E - w * (1.0 + x))
-    A_new, R_new = _recentre(A - cA, R - cR, W, c, E, d, psi_x, small)
-    A, cA = _kahan_add(tl.where(is_new, A_new, A), tl.where(is_new, 0.0, cA), tl.where(move, 0.0, w * x))
-    R, cR = _kahan_add(tl.where(is_new, R_new, R), tl.where(is_new, 0.0, cR), tl.where(move, 0.0, w_psi))
-    return (mt, st, A, cA, R, cR, tl.where(move, xs, s_ref), tl.where(move, xt, t_ref), inf_mass, w,
-            is_new & (c == 0.0))
+    # w ψ(x) where |x| > 1 as w e^x - w (1 + x), w e^x = 2^(g + x log2 e) one exp (no overflow where w is tiny)
+    w_psi = tl.where(small, w * psi_x, _exp2(g + x * _LOG2E, INTERPRETED) - w * (1.0 + x))
+    A, cA = _kahan_add(A, cA, tl.sum(w * x, 1))
+    R, cR = _kahan_add(R, cR, tl.sum(w_psi, 1))
+    return mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, w, is_new & (c == 0.0)
 
 
 @triton.jit
@@ -189,45 +257,48 @@ def _kd_fwd_kernel(
     # runtime scalars
     ignore_index,
     # constants
-    HAS_TARGET: tl.constexpr, ELEMENTWISE: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
+    HAS_TARGET: tl.constexpr, ELEMENTWISE: tl.constexpr, LANES: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """kd[r] = KL of the row (without τ²); ce[r] = CE of s at τ = 1 (0 if ignored); stats[r] as the
-    module docstring; ELEMENTWISE also writes out = τ² q (log q - log p)."""
+    module docstring; ELEMENTWISE also writes out = τ² q (log q - log p).  An iteration reads BLOCK = LANES ×
+    CHUNK classes, CHUNK contiguous a lane."""
     r = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + r * stride_s
     t_row = t_ptr + r * stride_t
     tau = tl.load(tau_ptr + r * stride_tau).to(tl.float32)
     inv, inv_lo = reciprocal_split(tau)
+    k2, k2_lo = exp2_split(tau)
     cols = tl.arange(0, BLOCK)
-    ms = tl.full([BLOCK], float("-inf"), tl.float32)
-    mt = tl.full([BLOCK], float("-inf"), tl.float32)
-    ss = tl.zeros([BLOCK], tl.float32)
-    st = tl.full([BLOCK], -1.0, tl.float32)  # see _moments_update
-    A = tl.zeros([BLOCK], tl.float32)
-    cA = tl.zeros([BLOCK], tl.float32)
-    R = tl.zeros([BLOCK], tl.float32)
-    cR = tl.zeros([BLOCK], tl.float32)
-    inf_mass = tl.zeros([BLOCK], tl.float32)
-    s_ref = tl.zeros([BLOCK], tl.float32)
-    t_ref = tl.zeros([BLOCK], tl.float32)
-    pm = tl.zeros([BLOCK], tl.float32)
-    pk = tl.zeros([BLOCK], tl.float32)
-    s1 = tl.zeros([BLOCK], tl.float32)
+    cols2 = tl.arange(0, LANES)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
+    ms = tl.full([LANES], float("-inf"), tl.float32)
+    mt = tl.full([LANES], float("-inf"), tl.float32)
+    ss = tl.full([LANES], -1.0, tl.float32)
+    st = tl.full([LANES], -1.0, tl.float32)  # see _moments_update
+    A = tl.zeros([LANES], tl.float32)
+    cA = tl.zeros([LANES], tl.float32)
+    R = tl.zeros([LANES], tl.float32)
+    cR = tl.zeros([LANES], tl.float32)
+    inf_mass = tl.zeros([LANES], tl.float32)
+    s_ref = tl.zeros([LANES], tl.float32)
+    t_ref = tl.zeros([LANES], tl.float32)
+    pm = tl.zeros([LANES], tl.float32)
+    s1 = tl.full([LANES], -1.0, tl.float32)
+    k1, k1_lo = exp2_split(tl.full([], 1.0, tl.float32))
     for start in range(0, C, BLOCK):
-        c = start + cols
+        c = start + cols2
         xs = load_x(s_row, c, C, 1)
         xt = load_x(t_row, c, C, 1)
         mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, w, drop = _moments_update(mt, st, A, cA, R, cR, s_ref, t_ref,
-                                                                                 inf_mass, xs, xt, inv, inv_lo)
+                                                                                 inf_mass, xs, xt, inv, inv_lo, k2,
+                                                                                 k2_lo, INTERPRETED)
         if HAS_TARGET:  # τ = 1 under the same lane max
-            s1 = online_update(ms, s1, xs)[1]
-        ms, ss, e, is_new, _arg = online_update_x(ms, ss, xs, inv, inv_lo)
-        # the student's mass on the classes of teacher weight 0 (pm) and on the others (pk) under the
-        # student's lane max: every class in the moments or in P_m, never in neither
-        scale = tl.where(is_new, e, 1.0)
-        p = tl.where(is_new, 1.0, e)
-        pm = (pm + tl.where(drop, pk, 0.0)) * scale + tl.where(w != 0.0, 0.0, p)
-        pk = tl.where(drop, 0.0, pk) * scale + tl.where(w != 0.0, p, 0.0)
+            s1 = _online_chunk(ms, s1, xs, k1, k1_lo, INTERPRETED)[1]
+        # the student's mass on the classes of teacher weight 0 (pm) under the student's lane max; a
+        # drop moves the lane's whole mass so far, 1 + ss, there: every class in the moments or in P_m
+        pm = tl.where(drop, ss + 1.0, pm)
+        ms, ss, p, _g, scale, _g_scale, _is_new = _online_chunk(ms, ss, xs, k2, k2_lo, INTERPRETED)
+        pm = pm * scale + tl.sum(tl.where(w != 0.0, 0.0, p), 1)
     # a +inf or NaN logit, or a row with no finite logit, makes the row NaN (as the composition)
     Ms, Ss = online_finalize_x(ms, ss, inv, inv_lo)
     Ss = nan_if_posinf(Ms, Ss)
@@ -236,7 +307,7 @@ def _kd_fwd_kernel(
     a, l, inf_q, s_ref, t_ref, dropped = _moments_finalize(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, Mt, inv,
                                                            inv_lo)
     scale_s = lane_scale(ms, Ms, inv, inv_lo)[0]
-    pm = tl.where(scale_s == 0.0, 0.0, (pm + tl.where(dropped, pk, 0.0)) * scale_s)
+    pm = tl.where(scale_s == 0.0, 0.0, tl.where(dropped, ss + 1.0, pm) * scale_s)
     # (Ms - Mt)/τ - v_ref from gaps in x units (never the magnitude of v_ref)
     gap = ((Ms.to(tl.float64) - s_ref) - (Mt.to(tl.float64) - t_ref)) * (inv.to(tl.float64) + inv_lo)
     kl, precise = _row_kl(a, l, inf_q, tl.sum(pm, 0), Ss, St, gap)
@@ -426,12 +497,12 @@ def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
     stats = torch.zeros(R, 8, device=dev, dtype=torch.float32)  # (Ms, Ss, Mt, St, KL, ν, S1, precise)
     ce = torch.empty(R, device=dev, dtype=torch.float32) if target is not None else kl
     out = torch.empty((R, C), device=dev, dtype=s2.dtype) if elementwise else kl
-    block, _, _ = row_config(C, LANES_PER_BLOCK)
-    num_warps = NUM_WARPS
+    lanes, chunk, num_warps = kd_config(C)
     _kd_fwd_kernel[(R,)](
         s2, t2, target if target is not None else kl, tau, kl, ce, stats, out,
         C, s2.stride(0), t2.stride(0), tau_stride(tau), ignore_index,
-        HAS_TARGET=target is not None, ELEMENTWISE=elementwise, BLOCK=block, INTERPRETED=interpreted(),
+        HAS_TARGET=target is not None, ELEMENTWISE=elementwise, LANES=lanes, CHUNK=chunk,
+        BLOCK=lanes * chunk, INTERPRETED=interpreted(),
         num_warps=num_warps,
     )
     return kl, (ce if target is not None else None), stats, (out if elementwise else None)
@@ -448,8 +519,8 @@ def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teach
     if elementwise:
         g = g.contiguous()
     stride_g = 0 if (elementwise or g.numel() == 1) else 1
-    block, _, _ = row_config(C, LANES_PER_BLOCK)
-    num_warps = NUM_WARPS
+    lanes, chunk, num_warps = kd_config(C)
+    block = lanes * chunk
     _kd_bwd_kernel[(R,)](
         s2, t2, target if target is not None else stats, tau, stats, g, g_ce if g_ce is not None else stats,
         ds, dt, dtau, C, s2.stride(0), t2.stride(0), tau_stride(tau), stride_g, ignore_index,
