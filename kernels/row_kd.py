@@ -44,6 +44,8 @@ units, 2 (τ g KL - Σ (s - Ms)/2 ∂/∂zs - Σ (t - Mt)/2 ∂/∂zt), or on th
 A NaN or +inf logit, or a teacher row with no finite logit, makes the row's loss and every gradient
 NaN, as the composition; a masked teacher class (-inf, q = 0) adds exactly 0.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -59,16 +61,17 @@ from .tl_math import (lane_scale, log1p, mul_inv, nan_if_posinf, online_finalize
 # lane's sums once per chunk, not per element, and the moments' compensated (Kahan) add takes the
 # chunk's plain sum.  A quarter of the engine's block (128 lanes over 4 warps) is spill-free on sm_80
 # and sm_90 (python -m bench.model --variants); the backward streams the same block, 8 a thread.
-LANES_PER_BLOCK = 4
+LANES_PER_BLOCK = 2
 CHUNK = 8
 
 
 def kd_config(C):
-    """(lanes, chunk, num_warps) of a row of C classes: an iteration reads lanes × chunk classes of each
-    row, chunk of them contiguous a lane (a thread); blocks shrunk by the tests keep 2 lanes of 2."""
+    """(lanes, chunk, num_warps) of a row of C classes: an iteration reads block = 2 × lanes × chunk
+    classes of each row, two runs of chunk contiguous classes a lane (a thread); blocks shrunk by the
+    tests keep 2 lanes of two runs of 2."""
     block = row_config(C, LANES_PER_BLOCK)[0]
-    chunk = min(CHUNK, max(block // 2, 1))
-    lanes = block // chunk
+    chunk = min(CHUNK, max(block // 4, 1))
+    lanes = block // (2 * chunk)
     return lanes, chunk, max(1, min(4, lanes // 32))
 
 
@@ -91,6 +94,41 @@ def _kahan_add(total, comp, term):
     y = term - comp
     t = total + y
     return t, (t - total) - y
+
+
+def _psi_over_square_coefficients(degree):
+    """Monomial coefficients of the polynomial of ``degree`` that interpolates h(x) = ψ(x)/x² =
+    Σ_k x^k/(k+2)! at the Chebyshev nodes of [-1, 1] (float64; a near-minimax fit: at degree 7 and
+    rounded to fp32 it is within 1.7e-8 of h relative, where the Taylor polynomial needs degree 8 for
+    4e-8)."""
+    n = degree + 1
+    nodes = [math.cos(math.pi * (j + 0.5) / n) for j in range(n)]
+    rows = [[x ** k for k in range(n)] + [sum(x ** k / math.factorial(k + 2) for k in range(30))] for x in nodes]
+    for i in range(n):  # Gauss-Jordan with partial pivoting
+        piv = max(range(i, n), key=lambda r: abs(rows[r][i]))
+        rows[i], rows[piv] = rows[piv], rows[i]
+        for r in range(n):
+            if r != i:
+                f = rows[r][i] / rows[i][i]
+                rows[r] = [a - f * b for a, b in zip(rows[r], rows[i])]
+    return [rows[i][n] / rows[i][i] for i in range(n)]
+
+
+_H = _psi_over_square_coefficients(7)
+_H0, _H1, _H2, _H3 = (tl.constexpr(v) for v in _H[:4])
+_H4, _H5, _H6, _H7 = (tl.constexpr(v) for v in _H[4:])
+
+
+@triton.jit
+def _psi_over_square(x):
+    """ψ(x)/x² = (e^x - 1 - x)/x² for |x| <= 1 to 1.7e-8 relative (_psi_over_square_coefficients)."""
+    h = x * _H7 + _H6
+    h = h * x + _H5
+    h = h * x + _H4
+    h = h * x + _H3
+    h = h * x + _H2
+    h = h * x + _H1
+    return h * x + _H0
 
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -121,6 +159,48 @@ def exp2_split(tau):
 
 
 @triton.jit
+def _lane_max(x):
+    """The max of each lane's classes of a chunk [lanes, k, 2] (within a thread)."""
+    return tl.max(tl.max(x, 2), 1)
+
+
+@triton.jit
+def _lane_sum(x):
+    """The sum of each lane's classes of a chunk [lanes, k, 2] (within a thread)."""
+    return tl.sum(tl.sum(x, 2), 1)
+
+
+@triton.jit
+def load_chunk(x_row, start, cols2, C, HALF: tl.constexpr, MASKED: tl.constexpr):
+    """The chunk [lanes, k, 2] of columns start + cols2 and start + HALF + cols2 (cols2 = lane·k + 0..k-1):
+    two contiguous runs of k classes a lane, one 128-bit load each at k = 8 bf16; -inf past the end
+    where MASKED (the row's last block), no mask on the others."""
+    c = start + cols2
+    if MASKED:
+        return tl.join(load_x(x_row, c, C, 1), load_x(x_row, c + HALF, C, 1))
+    return tl.join(tl.load(x_row + c).to(tl.float32), tl.load(x_row + (c + HALF)).to(tl.float32))
+
+
+@triton.jit
+def _fold_block(s_row, t_row, start, cols2, C, ms, ss, s1, pm, mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, inv,
+                inv_lo, k2, k2_lo, k1, k1_lo, HALF: tl.constexpr, MASKED: tl.constexpr, HAS_TARGET: tl.constexpr,
+                INTERPRETED: tl.constexpr):
+    """One block of both rows into the lanes' sums (the forward's loop body)."""
+    xs = load_chunk(s_row, start, cols2, C, HALF, MASKED)
+    xt = load_chunk(t_row, start, cols2, C, HALF, MASKED)
+    if HAS_TARGET:  # τ = 1 under the same lane max
+        s1 = _online_chunk(ms, s1, xs, k1, k1_lo, INTERPRETED)[1]
+    ss_old = ss
+    ms, ss, p, _g, scale, _g_scale, _is_new = _online_chunk(ms, ss, xs, k2, k2_lo, INTERPRETED)
+    mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, p_masked, drop = _moments_update(
+        mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, xs, xt, p, inv, inv_lo, k2, k2_lo, INTERPRETED)
+    # the student's mass on the classes of teacher weight 0 (pm) under the student's lane max; a
+    # drop moves the lane's whole mass so far, 1 + ss, there: every class in the moments or in P_m
+    pm = tl.where(drop, ss_old + 1.0, pm) * scale + p_masked
+    return ms, ss, s1, pm, mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass
+
+
+@triton.jit
 def _online_chunk(m, s, x, k2, k2_lo, INTERPRETED: tl.constexpr):
     """:func:`online_update_x` of a chunk x [lanes, k] at once: the lane's max m' = max(m, max_k x), the
     old sum rescaled once by c = exp((m - m')/τ) where the max moves, and s' = Σ_{j ≠ argmax} e_j with
@@ -130,13 +210,13 @@ def _online_chunk(m, s, x, k2, k2_lo, INTERPRETED: tl.constexpr):
     chunk's e less the sum without them (an exact integer after rounding: the plain sum of e would lose
     the others' full relative precision beside the 1s).
     Returns (m', s', e, g, c = 2^g_c, g_c, whether the max moved)."""
-    m_new = tl.maximum(m, tl.max(x, 1))
+    m_new = tl.maximum(m, _lane_max(x))
     is_new = m_new > m
     m_gap = tl.where(m_new == float("-inf"), 0.0, m_new)
-    g = mul_inv(x - m_gap[:, None], k2, k2_lo)
+    g = mul_inv(x - m_gap[:, None, None], k2, k2_lo)
     e = _exp2(g, INTERPRETED)
-    s_rest = tl.sum(tl.where(x == m_new[:, None], 0.0, e), 1)
-    n_top = tl.floor((tl.sum(e, 1) - s_rest) + 0.5)
+    s_rest = _lane_sum(tl.where(g == 0.0, 0.0, e))
+    n_top = tl.floor((_lane_sum(e) - s_rest) + 0.5)
     g_c = tl.where(is_new, mul_inv(m - m_new, k2, k2_lo), 0.0)
     c = _exp2(g_c, INTERPRETED)
     # a moved max: the old max's own term c joins the others and one of the chunk's tops is the argmax
@@ -145,7 +225,7 @@ def _online_chunk(m, s, x, k2, k2_lo, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _moments_update(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, xs, xt, inv, inv_lo, k2, k2_lo,
+def _moments_update(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, xs, xt, p, inv, inv_lo, k2, k2_lo,
                     INTERPRETED: tl.constexpr):
     """One chunk [lanes, k] into the teacher's lane (max, Σ others) and the moments A = Σ w x, R = Σ w ψ(x)
     of x = v - v_ref under w = exp((t - mt)/τ), compensated sums (cA, cR).  The reference is the class of
@@ -159,7 +239,7 @@ def _moments_update(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, xs, xt, inv, i
     W = st + 1.0  # Σ w of the old sums (st starts at -1: 0 before the lane's first finite logit)
     mt, st, w, g, c, g_c, is_new = _online_chunk(mt, st, xt, k2, k2_lo, INTERPRETED)
     # a new max moves the reference to its class (of the chunk's tied tops, the largest student)
-    s_top = tl.max(tl.where(xt == mt[:, None], xs, float("-inf")), 1)
+    s_top = _lane_max(tl.where(xt == mt[:, None, None], xs, float("-inf")))
     d = mul_inv((s_top - s_ref) - (mt - t_ref), inv, inv_lo)
     move = is_new & (tl.abs(d) < float("inf"))
     d = tl.where(move, d, 0.0)
@@ -172,17 +252,23 @@ def _moments_update(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, xs, xt, inv, i
     R = tl.where(is_new, R_new, R)
     cA = tl.where(is_new, 0.0, cA)
     cR = tl.where(is_new, 0.0, cR)
-    x = mul_inv((xs - s_ref[:, None]) - (xt - t_ref[:, None]), inv, inv_lo)
-    finite = tl.abs(x) < float("inf")
-    inf_mass = inf_mass * c + tl.sum(tl.where(finite, 0.0, w), 1)
-    x = tl.where(finite & (w != 0.0), x, 0.0)
-    small = tl.abs(x) <= 1.0
-    psi_x = psi_series(tl.where(small, x, 0.0))
-    # w ψ(x) where |x| > 1 as w e^x - w (1 + x), w e^x = 2^(g + x log2 e) one exp (no overflow where w is tiny)
-    w_psi = tl.where(small, w * psi_x, _exp2(g + x * _LOG2E, INTERPRETED) - w * (1.0 + x))
-    A, cA = _kahan_add(A, cA, tl.sum(w * x, 1))
-    R, cR = _kahan_add(R, cR, tl.sum(w_psi, 1))
-    return mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, w, is_new & (c == 0.0)
+    kept = w != 0.0
+    x = tl.where(kept, mul_inv((xs - s_ref[:, None, None]) - (xt - t_ref[:, None, None]), inv, inv_lo), 0.0)
+    # w ψ(x) where |x| > 1 as w e^x - w (1 + x), w e^x = 2^(g + x log2 e) one exp (no overflow where w is
+    # tiny); the series' value where it is not taken does not matter (a select, not a product)
+    wx = w * x
+    w_psi = tl.where(tl.abs(x) <= 1.0, wx * (x * _psi_over_square(x)),
+                     _exp2(g + x * _LOG2E, INTERPRETED) - w * (1.0 + x))
+    # a class of teacher weight whose x is not finite makes the chunk's Σ w x so: the lane is marked
+    # (KL = +inf unless a later max drops it) and the chunk left out of the moments
+    sum_wx = _lane_sum(wx)
+    finite = tl.abs(sum_wx) < float("inf")
+    inf_mass = inf_mass * c + tl.where(finite, 0.0, 1.0)
+    A, cA = _kahan_add(A, cA, tl.where(finite, sum_wx, 0.0))
+    R, cR = _kahan_add(R, cR, tl.where(finite, _lane_sum(w_psi), 0.0))
+    # the student's mass on the classes of teacher weight 0, under the student's new lane max
+    return (mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, _lane_sum(tl.where(kept, 0.0, p)),
+            is_new & (c == 0.0))
 
 
 @triton.jit
@@ -285,20 +371,15 @@ def _kd_fwd_kernel(
     pm = tl.zeros([LANES], tl.float32)
     s1 = tl.full([LANES], -1.0, tl.float32)
     k1, k1_lo = exp2_split(tl.full([], 1.0, tl.float32))
-    for start in range(0, C, BLOCK):
-        c = start + cols2
-        xs = load_x(s_row, c, C, 1)
-        xt = load_x(t_row, c, C, 1)
-        mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, w, drop = _moments_update(mt, st, A, cA, R, cR, s_ref, t_ref,
-                                                                                 inf_mass, xs, xt, inv, inv_lo, k2,
-                                                                                 k2_lo, INTERPRETED)
-        if HAS_TARGET:  # τ = 1 under the same lane max
-            s1 = _online_chunk(ms, s1, xs, k1, k1_lo, INTERPRETED)[1]
-        # the student's mass on the classes of teacher weight 0 (pm) under the student's lane max; a
-        # drop moves the lane's whole mass so far, 1 + ss, there: every class in the moments or in P_m
-        pm = tl.where(drop, ss + 1.0, pm)
-        ms, ss, p, _g, scale, _g_scale, _is_new = _online_chunk(ms, ss, xs, k2, k2_lo, INTERPRETED)
-        pm = pm * scale + tl.sum(tl.where(w != 0.0, 0.0, p), 1)
+    # the full blocks unmasked, then the ragged last one
+    for start in range(0, C - C % BLOCK, BLOCK):
+        ms, ss, s1, pm, mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass = _fold_block(
+            s_row, t_row, start, cols2, C, ms, ss, s1, pm, mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, inv, inv_lo,
+            k2, k2_lo, k1, k1_lo, LANES * CHUNK, False, HAS_TARGET, INTERPRETED)
+    if C % BLOCK != 0:
+        ms, ss, s1, pm, mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass = _fold_block(
+            s_row, t_row, C - C % BLOCK, cols2, C, ms, ss, s1, pm, mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, inv,
+            inv_lo, k2, k2_lo, k1, k1_lo, LANES * CHUNK, True, HAS_TARGET, INTERPRETED)
     # a +inf or NaN logit, or a row with no finite logit, makes the row NaN (as the composition)
     Ms, Ss = online_finalize_x(ms, ss, inv, inv_lo)
     Ss = nan_if_posinf(Ms, Ss)
@@ -502,7 +583,7 @@ def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
         s2, t2, target if target is not None else kl, tau, kl, ce, stats, out,
         C, s2.stride(0), t2.stride(0), tau_stride(tau), ignore_index,
         HAS_TARGET=target is not None, ELEMENTWISE=elementwise, LANES=lanes, CHUNK=chunk,
-        BLOCK=lanes * chunk, INTERPRETED=interpreted(),
+        BLOCK=2 * lanes * chunk, INTERPRETED=interpreted(),
         num_warps=num_warps,
     )
     return kl, (ce if target is not None else None), stats, (out if elementwise else None)
@@ -520,7 +601,7 @@ def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teach
         g = g.contiguous()
     stride_g = 0 if (elementwise or g.numel() == 1) else 1
     lanes, chunk, num_warps = kd_config(C)
-    block = lanes * chunk
+    block = lanes * chunk  # 8 a thread: 16 spill on sm_80 with the target's and τ's terms
     _kd_bwd_kernel[(R,)](
         s2, t2, target if target is not None else stats, tau, stats, g, g_ce if g_ce is not None else stats,
         ds, dt, dtau, C, s2.stride(0), t2.stride(0), tau_stride(tau), stride_g, ignore_index,
