@@ -10,10 +10,13 @@ of teacher probability 0.  Then log p - log q = w = u - KL and, since E_q u = 0,
 
 which is second order in u: exact where the student is near its teacher, at any τ and under a common
 logit offset, where Σ q (zt - zs) - (lse_t - lse_s) cancels to below the ulp of its terms (τ = 1e4
-gave a negative KL).  The forward keeps, beside the online (max, Σ others) of s and t per lane, the
-teacher-weighted moments A = Σ w x and R = Σ w ψ(x) of x = v - v_ref about a reference class, and the
-student's mass on the classes of teacher weight 0, rescaled as the teacher's (student's) lane max
-moves; ψ by its 9-term series for |x| <= 1, else as w e^x - w(1 + x) with w e^x one exp.  The
+gave a negative KL).  The forward's lanes are threads, each folding a chunk of 2 × 8 classes (two
+128-bit loads of bf16 a row) per iteration; a lane keeps, beside the online (max, Σ others) of s and t,
+the teacher-weighted moments A = Σ w x and R = Σ w ψ(x) of x = v - v_ref about a reference class, and
+the student's mass on the classes of teacher weight 0, rescaled as the teacher's (student's) lane max
+moves (once a chunk); one exp2 a logit (the hardware's ex2, results below 2^-126 flushed to 0: a
+weight 2^-126 below the lane's max is a class of teacher weight 0), ψ by a degree-7 polynomial in x
+times x² for |x| <= 1 (1.7e-8 relative), else as w e^x - w(1 + x) with w e^x one exp.  The
 reference class is the lane's teacher max, so that x is small where the teacher's mass is (a fixed
 reference, e.g. from the first block, leaves E_q ψ(u) to a cancellation e^|ā| times its size against
 a peaked teacher): when the max moves, the sums move with it, Σ w ψ(x - d) = e^-d R + expm1(-d) A +
@@ -22,10 +25,12 @@ teacher max.  x is formed from gaps in x units, ((s - s_ref) - (t - t_ref))/τ, 
 rounding is that of |s - t|/τ (a student far from its teacher).  With ā = A/W, b̄ = R/W
 (W = Σ w = 1 + St): E_q e^u = 1 + e^-ā (b̄ - ψ(ā)), ν = v_ref + ā.  That difference is where the
 rounding of the moments is amplified (e^|ā| times, ā of order the spread of u for a flat teacher),
-so the lanes sum A and R compensated (Kahan) and are merged in float64 (per row, not per element).
+so the lanes add each chunk's plain sums of A and R compensated (Kahan) and are merged in float64
+(per row, not per element).
 Every class is either in the moments or, with its student mass, in P_m: a class whose teacher weight
 a later max makes underflow (in its lane or at the merge) moves its student mass to P_m.  A student
--inf where the teacher has weight gives KL = +inf, outside the moments.  A row whose log E_q e^u
+-inf where the teacher has weight gives KL = +inf, outside the moments (the chunk's Σ w x is then not
+finite: the lane is marked and the chunk left out of its moments).  A row whose log E_q e^u
 reaches 1, or whose P_m reaches 1/2, has no cancellation to avoid and takes the plain form
 KL = ((Ms - s_ref) - (Mt - t_ref))/τ - ā + log1p(Ss) - log1p(St).
 stats[r] = (Ms, Ss, Mt, St, KL, ν, S1, precise): maxima in x units, precise = 1 where the row takes
@@ -54,13 +59,14 @@ from .row_engine import interpreted, load_x, row_config, tau_stride
 from .tl_math import (lane_scale, log1p, mul_inv, nan_if_posinf, online_finalize, online_finalize_x, psi3_series,
                       psi_series, psi_series_f64, reciprocal_split, to_store)
 
-# fifteen per-lane accumulators (the student's and teacher's (max, Σ others), the moments A and R and
-# their compensations, the reference class (s, t), the mass of infinite x, the student's masked and
-# kept mass, the τ = 1 sum), one lane a thread: each iteration a lane folds CHUNK contiguous classes
-# (one 128-bit load of bf16) into its sums at once, so that a moving max rescales and recentres the
-# lane's sums once per chunk, not per element, and the moments' compensated (Kahan) add takes the
-# chunk's plain sum.  A quarter of the engine's block (128 lanes over 4 warps) is spill-free on sm_80
-# and sm_90 (python -m bench.model --variants); the backward streams the same block, 8 a thread.
+# fourteen per-lane accumulators (the student's and teacher's (max, Σ others), the moments A and R and
+# their compensations, the reference class (s, t), the mark of infinite x, the student's masked mass,
+# the τ = 1 sum), one lane a thread: each iteration a lane folds 2 × CHUNK classes (two runs of CHUNK
+# contiguous classes, one 128-bit load each of bf16) into its sums at once, so that a moving max
+# rescales and recentres the lane's sums once per chunk, not per element, and the moments' compensated
+# (Kahan) add takes the chunk's plain sum.  Half the engine's block (128 lanes over 4 warps, 16 classes
+# a lane) is spill-free on sm_80 and sm_90 (python -m bench.model --variants); the backward streams
+# half of it, 8 a thread (16 spill on sm_80 with the target's and τ's terms).
 LANES_PER_BLOCK = 2
 CHUNK = 8
 
@@ -202,7 +208,7 @@ def _fold_block(s_row, t_row, start, cols2, C, ms, ss, s1, pm, mt, st, A, cA, R,
 
 @triton.jit
 def _online_chunk(m, s, x, k2, k2_lo, INTERPRETED: tl.constexpr):
-    """:func:`online_update_x` of a chunk x [lanes, k] at once: the lane's max m' = max(m, max_k x), the
+    """:func:`online_update_x` of a chunk x [lanes, k, 2] at once: the lane's max m' = max(m, max_k x), the
     old sum rescaled once by c = exp((m - m')/τ) where the max moves, and s' = Σ_{j ≠ argmax} e_j with
     e = 2^g, g = (x - m')·log2(e)/τ per element ((k2, k2_lo) of exp2_split): one exp a logit, 1 at m'
     (ties count 1 each, all but one of them in s), 0 at -inf (also while the lane is still at -inf), NaN
@@ -227,15 +233,16 @@ def _online_chunk(m, s, x, k2, k2_lo, INTERPRETED: tl.constexpr):
 @triton.jit
 def _moments_update(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, xs, xt, p, inv, inv_lo, k2, k2_lo,
                     INTERPRETED: tl.constexpr):
-    """One chunk [lanes, k] into the teacher's lane (max, Σ others) and the moments A = Σ w x, R = Σ w ψ(x)
+    """One chunk [lanes, k, 2] into the teacher's lane (max, Σ others) and the moments A = Σ w x, R = Σ w ψ(x)
     of x = v - v_ref under w = exp((t - mt)/τ), compensated sums (cA, cR).  The reference is the class of
     the lane's teacher max, (s_ref, t_ref), so that x is small where the teacher's mass is, and x is
     formed from gaps in x units, ((s - s_ref) - (t - t_ref))/τ: never through v itself, whose rounding
-    is that of the logits' magnitude over τ (a student far from its teacher).  inf_mass: Σ w over the
-    classes whose x is not finite (a student -inf where the teacher has weight: KL = +inf), left out of
-    the moments.  Returns the elements' w as well (0: a class of teacher weight 0, whose student mass
-    goes to P_m) and, per lane, whether a new max dropped the old sums (their weights underflow: their
-    classes' student mass goes to P_m too)."""
+    is that of the logits' magnitude over τ (a student far from its teacher).  inf_mass: 1 under the lane
+    max where a chunk held a class of teacher weight whose x is not finite (a student -inf where the
+    teacher has weight: KL = +inf), scaled as the sums (0 once a later max drops them); such a chunk is
+    left out of the moments.  Returns as well the student's mass (p, under its new lane max) on the
+    chunk's classes of teacher weight 0 (they go to P_m) and, per lane, whether a new max dropped the
+    old sums (their weights underflow: their classes' student mass goes to P_m too)."""
     W = st + 1.0  # Σ w of the old sums (st starts at -1: 0 before the lane's first finite logit)
     mt, st, w, g, c, g_c, is_new = _online_chunk(mt, st, xt, k2, k2_lo, INTERPRETED)
     # a new max moves the reference to its class (of the chunk's tied tops, the largest student)
@@ -333,6 +340,26 @@ def _log_ratio(xs, xt, zs_gap, zt_gap, inv, inv_lo, nu, kl, log_t, log_s):
 
 
 @triton.jit
+def _exp(x, INTERPRETED: tl.constexpr):
+    """e^x as tl.exp computes it, 2^(x log2 e), by the hardware's ex2 alone (:func:`_exp2`: results below
+    2^-126 are 0)."""
+    return _exp2(x * _LOG2E, INTERPRETED)
+
+
+@triton.jit
+def _row_terms(s_row, t_row, c, C, Ms, Mt, inv, inv_lo, inv_t, nu, kl, log_t, log_s, INTERPRETED: tl.constexpr):
+    """Per class c of a row, from its row statistics: the logits (xs, xt), the gaps zs_gap = (s - Ms)/τ and
+    zt_gap = (t - Mt)/τ, q = e^zt_gap / (1 + St) and (u, w) of :func:`_log_ratio`."""
+    xs = load_x(s_row, c, C, 1)
+    xt = load_x(t_row, c, C, 1)
+    zs_gap = mul_inv(xs - Ms, inv, inv_lo)
+    zt_gap = mul_inv(xt - Mt, inv, inv_lo)
+    q = _exp(zt_gap, INTERPRETED) * inv_t
+    u, w = _log_ratio(xs, xt, zs_gap, zt_gap, inv, inv_lo, nu, kl, log_t, log_s)
+    return xs, xt, zs_gap, zt_gap, q, u, w
+
+
+@triton.jit
 def _kd_fwd_kernel(
     # pointers
     s_ptr, t_ptr, target_ptr, tau_ptr, kd_ptr, ce_ptr, stats_ptr, out_ptr,
@@ -418,11 +445,8 @@ def _kd_fwd_kernel(
         log_t, log_s, inv_t = log1p(St), log1p(Ss), tl.math.div_rn(1.0, 1.0 + St)
         for start in range(0, C, BLOCK):
             c = start + cols
-            xs = load_x(s_row, c, C, 1)
-            xt = load_x(t_row, c, C, 1)
-            zt_gap = mul_inv(xt - Mt, inv, inv_lo)
-            q = tl.exp(zt_gap) * inv_t
-            w = _log_ratio(xs, xt, mul_inv(xs - Ms, inv, inv_lo), zt_gap, inv, inv_lo, nu, kl, log_t, log_s)[1]
+            _xs, _xt, _zs, _zt, q, _u, w = _row_terms(s_row, t_row, c, C, Ms, Mt, inv, inv_lo, inv_t, nu, kl, log_t,
+                                                      log_s, INTERPRETED)
             # q = 0 (a masked teacher class) adds exactly 0; a NaN q stays NaN
             val = tl.where(q != 0.0, -(tau * tau) * q * w, 0.0)
             tl.store(out_ptr + r * C + c, to_store(val, out_ptr, INTERPRETED), mask=c < C)
@@ -478,7 +502,7 @@ def _kd_bwd_kernel(
     cols = tl.arange(0, BLOCK)
     if ELEMENTWISE:
         G1, F = _elementwise_sums(s_row, t_row, g_ptr + r * C, cols, C, Ms, Mt, inv, inv_lo, nu, kl, log_t, log_s,
-                                  inv_t, BLOCK)
+                                  inv_t, BLOCK, INTERPRETED)
         g = 0.0
     else:
         g = tl.load(g_ptr + r * stride_g).to(tl.float32)
@@ -496,17 +520,14 @@ def _kd_bwd_kernel(
     u_max = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         c = start + cols
-        xs = load_x(s_row, c, C, 1)
-        xt = load_x(t_row, c, C, 1)
-        zs_gap = mul_inv(xs - Ms, inv, inv_lo)
-        zt_gap = mul_inv(xt - Mt, inv, inv_lo)
-        p = tl.exp(zs_gap) * inv_s
-        q = tl.exp(zt_gap) * inv_t
-        u, w = _log_ratio(xs, xt, zs_gap, zt_gap, inv, inv_lo, nu, kl, log_t, log_s)
+        xs, xt, zs_gap, zt_gap, q, u, w = _row_terms(s_row, t_row, c, C, Ms, Mt, inv, inv_lo, inv_t, nu, kl, log_t,
+                                                     log_s, INTERPRETED)
+        p = _exp(zs_gap, INTERPRETED) * inv_s
         # q = 0 (a masked teacher class) adds exactly 0; a NaN q (a non-finite teacher row) stays NaN
         keep = q != 0.0
         small_w = tl.abs(w) <= w_bound
-        psi_w = psi_series(tl.where(small_w, w, 0.0))
+        # ψ(w) where small_w (a select elsewhere: the polynomial's value there does not matter)
+        w_h = w * _psi_over_square(w)
         if ELEMENTWISE:
             gc = tl.load(g_ptr + r * C + c, mask=c < C, other=0.0).to(tl.float32)
             gq = tl.where(keep, gc * q, 0.0)
@@ -514,11 +535,11 @@ def _kd_bwd_kernel(
             dzt = tl.where(keep, q * (gc * (1.0 - w) - (F + G1)), 0.0)
         else:
             # p - q = q expm1(w): no cancellation where p ≈ q (the second-order rows)
-            dzs = g * tl.where(keep, tl.where(small_w, q * (w + psi_w), p - q), p)
+            dzs = g * tl.where(keep, tl.where(small_w, q * tl.fma(w, w_h, w), p - q), p)
             dzt = tl.where(keep, -g * q * u, 0.0)
         ds = tau * dzs
         if HAS_TARGET:
-            p1 = tl.exp(xs - Ms) * inv1
+            p1 = _exp(xs - Ms, INTERPRETED) * inv1
             q1 = tl.where(xs == Ms, S1 * inv1, 1.0 - p1)
             ds += g_ce * tl.where(c == y, -q1, p1)
         tl.store(ds_ptr + r * C + c, to_store(ds, ds_ptr, INTERPRETED), mask=c < C)
@@ -529,7 +550,7 @@ def _kd_bwd_kernel(
             tau_acc += (tl.where(dzs != 0.0, (xs * 0.5 - Ms * 0.5) * dzs, 0.0)
                         + tl.where(dzt != 0.0, (xt * 0.5 - Mt * 0.5) * dzt, 0.0))
             if not ELEMENTWISE:
-                q_psi_w = tl.where(small_w, q * psi_w, (p - q) - q * w)
+                q_psi_w = tl.where(small_w, q * (w * w_h), (p - q) - q * w)
                 b_acc += _third_order(p, q, u, q_psi_w, keep, zt_gap, xs, Mt, inv, inv_lo, nu, kl, e_kl)
                 pm_acc += tl.where(keep, 0.0, p)
                 u_max = tl.maximum(u_max, tl.where(keep, tl.abs(u), 0.0))
@@ -550,17 +571,14 @@ def _kd_bwd_kernel(
 
 @triton.jit
 def _elementwise_sums(s_row, t_row, g_row, cols, C, Ms, Mt, inv, inv_lo, nu, kl, log_t, log_s, inv_t,
-                      BLOCK: tl.constexpr):
+                      BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
     """G1 = Σ g q and F = Σ g q δ (δ = log q - log p = -w) of a row with a per-element gradient g."""
     acc1 = tl.zeros([BLOCK], tl.float32)
     acc2 = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         c = start + cols
-        xs = load_x(s_row, c, C, 1)
-        xt = load_x(t_row, c, C, 1)
-        zt_gap = mul_inv(xt - Mt, inv, inv_lo)
-        q = tl.exp(zt_gap) * inv_t
-        w = _log_ratio(xs, xt, mul_inv(xs - Ms, inv, inv_lo), zt_gap, inv, inv_lo, nu, kl, log_t, log_s)[1]
+        _xs, _xt, _zs, _zt, q, _u, w = _row_terms(s_row, t_row, c, C, Ms, Mt, inv, inv_lo, inv_t, nu, kl, log_t, log_s,
+                                                  INTERPRETED)
         gq = tl.where(q != 0.0, tl.load(g_row + c, mask=c < C, other=0.0).to(tl.float32) * q, 0.0)
         acc1 += gq
         acc2 += tl.where(q != 0.0, -gq * w, 0.0)
