@@ -10,10 +10,13 @@ of teacher probability 0.  Then log p - log q = w = u - KL and, since E_q u = 0,
 
 which is second order in u: exact where the student is near its teacher, at any τ and under a common
 logit offset, where Σ q (zt - zs) - (lse_t - lse_s) cancels to below the ulp of its terms (τ = 1e4
-gave a negative KL).  The forward keeps, beside the online (max, Σ others) of s and t per lane, the
-teacher-weighted moments A = Σ w x and R = Σ w ψ(x) of x = v - v_ref about a reference class, and the
-student's mass on the classes of teacher weight 0, rescaled as the teacher's (student's) lane max
-moves; ψ by its 9-term series for |x| <= 1, else as w e^x - w(1 + x) with w e^x one exp.  The
+gave a negative KL).  The forward's lanes are threads, each folding a chunk of 2 × 8 classes (two
+128-bit loads of bf16 a row) per iteration; a lane keeps, beside the online (max, Σ others) of s and t,
+the teacher-weighted moments A = Σ w x and R = Σ w ψ(x) of x = v - v_ref about a reference class, and
+the student's mass on the classes of teacher weight 0, rescaled as the teacher's (student's) lane max
+moves (once a chunk); one exp2 a logit (the hardware's ex2, results below 2^-126 flushed to 0: a
+weight 2^-126 below the lane's max is a class of teacher weight 0), ψ by a degree-7 polynomial in x
+times x² for |x| <= 1 (1.7e-8 relative), else as w e^x - w(1 + x) with w e^x one exp.  The
 reference class is the lane's teacher max, so that x is small where the teacher's mass is (a fixed
 reference, e.g. from the first block, leaves E_q ψ(u) to a cancellation e^|ā| times its size against
 a peaked teacher): when the max moves, the sums move with it, Σ w ψ(x - d) = e^-d R + expm1(-d) A +
@@ -22,10 +25,12 @@ teacher max.  x is formed from gaps in x units, ((s - s_ref) - (t - t_ref))/τ, 
 rounding is that of |s - t|/τ (a student far from its teacher).  With ā = A/W, b̄ = R/W
 (W = Σ w = 1 + St): E_q e^u = 1 + e^-ā (b̄ - ψ(ā)), ν = v_ref + ā.  That difference is where the
 rounding of the moments is amplified (e^|ā| times, ā of order the spread of u for a flat teacher),
-so the lanes sum A and R compensated (Kahan) and are merged in float64 (per row, not per element).
+so the lanes add each chunk's plain sums of A and R compensated (Kahan) and are merged in float64
+(per row, not per element).
 Every class is either in the moments or, with its student mass, in P_m: a class whose teacher weight
 a later max makes underflow (in its lane or at the merge) moves its student mass to P_m.  A student
--inf where the teacher has weight gives KL = +inf, outside the moments.  A row whose log E_q e^u
+-inf where the teacher has weight gives KL = +inf, outside the moments (the chunk's Σ w x is then not
+finite: the lane is marked and the chunk left out of its moments).  A row whose log E_q e^u
 reaches 1, or whose P_m reaches 1/2, has no cancellation to avoid and takes the plain form
 KL = ((Ms - s_ref) - (Mt - t_ref))/τ - ā + log1p(Ss) - log1p(St).
 stats[r] = (Ms, Ss, Mt, St, KL, ν, S1, precise): maxima in x units, precise = 1 where the row takes
@@ -44,21 +49,36 @@ units, 2 (τ g KL - Σ (s - Ms)/2 ∂/∂zs - Σ (t - Mt)/2 ∂/∂zt), or on th
 A NaN or +inf logit, or a teacher row with no finite logit, makes the row's loss and every gradient
 NaN, as the composition; a masked teacher class (-inf, q = 0) adds exactly 0.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from .row_engine import interpreted, load_x, row_config, tau_stride
-from .tl_math import (lane_scale, log1p, mul_inv, nan_if_posinf, online_finalize, online_finalize_x, online_update,
-                      online_update_x, psi3_series, psi_series, psi_series_f64, reciprocal_split, to_store)
+from .tl_math import (lane_scale, log1p, mul_inv, nan_if_posinf, online_finalize, online_finalize_x, psi3_series,
+                      psi_series, psi_series_f64, reciprocal_split, to_store)
 
-# fifteen per-lane accumulators (the student's and teacher's (max, Σ others), the moments A and R and
-# their compensations, the reference class (s, t), the mass of infinite x, the student's masked and
-# kept mass, the τ = 1 sum): an eighth of the engine's block over 8 warps (2 elements a thread) is
-# spill-free on sm_80 and sm_90 (python -m bench.model --variants: forward 92-112 registers, most of them for the
-# float64 merge after the loop, backward 32-56; a quarter of the block spilled on sm_90)
-LANES_PER_BLOCK = 8
-NUM_WARPS = 8
+# fourteen per-lane accumulators (the student's and teacher's (max, Σ others), the moments A and R and
+# their compensations, the reference class (s, t), the mark of infinite x, the student's masked mass,
+# the τ = 1 sum), one lane a thread: each iteration a lane folds 2 × CHUNK classes (two runs of CHUNK
+# contiguous classes, one 128-bit load each of bf16) into its sums at once, so that a moving max
+# rescales and recentres the lane's sums once per chunk, not per element, and the moments' compensated
+# (Kahan) add takes the chunk's plain sum.  Half the engine's block (128 lanes over 4 warps, 16 classes
+# a lane) is spill-free on sm_80 and sm_90 (python -m bench.model --variants); the backward streams
+# half of it, 8 a thread (16 spill on sm_80 with the target's and τ's terms).
+LANES_PER_BLOCK = 2
+CHUNK = 8
+
+
+def kd_config(C):
+    """(lanes, chunk, num_warps) of a row of C classes: an iteration reads block = 2 × lanes × chunk
+    classes of each row, two runs of chunk contiguous classes a lane (a thread); blocks shrunk by the
+    tests keep 2 lanes of two runs of 2."""
+    block = row_config(C, LANES_PER_BLOCK)[0]
+    chunk = min(CHUNK, max(block // 4, 1))
+    lanes = block // (2 * chunk)
+    return lanes, chunk, max(1, min(4, lanes // 32))
 
 
 @triton.jit
@@ -82,38 +102,181 @@ def _kahan_add(total, comp, term):
     return t, (t - total) - y
 
 
+def _psi_over_square_coefficients(degree):
+    """Monomial coefficients of the polynomial of ``degree`` that interpolates h(x) = ψ(x)/x² =
+    Σ_k x^k/(k+2)! at the Chebyshev nodes of [-1, 1] (float64; a near-minimax fit: at degree 7 and
+    rounded to fp32 it is within 1.7e-8 of h relative, where the Taylor polynomial needs degree 8 for
+    4e-8)."""
+    n = degree + 1
+    nodes = [math.cos(math.pi * (j + 0.5) / n) for j in range(n)]
+    rows = [[x ** k for k in range(n)] + [sum(x ** k / math.factorial(k + 2) for k in range(30))] for x in nodes]
+    for i in range(n):  # Gauss-Jordan with partial pivoting
+        piv = max(range(i, n), key=lambda r: abs(rows[r][i]))
+        rows[i], rows[piv] = rows[piv], rows[i]
+        for r in range(n):
+            if r != i:
+                f = rows[r][i] / rows[i][i]
+                rows[r] = [a - f * b for a, b in zip(rows[r], rows[i])]
+    return [rows[i][n] / rows[i][i] for i in range(n)]
+
+
+_H = _psi_over_square_coefficients(7)
+_H0, _H1, _H2, _H3 = (tl.constexpr(v) for v in _H[:4])
+_H4, _H5, _H6, _H7 = (tl.constexpr(v) for v in _H[4:])
+
+
 @triton.jit
-def _moments_update(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, xs, xt, inv, inv_lo):
-    """One block into the teacher's lane (max, Σ others) and the moments A = Σ w x, R = Σ w ψ(x) of
-    x = v - v_ref under w = exp((t - mt)/τ), compensated sums (cA, cR).  The reference is the class of
+def _psi_over_square(x):
+    """ψ(x)/x² = (e^x - 1 - x)/x² for |x| <= 1 to 1.7e-8 relative (_psi_over_square_coefficients)."""
+    h = x * _H7 + _H6
+    h = h * x + _H5
+    h = h * x + _H4
+    h = h * x + _H3
+    h = h * x + _H2
+    h = h * x + _H1
+    return h * x + _H0
+
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+_FLT_MIN = tl.constexpr(1.1754943508222875e-38)
+
+
+@triton.jit
+def _exp2(x, INTERPRETED: tl.constexpr):
+    """2^x by the hardware's ex2 alone (MUFU.EX2, ~2 ulp), results below 2^-126 flushed to 0: tl.exp and
+    tl.exp2 add a subnormal fix-up of three instructions per element (a weight below 2^-126 of the
+    row's max is a class of weight 0, its student mass in P_m).  The interpreter takes tl.exp2 and
+    flushes the same."""
+    if INTERPRETED:
+        y = tl.exp2(x)
+        return tl.where(y < _FLT_MIN, 0.0, y)
+    return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def exp2_split(tau):
+    """log2(e)/τ as a pair (k2, k2_lo), k2 + k2_lo = log2(e)/τ to about ε² (formed in float64), for
+    mul_inv: a gap in x units to an exponent of 2 in one rounding.  k2 is set just below so that
+    k2_lo > 0 (mul_inv keeps ±inf, as reciprocal_split)."""
+    k = _LOG2E / tau.to(tl.float64)
+    k2 = (k * (1.0 - 1.0 / 2097152)).to(tl.float32)
+    return k2, (k - k2.to(tl.float64)).to(tl.float32)
+
+
+@triton.jit
+def _lane_max(x):
+    """The max of each lane's classes of a chunk [lanes, k, 2] (within a thread)."""
+    return tl.max(tl.max(x, 2), 1)
+
+
+@triton.jit
+def _lane_sum(x):
+    """The sum of each lane's classes of a chunk [lanes, k, 2] (within a thread)."""
+    return tl.sum(tl.sum(x, 2), 1)
+
+
+@triton.jit
+def load_chunk(x_row, start, cols2, C, HALF: tl.constexpr, MASKED: tl.constexpr):
+    """The chunk [lanes, k, 2] of columns start + cols2 and start + HALF + cols2 (cols2 = lane·k + 0..k-1):
+    two contiguous runs of k classes a lane, one 128-bit load each at k = 8 bf16; -inf past the end
+    where MASKED (the row's last block), no mask on the others."""
+    c = start + cols2
+    if MASKED:
+        return tl.join(load_x(x_row, c, C, 1), load_x(x_row, c + HALF, C, 1))
+    return tl.join(tl.load(x_row + c).to(tl.float32), tl.load(x_row + (c + HALF)).to(tl.float32))
+
+
+@triton.jit
+def _fold_block(s_row, t_row, start, cols2, C, ms, ss, s1, pm, mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, inv,
+                inv_lo, k2, k2_lo, k1, k1_lo, HALF: tl.constexpr, MASKED: tl.constexpr, HAS_TARGET: tl.constexpr,
+                INTERPRETED: tl.constexpr):
+    """One block of both rows into the lanes' sums (the forward's loop body)."""
+    xs = load_chunk(s_row, start, cols2, C, HALF, MASKED)
+    xt = load_chunk(t_row, start, cols2, C, HALF, MASKED)
+    if HAS_TARGET:  # τ = 1 under the same lane max
+        s1 = _online_chunk(ms, s1, xs, xs, k1, k1_lo, INTERPRETED)[1]
+    ss_old = ss
+    ms, ss, p, _g, scale, _g_scale, _is_new, _y = _online_chunk(ms, ss, xs, xs, k2, k2_lo, INTERPRETED)
+    mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, p_masked, drop = _moments_update(
+        mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, xs, xt, p, inv, inv_lo, k2, k2_lo, INTERPRETED)
+    # the student's mass on the classes of teacher weight 0 (pm) under the student's lane max; a
+    # drop moves the lane's whole mass so far, 1 + ss, there: every class in the moments or in P_m
+    pm = tl.where(drop, ss_old + 1.0, pm) * scale + p_masked
+    return ms, ss, s1, pm, mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass
+
+
+@triton.jit
+def _online_chunk(m, s, x, y, k2, k2_lo, INTERPRETED: tl.constexpr):
+    """:func:`online_update_x` of a chunk x [lanes, k, 2] at once: the lane's max m' = max(m, max_k x), the
+    old sum rescaled once by c = exp((m - m')/τ) where the max moves, and s' = Σ_{j ≠ argmax} e_j with
+    e = 2^g, g = (x - m')·log2(e)/τ per element ((k2, k2_lo) of exp2_split): one exp a logit, 1 at m'
+    (ties count 1 each, all but one of them in s), 0 at -inf (also while the lane is still at -inf), NaN
+    at a NaN (and at +inf: its row is NaN).  The chunk's ties with m' are counted as the sum of the
+    chunk's e less the sum without them (an exact integer after rounding: the plain sum of e would lose
+    the others' full relative precision beside the 1s).
+    Returns (m', s', e, g, c = 2^g_c, g_c, whether the max moved, the largest y of the chunk's classes at
+    m' (-inf if none): the teacher's tops' student logits, read beside the ties' count)."""
+    m_new = tl.maximum(m, _lane_max(x))
+    is_new = m_new > m
+    m_gap = tl.where(m_new == float("-inf"), 0.0, m_new)
+    g = mul_inv(x - m_gap[:, None, None], k2, k2_lo)
+    e = _exp2(g, INTERPRETED)
+    top = g == 0.0
+    s_rest = _lane_sum(tl.where(top, 0.0, e))
+    y_top = _lane_max(tl.where(top, y, float("-inf")))
+    n_top = tl.floor((_lane_sum(e) - s_rest) + 0.5)
+    g_c = tl.where(is_new, mul_inv(m - m_new, k2, k2_lo), 0.0)
+    c = _exp2(g_c, INTERPRETED)
+    # a moved max: the old max's own term c joins the others and one of the chunk's tops is the argmax
+    s = tl.where(is_new, s * c + c + (n_top - 1.0), s + n_top) + s_rest
+    return m_new, s, e, g, c, g_c, is_new, y_top
+
+
+@triton.jit
+def _moments_update(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, xs, xt, p, inv, inv_lo, k2, k2_lo,
+                    INTERPRETED: tl.constexpr):
+    """One chunk [lanes, k, 2] into the teacher's lane (max, Σ others) and the moments A = Σ w x, R = Σ w ψ(x)
+    of x = v - v_ref under w = exp((t - mt)/τ), compensated sums (cA, cR).  The reference is the class of
     the lane's teacher max, (s_ref, t_ref), so that x is small where the teacher's mass is, and x is
     formed from gaps in x units, ((s - s_ref) - (t - t_ref))/τ: never through v itself, whose rounding
-    is that of the logits' magnitude over τ (a student far from its teacher).  inf_mass: Σ w over the
-    classes whose x is not finite (a student -inf where the teacher has weight: KL = +inf), left out of
-    the moments.  Returns the element's w as well (0: a class of teacher weight 0, whose student mass
-    goes to P_m) and whether a new max dropped the old sums (their weights underflow: their classes'
-    student mass goes to P_m too)."""
+    is that of the logits' magnitude over τ (a student far from its teacher).  inf_mass: 1 under the lane
+    max where a chunk held a class of teacher weight whose x is not finite (a student -inf where the
+    teacher has weight: KL = +inf), scaled as the sums (0 once a later max drops them); such a chunk is
+    left out of the moments.  Returns as well the student's mass (p, under its new lane max) on the
+    chunk's classes of teacher weight 0 (they go to P_m) and, per lane, whether a new max dropped the
+    old sums (their weights underflow: their classes' student mass goes to P_m too)."""
     W = st + 1.0  # Σ w of the old sums (st starts at -1: 0 before the lane's first finite logit)
-    mt, st, e, is_new, arg = online_update_x(mt, st, xt, inv, inv_lo)
-    w = tl.where(is_new, 1.0, tl.where(xt > float("-inf"), e, 0.0))
-    c = tl.where(is_new, e, 1.0)
-    x = mul_inv((xs - s_ref) - (xt - t_ref), inv, inv_lo)
-    finite = tl.abs(x) < float("inf")
-    inf_mass = inf_mass * c + tl.where(finite, 0.0, w)
-    x = tl.where(finite & (w != 0.0), x, 0.0)
-    # a new max moves the reference to its class
-    move = is_new & finite
-    d = tl.where(move, x, 0.0)
-    small = tl.abs(x) <= 1.0
-    psi_x = psi_series(tl.where(small, x, 0.0))
-    # one exp: w e^x of an element (its ψ where |x| > 1, as one exp: no overflow where w is tiny), or
-    # c e^-d of the old sums where is_new (arg is then their scale's exponent)
-    E = tl.exp(arg + tl.where(is_new, -d, x))
-    w_psi = tl.where(small, w * psi_x, E - w * (1.0 + x))
-    A_new, R_new = _recentre(A - cA, R - cR, W, c, E, d, psi_x, small)
-    A, cA = _kahan_add(tl.where(is_new, A_new, A), tl.where(is_new, 0.0, cA), tl.where(move, 0.0, w * x))
-    R, cR = _kahan_add(tl.where(is_new, R_new, R), tl.where(is_new, 0.0, cR), tl.where(move, 0.0, w_psi))
-    return (mt, st, A, cA, R, cR, tl.where(move, xs, s_ref), tl.where(move, xt, t_ref), inf_mass, w,
+    # a new max moves the reference to its class (of the chunk's tied tops, the largest student)
+    mt, st, w, g, c, g_c, is_new, s_top = _online_chunk(mt, st, xt, xs, k2, k2_lo, INTERPRETED)
+    d = mul_inv((s_top - s_ref) - (mt - t_ref), inv, inv_lo)
+    move = is_new & (tl.abs(d) < float("inf"))
+    d = tl.where(move, d, 0.0)
+    s_ref = tl.where(move, s_top, s_ref)
+    t_ref = tl.where(move, mt, t_ref)
+    small_d = tl.abs(d) <= 1.0
+    E_old = _exp2(g_c - d * _LOG2E, INTERPRETED)  # c e^-d
+    A_new, R_new = _recentre(A - cA, R - cR, W, c, E_old, d, psi_series(tl.where(small_d, d, 0.0)), small_d)
+    A = tl.where(is_new, A_new, A)
+    R = tl.where(is_new, R_new, R)
+    cA = tl.where(is_new, 0.0, cA)
+    cR = tl.where(is_new, 0.0, cR)
+    kept = w != 0.0
+    x = tl.where(kept, mul_inv((xs - s_ref[:, None, None]) - (xt - t_ref[:, None, None]), inv, inv_lo), 0.0)
+    # w ψ(x) where |x| > 1 as w e^x - w (1 + x), w e^x = 2^(g + x log2 e) one exp (no overflow where w is
+    # tiny); the series' value where it is not taken does not matter (a select, not a product)
+    wx = w * x
+    w_psi = tl.where(tl.abs(x) <= 1.0, wx * (x * _psi_over_square(x)),
+                     _exp2(g + x * _LOG2E, INTERPRETED) - w * (1.0 + x))
+    # a class of teacher weight whose x is not finite makes the chunk's Σ w x so: the lane is marked
+    # (KL = +inf unless a later max drops it) and the chunk left out of the moments
+    sum_wx = _lane_sum(wx)
+    finite = tl.abs(sum_wx) < float("inf")
+    inf_mass = inf_mass * c + tl.where(finite, 0.0, 1.0)
+    A, cA = _kahan_add(A, cA, tl.where(finite, sum_wx, 0.0))
+    R, cR = _kahan_add(R, cR, tl.where(finite, _lane_sum(w_psi), 0.0))
+    # the student's mass on the classes of teacher weight 0, under the student's new lane max
+    return (mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, _lane_sum(tl.where(kept, 0.0, p)),
             is_new & (c == 0.0))
 
 
@@ -179,6 +342,26 @@ def _log_ratio(xs, xt, zs_gap, zt_gap, inv, inv_lo, nu, kl, log_t, log_s):
 
 
 @triton.jit
+def _exp(x, INTERPRETED: tl.constexpr):
+    """e^x as tl.exp computes it, 2^(x log2 e), by the hardware's ex2 alone (:func:`_exp2`: results below
+    2^-126 are 0)."""
+    return _exp2(x * _LOG2E, INTERPRETED)
+
+
+@triton.jit
+def _row_terms(s_row, t_row, c, C, Ms, Mt, inv, inv_lo, inv_t, nu, kl, log_t, log_s, INTERPRETED: tl.constexpr):
+    """Per class c of a row, from its row statistics: the logits (xs, xt), the gaps zs_gap = (s - Ms)/τ and
+    zt_gap = (t - Mt)/τ, q = e^zt_gap / (1 + St) and (u, w) of :func:`_log_ratio`."""
+    xs = load_x(s_row, c, C, 1)
+    xt = load_x(t_row, c, C, 1)
+    zs_gap = mul_inv(xs - Ms, inv, inv_lo)
+    zt_gap = mul_inv(xt - Mt, inv, inv_lo)
+    q = _exp(zt_gap, INTERPRETED) * inv_t
+    u, w = _log_ratio(xs, xt, zs_gap, zt_gap, inv, inv_lo, nu, kl, log_t, log_s)
+    return xs, xt, zs_gap, zt_gap, q, u, w
+
+
+@triton.jit
 def _kd_fwd_kernel(
     # pointers
     s_ptr, t_ptr, target_ptr, tau_ptr, kd_ptr, ce_ptr, stats_ptr, out_ptr,
@@ -189,45 +372,43 @@ def _kd_fwd_kernel(
     # runtime scalars
     ignore_index,
     # constants
-    HAS_TARGET: tl.constexpr, ELEMENTWISE: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
+    HAS_TARGET: tl.constexpr, ELEMENTWISE: tl.constexpr, LANES: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """kd[r] = KL of the row (without τ²); ce[r] = CE of s at τ = 1 (0 if ignored); stats[r] as the
-    module docstring; ELEMENTWISE also writes out = τ² q (log q - log p)."""
+    module docstring; ELEMENTWISE also writes out = τ² q (log q - log p).  An iteration reads BLOCK = LANES ×
+    CHUNK classes, CHUNK contiguous a lane."""
     r = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + r * stride_s
     t_row = t_ptr + r * stride_t
     tau = tl.load(tau_ptr + r * stride_tau).to(tl.float32)
     inv, inv_lo = reciprocal_split(tau)
+    k2, k2_lo = exp2_split(tau)
     cols = tl.arange(0, BLOCK)
-    ms = tl.full([BLOCK], float("-inf"), tl.float32)
-    mt = tl.full([BLOCK], float("-inf"), tl.float32)
-    ss = tl.zeros([BLOCK], tl.float32)
-    st = tl.full([BLOCK], -1.0, tl.float32)  # see _moments_update
-    A = tl.zeros([BLOCK], tl.float32)
-    cA = tl.zeros([BLOCK], tl.float32)
-    R = tl.zeros([BLOCK], tl.float32)
-    cR = tl.zeros([BLOCK], tl.float32)
-    inf_mass = tl.zeros([BLOCK], tl.float32)
-    s_ref = tl.zeros([BLOCK], tl.float32)
-    t_ref = tl.zeros([BLOCK], tl.float32)
-    pm = tl.zeros([BLOCK], tl.float32)
-    pk = tl.zeros([BLOCK], tl.float32)
-    s1 = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, C, BLOCK):
-        c = start + cols
-        xs = load_x(s_row, c, C, 1)
-        xt = load_x(t_row, c, C, 1)
-        mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, w, drop = _moments_update(mt, st, A, cA, R, cR, s_ref, t_ref,
-                                                                                 inf_mass, xs, xt, inv, inv_lo)
-        if HAS_TARGET:  # τ = 1 under the same lane max
-            s1 = online_update(ms, s1, xs)[1]
-        ms, ss, e, is_new, _arg = online_update_x(ms, ss, xs, inv, inv_lo)
-        # the student's mass on the classes of teacher weight 0 (pm) and on the others (pk) under the
-        # student's lane max: every class in the moments or in P_m, never in neither
-        scale = tl.where(is_new, e, 1.0)
-        p = tl.where(is_new, 1.0, e)
-        pm = (pm + tl.where(drop, pk, 0.0)) * scale + tl.where(w != 0.0, 0.0, p)
-        pk = tl.where(drop, 0.0, pk) * scale + tl.where(w != 0.0, p, 0.0)
+    cols2 = tl.arange(0, LANES)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
+    ms = tl.full([LANES], float("-inf"), tl.float32)
+    mt = tl.full([LANES], float("-inf"), tl.float32)
+    ss = tl.full([LANES], -1.0, tl.float32)
+    st = tl.full([LANES], -1.0, tl.float32)  # see _moments_update
+    A = tl.zeros([LANES], tl.float32)
+    cA = tl.zeros([LANES], tl.float32)
+    R = tl.zeros([LANES], tl.float32)
+    cR = tl.zeros([LANES], tl.float32)
+    inf_mass = tl.zeros([LANES], tl.float32)
+    s_ref = tl.zeros([LANES], tl.float32)
+    t_ref = tl.zeros([LANES], tl.float32)
+    pm = tl.zeros([LANES], tl.float32)
+    s1 = tl.full([LANES], -1.0, tl.float32)
+    k1, k1_lo = exp2_split(tl.full([], 1.0, tl.float32))
+    # the full blocks unmasked, then the ragged last one
+    for start in range(0, C - C % BLOCK, BLOCK):
+        ms, ss, s1, pm, mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass = _fold_block(
+            s_row, t_row, start, cols2, C, ms, ss, s1, pm, mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, inv, inv_lo,
+            k2, k2_lo, k1, k1_lo, LANES * CHUNK, False, HAS_TARGET, INTERPRETED)
+    if C % BLOCK != 0:
+        ms, ss, s1, pm, mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass = _fold_block(
+            s_row, t_row, C - C % BLOCK, cols2, C, ms, ss, s1, pm, mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, inv,
+            inv_lo, k2, k2_lo, k1, k1_lo, LANES * CHUNK, True, HAS_TARGET, INTERPRETED)
     # a +inf or NaN logit, or a row with no finite logit, makes the row NaN (as the composition)
     Ms, Ss = online_finalize_x(ms, ss, inv, inv_lo)
     Ss = nan_if_posinf(Ms, Ss)
@@ -236,7 +417,7 @@ def _kd_fwd_kernel(
     a, l, inf_q, s_ref, t_ref, dropped = _moments_finalize(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, Mt, inv,
                                                            inv_lo)
     scale_s = lane_scale(ms, Ms, inv, inv_lo)[0]
-    pm = tl.where(scale_s == 0.0, 0.0, (pm + tl.where(dropped, pk, 0.0)) * scale_s)
+    pm = tl.where(scale_s == 0.0, 0.0, tl.where(dropped, ss + 1.0, pm) * scale_s)
     # (Ms - Mt)/τ - v_ref from gaps in x units (never the magnitude of v_ref)
     gap = ((Ms.to(tl.float64) - s_ref) - (Mt.to(tl.float64) - t_ref)) * (inv.to(tl.float64) + inv_lo)
     kl, precise = _row_kl(a, l, inf_q, tl.sum(pm, 0), Ss, St, gap)
@@ -266,11 +447,8 @@ def _kd_fwd_kernel(
         log_t, log_s, inv_t = log1p(St), log1p(Ss), tl.math.div_rn(1.0, 1.0 + St)
         for start in range(0, C, BLOCK):
             c = start + cols
-            xs = load_x(s_row, c, C, 1)
-            xt = load_x(t_row, c, C, 1)
-            zt_gap = mul_inv(xt - Mt, inv, inv_lo)
-            q = tl.exp(zt_gap) * inv_t
-            w = _log_ratio(xs, xt, mul_inv(xs - Ms, inv, inv_lo), zt_gap, inv, inv_lo, nu, kl, log_t, log_s)[1]
+            _xs, _xt, _zs, _zt, q, _u, w = _row_terms(s_row, t_row, c, C, Ms, Mt, inv, inv_lo, inv_t, nu, kl, log_t,
+                                                      log_s, INTERPRETED)
             # q = 0 (a masked teacher class) adds exactly 0; a NaN q stays NaN
             val = tl.where(q != 0.0, -(tau * tau) * q * w, 0.0)
             tl.store(out_ptr + r * C + c, to_store(val, out_ptr, INTERPRETED), mask=c < C)
@@ -326,7 +504,7 @@ def _kd_bwd_kernel(
     cols = tl.arange(0, BLOCK)
     if ELEMENTWISE:
         G1, F = _elementwise_sums(s_row, t_row, g_ptr + r * C, cols, C, Ms, Mt, inv, inv_lo, nu, kl, log_t, log_s,
-                                  inv_t, BLOCK)
+                                  inv_t, BLOCK, INTERPRETED)
         g = 0.0
     else:
         g = tl.load(g_ptr + r * stride_g).to(tl.float32)
@@ -344,17 +522,14 @@ def _kd_bwd_kernel(
     u_max = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         c = start + cols
-        xs = load_x(s_row, c, C, 1)
-        xt = load_x(t_row, c, C, 1)
-        zs_gap = mul_inv(xs - Ms, inv, inv_lo)
-        zt_gap = mul_inv(xt - Mt, inv, inv_lo)
-        p = tl.exp(zs_gap) * inv_s
-        q = tl.exp(zt_gap) * inv_t
-        u, w = _log_ratio(xs, xt, zs_gap, zt_gap, inv, inv_lo, nu, kl, log_t, log_s)
+        xs, xt, zs_gap, zt_gap, q, u, w = _row_terms(s_row, t_row, c, C, Ms, Mt, inv, inv_lo, inv_t, nu, kl, log_t,
+                                                     log_s, INTERPRETED)
+        p = _exp(zs_gap, INTERPRETED) * inv_s
         # q = 0 (a masked teacher class) adds exactly 0; a NaN q (a non-finite teacher row) stays NaN
         keep = q != 0.0
         small_w = tl.abs(w) <= w_bound
-        psi_w = psi_series(tl.where(small_w, w, 0.0))
+        # ψ(w) where small_w (a select elsewhere: the polynomial's value there does not matter)
+        w_h = w * _psi_over_square(w)
         if ELEMENTWISE:
             gc = tl.load(g_ptr + r * C + c, mask=c < C, other=0.0).to(tl.float32)
             gq = tl.where(keep, gc * q, 0.0)
@@ -362,11 +537,11 @@ def _kd_bwd_kernel(
             dzt = tl.where(keep, q * (gc * (1.0 - w) - (F + G1)), 0.0)
         else:
             # p - q = q expm1(w): no cancellation where p ≈ q (the second-order rows)
-            dzs = g * tl.where(keep, tl.where(small_w, q * (w + psi_w), p - q), p)
+            dzs = g * tl.where(keep, tl.where(small_w, q * tl.fma(w, w_h, w), p - q), p)
             dzt = tl.where(keep, -g * q * u, 0.0)
         ds = tau * dzs
         if HAS_TARGET:
-            p1 = tl.exp(xs - Ms) * inv1
+            p1 = _exp(xs - Ms, INTERPRETED) * inv1
             q1 = tl.where(xs == Ms, S1 * inv1, 1.0 - p1)
             ds += g_ce * tl.where(c == y, -q1, p1)
         tl.store(ds_ptr + r * C + c, to_store(ds, ds_ptr, INTERPRETED), mask=c < C)
@@ -377,7 +552,7 @@ def _kd_bwd_kernel(
             tau_acc += (tl.where(dzs != 0.0, (xs * 0.5 - Ms * 0.5) * dzs, 0.0)
                         + tl.where(dzt != 0.0, (xt * 0.5 - Mt * 0.5) * dzt, 0.0))
             if not ELEMENTWISE:
-                q_psi_w = tl.where(small_w, q * psi_w, (p - q) - q * w)
+                q_psi_w = tl.where(small_w, q * (w * w_h), (p - q) - q * w)
                 b_acc += _third_order(p, q, u, q_psi_w, keep, zt_gap, xs, Mt, inv, inv_lo, nu, kl, e_kl)
                 pm_acc += tl.where(keep, 0.0, p)
                 u_max = tl.maximum(u_max, tl.where(keep, tl.abs(u), 0.0))
@@ -398,17 +573,14 @@ def _kd_bwd_kernel(
 
 @triton.jit
 def _elementwise_sums(s_row, t_row, g_row, cols, C, Ms, Mt, inv, inv_lo, nu, kl, log_t, log_s, inv_t,
-                      BLOCK: tl.constexpr):
+                      BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
     """G1 = Σ g q and F = Σ g q δ (δ = log q - log p = -w) of a row with a per-element gradient g."""
     acc1 = tl.zeros([BLOCK], tl.float32)
     acc2 = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         c = start + cols
-        xs = load_x(s_row, c, C, 1)
-        xt = load_x(t_row, c, C, 1)
-        zt_gap = mul_inv(xt - Mt, inv, inv_lo)
-        q = tl.exp(zt_gap) * inv_t
-        w = _log_ratio(xs, xt, mul_inv(xs - Ms, inv, inv_lo), zt_gap, inv, inv_lo, nu, kl, log_t, log_s)[1]
+        _xs, _xt, _zs, _zt, q, _u, w = _row_terms(s_row, t_row, c, C, Ms, Mt, inv, inv_lo, inv_t, nu, kl, log_t, log_s,
+                                                  INTERPRETED)
         gq = tl.where(q != 0.0, tl.load(g_row + c, mask=c < C, other=0.0).to(tl.float32) * q, 0.0)
         acc1 += gq
         acc2 += tl.where(q != 0.0, -gq * w, 0.0)
@@ -426,12 +598,12 @@ def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
     stats = torch.zeros(R, 8, device=dev, dtype=torch.float32)  # (Ms, Ss, Mt, St, KL, ν, S1, precise)
     ce = torch.empty(R, device=dev, dtype=torch.float32) if target is not None else kl
     out = torch.empty((R, C), device=dev, dtype=s2.dtype) if elementwise else kl
-    block, _, _ = row_config(C, LANES_PER_BLOCK)
-    num_warps = NUM_WARPS
+    lanes, chunk, num_warps = kd_config(C)
     _kd_fwd_kernel[(R,)](
         s2, t2, target if target is not None else kl, tau, kl, ce, stats, out,
         C, s2.stride(0), t2.stride(0), tau_stride(tau), ignore_index,
-        HAS_TARGET=target is not None, ELEMENTWISE=elementwise, BLOCK=block, INTERPRETED=interpreted(),
+        HAS_TARGET=target is not None, ELEMENTWISE=elementwise, LANES=lanes, CHUNK=chunk,
+        BLOCK=2 * lanes * chunk, INTERPRETED=interpreted(),
         num_warps=num_warps,
     )
     return kl, (ce if target is not None else None), stats, (out if elementwise else None)
@@ -448,8 +620,8 @@ def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teach
     if elementwise:
         g = g.contiguous()
     stride_g = 0 if (elementwise or g.numel() == 1) else 1
-    block, _, _ = row_config(C, LANES_PER_BLOCK)
-    num_warps = NUM_WARPS
+    lanes, chunk, num_warps = kd_config(C)
+    block = lanes * chunk  # 8 a thread: 16 spill on sm_80 with the target's and τ's terms
     _kd_bwd_kernel[(R,)](
         s2, t2, target if target is not None else stats, tau, stats, g, g_ce if g_ce is not None else stats,
         ds, dt, dtau, C, s2.stride(0), t2.stride(0), tau_stride(tau), stride_g, ignore_index,

@@ -25,11 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Problems the model found in today's kernels, left to the issues that own those kernels.  Each must
 # still be there (strict): remove the entry in the commit that fixes it.
 KNOWN_SPILLS = {}
-KNOWN_NARROW_LOADS = {
-    "_kd_fwd_kernel": "an eighth of a block (512 lanes over 8 warps, spill-free with the second-order sums): "
-                      "2 bf16 a thread, 32-bit loads (issue 15 item 5)",
-    "_kd_bwd_kernel": "an eighth of a block (512 lanes over 8 warps): 2 bf16 a thread, 32-bit loads (issue 15 item 5)",
-}
+KNOWN_NARROW_LOADS = {}
 
 
 def _env():
