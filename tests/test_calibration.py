@@ -16,12 +16,15 @@ def _calibrated(n, c, seed=0):
 
 @pytest.mark.parametrize("true_t", [0.5, 2.5])
 def test_fit_temperature_recovers_known_t(backend, true_t):
-    n = 200 if backend == "triton" else 6000  # the interpreter runs one program per row
+    # the interpreter runs one program a row: the kernels' check (the float64 optimum) on 64 rows; the
+    # estimator's statistics need thousands, which the torch backend runs
+    n = 64 if backend == "triton" else 6000
     z, y = _calibrated(n, 10)
     logits = z * true_t  # scaled: over-confident for T > 1, under-confident for T < 1
     t = fused_tau.fit_temperature(logits, y)
     assert abs(t - reference.fit_temperature(logits, y)) <= 1e-3 * t  # the same optimum as float64
-    assert abs(t - true_t) <= (0.25 if n < 1000 else 0.06) * true_t  # statistical error of n labels
+    if backend != "triton":
+        assert abs(t - true_t) <= 0.06 * true_t  # statistical error of n labels
 
 
 def _ece_loop(logits, labels, n_bins):
