@@ -17,8 +17,8 @@ import torch
 
 BACKENDS = ("triton", "torch", "reference")
 
-# Row-engine modes, numbered as in kernels/row_softmax.py (tests/test_dispatch.py checks).
-MODE_LSE, MODE_SOFTMAX, MODE_LOG_SOFTMAX = 0, 1, 2
+# the row engine's softmax modes (kernels/__init__.py: importing it does not import Triton)
+from .kernels import MODE_LOG_SOFTMAX, MODE_LSE, MODE_SOFTMAX  # noqa: E402,F401
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,19 +81,34 @@ def _kernel_dtypes():
     return (torch.float32, torch.float16, torch.bfloat16)
 
 
-# launcher modules of each kernel family: (Triton kernels, torch path) with the same names
-ENGINES = {
-    "row": ("fused_tau.kernels.row", "fused_tau._torch_row"),
-    "kd": ("fused_tau.kernels.row_kd", "fused_tau._torch_kd"),
-    "sample": ("fused_tau.kernels.row_sample", "fused_tau._torch_sample"),
-    "tile": ("fused_tau.kernels.tile", "fused_tau._torch_tile"),
-}
-
-
 def engine(backend, family):
-    """The module holding the launchers of ``family`` for ``backend``."""
-    triton_mod, torch_mod = ENGINES[family]
-    return importlib.import_module(triton_mod if backend == "triton" else torch_mod)
+    """The module holding the launchers of ``family`` ("row", "kd", "sample", "tile") for ``backend``: the
+    Triton kernels (kernels/) or the torch path (fused_tau/_torch_*.py), with the same names.  Imported
+    on first use (Triton's import costs about as much as torch's), statically so that readers and tools
+    can follow a call to its launcher."""
+    if backend == "triton":
+        if family == "row":
+            from .kernels import row as module
+        elif family == "kd":
+            from .kernels import row_kd as module
+        elif family == "sample":
+            from .kernels import row_sample as module
+        elif family == "tile":
+            from .kernels import tile as module
+        else:
+            raise KeyError(family)
+    else:
+        if family == "row":
+            from . import _torch_row as module
+        elif family == "kd":
+            from . import _torch_kd as module
+        elif family == "sample":
+            from . import _torch_sample as module
+        elif family == "tile":
+            from . import _torch_tile as module
+        else:
+            raise KeyError(family)
+    return module
 
 
 # each public op and the argument whose device and dtype pick its backend

@@ -6,7 +6,8 @@ in memory here, so the reference ν0 of the kernel is the exact q-weighted mean.
 import torch
 
 from . import _torch_row
-from ._torch_row import _compute_dtype, _exp_, _max_argmax, _nan_if_posinf, for_each, row_chunks, threads_for
+from ._tau import compute_dtype
+from ._torch_row import _exp_, _max_argmax, _nan_if_posinf, for_each, row_chunks, threads_for
 
 INF = float("inf")
 # Taylor coefficients of ψ(x) = e^x - 1 - x = x² Σ_k x^k/(k+2)! and of ψ3(x) = e^x - 1 - x - x²/2
@@ -388,7 +389,7 @@ def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
     if target is None and not elementwise and s2.device.type == "cpu" and s2.numel():
         return _kd_fwd_cpu(s2, t2, tau)
     R, C = s2.shape
-    cd = _compute_dtype(s2)
+    cd = compute_dtype(s2)
     tau_c = _tau_col(tau, R, cd)
     kl = torch.empty(R, device=s2.device, dtype=cd)
     # (Ms, Ss, Mt, St, KL, ν, S1, precise): precise = 1 where the row takes the second-order forms
@@ -430,7 +431,7 @@ def _kd_fwd_cpu(s2, t2, tau):
     per-row decisions and forms for all rows at once (_stats_from_sums), the rows that need the series
     or the general form taken again from the logits, a block of them at a time."""
     R, C = s2.shape
-    cd = _compute_dtype(s2)
+    cd = compute_dtype(s2)
     inv = 1.0 / _tau_col(tau, R, cd)
     sums = torch.empty(R, len(ROW_SUMS), device=s2.device, dtype=cd)
 
@@ -587,7 +588,7 @@ def _kd_bwd_cpu(s2, t2, tau, stats, g):
     rows of each kind in their own groups (_bwd_kind), a group the general form cannot serve in few
     passes sent to it."""
     R, C = s2.shape
-    cd = _compute_dtype(s2)
+    cd = compute_dtype(s2)
     tau_c = _tau_col(tau, R, cd)
     ds = torch.empty((R, C), device=s2.device, dtype=s2.dtype)
     g = g.to(cd).reshape(-1).expand(R)
@@ -636,7 +637,7 @@ def _kd_bwd_cpu(s2, t2, tau, stats, g):
 
 def _kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teacher_grad, tau_grad):
     R, C = s2.shape
-    cd = _compute_dtype(s2)
+    cd = compute_dtype(s2)
     tau_c = _tau_col(tau, R, cd)
     ds = torch.empty((R, C), device=s2.device, dtype=s2.dtype)
     dt = torch.empty((R, C), device=s2.device, dtype=t2.dtype) if teacher_grad else None

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ._dispatch import MODE_LSE, MODE_SOFTMAX
+from ._tau import compute_dtype
 
 CHUNK_ELEMENTS = 1 << 20
 # below this many elements a call runs on the caller's thread alone: handing work to another
@@ -127,10 +128,6 @@ def _one_thread_each(delta):
         _active_calls += delta
         if _active_calls == 0:
             torch.set_num_threads(_threads_before)
-
-
-def _compute_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _as_rows(t3):
@@ -433,7 +430,7 @@ def _half_gap_sum(X, sl, M, tau_r, cd, dz):
 
 def softmax_fwd(x3, tau, mode):
     A, C, B = x3.shape
-    R, cd = A * B, _compute_dtype(x3)
+    R, cd = A * B, compute_dtype(x3)
     X, tau_r = _as_rows(x3), _tau_rows(tau, A, B, cd)
     m = torch.empty(R, device=x3.device, dtype=cd)
     s = torch.empty_like(m)
@@ -462,7 +459,7 @@ def softmax_fwd(x3, tau, mode):
 
 def softmax_bwd(y, g, x3, m, s, tau, log, tau_grad):
     A, C, B = x3.shape
-    R, cd = A * B, _compute_dtype(x3)
+    R, cd = A * B, compute_dtype(x3)
     Y, G, X, tau_r = _as_rows(y), _as_rows(g), _as_rows(x3), _tau_rows(tau, A, B, cd)
     dx = torch.empty((R, C), device=y.device, dtype=y.dtype)
     dtau = torch.empty(R, device=y.device, dtype=cd) if tau_grad else None
@@ -491,7 +488,7 @@ def softmax_bwd(y, g, x3, m, s, tau, log, tau_grad):
 
 def lse_bwd(x3, m, s, tau, g, tau_grad):
     A, C, B = x3.shape
-    R, cd = A * B, _compute_dtype(x3)
+    R, cd = A * B, compute_dtype(x3)
     X, tau_r = _as_rows(x3), _tau_rows(tau, A, B, cd)
     dx = torch.empty((R, C), device=x3.device, dtype=x3.dtype)
     dtau = torch.empty(R, device=x3.device, dtype=cd) if tau_grad else None
@@ -532,7 +529,7 @@ def _hard_target(target, sl, weight, ignore_index, cd, like):
 
 def ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target):
     A, C, B = x3.shape
-    R, cd = A * B, _compute_dtype(x3)
+    R, cd = A * B, compute_dtype(x3)
     X, tau_r = _as_rows(x3), _tau_rows(tau, A, B, cd)
     T = _as_rows(target) if prob_target else None
     new = dict(device=x3.device, dtype=cd)
@@ -581,7 +578,7 @@ def ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target):
 def ce_bwd(x3, target, weight, tau, m, s, a_rows, g, ignore_index, smoothing, prob_target,
            tau_grad, inplace=False):
     A, C, B = x3.shape
-    R, cd = A * B, _compute_dtype(x3)
+    R, cd = A * B, compute_dtype(x3)
     X, tau_r = _as_rows(x3), _tau_rows(tau, A, B, cd)
     T = _as_rows(target) if prob_target else None
     g = g.to(cd).reshape(-1).expand(R)

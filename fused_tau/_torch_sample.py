@@ -13,7 +13,8 @@ is needed.
 """
 import torch
 
-from ._torch_row import _as_rows, _chunks, _compute_dtype, _from_rows, _max_argmax, _tau_rows, for_each, softmax_bwd
+from ._tau import compute_dtype
+from ._torch_row import _as_rows, _chunks, _from_rows, _max_argmax, _tau_rows, for_each, softmax_bwd
 
 
 def _log_exponential(n_rows, C, dtype, device, generator):
@@ -40,7 +41,7 @@ def gumbel_fwd(x3, tau, seed, hard, need_grad):
     ``hard``, contiguous (A, C, B) in x3's dtype; aux = (the soft sample,) when ``hard`` and
     a gradient is needed, else ()."""
     A, C, B = x3.shape
-    R, cd = A * B, _compute_dtype(x3)
+    R, cd = A * B, compute_dtype(x3)
     chunks = _chunks(R, C)
     generators = _chunk_generators(seed, chunks)
     X, tau_r = _as_rows(x3), _tau_rows(tau, A, B, cd)
@@ -83,7 +84,7 @@ def sample_fwd(x2, tau, seed, greedy):
     torch.argmax).  A row that holds a NaN gets -1 (the caller raises)."""
     R, C = x2.shape
     idx = torch.empty(R, device=x2.device, dtype=torch.int64)
-    cd = _compute_dtype(x2)
+    cd = compute_dtype(x2)
     chunks = _chunks(R, C)
     generators = None if greedy else _chunk_generators(seed, chunks)
     tau_r = tau.to(cd).reshape(-1, 1).expand(R, 1)

@@ -5,6 +5,8 @@ Layers: kernels/row_kd.py (or fused_tau/_torch_kd.py) -> ``KDFunction`` -> ``kd_
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -23,12 +25,22 @@ def _rows2(x):
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+@dataclass(frozen=True)
+class KDOptions:
+    """kd_loss's options as ``KDFunction`` carries them from forward to backward."""
+    alpha: float = 0.9
+    reduction: str = "batchmean"
+    ignore_index: int = -100
+
+
 class KDFunction(torch.autograd.Function):
-    """τ² KL(softmax(teacher/τ) ‖ softmax(student/τ)), reduced, optionally mixed with CE(student, target)."""
+    """τ² KL(softmax(teacher/τ) ‖ softmax(student/τ)), reduced, optionally mixed with CE(student, target):
+    ``apply(student, teacher, target, tau, options: KDOptions, backend)``."""
 
     @staticmethod
     @autocast_off
-    def forward(ctx, student, teacher, target, tau, alpha, reduction, ignore_index, backend):
+    def forward(ctx, student, teacher, target, tau, options, backend):
+        alpha, reduction, ignore_index = options.alpha, options.reduction, options.ignore_index
         s2, t2 = _rows2(student), _rows2(teacher)
         R, C = s2.shape
         tgt = target.reshape(-1).to(torch.int64).contiguous() if target is not None else None
@@ -49,7 +61,7 @@ class KDFunction(torch.autograd.Function):
                     n_valid = (tgt != ignore_index).sum().to(ce.dtype)
                     ce_total = ce_total / n_valid
                 loss = alpha * loss + (1.0 - alpha) * ce_total
-        ctx.backend, ctx.shape, ctx.options = backend, student.shape, (alpha, reduction, ignore_index)
+        ctx.backend, ctx.shape, ctx.options = backend, student.shape, options
         ctx.save_for_backward(s2, t2, tgt, tau_k, stats, n_valid, tau)
         return loss  # the compute dtype: the caller rounds it (or not, under autocast)
 
@@ -58,7 +70,7 @@ class KDFunction(torch.autograd.Function):
     @autocast_off
     def backward(ctx, grad):
         s2, t2, tgt, tau_k, stats, n_valid, tau = ctx.saved_tensors
-        alpha, reduction, ignore_index = ctx.options
+        alpha, reduction, ignore_index = ctx.options.alpha, ctx.options.reduction, ctx.options.ignore_index
         R, C = s2.shape
         teacher_grad, tau_grad = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
         g_ce = None
@@ -81,7 +93,7 @@ class KDFunction(torch.autograd.Function):
             dtau = reduce_tau_grad(torch.where(torch.isfinite(stats[:, 4]), dtau, float("nan")), tau, 1)
         else:
             dtau = None
-        return ds, dt, None, dtau, None, None, None, None
+        return ds, dt, None, dtau, None, None
 
 
 def _check(student, teacher, target, alpha, reduction):
@@ -127,6 +139,6 @@ def kd_loss(student: Tensor, teacher: Tensor, *, tau: float | Tensor = 4.0, targ
     backend = backend_for(student)
     if backend == "reference" or student.numel() == 0:
         return reference.kd_loss(student, teacher, tau=tau_t, target=target, alpha=alpha, reduction=reduction)
-    return loss_under_autocast(KDFunction.apply(student, teacher, target, tau_t, float(alpha), reduction, -100,
-                                                backend), student)
+    options = KDOptions(float(alpha), reduction, -100)
+    return loss_under_autocast(KDFunction.apply(student, teacher, target, tau_t, options, backend), student)
 

@@ -1,5 +1,13 @@
 """Triton kernels of fused_tau (installed as ``fused_tau.kernels``).
 
-``row``: the row engine (softmax, log_softmax, logsumexp, cross_entropy).
-``tl_math``: jit math shared by the kernels.
+Row engine (one program streams one row, or a split of one): ``row_engine`` (layout, block choice,
+the row prologue), ``row_softmax`` (softmax, log_softmax, logsumexp, Gumbel-softmax), ``row_ce``
+(cross_entropy), ``row_kd`` (kd_loss), ``row_sample`` (sample); ``row`` gathers the launchers of
+row_softmax and row_ce for fused_tau's dispatch.  Tile engine (query tiles × key or class tiles on the
+tensor cores: infonce, clip_loss, nt_xent, linear_cross_entropy): ``tile``.  ``tl_math``: jit math
+shared by the kernels.
 """
+
+# The row engine's softmax modes, defined here (no Triton import) so that fused_tau's dispatch and the
+# torch path share the kernels' numbering without importing Triton.
+MODE_LSE, MODE_SOFTMAX, MODE_LOG_SOFTMAX = 0, 1, 2

@@ -6,11 +6,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import MODE_LOG_SOFTMAX, MODE_LSE, MODE_SOFTMAX  # noqa: F401 (kernels/row.py re-exports them)
 from .row_engine import (interpreted, load_v, load_x, noise_counter, recompute_p, row_config, row_splits, row_start,
                          rows, tau_stride)
 from .tl_math import exp2_scale, log1p, nan_if_posinf, online_finalize_log2, online_update_log2, to_store
 
-MODE_LSE, MODE_SOFTMAX, MODE_LOG_SOFTMAX = 0, 1, 2
 
 
 @triton.jit
