@@ -87,28 +87,10 @@ def engine(backend, family):
     on first use (Triton's import costs about as much as torch's), statically so that readers and tools
     can follow a call to its launcher."""
     if backend == "triton":
-        if family == "row":
-            from .kernels import row as module
-        elif family == "kd":
-            from .kernels import row_kd as module
-        elif family == "sample":
-            from .kernels import row_sample as module
-        elif family == "tile":
-            from .kernels import tile as module
-        else:
-            raise KeyError(family)
-    else:
-        if family == "row":
-            from . import _torch_row as module
-        elif family == "kd":
-            from . import _torch_kd as module
-        elif family == "sample":
-            from . import _torch_sample as module
-        elif family == "tile":
-            from . import _torch_tile as module
-        else:
-            raise KeyError(family)
-    return module
+        from .kernels import row, row_kd, row_sample, tile
+        return {"row": row, "kd": row_kd, "sample": row_sample, "tile": tile}[family]
+    from . import _torch_kd, _torch_row, _torch_sample, _torch_tile
+    return {"row": _torch_row, "kd": _torch_kd, "sample": _torch_sample, "tile": _torch_tile}[family]
 
 
 # each public op and the argument whose device and dtype pick its backend
