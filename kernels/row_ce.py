@@ -298,12 +298,23 @@ def ce_fwd_grad(x3, target, weight, tau, ignore_index, smoothing, prob_target, g
     gradient ``g`` (one fp32 element for every row): (loss, w_y, M, S, A, dx, dτ per row or None).
     A split row (few long rows) takes ce_fwd's two launches and then ce_bwd's."""
     R, C, B = rows(x3)
-    block, _, _ = row_config(C)
+    block, _ = _fwd_config(x3, C, prob_target or smoothing > 0, True)
     if row_splits(R, C, block, x3.device)[0] > 1:
         loss, wy, m, s, a = ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target)
         dx, dtau = ce_bwd(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_target, tau_grad)
         return loss, wy, m, s, a, dx, dtau
     return _ce_fwd_launch(x3, target, weight, tau, ignore_index, smoothing, prob_target, g, tau_grad)
+
+
+def _fwd_config(x3, C, has_a, write_grad):
+    """(block, warps) of the forward: the weighted sums (A, D) of smoothing / probabilities do not fit
+    sm_80's registers at 16 lanes a thread (8 bytes spilled), so they take half the lanes; the forward
+    that writes the gradient reads each row twice (row_engine.reread_config)."""
+    lanes = 2 if has_a else 1
+    if write_grad:
+        return reread_config(C, x3.element_size(), x3.device, lanes_per_block=lanes)
+    block, _, num_warps = row_config(C, lanes)
+    return block, num_warps
 
 
 def _ce_fwd_launch(x3, target, weight, tau, ignore_index, smoothing, prob_target, g=None, tau_grad=False):
@@ -318,7 +329,7 @@ def _ce_fwd_launch(x3, target, weight, tau, ignore_index, smoothing, prob_target
     write_grad = g is not None
     dx = torch.empty((x3.shape[0], C, B), device=dev, dtype=x3.dtype) if write_grad else x3
     dtau = torch.empty(R, **f32) if write_grad and tau_grad else m
-    block, num_warps = reread_config(C, x3.element_size(), dev) if write_grad else row_config(C)[::2]
+    block, num_warps = _fwd_config(x3, C, has_a, write_grad)
     splits, span = row_splits(R, C, block, dev)
     parts = [torch.empty(R * splits, **f32) for _ in range(4)] if splits > 1 else [m] * 4
     args = (x3, target, weight if weight is not None else m, tau, loss, wy, m, s, a, *parts,
