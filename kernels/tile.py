@@ -60,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tl_math import to_store
+from .tl_math import log1p, to_store
 
 # Tile shapes per architecture, operand kind and D-bin (``tile_config``), from a fixed table: never
 # keyed on N (the grid's split of the long dimension adapts to N, split_plan), so the same binary
@@ -496,6 +496,187 @@ def _tile_bwd_probs_kernel(
                  tl.sum(tl.where(Q != 0.0, (y - ref[:, None]) * Q, 0.0), 1), mask=rows < N)
 
 
+# ---------------------------------------------------------------------------- CLIP in one pass
+# clip_loss = (infonce(a, b) + infonce(b, a)) / 2 from one N × N matrix y = a @ b.T: row i's softmax
+# (a -> b) and column j's (b -> a, whose row j is y's column j: b_j · a_i = y_ij), positives on the
+# diagonal.  The forward's tiles feed both: each row's online (m, s) over its split of the columns and
+# each column's (m, s) over the program's row block, partials merged by _clip_combine_kernel (rows in
+# split order, columns in row-block order: deterministic).  The backward's tiles give
+# G_ij = Qr_ij + Qc_ij off the diagonal (Qr = u_i exp((y - c_i)/τ_i) the rows', Qc = v_j exp((y - c'_j)/τ_j)
+# the columns') and the two positives' g (p - 1)/τ on it, so that da = G @ b and db = Gᵀ @ a.
+# The per-index statistics (CLIP_STATS rows of an (CLIP_STATS, N) tensor):
+CLIP_LOSS, CLIP_SHIFT_R, CLIP_W_R, CLIP_SHIFT_C, CLIP_W_C, CLIP_DPOS, CLIP_POS = range(7)
+CLIP_STATS = 7
+
+
+@triton.jit
+def _clip_fwd_kernel(
+    # pointers: m_r, s_r, zy (splits, N) fp32 row partials; m_c, s_c (row blocks, N) fp32 column partials
+    a_ptr, b_ptr, tau_ptr, m_r_ptr, s_r_ptr, zy_ptr, m_c_ptr, s_c_ptr,
+    N, D, split_cols,
+    stride_am, stride_ad, stride_bk, stride_bd,
+    TAU_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, RESIDENT: tl.constexpr,
+):
+    """One (row block, split of the columns) of y = a @ b.T (both N × D), in dot units, over the
+    off-diagonal entries: per row m = max y, s = Σ exp((y - m)/τ_i) and y_ii (0 where the diagonal is
+    in another split); per column j of the split, over the block's rows, m = max y and
+    s = Σ exp((y - m)/τ_j).  Each logit costs a subtraction, a multiply and an exp2 per direction."""
+    rb = tl.program_id(0)
+    rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+    col0 = tl.program_id(1) * split_cols
+    col_end = tl.minimum(N, col0 + split_cols)
+    r2 = _exp2_scale(tau_ptr, rows, N, TAU_PER_ROW)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_M], tl.float32)
+    zy = tl.zeros([BLOCK_M], tl.float32)
+    a_fixed = 0.0
+    if RESIDENT:  # the rows' tile, read once for every column tile
+        a_fixed = _load_tile(a_ptr, rows, N, D, stride_am, stride_ad, BLOCK_D, UPCAST)
+    col_part = rb.to(tl.int64) * N  # this row block's row of the column partials
+    for n0 in range(col0, col_end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        y = _dots_tile(a_ptr, b_ptr, 0, rows, cols, N, N, D, stride_am, stride_ad, stride_bk, stride_bd,
+                       a_fixed, 0.0, False, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, RESIDENT, False)
+        diag = cols[None, :] == rows[:, None]
+        zy += tl.sum(tl.where(diag, y, 0.0), 1)
+        y = tl.where((cols[None, :] < N) & (rows[:, None] < N) & ~diag, y, float("-inf"))
+        m_new = tl.maximum(m, tl.max(y, 1))
+        safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing counted yet: no -inf - -inf
+        s = s * tl.exp2((m - safe) * r2) + tl.sum(tl.exp2((y - safe[:, None]) * r2[:, None]), 1)
+        m = m_new
+        # the columns' share over this block of rows, complete (one program sees each (row block, column))
+        r2c = _exp2_scale(tau_ptr, cols, N, TAU_PER_ROW)
+        m_c = tl.max(y, 0)
+        safe_c = tl.where(m_c == float("-inf"), 0.0, m_c)
+        s_c = tl.sum(tl.exp2((y - safe_c[None, :]) * r2c[None, :]), 0)
+        tl.store(m_c_ptr + col_part + cols, m_c, mask=cols < col_end)
+        tl.store(s_c_ptr + col_part + cols, s_c, mask=cols < col_end)
+    part = tl.program_id(1).to(tl.int64) * N  # this split's row of the row partials
+    tl.store(m_r_ptr + part + rows, m, mask=rows < N)
+    tl.store(s_r_ptr + part + rows, s, mask=rows < N)
+    tl.store(zy_ptr + part + rows, zy, mask=rows < N)
+
+
+@triton.jit
+def _merge_partials(m_ptr, s_ptr, idx, live, N, parts, r2):
+    """(m, s) of parts (parts, N) partials merged in order: m = max_k m_k, s = Σ_k s_k exp((m_k - m)/τ)."""
+    m = tl.full([idx.shape[0]], float("-inf"), tl.float32)
+    for k in range(0, parts):
+        m = tl.maximum(m, tl.load(m_ptr + k * N + idx, mask=live, other=float("-inf")))
+    safe = tl.where(m == float("-inf"), 0.0, m)  # no column counted: s = 0, not NaN
+    s = tl.zeros([idx.shape[0]], tl.float32)
+    for k in range(0, parts):
+        m_k = tl.load(m_ptr + k * N + idx, mask=live, other=float("-inf"))
+        s += tl.load(s_ptr + k * N + idx, mask=live, other=0.0) * tl.exp2((m_k - safe) * r2)
+    return m, s
+
+
+@triton.jit
+def _infonce_row(m, s, pos, tau):
+    """(nll, shift, e_pos, e_neg) of one softmax over [positive, negatives] from the negatives' (m, s) and
+    the positive's dot product, as contrastive.nll_from_stats and softmax_stats:
+    nll = softplus(log s + (m - pos)/τ) (NaN where a logit is +inf), shift = max(m, pos),
+    e_pos = exp((pos - shift)/τ), e_neg = s exp((m - shift)/τ)."""
+    x = tl.log(s) + (m - pos) / tau
+    nll = tl.where(x > 20.0, x, log1p(tl.exp(x)))  # F.softplus (threshold 20)
+    nll = tl.where(tl.maximum(m, pos) == float("inf"), float("nan"), nll)
+    shift = tl.maximum(m, pos)
+    return nll, shift, tl.exp((pos - shift) / tau), s * tl.exp((m - shift) / tau)
+
+
+@triton.jit
+def _clip_combine_kernel(
+    tau_ptr, m_r_ptr, s_r_ptr, zy_ptr, m_c_ptr, s_c_ptr, stats_ptr,
+    N, splits, row_blocks,
+    TAU_PER_ROW: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Per index k: the row's partials merged over the splits, the column's over the row blocks, and
+    from them both directions' nll and the backward's constants (the CLIP_* rows of stats):
+    loss = (nll_r + nll_c)/2, the shifts c, w = 1/(τ (e_pos + e_neg)) (Q = g w exp((y - c)/τ)), the
+    diagonal's g·dpos / g = -(w_r e_neg_r + w_c e_neg_c), and the positive's y_kk."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = idx < N
+    r2 = _exp2_scale(tau_ptr, idx, N, TAU_PER_ROW)
+    if TAU_PER_ROW:
+        tau = tl.load(tau_ptr + idx, mask=live, other=1.0).to(tl.float32)
+    else:
+        tau = tl.zeros([BLOCK], tl.float32) + tl.load(tau_ptr).to(tl.float32)
+    pos = tl.zeros([BLOCK], tl.float32)
+    for k in range(0, splits):
+        pos += tl.load(zy_ptr + k * N + idx, mask=live, other=0.0)
+    m_r, s_r = _merge_partials(m_r_ptr, s_r_ptr, idx, live, N, splits, r2)
+    m_c, s_c = _merge_partials(m_c_ptr, s_c_ptr, idx, live, N, row_blocks, r2)
+    nll_r, shift_r, e_pos_r, e_neg_r = _infonce_row(m_r, s_r, pos, tau)
+    nll_c, shift_c, e_pos_c, e_neg_c = _infonce_row(m_c, s_c, pos, tau)
+    w_r = 1.0 / (tau * (e_pos_r + e_neg_r))
+    w_c = 1.0 / (tau * (e_pos_c + e_neg_c))
+    tl.store(stats_ptr + 0 * N + idx, (nll_r + nll_c) * 0.5, mask=live)
+    tl.store(stats_ptr + 1 * N + idx, shift_r, mask=live)
+    tl.store(stats_ptr + 2 * N + idx, w_r, mask=live)
+    tl.store(stats_ptr + 3 * N + idx, shift_c, mask=live)
+    tl.store(stats_ptr + 4 * N + idx, w_c, mask=live)
+    tl.store(stats_ptr + 5 * N + idx, -(w_r * e_neg_r + w_c * e_neg_c), mask=live)
+    tl.store(stats_ptr + 6 * N + idx, pos, mask=live)
+
+
+@triton.jit
+def _clip_bwd_probs_kernel(
+    a_ptr, b_ptr, tau_ptr, stats_ptr, g_ptr, ds_ptr, zp_r_ptr, zp_c_ptr,
+    # the chunk is columns [col0, col_end) of the N; ds a contiguous (N, col_end - col0) buffer, zp_r a
+    # contiguous (N, cdiv(col_end - col0, BLOCK_N)) fp32 one, zp_c a contiguous (cdiv(N, BLOCK_M),
+    # col_end - col0) fp32 one
+    N, col0, col_end, D,
+    stride_am, stride_ad, stride_bk, stride_bd,
+    NEED_ZP: tl.constexpr, TAU_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """ds[i, j - col0] = G_ij = g (Qr_ij + Qc_ij) off the diagonal, g·dpos_i on it, for one
+    (i-block, j-block) tile of a chunk of columns (g the incoming gradient's factor, one element), and
+    the tile's shares of zp_r_i = Σ_j (y_ij - y_ii) Qr_ij and zp_c_j = Σ_i (y_ij - y_jj) Qc_ij, summed
+    in fp32 before ds is rounded to its dtype; the launcher multiplies ds into da and db with GEMMs."""
+    width = col_end - col0
+    col_blocks = tl.cdiv(width, BLOCK_N)
+    per_group = GROUP_M * col_blocks
+    pid = tl.program_id(0)
+    first = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tl.cdiv(N, BLOCK_M) - first, GROUP_M)
+    row_block = first + (pid % per_group) % group_rows
+    col_block = (pid % per_group) // group_rows
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    local = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col0 + local
+    g = tl.load(g_ptr).to(tl.float32)
+    r2 = _exp2_scale(tau_ptr, rows, N, TAU_PER_ROW)
+    r2c = _exp2_scale(tau_ptr, cols, N, TAU_PER_ROW)
+    row_live = rows < N
+    col_live = cols < col_end
+    shift_r = tl.load(stats_ptr + 1 * N + rows, mask=row_live, other=0.0)
+    u = g * tl.load(stats_ptr + 2 * N + rows, mask=row_live, other=0.0)
+    shift_c = tl.load(stats_ptr + 3 * N + cols, mask=col_live, other=0.0)
+    v = g * tl.load(stats_ptr + 4 * N + cols, mask=col_live, other=0.0)
+    dpos = g * tl.load(stats_ptr + 5 * N + rows, mask=row_live, other=0.0)
+    # columns past col_end read as out of range: the chunk's own bound
+    y = _dots_tile(a_ptr, b_ptr, 0, rows, cols, N, col_end, D, stride_am, stride_ad, stride_bk, stride_bd,
+                   0.0, 0.0, False, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, False, False)
+    diag = cols[None, :] == rows[:, None]
+    live = row_live[:, None] & col_live[None, :]
+    kept = live & ~diag
+    Qr = tl.where(kept, u[:, None] * tl.exp2((y - shift_r[:, None]) * r2[:, None]), 0.0)
+    Qc = tl.where(kept, v[None, :] * tl.exp2((y - shift_c[None, :]) * r2c[None, :]), 0.0)
+    G = tl.where(diag & live, dpos[:, None], Qr + Qc)
+    ds_ptrs = ds_ptr + rows.to(tl.int64)[:, None] * width + local[None, :]
+    tl.store(ds_ptrs, to_store(G, ds_ptr, INTERPRETED), mask=live)
+    if NEED_ZP:
+        pos_r = tl.load(stats_ptr + 6 * N + rows, mask=row_live, other=0.0)
+        pos_c = tl.load(stats_ptr + 6 * N + cols, mask=col_live, other=0.0)
+        tl.store(zp_r_ptr + rows.to(tl.int64) * col_blocks + col_block,
+                 tl.sum(tl.where(Qr != 0.0, (y - pos_r[:, None]) * Qr, 0.0), 1), mask=row_live)
+        tl.store(zp_c_ptr + row_block.to(tl.int64) * width + local,
+                 tl.sum(tl.where(Qc != 0.0, (y - pos_c[None, :]) * Qc, 0.0), 0), mask=local < width)
+
+
 # ---------------------------------------------------------------------------- launchers
 
 def _interpreted():
@@ -799,3 +980,79 @@ def _tile_bwd_materialized(a, b, bias, tau, target, diag_offset, shift, scale, r
     if need_da and not single:
         da = da_sum.to(a.dtype)
     return da, db, dbias, zp
+
+
+def clip_fwd(a, b, tau):
+    """CLIP's forward in one pass over y = a @ b.T (a, b both (N, D)): the (CLIP_STATS, N) fp32
+    statistics (CLIP_LOSS: (nll_r + nll_c)/2 per index, whose mean is clip_loss; the rest the
+    backward's, see _clip_combine_kernel).  ``tau``: one element, or one per index (row i of a -> b
+    and row i of b -> a take τ_i)."""
+    N, D = a.shape
+    f32 = dict(device=a.device, dtype=torch.float32)
+    cfg = _config(a, "clip")
+    BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    row_blocks = triton.cdiv(N, BLOCK_M)
+    splits, per = split_plan(row_blocks, triton.cdiv(N, BLOCK_N), sm_count(a.device))
+    m_r, s_r, zy = (torch.empty((splits, N), **f32) for _ in range(3))
+    m_c, s_c = torch.empty((row_blocks, N), **f32), torch.empty((row_blocks, N), **f32)
+    stats = torch.empty((CLIP_STATS, N), **f32)
+    tau_per_row = tau.numel() != 1
+    _clip_fwd_kernel[(row_blocks, splits)](
+        a, b, tau, m_r, s_r, zy, m_c, s_c, N, D, per * BLOCK_N, *a.stride(), *b.stride(),
+        TAU_PER_ROW=tau_per_row, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=cfg["BLOCK_D"], UPCAST=_interpreted(),
+        PRECISION=_precision(a), RESIDENT=cfg["RESIDENT"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    _clip_combine_kernel[(triton.cdiv(N, COMBINE_BLOCK),)](
+        tau, m_r, s_r, zy, m_c, s_c, stats, N, splits, row_blocks,
+        TAU_PER_ROW=tau_per_row, BLOCK=COMBINE_BLOCK, num_warps=4,
+    )
+    return stats
+
+
+def clip_bwd(a, b, tau, stats, g, need_da, need_db, need_zp):
+    """Returns (da in a's dtype, db in b's dtype, zp fp32), each None when not asked for, for
+    G = g (Qr + Qc) off the diagonal and g·dpos on it (clip_fwd's statistics, ``g`` one element):
+    da = G @ b, db = Gᵀ @ a, zp_k = Σ_j (y_kj - y_kk) Qr_kj + Σ_i (y_ik - y_kk) Qc_ik (so that
+    dL/dτ_k = -zp_k / τ_k).  Chunks of columns as the materialized backward (_tile_bwd_materialized):
+    one recomputation of each tile, ds = G written once a chunk, two GEMMs (db's chunk complete, da
+    summed in chunk order in fp32 when there are several): no atomics."""
+    N, D = a.shape
+    f32 = dict(device=a.device, dtype=torch.float32)
+    cfg = _config(a, "probs")
+    BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    width = max(N * D, MATERIALIZED_CHUNK_ELEMENTS) // max(N, 1)
+    width = min(N, max(BLOCK_N, width // BLOCK_N * BLOCK_N))
+    row_blocks = triton.cdiv(N, BLOCK_M)
+    ds_buf = torch.empty(N * width, device=a.device, dtype=a.dtype)
+    zp_r_buf = torch.empty(N * triton.cdiv(width, BLOCK_N), **f32) if need_zp else stats
+    zp_c_buf = torch.empty(row_blocks * width, **f32) if need_zp else stats
+    single = width >= N
+    da = da_sum = None
+    if need_da:
+        da = torch.empty((N, D), device=a.device, dtype=a.dtype) if single else None
+        da_sum = None if single else torch.zeros((N, D), **f32)
+    db = torch.empty((N, D), device=b.device, dtype=b.dtype) if need_db else None
+    zp = torch.zeros(N, **f32) if need_zp else None
+    for c0 in range(0, N, width):
+        c1 = min(N, c0 + width)
+        n_blocks = triton.cdiv(c1 - c0, BLOCK_N)
+        ds = ds_buf[:N * (c1 - c0)].view(N, c1 - c0)
+        _clip_bwd_probs_kernel[(row_blocks * n_blocks,)](
+            a, b, tau, stats, g, ds, zp_r_buf, zp_c_buf, N, c0, c1, D, *a.stride(), *b.stride(),
+            NEED_ZP=need_zp, TAU_PER_ROW=tau.numel() != 1, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=cfg["BLOCK_D"],
+            UPCAST=_interpreted(), PRECISION=_precision(a), INTERPRETED=_interpreted(), GROUP_M=GROUP_M,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        if need_da:
+            if single:
+                torch.mm(ds, b, out=da)
+            else:
+                accumulate_mm(da_sum, ds, b[c0:c1])
+        if need_db:
+            torch.mm(ds.t(), a, out=db[c0:c1])
+        if need_zp:
+            zp += zp_r_buf[:N * n_blocks].view(N, n_blocks).sum(1)
+            zp[c0:c1] += zp_c_buf[:row_blocks * (c1 - c0)].view(row_blocks, c1 - c0).sum(0)
+    if need_da and not single:
+        da = da_sum.to(a.dtype)
+    return da, db, zp
