@@ -331,8 +331,8 @@ def clip_fwd(a, b, tau):
     m_c, s_c, _ = tile_fwd(b, a, None, tau, target, None)
     nll_r, shift_r, e_pos_r, e_neg_r = _infonce_rows(m_r, s_r, pos, tau_c)
     nll_c, shift_c, e_pos_c, e_neg_c = _infonce_rows(m_c, s_c, pos, tau_c)
-    w_r = 1.0 / (tau_c * (e_pos_r + e_neg_r))
-    w_c = 1.0 / (tau_c * (e_pos_c + e_neg_c))
+    w_r = 1.0 / ((2 * N) * tau_c * (e_pos_r + e_neg_r))  # the mean's 1/N and the two directions' 1/2
+    w_c = 1.0 / ((2 * N) * tau_c * (e_pos_c + e_neg_c))
     return torch.stack([(nll_r + nll_c) * 0.5, shift_r, w_r, shift_c, w_c, -(w_r * e_neg_r + w_c * e_neg_c), pos])
 
 

@@ -195,8 +195,7 @@ class ClipFunction(torch.autograd.Function):
     def backward(ctx, grad):
         a, b, tau_rows, stats, tau = ctx.saved_tensors
         need_a, need_b, need_tau = ctx.needs_input_grad[:3]
-        # dL/d(loss_k) = grad / N, and each direction's nll enters loss_k with weight 1/2
-        g = (grad.detach().to(stats.dtype) / (2 * a.shape[0])).reshape(1)
+        g = grad.detach().to(stats.dtype).reshape(1)  # the statistics' w carry the mean's 1/(2N)
         da, db, zp = ops.clip_bwd(ctx.backend, a, b, tau_rows, stats, g, need_a, need_b, need_tau)
         dtau = None
         if need_tau:

@@ -593,8 +593,9 @@ def _clip_combine_kernel(
 ):
     """Per index k: the row's partials merged over the splits, the column's over the row blocks, and
     from them both directions' nll and the backward's constants (the CLIP_* rows of stats):
-    loss = (nll_r + nll_c)/2, the shifts c, w = 1/(τ (e_pos + e_neg)) (Q = g w exp((y - c)/τ)), the
-    diagonal's g·dpos / g = -(w_r e_neg_r + w_c e_neg_c), and the positive's y_kk."""
+    loss = (nll_r + nll_c)/2, the shifts c, w = 1/(2N τ (e_pos + e_neg)) (Q = g w exp((y - c)/τ) for
+    the incoming gradient g of the mean over the N indices), the diagonal's
+    dpos = -(w_r e_neg_r + w_c e_neg_c), and the positive's y_kk."""
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = idx < N
     r2 = _exp2_scale(tau_ptr, idx, N, TAU_PER_ROW)
@@ -609,8 +610,9 @@ def _clip_combine_kernel(
     m_c, s_c = _merge_partials(m_c_ptr, s_c_ptr, idx, live, N, row_blocks, r2)
     nll_r, shift_r, e_pos_r, e_neg_r = _infonce_row(m_r, s_r, pos, tau)
     nll_c, shift_c, e_pos_c, e_neg_c = _infonce_row(m_c, s_c, pos, tau)
-    w_r = 1.0 / (tau * (e_pos_r + e_neg_r))
-    w_c = 1.0 / (tau * (e_pos_c + e_neg_c))
+    # the mean over N indices of (nll_r + nll_c) / 2: each Q carries 1 / (2N)
+    w_r = 1.0 / ((2 * N) * tau * (e_pos_r + e_neg_r))
+    w_c = 1.0 / ((2 * N) * tau * (e_pos_c + e_neg_c))
     tl.store(stats_ptr + 0 * N + idx, (nll_r + nll_c) * 0.5, mask=live)
     tl.store(stats_ptr + 1 * N + idx, shift_r, mask=live)
     tl.store(stats_ptr + 2 * N + idx, w_r, mask=live)
@@ -624,57 +626,58 @@ def _clip_combine_kernel(
 def _clip_bwd_probs_kernel(
     a_ptr, b_ptr, tau_ptr, stats_ptr, g_ptr, ds_ptr, zp_r_ptr, zp_c_ptr,
     # the chunk is columns [col0, col_end) of the N; ds a contiguous (N, col_end - col0) buffer, zp_r a
-    # contiguous (N, cdiv(col_end - col0, BLOCK_N)) fp32 one, zp_c a contiguous (cdiv(N, BLOCK_M),
-    # col_end - col0) fp32 one
-    N, col0, col_end, D,
+    # contiguous (N, cdiv(col_end - col0, BLOCK_N)) fp32 one, zp_c a contiguous (row splits,
+    # col_end - col0) fp32 one; program (column block, split) walks the rows [split · split_rows, + split_rows)
+    N, col0, col_end, D, split_rows,
     stride_am, stride_ad, stride_bk, stride_bd,
     NEED_ZP: tl.constexpr, TAU_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
-    GROUP_M: tl.constexpr,
 ):
-    """ds[i, j - col0] = G_ij = g (Qr_ij + Qc_ij) off the diagonal, g·dpos_i on it, for one
-    (i-block, j-block) tile of a chunk of columns (g the incoming gradient's factor, one element), and
-    the tile's shares of zp_r_i = Σ_j (y_ij - y_ii) Qr_ij and zp_c_j = Σ_i (y_ij - y_jj) Qc_ij, summed
-    in fp32 before ds is rounded to its dtype; the launcher multiplies ds into da and db with GEMMs."""
+    """ds[i, j - col0] = G_ij = g (Qr_ij + Qc_ij) off the diagonal, g·dpos_i on it (g the incoming
+    gradient, one element; the statistics' w and dpos carry the mean's 1/(2N)), for one block of a
+    chunk's columns over a split of the rows, and the shares of zp_r_i = Σ_j (y_ij - y_ii) Qr_ij and
+    zp_c_j = Σ_i (y_ij - y_jj) Qc_ij, summed in fp32 before ds is rounded to its dtype; the launcher
+    multiplies ds into da and db with GEMMs.  The columns' constants are loaded once a program, the
+    rows' once a tile."""
     width = col_end - col0
-    col_blocks = tl.cdiv(width, BLOCK_N)
-    per_group = GROUP_M * col_blocks
-    pid = tl.program_id(0)
-    first = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(tl.cdiv(N, BLOCK_M) - first, GROUP_M)
-    row_block = first + (pid % per_group) % group_rows
-    col_block = (pid % per_group) // group_rows
-    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    col_block = tl.program_id(0)
+    split = tl.program_id(1)
     local = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = col0 + local
-    g = tl.load(g_ptr).to(tl.float32)
-    r2 = _exp2_scale(tau_ptr, rows, N, TAU_PER_ROW)
-    r2c = _exp2_scale(tau_ptr, cols, N, TAU_PER_ROW)
-    row_live = rows < N
     col_live = cols < col_end
-    shift_r = tl.load(stats_ptr + 1 * N + rows, mask=row_live, other=0.0)
-    u = g * tl.load(stats_ptr + 2 * N + rows, mask=row_live, other=0.0)
+    g = tl.load(g_ptr).to(tl.float32)
+    r2c = _exp2_scale(tau_ptr, cols, N, TAU_PER_ROW)
     shift_c = tl.load(stats_ptr + 3 * N + cols, mask=col_live, other=0.0)
     v = g * tl.load(stats_ptr + 4 * N + cols, mask=col_live, other=0.0)
-    dpos = g * tl.load(stats_ptr + 5 * N + rows, mask=row_live, other=0.0)
-    # columns past col_end read as out of range: the chunk's own bound
-    y = _dots_tile(a_ptr, b_ptr, 0, rows, cols, N, col_end, D, stride_am, stride_ad, stride_bk, stride_bd,
-                   0.0, 0.0, False, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, False, False)
-    diag = cols[None, :] == rows[:, None]
-    live = row_live[:, None] & col_live[None, :]
-    kept = live & ~diag
-    Qr = tl.where(kept, u[:, None] * tl.exp2((y - shift_r[:, None]) * r2[:, None]), 0.0)
-    Qc = tl.where(kept, v[None, :] * tl.exp2((y - shift_c[None, :]) * r2c[None, :]), 0.0)
-    G = tl.where(diag & live, dpos[:, None], Qr + Qc)
-    ds_ptrs = ds_ptr + rows.to(tl.int64)[:, None] * width + local[None, :]
-    tl.store(ds_ptrs, to_store(G, ds_ptr, INTERPRETED), mask=live)
+    pos_c = tl.load(stats_ptr + 6 * N + cols, mask=col_live, other=0.0)
+    zp_c = tl.zeros([BLOCK_N], tl.float32)
+    row0 = split * split_rows
+    row_end = tl.minimum(N, row0 + split_rows)
+    for m0 in range(row0, row_end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_live = rows < N
+        r2 = _exp2_scale(tau_ptr, rows, N, TAU_PER_ROW)
+        shift_r = tl.load(stats_ptr + 1 * N + rows, mask=row_live, other=0.0)
+        u = g * tl.load(stats_ptr + 2 * N + rows, mask=row_live, other=0.0)
+        dpos = g * tl.load(stats_ptr + 5 * N + rows, mask=row_live, other=0.0)
+        # columns past col_end read as out of range: the chunk's own bound
+        y = _dots_tile(a_ptr, b_ptr, 0, rows, cols, N, col_end, D, stride_am, stride_ad, stride_bk, stride_bd,
+                       0.0, 0.0, False, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, False, False)
+        diag = cols[None, :] == rows[:, None]
+        live = row_live[:, None] & col_live[None, :]
+        kept = live & ~diag
+        Qr = tl.where(kept, u[:, None] * tl.exp2((y - shift_r[:, None]) * r2[:, None]), 0.0)
+        Qc = tl.where(kept, v[None, :] * tl.exp2((y - shift_c[None, :]) * r2c[None, :]), 0.0)
+        G = tl.where(diag & live, dpos[:, None], Qr + Qc)
+        ds_ptrs = ds_ptr + rows.to(tl.int64)[:, None] * width + local[None, :]
+        tl.store(ds_ptrs, to_store(G, ds_ptr, INTERPRETED), mask=live)
+        if NEED_ZP:
+            pos_r = tl.load(stats_ptr + 6 * N + rows, mask=row_live, other=0.0)
+            tl.store(zp_r_ptr + rows.to(tl.int64) * tl.cdiv(width, BLOCK_N) + col_block,
+                     tl.sum(tl.where(Qr != 0.0, (y - pos_r[:, None]) * Qr, 0.0), 1), mask=row_live)
+            zp_c += tl.sum(tl.where(Qc != 0.0, (y - pos_c[None, :]) * Qc, 0.0), 0)
     if NEED_ZP:
-        pos_r = tl.load(stats_ptr + 6 * N + rows, mask=row_live, other=0.0)
-        pos_c = tl.load(stats_ptr + 6 * N + cols, mask=col_live, other=0.0)
-        tl.store(zp_r_ptr + rows.to(tl.int64) * col_blocks + col_block,
-                 tl.sum(tl.where(Qr != 0.0, (y - pos_r[:, None]) * Qr, 0.0), 1), mask=row_live)
-        tl.store(zp_c_ptr + row_block.to(tl.int64) * width + local,
-                 tl.sum(tl.where(Qc != 0.0, (y - pos_c[None, :]) * Qc, 0.0), 0), mask=local < width)
+        tl.store(zp_c_ptr + split.to(tl.int64) * width + local, zp_c, mask=local < width)
 
 
 # ---------------------------------------------------------------------------- launchers
@@ -1011,21 +1014,23 @@ def clip_fwd(a, b, tau):
 
 def clip_bwd(a, b, tau, stats, g, need_da, need_db, need_zp):
     """Returns (da in a's dtype, db in b's dtype, zp fp32), each None when not asked for, for
-    G = g (Qr + Qc) off the diagonal and g·dpos on it (clip_fwd's statistics, ``g`` one element):
-    da = G @ b, db = Gᵀ @ a, zp_k = Σ_j (y_kj - y_kk) Qr_kj + Σ_i (y_ik - y_kk) Qc_ik (so that
-    dL/dτ_k = -zp_k / τ_k).  Chunks of columns as the materialized backward (_tile_bwd_materialized):
-    one recomputation of each tile, ds = G written once a chunk, two GEMMs (db's chunk complete, da
-    summed in chunk order in fp32 when there are several): no atomics."""
+    G = g (Qr + Qc) off the diagonal and g·dpos on it (clip_fwd's statistics, ``g`` the incoming
+    gradient, one element): da = G @ b, db = Gᵀ @ a, zp_k = Σ_j (y_kj - y_kk) Qr_kj + Σ_i (y_ik - y_kk) Qc_ik
+    (so that dL/dτ_k = -zp_k / τ_k).  Chunks of columns as the materialized backward
+    (_tile_bwd_materialized): one recomputation of each tile, ds = G written once a chunk, two GEMMs
+    (db's chunk complete, da summed in chunk order in fp32 when there are several); each program walks
+    a split of the rows for one block of columns (split_plan); the partial sums are added in a fixed
+    order: no atomics."""
     N, D = a.shape
     f32 = dict(device=a.device, dtype=torch.float32)
     cfg = _config(a, "probs")
     BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
     width = max(N * D, MATERIALIZED_CHUNK_ELEMENTS) // max(N, 1)
     width = min(N, max(BLOCK_N, width // BLOCK_N * BLOCK_N))
-    row_blocks = triton.cdiv(N, BLOCK_M)
+    splits, per = split_plan(triton.cdiv(width, BLOCK_N), triton.cdiv(N, BLOCK_M), sm_count(a.device))
     ds_buf = torch.empty(N * width, device=a.device, dtype=a.dtype)
     zp_r_buf = torch.empty(N * triton.cdiv(width, BLOCK_N), **f32) if need_zp else stats
-    zp_c_buf = torch.empty(row_blocks * width, **f32) if need_zp else stats
+    zp_c_buf = torch.empty(splits * width, **f32) if need_zp else stats
     single = width >= N
     da = da_sum = None
     if need_da:
@@ -1037,10 +1042,10 @@ def clip_bwd(a, b, tau, stats, g, need_da, need_db, need_zp):
         c1 = min(N, c0 + width)
         n_blocks = triton.cdiv(c1 - c0, BLOCK_N)
         ds = ds_buf[:N * (c1 - c0)].view(N, c1 - c0)
-        _clip_bwd_probs_kernel[(row_blocks * n_blocks,)](
-            a, b, tau, stats, g, ds, zp_r_buf, zp_c_buf, N, c0, c1, D, *a.stride(), *b.stride(),
+        _clip_bwd_probs_kernel[(n_blocks, splits)](
+            a, b, tau, stats, g, ds, zp_r_buf, zp_c_buf, N, c0, c1, D, per * BLOCK_M, *a.stride(), *b.stride(),
             NEED_ZP=need_zp, TAU_PER_ROW=tau.numel() != 1, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=cfg["BLOCK_D"],
-            UPCAST=_interpreted(), PRECISION=_precision(a), INTERPRETED=_interpreted(), GROUP_M=GROUP_M,
+            UPCAST=_interpreted(), PRECISION=_precision(a), INTERPRETED=_interpreted(),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         if need_da:
@@ -1052,7 +1057,7 @@ def clip_bwd(a, b, tau, stats, g, need_da, need_db, need_zp):
             torch.mm(ds.t(), a, out=db[c0:c1])
         if need_zp:
             zp += zp_r_buf[:N * n_blocks].view(N, n_blocks).sum(1)
-            zp[c0:c1] += zp_c_buf[:row_blocks * (c1 - c0)].view(row_blocks, c1 - c0).sum(0)
+            zp[c0:c1] += zp_c_buf[:splits * (c1 - c0)].view(splits, c1 - c0).sum(0)
     if need_da and not single:
         da = da_sum.to(a.dtype)
     return da, db, zp
