@@ -632,6 +632,7 @@ def _clip_bwd_probs_kernel(
     stride_am, stride_ad, stride_bk, stride_bd,
     NEED_ZP: tl.constexpr, TAU_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    RESIDENT: tl.constexpr,
 ):
     """ds[i, j - col0] = G_ij = g (Qr_ij + Qc_ij) off the diagonal, g·dpos_i on it (g the incoming
     gradient, one element; the statistics' w and dpos carry the mean's 1/(2N)), for one block of a
@@ -651,6 +652,9 @@ def _clip_bwd_probs_kernel(
     v = g * tl.load(stats_ptr + 4 * N + cols, mask=col_live, other=0.0)
     pos_c = tl.load(stats_ptr + 6 * N + cols, mask=col_live, other=0.0)
     zp_c = tl.zeros([BLOCK_N], tl.float32)
+    b_fixed = 0.0
+    if RESIDENT:  # the columns' tile, read once for every row tile
+        b_fixed = _load_tile(b_ptr, cols, col_end, D, stride_bk, stride_bd, BLOCK_D, UPCAST)
     row0 = split * split_rows
     row_end = tl.minimum(N, row0 + split_rows)
     for m0 in range(row0, row_end, BLOCK_M):
@@ -662,7 +666,7 @@ def _clip_bwd_probs_kernel(
         dpos = g * tl.load(stats_ptr + 5 * N + rows, mask=row_live, other=0.0)
         # columns past col_end read as out of range: the chunk's own bound
         y = _dots_tile(a_ptr, b_ptr, 0, rows, cols, N, col_end, D, stride_am, stride_ad, stride_bk, stride_bd,
-                       0.0, 0.0, False, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, False, False)
+                       0.0, b_fixed, False, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, False, RESIDENT)
         diag = cols[None, :] == rows[:, None]
         live = row_live[:, None] & col_live[None, :]
         kept = live & ~diag
@@ -1045,7 +1049,7 @@ def clip_bwd(a, b, tau, stats, g, need_da, need_db, need_zp):
         _clip_bwd_probs_kernel[(n_blocks, splits)](
             a, b, tau, stats, g, ds, zp_r_buf, zp_c_buf, N, c0, c1, D, per * BLOCK_M, *a.stride(), *b.stride(),
             NEED_ZP=need_zp, TAU_PER_ROW=tau.numel() != 1, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=cfg["BLOCK_D"],
-            UPCAST=_interpreted(), PRECISION=_precision(a), INTERPRETED=_interpreted(),
+            UPCAST=_interpreted(), PRECISION=_precision(a), INTERPRETED=_interpreted(), RESIDENT=cfg["RESIDENT"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         if need_da:
