@@ -507,6 +507,9 @@ def _tile_bwd_probs_kernel(
 # The per-index statistics (CLIP_STATS rows of an (CLIP_STATS, N) tensor):
 CLIP_LOSS, CLIP_SHIFT_R, CLIP_W_R, CLIP_SHIFT_C, CLIP_W_C, CLIP_DPOS, CLIP_POS = range(7)
 CLIP_STATS = 7
+# indices per program of the CLIP combine (one warp): its loops over the row blocks' partials are long
+# (N / BLOCK_M of them), so more, smaller programs than the forward's combine
+CLIP_COMBINE_BLOCK = 32
 
 
 @triton.jit
@@ -559,20 +562,6 @@ def _clip_fwd_kernel(
 
 
 @triton.jit
-def _merge_partials(m_ptr, s_ptr, idx, live, N, parts, r2):
-    """(m, s) of parts (parts, N) partials merged in order: m = max_k m_k, s = Σ_k s_k exp((m_k - m)/τ)."""
-    m = tl.full([idx.shape[0]], float("-inf"), tl.float32)
-    for k in range(0, parts):
-        m = tl.maximum(m, tl.load(m_ptr + k * N + idx, mask=live, other=float("-inf")))
-    safe = tl.where(m == float("-inf"), 0.0, m)  # no column counted: s = 0, not NaN
-    s = tl.zeros([idx.shape[0]], tl.float32)
-    for k in range(0, parts):
-        m_k = tl.load(m_ptr + k * N + idx, mask=live, other=float("-inf"))
-        s += tl.load(s_ptr + k * N + idx, mask=live, other=0.0) * tl.exp2((m_k - safe) * r2)
-    return m, s
-
-
-@triton.jit
 def _infonce_row(m, s, pos, tau):
     """(nll, shift, e_pos, e_neg) of one softmax over [positive, negatives] from the negatives' (m, s) and
     the positive's dot product, as contrastive.nll_from_stats and softmax_stats:
@@ -603,11 +592,26 @@ def _clip_combine_kernel(
         tau = tl.load(tau_ptr + idx, mask=live, other=1.0).to(tl.float32)
     else:
         tau = tl.zeros([BLOCK], tl.float32) + tl.load(tau_ptr).to(tl.float32)
+    # the rows' partials over the splits: m = max_k m_k, s = Σ_k s_k exp((m_k - m)/τ), in split order
+    m_r = tl.full([BLOCK], float("-inf"), tl.float32)
+    for k in range(0, splits):
+        m_r = tl.maximum(m_r, tl.load(m_r_ptr + k * N + idx, mask=live, other=float("-inf")))
+    safe = tl.where(m_r == float("-inf"), 0.0, m_r)  # no column counted: s = 0, not NaN
+    s_r = tl.zeros([BLOCK], tl.float32)
     pos = tl.zeros([BLOCK], tl.float32)
     for k in range(0, splits):
+        m_k = tl.load(m_r_ptr + k * N + idx, mask=live, other=float("-inf"))
+        s_r += tl.load(s_r_ptr + k * N + idx, mask=live, other=0.0) * tl.exp2((m_k - safe) * r2)
         pos += tl.load(zy_ptr + k * N + idx, mask=live, other=0.0)
-    m_r, s_r = _merge_partials(m_r_ptr, s_r_ptr, idx, live, N, splits, r2)
-    m_c, s_c = _merge_partials(m_c_ptr, s_c_ptr, idx, live, N, row_blocks, r2)
+    # the columns' partials over the row blocks, likewise in row-block order
+    m_c = tl.full([BLOCK], float("-inf"), tl.float32)
+    for k in range(0, row_blocks):
+        m_c = tl.maximum(m_c, tl.load(m_c_ptr + k * N + idx, mask=live, other=float("-inf")))
+    safe_c = tl.where(m_c == float("-inf"), 0.0, m_c)
+    s_c = tl.zeros([BLOCK], tl.float32)
+    for k in range(0, row_blocks):
+        m_k = tl.load(m_c_ptr + k * N + idx, mask=live, other=float("-inf"))
+        s_c += tl.load(s_c_ptr + k * N + idx, mask=live, other=0.0) * tl.exp2((m_k - safe_c) * r2)
     nll_r, shift_r, e_pos_r, e_neg_r = _infonce_row(m_r, s_r, pos, tau)
     nll_c, shift_c, e_pos_c, e_neg_c = _infonce_row(m_c, s_c, pos, tau)
     # the mean over N indices of (nll_r + nll_c) / 2: each Q carries 1 / (2N)
@@ -1009,9 +1013,9 @@ def clip_fwd(a, b, tau):
         TAU_PER_ROW=tau_per_row, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=cfg["BLOCK_D"], UPCAST=_interpreted(),
         PRECISION=_precision(a), RESIDENT=cfg["RESIDENT"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    _clip_combine_kernel[(triton.cdiv(N, COMBINE_BLOCK),)](
+    _clip_combine_kernel[(triton.cdiv(N, CLIP_COMBINE_BLOCK),)](
         tau, m_r, s_r, zy, m_c, s_c, stats, N, splits, row_blocks,
-        TAU_PER_ROW=tau_per_row, BLOCK=COMBINE_BLOCK, num_warps=4,
+        TAU_PER_ROW=tau_per_row, BLOCK=CLIP_COMBINE_BLOCK, num_warps=CLIP_COMBINE_BLOCK // 32,
     )
     return stats
 
