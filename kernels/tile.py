@@ -688,6 +688,71 @@ def _clip_bwd_probs_kernel(
         tl.store(zp_c_ptr + split.to(tl.int64) * width + local, zp_c, mask=local < width)
 
 
+@triton.jit
+def _clip_bwd_fused_kernel(
+    # x (N, D) the side whose gradient this launch gives, z (N, D) the other; dx (splits, N, D) and zp
+    # (splits, N) fp32 partials.  da: x = a, z = b, the rows' constants at SHIFT_X / W_X = CLIP_SHIFT_R /
+    # CLIP_W_R and the columns' at CLIP_SHIFT_C / CLIP_W_C; db: x = b, z = a, the offsets swapped (Gᵀ is
+    # the G of b's rows against a's, each direction's constants trading places)
+    x_ptr, z_ptr, tau_ptr, stats_ptr, g_ptr, dx_ptr, zp_ptr,
+    # program (x-block, do-block, split) walks z's rows [split · split_cols, + split_cols)
+    N, D, split_cols, SHIFT_X, W_X, SHIFT_Z, W_Z,
+    stride_xm, stride_xd, stride_zk, stride_zd,
+    NEED_ZP: tl.constexpr, TAU_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    RESIDENT: tl.constexpr,
+):
+    """dx[rows, do] = Σ_j G_ij z[j, do] over the split's j, G_ij = g (u_i exp((y_ij - c_i)/τ_i) +
+    v_j exp((y_ij - c'_j)/τ_j)) off the diagonal and g·dpos_i on it (y = x @ zᵀ, the x side's constants
+    u, c, the z side's v, c'), and zp_i = Σ_j (y_ij - y_ii) u_i exp(...)_ij: the x side's share of dτ.
+    The backward for D <= BLOCK_DO, as _tile_bwd_da_kernel: no ds written."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    split = tl.program_id(2)
+    col0 = split * split_cols
+    col_end = tl.minimum(N, col0 + split_cols)
+    row_live = rows < N
+    g = tl.load(g_ptr).to(tl.float32)
+    r2 = _exp2_scale(tau_ptr, rows, N, TAU_PER_ROW)
+    shift_x = tl.load(stats_ptr + SHIFT_X * N + rows, mask=row_live, other=0.0)
+    u = g * tl.load(stats_ptr + W_X * N + rows, mask=row_live, other=0.0)
+    dpos = g * tl.load(stats_ptr + 5 * N + rows, mask=row_live, other=0.0)
+    pos = tl.load(stats_ptr + 6 * N + rows, mask=row_live, other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
+    zp = tl.zeros([BLOCK_M], tl.float32)
+    x_fixed = 0.0
+    if RESIDENT:  # the rows' tile, read once for every column tile
+        x_fixed = _load_tile(x_ptr, rows, N, D, stride_xm, stride_xd, BLOCK_D, UPCAST)
+    for n0 in range(col0, col_end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_live = cols < N
+        r2c = _exp2_scale(tau_ptr, cols, N, TAU_PER_ROW)
+        shift_z = tl.load(stats_ptr + SHIFT_Z * N + cols, mask=col_live, other=0.0)
+        v = g * tl.load(stats_ptr + W_Z * N + cols, mask=col_live, other=0.0)
+        y = _dots_tile(x_ptr, z_ptr, 0, rows, cols, N, N, D, stride_xm, stride_xd, stride_zk, stride_zd,
+                       x_fixed, 0.0, False, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, RESIDENT, False)
+        diag = cols[None, :] == rows[:, None]
+        live = row_live[:, None] & col_live[None, :]
+        kept = live & ~diag
+        Qx = tl.where(kept, u[:, None] * tl.exp2((y - shift_x[:, None]) * r2[:, None]), 0.0)
+        Qz = tl.where(kept, v[None, :] * tl.exp2((y - shift_z[None, :]) * r2c[None, :]), 0.0)
+        if NEED_ZP:
+            zp += tl.sum(tl.where(Qx != 0.0, (y - pos[:, None]) * Qx, 0.0), 1)
+        G = tl.where(diag & live, dpos[:, None], Qx + Qz)
+        zt = tl.load(z_ptr + cols.to(tl.int64)[:, None] * stride_zk + do.to(tl.int64)[None, :] * stride_zd,
+                     mask=col_live[:, None] & (do[None, :] < D), other=0.0)
+        if UPCAST:
+            acc = tl.dot(G, zt.to(tl.float32), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(G.to(zt.dtype), zt, acc, input_precision=PRECISION)
+    part = split.to(tl.int64) * N  # this split's (N, D) slice of the partials
+    tl.store(dx_ptr + part * D + rows.to(tl.int64)[:, None] * D + do[None, :], acc,
+             mask=row_live[:, None] & (do[None, :] < D))
+    if NEED_ZP:
+        if tl.program_id(1) == 0:  # every do-block computed zp; one writes it
+            tl.store(zp_ptr + part + rows, zp, mask=row_live)
+
+
 # ---------------------------------------------------------------------------- launchers
 
 def _interpreted():
@@ -1031,6 +1096,9 @@ def clip_bwd(a, b, tau, stats, g, need_da, need_db, need_zp):
     order: no atomics."""
     N, D = a.shape
     f32 = dict(device=a.device, dtype=torch.float32)
+    bdo = _block_do(D, _config(a, "da"))
+    if _clip_fused(D, bdo, a):
+        return _clip_bwd_fused(a, b, tau, stats, g, need_da, need_db, need_zp, bdo)
     cfg = _config(a, "probs")
     BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
     width = max(N * D, MATERIALIZED_CHUNK_ELEMENTS) // max(N, 1)
@@ -1069,3 +1137,42 @@ def clip_bwd(a, b, tau, stats, g, need_da, need_db, need_zp):
     if need_da and not single:
         da = da_sum.to(a.dtype)
     return da, db, zp
+
+
+def _clip_fused(D, bdo, a):
+    """clip_bwd's route: fused for 16-bit operands with D <= BLOCK_DO; the chunks of ds beyond, and for
+    fp32 (its fused kernel spills at D = 64: 192 bytes on sm_80); MATERIALIZED_BWD forces one (tests)."""
+    if MATERIALIZED_BWD != "auto":
+        return MATERIALIZED_BWD == "fused"
+    return D <= bdo and a.dtype != torch.float32
+
+
+def _clip_bwd_fused(a, b, tau, stats, g, need_da, need_db, need_zp, bdo):
+    """clip_bwd for D <= BLOCK_DO: one launch of _clip_bwd_fused_kernel for da (a's rows against b)
+    and one for db (b's rows against a, the directions' constants swapped), each recomputing the
+    tiles; split partials summed over the splits by torch (fixed order).  zp = the rows' share from
+    the first launch + the columns' from the second."""
+    N, D = a.shape
+    f32 = dict(device=a.device, dtype=torch.float32)
+    cfg = _config(a, "da")
+    BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    row_blocks, do_blocks = triton.cdiv(N, BLOCK_M), triton.cdiv(D, bdo)
+    splits, per = split_plan(row_blocks * do_blocks, triton.cdiv(N, BLOCK_N), sm_count(a.device), _partial_cap(N * D))
+    out, zp = {}, None
+    for name, x, z, offsets in (("da", a, b, (CLIP_SHIFT_R, CLIP_W_R, CLIP_SHIFT_C, CLIP_W_C)),
+                                ("db", b, a, (CLIP_SHIFT_C, CLIP_W_C, CLIP_SHIFT_R, CLIP_W_R))):
+        if not ({"da": need_da, "db": need_db}[name] or need_zp):
+            continue
+        dx_part = torch.empty((splits, N, D), **f32)
+        zp_part = torch.empty((splits, N), **f32) if need_zp else stats
+        _clip_bwd_fused_kernel[(row_blocks, do_blocks, splits)](
+            x, z, tau, stats, g, dx_part, zp_part, N, D, per * BLOCK_N, *offsets, *x.stride(), *z.stride(),
+            NEED_ZP=need_zp, TAU_PER_ROW=tau.numel() != 1, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=cfg["BLOCK_D"],
+            BLOCK_DO=bdo, UPCAST=_interpreted(), PRECISION=_precision(a), RESIDENT=cfg["RESIDENT"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        out[name] = (dx_part[0] if splits == 1 else dx_part.sum(0)).to(x.dtype)
+        if need_zp:
+            part = zp_part[0] if splits == 1 else zp_part.sum(0)
+            zp = part if zp is None else zp + part
+    return (out["da"] if need_da else None), (out["db"] if need_db else None), zp
