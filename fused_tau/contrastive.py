@@ -285,10 +285,15 @@ def infonce(query: Tensor, key: Tensor, queue: Tensor | torch.nn.Module | None =
 
 def clip_loss(a: Tensor, b: Tensor, *, tau: float | Tensor = 0.07, gather: bool = False) -> Tensor:
     """CLIP's symmetric loss ``(infonce(a, b, tau=tau) + infonce(b, a, tau=tau)) / 2`` (in-batch;
-    ``gather=True`` uses every rank's pairs).  τ may be a learnable one-element tensor."""
+    ``gather=True`` uses every rank's pairs), from one pass of the tile engine over a @ b.T forward
+    and one backward (ClipFunction).  τ may be a learnable one-element tensor, or one per pair (τ_i
+    for row i of both directions)."""
     _check_embeddings(a, b, None)
     backend = backend_for(a)
-    if (gather and _distributed()) or b.shape[0] != a.shape[0] or backend == "reference" or a.shape[0] == 0:
+    # the one pass needs one N × N matrix of one dtype: pairs gathered across ranks, unequal counts (an
+    # error, raised by infonce) and mixed dtypes (the two losses' dtypes promote) keep the two calls
+    if (gather and _distributed()) or b.shape[0] != a.shape[0] or a.dtype != b.dtype or backend == "reference" \
+            or a.shape[0] == 0:
         return (infonce(a, b, tau=tau, gather=gather) + infonce(b, a, tau=tau, gather=gather)) / 2
     tau_t = tau_tensor(tau, a, (a.shape[0],))
     return loss_under_autocast(ClipFunction.apply(a, b, tau_t, backend), a)

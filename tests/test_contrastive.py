@@ -60,6 +60,16 @@ def test_clip_one_pass_sizes(backend, device, n, tau_kind):
              [a, b], tau, torch.float32, tau_scale=n)
 
 
+def test_clip_mixed_dtypes_promote_as_the_two_directions(backend, device):
+    """a in bf16 and b in fp32: clip_loss is (infonce(a, b) + infonce(b, a)) / 2, whose dtype is the two
+    losses' promotion (fp32), not a's (the one pass takes one dtype and leaves this case to the two calls)."""
+    a, b = torch.randn(N, D, device=device).to(torch.bfloat16), torch.randn(N, D, device=device)
+    ours = fused_tau.clip_loss(a, b, tau=0.2)
+    two = (fused_tau.infonce(a, b, tau=0.2) + fused_tau.infonce(b, a, tau=0.2)) / 2
+    assert ours.dtype == two.dtype == torch.float32
+    torch.testing.assert_close(ours, two)
+
+
 def test_seed_002_moco_example(backend, device):
     """K = 1024 keys, positive similarity 1, negatives -1: loss 4.94 at τ = 1; at τ = 0.07 'literally
     0.0' in the blog, exactly log1p(1023 e^{-2/0.07}) = 3.9e-10, which fused_tau keeps."""
