@@ -44,6 +44,12 @@ FLOPs: forward 2·N·K·D; backward 2·N·K·D·(2 + 2·D/BLOCK_DO), i.e. 8·N·
                           fp32 sum by cuBLAS, accumulate_mm): 6·N·K·D FLOPs, no atomics;
                           the tiles run in groups of GROUP_M row blocks (L2 reuse).
 
+clip_loss in one pass (section "CLIP in one pass"): _clip_fwd_kernel feeds each tile to the rows'
+and the columns' (m, s), _clip_combine_kernel merges them and forms both directions' losses and the
+backward's constants, and _clip_bwd_probs_kernel (ds, then two GEMMs) or _clip_bwd_fused_kernel (16-bit
+operands with D <= BLOCK_DO, launched for da and for db) take both directions' gradients from each
+recomputed tile.
+
 τ is one element (every row) or one per row (``TAU_PER_ROW``), as the row engine takes it: the
 callers never materialise an N-vector.  log2(e)/τ is an IEEE division once per row (once per
 program for one τ), never per logit.
