@@ -377,3 +377,39 @@ def tile_bwd(backend, a, b, bias, tau_rows, target, diag_offset, shift, scale, r
                                                      need_da, need_db, need_zp, backend)
     return (_or_none(da, need_da), _or_none(db, need_db), _or_none(dbias, need_db and bias is not None),
             _or_none(zp, need_zp))
+
+
+# clip_loss in one pass: clip_fwd gives the (7, N) per-index statistics (kernels/tile.py CLIP_*: the
+# loss per index first), clip_bwd takes them and the incoming gradient's factor g (one element) and
+# gives da, db and zp (dL/dτ_k = -zp_k / τ_k).
+
+@_op("clip_fwd")
+def _clip_fwd(a: Tensor, b: Tensor, tau_rows: Tensor, backend: str) -> Tensor:
+    return engine(backend, "tile").clip_fwd(a, b, tau_rows)
+
+
+@_clip_fwd.register_fake
+def _(a, b, tau_rows, backend):
+    return a.new_empty((7, a.shape[0]), dtype=compute_dtype(a))
+
+
+@_op("clip_bwd")
+def _clip_bwd(a: Tensor, b: Tensor, tau_rows: Tensor, stats: Tensor, g: Tensor, need_da: bool, need_db: bool,
+              need_zp: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    da, db, zp = engine(backend, "tile").clip_bwd(a, b, tau_rows, stats, g, need_da, need_db, need_zp)
+    return _or_empty(da, a), _or_empty(db, b), _or_empty(zp, stats)
+
+
+@_clip_bwd.register_fake
+def _(a, b, tau_rows, stats, g, need_da, need_db, need_zp, backend):
+    return (a.new_empty(a.shape if need_da else (0,)), b.new_empty(b.shape if need_db else (0,)),
+            stats.new_empty(a.shape[0] if need_zp else 0))
+
+
+def clip_fwd(backend, a, b, tau_rows):
+    return _call("clip_fwd")(a, b, tau_rows, backend)
+
+
+def clip_bwd(backend, a, b, tau_rows, stats, g, need_da, need_db, need_zp):
+    da, db, zp = _call("clip_bwd")(a, b, tau_rows, stats, g, need_da, need_db, need_zp, backend)
+    return _or_none(da, need_da), _or_none(db, need_db), _or_none(zp, need_zp)

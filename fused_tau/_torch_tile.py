@@ -306,3 +306,50 @@ def tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, need_da, n
 
         torch_row.for_each(list(enumerate(col_chunks)), chunk, a.device, N * K, scratch=buffer)
     return (da.to(a.dtype) if need_da else None), db, dbias, zp
+
+
+# CLIP's statistics, as kernels/tile.py's clip_fwd lays them out: rows of a (CLIP_STATS, N) tensor
+CLIP_LOSS, CLIP_SHIFT_R, CLIP_W_R, CLIP_SHIFT_C, CLIP_W_C, CLIP_DPOS, CLIP_POS = range(7)
+CLIP_STATS = 7
+
+
+def _infonce_rows(m, s, pos, tau):
+    """(nll, shift, e_pos, e_neg) of the softmax over [positive, negatives] (kernels/tile.py's _infonce_row)."""
+    nll = torch.nn.functional.softplus(torch.log(s) + (m - pos) / tau)
+    shift = torch.maximum(m, pos)
+    nll = torch.where(torch.isposinf(shift), float("nan"), nll)
+    return nll, shift, torch.exp((pos - shift) / tau), s * torch.exp((m - shift) / tau)
+
+
+def clip_fwd(a, b, tau):
+    """kernels/tile.py's clip_fwd: the (CLIP_STATS, N) statistics of clip_loss, here from two passes of
+    tile_fwd (a's rows against b, b's rows against a, the positives on the diagonal)."""
+    N = a.shape[0]
+    target = torch.arange(N, device=a.device)
+    tau_c = tau.to(_compute_dtype(a)).expand(N)
+    m_r, s_r, pos = tile_fwd(a, b, None, tau, target, None)
+    m_c, s_c, _ = tile_fwd(b, a, None, tau, target, None)
+    nll_r, shift_r, e_pos_r, e_neg_r = _infonce_rows(m_r, s_r, pos, tau_c)
+    nll_c, shift_c, e_pos_c, e_neg_c = _infonce_rows(m_c, s_c, pos, tau_c)
+    w_r = 1.0 / ((2 * N) * tau_c * (e_pos_r + e_neg_r))  # the mean's 1/N and the two directions' 1/2
+    w_c = 1.0 / ((2 * N) * tau_c * (e_pos_c + e_neg_c))
+    return torch.stack([(nll_r + nll_c) * 0.5, shift_r, w_r, shift_c, w_c, -(w_r * e_neg_r + w_c * e_neg_c), pos])
+
+
+def clip_bwd(a, b, tau, stats, g, need_da, need_db, need_zp):
+    """kernels/tile.py's clip_bwd: (da, db, zp) for G = g (Qr + Qc) off the diagonal and g·dpos on it,
+    here from two passes of tile_bwd (a's rows against b, b's rows against a) in the compute dtype,
+    rounded once to the inputs' dtype."""
+    N = a.shape[0]
+    cd = _compute_dtype(a)
+    a_c, b_c, g = a.to(cd), b.to(cd), g.to(cd)
+    target = torch.arange(N, device=a.device)
+    pos = stats[CLIP_POS]
+    da_r, db_r, _, zp_r = tile_bwd(a_c, b_c, None, tau, target, None, stats[CLIP_SHIFT_R], g * stats[CLIP_W_R], pos,
+                                   need_da, need_db, need_zp)
+    db_c, da_c, _, zp_c = tile_bwd(b_c, a_c, None, tau, target, None, stats[CLIP_SHIFT_C], g * stats[CLIP_W_C], pos,
+                                   need_db, need_da, need_zp)
+    dpos = (g * stats[CLIP_DPOS]).unsqueeze(-1)
+    da = (da_r + da_c + dpos * b_c).to(a.dtype) if need_da else None
+    db = (db_r + db_c + dpos * a_c).to(b.dtype) if need_db else None
+    return da, db, (zp_r + zp_c) if need_zp else None

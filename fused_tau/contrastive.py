@@ -174,6 +174,37 @@ class NTXentFunction(torch.autograd.Function):
         return dz.to(z.dtype), dtau, None
 
 
+class ClipFunction(torch.autograd.Function):
+    """CLIP's symmetric loss ``(infonce(a, b) + infonce(b, a)) / 2`` from one pass of the tile engine
+    over y = a @ b.T (ops.clip_fwd: rows for a -> b, columns for b -> a) and one recomputation in the
+    backward (ops.clip_bwd: both directions' gradients from each tile).  τ: one element or one per
+    index (τ_i for row i of a -> b and for row i of b -> a)."""
+
+    @staticmethod
+    @autocast_off
+    def forward(ctx, a, b, tau, backend):
+        tau_rows = tau_for_kernel(tau, a)  # one τ or one per index
+        stats = ops.clip_fwd(backend, a, b, tau_rows)
+        ctx.backend = backend
+        ctx.save_for_backward(a, b, tau_rows, stats, tau)
+        return stats[0].mean()  # the compute dtype: the caller rounds it (or not, under autocast)
+
+    @staticmethod
+    @once_differentiable
+    @autocast_off
+    def backward(ctx, grad):
+        a, b, tau_rows, stats, tau = ctx.saved_tensors
+        need_a, need_b, need_tau = ctx.needs_input_grad[:3]
+        g = grad.detach().to(stats.dtype).reshape(1)  # the statistics' w carry the mean's 1/(2N)
+        da, db, zp = ops.clip_bwd(ctx.backend, a, b, tau_rows, stats, g, need_a, need_b, need_tau)
+        dtau = None
+        if need_tau:
+            # dL/dτ_k = -(1/τ_k) (Σ_j (y_kj - y_kk) dL/dy_kj + Σ_i (y_ik - y_kk) dL/dy_ik); + 0 · dpos: an
+            # index whose statistics are NaN (NaN or +inf logits) gives NaN, as its other gradients
+            dtau = reduce_tau_grad(-zp / tau_rows + 0.0 * stats[5], tau, 1)
+        return da, db, dtau, None
+
+
 def _check_embeddings(query, key, queue):
     check_tensor(query, "query")
     check_tensor(key, "key")
@@ -189,6 +220,12 @@ def _check_embeddings(query, key, queue):
         check_same_device(queue, "queue", query, "query")
         if key.shape[0] != query.shape[0]:
             raise ValueError(f"key must hold one positive per query ({query.shape[0]}), got {key.shape[0]}")
+
+
+def _distributed():
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _gathered(key):
@@ -248,8 +285,18 @@ def infonce(query: Tensor, key: Tensor, queue: Tensor | torch.nn.Module | None =
 
 def clip_loss(a: Tensor, b: Tensor, *, tau: float | Tensor = 0.07, gather: bool = False) -> Tensor:
     """CLIP's symmetric loss ``(infonce(a, b, tau=tau) + infonce(b, a, tau=tau)) / 2`` (in-batch;
-    ``gather=True`` uses every rank's pairs).  τ may be a learnable one-element tensor."""
-    return (infonce(a, b, tau=tau, gather=gather) + infonce(b, a, tau=tau, gather=gather)) / 2
+    ``gather=True`` uses every rank's pairs), from one pass of the tile engine over a @ b.T forward
+    and one backward (ClipFunction).  τ may be a learnable one-element tensor, or one per pair (τ_i
+    for row i of both directions)."""
+    _check_embeddings(a, b, None)
+    backend = backend_for(a)
+    # the one pass needs one N × N matrix of one dtype: pairs gathered across ranks, unequal counts (an
+    # error, raised by infonce) and mixed dtypes (the two losses' dtypes promote) keep the two calls
+    if (gather and _distributed()) or b.shape[0] != a.shape[0] or a.dtype != b.dtype or backend == "reference" \
+            or a.shape[0] == 0:
+        return (infonce(a, b, tau=tau, gather=gather) + infonce(b, a, tau=tau, gather=gather)) / 2
+    tau_t = tau_tensor(tau, a, (a.shape[0],))
+    return loss_under_autocast(ClipFunction.apply(a, b, tau_t, backend), a)
 
 
 def nt_xent(z1: Tensor, z2: Tensor, *, tau: float | Tensor = 0.5) -> Tensor:

@@ -274,6 +274,8 @@ def _recorded_calls():
         grad_of(lambda q, k, qu, t: ft.infonce(q, k, qu, tau=t), q, k, queue, tau)
         grad_of(lambda q, k: ft.infonce(q, k, tau=0.2), q, k)
         grad_of(lambda a, b: ft.nt_xent(a, b, tau=0.5), q, k)
+        grad_of(lambda a, b, t: ft.clip_loss(a, b, tau=t), q, k, tau)
+        grad_of(lambda a, b: ft.clip_loss(a, b, tau=0.1), q, k)
         grad_of(lambda h, w, b_, t: ft.linear_cross_entropy(h, w, y, linear_bias=b_, label_smoothing=0.1, tau=t),
                 q, W, bias, tau)
         # float64 runs the torch path on either backend

@@ -47,6 +47,29 @@ def test_clip_and_nt_xent(backend, device, dtype):
     _compare(fused_tau.nt_xent, reference.nt_xent, [a, b], tau, dtype, tau_scale=N)
 
 
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 33])
+@pytest.mark.parametrize("tau_kind", ["float", "learnable", "per_row"])
+def test_clip_one_pass_sizes(backend, device, n, tau_kind):
+    """clip_loss's one pass (clip_fwd / clip_bwd) at sizes around the 16-wide test tiles, one pair (no
+    negatives: loss 0) included; τ a float, learnable, or one per index (τ_i for row i of a -> b and of
+    b -> a, as infonce(a, b) + infonce(b, a) takes it)."""
+    a, b = torch.randn(n, D, device=device), torch.randn(n, D, device=device)
+    tau = {"float": 0.2, "learnable": torch.tensor(0.2, device=device, requires_grad=True),
+           "per_row": (torch.rand(n, device=device) * 0.3 + 0.1).requires_grad_()}[tau_kind]
+    _compare(lambda a, b, tau: fused_tau.clip_loss(a, b, tau=tau), lambda a, b, tau: reference.clip_loss(a, b, tau=tau),
+             [a, b], tau, torch.float32, tau_scale=n)
+
+
+def test_clip_mixed_dtypes_promote_as_the_two_directions(backend, device):
+    """a in bf16 and b in fp32: clip_loss is (infonce(a, b) + infonce(b, a)) / 2, whose dtype is the two
+    losses' promotion (fp32), not a's (the one pass takes one dtype and leaves this case to the two calls)."""
+    a, b = torch.randn(N, D, device=device).to(torch.bfloat16), torch.randn(N, D, device=device)
+    ours = fused_tau.clip_loss(a, b, tau=0.2)
+    two = (fused_tau.infonce(a, b, tau=0.2) + fused_tau.infonce(b, a, tau=0.2)) / 2
+    assert ours.dtype == two.dtype == torch.float32
+    torch.testing.assert_close(ours, two)
+
+
 def test_seed_002_moco_example(backend, device):
     """K = 1024 keys, positive similarity 1, negatives -1: loss 4.94 at τ = 1; at τ = 0.07 'literally
     0.0' in the blog, exactly log1p(1023 e^{-2/0.07}) = 3.9e-10, which fused_tau keeps."""

@@ -150,6 +150,29 @@ def test_in_batch_infonce_and_clip_precision(backend, device, tau, d):
 
 
 @pytest.mark.parametrize("tau", TAUS)
+@pytest.mark.parametrize("d", [3, 40])
+@pytest.mark.parametrize("n", [16, 33])
+@pytest.mark.parametrize("route", ["fused", "materialized"])
+def test_clip_one_pass_precision_across_splits(backend, device, monkeypatch, tau, d, n, route):
+    """clip_loss in one pass (kernels/tile.py clip_fwd / clip_bwd, both backward routes) at sizes around
+    its 16-row blocks and 1-tile splits (each row's (m, s) merged over every split, each column's over
+    every row block), from τ = 1e-3 to 1e4: loss and every gradient against float64, within torch's
+    fp32 error."""
+    if backend == "triton":
+        import fused_tau.kernels.tile as tile
+
+        monkeypatch.setattr(tile, "MATERIALIZED_BWD", route)
+
+        monkeypatch.setattr(tile, "split_plan", lambda programs, tiles, sms, max_splits=None: (max(tiles, 1),
+                                                                                                min(tiles, 1)))
+    gen = torch.Generator().manual_seed(300 + d + n)
+    a, b = (_unit_rows(n, d, gen).to(device) for _ in range(2))
+    b[7] = b[3]  # two equal keys: a tie in rows 3 and 7, and between columns 3 and 7
+    _check_all(lambda a, b, t: fused_tau.clip_loss(a, b, tau=t),
+               lambda a, b, t: reference.clip_loss(a, b, tau=t), [a, b], tau)
+
+
+@pytest.mark.parametrize("tau", TAUS)
 @pytest.mark.parametrize("d", DIMS)
 def test_nt_xent_precision(backend, device, tau, d):
     gen = torch.Generator().manual_seed(200 + d)

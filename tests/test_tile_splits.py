@@ -115,6 +115,12 @@ def test_every_split_against_the_reference(backend, device, monkeypatch, per, N,
                             [a, b], dtype=torch.float32, tau=tau_one(), tau_scale=n)
     check_against_reference(fused_tau.nt_xent, reference.nt_xent, [a, b], dtype=torch.float32, tau=tau_one(),
                             tau_scale=n)
+    # CLIP in one pass: the rows' column splits and the columns' row blocks; one τ and one per index
+    for n_clip in (n, N):
+        a, b = torch.randn(n_clip, D, device=device), torch.randn(n_clip, D, device=device)
+        for tau in (tau_one(), tau_rows(n_clip)):
+            check_against_reference(fused_tau.clip_loss, reference.clip_loss, [a, b], dtype=torch.float32, tau=tau,
+                                    tau_scale=n_clip)
     W, bias = torch.randn(K, D, device=device), torch.randn(K, device=device)
     y = torch.randint(0, K, (N,), device=device)
     check_against_reference(lambda x, W, b, tau: fused_tau.linear_cross_entropy(x, W, y, linear_bias=b, tau=tau),
@@ -145,9 +151,45 @@ def test_splits_merge_special_rows(backend, device, monkeypatch):
     assert alone.item() == 0.0
 
 
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_clip_splits_merge_special_entries(backend, device, monkeypatch):
+    """CLIP's one pass with 1-tile splits over 40 pairs (16-row blocks).  Columns 16-39 whose first row
+    block's partial holds only -inf similarities (1e20 · -1e20 overflows fp32; exp of -1e40 / τ is 0 in
+    float64) beside finite blocks, and rows 0-15 whose other splits are all -inf: loss and every
+    gradient against the float64 composition.  Then a +inf similarity and a NaN feature: the loss, τ's
+    gradient and every input gradient NaN, as the composition's (a NaN row reaches every column)."""
+    import fused_tau.kernels.tile as tile
+
+    monkeypatch.setattr(tile, "split_plan", _forced_plan(1))
+    N, D = 40, 3
+    a, b = torch.randn(N, D, device=device), torch.randn(N, D, device=device)
+    a[:16, 0], b[16:, 0], b[:16, 0] = 1e20, -1e20, 1e-19
+    a[16:, 0] = 0.0
+    for tau in (torch.tensor(0.3, device=device, requires_grad=True),
+                (torch.rand(N, device=device) * 0.3 + 0.1).requires_grad_()):
+        check_against_reference(fused_tau.clip_loss, reference.clip_loss, [a, b], dtype=torch.float32, tau=tau,
+                                tau_scale=N)
+    a, b = torch.randn(N, D, device=device), torch.randn(N, D, device=device)
+    b[20, 1] = float("inf")
+    a[25, 2] = float("nan")
+    for tau in (0.5, torch.tensor(0.5, device=device, requires_grad=True)):
+        xs = [t.clone().requires_grad_() for t in (a, b)]
+        ours = fused_tau.clip_loss(*xs, tau=tau)
+        ours.backward()
+        refs = [t.double().clone().requires_grad_() for t in (a, b)]
+        tau_ref = tau.detach().double().requires_grad_() if isinstance(tau, torch.Tensor) else tau
+        ref = reference.clip_loss(*refs, tau=tau_ref)
+        ref.backward()
+        assert torch.isnan(ours).item() and torch.isnan(ref).item()  # host-ok: CPU test
+        for g, r in zip([x.grad for x in xs], [x.grad for x in refs]):
+            assert torch.equal(torch.isnan(g), torch.isnan(r))
+        if isinstance(tau, torch.Tensor):
+            assert torch.isnan(tau.grad).item() == torch.isnan(tau_ref.grad).item()  # host-ok: CPU test
+
+
 # ---------------------------------------------------------------------------- τ layout
 
-@pytest.mark.parametrize("fn", ["infonce_queue", "infonce_in_batch", "nt_xent", "linear_cross_entropy"])
+@pytest.mark.parametrize("fn", ["infonce_queue", "infonce_in_batch", "nt_xent", "linear_cross_entropy", "clip_loss"])
 def test_tau_reaches_the_tile_engine_unexpanded(backend, device, monkeypatch, fn):
     """Issue 17: the tile engine takes τ as the row engine does, one element or one per row; a float or
     one-element τ reaches both launchers as one element (it was expanded into an N-vector)."""
@@ -162,6 +204,11 @@ def test_tau_reaches_the_tile_engine_unexpanded(backend, device, monkeypatch, fn
 
         def __getattr__(self, name):
             fn_ = getattr(self.inner, name)
+            if name in ("clip_fwd", "clip_bwd"):
+                def call_clip(a, b, tau, *rest):
+                    seen.append((name, tuple(tau.shape)))
+                    return fn_(a, b, tau, *rest)
+                return call_clip
             if name not in ("tile_fwd", "tile_bwd"):
                 return fn_
 
@@ -178,10 +225,11 @@ def test_tau_reaches_the_tile_engine_unexpanded(backend, device, monkeypatch, fn
     out = {"infonce_queue": lambda: fused_tau.infonce(q, k, torch.randn(K, D, device=device), tau=tau),
            "infonce_in_batch": lambda: fused_tau.infonce(q, k, tau=tau),
            "nt_xent": lambda: fused_tau.nt_xent(q, k, tau=tau),
+           "clip_loss": lambda: fused_tau.clip_loss(q, k, tau=tau),
            "linear_cross_entropy": lambda: fused_tau.linear_cross_entropy(
                q, torch.randn(K, D, device=device), torch.randint(0, K, (N,), device=device), tau=tau)}[fn]()
     out.backward()
-    assert {name for name, _ in seen} == {"tile_fwd", "tile_bwd"}
+    assert {name for name, _ in seen} == ({"clip_fwd", "clip_bwd"} if fn == "clip_loss" else {"tile_fwd", "tile_bwd"})
     assert all(shape == (1,) for _, shape in seen), seen
 
 
