@@ -24,7 +24,7 @@ setup(
     extras_require={
         "triton": [TRITON],
         # CI runs the kernels on CPU tensors under the Triton interpreter
-        "test": [TRITON, "pytest>=7", "hypothesis>=6", "expecttest", "pytest-benchmark>=4", "numpy", "matplotlib>=3.5",
+        "test": [TRITON, "pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "expecttest", "pytest-benchmark>=4", "numpy", "matplotlib>=3.5",
                  "tqdm>=4", "build>=1"],
         "bench": ["pytest-benchmark>=4", "numpy"],
         "plot": ["matplotlib>=3.5", "tqdm>=4"],
