@@ -18,6 +18,7 @@ import threading
 import torch
 
 from . import _torch_row as torch_row
+from ._tau import compute_dtype
 
 CHUNK_ELEMENTS = 1 << 20
 # On CPU, where the work is shared out among threads (_torch_row.for_each), the logits are cut into
@@ -37,10 +38,6 @@ def _tiles(N, K, device):
         cb = min(cb, max(1, -(-K // COL_PARTS)))
     return ([slice(lo, min(N, lo + rb)) for lo in range(0, N, rb)],
             [(lo, min(K, lo + cb)) for lo in range(0, K, cb)])
-
-
-def _compute_dtype(a):
-    return torch.float64 if a.dtype == torch.float64 else torch.float32
 
 
 def _dots(a_c, b, bias, lo, hi, cd):
@@ -170,7 +167,7 @@ def tile_fwd(a, b, bias, tau, target, diag_offset):
     """Returns (m, s, y_target or None) in dot units, fp32 (fp64 for fp64 inputs), one per row of ``a``.
     Each block of rows goes through the column chunks in order (the blocks are shared out)."""
     N, K = a.shape[0], b.shape[0]
-    cd = _compute_dtype(a)
+    cd = compute_dtype(a)
     a_c = a.to(cd)
     tau_c = tau.to(cd).expand(N)  # one τ or one per row: a view, never materialised
     m_out = torch.empty(N, device=a.device, dtype=cd)
@@ -234,7 +231,7 @@ def tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, need_da, n
     chunks in order); with db, the column chunks (db's rows are the chunk's columns), each summing
     db over the row blocks in order, their contributions to da and zp added in chunk order."""
     N, K = a.shape[0], b.shape[0]
-    cd = _compute_dtype(a)
+    cd = compute_dtype(a)
     a_c = a.to(cd)
     tau_col = tau.to(cd).expand(N).unsqueeze(-1)
     da = torch.zeros(a.shape, device=a.device, dtype=cd) if need_da else None
@@ -326,7 +323,7 @@ def clip_fwd(a, b, tau):
     tile_fwd (a's rows against b, b's rows against a, the positives on the diagonal)."""
     N = a.shape[0]
     target = torch.arange(N, device=a.device)
-    tau_c = tau.to(_compute_dtype(a)).expand(N)
+    tau_c = tau.to(compute_dtype(a)).expand(N)
     m_r, s_r, pos = tile_fwd(a, b, None, tau, target, None)
     m_c, s_c, _ = tile_fwd(b, a, None, tau, target, None)
     nll_r, shift_r, e_pos_r, e_neg_r = _infonce_rows(m_r, s_r, pos, tau_c)
@@ -341,7 +338,7 @@ def clip_bwd(a, b, tau, stats, g, need_da, need_db, need_zp):
     here from two passes of tile_bwd (a's rows against b, b's rows against a) in the compute dtype,
     rounded once to the inputs' dtype."""
     N = a.shape[0]
-    cd = _compute_dtype(a)
+    cd = compute_dtype(a)
     a_c, b_c, g = a.to(cd), b.to(cd), g.to(cd)
     target = torch.arange(N, device=a.device)
     pos = stats[CLIP_POS]
