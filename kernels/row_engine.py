@@ -76,13 +76,14 @@ def l2_bytes(device):
     return L2_BYTES_OFF_GPU
 
 
-def reread_config(n_cols, elem_bytes, device):
-    """(block, num_warps) of a row kernel that streams each row twice: ``row_config``'s while ROWS_PER_SM
-    rows an SM fit in L2; longer rows take one 32-warp program an SM (1024 threads, so one resident), a
+def reread_config(n_cols, col_bytes, device):
+    """(block, num_warps) of a row kernel that streams each row twice, reading ``col_bytes`` bytes a column
+    (the element sizes of the tensors it reads twice, summed): ``row_config``'s while ROWS_PER_SM rows an
+    SM fit in L2; longer rows take one 32-warp program an SM (1024 threads, so one resident), a
     block of 8 elements a thread (128-bit loads of bf16, within the 64 registers a thread has there), and
     their rows in flight (one an SM) keep the second read in L2."""
     block, _, num_warps = row_config(n_cols)
-    if tile.sm_count(device) * ROWS_PER_SM * n_cols * elem_bytes <= l2_bytes(device):
+    if tile.sm_count(device) * ROWS_PER_SM * n_cols * col_bytes <= l2_bytes(device):
         return block, num_warps
     return min(max(triton.next_power_of_2(n_cols), 16), 2 * MAX_BLOCK), 32
 

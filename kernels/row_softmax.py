@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .row_engine import (interpreted, load_v, load_x, noise_counter, recompute_p, row_config, row_splits, row_start,
+from .row_engine import (interpreted, load_v, load_x, noise_counter, recompute_p, reread_config, row_config, row_splits, row_start,
                          rows, tau_stride)
 from .tl_math import exp2_scale, log1p, nan_if_posinf, online_finalize_log2, online_update_log2, to_store
 
@@ -318,6 +318,10 @@ def softmax_bwd(y, g, x3, m, s, tau, log, tau_grad, seed=None):
     block, one_block, num_warps = row_config(C)
     if seed is not None:
         num_warps = noisy_warps(block, num_warps)
+    elif not one_block and not tau_grad:
+        # a row longer than a block reads y and g twice (the reduction, then the gradient); with dL/dτ
+        # (x read as well) the 32-warp program needs a stack frame on sm_90: row_config's there
+        block, num_warps = reread_config(C, y.element_size() + g.element_size(), g.device)
     _softmax_bwd_kernel[(R,)](
         y, g, dx, x3, m, s, tau, dtau, m if seed is None else seed, C, B, *x3.stride(), tau_stride(tau),
         LOG=log, NOISY=seed is not None, TAU_GRAD=tau_grad, BLOCK=block, ONE_BLOCK=one_block,
