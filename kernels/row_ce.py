@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from .row_engine import (half_gap, interpreted, load_x, reread_config, row_config, row_splits, row_start,
-                         rows, tau_stride)
+                         rows, stream_config, tau_stride)
 from .tl_math import (exp2_scale, log1p, nan_if_posinf, online_finalize_log2, online_update_log2, to_store,
                       weighted_gap_finalize, weighted_gap_update)
 
@@ -320,6 +320,9 @@ def _ce_fwd_launch(x3, target, weight, tau, ignore_index, smoothing, prob_target
     dtau = torch.empty(R, **f32) if write_grad and tau_grad else m
     block, num_warps = reread_config(C, x3.element_size(), dev) if write_grad else row_config(C)[::2]
     splits, span = row_splits(R, C, block, dev)
+    if splits == 1 and not write_grad:  # one program a row, without the gradient: the narrower block
+        block, num_warps = stream_config(C)
+        span = triton.cdiv(C, block) * block
     parts = [torch.empty(R * splits, **f32) for _ in range(4)] if splits > 1 else [m] * 4
     args = (x3, target, weight if weight is not None else m, tau, loss, wy, m, s, a, *parts,
             g if write_grad else m, dx, dtau, C, B, span // block, splits,

@@ -88,6 +88,19 @@ def reread_config(n_cols, col_bytes, device):
     return min(max(triton.next_power_of_2(n_cols), 16), 2 * MAX_BLOCK), 32
 
 
+def stream_config(n_cols):
+    """(block, num_warps) of a one-pass streamed reduction whose per-row finalize is a large share of its
+    instructions (cross-entropy's forward without the gradient): row_config's 16 elements a thread for
+    rows longer than a block, over half the warps and half the block.  The row's ragged last block then
+    wastes half as many lanes and the finalize's cross-warp reductions span 4 warps, not 8: at C = 32000 on
+    sm_90, 17.4 -> 14.7 instructions an element over the kernel (bench/NOTES.md), the same registers a
+    thread (spill-free on sm_80 and sm_90, tests/test_model.py)."""
+    block, one_block, num_warps = row_config(n_cols)
+    if one_block or num_warps < 2:
+        return block, num_warps
+    return block // 2, num_warps // 2
+
+
 def row_config(n_cols, lanes_per_block=1):
     """Block size, single-block flag and warp count for a row of ``n_cols``.
 
