@@ -320,9 +320,8 @@ def _ce_fwd_launch(x3, target, weight, tau, ignore_index, smoothing, prob_target
     dtau = torch.empty(R, **f32) if write_grad and tau_grad else m
     block, num_warps = reread_config(C, x3.element_size(), dev) if write_grad else row_config(C)[::2]
     splits, span = row_splits(R, C, block, dev)
-    if splits == 1 and not write_grad:  # one program a row, without the gradient: the narrower block
+    if not write_grad:  # the narrower block of stream_config: half row_config's, so span stays a multiple of it
         block, num_warps = stream_config(C)
-        span = triton.cdiv(C, block) * block
     parts = [torch.empty(R * splits, **f32) for _ in range(4)] if splits > 1 else [m] * 4
     args = (x3, target, weight if weight is not None else m, tau, loss, wy, m, s, a, *parts,
             g if write_grad else m, dx, dtau, C, B, span // block, splits,

@@ -94,7 +94,8 @@ def stream_config(n_cols):
     rows longer than a block, over half the warps and half the block.  The row's ragged last block then
     wastes half as many lanes and the finalize's cross-warp reductions span 4 warps, not 8: at C = 32000 on
     sm_90, 17.4 -> 14.7 instructions an element over the kernel (bench/NOTES.md), the same registers a
-    thread (spill-free on sm_80 and sm_90, tests/test_model.py)."""
+    thread (spill-free on sm_80 and sm_90, tests/test_model.py).  Half row_config's block: a split row's
+    span, planned with row_config's, is a whole number of these."""
     block, one_block, num_warps = row_config(n_cols)
     if one_block or num_warps < 2:
         return block, num_warps
