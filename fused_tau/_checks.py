@@ -75,8 +75,12 @@ def check_class_targets(target, n_classes, ignore_index, name="target"):
     if target.numel():
         t = target.to(torch.int64)
         ok = ((t >= 0) & (t < n_classes)) | (t == ignore_index)
-        data_check(ok.all(), f"{name} holds a class index outside [0, {n_classes}) that is not "
-                             f"ignore_index={ignore_index}", IndexError)
+        data_check(ok.all(), class_targets_message(n_classes, ignore_index, name), IndexError)
+
+
+def class_targets_message(n_classes, ignore_index, name="target"):
+    """check_class_targets' error (also raised from a kernel's verdict: kernels/row_ce.py ce_reduce)."""
+    return f"{name} holds a class index outside [0, {n_classes}) that is not ignore_index={ignore_index}"
 
 
 def legacy_reduction(size_average, reduce):

@@ -49,6 +49,11 @@ def _call(name):
     return getattr(torch.ops.fused_tau, name) if _tracing() else _IMPLS[name]
 
 
+def tracing():
+    """Whether something traces the op calls (dynamo, or a dispatch mode such as fake tensors)."""
+    return _tracing()
+
+
 def _tracing():
     return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
 

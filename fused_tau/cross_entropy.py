@@ -15,10 +15,15 @@ from torch import Tensor
 from . import _ops as ops
 from . import reference
 from ._checks import (check_ce_options, check_class_targets, check_inplace_target, check_same_device, check_tensor,
-                      check_vector, legacy_reduction)
-from ._dispatch import autocast_off, backend_for, loss_under_autocast, once_differentiable
+                      check_vector, class_targets_message, data_check, legacy_reduction)
+from ._dispatch import autocast_off, backend_for, engine, loss_under_autocast, once_differentiable
 from ._tau import compute_dtype, reduce_tau_grad, tau_for_kernel, tau_tensor
 from .softmax import view3
+
+
+# ce_reduce (kernels/row_ce.py) is one program: past this many rows torch's reductions, which fill the GPU,
+# take over (a dozen small launches, about 30 µs, against one program reading 12 bytes a row)
+REDUCE_ON_DEVICE_MAX_ROWS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,9 @@ class CEOptions:
     # the forward also writes the gradient for an incoming gradient of 1 (cross_entropy sets it when a
     # backward will follow: see its docstring); reductions 'mean' and 'sum' only
     grad_in_forward: bool = False
+    # reductions 'mean' and 'sum' on the Triton backend (eager): the reduction, the mean's denominator
+    # and the class-index targets' range check run as one launch of kernels/row_ce.py ce_reduce
+    reduce_on_device: bool = False
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -49,24 +57,29 @@ class CrossEntropyFunction(torch.autograd.Function):
         tau_k = tau_for_kernel(tau, input)
         two_pass = options.grad_in_forward and reduction != "none"
         denom = dx = dtau = None
-        if reduction == "mean":
-            denom = _mean_denominator(tgt, w, ignore_index, prob_target, A * B, cdtype) if two_pass else None
-        if two_pass:
-            # the gradient of the reduction for an incoming gradient of 1: 1/denominator or 1
-            g = (1.0 / denom if denom is not None else torch.ones((), dtype=cdtype, device=input.device)).reshape(1)
-            loss, wy, m, s, a, dx, dtau = ops.ce_fwd_grad(backend, x3, tgt, w, tau_k, ignore_index, label_smoothing,
-                                                          prob_target, g, ctx.needs_input_grad[3])
+        if options.reduce_on_device:
+            out, denom, dx, dtau, loss, wy, m, s, a = _forward_reduced_on_device(
+                ctx, x3, tgt, w, tau_k, options, prob_target, C, backend)
         else:
-            loss, wy, m, s, a = ops.ce_fwd(backend, x3, tgt, w, tau_k, ignore_index, label_smoothing, prob_target)
-        if reduction == "none":
-            out = loss.view(tuple(input.shape[:1]) + tuple(input.shape[2:]) if input.ndim > 1 else ())
-        else:
-            out = loss.sum()
-            if reduction == "mean":
-                if denom is None:
-                    denom = _nan_if_zero(torch.full((), float(A * B), dtype=cdtype, device=input.device)
-                                         if prob_target else wy.sum())
-                out = out / denom
+            if reduction == "mean" and two_pass:
+                denom = _mean_denominator(tgt, w, ignore_index, prob_target, A * B, cdtype)
+            if two_pass:
+                # the gradient of the reduction for an incoming gradient of 1: 1/denominator or 1
+                g = (1.0 / denom if denom is not None
+                     else torch.ones((), dtype=cdtype, device=input.device)).reshape(1)
+                loss, wy, m, s, a, dx, dtau = ops.ce_fwd_grad(backend, x3, tgt, w, tau_k, ignore_index,
+                                                              label_smoothing, prob_target, g, ctx.needs_input_grad[3])
+            else:
+                loss, wy, m, s, a = ops.ce_fwd(backend, x3, tgt, w, tau_k, ignore_index, label_smoothing, prob_target)
+            if reduction == "none":
+                out = loss.view(tuple(input.shape[:1]) + tuple(input.shape[2:]) if input.ndim > 1 else ())
+            else:
+                out = loss.sum()
+                if reduction == "mean":
+                    if denom is None:
+                        denom = _nan_if_zero(torch.full((), float(A * B), dtype=cdtype, device=input.device)
+                                             if prob_target else wy.sum())
+                    out = out / denom
         ctx.backend, ctx.input_shape, ctx.B = backend, input.shape, B
         ctx.options, ctx.prob_target = options, prob_target
         # dx and dτ wait until the first backward takes them (not saved tensors: it scales dx in place)
@@ -101,6 +114,36 @@ class CrossEntropyFunction(torch.autograd.Function):
             dtau = reduce_tau_grad(dtau, tau, ctx.B) if tau_grad else None
         dx = dx.reshape(ctx.input_shape) if ctx.needs_input_grad[0] else None
         return dx, None, None, dtau, None, None
+
+
+def _forward_reduced_on_device(ctx, x3, tgt, w, tau_k, options, prob_target, C, backend):
+    """CrossEntropyFunction.forward's reductions 'mean' and 'sum' on the Triton backend: before the
+    forward's launch, a pass over the class-index targets (kernels/row_ce.py ce_reduce) checks them
+    (raising IndexError there on the CPU, asynchronously on CUDA) and forms the mean's denominator (the
+    gradient's scale when the forward writes it); after it, one more reduces the rows' losses.
+    Returns (out, denom or None, dx, dτ, loss, w_y, M, S, A)."""
+    row = engine("triton", "row")
+    R = x3.shape[0] * x3.shape[2]
+    mean = options.reduction == "mean"
+    ignore_index, smoothing = options.ignore_index, options.label_smoothing
+    den_mode = (row.DENOM_ROWS if prob_target else row.DENOM_TARGETS) if mean else row.DENOM_NONE
+    den = g = dx = dtau = None
+    if not prob_target or options.grad_in_forward:
+        _, den, g, ok = row.ce_reduce(x3.device, None, None if prob_target else tgt, w, None, R, C, ignore_index,
+                                      den_mode, not prob_target)
+        if ok is not None:
+            data_check(ok, class_targets_message(C, ignore_index), IndexError)
+    if options.grad_in_forward:
+        loss, wy, m, s, a, dx, dtau = ops.ce_fwd_grad(backend, x3, tgt, w, tau_k, ignore_index, smoothing,
+                                                      prob_target, g, ctx.needs_input_grad[3])
+    else:
+        loss, wy, m, s, a = ops.ce_fwd(backend, x3, tgt, w, tau_k, ignore_index, smoothing, prob_target)
+    if den is None:
+        out, den, _, _ = row.ce_reduce(x3.device, loss, None, None, None, R, C, ignore_index, den_mode, False)
+    else:
+        out, _, _, _ = row.ce_reduce(x3.device, loss, None, None, den, R, C, ignore_index,
+                                     row.DENOM_GIVEN if mean else row.DENOM_NONE, False)
+    return out, (den if mean else None), dx, dtau, loss, wy, m, s, a
 
 
 def _nan_if_zero(denom):
@@ -140,8 +183,6 @@ def _check(input, target, weight, ignore_index, reduction, label_smoothing):
                              f"got {tuple(target.shape)}")
     check_vector(weight, "weight", C, input)
     check_ce_options(reduction, ignore_index, label_smoothing)
-    if not target.is_floating_point():
-        check_class_targets(target, C, ignore_index)
     return class_dim
 
 
@@ -187,11 +228,18 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
     outer = tuple(input.shape[:1]) if input.ndim > 1 else ()
     tau_t = tau_tensor(tau, input, outer)
     backend = backend_for(input)
+    n_classes = input.shape[1 if input.ndim > 1 else 0]
+    reduce_on_device = (backend == "triton" and reduction != "none" and input.numel() > 0
+                        and input.numel() // n_classes <= REDUCE_ON_DEVICE_MAX_ROWS
+                        and not torch.compiler.is_compiling() and not ops.tracing())
+    if not target.is_floating_point() and not reduce_on_device:
+        check_class_targets(target, n_classes, ignore_index)
     if backend == "reference" or input.numel() == 0:
         return reference.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
                                        label_smoothing=label_smoothing, tau=tau_t)
     grad_in_forward = (torch.is_grad_enabled() and input.requires_grad and reduction != "none"
                        and not inplace_backward)
-    options = CEOptions(ignore_index, reduction, float(label_smoothing), bool(inplace_backward), grad_in_forward)
+    options = CEOptions(ignore_index, reduction, float(label_smoothing), bool(inplace_backward), grad_in_forward,
+                        reduce_on_device)
     out = CrossEntropyFunction.apply(input, target, weight, tau_t, options, backend)
     return loss_under_autocast(out, input)

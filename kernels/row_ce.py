@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from .row_engine import (half_gap, interpreted, load_x, reread_config, row_config, row_splits, row_start,
-                         rows, tau_stride)
+                         rows, stream_config, tau_stride)
 from .tl_math import (exp2_scale, log1p, nan_if_posinf, online_finalize_log2, online_update_log2, to_store,
                       weighted_gap_finalize, weighted_gap_update)
 
@@ -307,13 +307,13 @@ def ce_fwd_grad(x3, target, weight, tau, ignore_index, smoothing, prob_target, g
 
 
 def _fwd_config(x3, C, has_a, write_grad):
-    """(block, warps) of the forward: the weighted sums (A, D) of smoothing / probabilities do not fit
-    sm_80's registers at 16 lanes a thread (8 bytes spilled), so they take half the lanes; the forward
-    that writes the gradient reads each row twice (row_engine.reread_config)."""
-    lanes = 2 if has_a else 1
+    """(block, warps) the forward's splits are planned with: the forward that writes the gradient reads
+    each row twice (row_engine.reread_config; the weighted sums (A, D) of smoothing / probabilities
+    beside the gradient pass take half the lanes, clear of sm_80's registers); the forward alone plans
+    with row_config's block and runs stream_config's (half of it, see _ce_fwd_launch)."""
     if write_grad:
-        return reread_config(C, x3.element_size(), x3.device, lanes_per_block=lanes)
-    block, _, num_warps = row_config(C, lanes)
+        return reread_config(C, x3.element_size(), x3.device, lanes_per_block=2 if has_a else 1)
+    block, _, num_warps = row_config(C)
     return block, num_warps
 
 
@@ -331,6 +331,8 @@ def _ce_fwd_launch(x3, target, weight, tau, ignore_index, smoothing, prob_target
     dtau = torch.empty(R, **f32) if write_grad and tau_grad else m
     block, num_warps = _fwd_config(x3, C, has_a, write_grad)
     splits, span = row_splits(R, C, block, dev)
+    if not write_grad:  # the narrower block of stream_config: half row_config's, so span stays a multiple of it
+        block, num_warps = stream_config(C)
     parts = [torch.empty(R * splits, **f32) for _ in range(4)] if splits > 1 else [m] * 4
     args = (x3, target, weight if weight is not None else m, tau, loss, wy, m, s, a, *parts,
             g if write_grad else m, dx, dtau, C, B, span // block, splits,
@@ -379,3 +381,85 @@ def ce_bwd(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_ta
     if not tau_grad:
         return dx, None
     return dx, (dtau[:, 0] if splits == 1 else dtau.sum(1))
+
+
+# ce_reduce's denominators: none ('sum'), the row count (probability targets' 'mean'), Σ w_y over the
+# rows whose target is not ignore_index (class indices' 'mean'), a given one (the pre-pass's)
+DENOM_NONE, DENOM_ROWS, DENOM_TARGETS, DENOM_GIVEN = 0, 1, 2, 3
+REDUCE_BLOCK = 1024
+
+
+@triton.jit
+def _ce_reduce_kernel(
+    # pointers: the rows' losses, class-index targets (contiguous (R,)), class weights, a given
+    # denominator; out: the reduced loss, the denominator, g = 1/denominator, ok
+    loss_ptr, target_ptr, weight_ptr, den_in_ptr, out_ptr, den_ptr, g_ptr, ok_ptr,
+    R, C, ignore_index, n_rows_f,
+    SUM_LOSS: tl.constexpr, DENOM: tl.constexpr, CHECK: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program over the R rows in a fixed order (deterministic, no atomics): den = 1 (DENOM_NONE),
+    R (DENOM_ROWS), Σ over the rows whose y is not ignore_index of w_y (DENOM_TARGETS; w = 1 without
+    weights) or den_in[0] (DENOM_GIVEN); a computed den of 0 is NaN (torch's 0/0).  Writes den,
+    g = 1/den, Σ loss / den (Σ loss for DENOM_NONE) when SUM_LOSS (IEEE-rounded divisions, as torch's),
+    and with CHECK ok = 1 when every y is in [0, C) or ignore_index, else 0."""
+    i = tl.arange(0, BLOCK)
+    loss_acc = tl.zeros([BLOCK], tl.float32)
+    den_acc = tl.zeros([BLOCK], tl.float32)
+    bad = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, R, BLOCK):
+        rows = start + i
+        inside = rows < R
+        if SUM_LOSS:
+            loss_acc += tl.load(loss_ptr + rows, mask=inside, other=0.0).to(tl.float32)
+        if CHECK or DENOM == 2:
+            y = tl.load(target_ptr + rows, mask=inside, other=ignore_index)
+            valid = y != ignore_index
+            in_range = valid & (y >= 0) & (y < C)
+            if CHECK:
+                bad += (valid & ((y < 0) | (y >= C))).to(tl.int32)
+            if DENOM == 2:
+                if HAS_WEIGHT:
+                    den_acc += tl.load(weight_ptr + tl.where(in_range, y, 0), mask=in_range, other=0.0).to(tl.float32)
+                else:
+                    den_acc += tl.where(valid, 1.0, 0.0)
+    if DENOM == 0:
+        den = tl.full([], 1.0, tl.float32)
+    elif DENOM == 1:
+        den = tl.full([], 1.0, tl.float32) * n_rows_f
+    elif DENOM == 3:
+        den = tl.load(den_in_ptr).to(tl.float32)
+    else:
+        den = tl.sum(den_acc, 0)
+    if DENOM == 1 or DENOM == 2:
+        den = tl.where(den == 0.0, float("nan"), den)
+    tl.store(den_ptr, den)
+    tl.store(g_ptr, tl.math.div_rn(tl.full([], 1.0, tl.float32), den))
+    if SUM_LOSS:
+        total = tl.sum(loss_acc, 0)
+        if DENOM != 0:
+            total = tl.math.div_rn(total, den)
+        tl.store(out_ptr, total)
+    if CHECK:
+        tl.store(ok_ptr, (tl.sum(bad, 0) == 0).to(tl.int32))
+
+
+def ce_reduce(device, loss, target, weight, den_in, n_rows, n_classes, ignore_index, denom_mode, check):
+    """cross_entropy's reduction, the mean's denominator and the class-index targets' check, each pass
+    one launch of one program (R·8 bytes or fewer read, where torch takes a dozen small operators).
+
+    ``loss``: the forward's per-row fp32, or None (a pass over the targets only); ``target``: class
+    indices, contiguous int64 (R,), or None; ``weight``: fp32 class weights or None; ``den_in``: the
+    denominator for DENOM_GIVEN.  Returns (out: 0-dim Σ loss [/ den] or None, den: 0-dim, g: (1,) =
+    1/den, ok: 0-dim int32 (1: every target in range) or None)."""
+    f32 = dict(device=device, dtype=torch.float32)
+    den, g = torch.empty((), **f32), torch.empty(1, **f32)
+    out = torch.empty((), **f32) if loss is not None else None
+    ok = torch.empty((), device=device, dtype=torch.int32) if check else None
+    _ce_reduce_kernel[(1,)](
+        *(t if t is not None else g for t in (loss, target, weight, den_in, out)), den, g,
+        ok if ok is not None else g, n_rows, n_classes, ignore_index, float(n_rows),
+        SUM_LOSS=loss is not None, DENOM=denom_mode, CHECK=check, HAS_WEIGHT=weight is not None,
+        BLOCK=REDUCE_BLOCK, num_warps=4,
+    )
+    return out, den, g, ok

@@ -76,15 +76,30 @@ def l2_bytes(device):
     return L2_BYTES_OFF_GPU
 
 
-def reread_config(n_cols, elem_bytes, device, lanes_per_block=1):
-    """(block, num_warps) of a row kernel that streams each row twice: ``row_config``'s while ROWS_PER_SM
-    rows an SM fit in L2; longer rows take one 32-warp program an SM (1024 threads, so one resident), a
+def reread_config(n_cols, col_bytes, device, lanes_per_block=1):
+    """(block, num_warps) of a row kernel that streams each row twice, reading ``col_bytes`` bytes a column
+    (the element sizes of the tensors it reads twice, summed): ``row_config``'s while ROWS_PER_SM rows an
+    SM fit in L2; longer rows take one 32-warp program an SM (1024 threads, so one resident), a
     block of 8 elements a thread (128-bit loads of bf16, within the 64 registers a thread has there), and
     their rows in flight (one an SM) keep the second read in L2.  ``lanes_per_block`` as row_config's."""
     block, _, num_warps = row_config(n_cols, lanes_per_block)
-    if tile.sm_count(device) * ROWS_PER_SM * n_cols * elem_bytes <= l2_bytes(device):
+    if tile.sm_count(device) * ROWS_PER_SM * n_cols * col_bytes <= l2_bytes(device):
         return block, num_warps
     return min(max(triton.next_power_of_2(n_cols), 16), 2 * MAX_BLOCK // lanes_per_block), 32
+
+
+def stream_config(n_cols):
+    """(block, num_warps) of a one-pass streamed reduction whose per-row finalize is a large share of its
+    instructions (cross-entropy's forward without the gradient): row_config's 16 elements a thread for
+    rows longer than a block, over half the warps and half the block.  The row's ragged last block then
+    wastes half as many lanes and the finalize's cross-warp reductions span 4 warps, not 8: at C = 32000 on
+    sm_90, 17.4 -> 14.7 instructions an element over the kernel (bench/NOTES.md), the same registers a
+    thread (spill-free on sm_80 and sm_90, tests/test_model.py).  Half row_config's block: a split row's
+    span, planned with row_config's, is a whole number of these."""
+    block, one_block, num_warps = row_config(n_cols)
+    if one_block or num_warps < 2:
+        return block, num_warps
+    return block // 2, num_warps // 2
 
 
 def row_config(n_cols, lanes_per_block=1):

@@ -7,8 +7,8 @@ import triton
 import triton.language as tl
 
 from . import MODE_LOG_SOFTMAX, MODE_LSE, MODE_SOFTMAX  # noqa: F401 (kernels/row.py re-exports them)
-from .row_engine import (interpreted, load_v, load_x, noise_counter, recompute_p, row_config, row_splits, row_start,
-                         rows, tau_stride)
+from .row_engine import (interpreted, load_v, load_x, noise_counter, recompute_p, reread_config, row_config,
+                         row_splits, row_start, rows, tau_stride)
 from .tl_math import exp2_scale, log1p, nan_if_posinf, online_finalize_log2, online_update_log2, to_store
 
 
@@ -133,13 +133,16 @@ def _softmax_output(y_ptr, base, start, C, B, x_row, stride_xc, scale, M, inv_to
 def _softmax_bwd_kernel(
     # pointers: y (the forward's output), g (its gradient) and dx share y's contiguous layout
     y_ptr, g_ptr, dx_ptr, x_ptr, m_ptr, s_ptr, tau_ptr, dtau_ptr, seed_ptr,
-    # shapes
-    C, B,
+    # a split row's (R, splits, BLOCK) lanes' partial sums of Σ g y (Σ g for log_softmax)
+    part_ptr,
+    # shapes; program (r, j) takes columns [j·span, (j + 1)·span), span = span_blocks·BLOCK, of row r
+    # (dtau: (R, splits))
+    C, B, span_blocks, splits,
     # strides of x (read for dL/dτ, or for the noisy y) and of τ
     stride_xa, stride_xc, stride_xb, stride_tau,
     # constants
     LOG: tl.constexpr, NOISY: tl.constexpr, TAU_GRAD: tl.constexpr, BLOCK: tl.constexpr,
-    ONE_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
+    ONE_BLOCK: tl.constexpr, PHASE: tl.constexpr, SPLITS_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """dz = y (g - Σ g y) for softmax, dz = g - exp(y) Σ g for log_softmax; dx = dz / τ.
 
@@ -149,6 +152,11 @@ def _softmax_bwd_kernel(
 
     dL/dτ of the row is -(1/τ²) Σ (x - c) dz: the shift c changes nothing (Σ dz = 0); taken in
     x units (half_gap) the terms carry no rounding of x / τ, at any τ and any common offset.
+
+    PHASE 0: one program a row.  A row split across programs (row_engine.row_splits): PHASE 1 (grid
+    (R, splits)) writes each program's lanes' sums of the row's reduction, PHASE 2 (same grid) adds the
+    row's programs' lanes in column order (deterministic), reduces them and writes its columns' dx (and
+    dτ's share).
     """
     r, a, b, x_row, tau = row_start(x_ptr, tau_ptr, B, stride_xa, stride_xb, stride_tau)
     base = a * C * B + b
@@ -165,6 +173,11 @@ def _softmax_bwd_kernel(
         M = tl.load(m_ptr + r)
         inv_total = 1.0 / (1.0 + tl.load(s_ptr + r))
     cols = tl.arange(0, BLOCK)
+    col0 = tl.program_id(1) * span_blocks * BLOCK  # a multiple of BLOCK: aligned loads
+    col_end = tl.minimum(col0 + span_blocks * BLOCK, C)
+    part = r * splits + tl.program_id(1)
+    y_kept = 0.0
+    g_kept = 0.0
     if ONE_BLOCK:
         offs = cols.to(tl.int64) * B
         y_kept = _softmax_output(y_ptr, base, 0, C, B, x_row, stride_xc, scale, M, inv_total, seed, noise_row,
@@ -174,9 +187,17 @@ def _softmax_bwd_kernel(
             red = tl.sum(g_kept, 0)
         else:
             red = tl.sum(g_kept * y_kept, 0)
+    elif PHASE == 2:
+        # the lanes' sums of the row's programs, added in column order: the unsplit program's own
+        # order when a program takes one block (so a split changes no rounding there)
+        acc = tl.zeros([BLOCK], tl.float32)
+        for j in tl.static_range(SPLITS_BLOCK):
+            acc += tl.load(part_ptr + (r * splits + j) * BLOCK + cols, mask=j * BLOCK + cols < splits * BLOCK,
+                           other=0.0)
+        red = tl.sum(acc, 0)
     else:
         acc = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, C, BLOCK):
+        for start in range(col0, col_end, BLOCK):
             c = start + cols
             offs = c.to(tl.int64) * B
             g = tl.load(g_ptr + base + offs, mask=c < C, other=0.0).to(tl.float32)
@@ -186,6 +207,22 @@ def _softmax_bwd_kernel(
                 acc += g * _softmax_output(y_ptr, base, start, C, B, x_row, stride_xc, scale, M, inv_total, seed,
                                            noise_row, LOG, NOISY, BLOCK, INTERPRETED)
         red = tl.sum(acc, 0)
+    if PHASE == 1:
+        tl.store(part_ptr + part * BLOCK + cols, acc)
+    else:
+        _softmax_bwd_write(y_ptr, g_ptr, dx_ptr, m_ptr, dtau_ptr, r, part, base, x_row, C, B, stride_xc, col0,
+                           col_end, red, inv_tau, scale, M, inv_total, seed, noise_row, y_kept, g_kept,
+                           LOG, NOISY, TAU_GRAD, BLOCK, ONE_BLOCK, INTERPRETED)
+
+
+@triton.jit
+def _softmax_bwd_write(y_ptr, g_ptr, dx_ptr, m_ptr, dtau_ptr, r, part, base, x_row, C, B, stride_xc, col0, col_end,
+                       red, inv_tau, scale, M, inv_total, seed, noise_row, y_kept, g_kept,
+                       LOG: tl.constexpr, NOISY: tl.constexpr, TAU_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+                       ONE_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+    """_softmax_bwd_kernel's write pass over columns [col0, col_end), with the row's reduction ``red``
+    (y_kept, g_kept: the row's one block, ONE_BLOCK); dτ's share goes to dtau_ptr[part]."""
+    cols = tl.arange(0, BLOCK)
     if TAU_GRAD:
         # The shift c of Σ (x - c) dz: exact whatever c in exact arithmetic (Σ dz = 0), but the rounded
         # y break that, by errors ∝ y |x - c|: the p-weighted mean of x is the best c.  A row that is
@@ -200,7 +237,7 @@ def _softmax_bwd_kernel(
         else:
             c_half = tl.load(m_ptr + r) * 0.5
         tau_acc = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, C, BLOCK):
+    for start in range(col0, col_end, BLOCK):
         c = start + cols
         offs = c.to(tl.int64) * B
         if ONE_BLOCK:
@@ -224,7 +261,7 @@ def _softmax_bwd_kernel(
             # 0, a NaN dz adds NaN
             tau_acc += tl.where(dz != 0.0, (x * 0.5 - c_half) * dz, 0.0)
     if TAU_GRAD:
-        tl.store(dtau_ptr + r, -(tl.sum(tau_acc, 0) * inv_tau) * (2.0 * inv_tau))
+        tl.store(dtau_ptr + part, -(tl.sum(tau_acc, 0) * inv_tau) * (2.0 * inv_tau))
 
 
 @triton.jit
@@ -311,19 +348,30 @@ def softmax_fwd(x3, tau, mode, seed=None, hard=False):
 
 def softmax_bwd(y, g, x3, m, s, tau, log, tau_grad, seed=None):
     """Returns (dx, dτ per row or None); y, g contiguous (A, C, B).  ``seed``: the backward of the
-    Gumbel-softmax drawn with it, y recomputed from the logits x3 (``y`` is then unread)."""
+    Gumbel-softmax drawn with it, y recomputed from the logits x3 (``y`` is then unread).  Few long rows
+    are split across programs (row_engine.row_splits): a launch for the lanes' partial sums,
+    R·splits·block·4 bytes, then one that writes dx; a split row's dτ is the sum of its (R, splits) partials."""
     R, C, B = rows(x3)
     dx = torch.empty_like(g, dtype=x3.dtype)
-    dtau = torch.empty(R, device=g.device, dtype=torch.float32) if tau_grad else m
     block, one_block, num_warps = row_config(C)
     if seed is not None:
         num_warps = noisy_warps(block, num_warps)
-    _softmax_bwd_kernel[(R,)](
-        y, g, dx, x3, m, s, tau, dtau, m if seed is None else seed, C, B, *x3.stride(), tau_stride(tau),
-        LOG=log, NOISY=seed is not None, TAU_GRAD=tau_grad, BLOCK=block, ONE_BLOCK=one_block,
-        INTERPRETED=interpreted(), num_warps=num_warps,
-    )
-    return dx, (dtau if tau_grad else None)
+    elif not one_block and not tau_grad:
+        # a row longer than a block reads y and g twice (the reduction, then the gradient); with dL/dτ
+        # (x read as well) the 32-warp program needs a stack frame on sm_90: row_config's there
+        block, num_warps = reread_config(C, y.element_size() + g.element_size(), g.device)
+    splits, span = row_splits(R, C, block, g.device)
+    dtau = torch.empty((R, splits), device=g.device, dtype=torch.float32) if tau_grad else m
+    part = torch.empty(R * splits * block, device=g.device, dtype=torch.float32) if splits > 1 else m
+    args = (y, g, dx, x3, m, s, tau, dtau, m if seed is None else seed, part, C, B, span // block, splits,
+            *x3.stride(), tau_stride(tau))
+    consts = dict(LOG=log, NOISY=seed is not None, TAU_GRAD=tau_grad, BLOCK=block, ONE_BLOCK=one_block,
+                  SPLITS_BLOCK=triton.next_power_of_2(splits), INTERPRETED=interpreted(), num_warps=num_warps)
+    for phase in ((0,) if splits == 1 else (1, 2)):
+        _softmax_bwd_kernel[(R, splits)](*args, PHASE=phase, **consts)
+    if not tau_grad:
+        return dx, None
+    return dx, (dtau[:, 0] if splits == 1 else dtau.sum(1))
 
 
 def lse_bwd(x3, m, s, tau, g, tau_grad):

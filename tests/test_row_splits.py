@@ -165,8 +165,7 @@ def test_cross_entropy(split, device, C, kind):
 
 def test_split_paths_are_taken(split, device, monkeypatch):
     """The tests above take the split paths: the launchers plan three splits of 16 columns (softmax,
-    sample, cross-entropy and τ·logsumexp forward and backward; cross-entropy's forward that writes the
-    gradient plans once to choose the split path, then its forward and backward launchers plan)."""
+    sample, cross-entropy, τ·logsumexp and softmax forward and backward)."""
     import fused_tau.kernels.row_ce as row_ce
     import fused_tau.kernels.row_engine as row_engine
     import fused_tau.kernels.row_sample as row_sample
@@ -182,8 +181,10 @@ def test_split_paths_are_taken(split, device, monkeypatch):
         monkeypatch.setattr(module, "row_splits", recorded)
     split(True)
     x = torch.randn(3, 37, device=device, requires_grad=True)
-    softmax(x, tau=1.0)
+    (softmax(x, tau=1.0) * torch.arange(37.0, device=device)).sum().backward()
     sample(x.detach(), tau=1.0)
     cross_entropy(x, torch.tensor([0, 5, 36], device=device), tau=1.0).backward()
     logsumexp(x, tau=1.0).sum().backward()
-    assert plans == [(3, 16)] * 7
+    # softmax forward and backward, sample, cross_entropy's forward + backward (its planner, the split
+    # forward's and the backward's), τ·logsumexp forward and backward
+    assert plans == [(3, 16)] * 8

@@ -262,13 +262,18 @@ class TritonCapture:
             compiled[arch] = kernel
             key = key or k
         self.launches.append(Launch(fn.fn.__name__, fn, _grid3(grid, bound), dict(bound), key, compiled, self.phase))
-        _zero_small_outputs(compiled[self.archs[0]], bound)
+        _zero_small_outputs(compiled[self.archs[0]], bound, BENIGN_OUTPUTS.get(fn.fn.__name__, {}))
 
 
-def _zero_small_outputs(kernel, bound):
-    """The kernel did not run: its small outputs (per-row statistics, sampled indices) are zeroed, so that
-    code reading them on the host (a CPU tensor's bad-input check) sees benign values, not garbage.  Large
-    outputs stay untouched (and unallocated)."""
+# Outputs whose benign value (the one valid inputs give) is not 0: a kernel's verdict on its inputs, read
+# by a bad-input check (kernels/row_ce.py ce_reduce: ok = 1 when every target is in range).
+BENIGN_OUTPUTS = {"_ce_reduce_kernel": {"ok_ptr": 1}}
+
+
+def _zero_small_outputs(kernel, bound, benign=None):
+    """The kernel did not run: its small outputs (per-row statistics, sampled indices) are zeroed (or set
+    to ``benign[name]``), so that code reading them on the host (a CPU tensor's bad-input check) sees
+    benign values, not garbage.  Large outputs stay untouched (and unallocated)."""
     from torch.utils._python_dispatch import _disable_current_modes
 
     from .sass import pointer_access
@@ -278,7 +283,7 @@ def _zero_small_outputs(kernel, bound):
         for name in writes:
             t = bound.get(name)
             if isinstance(t, torch.Tensor) and unique_bytes(t) <= HEAVY_BYTES:
-                t.zero_()
+                t.fill_((benign or {}).get(name, 0))
 
 
 @contextlib.contextmanager

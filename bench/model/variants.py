@@ -33,10 +33,14 @@ def _softmax_family(dtype, c, tau_grad):
     fused_tau.logsumexp(x, -1, tau=tau).sum().backward()
 
 
-def _cross_entropy(dtype, weighted, smoothing, prob):
-    x = _x(8, 32000, dtype)
+def _cross_entropy(dtype, weighted, smoothing, prob, rows=8, grad=True):
+    x = _x(rows, 32000, dtype)
     w = torch.rand(32000) if weighted else None
-    y = torch.softmax(torch.randn(8, 32000), -1).to(dtype) if prob else torch.randint(0, 32000, (8,))
+    y = torch.softmax(torch.randn(rows, 32000), -1).to(dtype) if prob else torch.randint(0, 32000, (rows,))
+    if not grad:  # the forward alone, one program a row (row_engine.stream_config's block)
+        with torch.no_grad():
+            fused_tau.cross_entropy(x, y, w, label_smoothing=smoothing, tau=_tau(False))
+        return
     fused_tau.cross_entropy(x, y, w, label_smoothing=smoothing, tau=_tau(True)).backward()
 
 
@@ -88,6 +92,9 @@ def variants():
         for weighted, smoothing, prob in ((True, 0.1, False), (True, 0.1, True)):
             out.append((f"cross_entropy {dt} weight={weighted} smoothing={smoothing} prob={prob}",
                         lambda dtype=dtype, w=weighted, s=smoothing, p=prob: _cross_entropy(dtype, w, s, p)))
+            out.append((f"cross_entropy {dt} weight={weighted} smoothing={smoothing} prob={prob} forward",
+                        lambda dtype=dtype, w=weighted, s=smoothing, p=prob: _cross_entropy(dtype, w, s, p, 512,
+                                                                                           False)))
         for target, reduction in ((True, "batchmean"), (False, "none")):
             out.append((f"kd_loss {dt} target={target} reduction={reduction}",
                         lambda dtype=dtype, t=target, r=reduction: _kd(dtype, t, r)))
