@@ -22,10 +22,8 @@ Memory traffic (bytes of the logits dtype, R rows × C): cross-entropy forward
 reads R·C, backward reads R·C and writes R·C; no R × C temporary exists.
 Offsets are int64 (the row index is widened before any stride product).
 """
-import functools
 import os
 
-import torch
 import triton
 import triton.language as tl
 
@@ -65,15 +63,10 @@ L2_BYTES_OFF_GPU = 50_000_000
 ROWS_PER_SM = 4
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_l2_bytes(index):
-    return torch.cuda.get_device_properties(index).L2_cache_size
-
-
 def l2_bytes(device):
-    if device.type == "cuda":
-        return _cuda_l2_bytes(device.index if device.index is not None else torch.cuda.current_device())
-    return L2_BYTES_OFF_GPU
+    """The L2's bytes: the device's on CUDA, L2_BYTES_OFF_GPU elsewhere."""
+    p = tile.cuda_properties(device)
+    return p.L2_cache_size if p is not None else L2_BYTES_OFF_GPU
 
 
 def reread_config(n_cols, col_bytes, device, lanes_per_block=1):

@@ -133,16 +133,21 @@ COMBINE_BLOCK = 128  # rows per program of the forward's combine
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_arch(index):
-    major, minor = torch.cuda.get_device_capability(index)
-    return major * 10 + minor
+def _cuda_properties(index):
+    return torch.cuda.get_device_properties(index)
+
+
+def cuda_properties(device):
+    """torch.cuda's properties of ``device`` (read once per device), None off the GPU."""
+    if device.type != "cuda":
+        return None
+    return _cuda_properties(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def arch_of(device):
     """The compute capability as an int (90 for sm_90): the device's on CUDA, ARCH_OFF_GPU elsewhere."""
-    if device.type == "cuda":
-        return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
-    return ARCH_OFF_GPU
+    p = cuda_properties(device)
+    return p.major * 10 + p.minor if p is not None else ARCH_OFF_GPU
 
 
 def d_bin(D):
@@ -787,16 +792,10 @@ def _block_do(D, cfg):
     return min(max(triton.next_power_of_2(D), 16), cfg["BLOCK_DO"])
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_sm_count(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def sm_count(device):
     """The SMs the grid should fill: the device's on CUDA, SM_COUNT_OFF_GPU elsewhere (the interpreter)."""
-    if device.type == "cuda":
-        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return SM_COUNT_OFF_GPU
+    p = cuda_properties(device)
+    return p.multi_processor_count if p is not None else SM_COUNT_OFF_GPU
 
 
 def split_plan(programs, tiles, sms, max_splits=None):
