@@ -224,17 +224,9 @@ def online_finalize_x(m, s, inv, inv_lo):
 
 @triton.jit
 def psi_series(x):
-    """ψ(x) = e^x - 1 - x for |x| <= 1, with full relative precision: x² Σ_{k<9} x^k/(k+2)! (the
-    truncation is below 4e-8 relative at |x| = 1)."""
-    h = x * (1.0 / 3628800) + 1.0 / 362880
-    h = h * x + 1.0 / 40320
-    h = h * x + 1.0 / 5040
-    h = h * x + 1.0 / 720
-    h = h * x + 1.0 / 120
-    h = h * x + 1.0 / 24
-    h = h * x + 1.0 / 6
-    h = h * x + 0.5
-    return x * x * h
+    """ψ(x) = e^x - 1 - x for |x| <= 1, with full relative precision: x² (1/2 + x·h(x)), h the
+    polynomial of :func:`psi3_series` (the truncation is below 3e-9 relative at |x| = 1)."""
+    return x * x * (_exp_tail3(x) * x + 0.5)
 
 
 @triton.jit
@@ -248,8 +240,8 @@ def psi_series_f64(x):
 
 
 @triton.jit
-def psi3_series(x):
-    """e^x - 1 - x - x²/2 for |x| <= 1, with full relative precision: x³ Σ_{k<9} x^k/(k+3)!."""
+def _exp_tail3(x):
+    """Σ_{k<9} x^k/(k+3)!: (e^x - 1 - x - x²/2)/x³ for |x| <= 1 (Horner)."""
     h = x * (1.0 / 39916800) + 1.0 / 3628800
     h = h * x + 1.0 / 362880
     h = h * x + 1.0 / 40320
@@ -257,8 +249,13 @@ def psi3_series(x):
     h = h * x + 1.0 / 720
     h = h * x + 1.0 / 120
     h = h * x + 1.0 / 24
-    h = h * x + 1.0 / 6
-    return x * x * x * h
+    return h * x + 1.0 / 6
+
+
+@triton.jit
+def psi3_series(x):
+    """e^x - 1 - x - x²/2 for |x| <= 1, with full relative precision: x³ Σ_{k<9} x^k/(k+3)!."""
+    return x * x * x * _exp_tail3(x)
 
 
 @triton.jit
