@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._dispatch import MODE_LSE, engine
+from .kernels import CLIP_STATS, TILE_STATS_LSE, TILE_STATS_POS
 from ._tau import compute_dtype
 
 _IMPLS = {}
@@ -337,22 +338,23 @@ def sample(backend, x2, tau, seed, greedy):
 
 
 # ---------------------------------------------------------------------------- tile engine
-# In dot units y = a·b + bias: tile_fwd gives per row (m = max y, s = Σ exp((y - m)/τ), y at the
-# target); tile_bwd takes per row a shift c, a scale u and a reference r (c, r in dot units) and
-# gives Q = u exp((y - c)/τ) times b and a, and zp = Σ (y - r) Q (see kernels/tile.py).  tau_rows
-# holds one τ for every row or one per row (the row engine's layout): never expanded by the callers.
+# In dot units y = a·b + bias: tile_fwd gives per row the TILE_* statistics (kernels/__init__.py; m = max
+# y, s = Σ exp((y - m)/τ), and with a positive, the target's y or a_i · key_i, the softmax over
+# [positive, counted columns]: pos, nll, shift, e_pos, e_rest); tile_bwd takes per row a shift c, a
+# scale u and a reference r (c, r in dot units) and gives Q = u exp((y - c)/τ) times b and a, and
+# zp = Σ (y - r) Q (see kernels/tile.py).  tau_rows holds one τ for every row or one per row (the row
+# engine's layout): never expanded by the callers.
 
 @_op("tile_fwd")
 def _tile_fwd(a: Tensor, b: Tensor, bias: Optional[Tensor], tau_rows: Tensor, target: Optional[Tensor],
-              diag_offset: Optional[int], backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    m, s, zy = engine(backend, "tile").tile_fwd(a, b, bias, tau_rows, target, diag_offset)
-    return m, s, _or_empty(zy, m)
+              diag_offset: Optional[int], key: Optional[Tensor], backend: str) -> Tensor:
+    return engine(backend, "tile").tile_fwd(a, b, bias, tau_rows, target, diag_offset, key)
 
 
 @_tile_fwd.register_fake
-def _(a, b, bias, tau_rows, target, diag_offset, backend):
-    N, cd = a.shape[0], compute_dtype(a)
-    return a.new_empty(N, dtype=cd), a.new_empty(N, dtype=cd), a.new_empty(N if target is not None else 0, dtype=cd)
+def _(a, b, bias, tau_rows, target, diag_offset, key, backend):
+    rows = TILE_STATS_POS if target is not None or key is not None else TILE_STATS_LSE
+    return a.new_empty((rows, a.shape[0]), dtype=compute_dtype(a))
 
 
 @_op("tile_bwd")
@@ -372,9 +374,8 @@ def _(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref, need_da, nee
             a.new_empty(a.shape[0] if need_zp else 0, dtype=cd))
 
 
-def tile_fwd(backend, a, b, bias, tau_rows, target, diag_offset):
-    m, s, zy = _call("tile_fwd")(a, b, bias, tau_rows, target, diag_offset, backend)
-    return m, s, _or_none(zy, target is not None)
+def tile_fwd(backend, a, b, bias, tau_rows, target, diag_offset, key=None):
+    return _call("tile_fwd")(a, b, bias, tau_rows, target, diag_offset, key, backend)
 
 
 def tile_bwd(backend, a, b, bias, tau_rows, target, diag_offset, shift, scale, ref, need_da, need_db, need_zp):
@@ -395,7 +396,7 @@ def _clip_fwd(a: Tensor, b: Tensor, tau_rows: Tensor, backend: str) -> Tensor:
 
 @_clip_fwd.register_fake
 def _(a, b, tau_rows, backend):
-    return a.new_empty((7, a.shape[0]), dtype=compute_dtype(a))
+    return a.new_empty((CLIP_STATS, a.shape[0]), dtype=compute_dtype(a))
 
 
 @_op("clip_bwd")

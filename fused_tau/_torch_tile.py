@@ -19,6 +19,7 @@ import torch
 
 from . import _torch_row as torch_row
 from ._tau import compute_dtype
+from .kernels import CLIP_DPOS, CLIP_POS, CLIP_SHIFT_C, CLIP_SHIFT_R, CLIP_W_C, CLIP_W_R
 
 CHUNK_ELEMENTS = 1 << 20
 # On CPU, where the work is shared out among threads (_torch_row.for_each), the logits are cut into
@@ -163,7 +164,18 @@ class _InChunkOrder:
             self.turn.notify_all()
 
 
-def tile_fwd(a, b, bias, tau, target, diag_offset):
+def tile_fwd(a, b, bias, tau, target, diag_offset, key):
+    """kernels/tile.py's tile_fwd: the TILE_* rows of a (TILE_STATS_POS, N) tensor when the rows have a
+    positive (the target's y, or a_i · key_i), else of a (TILE_STATS_LSE, N) one, in the compute dtype."""
+    m, s, zy = _tile_lse(a, b, bias, tau, target, diag_offset)
+    if target is None and key is None:
+        return torch.stack([m, s])
+    pos = zy if target is not None else (a.to(m.dtype) * key.to(m.dtype)).sum(-1)
+    nll, shift, e_pos, e_rest = _infonce_rows(m, s, pos, tau.to(m.dtype).expand(a.shape[0]))
+    return torch.stack([m, s, pos, nll, shift, e_pos, e_rest])
+
+
+def _tile_lse(a, b, bias, tau, target, diag_offset):
     """Returns (m, s, y_target or None) in dot units, fp32 (fp64 for fp64 inputs), one per row of ``a``.
     Each block of rows goes through the column chunks in order (the blocks are shared out)."""
     N, K = a.shape[0], b.shape[0]
@@ -305,11 +317,6 @@ def tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, need_da, n
     return (da.to(a.dtype) if need_da else None), db, dbias, zp
 
 
-# CLIP's statistics, as kernels/tile.py's clip_fwd lays them out: rows of a (CLIP_STATS, N) tensor
-CLIP_LOSS, CLIP_SHIFT_R, CLIP_W_R, CLIP_SHIFT_C, CLIP_W_C, CLIP_DPOS, CLIP_POS = range(7)
-CLIP_STATS = 7
-
-
 def _infonce_rows(m, s, pos, tau):
     """(nll, shift, e_pos, e_neg) of the softmax over [positive, negatives] (kernels/tile.py's _infonce_row)."""
     nll = torch.nn.functional.softplus(torch.log(s) + (m - pos) / tau)
@@ -324,8 +331,8 @@ def clip_fwd(a, b, tau):
     N = a.shape[0]
     target = torch.arange(N, device=a.device)
     tau_c = tau.to(compute_dtype(a)).expand(N)
-    m_r, s_r, pos = tile_fwd(a, b, None, tau, target, None)
-    m_c, s_c, _ = tile_fwd(b, a, None, tau, target, None)
+    m_r, s_r, pos = _tile_lse(a, b, None, tau, target, None)
+    m_c, s_c, _ = _tile_lse(b, a, None, tau, target, None)
     nll_r, shift_r, e_pos_r, e_neg_r = _infonce_rows(m_r, s_r, pos, tau_c)
     nll_c, shift_c, e_pos_c, e_neg_c = _infonce_rows(m_c, s_c, pos, tau_c)
     w_r = 1.0 / ((2 * N) * tau_c * (e_pos_r + e_neg_r))  # the mean's 1/N and the two directions' 1/2

@@ -2,8 +2,9 @@
 
 The logits matrix is never built: kernels/tile.py (or fused_tau/_torch_tile.py) streams
 tiles of ``a @ b.T`` into an online log-sum-exp over the negatives, and recomputes them in
-the backward, all in dot units (before 1/τ).  The positive of each row is handled here,
-apart from the tiles, from its dot product ``pos`` and the negatives' ``(m, s)``:
+the backward, all in dot units (before 1/τ).  The positive of each row is handled apart from
+the tiles, from its dot product ``pos`` and the negatives' ``(m, s)``, by the forward's combine
+(tile_fwd's TILE_* statistics):
 ``nll = log(1 + Σ_neg exp((y_neg - pos)/τ)) = softplus(log s + (m - pos)/τ)`` keeps full
 relative precision when it is tiny (small τ, a well-separated positive), and the positive's
 gradient ``p_pos - 1 = -p_neg`` is formed from the negatives' share, never as 1 - p_pos.
@@ -21,26 +22,7 @@ from . import reference
 from ._checks import check_reduction, check_same_device, check_tensor
 from ._dispatch import autocast_off, backend_for, loss_under_autocast, once_differentiable
 from ._tau import reduce_tau_grad, tau_for_kernel, tau_over, tau_tensor
-
-
-def nll_from_stats(m, s, pos, tau_rows):
-    """-log softmax of the positive among itself and the negatives, from the tile forward's (m, s)
-    and the positive's dot product ``pos`` (dot units): softplus(log s + (m - pos)/τ), exact when it
-    is tiny (the positive dominates) and when it is large.  A +inf logit (positive or negative)
-    gives NaN, as the composition's log-sum-exp does (inf - inf), not 0 or +inf."""
-    nll = F.softplus(torch.log(s) + (m - pos) / tau_rows)
-    return torch.where(torch.isposinf(torch.maximum(m, pos)), float("nan"), nll)
-
-
-def softmax_stats(m, s, pos, tau_rows):
-    """The row's softmax over [positive, negatives] relative to its largest logit, in dot units:
-    ``(shift, e_pos, e_neg)`` with shift = max(m, pos), e_pos = exp((pos - shift)/τ) and
-    e_neg = Σ_neg exp((y - shift)/τ), so that p_pos = e_pos / (e_pos + e_neg) and
-    1 - p_pos = e_neg / (e_pos + e_neg), each with full relative precision.  The backward's tiles
-    take ``shift`` and the scale g / (τ (e_pos + e_neg)): no exp of a difference of two numbers of
-    size 1/τ, and an exact tie gives exactly 1/2."""
-    shift = torch.maximum(m, pos)
-    return shift, torch.exp((pos - shift) / tau_rows), s * torch.exp((m - shift) / tau_rows)
+from .kernels import TILE_POS
 
 
 def reduce_rows(loss, reduction):
@@ -94,13 +76,9 @@ class InfoNCEFunction(torch.autograd.Function):
         in_batch = negatives is None
         b = key if in_batch else negatives
         target = torch.arange(N, device=query.device) + label_offset if in_batch else None
-        m, s, zy = ops.tile_fwd(backend, query, b, None, tau_rows, target, None)
-        if in_batch:
-            pos = zy
-        else:
-            pos = (query.to(m.dtype) * key[:N].to(m.dtype)).sum(-1)
-        nll = nll_from_stats(m, s, pos, tau_rows)
-        shift, e_pos, e_neg = softmax_stats(m, s, pos, tau_rows)
+        # the positive: the target column's y in-batch, q_i · k_i against the queue
+        stats = ops.tile_fwd(backend, query, b, None, tau_rows, target, None, None if in_batch else key)
+        pos, nll, shift, e_pos, e_neg = stats[TILE_POS:]
         ctx.backend, ctx.options, ctx.in_batch = backend, options, in_batch
         ctx.save_for_backward(query, key, negatives, tau_rows, target, pos, shift, e_pos, e_neg, nll, tau)
         return reduce_rows(nll, reduction)  # the compute dtype: the caller rounds it (or not, under autocast)
@@ -146,9 +124,7 @@ class NTXentFunction(torch.autograd.Function):
         n2 = z.shape[0]
         tau_rows = tau_for_kernel(tau, z)  # one τ or one per row: broadcasts
         target = (torch.arange(n2, device=z.device) + n2 // 2) % n2
-        m, s, pos = ops.tile_fwd(backend, z, z, None, tau_rows, target, 0)
-        nll = nll_from_stats(m, s, pos, tau_rows)
-        shift, e_pos, e_neg = softmax_stats(m, s, pos, tau_rows)
+        pos, nll, shift, e_pos, e_neg = ops.tile_fwd(backend, z, z, None, tau_rows, target, 0)[TILE_POS:]
         ctx.backend = backend
         ctx.save_for_backward(z, tau_rows, target, pos, shift, e_pos, e_neg, nll, tau)
         return nll.mean()  # the compute dtype: the caller rounds it (or not, under autocast)

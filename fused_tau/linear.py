@@ -25,7 +25,8 @@ from . import reference
 from ._checks import check_ce_options, check_class_targets, check_same_device, check_tensor, check_vector
 from ._dispatch import autocast_off, backend_for, loss_under_autocast, once_differentiable
 from ._tau import compute_dtype, reduce_tau_grad, tau_for_kernel, tau_tensor
-from .contrastive import nll_from_stats, row_grad, softmax_stats
+from .contrastive import row_grad
+from .kernels import TILE_E_POS, TILE_E_REST, TILE_M, TILE_NLL, TILE_POS, TILE_S, TILE_SHIFT
 
 
 class _DefaultIgnoreIndex(int):
@@ -44,11 +45,10 @@ def _tile_stats(backend, x, W, b, tau_rows, y):
     class targets ``y``: (shift, e_t, e_rest, y_t, nll) with shift = the row's largest dot product,
     e_t = exp((y_t - shift)/τ), e_rest = Σ_{c ≠ y} exp((y_c - shift)/τ) and nll = lse - z_y exact
     when tiny; ``y`` None: (m, s) over every column, lse = m/τ + log s."""
-    m, s, y_t = ops.tile_fwd(backend, x, W, b, tau_rows, y, None)
+    stats = ops.tile_fwd(backend, x, W, b, tau_rows, y, None)
     if y is None:
-        return m, s
-    shift, e_t, e_rest = softmax_stats(m, s, y_t, tau_rows)
-    return shift, e_t, e_rest, y_t, nll_from_stats(m, s, y_t, tau_rows)
+        return stats[TILE_M], stats[TILE_S]
+    return stats[TILE_SHIFT], stats[TILE_E_POS], stats[TILE_E_REST], stats[TILE_POS], stats[TILE_NLL]
 
 
 def _tile_grads(backend, x, W, b, tau_rows, y, shift, scale, ref, need_x, need_W, need_b, need_zp):

@@ -11,3 +11,11 @@ shared by the kernels.
 # The row engine's softmax modes, defined here (no Triton import) so that fused_tau's dispatch and the
 # torch path share the kernels' numbering without importing Triton.
 MODE_LSE, MODE_SOFTMAX, MODE_LOG_SOFTMAX = 0, 1, 2
+
+# The tile engine's per-row statistics, laid out as rows of one fp32 tensor by both engines' tile_fwd
+# (kernels/tile.py _tile_combine_kernel): (TILE_STATS_POS, N) for rows with a positive, else
+# (TILE_STATS_LSE, N) (m and s only); and clip_fwd's (CLIP_STATS, N) (_clip_combine_kernel).
+TILE_M, TILE_S, TILE_POS, TILE_NLL, TILE_SHIFT, TILE_E_POS, TILE_E_REST = range(7)
+TILE_STATS_LSE, TILE_STATS_POS = 2, 7
+CLIP_LOSS, CLIP_SHIFT_R, CLIP_W_R, CLIP_SHIFT_C, CLIP_W_C, CLIP_DPOS, CLIP_POS = range(7)
+CLIP_STATS = 7

@@ -66,6 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import CLIP_SHIFT_C, CLIP_SHIFT_R, CLIP_STATS, CLIP_W_C, CLIP_W_R, TILE_STATS_LSE, TILE_STATS_POS
 from .tl_math import log1p, to_store
 
 # Tile shapes per architecture, operand kind and D-bin (``tile_config``), from a fixed table: never
@@ -129,7 +130,11 @@ MIN_TILES_PER_SPLIT = 4
 PROGRAM_OVERHEAD_TILES = 2  # a program's fixed cost (row constants, partial stores), in tiles
 PARTIAL_ELEMENTS = 1 << 24
 SM_COUNT_OFF_GPU = 4
-COMBINE_BLOCK = 128  # rows per program of the forward's combine
+# The combines (_tile_combine_kernel, _clip_combine_kernel): rows per program, and the most splits'
+# partials merged a step (a [splits, rows] tile, one step for the plans split_plan makes for 2 or
+# more row blocks on 132 SMs); 4 warps.  MoCo N = 256 on 64 splits: 8 programs of one step each
+COMBINE_BLOCK = 32
+COMBINE_SPLITS = 64
 
 
 @functools.lru_cache(maxsize=None)
@@ -338,33 +343,87 @@ def _tile_fwd_kernel(
 
 
 @triton.jit
+def _merge_partials(m, s, m_part_ptr, s_part_ptr, offs, mask, r2):
+    """(m, s) after one block of splits' partials (a [splits, rows] tile at ``offs``) merged into it:
+    m' = max(m, max_k m_k), s' = s exp((m - m')/τ) + Σ_k s_k exp((m_k - m')/τ), the online update of
+    one program walking the splits in order (dot units; r2 = log2(e)/τ per row)."""
+    m_k = tl.load(m_part_ptr + offs, mask=mask, other=float("-inf"))
+    s_k = tl.load(s_part_ptr + offs, mask=mask, other=0.0)
+    m_new = tl.maximum(m, tl.max(m_k, 0))
+    safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no column counted: s = 0, not NaN
+    s = s * tl.exp2((m - safe) * r2) + tl.sum(s_k * tl.exp2((m_k - safe[None, :]) * r2[None, :]), 0)
+    return m_new, s
+
+
+@triton.jit
+def _row_tau(tau_ptr, rows, N, TAU_PER_ROW: tl.constexpr):
+    """τ of each row in fp32 (padding rows read 1)."""
+    if TAU_PER_ROW:
+        return tl.load(tau_ptr + rows, mask=rows < N, other=1.0).to(tl.float32)
+    return tl.zeros([rows.shape[0]], tl.float32) + tl.load(tau_ptr).to(tl.float32)
+
+
+@triton.jit
 def _tile_combine_kernel(
-    # pointers: (splits, N) fp32 partials of the forward, and the (N,) results
-    tau_ptr, m_part_ptr, s_part_ptr, zy_part_ptr, m_ptr, s_ptr, zy_ptr,
-    N, splits,
-    HAS_TARGET: tl.constexpr, TAU_PER_ROW: tl.constexpr, BLOCK: tl.constexpr,
+    # pointers: (splits, N) fp32 partials of the forward; a and key (POSITIVE == 2: pos_i = a_i · key_i);
+    # stats (TILE_STATS_POS or TILE_STATS_LSE, N) fp32, the results
+    tau_ptr, m_part_ptr, s_part_ptr, zy_part_ptr, a_ptr, key_ptr, stats_ptr,
+    N, D, splits, stride_am, stride_ad, stride_km, stride_kd,
+    POSITIVE: tl.constexpr, TAU_PER_ROW: tl.constexpr, SPLITS_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    """The forward's splits merged in split order: m = max_k m_k, s = Σ_k s_k exp((m_k - m) / τ)
-    (the online update of one program walking every split), y_target = Σ_k of the partials (one
-    split holds it, the others 0)."""
+    """Per row: the forward's splits merged in split order (_merge_partials), SPLITS_BLOCK splits a
+    step (one step for every plan of split_plan up to SPLITS_BLOCK splits), into the TILE_* rows of
+    stats: m = max_k m_k and s = Σ_k s_k exp((m_k - m)/τ).  With a positive (POSITIVE 1: y at the
+    target column, the sum of the splits' partials, one of which holds it; 2: a_i · key_i in fp32),
+    the softmax over [positive, counted columns] as the losses need it (_infonce_row):
+    pos, nll = softplus(log s + (m - pos)/τ), shift = max(m, pos), e_pos = exp((pos - shift)/τ) and
+    e_rest = s exp((m - shift)/τ)."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = rows < N
     r2 = _exp2_scale(tau_ptr, rows, N, TAU_PER_ROW)
     m = tl.full([BLOCK], float("-inf"), tl.float32)
-    for k in range(0, splits):
-        m = tl.maximum(m, tl.load(m_part_ptr + k * N + rows, mask=live, other=float("-inf")))
-    safe = tl.where(m == float("-inf"), 0.0, m)  # no column counted: s = 0, not NaN
     s = tl.zeros([BLOCK], tl.float32)
-    zy = tl.zeros([BLOCK], tl.float32)
-    for k in range(0, splits):
-        m_k = tl.load(m_part_ptr + k * N + rows, mask=live, other=float("-inf"))
-        s += tl.load(s_part_ptr + k * N + rows, mask=live, other=0.0) * tl.exp2((m_k - safe) * r2)
-        if HAS_TARGET:
-            zy += tl.load(zy_part_ptr + k * N + rows, mask=live, other=0.0)
-    tl.store(m_ptr + rows, m, mask=live)
-    tl.store(s_ptr + rows, s, mask=live)
-    if HAS_TARGET:
-        tl.store(zy_ptr + rows, zy, mask=live)
+    pos = tl.zeros([BLOCK], tl.float32)
+    for k0 in range(0, splits, SPLITS_BLOCK):
+        k = k0 + tl.arange(0, SPLITS_BLOCK)
+        mask = (k[:, None] < splits) & live[None, :]
+        offs = k.to(tl.int64)[:, None] * N + rows[None, :]
+        m, s = _merge_partials(m, s, m_part_ptr, s_part_ptr, offs, mask, r2)
+        if POSITIVE == 1:
+            pos += tl.sum(tl.load(zy_part_ptr + offs, mask=mask, other=0.0), 0)
+    tl.store(stats_ptr + 0 * N + rows, m, mask=live)  # TILE_M
+    tl.store(stats_ptr + 1 * N + rows, s, mask=live)  # TILE_S
+    if POSITIVE != 0:
+        if POSITIVE == 2:
+            rows64 = rows.to(tl.int64)
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + tl.arange(0, BLOCK_D)
+                dd64 = dd.to(tl.int64)
+                dmask = live[:, None] & (dd[None, :] < D)
+                q = tl.load(a_ptr + rows64[:, None] * stride_am + dd64[None, :] * stride_ad, mask=dmask, other=0.0)
+                kk = tl.load(key_ptr + rows64[:, None] * stride_km + dd64[None, :] * stride_kd, mask=dmask, other=0.0)
+                pos += tl.sum(q.to(tl.float32) * kk.to(tl.float32), 1)
+        nll, shift, e_pos, e_rest = _infonce_row(m, s, pos, _row_tau(tau_ptr, rows, N, TAU_PER_ROW))
+        tl.store(stats_ptr + 2 * N + rows, pos, mask=live)  # TILE_POS
+        tl.store(stats_ptr + 3 * N + rows, nll, mask=live)  # TILE_NLL
+        tl.store(stats_ptr + 4 * N + rows, shift, mask=live)  # TILE_SHIFT
+        tl.store(stats_ptr + 5 * N + rows, e_pos, mask=live)  # TILE_E_POS
+        tl.store(stats_ptr + 6 * N + rows, e_rest, mask=live)  # TILE_E_REST
+
+
+@triton.jit
+def _infonce_row(m, s, pos, tau):
+    """(nll, shift, e_pos, e_neg) of one softmax over [positive, negatives] from the negatives' (m, s) and
+    the positive's dot product (dot units): nll = softplus(log s + (m - pos)/τ) (exact when tiny; NaN where
+    a logit is +inf, as the composition's inf - inf), shift = max(m, pos), e_pos = exp((pos - shift)/τ),
+    e_neg = s exp((m - shift)/τ): p_pos = e_pos / (e_pos + e_neg) and 1 - p_pos = e_neg / (e_pos + e_neg),
+    each with full relative precision."""
+    x = tl.log(s) + (m - pos) / tau
+    nll = tl.where(x > 20.0, x, log1p(tl.exp(x)))  # F.softplus (threshold 20)
+    nll = tl.where(tl.maximum(m, pos) == float("inf"), float("nan"), nll)
+    shift = tl.maximum(m, pos)
+    return nll, shift, tl.exp((pos - shift) / tau), s * tl.exp((m - shift) / tau)
 
 
 @triton.jit
@@ -515,12 +574,7 @@ def _tile_bwd_probs_kernel(
 # split order, columns in row-block order: deterministic).  The backward's tiles give
 # G_ij = Qr_ij + Qc_ij off the diagonal (Qr = u_i exp((y - c_i)/τ_i) the rows', Qc = v_j exp((y - c'_j)/τ_j)
 # the columns') and the two positives' g (p - 1)/τ on it, so that da = G @ b and db = Gᵀ @ a.
-# The per-index statistics (CLIP_STATS rows of an (CLIP_STATS, N) tensor):
-CLIP_LOSS, CLIP_SHIFT_R, CLIP_W_R, CLIP_SHIFT_C, CLIP_W_C, CLIP_DPOS, CLIP_POS = range(7)
-CLIP_STATS = 7
-# indices per program of the CLIP combine (one warp): its loops over the row blocks' partials are long
-# (N / BLOCK_M of them), so more, smaller programs than the forward's combine
-CLIP_COMBINE_BLOCK = 32
+# The per-index statistics: the CLIP_* rows of a (CLIP_STATS, N) tensor (kernels/__init__.py).
 
 
 @triton.jit
@@ -573,56 +627,35 @@ def _clip_fwd_kernel(
 
 
 @triton.jit
-def _infonce_row(m, s, pos, tau):
-    """(nll, shift, e_pos, e_neg) of one softmax over [positive, negatives] from the negatives' (m, s) and
-    the positive's dot product, as contrastive.nll_from_stats and softmax_stats:
-    nll = softplus(log s + (m - pos)/τ) (NaN where a logit is +inf), shift = max(m, pos),
-    e_pos = exp((pos - shift)/τ), e_neg = s exp((m - shift)/τ)."""
-    x = tl.log(s) + (m - pos) / tau
-    nll = tl.where(x > 20.0, x, log1p(tl.exp(x)))  # F.softplus (threshold 20)
-    nll = tl.where(tl.maximum(m, pos) == float("inf"), float("nan"), nll)
-    shift = tl.maximum(m, pos)
-    return nll, shift, tl.exp((pos - shift) / tau), s * tl.exp((m - shift) / tau)
-
-
-@triton.jit
 def _clip_combine_kernel(
     tau_ptr, m_r_ptr, s_r_ptr, zy_ptr, m_c_ptr, s_c_ptr, stats_ptr,
     N, splits, row_blocks,
-    TAU_PER_ROW: tl.constexpr, BLOCK: tl.constexpr,
+    TAU_PER_ROW: tl.constexpr, SPLITS_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Per index k: the row's partials merged over the splits, the column's over the row blocks, and
-    from them both directions' nll and the backward's constants (the CLIP_* rows of stats):
-    loss = (nll_r + nll_c)/2, the shifts c, w = 1/(2N τ (e_pos + e_neg)) (Q = g w exp((y - c)/τ) for
-    the incoming gradient g of the mean over the N indices), the diagonal's
-    dpos = -(w_r e_neg_r + w_c e_neg_c), and the positive's y_kk."""
+    """Per index k: the row's partials merged over the splits, the column's over the row blocks (each in
+    order, SPLITS_BLOCK a step: _merge_partials), and from them both directions' nll and the backward's
+    constants (the CLIP_* rows of stats): loss = (nll_r + nll_c)/2, the shifts c,
+    w = 1/(2N τ (e_pos + e_neg)) (Q = g w exp((y - c)/τ) for the incoming gradient g of the mean over
+    the N indices), the diagonal's dpos = -(w_r e_neg_r + w_c e_neg_c), and the positive's y_kk."""
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = idx < N
     r2 = _exp2_scale(tau_ptr, idx, N, TAU_PER_ROW)
-    if TAU_PER_ROW:
-        tau = tl.load(tau_ptr + idx, mask=live, other=1.0).to(tl.float32)
-    else:
-        tau = tl.zeros([BLOCK], tl.float32) + tl.load(tau_ptr).to(tl.float32)
-    # the rows' partials over the splits: m = max_k m_k, s = Σ_k s_k exp((m_k - m)/τ), in split order
+    tau = _row_tau(tau_ptr, idx, N, TAU_PER_ROW)
     m_r = tl.full([BLOCK], float("-inf"), tl.float32)
-    for k in range(0, splits):
-        m_r = tl.maximum(m_r, tl.load(m_r_ptr + k * N + idx, mask=live, other=float("-inf")))
-    safe = tl.where(m_r == float("-inf"), 0.0, m_r)  # no column counted: s = 0, not NaN
     s_r = tl.zeros([BLOCK], tl.float32)
     pos = tl.zeros([BLOCK], tl.float32)
-    for k in range(0, splits):
-        m_k = tl.load(m_r_ptr + k * N + idx, mask=live, other=float("-inf"))
-        s_r += tl.load(s_r_ptr + k * N + idx, mask=live, other=0.0) * tl.exp2((m_k - safe) * r2)
-        pos += tl.load(zy_ptr + k * N + idx, mask=live, other=0.0)
-    # the columns' partials over the row blocks, likewise in row-block order
+    for k0 in range(0, splits, SPLITS_BLOCK):
+        k = k0 + tl.arange(0, SPLITS_BLOCK)
+        mask = (k[:, None] < splits) & live[None, :]
+        offs = k.to(tl.int64)[:, None] * N + idx[None, :]
+        m_r, s_r = _merge_partials(m_r, s_r, m_r_ptr, s_r_ptr, offs, mask, r2)
+        pos += tl.sum(tl.load(zy_ptr + offs, mask=mask, other=0.0), 0)
     m_c = tl.full([BLOCK], float("-inf"), tl.float32)
-    for k in range(0, row_blocks):
-        m_c = tl.maximum(m_c, tl.load(m_c_ptr + k * N + idx, mask=live, other=float("-inf")))
-    safe_c = tl.where(m_c == float("-inf"), 0.0, m_c)
     s_c = tl.zeros([BLOCK], tl.float32)
-    for k in range(0, row_blocks):
-        m_k = tl.load(m_c_ptr + k * N + idx, mask=live, other=float("-inf"))
-        s_c += tl.load(s_c_ptr + k * N + idx, mask=live, other=0.0) * tl.exp2((m_k - safe_c) * r2)
+    for k0 in range(0, row_blocks, SPLITS_BLOCK):
+        k = k0 + tl.arange(0, SPLITS_BLOCK)
+        mask = (k[:, None] < row_blocks) & live[None, :]
+        m_c, s_c = _merge_partials(m_c, s_c, m_c_ptr, s_c_ptr, k.to(tl.int64)[:, None] * N + idx[None, :], mask, r2)
     nll_r, shift_r, e_pos_r, e_neg_r = _infonce_row(m_r, s_r, pos, tau)
     nll_c, shift_c, e_pos_c, e_neg_c = _infonce_row(m_c, s_c, pos, tau)
     # the mean over N indices of (nll_r + nll_c) / 2: each Q carries 1 / (2N)
@@ -875,15 +908,21 @@ def _autotuned(op, a, call):
         _OVERRIDE = {}
 
 
-def tile_fwd(a, b, bias, tau, target, diag_offset):
-    """Returns (m, s, y_target or None): see _tile_fwd (FUSED_TAU_TILE_AUTOTUNE: _autotuned)."""
-    return _autotuned("fwd", a, lambda: _tile_fwd(a, b, bias, tau, target, diag_offset))
+def tile_fwd(a, b, bias, tau, target, diag_offset, key):
+    """Returns tile_fwd's statistics: see _tile_fwd (FUSED_TAU_TILE_AUTOTUNE: _autotuned)."""
+    return _autotuned("fwd", a, lambda: _tile_fwd(a, b, bias, tau, target, diag_offset, key))
 
 
-def _tile_fwd(a, b, bias, tau, target, diag_offset):
-    """Returns (m, s, y_target or None), fp32, one per row of ``a``, in dot units (see the module
-    docstring): m the max of y = a·b + bias over the counted columns, s = Σ exp((y - m) / τ).
-    ``tau``: one element, or one per row of ``a``."""
+def _splits_block(splits):
+    return min(max(triton.next_power_of_2(splits), 2), COMBINE_SPLITS)
+
+
+def _tile_fwd(a, b, bias, tau, target, diag_offset, key):
+    """Per row of ``a``, in dot units y = a·b + bias over the counted columns (see the module docstring),
+    the fp32 rows TILE_* of a (TILE_STATS_POS, N) tensor when the rows have a positive, the target's y
+    (``target``) or a_i · key_i (``key``, (N, D)), else of a (TILE_STATS_LSE, N) one: m = max y,
+    s = Σ exp((y - m)/τ), and with a positive pos, nll, shift, e_pos, e_rest (_tile_combine_kernel).
+    ``tau``: one element, or one per row of ``a``.  Two launches: the tiles, the combine."""
     N, D = a.shape
     K = b.shape[0]
     f32 = dict(device=a.device, dtype=torch.float32)
@@ -891,25 +930,23 @@ def _tile_fwd(a, b, bias, tau, target, diag_offset):
     BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
     row_blocks = triton.cdiv(N, BLOCK_M)
     splits, per = split_plan(row_blocks, triton.cdiv(K, BLOCK_N), sm_count(a.device))
-    m, s = torch.empty(N, **f32), torch.empty(N, **f32)
-    zy = torch.empty(N, **f32) if target is not None else None
-    if splits == 1:
-        m_part, s_part, zy_part = m, s, zy
-    else:
-        m_part, s_part = torch.empty((splits, N), **f32), torch.empty((splits, N), **f32)
-        zy_part = torch.empty((splits, N), **f32) if target is not None else None
+    positive = 1 if target is not None else 2 if key is not None else 0
+    stats = torch.empty((TILE_STATS_POS if positive else TILE_STATS_LSE, N), **f32)
+    m_part, s_part = torch.empty((splits, N), **f32), torch.empty((splits, N), **f32)
+    zy_part = torch.empty((splits, N), **f32) if target is not None else m_part
     common = _common(a, b, bias, tau, target, diag_offset, cfg)
     _tile_fwd_kernel[(row_blocks, splits)](
-        a, b, bias if bias is not None else m, tau, target if target is not None else m, m_part, s_part,
-        zy_part if zy_part is not None else m, N, K, D, diag_offset or 0, per * BLOCK_N, *a.stride(), *b.stride(),
+        a, b, bias if bias is not None else m_part, tau, target if target is not None else m_part, m_part, s_part,
+        zy_part, N, K, D, diag_offset or 0, per * BLOCK_N, *a.stride(), *b.stride(),
         RESIDENT=cfg["RESIDENT"], **common,
     )
-    if splits > 1:
-        _tile_combine_kernel[(triton.cdiv(N, COMBINE_BLOCK),)](
-            tau, m_part, s_part, zy_part if zy_part is not None else m, m, s, zy if zy is not None else m, N, splits,
-            HAS_TARGET=target is not None, TAU_PER_ROW=common["TAU_PER_ROW"], BLOCK=COMBINE_BLOCK, num_warps=4,
-        )
-    return m, s, zy
+    key = key if key is not None else a
+    _tile_combine_kernel[(triton.cdiv(N, COMBINE_BLOCK),)](
+        tau, m_part, s_part, zy_part, a, key, stats, N, D, splits, *a.stride(), *key.stride(),
+        POSITIVE=positive, TAU_PER_ROW=common["TAU_PER_ROW"], SPLITS_BLOCK=_splits_block(splits),
+        BLOCK=COMBINE_BLOCK, BLOCK_D=min(triton.next_power_of_2(D), 64), num_warps=4,
+    )
+    return stats
 
 
 def tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, need_da, need_db, need_zp):
@@ -1083,9 +1120,9 @@ def clip_fwd(a, b, tau):
         TAU_PER_ROW=tau_per_row, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=cfg["BLOCK_D"], UPCAST=_interpreted(),
         PRECISION=_precision(a), RESIDENT=cfg["RESIDENT"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    _clip_combine_kernel[(triton.cdiv(N, CLIP_COMBINE_BLOCK),)](
+    _clip_combine_kernel[(triton.cdiv(N, COMBINE_BLOCK),)](
         tau, m_r, s_r, zy, m_c, s_c, stats, N, splits, row_blocks,
-        TAU_PER_ROW=tau_per_row, BLOCK=CLIP_COMBINE_BLOCK, num_warps=CLIP_COMBINE_BLOCK // 32,
+        TAU_PER_ROW=tau_per_row, SPLITS_BLOCK=_splits_block(max(splits, row_blocks)), BLOCK=COMBINE_BLOCK, num_warps=4,
     )
     return stats
 

@@ -53,6 +53,9 @@ def backend(request, monkeypatch):
             # split the long dimension on small shapes (a split may be one tile, the last one partial)
             monkeypatch.setattr(tile, "SM_COUNT_OFF_GPU", 16)
             monkeypatch.setattr(tile, "MIN_TILES_PER_SPLIT", 1)
+            # the combines merge 2 splits a step over 8 rows a program: several steps, the last partial
+            monkeypatch.setattr(tile, "COMBINE_SPLITS", 2)
+            monkeypatch.setattr(tile, "COMBINE_BLOCK", 8)
     else:
         import fused_tau._torch_row as torch_row
         import fused_tau._torch_tile as torch_tile
