@@ -75,7 +75,7 @@ from .tl_math import log1p, to_store
 # byte of a column tile read through L2 feeds 128 rows; for D <= 256 one D-step covers the whole
 # row and the row tile stays on-chip across every column tile of the program (RESIDENT): only the
 # column tiles stream, pipelined over ``num_stages`` buffers; beyond, 128 × 128 output tiles with
-# 64-wide D-steps (the GEMM shape).  fp32 operands take twice the registers: 64 × 64 tiles with
+# 64-wide D-steps (the GEMM shape), and 128 × 256 for the LLM head's D in the thousands.  fp32 operands take twice the registers: 64 × 64 tiles with
 # capped D-steps and no software pipelining (num_stages=1: with 2-4 stages ptxas spilled 8-24 bytes
 # in the forward on sm_80 or sm_90), spill-free on both architectures, IEEE or TF32.  sm_80 takes the same tiles as sm_90 with shared memory within sm_80's 163 KiB, so that
 # a launch specialised with the sm_90 entry (the model compiles one launch for both targets)
@@ -94,7 +94,10 @@ for _arch in (90, 80):
                                             db=dict(num_stages=2))
     TILE_CONFIGS[(_arch, "16", 256)] = dict(_BF16_SMALL, BLOCK_D=256, num_stages=2)
     TILE_CONFIGS[(_arch, "16", 512)] = dict(_BF16_LARGE, num_stages=3)
-    TILE_CONFIGS[(_arch, "16", 4096)] = dict(_BF16_LARGE, num_stages=4 if _arch == 90 else 3)
+    # the LLM head (D in the thousands, not resident): 128 × 256 output tiles halve the row tile's reads
+    # through L2 against 128 × 128 (the forward's and the probabilities' limit in the model: 19.9 -> 15.3 ms
+    # at 8192 × 128256 × 4096); 32-wide D-steps over 4 stages keep them spill-free on sm_90 and sm_80
+    TILE_CONFIGS[(_arch, "16", 4096)] = dict(_BF16_LARGE, BLOCK_N=256, BLOCK_D=32, num_stages=4)
     for _bin in D_BINS:
         TILE_CONFIGS[(_arch, "32", _bin)] = dict(_FP32)
 # Tests cap every block (BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DO) so that odd sizes cross tile boundaries
@@ -308,9 +311,10 @@ def _tile_fwd_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, RESIDENT: tl.constexpr,
 ):
     """Per row and split of the columns, in dot units y = a·b + bias: m = max y, s = Σ exp((y - m) / τ)
-    over the counted columns, and y at the target column (0 where the target is in another split).
-    The running max stays in dot units: each logit costs a subtraction and a multiply by log2(e)/τ
-    before exp2."""
+    over the counted columns, and, RESIDENT, y at the target column (0 where the target is in another
+    split; beyond one D-step the combine forms it from b's target row instead: the tile's sum over it
+    cost the registers of 128 × 256 tiles).  The running max stays in dot units: each logit costs a
+    subtraction and a multiply by log2(e)/τ before exp2."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col0 = tl.program_id(1) * split_cols
     col_end = tl.minimum(K, col0 + split_cols)
@@ -328,7 +332,7 @@ def _tile_fwd_kernel(
                        stride_bd, a_fixed, 0.0, HAS_BIAS, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, RESIDENT,
                        False)
         hit = cols[None, :] == tgt[:, None]
-        if HAS_TARGET:
+        if HAS_TARGET and RESIDENT:
             zy += tl.sum(tl.where(hit, y, 0.0), 1)
         y = tl.where(_kept(rows, cols, K, hit, diag_offset, HAS_TARGET, MASK_DIAG), y, float("-inf"))
         m_new = tl.maximum(m, tl.max(y, 1))
@@ -338,7 +342,7 @@ def _tile_fwd_kernel(
     part = tl.program_id(1).to(tl.int64) * N  # this split's row of the partials
     tl.store(m_ptr + part + rows, m, mask=rows < N)
     tl.store(s_ptr + part + rows, s, mask=rows < N)
-    if HAS_TARGET:
+    if HAS_TARGET and RESIDENT:
         tl.store(zy_ptr + part + rows, zy, mask=rows < N)
 
 
@@ -365,17 +369,18 @@ def _row_tau(tau_ptr, rows, N, TAU_PER_ROW: tl.constexpr):
 
 @triton.jit
 def _tile_combine_kernel(
-    # pointers: (splits, N) fp32 partials of the forward; a and key (POSITIVE == 2: pos_i = a_i · key_i);
-    # stats (TILE_STATS_POS or TILE_STATS_LSE, N) fp32, the results
-    tau_ptr, m_part_ptr, s_part_ptr, zy_part_ptr, a_ptr, key_ptr, stats_ptr,
-    N, D, splits, stride_am, stride_ad, stride_km, stride_kd,
-    POSITIVE: tl.constexpr, TAU_PER_ROW: tl.constexpr, SPLITS_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    # pointers: (splits, N) fp32 partials of the forward; a, key and bias (POSITIVE 2 and 3); stats
+    # (TILE_STATS_POS or TILE_STATS_LSE, N) fp32, the results
+    tau_ptr, m_part_ptr, s_part_ptr, zy_part_ptr, a_ptr, key_ptr, bias_ptr, target_ptr, stats_ptr,
+    N, K, D, splits, stride_am, stride_ad, stride_km, stride_kd,
+    POSITIVE: tl.constexpr, HAS_BIAS: tl.constexpr, TAU_PER_ROW: tl.constexpr, SPLITS_BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Per row: the forward's splits merged in split order (_merge_partials), SPLITS_BLOCK splits a
     step (one step for every plan of split_plan up to SPLITS_BLOCK splits), into the TILE_* rows of
     stats: m = max_k m_k and s = Σ_k s_k exp((m_k - m)/τ).  With a positive (POSITIVE 1: y at the
-    target column, the sum of the splits' partials, one of which holds it; 2: a_i · key_i in fp32),
+    target column, the sum of the splits' partials, one of which holds it; 2: a_i · key_i in fp32;
+    3: y at the target column as a_i · key_{t_i} + bias_{t_i} in fp32, 0 for a target outside [0, K)),
     the softmax over [positive, counted columns] as the losses need it (_infonce_row):
     pos, nll = softplus(log s + (m - pos)/τ), shift = max(m, pos), e_pos = exp((pos - shift)/τ) and
     e_rest = s exp((m - shift)/τ)."""
@@ -395,15 +400,24 @@ def _tile_combine_kernel(
     tl.store(stats_ptr + 0 * N + rows, m, mask=live)  # TILE_M
     tl.store(stats_ptr + 1 * N + rows, s, mask=live)  # TILE_S
     if POSITIVE != 0:
-        if POSITIVE == 2:
+        if POSITIVE >= 2:
+            krow = rows
+            k_live = live
+            if POSITIVE == 3:
+                krow = tl.load(target_ptr + rows, mask=live, other=-1)
+                k_live = live & (krow >= 0) & (krow < K)
             rows64 = rows.to(tl.int64)
+            krow64 = krow.to(tl.int64)
             for d0 in range(0, D, BLOCK_D):
                 dd = d0 + tl.arange(0, BLOCK_D)
                 dd64 = dd.to(tl.int64)
                 dmask = live[:, None] & (dd[None, :] < D)
                 q = tl.load(a_ptr + rows64[:, None] * stride_am + dd64[None, :] * stride_ad, mask=dmask, other=0.0)
-                kk = tl.load(key_ptr + rows64[:, None] * stride_km + dd64[None, :] * stride_kd, mask=dmask, other=0.0)
+                kk = tl.load(key_ptr + krow64[:, None] * stride_km + dd64[None, :] * stride_kd,
+                             mask=dmask & k_live[:, None], other=0.0)
                 pos += tl.sum(q.to(tl.float32) * kk.to(tl.float32), 1)
+            if HAS_BIAS:
+                pos += tl.load(bias_ptr + krow, mask=k_live, other=0.0).to(tl.float32)
         nll, shift, e_pos, e_rest = _infonce_row(m, s, pos, _row_tau(tau_ptr, rows, N, TAU_PER_ROW))
         tl.store(stats_ptr + 2 * N + rows, pos, mask=live)  # TILE_POS
         tl.store(stats_ptr + 3 * N + rows, nll, mask=live)  # TILE_NLL
@@ -840,7 +854,7 @@ def split_plan(programs, tiles, sms, max_splits=None):
     MIN_TILES_PER_SPLIT tiles and at most ``max_splits`` of them.  On 132 SMs with the sm_90 table's
     128-row tiles: MoCo N = 256, K = 65536 (2 row blocks × 1024 column tiles of 64) -> 64 splits of 16
     tiles, 128 programs; N = 4096 (32 row blocks) -> 4 splits, 128 programs; the LLM head N = 8192,
-    V = 128256 (64 row blocks × 1002 column tiles of 128) -> 2 splits."""
+    V = 128256 (64 row blocks × 501 column tiles of 256) -> 2 splits."""
     return _split_plan(programs, tiles, sms, MIN_TILES_PER_SPLIT, PROGRAM_OVERHEAD_TILES, max_splits)
 
 
@@ -930,20 +944,23 @@ def _tile_fwd(a, b, bias, tau, target, diag_offset, key):
     BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
     row_blocks = triton.cdiv(N, BLOCK_M)
     splits, per = split_plan(row_blocks, triton.cdiv(K, BLOCK_N), sm_count(a.device))
-    positive = 1 if target is not None else 2 if key is not None else 0
+    # the positive: the target's y from the tiles (resident row tile), from b's target row, or a_i · key_i
+    positive = (1 if cfg["RESIDENT"] else 3) if target is not None else 2 if key is not None else 0
     stats = torch.empty((TILE_STATS_POS if positive else TILE_STATS_LSE, N), **f32)
     m_part, s_part = torch.empty((splits, N), **f32), torch.empty((splits, N), **f32)
-    zy_part = torch.empty((splits, N), **f32) if target is not None else m_part
+    zy_part = torch.empty((splits, N), **f32) if positive == 1 else m_part
     common = _common(a, b, bias, tau, target, diag_offset, cfg)
     _tile_fwd_kernel[(row_blocks, splits)](
         a, b, bias if bias is not None else m_part, tau, target if target is not None else m_part, m_part, s_part,
         zy_part, N, K, D, diag_offset or 0, per * BLOCK_N, *a.stride(), *b.stride(),
         RESIDENT=cfg["RESIDENT"], **common,
     )
-    key = key if key is not None else a
+    key = b if positive == 3 else key if key is not None else a
     _tile_combine_kernel[(triton.cdiv(N, COMBINE_BLOCK),)](
-        tau, m_part, s_part, zy_part, a, key, stats, N, D, splits, *a.stride(), *key.stride(),
-        POSITIVE=positive, TAU_PER_ROW=common["TAU_PER_ROW"], SPLITS_BLOCK=_splits_block(splits),
+        tau, m_part, s_part, zy_part, a, key, bias if bias is not None else m_part,
+        target if target is not None else m_part, stats, N, K, D, splits, *a.stride(), *key.stride(),
+        POSITIVE=positive, HAS_BIAS=positive == 3 and bias is not None, TAU_PER_ROW=common["TAU_PER_ROW"],
+        SPLITS_BLOCK=_splits_block(splits),
         BLOCK=COMBINE_BLOCK, BLOCK_D=min(triton.next_power_of_2(D), 64), num_warps=4,
     )
     return stats

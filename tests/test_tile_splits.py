@@ -285,14 +285,15 @@ def test_autotuning_only_behind_its_variable_and_never_keyed_on_n(monkeypatch):
 def test_tile_table_per_arch_and_d_bin(arch):
     """The table (kernels/tile.py TILE_CONFIGS): 128-row tiles for 16-bit operands on sm_90 and sm_80,
     the whole row in one D-step (kept on-chip) up to D = 256 but never wider than D's power of two
-    (D = 64 would multiply 64 columns of zero padding), 64-wide D-steps beyond, capped D-steps for fp32;
-    nothing depends on N."""
+    (D = 64 would multiply 64 columns of zero padding), 64-wide D-steps beyond, 128 × 256 tiles in
+    32-wide D-steps for the LLM head's D in the thousands, capped D-steps for fp32; nothing depends on N."""
     import fused_tau.kernels.tile as tile
 
     for D, step, resident in ((32, 32, True), (64, 64, True), (128, 128, True), (200, 256, True),
-                              (512, 64, False), (4096, 64, False)):
+                              (512, 64, False), (4096, 32, False)):
         cfg = tile.tile_config(arch, torch.bfloat16, D)
         assert cfg["BLOCK_M"] >= 128 and cfg["BLOCK_N"] >= 64, (D, cfg)
         assert (cfg["BLOCK_D"], cfg["RESIDENT"]) == (step, resident), (D, cfg)
         assert cfg == tile.tile_config(arch, torch.float16, D)
+    assert tile.tile_config(arch, torch.bfloat16, 4096)["BLOCK_N"] == 256
     assert tile.tile_config(arch, torch.float32, 4096)["BLOCK_D"] == 32
