@@ -226,45 +226,46 @@ def ce_grad_rescale(backend, dx, g):
 
 # ---------------------------------------------------------------------------- distillation
 
-@_legacy_op("kd_fwd")
-def _kd_fwd(s2: Tensor, t2: Tensor, target: Optional[Tensor], tau: Tensor, ignore_index: int,
-            elementwise: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    kl, ce, stats, out = engine(backend, "kd").kd_fwd(s2, t2, target, tau, ignore_index, elementwise)
-    return kl, _or_empty(ce, kl), stats, _or_empty(out, s2)
+def kd_fwd_outputs(s2, has_target, elementwise):
+    """(kl, ce, stats, out) for the (R, C) student logits: per row the KL and, with a target, the hard-label
+    cross-entropy (compute dtype); the (R, 8) row statistics kd_bwd takes, zero-filled (a launch leaves
+    the columns it has no use for at 0); the elementwise loss in s2's dtype (reduction 'none') or None."""
+    R, cd = s2.shape[0], compute_dtype(s2)
+    return (s2.new_empty(R, dtype=cd), s2.new_empty(R, dtype=cd) if has_target else None,
+            s2.new_zeros((R, 8), dtype=cd), s2.new_empty(s2.shape) if elementwise else None)
 
 
-@_kd_fwd.register_fake
-def _(s2, t2, target, tau, ignore_index, elementwise, backend):
-    R, C = s2.shape
-    cd = compute_dtype(s2)
-    return (s2.new_empty(R, dtype=cd), s2.new_empty(R if target is not None else 0, dtype=cd),
-            s2.new_empty((R, 8), dtype=cd), s2.new_empty((R, C) if elementwise else (0,)))
-
-
-@_legacy_op("kd_bwd")
-def _kd_bwd(s2: Tensor, t2: Tensor, target: Optional[Tensor], tau: Tensor, stats: Tensor, g: Tensor,
-            g_ce: Optional[Tensor], ignore_index: int, elementwise: bool, teacher_grad: bool,
-            tau_grad: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    ds, dt, dtau = engine(backend, "kd").kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise,
-                                                teacher_grad, tau_grad)
-    return ds, _or_empty(dt, t2), _or_empty(dtau, stats)
-
-
-@_kd_bwd.register_fake
-def _(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teacher_grad, tau_grad, backend):
-    return (s2.new_empty(s2.shape), t2.new_empty(t2.shape if teacher_grad else (0,)),
-            stats.new_empty(s2.shape[0] if tau_grad else 0))
+@_op("kd_fwd", mutates_args=("kl", "ce", "stats", "out"))
+def _kd_fwd(s2: Tensor, t2: Tensor, target: Optional[Tensor], tau: Tensor, ignore_index: int, backend: str,
+            kl: Tensor, ce: Optional[Tensor], stats: Tensor, out: Optional[Tensor]) -> None:
+    engine(backend, "kd").kd_fwd(s2, t2, target, tau, ignore_index, kl, ce, stats, out)
 
 
 def kd_fwd(backend, s2, t2, target, tau, ignore_index, elementwise):
-    kl, ce, stats, out = _call("kd_fwd")(s2, t2, target, tau, ignore_index, elementwise, backend)
-    return kl, _or_none(ce, target is not None), stats, _or_none(out, elementwise)
+    """(kl, ce, stats, out) (kd_fwd_outputs)."""
+    outputs = kd_fwd_outputs(s2, target is not None, elementwise)
+    _call("kd_fwd")(s2, t2, target, tau, ignore_index, backend, *outputs)
+    return outputs
+
+
+def kd_bwd_outputs(s2, t2, teacher_grad, tau_grad):
+    """(d student, d teacher or None, dτ per row or None): the gradients in their logits' dtypes, (R, C)."""
+    return (s2.new_empty(s2.shape), t2.new_empty(t2.shape) if teacher_grad else None,
+            s2.new_empty(s2.shape[0], dtype=compute_dtype(s2)) if tau_grad else None)
+
+
+@_op("kd_bwd", mutates_args=("ds", "dt", "dtau"))
+def _kd_bwd(s2: Tensor, t2: Tensor, target: Optional[Tensor], tau: Tensor, stats: Tensor, g: Tensor,
+            g_ce: Optional[Tensor], ignore_index: int, elementwise: bool, backend: str, ds: Tensor,
+            dt: Optional[Tensor], dtau: Optional[Tensor]) -> None:
+    engine(backend, "kd").kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, ds, dt, dtau)
 
 
 def kd_bwd(backend, s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teacher_grad, tau_grad):
-    ds, dt, dtau = _call("kd_bwd")(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise,
-                                              teacher_grad, tau_grad, backend)
-    return ds, _or_none(dt, teacher_grad), _or_none(dtau, tau_grad)
+    """(d student, d teacher or None, dτ per row or None) (kd_bwd_outputs)."""
+    outputs = kd_bwd_outputs(s2, t2, teacher_grad, tau_grad)
+    _call("kd_bwd")(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, backend, *outputs)
+    return outputs
 
 
 # ---------------------------------------------------------------------------- sampling
