@@ -21,7 +21,7 @@ The wrappers take the launchers' arguments with ``backend`` first, allocate, cal
 return its outputs.  Plain eager calls skip the op's dispatch and run its implementation
 (``_call``); anything that traces goes through the op.
 """
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -50,14 +50,6 @@ def _op(name, mutates_args):
     return register
 
 
-def _legacy_op(name, mutates_args=()):
-    """Register ``fn``, an op that still returns its outputs (with a fake of its own), as ``fused_tau::name``."""
-    def register(fn):
-        _IMPLS[name] = fn
-        return torch.library.custom_op(f"fused_tau::{name}", fn, mutates_args=mutates_args)
-    return register
-
-
 def _call(name):
     """The custom op while something traces (dynamo, or a Python dispatch mode such as AOTAutograd's
     fake tensors, which must see the op), else its implementation itself: in plain eager code the
@@ -73,19 +65,6 @@ def tracing():
 
 def _tracing():
     return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
-
-
-def _empty(like):
-    """The stand-in of a left-out output."""
-    return like.new_empty(0)
-
-
-def _or_empty(t, like):
-    return _empty(like) if t is None else t
-
-
-def _or_none(t, present):
-    return t if present else None
 
 
 def _rows(x3):
@@ -332,79 +311,72 @@ def sample(backend, x2, tau, seed, greedy):
 # gives Q = u exp((y - c)/τ) times b and a, and zp = Σ (y - r) Q (see kernels/tile.py).  tau_rows
 # holds one τ for every row or one per row (the row engine's layout): never expanded by the callers.
 
-@_legacy_op("tile_fwd")
-def _tile_fwd(a: Tensor, b: Tensor, bias: Optional[Tensor], tau_rows: Tensor, target: Optional[Tensor],
-              diag_offset: Optional[int], backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    m, s, zy = engine(backend, "tile").tile_fwd(a, b, bias, tau_rows, target, diag_offset)
-    return m, s, _or_empty(zy, m)
-
-
-@_tile_fwd.register_fake
-def _(a, b, bias, tau_rows, target, diag_offset, backend):
+def tile_fwd_outputs(a, has_target):
+    """(m, s, y at the target or None), one compute-dtype element per row of ``a``."""
     N, cd = a.shape[0], compute_dtype(a)
-    return a.new_empty(N, dtype=cd), a.new_empty(N, dtype=cd), a.new_empty(N if target is not None else 0, dtype=cd)
+    return a.new_empty(N, dtype=cd), a.new_empty(N, dtype=cd), a.new_empty(N, dtype=cd) if has_target else None
 
 
-@_legacy_op("tile_bwd")
-def _tile_bwd(a: Tensor, b: Tensor, bias: Optional[Tensor], tau_rows: Tensor, target: Optional[Tensor],
-              diag_offset: Optional[int], shift: Tensor, scale: Tensor, ref: Tensor, need_da: bool, need_db: bool,
-              need_zp: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    da, db, dbias, zp = engine(backend, "tile").tile_bwd(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref,
-                                                         need_da, need_db, need_zp)
-    return _or_empty(da, a), _or_empty(db, b), _or_empty(dbias, shift), _or_empty(zp, shift)
-
-
-@_tile_bwd.register_fake
-def _(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref, need_da, need_db, need_zp, backend):
-    cd = compute_dtype(a)
-    return (a.new_empty(a.shape if need_da else (0,)), b.new_empty(b.shape if need_db else (0,)),
-            a.new_empty(b.shape[0] if need_db and bias is not None else 0, dtype=cd),
-            a.new_empty(a.shape[0] if need_zp else 0, dtype=cd))
+@_op("tile_fwd", mutates_args=("m", "s", "zy"))
+def _tile_fwd(a: Tensor, b: Tensor, bias: Optional[Tensor], tau_rows: Tensor, target: Optional[Tensor],
+              diag_offset: Optional[int], backend: str, m: Tensor, s: Tensor, zy: Optional[Tensor]) -> None:
+    engine(backend, "tile").tile_fwd(a, b, bias, tau_rows, target, diag_offset, m, s, zy)
 
 
 def tile_fwd(backend, a, b, bias, tau_rows, target, diag_offset):
-    m, s, zy = _call("tile_fwd")(a, b, bias, tau_rows, target, diag_offset, backend)
-    return m, s, _or_none(zy, target is not None)
+    """(m, s, y at the target or None) (tile_fwd_outputs)."""
+    outputs = tile_fwd_outputs(a, target is not None)
+    _call("tile_fwd")(a, b, bias, tau_rows, target, diag_offset, backend, *outputs)
+    return outputs
+
+
+def tile_bwd_outputs(a, b, has_bias, need_da, need_db, need_zp):
+    """(da, db, dbias, zp), each None when not asked for (dbias with db and a bias only): da and db in
+    their operands' dtypes and shapes, dbias one compute-dtype element per row of ``b``, zp one per row of ``a``."""
+    cd = compute_dtype(a)
+    return (a.new_empty(a.shape) if need_da else None, b.new_empty(b.shape) if need_db else None,
+            a.new_empty(b.shape[0], dtype=cd) if need_db and has_bias else None,
+            a.new_empty(a.shape[0], dtype=cd) if need_zp else None)
+
+
+@_op("tile_bwd", mutates_args=("da", "db", "dbias", "zp"))
+def _tile_bwd(a: Tensor, b: Tensor, bias: Optional[Tensor], tau_rows: Tensor, target: Optional[Tensor],
+              diag_offset: Optional[int], shift: Tensor, scale: Tensor, ref: Tensor, backend: str,
+              da: Optional[Tensor], db: Optional[Tensor], dbias: Optional[Tensor], zp: Optional[Tensor]) -> None:
+    engine(backend, "tile").tile_bwd(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref, da, db, dbias, zp)
 
 
 def tile_bwd(backend, a, b, bias, tau_rows, target, diag_offset, shift, scale, ref, need_da, need_db, need_zp):
-    da, db, dbias, zp = _call("tile_bwd")(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref,
-                                                     need_da, need_db, need_zp, backend)
-    return (_or_none(da, need_da), _or_none(db, need_db), _or_none(dbias, need_db and bias is not None),
-            _or_none(zp, need_zp))
+    """(da, db, dbias, zp) (tile_bwd_outputs)."""
+    outputs = tile_bwd_outputs(a, b, bias is not None, need_da, need_db, need_zp)
+    _call("tile_bwd")(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref, backend, *outputs)
+    return outputs
 
 
 # clip_loss in one pass: clip_fwd gives the (7, N) per-index statistics (kernels/tile.py CLIP_*: the
 # loss per index first), clip_bwd takes them and the incoming gradient's factor g (one element) and
 # gives da, db and zp (dL/dτ_k = -zp_k / τ_k).
 
-@_legacy_op("clip_fwd")
-def _clip_fwd(a: Tensor, b: Tensor, tau_rows: Tensor, backend: str) -> Tensor:
-    return engine(backend, "tile").clip_fwd(a, b, tau_rows)
-
-
-@_clip_fwd.register_fake
-def _(a, b, tau_rows, backend):
-    return a.new_empty((7, a.shape[0]), dtype=compute_dtype(a))
-
-
-@_legacy_op("clip_bwd")
-def _clip_bwd(a: Tensor, b: Tensor, tau_rows: Tensor, stats: Tensor, g: Tensor, need_da: bool, need_db: bool,
-              need_zp: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    da, db, zp = engine(backend, "tile").clip_bwd(a, b, tau_rows, stats, g, need_da, need_db, need_zp)
-    return _or_empty(da, a), _or_empty(db, b), _or_empty(zp, stats)
-
-
-@_clip_bwd.register_fake
-def _(a, b, tau_rows, stats, g, need_da, need_db, need_zp, backend):
-    return (a.new_empty(a.shape if need_da else (0,)), b.new_empty(b.shape if need_db else (0,)),
-            stats.new_empty(a.shape[0] if need_zp else 0))
+@_op("clip_fwd", mutates_args=("stats",))
+def _clip_fwd(a: Tensor, b: Tensor, tau_rows: Tensor, backend: str, stats: Tensor) -> None:
+    engine(backend, "tile").clip_fwd(a, b, tau_rows, stats)
 
 
 def clip_fwd(backend, a, b, tau_rows):
-    return _call("clip_fwd")(a, b, tau_rows, backend)
+    """The (7, N) statistics, compute dtype."""
+    stats = a.new_empty((7, a.shape[0]), dtype=compute_dtype(a))
+    _call("clip_fwd")(a, b, tau_rows, backend, stats)
+    return stats
+
+
+@_op("clip_bwd", mutates_args=("da", "db", "zp"))
+def _clip_bwd(a: Tensor, b: Tensor, tau_rows: Tensor, stats: Tensor, g: Tensor, backend: str, da: Optional[Tensor],
+              db: Optional[Tensor], zp: Optional[Tensor]) -> None:
+    engine(backend, "tile").clip_bwd(a, b, tau_rows, stats, g, da, db, zp)
 
 
 def clip_bwd(backend, a, b, tau_rows, stats, g, need_da, need_db, need_zp):
-    da, db, zp = _call("clip_bwd")(a, b, tau_rows, stats, g, need_da, need_db, need_zp, backend)
-    return _or_none(da, need_da), _or_none(db, need_db), _or_none(zp, need_zp)
+    """(da, db, zp), each None when not asked for (tile_bwd_outputs without a bias)."""
+    da, db, _, zp = tile_bwd_outputs(a, b, False, need_da, need_db, need_zp)
+    _call("clip_bwd")(a, b, tau_rows, stats, g, backend, da, db, zp)
+    return da, db, zp
