@@ -2,26 +2,26 @@
 
 Why custom ops: ``torch.compile`` must trace a training step that calls a fused_tau loss
 without a graph break, on the Triton path (CUDA) and on the torch path (CPU).  A launcher
-is Python that picks a block size, allocates, and launches a Triton kernel (or loops over
-row chunks with torch ops); dynamo cannot trace the interpreter's launches nor would it
-gain anything from unrolling the torch path's loops.  As a custom op with a fake (meta)
-implementation the launcher is one opaque node: dynamo and AOTAutograd see its output
-shapes and dtypes, and Inductor calls the real launcher at run time.  The autograd
-Functions (cross_entropy.py, softmax.py, ...) call these ops in their forward and
-backward, and dynamo traces the Functions themselves (as flash-attn does), so the
-gradient formulas stay in one place for eager and compiled code.
+is Python that picks a block size and launches a Triton kernel (or loops over row chunks
+with torch ops); dynamo cannot trace the interpreter's launches nor would it gain anything
+from unrolling the torch path's loops.  As a custom op the launcher is one opaque node that
+Inductor calls at run time.  The autograd Functions (cross_entropy.py, softmax.py, ...) call
+the wrappers below in their forward and backward, and dynamo traces the Functions themselves
+(as flash-attn does), so the gradient formulas stay in one place for eager and compiled code.
 
-Conventions: ``backend`` ("triton" or "torch") is a string argument, so one op serves both
-engines; an output a launcher leaves out (``None``) is an empty tensor in the op's schema,
-and the Python wrappers below turn it back into ``None`` (the flags that decide it are
-Python constants under tracing).  Op outputs never alias inputs: the in-place backward of
-cross_entropy is its own op that declares the mutation.
+One pattern for every op (quack's): a plain function allocates the op's outputs
+(``*_outputs``: shapes and dtypes written once, for both engines, and traced as ordinary
+torch code), the custom op takes them as arguments, declares them mutated and returns
+nothing, and the engine's launcher writes into them.  So every op shares one no-op fake
+(``_writes_only``: a fake has nothing to create), and an output an op leaves out is ``None``
+(a ``Tensor?`` argument), with no stand-in.  ``backend`` ("triton" or "torch") is a string
+argument, so one op serves both engines.
 
-The wrappers take the launchers' arguments with ``backend`` first and return what the
-launchers return.  Plain eager calls skip the op's dispatch and run its implementation
+The wrappers take the launchers' arguments with ``backend`` first, allocate, call the op and
+return its outputs.  Plain eager calls skip the op's dispatch and run its implementation
 (``_call``); anything that traces goes through the op.
 """
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -34,11 +34,20 @@ from ._tau import compute_dtype
 _IMPLS = {}
 
 
-def _op(name, mutates_args=()):
-    """Register ``fn`` as the custom op ``fused_tau::name`` and keep it for eager calls."""
+def _writes_only(*args, **kwargs):
+    """The fake (meta) implementation of every op that writes into outputs its caller allocated:
+    under tracing the outputs already exist with their shapes and dtypes, so there is nothing to do."""
+    return None
+
+
+def _op(name, mutates_args):
+    """Register ``fn`` as the custom op ``fused_tau::name`` that writes into its arguments named in
+    ``mutates_args`` (with the shared no-op fake), and keep ``fn`` for eager calls."""
     def register(fn):
         _IMPLS[name] = fn
-        return torch.library.custom_op(f"fused_tau::{name}", fn, mutates_args=mutates_args)
+        op = torch.library.custom_op(f"fused_tau::{name}", fn, mutates_args=mutates_args)
+        op.register_fake(_writes_only)
+        return op
     return register
 
 
@@ -59,154 +68,131 @@ def _tracing():
     return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
 
 
-def _empty(like):
-    """The stand-in of a left-out output."""
-    return like.new_empty(0)
-
-
-def _or_empty(t, like):
-    return _empty(like) if t is None else t
-
-
-def _or_none(t, present):
-    return t if present else None
-
-
 def _rows(x3):
     return x3.shape[0] * x3.shape[2]
 
 
+def _row_vector(x3, present=True):
+    """One compute-dtype element per row of the (A, C, B) ``x3``, or None when not ``present``."""
+    return x3.new_empty(_rows(x3), dtype=compute_dtype(x3)) if present else None
+
+
 # ---------------------------------------------------------------------------- row engine
 
-@_op("softmax_fwd")
-def _softmax_fwd(x3: Tensor, tau: Tensor, mode: int, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    return engine(backend, "row").softmax_fwd(x3, tau, mode)
+# softmax, log_softmax, logsumexp (softmax.py)
+
+def softmax_fwd_outputs(x3, mode):
+    """(out, M, S): τ·lse per row (MODE_LSE) or the (log-)softmax in x3's dtype and contiguous (A, C, B)
+    layout; the row statistics in the compute dtype."""
+    out = x3.new_empty(_rows(x3)) if mode == MODE_LSE else x3.new_empty(x3.shape)
+    return out, _row_vector(x3), _row_vector(x3)
 
 
-@_softmax_fwd.register_fake
-def _(x3, tau, mode, backend):
-    R = _rows(x3)
-    out = x3.new_empty(R) if mode == MODE_LSE else x3.new_empty(x3.shape)
-    return out, x3.new_empty(R, dtype=compute_dtype(x3)), x3.new_empty(R, dtype=compute_dtype(x3))
+# (not "mode": torch's auto_functionalized, which runs a mutating op under torch.compile, passes the
+# dispatch mode as ``mode`` next to the op's arguments)
+@_op("softmax_fwd", mutates_args=("out", "m", "s"))
+def _softmax_fwd(x3: Tensor, tau: Tensor, softmax_mode: int, backend: str, out: Tensor, m: Tensor, s: Tensor) -> None:
+    engine(backend, "row").softmax_fwd(x3, tau, softmax_mode, out, m, s)
 
 
-@_op("softmax_bwd")
-def _softmax_bwd(y: Tensor, g: Tensor, x3: Tensor, m: Tensor, s: Tensor, tau: Tensor, log: bool,
-                 tau_grad: bool, backend: str) -> Tuple[Tensor, Tensor]:
-    dx, dtau = engine(backend, "row").softmax_bwd(y, g, x3, m, s, tau, log, tau_grad)
-    return dx, _or_empty(dtau, m)
+def softmax_fwd(backend, x3, tau, mode):
+    outputs = softmax_fwd_outputs(x3, mode)
+    _call("softmax_fwd")(x3, tau, mode, backend, *outputs)
+    return outputs
 
 
-@_softmax_bwd.register_fake
-def _(y, g, x3, m, s, tau, log, tau_grad, backend):
-    return y.new_empty(y.shape), m.new_empty(_rows(x3) if tau_grad else 0)
+def softmax_bwd_outputs(x3, tau_grad):
+    """(dx, dτ per row or None): dx in x3's dtype and contiguous (A, C, B) layout (the gradient of
+    softmax_fwd's out, and of lse's x3)."""
+    return x3.new_empty(x3.shape), _row_vector(x3, tau_grad)
 
 
-@_op("lse_bwd")
-def _lse_bwd(x3: Tensor, m: Tensor, s: Tensor, tau: Tensor, g: Tensor, tau_grad: bool,
-             backend: str) -> Tuple[Tensor, Tensor]:
-    dx, dtau = engine(backend, "row").lse_bwd(x3, m, s, tau, g, tau_grad)
-    return dx, _or_empty(dtau, m)
+@_op("softmax_bwd", mutates_args=("dx", "dtau"))
+def _softmax_bwd(y: Tensor, g: Tensor, x3: Tensor, m: Tensor, s: Tensor, tau: Tensor, log: bool, backend: str,
+                 dx: Tensor, dtau: Optional[Tensor]) -> None:
+    engine(backend, "row").softmax_bwd(y, g, x3, m, s, tau, log, dx, dtau)
 
 
-@_lse_bwd.register_fake
-def _(x3, m, s, tau, g, tau_grad, backend):
-    return x3.new_empty(x3.shape), m.new_empty(_rows(x3) if tau_grad else 0)
+def softmax_bwd(backend, y, g, x3, m, s, tau, log, tau_grad):
+    outputs = softmax_bwd_outputs(x3, tau_grad)
+    _call("softmax_bwd")(y, g, x3, m, s, tau, log, backend, *outputs)
+    return outputs
 
 
-@_op("ce_fwd")
-def _ce_fwd(x3: Tensor, target: Tensor, weight: Optional[Tensor], tau: Tensor, ignore_index: int,
-            smoothing: float, prob_target: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    loss, wy, m, s, a = engine(backend, "row").ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target)
-    return loss, _or_empty(wy, m), m, s, _or_empty(a, m)
+@_op("lse_bwd", mutates_args=("dx", "dtau"))
+def _lse_bwd(x3: Tensor, m: Tensor, s: Tensor, tau: Tensor, g: Tensor, backend: str, dx: Tensor,
+             dtau: Optional[Tensor]) -> None:
+    engine(backend, "row").lse_bwd(x3, m, s, tau, g, dx, dtau)
 
 
-@_ce_fwd.register_fake
-def _ce_fwd_fake(x3, target, weight, tau, ignore_index, smoothing, prob_target, backend):
-    R, cd = _rows(x3), compute_dtype(x3)
+def lse_bwd(backend, x3, m, s, tau, g, tau_grad):
+    outputs = softmax_bwd_outputs(x3, tau_grad)
+    _call("lse_bwd")(x3, m, s, tau, g, backend, *outputs)
+    return outputs
+
+
+# cross_entropy (cross_entropy.py)
+
+def ce_fwd_outputs(x3, smoothing, prob_target):
+    """(loss, w_y, M, S, A), one compute-dtype element per row: w_y (the target's class weight) for class
+    indices only, A (Σ_c a_c of the loss's Σ_c a_c (lse - z_c)) with label smoothing or probabilities only."""
     has_a = prob_target or smoothing > 0
-    return (x3.new_empty(R, dtype=cd), x3.new_empty(0 if prob_target else R, dtype=cd), x3.new_empty(R, dtype=cd),
-            x3.new_empty(R, dtype=cd), x3.new_empty(R if has_a else 0, dtype=cd))
+    return _row_vector(x3), _row_vector(x3, not prob_target), _row_vector(x3), _row_vector(x3), _row_vector(x3, has_a)
 
 
-@_op("ce_bwd")
+@_op("ce_fwd", mutates_args=("loss", "wy", "m", "s", "a"))
+def _ce_fwd(x3: Tensor, target: Tensor, weight: Optional[Tensor], tau: Tensor, ignore_index: int, smoothing: float,
+            prob_target: bool, backend: str, loss: Tensor, wy: Optional[Tensor], m: Tensor, s: Tensor,
+            a: Optional[Tensor]) -> None:
+    engine(backend, "row").ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target, loss, wy, m, s, a)
+
+
+def ce_fwd(backend, x3, target, weight, tau, ignore_index, smoothing, prob_target):
+    """(loss, w_y, M, S, A) (ce_fwd_outputs)."""
+    outputs = ce_fwd_outputs(x3, smoothing, prob_target)
+    _call("ce_fwd")(x3, target, weight, tau, ignore_index, smoothing, prob_target, backend, *outputs)
+    return outputs
+
+
+@_op("ce_bwd", mutates_args=("dx", "dtau"))
 def _ce_bwd(x3: Tensor, target: Tensor, weight: Optional[Tensor], tau: Tensor, m: Tensor, s: Tensor,
-            a: Optional[Tensor], g: Tensor, ignore_index: int, smoothing: float, prob_target: bool,
-            tau_grad: bool, backend: str) -> Tuple[Tensor, Tensor]:
-    dx, dtau = engine(backend, "row").ce_bwd(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing,
-                                             prob_target, tau_grad)
-    return dx, _or_empty(dtau, m)
+            a: Optional[Tensor], g: Tensor, ignore_index: int, smoothing: float, prob_target: bool, backend: str,
+            dx: Tensor, dtau: Optional[Tensor]) -> None:
+    engine(backend, "row").ce_bwd(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_target, dx, dtau)
 
 
-@_ce_bwd.register_fake
-def _(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_target, tau_grad, backend):
-    return x3.new_empty(x3.shape), m.new_empty(_rows(x3) if tau_grad else 0)
+def ce_bwd(backend, x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_target, tau_grad,
+           inplace=False):
+    """(dx, dτ per row or None).  ``inplace`` writes dx over x3 and returns x3 as dx: eager only, where the
+    op's implementation runs without its dispatch (a traced graph plans its own memory, AOTAutograd's
+    backward may not mutate a saved forward input, and an op's output may not alias its input)."""
+    if inplace and not _tracing():
+        dx, dtau = x3, _row_vector(x3, tau_grad)
+    else:
+        dx, dtau = softmax_bwd_outputs(x3, tau_grad)
+    _call("ce_bwd")(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_target, backend, dx, dtau)
+    return dx, dtau
 
 
-@_op("ce_fwd_grad")
+@_op("ce_fwd_grad", mutates_args=("loss", "wy", "m", "s", "a", "dx", "dtau"))
 def _ce_fwd_grad(x3: Tensor, target: Tensor, weight: Optional[Tensor], tau: Tensor, ignore_index: int,
-                 smoothing: float, prob_target: bool, g: Tensor, tau_grad: bool,
-                 backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    loss, wy, m, s, a, dx, dtau = engine(backend, "row").ce_fwd_grad(x3, target, weight, tau, ignore_index, smoothing,
-                                                                     prob_target, g, tau_grad)
-    return loss, _or_empty(wy, m), m, s, _or_empty(a, m), dx, _or_empty(dtau, m)
+                 smoothing: float, prob_target: bool, g: Tensor, backend: str, loss: Tensor, wy: Optional[Tensor],
+                 m: Tensor, s: Tensor, a: Optional[Tensor], dx: Tensor, dtau: Optional[Tensor]) -> None:
+    engine(backend, "row").ce_fwd_grad(x3, target, weight, tau, ignore_index, smoothing, prob_target, g,
+                                       loss, wy, m, s, a, dx, dtau)
 
 
-@_ce_fwd_grad.register_fake
-def _(x3, target, weight, tau, ignore_index, smoothing, prob_target, g, tau_grad, backend):
-    loss, wy, m, s, a = _ce_fwd_fake(x3, target, weight, tau, ignore_index, smoothing, prob_target, backend)
-    return loss, wy, m, s, a, x3.new_empty(x3.shape), m.new_empty(_rows(x3) if tau_grad else 0)
+def ce_fwd_grad(backend, x3, target, weight, tau, ignore_index, smoothing, prob_target, g, tau_grad):
+    """ce_fwd and, in the same pass, ce_bwd for the incoming gradient ``g`` (one element for every row):
+    (loss, w_y, M, S, A, dx, dτ per row or None)."""
+    outputs = ce_fwd_outputs(x3, smoothing, prob_target) + softmax_bwd_outputs(x3, tau_grad)
+    _call("ce_fwd_grad")(x3, target, weight, tau, ignore_index, smoothing, prob_target, g, backend, *outputs)
+    return outputs
 
 
 @_op("ce_grad_rescale", mutates_args=("dx",))
 def _ce_grad_rescale(dx: Tensor, g: Tensor, backend: str) -> None:
     engine(backend, "row").ce_grad_rescale(dx, g)
-
-
-@_ce_grad_rescale.register_fake
-def _(dx, g, backend):
-    return None
-
-
-@_op("ce_bwd_inplace", mutates_args=("x3",))
-def _ce_bwd_inplace(x3: Tensor, target: Tensor, weight: Optional[Tensor], tau: Tensor, m: Tensor, s: Tensor,
-                    a: Optional[Tensor], g: Tensor, ignore_index: int, smoothing: float, prob_target: bool,
-                    tau_grad: bool, backend: str) -> Tensor:
-    _, dtau = engine(backend, "row").ce_bwd(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing,
-                                            prob_target, tau_grad, inplace=True)
-    return _or_empty(dtau, m)
-
-
-@_ce_bwd_inplace.register_fake
-def _(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_target, tau_grad, backend):
-    return m.new_empty(_rows(x3) if tau_grad else 0)
-
-
-def softmax_fwd(backend, x3, tau, mode):
-    return _call("softmax_fwd")(x3, tau, mode, backend)
-
-
-def softmax_bwd(backend, y, g, x3, m, s, tau, log, tau_grad):
-    dx, dtau = _call("softmax_bwd")(y, g, x3, m, s, tau, log, tau_grad, backend)
-    return dx, _or_none(dtau, tau_grad)
-
-
-def lse_bwd(backend, x3, m, s, tau, g, tau_grad):
-    dx, dtau = _call("lse_bwd")(x3, m, s, tau, g, tau_grad, backend)
-    return dx, _or_none(dtau, tau_grad)
-
-
-def ce_fwd(backend, x3, target, weight, tau, ignore_index, smoothing, prob_target):
-    loss, wy, m, s, a = _call("ce_fwd")(x3, target, weight, tau, ignore_index, smoothing, prob_target,
-                                                   backend)
-    return loss, _or_none(wy, not prob_target), m, s, _or_none(a, prob_target or smoothing > 0)
-
-
-def ce_fwd_grad(backend, x3, target, weight, tau, ignore_index, smoothing, prob_target, g, tau_grad):
-    loss, wy, m, s, a, dx, dtau = _call("ce_fwd_grad")(x3, target, weight, tau, ignore_index, smoothing, prob_target,
-                                                        g, tau_grad, backend)
-    return (loss, _or_none(wy, not prob_target), m, s, _or_none(a, prob_target or smoothing > 0), dx,
-            _or_none(dtau, tau_grad))
 
 
 def ce_grad_rescale(backend, dx, g):
@@ -218,60 +204,48 @@ def ce_grad_rescale(backend, dx, g):
     return dx
 
 
-def ce_bwd(backend, x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_target, tau_grad,
-           inplace=False):
-    """``inplace`` writes dx over x3 and returns x3 as dx (eager only: a traced graph plans its own
-    memory, and AOTAutograd's backward may not mutate a saved forward input)."""
-    if inplace and not _tracing():
-        dtau = _call("ce_bwd_inplace")(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing,
-                                                  prob_target, tau_grad, backend)
-        return x3, _or_none(dtau, tau_grad)
-    dx, dtau = _call("ce_bwd")(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing,
-                                          prob_target, tau_grad, backend)
-    return dx, _or_none(dtau, tau_grad)
-
-
 # ---------------------------------------------------------------------------- distillation
 
-@_op("kd_fwd")
-def _kd_fwd(s2: Tensor, t2: Tensor, target: Optional[Tensor], tau: Tensor, ignore_index: int,
-            elementwise: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    kl, ce, stats, out = engine(backend, "kd").kd_fwd(s2, t2, target, tau, ignore_index, elementwise)
-    return kl, _or_empty(ce, kl), stats, _or_empty(out, s2)
+def kd_fwd_outputs(s2, has_target, elementwise):
+    """(kl, ce, stats, out) for the (R, C) student logits: per row the KL and, with a target, the hard-label
+    cross-entropy (compute dtype); the (R, 8) row statistics kd_bwd takes, zero-filled (a launch leaves
+    the columns it has no use for at 0); the elementwise loss in s2's dtype (reduction 'none') or None."""
+    R, cd = s2.shape[0], compute_dtype(s2)
+    return (s2.new_empty(R, dtype=cd), s2.new_empty(R, dtype=cd) if has_target else None,
+            s2.new_zeros((R, 8), dtype=cd), s2.new_empty(s2.shape) if elementwise else None)
 
 
-@_kd_fwd.register_fake
-def _(s2, t2, target, tau, ignore_index, elementwise, backend):
-    R, C = s2.shape
-    cd = compute_dtype(s2)
-    return (s2.new_empty(R, dtype=cd), s2.new_empty(R if target is not None else 0, dtype=cd),
-            s2.new_empty((R, 8), dtype=cd), s2.new_empty((R, C) if elementwise else (0,)))
-
-
-@_op("kd_bwd")
-def _kd_bwd(s2: Tensor, t2: Tensor, target: Optional[Tensor], tau: Tensor, stats: Tensor, g: Tensor,
-            g_ce: Optional[Tensor], ignore_index: int, elementwise: bool, teacher_grad: bool,
-            tau_grad: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    ds, dt, dtau = engine(backend, "kd").kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise,
-                                                teacher_grad, tau_grad)
-    return ds, _or_empty(dt, t2), _or_empty(dtau, stats)
-
-
-@_kd_bwd.register_fake
-def _(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teacher_grad, tau_grad, backend):
-    return (s2.new_empty(s2.shape), t2.new_empty(t2.shape if teacher_grad else (0,)),
-            stats.new_empty(s2.shape[0] if tau_grad else 0))
+@_op("kd_fwd", mutates_args=("kl", "ce", "stats", "out"))
+def _kd_fwd(s2: Tensor, t2: Tensor, target: Optional[Tensor], tau: Tensor, ignore_index: int, backend: str,
+            kl: Tensor, ce: Optional[Tensor], stats: Tensor, out: Optional[Tensor]) -> None:
+    engine(backend, "kd").kd_fwd(s2, t2, target, tau, ignore_index, kl, ce, stats, out)
 
 
 def kd_fwd(backend, s2, t2, target, tau, ignore_index, elementwise):
-    kl, ce, stats, out = _call("kd_fwd")(s2, t2, target, tau, ignore_index, elementwise, backend)
-    return kl, _or_none(ce, target is not None), stats, _or_none(out, elementwise)
+    """(kl, ce, stats, out) (kd_fwd_outputs)."""
+    outputs = kd_fwd_outputs(s2, target is not None, elementwise)
+    _call("kd_fwd")(s2, t2, target, tau, ignore_index, backend, *outputs)
+    return outputs
+
+
+def kd_bwd_outputs(s2, t2, teacher_grad, tau_grad):
+    """(d student, d teacher or None, dτ per row or None): the gradients in their logits' dtypes, (R, C)."""
+    return (s2.new_empty(s2.shape), t2.new_empty(t2.shape) if teacher_grad else None,
+            s2.new_empty(s2.shape[0], dtype=compute_dtype(s2)) if tau_grad else None)
+
+
+@_op("kd_bwd", mutates_args=("ds", "dt", "dtau"))
+def _kd_bwd(s2: Tensor, t2: Tensor, target: Optional[Tensor], tau: Tensor, stats: Tensor, g: Tensor,
+            g_ce: Optional[Tensor], ignore_index: int, elementwise: bool, backend: str, ds: Tensor,
+            dt: Optional[Tensor], dtau: Optional[Tensor]) -> None:
+    engine(backend, "kd").kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, ds, dt, dtau)
 
 
 def kd_bwd(backend, s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teacher_grad, tau_grad):
-    ds, dt, dtau = _call("kd_bwd")(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise,
-                                              teacher_grad, tau_grad, backend)
-    return ds, _or_none(dt, teacher_grad), _or_none(dtau, tau_grad)
+    """(d student, d teacher or None, dτ per row or None) (kd_bwd_outputs)."""
+    outputs = kd_bwd_outputs(s2, t2, teacher_grad, tau_grad)
+    _call("kd_bwd")(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, backend, *outputs)
+    return outputs
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -283,58 +257,53 @@ def draw_seed(device, generator):
     return torch.randint(0, 2**31 - 1, (1,), device=device, generator=generator)
 
 
-@_op("gumbel_fwd")
-def _gumbel_fwd(x3: Tensor, tau: Tensor, seed: Tensor, hard: bool, need_grad: bool,
-                backend: str) -> List[Tensor]:
-    out, aux = engine(backend, "sample").gumbel_fwd(x3, tau, seed, hard, need_grad)
-    return [out, *aux]
+def gumbel_fwd_outputs(backend, x3, hard, need_grad):
+    """(out, aux): the sample in x3's dtype and contiguous (A, C, B) layout, and what gumbel_bwd needs
+    besides x3, out and the seed: the kernels' row statistics (M, S) (their backward regenerates the
+    noise), the torch path's soft sample for a hard backward (nothing otherwise)."""
+    if backend == "triton":
+        aux = [x3.new_empty(_rows(x3), dtype=torch.float32) for _ in range(2)]
+    else:
+        aux = [x3.new_empty(x3.shape)] if hard and need_grad else []
+    return x3.new_empty(x3.shape), aux
 
 
-@_gumbel_fwd.register_fake
-def _(x3, tau, seed, hard, need_grad, backend):
-    return [x3.new_empty(x3.shape), *_gumbel_aux_fake(x3, hard, need_grad, backend)]
-
-
-def _gumbel_aux_fake(x3, hard, need_grad, backend):
-    if backend == "triton":  # the row statistics (M, S): the backward regenerates the noise
-        return [x3.new_empty(_rows(x3), dtype=torch.float32) for _ in range(2)]
-    return [x3.new_empty(x3.shape)] if hard and need_grad else []  # the torch path keeps the soft sample
-
-
-@_op("gumbel_bwd")
-def _gumbel_bwd(g: Tensor, tau: Tensor, hard: bool, src: Tensor, seed: Tensor, aux: List[Tensor],
-                backend: str) -> Tensor:
-    return engine(backend, "sample").gumbel_bwd(g, tau, hard, src, seed, tuple(aux))
-
-
-@_gumbel_bwd.register_fake
-def _(g, tau, hard, src, seed, aux, backend):
-    return src.new_empty(src.shape)
-
-
-@_op("sample")
-def _sample(x2: Tensor, tau: Tensor, seed: Tensor, greedy: bool, backend: str) -> Tensor:
-    return engine(backend, "sample").sample_fwd(x2, tau, seed, greedy)
-
-
-@_sample.register_fake
-def _(x2, tau, seed, greedy, backend):
-    return x2.new_empty(x2.shape[0], dtype=torch.int64)
+@_op("gumbel_fwd", mutates_args=("out", "aux"))
+def _gumbel_fwd(x3: Tensor, tau: Tensor, seed: Tensor, hard: bool, backend: str, out: Tensor,
+                aux: List[Tensor]) -> None:
+    engine(backend, "sample").gumbel_fwd(x3, tau, seed, hard, out, aux)
 
 
 def gumbel_fwd(backend, x3, tau, seed, hard, need_grad):
-    """(out, aux): ``aux`` is what gumbel_bwd needs besides x3, out and the seed."""
-    out, *aux = _call("gumbel_fwd")(x3, tau, seed, hard, need_grad, backend)
+    """(out, aux) (gumbel_fwd_outputs)."""
+    out, aux = gumbel_fwd_outputs(backend, x3, hard, need_grad)
+    _call("gumbel_fwd")(x3, tau, seed, hard, backend, out, aux)
     return out, tuple(aux)
 
 
+@_op("gumbel_bwd", mutates_args=("dx",))
+def _gumbel_bwd(g: Tensor, tau: Tensor, hard: bool, src: Tensor, seed: Tensor, aux: List[Tensor], backend: str,
+                dx: Tensor) -> None:
+    engine(backend, "sample").gumbel_bwd(g, tau, hard, src, seed, aux, dx)
+
+
 def gumbel_bwd(backend, g, tau, hard, src, seed, aux):
-    """``src``: the logits x3 when ``hard``, else the soft sample."""
-    return _call("gumbel_bwd")(g, tau, hard, src, seed, list(aux), backend)
+    """dx, contiguous (A, C, B) in the logits' dtype; ``src``: the logits x3 when ``hard``, else the soft sample."""
+    dx = src.new_empty(src.shape)
+    _call("gumbel_bwd")(g, tau, hard, src, seed, list(aux), backend, dx)
+    return dx
+
+
+@_op("sample", mutates_args=("idx",))
+def _sample(x2: Tensor, tau: Tensor, seed: Tensor, greedy: bool, backend: str, idx: Tensor) -> None:
+    engine(backend, "sample").sample_fwd(x2, tau, seed, greedy, idx)
 
 
 def sample(backend, x2, tau, seed, greedy):
-    return _call("sample")(x2, tau, seed, greedy, backend)
+    """One int64 index per row of the (R, C) logits ``x2``."""
+    idx = x2.new_empty(x2.shape[0], dtype=torch.int64)
+    _call("sample")(x2, tau, seed, greedy, backend, idx)
+    return idx
 
 
 # ---------------------------------------------------------------------------- tile engine
@@ -345,77 +314,72 @@ def sample(backend, x2, tau, seed, greedy):
 # zp = Σ (y - r) Q (see kernels/tile.py).  tau_rows holds one τ for every row or one per row (the row
 # engine's layout): never expanded by the callers.
 
-@_op("tile_fwd")
+def tile_fwd_outputs(a, positive):
+    """The (TILE_STATS_POS, N) statistics of rows with a positive, else (TILE_STATS_LSE, N), in the compute
+    dtype (kernels/__init__.py TILE_*)."""
+    return a.new_empty((TILE_STATS_POS if positive else TILE_STATS_LSE, a.shape[0]), dtype=compute_dtype(a))
+
+
+@_op("tile_fwd", mutates_args=("stats",))
 def _tile_fwd(a: Tensor, b: Tensor, bias: Optional[Tensor], tau_rows: Tensor, target: Optional[Tensor],
-              diag_offset: Optional[int], key: Optional[Tensor], backend: str) -> Tensor:
-    return engine(backend, "tile").tile_fwd(a, b, bias, tau_rows, target, diag_offset, key)
-
-
-@_tile_fwd.register_fake
-def _(a, b, bias, tau_rows, target, diag_offset, key, backend):
-    rows = TILE_STATS_POS if target is not None or key is not None else TILE_STATS_LSE
-    return a.new_empty((rows, a.shape[0]), dtype=compute_dtype(a))
-
-
-@_op("tile_bwd")
-def _tile_bwd(a: Tensor, b: Tensor, bias: Optional[Tensor], tau_rows: Tensor, target: Optional[Tensor],
-              diag_offset: Optional[int], shift: Tensor, scale: Tensor, ref: Tensor, need_da: bool, need_db: bool,
-              need_zp: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    da, db, dbias, zp = engine(backend, "tile").tile_bwd(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref,
-                                                         need_da, need_db, need_zp)
-    return _or_empty(da, a), _or_empty(db, b), _or_empty(dbias, shift), _or_empty(zp, shift)
-
-
-@_tile_bwd.register_fake
-def _(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref, need_da, need_db, need_zp, backend):
-    cd = compute_dtype(a)
-    return (a.new_empty(a.shape if need_da else (0,)), b.new_empty(b.shape if need_db else (0,)),
-            a.new_empty(b.shape[0] if need_db and bias is not None else 0, dtype=cd),
-            a.new_empty(a.shape[0] if need_zp else 0, dtype=cd))
+              diag_offset: Optional[int], key: Optional[Tensor], backend: str, stats: Tensor) -> None:
+    engine(backend, "tile").tile_fwd(a, b, bias, tau_rows, target, diag_offset, key, stats)
 
 
 def tile_fwd(backend, a, b, bias, tau_rows, target, diag_offset, key=None):
-    return _call("tile_fwd")(a, b, bias, tau_rows, target, diag_offset, key, backend)
+    """The TILE_* statistics (tile_fwd_outputs); the positive is y at ``target``, or a_i · key_i."""
+    stats = tile_fwd_outputs(a, target is not None or key is not None)
+    _call("tile_fwd")(a, b, bias, tau_rows, target, diag_offset, key, backend, stats)
+    return stats
+
+
+def tile_bwd_outputs(a, b, has_bias, need_da, need_db, need_zp):
+    """(da, db, dbias, zp), each None when not asked for (dbias with db and a bias only): da and db in
+    their operands' dtypes and shapes, dbias one compute-dtype element per row of ``b``, zp one per row of ``a``."""
+    cd = compute_dtype(a)
+    return (a.new_empty(a.shape) if need_da else None, b.new_empty(b.shape) if need_db else None,
+            a.new_empty(b.shape[0], dtype=cd) if need_db and has_bias else None,
+            a.new_empty(a.shape[0], dtype=cd) if need_zp else None)
+
+
+@_op("tile_bwd", mutates_args=("da", "db", "dbias", "zp"))
+def _tile_bwd(a: Tensor, b: Tensor, bias: Optional[Tensor], tau_rows: Tensor, target: Optional[Tensor],
+              diag_offset: Optional[int], shift: Tensor, scale: Tensor, ref: Tensor, backend: str,
+              da: Optional[Tensor], db: Optional[Tensor], dbias: Optional[Tensor], zp: Optional[Tensor]) -> None:
+    engine(backend, "tile").tile_bwd(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref, da, db, dbias, zp)
 
 
 def tile_bwd(backend, a, b, bias, tau_rows, target, diag_offset, shift, scale, ref, need_da, need_db, need_zp):
-    da, db, dbias, zp = _call("tile_bwd")(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref,
-                                                     need_da, need_db, need_zp, backend)
-    return (_or_none(da, need_da), _or_none(db, need_db), _or_none(dbias, need_db and bias is not None),
-            _or_none(zp, need_zp))
+    """(da, db, dbias, zp) (tile_bwd_outputs)."""
+    outputs = tile_bwd_outputs(a, b, bias is not None, need_da, need_db, need_zp)
+    _call("tile_bwd")(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref, backend, *outputs)
+    return outputs
 
 
-# clip_loss in one pass: clip_fwd gives the (7, N) per-index statistics (kernels/tile.py CLIP_*: the
+# clip_loss in one pass: clip_fwd gives the (CLIP_STATS, N) per-index statistics (kernels/__init__.py CLIP_*: the
 # loss per index first), clip_bwd takes them and the incoming gradient's factor g (one element) and
 # gives da, db and zp (dL/dτ_k = -zp_k / τ_k).
 
-@_op("clip_fwd")
-def _clip_fwd(a: Tensor, b: Tensor, tau_rows: Tensor, backend: str) -> Tensor:
-    return engine(backend, "tile").clip_fwd(a, b, tau_rows)
-
-
-@_clip_fwd.register_fake
-def _(a, b, tau_rows, backend):
-    return a.new_empty((CLIP_STATS, a.shape[0]), dtype=compute_dtype(a))
-
-
-@_op("clip_bwd")
-def _clip_bwd(a: Tensor, b: Tensor, tau_rows: Tensor, stats: Tensor, g: Tensor, need_da: bool, need_db: bool,
-              need_zp: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    da, db, zp = engine(backend, "tile").clip_bwd(a, b, tau_rows, stats, g, need_da, need_db, need_zp)
-    return _or_empty(da, a), _or_empty(db, b), _or_empty(zp, stats)
-
-
-@_clip_bwd.register_fake
-def _(a, b, tau_rows, stats, g, need_da, need_db, need_zp, backend):
-    return (a.new_empty(a.shape if need_da else (0,)), b.new_empty(b.shape if need_db else (0,)),
-            stats.new_empty(a.shape[0] if need_zp else 0))
+@_op("clip_fwd", mutates_args=("stats",))
+def _clip_fwd(a: Tensor, b: Tensor, tau_rows: Tensor, backend: str, stats: Tensor) -> None:
+    engine(backend, "tile").clip_fwd(a, b, tau_rows, stats)
 
 
 def clip_fwd(backend, a, b, tau_rows):
-    return _call("clip_fwd")(a, b, tau_rows, backend)
+    """The (CLIP_STATS, N) statistics, compute dtype."""
+    stats = a.new_empty((CLIP_STATS, a.shape[0]), dtype=compute_dtype(a))
+    _call("clip_fwd")(a, b, tau_rows, backend, stats)
+    return stats
+
+
+@_op("clip_bwd", mutates_args=("da", "db", "zp"))
+def _clip_bwd(a: Tensor, b: Tensor, tau_rows: Tensor, stats: Tensor, g: Tensor, backend: str, da: Optional[Tensor],
+              db: Optional[Tensor], zp: Optional[Tensor]) -> None:
+    engine(backend, "tile").clip_bwd(a, b, tau_rows, stats, g, da, db, zp)
 
 
 def clip_bwd(backend, a, b, tau_rows, stats, g, need_da, need_db, need_zp):
-    da, db, zp = _call("clip_bwd")(a, b, tau_rows, stats, g, need_da, need_db, need_zp, backend)
-    return _or_none(da, need_da), _or_none(db, need_db), _or_none(zp, need_zp)
+    """(da, db, zp), each None when not asked for (tile_bwd_outputs without a bias)."""
+    da, db, _, zp = tile_bwd_outputs(a, b, False, need_da, need_db, need_zp)
+    _call("clip_bwd")(a, b, tau_rows, stats, g, backend, da, db, zp)
+    return da, db, zp

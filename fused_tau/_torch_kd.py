@@ -385,17 +385,17 @@ def _flat(x):
     return x.squeeze(-1) if x.dim() == 2 else x
 
 
-def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
+def kd_fwd(s2, t2, target, tau, ignore_index, kl, ce, stats, out):
+    """Writes kl, ce (None without a target), stats ((R, 8), zero-filled by the caller: (Ms, Ss, Mt, St, KL,
+    ν, S1, precise), precise = 1 where the row takes the second-order forms) and the elementwise output
+    (None: not wanted), as kernels/row_kd.py's launcher."""
+    elementwise = out is not None
     if target is None and not elementwise and s2.device.type == "cpu" and s2.numel():
-        return _kd_fwd_cpu(s2, t2, tau)
+        _kd_fwd_cpu(s2, t2, tau, kl, stats)
+        return
     R, C = s2.shape
     cd = compute_dtype(s2)
     tau_c = _tau_col(tau, R, cd)
-    kl = torch.empty(R, device=s2.device, dtype=cd)
-    # (Ms, Ss, Mt, St, KL, ν, S1, precise): precise = 1 where the row takes the second-order forms
-    stats = torch.zeros(R, 8, device=s2.device, dtype=cd)
-    ce = torch.empty(R, device=s2.device, dtype=cd) if target is not None else None
-    out = torch.empty((R, C), device=s2.device, dtype=s2.dtype) if elementwise else None
 
     def work_block(sl, scratch):
         s, t = s2[sl].to(cd), t2[sl].to(cd)
@@ -423,10 +423,9 @@ def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
             stats[sl, 6] = S1
 
     _in_blocks(R, C, s2.device, cd, work_block)
-    return kl, ce, stats, out
 
 
-def _kd_fwd_cpu(s2, t2, tau):
+def _kd_fwd_cpu(s2, t2, tau, kl_out, stats_out):
     """kd_fwd without elementwise loss or target on CPU: _row_sums's passes block by block, then the
     per-row decisions and forms for all rows at once (_stats_from_sums), the rows that need the series
     or the general form taken again from the logits, a block of them at a time."""
@@ -464,8 +463,8 @@ def _kd_fwd_cpu(s2, t2, tau):
             col[part] = val
         precise[part] = res[6]
     # (Ms, Ss, Mt, St, KL, ν, S1, precise): precise = 1 where the row takes the second-order forms
-    stats = torch.stack(columns + [torch.zeros_like(kl), precise.to(cd)], -1)
-    return kl.clone(), None, stats, None
+    torch.stack(columns + [torch.zeros_like(kl), precise.to(cd)], -1, out=stats_out)
+    kl_out.copy_(kl)
 
 
 def _bwd_fast(s, t, Ms, Ss, Mt, St, kl, nu, precise, inv, gc, tc, ds, dt, sl, scratch):
@@ -564,11 +563,12 @@ def _bwd_kind(s, t, Ms, Ss, Mt, St, kl, nu, precise, inv, scratch):
     return v.sub_(nu).sub_(kl).expm1_().mul_(q)  # q expm1(w)
 
 
-def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teacher_grad, tau_grad):
-    if (target is None and not elementwise and not teacher_grad and not tau_grad and s2.device.type == "cpu"
-            and s2.numel()):
-        return _kd_bwd_cpu(s2, t2, tau, stats, g), None, None
-    return _kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teacher_grad, tau_grad)
+def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, ds, dt, dtau):
+    """Writes d student, d teacher and dτ per row (None: not wanted), as kernels/row_kd.py's launcher."""
+    if target is None and not elementwise and dt is None and dtau is None and s2.device.type == "cpu" and s2.numel():
+        _kd_bwd_cpu(s2, t2, tau, stats, g, ds)
+        return
+    _kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, ds, dt, dtau)
 
 
 def _runs(rows):
@@ -583,14 +583,13 @@ def _runs(rows):
     return out
 
 
-def _kd_bwd_cpu(s2, t2, tau, stats, g):
-    """kd_bwd's student gradient on CPU without elementwise loss, target, teacher or τ gradient: the
+def _kd_bwd_cpu(s2, t2, tau, stats, g, ds):
+    """kd_bwd's student gradient ``ds`` on CPU without elementwise loss, target, teacher or τ gradient: the
     rows of each kind in their own groups (_bwd_kind), a group the general form cannot serve in few
     passes sent to it."""
     R, C = s2.shape
     cd = compute_dtype(s2)
     tau_c = _tau_col(tau, R, cd)
-    ds = torch.empty((R, C), device=s2.device, dtype=s2.dtype)
     g = g.to(cd).reshape(-1).expand(R)
     groups = _row_groups(stats[:, 7] != 0, C, s2.device)
     size = max((r.stop - r.start if isinstance(r, slice) else r.numel()) for _, r in groups)
@@ -630,18 +629,18 @@ def _kd_bwd_cpu(s2, t2, tau, stats, g):
 
     for_each(groups, work, s2.device, R * C, scratch=buffers)
     for rows in general:  # after the parallel part: its rows are its own, in any order
-        part, _, _ = _kd_bwd(s2[rows], t2[rows], None, tau_c[rows], stats[rows], g[rows], None, 0, False, False, False)
+        s_rows = s2[rows]
+        part = torch.empty_like(s_rows)
+        _kd_bwd(s_rows, t2[rows], None, tau_c[rows], stats[rows], g[rows], None, 0, False, part, None, None)
         ds[rows] = part
-    return ds
 
 
-def _kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teacher_grad, tau_grad):
+def _kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, ds, dt, dtau):
+    """kd_bwd in its general form, for every row."""
     R, C = s2.shape
     cd = compute_dtype(s2)
     tau_c = _tau_col(tau, R, cd)
-    ds = torch.empty((R, C), device=s2.device, dtype=s2.dtype)
-    dt = torch.empty((R, C), device=s2.device, dtype=t2.dtype) if teacher_grad else None
-    dtau = torch.empty(R, device=s2.device, dtype=cd) if tau_grad else None
+    teacher_grad, tau_grad = dt is not None, dtau is not None
     if not elementwise:
         g = g.to(cd).reshape(-1).expand(R)
 
@@ -719,4 +718,3 @@ def _kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teac
             dtau[sl] = torch.where(precise.squeeze(-1) & u_small, tc.squeeze(-1) * gc.squeeze(-1) * B, plain)
 
     _in_blocks(R, C, s2.device, cd, work_block)
-    return ds, dt, dtau

@@ -141,6 +141,19 @@ def _from_rows(rows, A, B):
     return rows.reshape(A, B, C).permute(0, 2, 1)
 
 
+def _rows_of(out3):
+    """The (A*B, C) rows to compute the contiguous (A, C, B) output ``out3`` in: its own memory when
+    B == 1, else a buffer that _store_rows copies into it (with the transpose)."""
+    A, C, B = out3.shape
+    return out3.view(A, C) if B == 1 else out3.new_empty((A * B, C))
+
+
+def _store_rows(rows, out3):
+    """out3 = the rows from _rows_of (nothing to do when they are out3's own memory)."""
+    if out3.shape[2] != 1:
+        out3.copy_(_from_rows(rows, out3.shape[0], out3.shape[2]))
+
+
 def _chunks(R, C, parts=1):
     """Slices of rows of about CHUNK_ELEMENTS elements, at least ``parts`` of them when there are rows enough."""
     step = max(1, min(CHUNK_ELEMENTS // max(C, 1), -(-R // max(parts, 1))))
@@ -428,13 +441,12 @@ def _half_gap_sum(X, sl, M, tau_r, cd, dz):
     return torch.where(dz != 0, gap * dz, 0.0).sum(-1)
 
 
-def softmax_fwd(x3, tau, mode):
+def softmax_fwd(x3, tau, mode, out3, m, s):
+    """Writes (out, M, S) (fused_tau._ops.softmax_fwd_outputs), as kernels/row_softmax.py's launcher."""
     A, C, B = x3.shape
     R, cd = A * B, compute_dtype(x3)
     X, tau_r = _as_rows(x3), _tau_rows(tau, A, B, cd)
-    m = torch.empty(R, device=x3.device, dtype=cd)
-    s = torch.empty_like(m)
-    out = torch.empty(R if mode == MODE_LSE else (R, C), device=x3.device, dtype=x3.dtype)
+    out = out3 if mode == MODE_LSE else _rows_of(out3)
 
     def work(sl):
         z, c = _shifted_z(X, sl, tau_r, cd)
@@ -453,16 +465,15 @@ def softmax_fwd(x3, tau, mode):
 
     for_each(row_chunks(R, C, x3.device), work, x3.device, R * C)
     if mode != MODE_LSE:
-        out = _from_rows(out, A, B).contiguous()
-    return out, m, s
+        _store_rows(out, out3)
 
 
-def softmax_bwd(y, g, x3, m, s, tau, log, tau_grad):
+def softmax_bwd(y, g, x3, m, s, tau, log, dx3, dtau):
+    """Writes dx and dτ per row (None: not wanted), as kernels/row_softmax.py's launcher."""
     A, C, B = x3.shape
     R, cd = A * B, compute_dtype(x3)
     Y, G, X, tau_r = _as_rows(y), _as_rows(g), _as_rows(x3), _tau_rows(tau, A, B, cd)
-    dx = torch.empty((R, C), device=y.device, dtype=y.dtype)
-    dtau = torch.empty(R, device=y.device, dtype=cd) if tau_grad else None
+    dx, tau_grad = _rows_of(dx3), dtau is not None
 
     def work(sl):
         # .to() returns the saved output itself when the dtype matches: no in-place op on it
@@ -483,15 +494,15 @@ def softmax_bwd(y, g, x3, m, s, tau, log, tau_grad):
         dx[sl] = dz.div_(tau_r[sl])
 
     for_each(row_chunks(R, C, y.device), work, y.device, R * C)
-    return _from_rows(dx, A, B).contiguous(), dtau
+    _store_rows(dx, dx3)
 
 
-def lse_bwd(x3, m, s, tau, g, tau_grad):
+def lse_bwd(x3, m, s, tau, g, dx3, dtau):
+    """Writes dx and dτ per row (None: not wanted), as kernels/row_softmax.py's launcher."""
     A, C, B = x3.shape
     R, cd = A * B, compute_dtype(x3)
     X, tau_r = _as_rows(x3), _tau_rows(tau, A, B, cd)
-    dx = torch.empty((R, C), device=x3.device, dtype=x3.dtype)
-    dtau = torch.empty(R, device=x3.device, dtype=cd) if tau_grad else None
+    dx, tau_grad = _rows_of(dx3), dtau is not None
 
     def work(sl):
         z, c = _shifted_z(X, sl, tau_r, cd, m[sl])
@@ -505,7 +516,7 @@ def lse_bwd(x3, m, s, tau, g, tau_grad):
         dx[sl] = p.mul_(gg.unsqueeze(-1))
 
     for_each(row_chunks(R, C, x3.device), work, x3.device, R * C)
-    return _from_rows(dx, A, B).contiguous(), dtau
+    _store_rows(dx, dx3)
 
 
 def _coefficients(T, sl, weight, C, smoothing, prob_target, cd, device):
@@ -527,7 +538,8 @@ def _hard_target(target, sl, weight, ignore_index, cd, like):
     return valid, y_safe, torch.where(valid, w_y, 0.0)
 
 
-def ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target):
+def ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target, loss_out, wy_out, m_out, s_out, a_rows):
+    """Writes (loss, w_y, M, S, A) per row (fused_tau._ops.ce_fwd_outputs), as kernels/row_ce.py's launcher."""
     A, C, B = x3.shape
     R, cd = A * B, compute_dtype(x3)
     X, tau_r = _as_rows(x3), _tau_rows(tau, A, B, cd)
@@ -535,8 +547,8 @@ def ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target):
     new = dict(device=x3.device, dtype=cd)
     M, s = torch.empty(R, **new), torch.empty(R, **new)
     idx = torch.empty((R, 1), device=x3.device, dtype=torch.int64)
-    has_a = prob_target or smoothing > 0
-    a_rows, gap = (torch.empty(R, **new), torch.empty(R, **new)) if has_a else (None, None)
+    has_a = a_rows is not None
+    gap = torch.empty(R, **new) if has_a else None
 
     def work(sl, scratch=None):
         # per chunk only what needs the rows (the statistics, Σ a_c (M - z_c)); the rest on all rows at once
@@ -567,23 +579,27 @@ def ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target):
     s = _nan_if_posinf(M, s)
     L = torch.log1p(s)
     loss = gap + a_rows * L if has_a else torch.zeros_like(M)
-    wy = None
     if not prob_target:
         valid, y_safe, wy = _hard_target(target, slice(None), weight, ignore_index, cd, M)
         z_y = _z(X.gather(-1, y_safe), slice(None), tau_r, cd).squeeze(-1)  # x_y / τ: z's own division
         loss = torch.where(valid, (1.0 - smoothing) * wy * ((M - z_y) + L) + loss, 0.0)
-    return loss, wy, _max_logit(X, slice(None), idx, cd), s, a_rows
+        wy_out.copy_(wy)
+    loss_out.copy_(loss)
+    m_out.copy_(_max_logit(X, slice(None), idx, cd))
+    s_out.copy_(s)
 
 
-def ce_bwd(x3, target, weight, tau, m, s, a_rows, g, ignore_index, smoothing, prob_target,
-           tau_grad, inplace=False):
+def ce_bwd(x3, target, weight, tau, m, s, a_rows, g, ignore_index, smoothing, prob_target, dx3, dtau):
+    """Writes dx3 (x3 itself to write the gradient over the logits) and dτ per row (None: not wanted), as
+    kernels/row_ce.py's launcher."""
     A, C, B = x3.shape
     R, cd = A * B, compute_dtype(x3)
     X, tau_r = _as_rows(x3), _tau_rows(tau, A, B, cd)
     T = _as_rows(target) if prob_target else None
     g = g.to(cd).reshape(-1).expand(R)
-    dx = torch.empty((R, C), device=x3.device, dtype=x3.dtype)
-    dtau = torch.empty(R, device=x3.device, dtype=cd) if tau_grad else None
+    inplace, tau_grad = dx3 is x3, dtau is not None
+    # in place, the rows are written apart and copied over x3 at the end: the chunks still read x
+    dx = torch.empty((R, C), device=x3.device, dtype=x3.dtype) if inplace else _rows_of(dx3)
 
     direct = dx.dtype == cd  # softmax written into the gradient's rows, then scaled there
 
@@ -626,18 +642,17 @@ def ce_bwd(x3, target, weight, tau, m, s, a_rows, g, ignore_index, smoothing, pr
     chunks = row_chunks(R, C, x3.device)
     cpu = x3.device.type == "cpu"
     for_each(chunks, work, x3.device, R * C, row_scratch(chunks, C, cd, x3.device, 1 if direct else 2) if cpu else None)
-    dx = _from_rows(dx, A, B)
     if inplace:
-        return x3.copy_(dx), dtau
-    return dx.contiguous(), dtau
+        x3.copy_(_from_rows(dx, A, B))
+    else:
+        _store_rows(dx, dx3)
 
 
-def ce_fwd_grad(x3, target, weight, tau, ignore_index, smoothing, prob_target, g, tau_grad):
-    """``ce_fwd``, then ``ce_bwd`` for the incoming gradient ``g`` (one element for every row):
-    (loss, w_y, M, S, A, dx, dτ per row or None), as kernels/row_ce.py's launcher of the same name."""
-    loss, wy, m, s, a_rows = ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target)
-    dx, dtau = ce_bwd(x3, target, weight, tau, m, s, a_rows, g, ignore_index, smoothing, prob_target, tau_grad)
-    return loss, wy, m, s, a_rows, dx, dtau
+def ce_fwd_grad(x3, target, weight, tau, ignore_index, smoothing, prob_target, g, loss, wy, m, s, a_rows, dx, dtau):
+    """``ce_fwd``, then ``ce_bwd`` for the incoming gradient ``g`` (one element for every row), as
+    kernels/row_ce.py's launcher of the same name."""
+    ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target, loss, wy, m, s, a_rows)
+    ce_bwd(x3, target, weight, tau, m, s, a_rows, g, ignore_index, smoothing, prob_target, dx, dtau)
 
 
 def ce_grad_rescale(dx, g):

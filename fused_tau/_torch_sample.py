@@ -14,7 +14,7 @@ is needed.
 import torch
 
 from ._tau import compute_dtype
-from ._torch_row import _as_rows, _chunks, _from_rows, _max_argmax, _tau_rows, for_each, softmax_bwd
+from ._torch_row import _as_rows, _chunks, _max_argmax, _rows_of, _store_rows, _tau_rows, for_each, softmax_bwd
 
 
 def _log_exponential(n_rows, C, dtype, device, generator):
@@ -36,17 +36,17 @@ def _chunk_generators(seed, chunks):
     return {sl.start: torch.Generator(device=seed.device).manual_seed(s) for sl, s in zip(chunks, seeds)}
 
 
-def gumbel_fwd(x3, tau, seed, hard, need_grad):
-    """Returns (out, aux): out = softmax((x + g) / τ), or the one-hot of its argmax when
-    ``hard``, contiguous (A, C, B) in x3's dtype; aux = (the soft sample,) when ``hard`` and
-    a gradient is needed, else ()."""
+def gumbel_fwd(x3, tau, seed, hard, out3, aux):
+    """Writes out = softmax((x + g) / τ), or the one-hot of its argmax when ``hard``, contiguous
+    (A, C, B) in x3's dtype, and into aux = (the soft sample,) when given (``hard`` with a gradient
+    to come; fused_tau._ops.gumbel_fwd_outputs)."""
     A, C, B = x3.shape
     R, cd = A * B, compute_dtype(x3)
     chunks = _chunks(R, C)
     generators = _chunk_generators(seed, chunks)
     X, tau_r = _as_rows(x3), _tau_rows(tau, A, B, cd)
-    out = torch.empty((R, C), device=x3.device, dtype=x3.dtype)
-    soft = torch.empty_like(out) if hard and need_grad else None
+    out = _rows_of(out3)
+    soft = _rows_of(aux[0]) if aux else None
 
     def work(sl):
         # z = (x + g) / τ = (x - log E) / τ in the noise's own buffer
@@ -64,26 +64,26 @@ def gumbel_fwd(x3, tau, seed, hard, need_grad):
         out[sl].zero_().scatter_(-1, _max_argmax(z)[1].unsqueeze(-1), 1.0)
 
     for_each(chunks, work, x3.device, R * C)
-    out = _from_rows(out, A, B).contiguous()
-    return out, (() if soft is None else (_from_rows(soft, A, B).contiguous(),))
+    _store_rows(out, out3)
+    if soft is not None:
+        _store_rows(soft, aux[0])
 
 
-def gumbel_bwd(g, tau, hard, src, seed, aux):
-    """dx = y (g - Σ g y) / τ with y the soft sample: ``src`` (the output) when not ``hard``,
+def gumbel_bwd(g, tau, hard, src, seed, aux, dx):
+    """Writes dx = y (g - Σ g y) / τ with y the soft sample: ``src`` (the output) when not ``hard``,
     else the one gumbel_fwd kept; contiguous (A, C, B).  The softmax backward (_torch_row.py),
     out of place: y may be the caller's output."""
     y = aux[0] if hard else src
-    return softmax_bwd(y, g, y, None, None, tau, False, False)[0]
+    softmax_bwd(y, g, y, None, None, tau, False, dx, None)
 
 
-def sample_fwd(x2, tau, seed, greedy):
-    """One index per row of the (R, C) logits: argmax_c ((x_rc - m_r) / τ + g_rc), Gumbel-max
+def sample_fwd(x2, tau, seed, greedy, idx):
+    """Writes into ``idx`` one index per row of the (R, C) logits: argmax_c ((x_rc - m_r) / τ + g_rc), Gumbel-max
     in z units relative to the row max m_r (x / τ + g, or x + τ g, would round the noise away
     at |x| / τ ≳ 1e6), the first index on ties; ``greedy``, a row whose τ is 0 and a row whose
     max is infinite: argmax x_r (the first +inf; 0 for a row with no finite logit, as
     torch.argmax).  A row that holds a NaN gets -1 (the caller raises)."""
     R, C = x2.shape
-    idx = torch.empty(R, device=x2.device, dtype=torch.int64)
     cd = compute_dtype(x2)
     chunks = _chunks(R, C)
     generators = None if greedy else _chunk_generators(seed, chunks)
@@ -104,4 +104,3 @@ def sample_fwd(x2, tau, seed, greedy):
         idx[sl] = top.masked_fill_(torch.isnan(m), -1)
 
     for_each(chunks, work, x2.device, R * C)
-    return idx

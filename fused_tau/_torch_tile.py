@@ -19,7 +19,8 @@ import torch
 
 from . import _torch_row as torch_row
 from ._tau import compute_dtype
-from .kernels import CLIP_DPOS, CLIP_POS, CLIP_SHIFT_C, CLIP_SHIFT_R, CLIP_W_C, CLIP_W_R
+from .kernels import (CLIP_DPOS, CLIP_POS, CLIP_SHIFT_C, CLIP_SHIFT_R, CLIP_W_C, CLIP_W_R, TILE_E_POS, TILE_E_REST, TILE_M,
+                      TILE_NLL, TILE_POS, TILE_S, TILE_SHIFT)
 
 CHUNK_ELEMENTS = 1 << 20
 # On CPU, where the work is shared out among threads (_torch_row.for_each), the logits are cut into
@@ -164,27 +165,29 @@ class _InChunkOrder:
             self.turn.notify_all()
 
 
-def tile_fwd(a, b, bias, tau, target, diag_offset, key):
-    """kernels/tile.py's tile_fwd: the TILE_* rows of a (TILE_STATS_POS, N) tensor when the rows have a
-    positive (the target's y, or a_i · key_i), else of a (TILE_STATS_LSE, N) one, in the compute dtype."""
-    m, s, zy = _tile_lse(a, b, bias, tau, target, diag_offset)
-    if target is None and key is None:
-        return torch.stack([m, s])
-    pos = zy if target is not None else (a.to(m.dtype) * key.to(m.dtype)).sum(-1)
-    nll, shift, e_pos, e_rest = _infonce_rows(m, s, pos, tau.to(m.dtype).expand(a.shape[0]))
-    return torch.stack([m, s, pos, nll, shift, e_pos, e_rest])
+def tile_fwd(a, b, bias, tau, target, diag_offset, key, stats):
+    """kernels/tile.py's tile_fwd: writes the TILE_* rows of ``stats``, (TILE_STATS_POS, N) when the rows have
+    a positive (the target's y, or a_i · key_i), else (TILE_STATS_LSE, N), in the compute dtype."""
+    positive = target is not None or key is not None
+    _tile_lse(a, b, bias, tau, target, diag_offset, stats[TILE_M], stats[TILE_S],
+              stats[TILE_POS] if target is not None else None)
+    if not positive:
+        return
+    m, s, pos = stats[TILE_M], stats[TILE_S], stats[TILE_POS]
+    if target is None:
+        torch.sum(a.to(m.dtype) * key.to(m.dtype), -1, out=pos)
+    for row, value in zip((TILE_NLL, TILE_SHIFT, TILE_E_POS, TILE_E_REST),
+                          _infonce_rows(m, s, pos, tau.to(m.dtype).expand(a.shape[0]))):
+        stats[row].copy_(value)
 
 
-def _tile_lse(a, b, bias, tau, target, diag_offset):
-    """Returns (m, s, y_target or None) in dot units, fp32 (fp64 for fp64 inputs), one per row of ``a``.
-    Each block of rows goes through the column chunks in order (the blocks are shared out)."""
+def _tile_lse(a, b, bias, tau, target, diag_offset, m_out, s_out, zy_out):
+    """Writes (m, s, y_target; None without a target) in dot units, fp32 (fp64 for fp64 inputs), one per
+    row of ``a``.  Each block of rows goes through the column chunks in order (the blocks are shared out)."""
     N, K = a.shape[0], b.shape[0]
     cd = compute_dtype(a)
     a_c = a.to(cd)
     tau_c = tau.to(cd).expand(N)  # one τ or one per row: a view, never materialised
-    m_out = torch.empty(N, device=a.device, dtype=cd)
-    s_out = torch.empty(N, device=a.device, dtype=cd)
-    zy_out = torch.empty(N, device=a.device, dtype=cd) if target is not None else None
     row_blocks, col_chunks = _tiles(N, K, a.device)
     cpu = a.device.type == "cpu"
     entries = _excluded_entries(row_blocks, col_chunks, target, diag_offset) if cpu else None
@@ -232,11 +235,10 @@ def _tile_lse(a, b, bias, tau, target, diag_offset):
             zy_out[rows] = zy
 
     torch_row.for_each(row_blocks, block, a.device, N * K, scratch=_tile_buffer(row_blocks, col_chunks, cd, a.device))
-    return m_out, s_out, zy_out
 
 
-def tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, need_da, need_db, need_zp):
-    """Returns (da, db, dbias, zp), each None when not asked for (dbias only with a bias), for
+def tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, da_out, db, dbias, zp):
+    """Writes da, db, dbias and zp (each None when not wanted; dbias only with db and a bias), for
     Q_ij = scale_i exp((y_ij - shift_i) / τ_i) over the counted columns and zp_i = Σ_j (y_ij - ref_i) Q_ij.
 
     Without db the blocks of rows are shared out (each block's da and zp summed over the column
@@ -246,10 +248,12 @@ def tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, need_da, n
     cd = compute_dtype(a)
     a_c = a.to(cd)
     tau_col = tau.to(cd).expand(N).unsqueeze(-1)
-    da = torch.zeros(a.shape, device=a.device, dtype=cd) if need_da else None
-    db = torch.empty(b.shape, device=b.device, dtype=b.dtype) if need_db else None
-    dbias = torch.empty(K, device=b.device, dtype=cd) if (need_db and bias is not None) else None
-    zp = torch.zeros(N, device=a.device, dtype=cd) if need_zp else None
+    need_da, need_db, need_zp = da_out is not None, db is not None, zp is not None
+    # da and zp are sums over the column chunks, in the compute dtype (in da_out itself when it has it)
+    da = None if not need_da else da_out.zero_() if da_out.dtype == cd else torch.zeros(a.shape, device=a.device,
+                                                                                         dtype=cd)
+    if need_zp:
+        zp.zero_()
     shift_col = shift.to(cd).unsqueeze(-1)
     scale_col = scale.to(cd).unsqueeze(-1)
     ref_col = ref.to(cd).unsqueeze(-1)
@@ -314,7 +318,8 @@ def tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, need_da, n
                 raise
 
         torch_row.for_each(list(enumerate(col_chunks)), chunk, a.device, N * K, scratch=buffer)
-    return (da.to(a.dtype) if need_da else None), db, dbias, zp
+    if need_da and da is not da_out:
+        da_out.copy_(da)
 
 
 def _infonce_rows(m, s, pos, tau):
@@ -325,35 +330,54 @@ def _infonce_rows(m, s, pos, tau):
     return nll, shift, torch.exp((pos - shift) / tau), s * torch.exp((m - shift) / tau)
 
 
-def clip_fwd(a, b, tau):
-    """kernels/tile.py's clip_fwd: the (CLIP_STATS, N) statistics of clip_loss, here from two passes of
-    tile_fwd (a's rows against b, b's rows against a, the positives on the diagonal)."""
+def _vectors(like, count):
+    """``count`` compute-dtype vectors of one element per row of ``like``."""
+    return [like.new_empty(like.shape[0], dtype=compute_dtype(like)) for _ in range(count)]
+
+
+def clip_fwd(a, b, tau, stats):
+    """kernels/tile.py's clip_fwd: writes the (CLIP_STATS, N) statistics of clip_loss, here from two passes
+    of tile_fwd (a's rows against b, b's rows against a, the positives on the diagonal)."""
     N = a.shape[0]
     target = torch.arange(N, device=a.device)
     tau_c = tau.to(compute_dtype(a)).expand(N)
-    m_r, s_r, pos = _tile_lse(a, b, None, tau, target, None)
-    m_c, s_c, _ = _tile_lse(b, a, None, tau, target, None)
+    m_r, s_r, pos, m_c, s_c, pos_c = _vectors(a, 6)
+    _tile_lse(a, b, None, tau, target, None, m_r, s_r, pos)
+    _tile_lse(b, a, None, tau, target, None, m_c, s_c, pos_c)
     nll_r, shift_r, e_pos_r, e_neg_r = _infonce_rows(m_r, s_r, pos, tau_c)
     nll_c, shift_c, e_pos_c, e_neg_c = _infonce_rows(m_c, s_c, pos, tau_c)
     w_r = 1.0 / ((2 * N) * tau_c * (e_pos_r + e_neg_r))  # the mean's 1/N and the two directions' 1/2
     w_c = 1.0 / ((2 * N) * tau_c * (e_pos_c + e_neg_c))
-    return torch.stack([(nll_r + nll_c) * 0.5, shift_r, w_r, shift_c, w_c, -(w_r * e_neg_r + w_c * e_neg_c), pos])
+    torch.stack([(nll_r + nll_c) * 0.5, shift_r, w_r, shift_c, w_c, -(w_r * e_neg_r + w_c * e_neg_c), pos], out=stats)
 
 
-def clip_bwd(a, b, tau, stats, g, need_da, need_db, need_zp):
-    """kernels/tile.py's clip_bwd: (da, db, zp) for G = g (Qr + Qc) off the diagonal and g·dpos on it,
-    here from two passes of tile_bwd (a's rows against b, b's rows against a) in the compute dtype,
-    rounded once to the inputs' dtype."""
+def _add_into(out, x, y):
+    """out = x + y, rounded once to out's dtype."""
+    if out.dtype == x.dtype:
+        torch.add(x, y, out=out)
+    else:
+        out.copy_(x + y)
+
+
+def clip_bwd(a, b, tau, stats, g, da, db, zp):
+    """kernels/tile.py's clip_bwd: writes da, db and zp (each None when not wanted) for G = g (Qr + Qc) off
+    the diagonal and g·dpos on it, here from two passes of tile_bwd (a's rows against b, b's rows against
+    a) in the compute dtype, rounded once to the inputs' dtype."""
     N = a.shape[0]
     cd = compute_dtype(a)
     a_c, b_c, g = a.to(cd), b.to(cd), g.to(cd)
     target = torch.arange(N, device=a.device)
     pos = stats[CLIP_POS]
-    da_r, db_r, _, zp_r = tile_bwd(a_c, b_c, None, tau, target, None, stats[CLIP_SHIFT_R], g * stats[CLIP_W_R], pos,
-                                   need_da, need_db, need_zp)
-    db_c, da_c, _, zp_c = tile_bwd(b_c, a_c, None, tau, target, None, stats[CLIP_SHIFT_C], g * stats[CLIP_W_C], pos,
-                                   need_db, need_da, need_zp)
+    need_da, need_db, need_zp = da is not None, db is not None, zp is not None
+    da_r, da_c = (torch.empty_like(a_c) for _ in range(2)) if need_da else (None, None)
+    db_r, db_c = (torch.empty_like(b_c) for _ in range(2)) if need_db else (None, None)
+    zp_r, zp_c = _vectors(a_c, 2) if need_zp else (None, None)
+    tile_bwd(a_c, b_c, None, tau, target, None, stats[CLIP_SHIFT_R], g * stats[CLIP_W_R], pos, da_r, db_r, None, zp_r)
+    tile_bwd(b_c, a_c, None, tau, target, None, stats[CLIP_SHIFT_C], g * stats[CLIP_W_C], pos, db_c, da_c, None, zp_c)
     dpos = (g * stats[CLIP_DPOS]).unsqueeze(-1)
-    da = (da_r + da_c + dpos * b_c).to(a.dtype) if need_da else None
-    db = (db_r + db_c + dpos * a_c).to(b.dtype) if need_db else None
-    return da, db, (zp_r + zp_c) if need_zp else None
+    if need_da:
+        _add_into(da, da_r + da_c, dpos * b_c)
+    if need_db:
+        _add_into(db, db_r + db_c, dpos * a_c)
+    if need_zp:
+        torch.add(zp_r, zp_c, out=zp)

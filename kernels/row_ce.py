@@ -4,8 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .row_engine import (half_gap, interpreted, load_x, reread_config, row_config, row_splits, row_start,
-                         rows, stream_config, tau_stride)
+from .row_engine import (dtau_parts, half_gap, interpreted, load_x, reread_config, row_config, row_splits,
+                         row_start, rows, stream_config, sum_dtau_parts, tau_stride)
 from .tl_math import (exp2_scale, log1p, nan_if_posinf, online_finalize_log2, online_update_log2, to_store,
                       weighted_gap_finalize, weighted_gap_update)
 
@@ -284,26 +284,25 @@ def _ce_grad_rescale_kernel(dx_ptr, g_ptr, n, BLOCK: tl.constexpr, INTERPRETED: 
         tl.store(dx_ptr + i, to_store(v * g, dx_ptr, INTERPRETED), mask=i < n)
 
 
-def ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target):
-    """Returns (loss, w_y, M, S, A) per row, fp32.  ``target`` is (A*B,) int64 class
-    indices or an (A, C, B) view of probabilities; w_y is None for probabilities and
+def ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target, loss, wy, m, s, a):
+    """Writes (loss, w_y, M, S, A) per row, fp32 (fused_tau._ops.ce_fwd_outputs).  ``target`` is (A*B,)
+    int64 class indices or an (A, C, B) view of probabilities; w_y is None for probabilities and
     A is None without label smoothing or probabilities.  Few long rows are split across programs
     (row_engine.row_splits): a launch for the partial statistics (R·splits·16 bytes), then one a row."""
-    loss, wy, m, s, a, _, _ = _ce_fwd_launch(x3, target, weight, tau, ignore_index, smoothing, prob_target)
-    return loss, wy, m, s, a
+    _ce_fwd_launch(x3, target, weight, tau, ignore_index, smoothing, prob_target, (loss, wy, m, s, a))
 
 
-def ce_fwd_grad(x3, target, weight, tau, ignore_index, smoothing, prob_target, g, tau_grad):
-    """``ce_fwd`` and, in the same pass over the logits, what ``ce_bwd`` returns for the incoming
-    gradient ``g`` (one fp32 element for every row): (loss, w_y, M, S, A, dx, dτ per row or None).
+def ce_fwd_grad(x3, target, weight, tau, ignore_index, smoothing, prob_target, g, loss, wy, m, s, a, dx, dtau):
+    """``ce_fwd`` and, in the same pass over the logits, what ``ce_bwd`` writes for the incoming
+    gradient ``g`` (one fp32 element for every row): dx and dτ per row (None: not wanted).
     A split row (few long rows) takes ce_fwd's two launches and then ce_bwd's."""
     R, C, B = rows(x3)
     block, _ = _fwd_config(x3, C, prob_target or smoothing > 0, True)
     if row_splits(R, C, block, x3.device)[0] > 1:
-        loss, wy, m, s, a = ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target)
-        dx, dtau = ce_bwd(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_target, tau_grad)
-        return loss, wy, m, s, a, dx, dtau
-    return _ce_fwd_launch(x3, target, weight, tau, ignore_index, smoothing, prob_target, g, tau_grad)
+        ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target, loss, wy, m, s, a)
+        ce_bwd(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_target, dx, dtau)
+        return
+    _ce_fwd_launch(x3, target, weight, tau, ignore_index, smoothing, prob_target, (loss, wy, m, s, a), g, dx, dtau)
 
 
 def _fwd_config(x3, C, has_a, write_grad):
@@ -317,36 +316,32 @@ def _fwd_config(x3, C, has_a, write_grad):
     return block, num_warps
 
 
-def _ce_fwd_launch(x3, target, weight, tau, ignore_index, smoothing, prob_target, g=None, tau_grad=False):
+def _ce_fwd_launch(x3, target, weight, tau, ignore_index, smoothing, prob_target, stats, g=None, dx=None, dtau=None):
     R, C, B = rows(x3)
     dev = x3.device
     f32 = dict(device=dev, dtype=torch.float32)
-    loss, m, s = torch.empty(R, **f32), torch.empty(R, **f32), torch.empty(R, **f32)
-    has_a = prob_target or smoothing > 0
-    a = torch.empty(R, **f32) if has_a else m
-    wy = m if prob_target else torch.empty(R, **f32)
+    loss, wy, m, s, a = stats
+    has_a = a is not None
     t_strides = target.stride() if prob_target else (0, 0, 0)
     write_grad = g is not None
-    dx = torch.empty((x3.shape[0], C, B), device=dev, dtype=x3.dtype) if write_grad else x3
-    dtau = torch.empty(R, **f32) if write_grad and tau_grad else m
+    tau_grad = write_grad and dtau is not None
     block, num_warps = _fwd_config(x3, C, has_a, write_grad)
     splits, span = row_splits(R, C, block, dev)
     if not write_grad:  # the narrower block of stream_config: half row_config's, so span stays a multiple of it
         block, num_warps = stream_config(C)
     parts = [torch.empty(R * splits, **f32) for _ in range(4)] if splits > 1 else [m] * 4
-    args = (x3, target, weight if weight is not None else m, tau, loss, wy, m, s, a, *parts,
-            g if write_grad else m, dx, dtau, C, B, span // block, splits,
+    dx = dx if write_grad else x3
+    args = (x3, target, weight if weight is not None else m, tau, loss, wy if wy is not None else m, m, s,
+            a if has_a else m, *parts, g if write_grad else m, dx, dtau if tau_grad else m, C, B, span // block, splits,
             *x3.stride(), *t_strides, *dx.stride(), tau_stride(tau), ignore_index, float(smoothing))
     consts = dict(HAS_WEIGHT=weight is not None, PROB_TARGET=prob_target, SMOOTH=smoothing > 0, BLOCK=block,
                   SPLITS_BLOCK=max(triton.next_power_of_2(splits), 2), WRITE_GRAD=write_grad,
-                  TAU_GRAD=write_grad and tau_grad, INTERPRETED=interpreted())
+                  TAU_GRAD=tau_grad, INTERPRETED=interpreted())
     if splits == 1:
         _ce_fwd_kernel[(R, 1)](*args, PHASE=0, num_warps=num_warps, **consts)
     else:
         _ce_fwd_kernel[(R, splits)](*args, PHASE=1, num_warps=num_warps, **consts)
         _ce_fwd_kernel[(R, 1)](*args, PHASE=2, num_warps=1, **consts)
-    return (loss, (None if prob_target else wy), m, s, (a if has_a else None), dx if write_grad else None,
-            dtau if write_grad and tau_grad else None)
 
 
 RESCALE_BLOCK = 4096
@@ -359,28 +354,24 @@ def ce_grad_rescale(dx, g):
                                                              INTERPRETED=interpreted(), num_warps=8)
 
 
-def ce_bwd(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_target,
-           tau_grad, inplace=False):
-    """Returns (dx, dτ per row or None).  ``g`` is one fp32 scale per row (A*B,) or a
-    single element used for every row.  ``inplace`` writes dx over x3.  Few long rows are split
-    across programs (row_engine.row_splits); a split row's dτ is the sum of its programs' (R, splits)
-    partials, in a fixed order."""
+def ce_bwd(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_target, dx, dtau):
+    """Writes dx ((A, C, B), x3's dtype; x3 itself to write the gradient over the logits) and dτ per row
+    (None: not wanted).  ``g`` is one fp32 scale per row (A*B,) or a single element used for every row.
+    Few long rows are split across programs (row_engine.row_splits); a split row's dτ is the sum of its
+    programs' (R, splits) partials, in a fixed order."""
     R, C, B = rows(x3)
-    dx = x3 if inplace else torch.empty((x3.shape[0], C, B), device=x3.device, dtype=x3.dtype)
     t_strides = target.stride() if prob_target else (0, 0, 0)
     block, _, num_warps = row_config(C)
     splits, span = row_splits(R, C, block, x3.device)
-    dtau = torch.empty((R, splits), device=x3.device, dtype=torch.float32) if tau_grad else m
+    dtau_split = dtau_parts(dtau, R, splits, m)
     _ce_bwd_kernel[(R, splits)](
-        x3, target, weight if weight is not None else m, tau, m, s, a if a is not None else m, g, dx, dtau,
+        x3, target, weight if weight is not None else m, tau, m, s, a if a is not None else m, g, dx, dtau_split,
         C, B, span // block, *x3.stride(), *t_strides, *dx.stride(), tau_stride(tau), 0 if g.numel() == 1 else 1,
         ignore_index, float(smoothing),
         HAS_WEIGHT=weight is not None, PROB_TARGET=prob_target, SMOOTH=smoothing > 0,
-        TAU_GRAD=tau_grad, BLOCK=block, INTERPRETED=interpreted(), num_warps=num_warps,
+        TAU_GRAD=dtau is not None, BLOCK=block, INTERPRETED=interpreted(), num_warps=num_warps,
     )
-    if not tau_grad:
-        return dx, None
-    return dx, (dtau[:, 0] if splits == 1 else dtau.sum(1))
+    sum_dtau_parts(dtau_split, dtau)
 
 
 # ce_reduce's denominators: none ('sum'), the row count (probability targets' 'mean'), Σ w_y over the

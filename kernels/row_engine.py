@@ -24,6 +24,7 @@ Offsets are int64 (the row index is widened before any stride product).
 """
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -172,8 +173,8 @@ def recompute_p(x_row, c, C, stride_xc, scale, M, inv_total):
     return x, tl.exp2((x - M) * scale) * inv_total
 
 
-# Shared by the launchers of row_softmax.py and row_ce.py.  Launchers allocate, choose the
-# block and launch; inputs are already checked by
+# Shared by the launchers of row_softmax.py and row_ce.py.  Launchers choose the block and launch,
+# writing into the outputs fused_tau/_ops.py allocated (scratch of their own aside); inputs are already checked by
 # fused_tau (shapes, dtypes, devices); ``x3`` is the (A, C, B) view of the logits,
 # ``tau`` a float32 tensor of one element or of A elements (one per row group).
 
@@ -188,3 +189,18 @@ def rows(x3):
 
 def tau_stride(tau):
     return 0 if tau.numel() == 1 else 1
+
+
+def dtau_parts(dtau, n_rows, splits, unused):
+    """Where a backward kernel writes its (n_rows, splits) partials of dτ: the output ``dtau`` itself for
+    unsplit rows, else a scratch that sum_dtau_parts reduces into it; ``unused`` (any tensor) when no dτ is
+    wanted (``dtau`` None)."""
+    if dtau is None:
+        return unused
+    return dtau if splits == 1 else torch.empty((n_rows, splits), device=dtau.device, dtype=torch.float32)
+
+
+def sum_dtau_parts(parts, dtau):
+    """dτ of a split row: the sum of its programs' partials, in a fixed order."""
+    if dtau is not None and parts is not dtau:
+        torch.sum(parts, 1, out=dtau)

@@ -51,7 +51,6 @@ NaN, as the composition; a masked teacher class (-inf, q = 0) adds exactly 0.
 """
 import math
 
-import torch
 import triton
 import triton.language as tl
 
@@ -589,34 +588,30 @@ def _elementwise_sums(s_row, t_row, g_row, cols, C, Ms, Mt, inv, inv_lo, nu, kl,
 
 # ---------------------------------------------------------------------------- launchers
 
-def kd_fwd(s2, t2, target, tau, ignore_index, elementwise):
-    """Rows (R, C) of student and teacher logits (class stride 1).  Returns (kl, ce or None,
-    stats (R, 8) fp32, elementwise output or None)."""
+def kd_fwd(s2, t2, target, tau, ignore_index, kl, ce, stats, out):
+    """Rows (R, C) of student and teacher logits (class stride 1).  Writes kl, ce (None without a
+    target), stats ((R, 8) fp32, zero-filled by the caller) and the elementwise output (None: not wanted)
+    (fused_tau._ops.kd_fwd_outputs)."""
     R, C = s2.shape
-    dev = s2.device
-    kl = torch.empty(R, device=dev, dtype=torch.float32)
-    stats = torch.zeros(R, 8, device=dev, dtype=torch.float32)  # (Ms, Ss, Mt, St, KL, ν, S1, precise)
-    ce = torch.empty(R, device=dev, dtype=torch.float32) if target is not None else kl
-    out = torch.empty((R, C), device=dev, dtype=s2.dtype) if elementwise else kl
+    elementwise = out is not None
     lanes, chunk, num_warps = kd_config(C)
     _kd_fwd_kernel[(R,)](
-        s2, t2, target if target is not None else kl, tau, kl, ce, stats, out,
+        s2, t2, target if target is not None else kl, tau, kl, ce if ce is not None else kl, stats,
+        out if elementwise else kl,
         C, s2.stride(0), t2.stride(0), tau_stride(tau), ignore_index,
         HAS_TARGET=target is not None, ELEMENTWISE=elementwise, LANES=lanes, CHUNK=chunk,
         BLOCK=2 * lanes * chunk, INTERPRETED=interpreted(),
         num_warps=num_warps,
     )
-    return kl, (ce if target is not None else None), stats, (out if elementwise else None)
 
 
-def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teacher_grad, tau_grad):
-    """Returns (d student, d teacher or None, dτ per row or None).  ``g``: one fp32 scale for all
+def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, ds, dt, dtau):
+    """Writes d student, d teacher and dτ per row (None: not wanted).  ``g``: one fp32 scale for all
     rows (1 element), one per row, or (elementwise) an (R, C) gradient; ``g_ce`` likewise, per row."""
     R, C = s2.shape
-    dev = s2.device
-    ds = torch.empty((R, C), device=dev, dtype=s2.dtype)
-    dt = torch.empty((R, C), device=dev, dtype=t2.dtype) if teacher_grad else ds
-    dtau = torch.empty(R, device=dev, dtype=torch.float32) if tau_grad else stats
+    teacher_grad, tau_grad = dt is not None, dtau is not None
+    dt = dt if teacher_grad else ds
+    dtau = dtau if tau_grad else stats
     if elementwise:
         g = g.contiguous()
     stride_g = 0 if (elementwise or g.numel() == 1) else 1
@@ -628,4 +623,3 @@ def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, teach
         HAS_TARGET=target is not None, ELEMENTWISE=elementwise, TEACHER_GRAD=teacher_grad,
         TAU_GRAD=tau_grad, BLOCK=block, INTERPRETED=interpreted(), num_warps=num_warps,
     )
-    return ds, (dt if teacher_grad else None), (dtau if tau_grad else None)

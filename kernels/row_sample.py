@@ -129,32 +129,32 @@ def _sample_combine_kernel(
 # or one per row group, ``seed`` a one-element int64 tensor on the logits' device (drawn by
 # fused_tau._ops.draw_seed from the caller's generator, so no host sync).
 
-def gumbel_fwd(x3, tau, seed, hard, need_grad):
-    """Returns (out, aux): out is the soft sample, or the one-hot of its argmax when ``hard``,
-    in x3's dtype and contiguous (A, C, B) layout; aux = (M, S) of each row, which gumbel_bwd
-    takes.  ``need_grad`` is unused here: the backward regenerates the noise from the seed.
-    The softmax kernel with its noisy load (row_softmax.py, NOISY and HARD)."""
-    out, m, s = softmax_fwd(x3, tau, MODE_SOFTMAX, seed=seed, hard=hard)
-    return out, (m, s)
+def gumbel_fwd(x3, tau, seed, hard, out, aux):
+    """Writes out, the soft sample, or the one-hot of its argmax when ``hard``, in x3's dtype and
+    contiguous (A, C, B) layout, and aux = (M, S) of each row, which gumbel_bwd takes (the backward
+    regenerates the noise from the seed).  The softmax kernel with its noisy load (row_softmax.py,
+    NOISY and HARD)."""
+    m, s = aux
+    softmax_fwd(x3, tau, MODE_SOFTMAX, out, m, s, seed=seed, hard=hard)
 
 
-def gumbel_bwd(g, tau, hard, src, seed, aux):
-    """dx of the soft sample (the straight-through gradient when ``hard``), contiguous (A, C, B);
+def gumbel_bwd(g, tau, hard, src, seed, aux, dx):
+    """Writes dx of the soft sample (the straight-through gradient when ``hard``), contiguous (A, C, B);
     ``g`` is the output's gradient, contiguous (A, C, B); ``src`` is the logits x3 when ``hard``
     (the soft sample is recomputed from them and the noise regenerated from ``seed``), else the
     soft sample itself.  The softmax backward kernel (row_softmax.py, NOISY when ``hard``)."""
     m, s = aux
     if not hard:
-        return softmax_bwd(src, g, src, m, s, tau, False, False)[0]
-    return softmax_bwd(g, g, src, m, s, tau, False, False, seed=seed)[0]
+        softmax_bwd(src, g, src, m, s, tau, False, dx, None)
+    else:
+        softmax_bwd(g, g, src, m, s, tau, False, dx, None, seed=seed)
 
 
-def sample_fwd(x2, tau, seed, greedy):
-    """One index per row of the (R, C) logits ``x2`` (C >= 1), int64 of shape (R,); -1 for a
+def sample_fwd(x2, tau, seed, greedy, idx):
+    """Writes one index per row of the (R, C) logits ``x2`` (C >= 1) into ``idx``, int64 of shape (R,); -1 for a
     row that holds a NaN.  ``greedy``: argmax, ``seed`` and ``tau`` unread.  Few long rows are
     split across programs (row_engine.row_splits) and their winners combined by a second kernel."""
     R, C = x2.shape
-    idx = torch.empty(R, device=x2.device, dtype=torch.int64)
     block, _, num_warps = row_config(C)
     if not greedy:
         num_warps = noisy_warps(block, num_warps)
@@ -172,4 +172,3 @@ def sample_fwd(x2, tau, seed, greedy):
             idx, part_idx, part_x, part_g, tau, C, splits, tau_stride(tau),
             GREEDY=greedy, SPLITS_BLOCK=max(triton.next_power_of_2(splits), 2), num_warps=1,
         )
-    return idx

@@ -7,8 +7,8 @@ import triton
 import triton.language as tl
 
 from . import MODE_LOG_SOFTMAX, MODE_LSE, MODE_SOFTMAX  # noqa: F401 (kernels/row.py re-exports them)
-from .row_engine import (interpreted, load_v, load_x, noise_counter, recompute_p, reread_config, row_config,
-                         row_splits, row_start, rows, tau_stride)
+from .row_engine import (dtau_parts, interpreted, load_v, load_x, noise_counter, recompute_p, reread_config,
+                         row_config, row_splits, row_start, rows, sum_dtau_parts, tau_stride)
 from .tl_math import exp2_scale, log1p, nan_if_posinf, online_finalize_log2, online_update_log2, to_store
 
 
@@ -313,18 +313,15 @@ def noisy_warps(block, num_warps):
     return max(num_warps, block // (32 * NOISY_ELEMENTS_PER_THREAD))
 
 
-def softmax_fwd(x3, tau, mode, seed=None, hard=False):
-    """Returns (out, M, S): out is τ·lse (shape (A*B,)) for MODE_LSE, else softmax or
-    log_softmax in x3's dtype and contiguous (A, C, B) layout.  ``seed`` (a one-element int64
+def softmax_fwd(x3, tau, mode, out, m, s, seed=None, hard=False):
+    """Writes (out, M, S) (fused_tau._ops.softmax_fwd_outputs): out is τ·lse (shape (A*B,)) for MODE_LSE,
+    else softmax or log_softmax in x3's dtype and contiguous (A, C, B) layout.  ``seed`` (a one-element int64
     tensor; MODE_SOFTMAX only): the Gumbel-softmax of x3 with that seed's noise, or, ``hard``,
     the one-hot of its argmax (kernels/row_sample.py's gumbel_fwd).  Few long rows are split across
     programs (row_engine.row_splits): a launch for the partial statistics, R·splits·12 bytes, then
     one that reduces them and writes the output."""
     R, C, B = rows(x3)
     dev = x3.device
-    out = torch.empty(R if mode == MODE_LSE else (x3.shape[0], C, B), device=dev, dtype=x3.dtype)
-    m = torch.empty(R, device=dev, dtype=torch.float32)
-    s = torch.empty(R, device=dev, dtype=torch.float32)
     block, one_block, num_warps = row_config(C)
     if seed is not None:
         num_warps = noisy_warps(block, num_warps)
@@ -335,7 +332,7 @@ def softmax_fwd(x3, tau, mode, seed=None, hard=False):
     strides = (*x3.stride(), tau_stride(tau))
     if splits == 1:
         _softmax_fwd_kernel[(R, 1)](*args, m, s, m, C, B, span // block, 1, *strides, PHASE=0, SPLITS_BLOCK=1, **consts)
-        return out, m, s
+        return
     part_m = torch.empty(R * splits, device=dev, dtype=torch.float32)
     part_s = torch.empty_like(part_m)
     part_arg = torch.empty(R * splits, device=dev, dtype=torch.int32) if hard else part_m
@@ -343,16 +340,15 @@ def softmax_fwd(x3, tau, mode, seed=None, hard=False):
     for phase, grid in ((1, (R, splits)), (2, (R, splits if mode != MODE_LSE else 1))):
         _softmax_fwd_kernel[grid](*args, part_m, part_s, part_arg, C, B, span // block, splits, *strides,
                                   PHASE=phase, SPLITS_BLOCK=splits_block, **consts)
-    return out, m, s
 
 
-def softmax_bwd(y, g, x3, m, s, tau, log, tau_grad, seed=None):
-    """Returns (dx, dτ per row or None); y, g contiguous (A, C, B).  ``seed``: the backward of the
+def softmax_bwd(y, g, x3, m, s, tau, log, dx, dtau, seed=None):
+    """Writes dx (contiguous (A, C, B), x3's dtype) and dτ per row (None: not wanted); y, g contiguous (A, C, B).  ``seed``: the backward of the
     Gumbel-softmax drawn with it, y recomputed from the logits x3 (``y`` is then unread).  Few long rows
     are split across programs (row_engine.row_splits): a launch for the lanes' partial sums,
     R·splits·block·4 bytes, then one that writes dx; a split row's dτ is the sum of its (R, splits) partials."""
     R, C, B = rows(x3)
-    dx = torch.empty_like(g, dtype=x3.dtype)
+    tau_grad = dtau is not None
     block, one_block, num_warps = row_config(C)
     if seed is not None:
         num_warps = noisy_warps(block, num_warps)
@@ -361,31 +357,27 @@ def softmax_bwd(y, g, x3, m, s, tau, log, tau_grad, seed=None):
         # (x read as well) the 32-warp program needs a stack frame on sm_90: row_config's there
         block, num_warps = reread_config(C, y.element_size() + g.element_size(), g.device)
     splits, span = row_splits(R, C, block, g.device)
-    dtau = torch.empty((R, splits), device=g.device, dtype=torch.float32) if tau_grad else m
+    dtau_split = dtau_parts(dtau, R, splits, m)
     part = torch.empty(R * splits * block, device=g.device, dtype=torch.float32) if splits > 1 else m
-    args = (y, g, dx, x3, m, s, tau, dtau, m if seed is None else seed, part, C, B, span // block, splits,
+    args = (y, g, dx, x3, m, s, tau, dtau_split, m if seed is None else seed, part, C, B, span // block, splits,
             *x3.stride(), tau_stride(tau))
     consts = dict(LOG=log, NOISY=seed is not None, TAU_GRAD=tau_grad, BLOCK=block, ONE_BLOCK=one_block,
                   SPLITS_BLOCK=triton.next_power_of_2(splits), INTERPRETED=interpreted(), num_warps=num_warps)
     for phase in ((0,) if splits == 1 else (1, 2)):
         _softmax_bwd_kernel[(R, splits)](*args, PHASE=phase, **consts)
-    if not tau_grad:
-        return dx, None
-    return dx, (dtau[:, 0] if splits == 1 else dtau.sum(1))
+    sum_dtau_parts(dtau_split, dtau)
 
 
-def lse_bwd(x3, m, s, tau, g, tau_grad):
-    """Returns (dx, dτ per row or None); g is contiguous (A*B,).  Few long rows are split across
-    programs (row_engine.row_splits); a split row's dτ is the sum of its (R, splits) partials."""
+def lse_bwd(x3, m, s, tau, g, dx, dtau):
+    """Writes dx (contiguous (A, C, B), x3's dtype) and dτ per row (None: not wanted); g is contiguous
+    (A*B,).  Few long rows are split across programs (row_engine.row_splits); a split row's dτ is the
+    sum of its (R, splits) partials."""
     R, C, B = rows(x3)
-    dx = torch.empty((x3.shape[0], C, B), device=x3.device, dtype=x3.dtype)
     block, _, num_warps = row_config(C)
     splits, span = row_splits(R, C, block, x3.device)
-    dtau = torch.empty((R, splits), device=x3.device, dtype=torch.float32) if tau_grad else m
+    dtau_split = dtau_parts(dtau, R, splits, m)
     _lse_bwd_kernel[(R, splits)](
-        x3, m, s, tau, g, dx, dtau, C, B, span // block, *x3.stride(), tau_stride(tau),
-        TAU_GRAD=tau_grad, BLOCK=block, INTERPRETED=interpreted(), num_warps=num_warps,
+        x3, m, s, tau, g, dx, dtau_split, C, B, span // block, *x3.stride(), tau_stride(tau),
+        TAU_GRAD=dtau is not None, BLOCK=block, INTERPRETED=interpreted(), num_warps=num_warps,
     )
-    if not tau_grad:
-        return dx, None
-    return dx, (dtau[:, 0] if splits == 1 else dtau.sum(1))
+    sum_dtau_parts(dtau_split, dtau)

@@ -66,7 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import CLIP_SHIFT_C, CLIP_SHIFT_R, CLIP_STATS, CLIP_W_C, CLIP_W_R, TILE_STATS_LSE, TILE_STATS_POS
+from . import CLIP_SHIFT_C, CLIP_SHIFT_R, CLIP_W_C, CLIP_W_R
 from .tl_math import log1p, to_store
 
 # Tile shapes per architecture, operand kind and D-bin (``tile_config``), from a fixed table: never
@@ -894,8 +894,8 @@ def _time_call(call, device):
 
 def _autotuned(op, a, call):
     """call() under the table's configuration, or with FUSED_TAU_TILE_AUTOTUNE=1 under the fastest of
-    AUTOTUNE_CANDIDATES for (op, arch, operand kind, D-bin), timed on the first call (the calls
-    only write fresh outputs: repeating them is harmless).  A candidate that fails to compile or
+    AUTOTUNE_CANDIDATES for (op, arch, operand kind, D-bin), timed on the first call (each call
+    overwrites its outputs whole: repeating them is harmless).  A candidate that fails to compile or
     launch (out of shared memory or registers) is skipped."""
     global _OVERRIDE
     if os.environ.get(AUTOTUNE_ENV, "0") != "1" or _OVERRIDE:
@@ -922,19 +922,19 @@ def _autotuned(op, a, call):
         _OVERRIDE = {}
 
 
-def tile_fwd(a, b, bias, tau, target, diag_offset, key):
-    """Returns tile_fwd's statistics: see _tile_fwd (FUSED_TAU_TILE_AUTOTUNE: _autotuned)."""
-    return _autotuned("fwd", a, lambda: _tile_fwd(a, b, bias, tau, target, diag_offset, key))
+def tile_fwd(a, b, bias, tau, target, diag_offset, key, stats):
+    """Writes tile_fwd's statistics into ``stats``: see _tile_fwd (FUSED_TAU_TILE_AUTOTUNE: _autotuned)."""
+    _autotuned("fwd", a, lambda: _tile_fwd(a, b, bias, tau, target, diag_offset, key, stats))
 
 
 def _splits_block(splits):
     return min(max(triton.next_power_of_2(splits), 2), COMBINE_SPLITS)
 
 
-def _tile_fwd(a, b, bias, tau, target, diag_offset, key):
-    """Per row of ``a``, in dot units y = a·b + bias over the counted columns (see the module docstring),
-    the fp32 rows TILE_* of a (TILE_STATS_POS, N) tensor when the rows have a positive, the target's y
-    (``target``) or a_i · key_i (``key``, (N, D)), else of a (TILE_STATS_LSE, N) one: m = max y,
+def _tile_fwd(a, b, bias, tau, target, diag_offset, key, stats):
+    """Writes per row of ``a``, in dot units y = a·b + bias over the counted columns (see the module
+    docstring), the fp32 rows TILE_* of ``stats``, (TILE_STATS_POS, N) when the rows have a positive, the
+    target's y (``target``) or a_i · key_i (``key``, (N, D)), else (TILE_STATS_LSE, N): m = max y,
     s = Σ exp((y - m)/τ), and with a positive pos, nll, shift, e_pos, e_rest (_tile_combine_kernel).
     ``tau``: one element, or one per row of ``a``.  Two launches: the tiles, the combine."""
     N, D = a.shape
@@ -946,7 +946,6 @@ def _tile_fwd(a, b, bias, tau, target, diag_offset, key):
     splits, per = split_plan(row_blocks, triton.cdiv(K, BLOCK_N), sm_count(a.device))
     # the positive: the target's y from the tiles (resident row tile), from b's target row, or a_i · key_i
     positive = (1 if cfg["RESIDENT"] else 3) if target is not None else 2 if key is not None else 0
-    stats = torch.empty((TILE_STATS_POS if positive else TILE_STATS_LSE, N), **f32)
     m_part, s_part = torch.empty((splits, N), **f32), torch.empty((splits, N), **f32)
     zy_part = torch.empty((splits, N), **f32) if positive == 1 else m_part
     common = _common(a, b, bias, tau, target, diag_offset, cfg)
@@ -963,18 +962,38 @@ def _tile_fwd(a, b, bias, tau, target, diag_offset, key):
         SPLITS_BLOCK=_splits_block(splits),
         BLOCK=COMBINE_BLOCK, BLOCK_D=min(triton.next_power_of_2(D), 64), num_warps=4,
     )
-    return stats
 
 
-def tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, need_da, need_db, need_zp):
-    """Returns (da, db, dbias, zp): see _tile_bwd (FUSED_TAU_TILE_AUTOTUNE: _autotuned)."""
-    return _autotuned("bwd", a, lambda: _tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, need_da,
-                                                  need_db, need_zp))
+def _split_parts(out, splits, shape):
+    """Where a kernel writes its (splits, *shape) fp32 partial sums of ``out`` (None: not wanted): ``out``
+    itself when there is one split and it is fp32, else a scratch that _sum_parts reduces into it."""
+    if out is None:
+        return None
+    if splits == 1 and out.dtype == torch.float32:
+        return out.unsqueeze(0)
+    return torch.empty((splits, *shape), device=out.device, dtype=torch.float32)
 
 
-def _tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, need_da, need_db, need_zp):
-    """Returns (da in a's dtype, db in b's dtype, dbias fp32, zp fp32), each None when not asked for,
-    for Q_ij = scale_i exp((y_ij - shift_i) / τ_i) over the counted columns and
+def _sum_parts(parts, out):
+    """out = the sum of the partials over the splits (fixed order), rounded once to out's dtype."""
+    if out is None or parts.data_ptr() == out.data_ptr():
+        return
+    if parts.shape[0] == 1:
+        out.copy_(parts[0])
+    elif out.dtype == torch.float32:
+        torch.sum(parts, 0, out=out)
+    else:
+        out.copy_(parts.sum(0))
+
+
+def tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, da, db, dbias, zp):
+    """Writes (da, db, dbias, zp): see _tile_bwd (FUSED_TAU_TILE_AUTOTUNE: _autotuned)."""
+    _autotuned("bwd", a, lambda: _tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, da, db, dbias, zp))
+
+
+def _tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, da, db, dbias, zp):
+    """Writes da in a's dtype, db in b's dtype, dbias fp32 and zp fp32 (each None when not wanted; dbias
+    only with db and a bias), for Q_ij = scale_i exp((y_ij - shift_i) / τ_i) over the counted columns and
     zp_i = Σ_j (y_ij - ref_i) Q_ij (shift and ref in dot units).  The splits' partial sums are added
     by torch reductions over the split dimension (fixed order: deterministic)."""
     N, D = a.shape
@@ -983,45 +1002,44 @@ def _tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, need_da, 
     ref = ref.to(torch.float32).contiguous()
     bdo = _block_do(D, _config(a, "da"))
     if _materialized(D, bdo, a, b):
-        return _tile_bwd_materialized(a, b, bias, tau, target, diag_offset, shift, scale, ref, need_da, need_db,
-                                      need_zp, _config(a, "probs"))
+        _tile_bwd_materialized(a, b, bias, tau, target, diag_offset, shift, scale, ref, da, db, dbias, zp,
+                               _config(a, "probs"))
+        return
     K = b.shape[0]
     f32 = dict(device=a.device, dtype=torch.float32)
     strides = (*a.stride(), *b.stride())
     sms = sm_count(a.device)
-    da = db = dbias = zp = None
+    need_da, need_zp = da is not None, zp is not None
     if need_da or need_zp:
         cfg = _config(a, "da")
         common = _common(a, b, bias, tau, target, diag_offset, cfg)
         BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
         row_blocks, do_blocks = triton.cdiv(N, BLOCK_M), triton.cdiv(D, bdo)
         splits, per = split_plan(row_blocks * do_blocks, triton.cdiv(K, BLOCK_N), sms, _partial_cap(N * D))
-        da_part = torch.empty((splits, N, D), **f32)
-        zp_part = torch.empty((splits, N), **f32) if need_zp else None
+        da_part = _split_parts(da, splits, (N, D)) if need_da else torch.empty((splits, N, D), **f32)
+        zp_part = _split_parts(zp, splits, (N,))
         _tile_bwd_da_kernel[(row_blocks, do_blocks, splits)](
             a, b, bias if bias is not None else shift, tau, target if target is not None else shift, shift, scale,
             ref, da_part, zp_part if zp_part is not None else shift, N, K, D, diag_offset or 0, per * BLOCK_N,
             *strides, NEED_ZP=need_zp, BLOCK_DO=bdo, RESIDENT=cfg["RESIDENT"], **common,
         )
-        da = (da_part[0] if splits == 1 else da_part.sum(0)).to(a.dtype) if need_da else None
-        zp = (zp_part[0] if splits == 1 else zp_part.sum(0)) if need_zp else None
-    if need_db:
+        _sum_parts(da_part, da)
+        _sum_parts(zp_part, zp)
+    if db is not None:
         cfg = _config(a, "db")
         common = _common(a, b, bias, tau, target, diag_offset, cfg)
         BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
         col_blocks, do_blocks = triton.cdiv(K, BLOCK_N), triton.cdiv(D, bdo)
         splits, per = split_plan(col_blocks * do_blocks, triton.cdiv(N, BLOCK_M), sms, _partial_cap(K * D))
-        db_part = torch.empty((splits, K, D), **f32)
-        dbias_part = torch.empty((splits, K), **f32) if bias is not None else None
+        db_part = _split_parts(db, splits, (K, D))
+        dbias_part = _split_parts(dbias, splits, (K,))
         _tile_bwd_db_kernel[(col_blocks, do_blocks, splits)](
             a, b, bias if bias is not None else shift, tau, target if target is not None else shift, shift, scale,
             db_part, dbias_part if dbias_part is not None else shift, N, K, D, diag_offset or 0, per * BLOCK_M,
             *strides, BLOCK_DO=bdo, RESIDENT=cfg["RESIDENT"], **common,
         )
-        db = (db_part[0] if splits == 1 else db_part.sum(0)).to(b.dtype)
-        if bias is not None:
-            dbias = dbias_part[0] if splits == 1 else dbias_part.sum(0)
-    return da, db, dbias, zp
+        _sum_parts(db_part, db)
+        _sum_parts(dbias_part, dbias)
 
 
 # How this torch multiplies 16-bit operands into an fp32 sum, per device type (accumulate_mm): found
@@ -1065,8 +1083,7 @@ def _materialized(D, bdo, a, b):
     return D > bdo and a.dtype == b.dtype
 
 
-def _tile_bwd_materialized(a, b, bias, tau, target, diag_offset, shift, scale, ref, need_da, need_db,
-                           need_zp, cfg):
+def _tile_bwd_materialized(a, b, bias, tau, target, diag_offset, shift, scale, ref, da, db, dbias, zp, cfg):
     """Chunks of columns: ds = Q = P / τ (N × chunk, in the operands' dtype, fp32 for fp32) from one
     recomputation of the tiles, then db[chunk] = dsᵀ @ a (complete: one GEMM over all rows) and
     da += ds @ b[chunk] (fp32, in chunk order: deterministic).  Chunking the columns, not the rows,
@@ -1080,18 +1097,16 @@ def _tile_bwd_materialized(a, b, bias, tau, target, diag_offset, shift, scale, r
     width = max(N * D, MATERIALIZED_CHUNK_ELEMENTS) // max(N, 1)
     width = min(K, max(BLOCK_N, width // BLOCK_N * BLOCK_N))
     common = _common(a, b, bias, tau, target, diag_offset, cfg)
+    need_da, need_db, need_zp = da is not None, db is not None, zp is not None
     ds_buf = torch.empty(N * width, device=a.device, dtype=a.dtype)
     zp_buf = torch.empty(N * triton.cdiv(width, BLOCK_N), **f32) if need_zp else shift
     row_blocks = triton.cdiv(N, BLOCK_M)
     dbias_buf = torch.empty(row_blocks * width, **f32) if need_db and bias is not None else shift
     single = width >= K
-    da = da_sum = None
-    if need_da:
-        da = torch.empty((N, D), device=a.device, dtype=a.dtype) if single else None
-        da_sum = None if single else torch.zeros((N, D), **f32)
-    zp = torch.zeros(N, **f32) if need_zp else None
-    db = torch.empty((K, D), device=b.device, dtype=b.dtype) if need_db else None
-    dbias = torch.empty(K, **f32) if need_db and bias is not None else None
+    # several chunks sum da in fp32 (into da itself when it is fp32)
+    da_sum = None if single or not need_da else da.zero_() if da.dtype == torch.float32 else torch.zeros((N, D), **f32)
+    if need_zp:
+        zp.zero_()
     for c0 in range(0, K, width):
         c1 = min(K, c0 + width)
         n_blocks = triton.cdiv(c1 - c0, BLOCK_N)
@@ -1112,13 +1127,12 @@ def _tile_bwd_materialized(a, b, bias, tau, target, diag_offset, shift, scale, r
                 dbias[c0:c1] = dbias_buf[:row_blocks * (c1 - c0)].view(row_blocks, c1 - c0).sum(0)
         if need_zp:
             zp += zp_buf[:N * n_blocks].view(N, n_blocks).sum(1)
-    if need_da and not single:
-        da = da_sum.to(a.dtype)
-    return da, db, dbias, zp
+    if da_sum is not None and da_sum is not da:
+        da.copy_(da_sum)
 
 
-def clip_fwd(a, b, tau):
-    """CLIP's forward in one pass over y = a @ b.T (a, b both (N, D)): the (CLIP_STATS, N) fp32
+def clip_fwd(a, b, tau, stats):
+    """CLIP's forward in one pass over y = a @ b.T (a, b both (N, D)): writes the (CLIP_STATS, N) fp32
     statistics (CLIP_LOSS: (nll_r + nll_c)/2 per index, whose mean is clip_loss; the rest the
     backward's, see _clip_combine_kernel).  ``tau``: one element, or one per index (row i of a -> b
     and row i of b -> a take τ_i)."""
@@ -1130,7 +1144,6 @@ def clip_fwd(a, b, tau):
     splits, per = split_plan(row_blocks, triton.cdiv(N, BLOCK_N), sm_count(a.device))
     m_r, s_r, zy = (torch.empty((splits, N), **f32) for _ in range(3))
     m_c, s_c = torch.empty((row_blocks, N), **f32), torch.empty((row_blocks, N), **f32)
-    stats = torch.empty((CLIP_STATS, N), **f32)
     tau_per_row = tau.numel() != 1
     _clip_fwd_kernel[(row_blocks, splits)](
         a, b, tau, m_r, s_r, zy, m_c, s_c, N, D, per * BLOCK_N, *a.stride(), *b.stride(),
@@ -1141,11 +1154,10 @@ def clip_fwd(a, b, tau):
         tau, m_r, s_r, zy, m_c, s_c, stats, N, splits, row_blocks,
         TAU_PER_ROW=tau_per_row, SPLITS_BLOCK=_splits_block(max(splits, row_blocks)), BLOCK=COMBINE_BLOCK, num_warps=4,
     )
-    return stats
 
 
-def clip_bwd(a, b, tau, stats, g, need_da, need_db, need_zp):
-    """Returns (da in a's dtype, db in b's dtype, zp fp32), each None when not asked for, for
+def clip_bwd(a, b, tau, stats, g, da, db, zp):
+    """Writes da in a's dtype, db in b's dtype and zp fp32 (each None when not wanted), for
     G = g (Qr + Qc) off the diagonal and g·dpos on it (clip_fwd's statistics, ``g`` the incoming
     gradient, one element): da = G @ b, db = Gᵀ @ a, zp_k = Σ_j (y_kj - y_kk) Qr_kj + Σ_i (y_ik - y_kk) Qc_ik
     (so that dL/dτ_k = -zp_k / τ_k).  Chunks of columns as the materialized backward
@@ -1157,7 +1169,9 @@ def clip_bwd(a, b, tau, stats, g, need_da, need_db, need_zp):
     f32 = dict(device=a.device, dtype=torch.float32)
     bdo = _block_do(D, _config(a, "da"))
     if _clip_fused(D, bdo, a):
-        return _clip_bwd_fused(a, b, tau, stats, g, need_da, need_db, need_zp, bdo)
+        _clip_bwd_fused(a, b, tau, stats, g, da, db, zp, bdo)
+        return
+    need_da, need_db, need_zp = da is not None, db is not None, zp is not None
     cfg = _config(a, "probs")
     BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
     width = max(N * D, MATERIALIZED_CHUNK_ELEMENTS) // max(N, 1)
@@ -1167,12 +1181,10 @@ def clip_bwd(a, b, tau, stats, g, need_da, need_db, need_zp):
     zp_r_buf = torch.empty(N * triton.cdiv(width, BLOCK_N), **f32) if need_zp else stats
     zp_c_buf = torch.empty(splits * width, **f32) if need_zp else stats
     single = width >= N
-    da = da_sum = None
-    if need_da:
-        da = torch.empty((N, D), device=a.device, dtype=a.dtype) if single else None
-        da_sum = None if single else torch.zeros((N, D), **f32)
-    db = torch.empty((N, D), device=b.device, dtype=b.dtype) if need_db else None
-    zp = torch.zeros(N, **f32) if need_zp else None
+    # several chunks sum da in fp32 (into da itself when it is fp32)
+    da_sum = None if single or not need_da else da.zero_() if da.dtype == torch.float32 else torch.zeros((N, D), **f32)
+    if need_zp:
+        zp.zero_()
     for c0 in range(0, N, width):
         c1 = min(N, c0 + width)
         n_blocks = triton.cdiv(c1 - c0, BLOCK_N)
@@ -1193,9 +1205,8 @@ def clip_bwd(a, b, tau, stats, g, need_da, need_db, need_zp):
         if need_zp:
             zp += zp_r_buf[:N * n_blocks].view(N, n_blocks).sum(1)
             zp[c0:c1] += zp_c_buf[:splits * (c1 - c0)].view(splits, c1 - c0).sum(0)
-    if need_da and not single:
-        da = da_sum.to(a.dtype)
-    return da, db, zp
+    if da_sum is not None and da_sum is not da:
+        da.copy_(da_sum)
 
 
 def _clip_fused(D, bdo, a):
@@ -1206,7 +1217,7 @@ def _clip_fused(D, bdo, a):
     return D <= bdo and a.dtype != torch.float32
 
 
-def _clip_bwd_fused(a, b, tau, stats, g, need_da, need_db, need_zp, bdo):
+def _clip_bwd_fused(a, b, tau, stats, g, da, db, zp, bdo):
     """clip_bwd for D <= BLOCK_DO: one launch of _clip_bwd_fused_kernel for da (a's rows against b)
     and one for db (b's rows against a, the directions' constants swapped), each recomputing the
     tiles; split partials summed over the splits by torch (fixed order).  zp = the rows' share from
@@ -1217,12 +1228,12 @@ def _clip_bwd_fused(a, b, tau, stats, g, need_da, need_db, need_zp, bdo):
     BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
     row_blocks, do_blocks = triton.cdiv(N, BLOCK_M), triton.cdiv(D, bdo)
     splits, per = split_plan(row_blocks * do_blocks, triton.cdiv(N, BLOCK_N), sm_count(a.device), _partial_cap(N * D))
-    out, zp = {}, None
-    for name, x, z, offsets in (("da", a, b, (CLIP_SHIFT_R, CLIP_W_R, CLIP_SHIFT_C, CLIP_W_C)),
-                                ("db", b, a, (CLIP_SHIFT_C, CLIP_W_C, CLIP_SHIFT_R, CLIP_W_R))):
-        if not ({"da": need_da, "db": need_db}[name] or need_zp):
+    need_zp, zp_rows = zp is not None, None
+    for dx, x, z, offsets in ((da, a, b, (CLIP_SHIFT_R, CLIP_W_R, CLIP_SHIFT_C, CLIP_W_C)),
+                              (db, b, a, (CLIP_SHIFT_C, CLIP_W_C, CLIP_SHIFT_R, CLIP_W_R))):
+        if dx is None and not need_zp:
             continue
-        dx_part = torch.empty((splits, N, D), **f32)
+        dx_part = _split_parts(dx, splits, (N, D)) if dx is not None else torch.empty((splits, N, D), **f32)
         zp_part = torch.empty((splits, N), **f32) if need_zp else stats
         _clip_bwd_fused_kernel[(row_blocks, do_blocks, splits)](
             x, z, tau, stats, g, dx_part, zp_part, N, D, per * BLOCK_N, *offsets, *x.stride(), *z.stride(),
@@ -1230,8 +1241,10 @@ def _clip_bwd_fused(a, b, tau, stats, g, need_da, need_db, need_zp, bdo):
             BLOCK_DO=bdo, UPCAST=_interpreted(), PRECISION=_precision(a), RESIDENT=cfg["RESIDENT"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
-        out[name] = (dx_part[0] if splits == 1 else dx_part.sum(0)).to(x.dtype)
-        if need_zp:
+        _sum_parts(dx_part, dx)
+        if need_zp:  # the rows' share from the first launch, + the columns' from the second
             part = zp_part[0] if splits == 1 else zp_part.sum(0)
-            zp = part if zp is None else zp + part
-    return (out["da"] if need_da else None), (out["db"] if need_db else None), zp
+            if zp_rows is None:
+                zp_rows = part
+            else:
+                torch.add(zp_rows, part, out=zp)

@@ -8,6 +8,7 @@ import torch
 import triton
 
 import fused_tau
+import fused_tau._ops as ops
 from fused_tau import reference
 
 from .compare import check_against_reference
@@ -63,9 +64,9 @@ def test_grid_fills_the_gpu_at_moco_shapes(monkeypatch, N):
     q = torch.empty(N, D, dtype=torch.bfloat16)
     queue = torch.empty(K, D, dtype=torch.bfloat16)
     tau = torch.full((1,), 0.2)
-    tile.tile_fwd(q, queue, None, tau, None, None, q)
+    ops.tile_fwd("triton", q, queue, None, tau, None, None, q)
     stats = torch.zeros(N)
-    tile.tile_bwd(q, queue, None, tau, None, None, stats, stats, stats, True, False, True)
+    ops.tile_bwd("triton", q, queue, None, tau, None, None, stats, stats, stats, True, False, True)
     for name in ("_tile_fwd_kernel", "_tile_bwd_da_kernel"):
         programs = math.prod(launches.grids[name])
         assert 0.9 * 132 <= programs <= 2 * 132, (name, launches.grids[name])
@@ -193,7 +194,6 @@ def test_clip_splits_merge_special_entries(backend, device, monkeypatch):
 def test_tau_reaches_the_tile_engine_unexpanded(backend, device, monkeypatch, fn):
     """Issue 17: the tile engine takes τ as the row engine does, one element or one per row; a float or
     one-element τ reaches both launchers as one element (it was expanded into an N-vector)."""
-    import fused_tau._ops as ops
 
     seen = []
     real_engine = ops.engine
@@ -269,15 +269,15 @@ def test_autotuning_only_behind_its_variable_and_never_keyed_on_n(monkeypatch):
     b = torch.randn(40, 8)
     tau = torch.full((1,), 0.3)
     a = torch.randn(20, 8)
-    plain = tile.tile_fwd(a, b, None, tau, None, None, None)
+    plain = ops.tile_fwd("triton", a, b, None, tau, None, None)
     assert timed == []
     monkeypatch.setenv(tile.AUTOTUNE_ENV, "1")
-    tuned = tile.tile_fwd(a, b, None, tau, None, None, None)
+    tuned = ops.tile_fwd("triton", a, b, None, tau, None, None)
     assert len(timed) == len(tile.AUTOTUNE_CANDIDATES)
     assert tile._TUNED == {("fwd", tile.ARCH_OFF_GPU, "32", 128): dict(BLOCK_M=64, BLOCK_N=128, num_warps=4,
                                                                        num_stages=4)}
     torch.testing.assert_close(plain, tuned)
-    tile.tile_fwd(torch.randn(300, 8), b, None, tau, None, None, None)  # another N: the same pick, no timing
+    ops.tile_fwd("triton", torch.randn(300, 8), b, None, tau, None, None)  # another N: the same pick, no timing
     assert len(timed) == len(tile.AUTOTUNE_CANDIDATES)
 
 
