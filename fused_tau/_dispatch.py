@@ -149,6 +149,16 @@ def autocast_off(fn):
     return wrapper
 
 
+def loss_dtype(like):
+    """The dtype ``loss_under_autocast`` returns a loss of input ``like`` in (a kernel that writes the loss
+    in it spares the cast's launch)."""
+    import torch
+
+    if like.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(like.device.type):
+        return torch.float32
+    return like.dtype
+
+
 def loss_under_autocast(out, like):
     """The loss an autograd Function computed in fp32 (fp64 for fp64 inputs), in torch's dtype: under
     autocast fp32 and unrounded, as torch's own losses (cross_entropy, kl_div) run in fp32 on the

@@ -162,15 +162,21 @@ def _ce_bwd(x3: Tensor, target: Tensor, weight: Optional[Tensor], tau: Tensor, m
 
 
 def ce_bwd(backend, x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_target, tau_grad,
-           inplace=False):
+           inplace=False, den=None):
     """(dx, dτ per row or None).  ``inplace`` writes dx over x3 and returns x3 as dx: eager only, where the
     op's implementation runs without its dispatch (a traced graph plans its own memory, AOTAutograd's
-    backward may not mutate a saved forward input, and an op's output may not alias its input)."""
+    backward may not mutate a saved forward input, and an op's output may not alias its input).  ``den``
+    (one element, the mean's denominator; cross_entropy's reductions on the device, Triton in eager code
+    only): the kernel divides g by it, no launch for g / den."""
     if inplace and not _tracing():
         dx, dtau = x3, _row_vector(x3, tau_grad)
     else:
         dx, dtau = softmax_bwd_outputs(x3, tau_grad)
-    _call("ce_bwd")(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_target, backend, dx, dtau)
+    if den is not None:
+        engine(backend, "row").ce_bwd(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_target, dx,
+                                      dtau, den=den)
+    else:
+        _call("ce_bwd")(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_target, backend, dx, dtau)
     return dx, dtau
 
 

@@ -6,6 +6,7 @@ engines take its values flattened in the compute dtype (``tau_for_kernel``): one
 every row, or one per row group, which the row kernels read with stride 0 or 1.  Each row's
 dL/dτ comes back from the engine and ``reduce_tau_grad`` sums it onto τ's shape.
 """
+import collections
 import math
 import numbers
 
@@ -51,7 +52,33 @@ def tau_tensor(tau, x, outer_shape, name="tau"):
     tau = _checked(tau, x, outer_shape, name, allow_zero=False)
     if isinstance(tau, torch.Tensor):
         return tau
-    return torch.full((), tau, dtype=compute_dtype(x), device=x.device)
+    return _constant(tau, (), compute_dtype(x), x.device)
+
+
+# A float τ as a tensor, kept per (value, shape, dtype, device) for the next call with the same τ: a fill
+# on the device is a launch of its own (the usual fixed τ pays it once).  Never written to: the kernels
+# and the autograd Functions only read τ.  Not kept while something traces the calls (torch.compile, fake
+# tensors), a CUDA graph is captured (the graph's pool owns what is made then) or inference mode is on
+# (an inference tensor cannot be saved for a later backward).
+_CONSTANTS = collections.OrderedDict()
+_CONSTANTS_KEPT = 16
+
+
+def _constant(value, shape, dtype, device):
+    from ._ops import tracing
+
+    if (tracing() or torch.is_inference_mode_enabled()
+            or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
+        return torch.full(shape, value, dtype=dtype, device=device)
+    key = (value, shape, dtype, device)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = torch.full(shape, value, dtype=dtype, device=device)
+        if len(_CONSTANTS) > _CONSTANTS_KEPT:
+            _CONSTANTS.popitem(last=False)
+    else:
+        _CONSTANTS.move_to_end(key)
+    return t
 
 
 def sample_tau(tau, logits):
@@ -60,7 +87,7 @@ def sample_tau(tau, logits):
     tau = _checked(tau, logits, tuple(logits.shape[:-1]), "tau", allow_zero=True, x_name="logits")
     if isinstance(tau, torch.Tensor):
         return tau.detach().to(torch.float32).reshape(-1).contiguous(), False
-    return torch.full((1,), tau, dtype=torch.float32, device=logits.device), tau == 0.0
+    return _constant(tau, (1,), torch.float32, logits.device), tau == 0.0
 
 
 def tau_for_kernel(tau, x):

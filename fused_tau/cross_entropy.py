@@ -16,7 +16,7 @@ from . import _ops as ops
 from . import reference
 from ._checks import (check_ce_options, check_class_targets, check_inplace_target, check_same_device, check_tensor,
                       check_vector, class_targets_message, data_check, legacy_reduction)
-from ._dispatch import autocast_off, backend_for, engine, loss_under_autocast, once_differentiable
+from ._dispatch import autocast_off, backend_for, engine, loss_dtype, loss_under_autocast, once_differentiable
 from ._tau import compute_dtype, reduce_tau_grad, tau_for_kernel, tau_tensor
 from .softmax import view3
 
@@ -37,8 +37,10 @@ class CEOptions:
     # backward will follow: see its docstring); reductions 'mean' and 'sum' only
     grad_in_forward: bool = False
     # reductions 'mean' and 'sum' on the Triton backend (eager): the reduction, the mean's denominator
-    # and the class-index targets' range check run as one launch of kernels/row_ce.py ce_reduce
+    # and the class-index targets' range check run in the forward's launch (kernels/row_ce.py
+    # ce_fwd_reduced), which writes the loss in out_dtype (what cross_entropy returns: no cast after it)
     reduce_on_device: bool = False
+    out_dtype: torch.dtype = torch.float32
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -83,9 +85,9 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.backend, ctx.input_shape, ctx.B = backend, input.shape, B
         ctx.options, ctx.prob_target = options, prob_target
         # dx and dτ wait until the first backward takes them (not saved tensors: it scales dx in place)
-        ctx.grads_of_forward = (dx, dtau) if two_pass else None
+        ctx.grads_of_forward = (dx, dtau) if two_pass and dx is not None else None
         ctx.save_for_backward(x3, tgt, w, tau_k, m, s, a, denom, tau)
-        return out  # the compute dtype: the caller rounds it (or not, under autocast)
+        return out  # the compute dtype (reduced on the device: options.out_dtype): the caller rounds it or not
 
     @staticmethod
     @once_differentiable
@@ -94,7 +96,9 @@ class CrossEntropyFunction(torch.autograd.Function):
         x3, tgt, w, tau_k, m, s, a, denom, tau = ctx.saved_tensors
         opts = ctx.options
         tau_grad = ctx.needs_input_grad[3]
-        g = grad.detach().to(m.dtype)
+        # the reduced loss's gradient in its own dtype: the kernels read it as fp32 (no cast launched)
+        g = grad.detach() if opts.reduce_on_device else grad.detach().to(m.dtype)
+        den = None
         if ctx.grads_of_forward is not None:
             # written by the forward for an incoming gradient of 1; a second backward (retain_graph) must
             # not scale the gradient handed out by the first, so it recomputes
@@ -105,44 +109,48 @@ class CrossEntropyFunction(torch.autograd.Function):
         else:
             if opts.reduction == "none":
                 g = g.reshape(-1).contiguous()
+            elif opts.reduction == "mean" and opts.reduce_on_device:
+                g, den = g.reshape(1), denom.reshape(1)  # the kernel divides: no launch for g / denom
             elif opts.reduction == "mean":
                 g = (g / denom).reshape(1)
             else:
                 g = g.reshape(1)
             dx, dtau = ops.ce_bwd(ctx.backend, x3, tgt, w, tau_k, m, s, a, g, opts.ignore_index,
-                                  opts.label_smoothing, ctx.prob_target, tau_grad, inplace=opts.inplace_backward)
+                                  opts.label_smoothing, ctx.prob_target, tau_grad, inplace=opts.inplace_backward,
+                                  den=den)
             dtau = reduce_tau_grad(dtau, tau, ctx.B) if tau_grad else None
         dx = dx.reshape(ctx.input_shape) if ctx.needs_input_grad[0] else None
         return dx, None, None, dtau, None, None
 
 
 def _forward_reduced_on_device(ctx, x3, tgt, w, tau_k, options, prob_target, C, backend):
-    """CrossEntropyFunction.forward's reductions 'mean' and 'sum' on the Triton backend: before the
-    forward's launch, a pass over the class-index targets (kernels/row_ce.py ce_reduce) checks them
-    (raising IndexError there on the CPU, asynchronously on CUDA) and forms the mean's denominator (the
-    gradient's scale when the forward writes it); after it, one more reduces the rows' losses.
-    Returns (out, denom or None, dx, dτ, loss, w_y, M, S, A)."""
+    """CrossEntropyFunction.forward's reductions 'mean' and 'sum' on the Triton backend: the forward's
+    launch also reduces the rows' losses, forms the mean's denominator and checks the class-index
+    targets (kernels/row_ce.py ce_fwd_reduced; the check raises IndexError after it on the CPU,
+    asynchronously on CUDA; the kernel never reads out of bounds).  When the forward writes the
+    gradient, a pass over the targets (ce_reduce) first gives the denominator, the gradient's scale, and
+    checks them.  Few long rows (split across programs) write no gradient in the forward: their
+    backward reads the logits again either way.  Returns (out, denom or None, dx, dτ, loss, w_y, M, S, A);
+    dx is None where the backward computes the gradient."""
     row = engine("triton", "row")
     R = x3.shape[0] * x3.shape[2]
     mean = options.reduction == "mean"
     ignore_index, smoothing = options.ignore_index, options.label_smoothing
     den_mode = (row.DENOM_ROWS if prob_target else row.DENOM_TARGETS) if mean else row.DENOM_NONE
-    den = g = dx = dtau = None
-    if not prob_target or options.grad_in_forward:
+    message = class_targets_message(C, ignore_index)
+    if options.grad_in_forward and not row.ce_rows_split(x3, prob_target, smoothing, write_grad=True):
         _, den, g, ok = row.ce_reduce(x3.device, None, None if prob_target else tgt, w, None, R, C, ignore_index,
                                       den_mode, not prob_target)
         if ok is not None:
-            data_check(ok, class_targets_message(C, ignore_index), IndexError)
-    if options.grad_in_forward:
-        loss, wy, m, s, a, dx, dtau = ops.ce_fwd_grad(backend, x3, tgt, w, tau_k, ignore_index, smoothing,
-                                                      prob_target, g, ctx.needs_input_grad[3])
+            data_check(ok, message, IndexError)
+        out, _, _, _, loss, wy, m, s, a, dx, dtau = row.ce_fwd_reduced(
+            x3, tgt, w, tau_k, ignore_index, smoothing, prob_target, row.DENOM_GIVEN if mean else row.DENOM_NONE,
+            False, options.out_dtype, g=g, den_in=den, tau_grad=ctx.needs_input_grad[3])
     else:
-        loss, wy, m, s, a = ops.ce_fwd(backend, x3, tgt, w, tau_k, ignore_index, smoothing, prob_target)
-    if den is None:
-        out, den, _, _ = row.ce_reduce(x3.device, loss, None, None, None, R, C, ignore_index, den_mode, False)
-    else:
-        out, _, _, _ = row.ce_reduce(x3.device, loss, None, None, den, R, C, ignore_index,
-                                     row.DENOM_GIVEN if mean else row.DENOM_NONE, False)
+        out, den, _, ok, loss, wy, m, s, a, dx, dtau = row.ce_fwd_reduced(
+            x3, tgt, w, tau_k, ignore_index, smoothing, prob_target, den_mode, not prob_target, options.out_dtype)
+        if ok is not None:
+            data_check(ok, message, IndexError)
     return out, (den if mean else None), dx, dtau, loss, wy, m, s, a
 
 
@@ -216,7 +224,10 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
     scales it by the real incoming gradient, in place and on the device (it is not touched when that
     gradient is 1, the usual ``loss.backward()``; a scaled loss such as AMP's costs one read and write
     of it).  A forward under grad mode whose backward never runs (validation without ``no_grad``)
-    pays the write.  ``reduction='none'`` (a gradient per row, known only in the backward) and
+    pays the write.  Few long rows (split across programs to fill the GPU; Triton backend, eager) do not
+    write it in the forward: the gradient pass would be a second launch reading the logits again either
+    way, so the backward makes it, with the real incoming gradient (no gradient buffer in between).
+    ``reduction='none'`` (a gradient per row, known only in the backward) and
     ``inplace_backward=True`` keep the separate backward: read in the forward, read and write in
     the backward.
     """
@@ -240,6 +251,6 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
     grad_in_forward = (torch.is_grad_enabled() and input.requires_grad and reduction != "none"
                        and not inplace_backward)
     options = CEOptions(ignore_index, reduction, float(label_smoothing), bool(inplace_backward), grad_in_forward,
-                        reduce_on_device)
+                        reduce_on_device, loss_dtype(input))
     out = CrossEntropyFunction.apply(input, target, weight, tau_t, options, backend)
     return loss_under_autocast(out, input)

@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from .row_engine import (dtau_parts, half_gap, interpreted, load_x, reread_config, row_config, row_splits,
-                         row_start, rows, stream_config, sum_dtau_parts, tau_stride)
+                         row_start, rows, stream_config, sum_dtau_parts, tau_stride, tickets)
 from .tl_math import (exp2_scale, log1p, nan_if_posinf, online_finalize_log2, online_update_log2, to_store,
                       weighted_gap_finalize, weighted_gap_update)
 
@@ -37,16 +37,21 @@ def _ce_fwd_kernel(
     part_m_ptr, part_s_ptr, part_a_ptr, part_d_ptr,
     # WRITE_GRAD: the incoming gradient's scale g (one fp32), the gradient dx and the rows' dL/dτ
     g_ptr, dx_ptr, dtau_ptr,
-    # shapes: x is (A, C, B); class-index targets are contiguous (A*B,); program (r, j) of PHASE 1
-    # takes columns [j·span, (j + 1)·span), span = span_blocks·BLOCK, of row r
-    C, B, span_blocks, splits,
+    # (R + 1,) int32 tickets, zero between launches: a split row's arrivals, then the rows' (REDUCE)
+    count_ptr,
+    # REDUCE: the reduced loss, a given denominator, the denominator, 1/denominator, the targets' verdict
+    out_ptr, den_in_ptr, den_ptr, gscale_ptr, ok_ptr,
+    # shapes: x is (A, C, B), R = A·B rows; class-index targets are contiguous (R,); program (r, j) of
+    # PHASE 1 takes columns [j·span, (j + 1)·span), span = span_blocks·BLOCK, of row r
+    R, C, B, span_blocks, splits,
     # strides of x, of probability targets and of τ
     stride_xa, stride_xc, stride_xb, stride_ta, stride_tc, stride_tb, stride_da, stride_dc, stride_db, stride_tau,
     # runtime scalars
-    ignore_index, smoothing,
+    ignore_index, smoothing, n_rows_f,
     # constants
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, SMOOTH: tl.constexpr, PHASE: tl.constexpr,
     WRITE_GRAD: tl.constexpr, TAU_GRAD: tl.constexpr, BLOCK: tl.constexpr, SPLITS_BLOCK: tl.constexpr,
+    REDUCE: tl.constexpr, DENOM: tl.constexpr, CHECK: tl.constexpr, REDUCE_ROWS_BLOCK: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
     """Per row, z = x/τ, lse = M/τ + log1p(S) (M = max x, row_engine.py):
@@ -55,9 +60,19 @@ def _ce_fwd_kernel(
     lse - z_y is formed as (M - x_y)·(1/τ) + log1p(S): exact when y is the argmax at small τ, and
     Σ_c a_c (M - x_c) (non-negative terms) is summed in x units and scaled by 1/τ once.
 
-    PHASE 0: one program a row.  A row split across programs (row_engine.row_splits): PHASE 1 (grid
-    (R, splits)) reduces each program's columns to (M_j, S_j, A_j, D_j), one lane's statistics; PHASE 2
-    (grid (R,)) reduces those as lanes, in a fixed order (deterministic), and forms the loss.
+    PHASE 0: one program a row.  PHASE 1, a row split across programs (row_engine.row_splits, grid
+    (R, splits)): each program reduces its columns to (M_j, S_j, A_j, D_j), one lane's statistics, and
+    takes a ticket of its row; the row's last arriver reduces the row's partials as lanes, in a fixed
+    order, and forms the loss (``_ce_row_combine``).  REDUCE (PHASE 1): a row's loss written, its
+    combining program takes a ticket of the rows; the last one reduces the R losses in a fixed order
+    (``_ce_reduce_rows``: the mean's denominator, the targets' check).  Many rows (PHASE 0) leave the
+    reduction to ``_ce_reduce_kernel``: a last program of 8192 would read every row's loss after the
+    others, where a launch of its own costs its start.  The tickets only elect which program
+    combines: what is summed, and in which order, never depends on timing, so the results are
+    bit-identical run to run.  The elected program puts its ticket back to 0 for the next launch.
+    Memory order: a CTA barrier, then the ticket's atomic (acquire-release at GPU scope) publishes the
+    program's stores; the elected program reads the others' through L2 (``.cg``).  Under the
+    interpreter programs run one after another: the last program of a row (of the grid) is elected.
 
     WRITE_GRAD (PHASE 0): the program then streams its row again, while it is still in L2, and writes
     the gradient for an incoming gradient g (``_ce_grad_block``, the backward kernel's formula) and,
@@ -69,34 +84,22 @@ def _ce_fwd_kernel(
     inv_tau = 1.0 / tau
     col0 = tl.program_id(1) * span_blocks * BLOCK  # a multiple of BLOCK: aligned loads
     col_end = tl.minimum(col0 + span_blocks * BLOCK, C)
-    first = r * splits
-    if PHASE == 2:
-        j = tl.arange(0, SPLITS_BLOCK)
-        m = tl.load(part_m_ptr + first + j, mask=j < splits, other=float("-inf"))
-        s = tl.load(part_s_ptr + first + j, mask=j < splits, other=0.0)
+    cols = tl.arange(0, BLOCK)
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK], tl.float32)
+    A = tl.zeros([BLOCK], tl.float32)
+    D = tl.zeros([BLOCK], tl.float32)
+    for start in range(col0, col_end, BLOCK):
+        c = start + cols
+        x = load_x(x_row, c, C, stride_xc)
         if PROB_TARGET or SMOOTH:
-            A = tl.load(part_a_ptr + first + j, mask=j < splits, other=0.0)
-            D = tl.load(part_d_ptr + first + j, mask=j < splits, other=0.0)
-        else:
-            A = tl.zeros([SPLITS_BLOCK], tl.float32)
-            D = tl.zeros([SPLITS_BLOCK], tl.float32)
-    else:
-        cols = tl.arange(0, BLOCK)
-        m = tl.full([BLOCK], float("-inf"), tl.float32)
-        s = tl.zeros([BLOCK], tl.float32)
-        A = tl.zeros([BLOCK], tl.float32)
-        D = tl.zeros([BLOCK], tl.float32)
-        for start in range(col0, col_end, BLOCK):
-            c = start + cols
-            x = load_x(x_row, c, C, stride_xc)
-            if PROB_TARGET or SMOOTH:
-                coef = _ce_coefficient(t_row, weight_ptr, c, C, stride_tc, smoothing,
-                                       HAS_WEIGHT, PROB_TARGET, SMOOTH)
-                A, D = weighted_gap_update(m, A, D, x, coef)
-            m, s = online_update_log2(m, s, x, scale)
+            coef = _ce_coefficient(t_row, weight_ptr, c, C, stride_tc, smoothing,
+                                   HAS_WEIGHT, PROB_TARGET, SMOOTH)
+            A, D = weighted_gap_update(m, A, D, x, coef)
+        m, s = online_update_log2(m, s, x, scale)
     M, S = online_finalize_log2(m, s, scale)
     if PHASE == 1:
-        part = first + tl.program_id(1)
+        part = r * splits + tl.program_id(1)
         tl.store(part_m_ptr + part, M)
         tl.store(part_s_ptr + part, S)
         if PROB_TARGET or SMOOTH:
@@ -106,13 +109,22 @@ def _ce_fwd_kernel(
             tl.store(part_a_ptr + part, A_part)
             tl.store(part_d_ptr + part, D_part)
         if not PROB_TARGET:
-            # the target's logit, parked in the row's loss slot for PHASE 2 (which then reads no logits)
+            # the target's logit, parked in the row's loss slot for the combine (which then reads no logits)
             tl.store(loss_ptr + r, tl.load(x_row + _safe_target(target_ptr, r, C, ignore_index) * stride_xc),
                      mask=tl.program_id(1) == 0)
+        tl.debug_barrier()  # every thread's stores before the ticket
+        if tl.atomic_add(count_ptr + r, 1, sem="acq_rel", scope="gpu") == splits - 1:
+            tl.store(count_ptr + r, 0)
+            _ce_row_combine(x_row, target_ptr, weight_ptr, loss_ptr, wy_ptr, m_ptr, s_ptr, a_ptr, part_m_ptr,
+                            part_s_ptr, part_a_ptr, part_d_ptr, r, splits, C, stride_xc, scale, inv_tau, ignore_index,
+                            smoothing, HAS_WEIGHT, PROB_TARGET, SMOOTH, SPLITS_BLOCK)
+            if REDUCE:
+                _ce_rows_done(loss_ptr, target_ptr, weight_ptr, count_ptr, out_ptr, den_in_ptr, den_ptr, gscale_ptr,
+                              ok_ptr, R, C, ignore_index, n_rows_f, DENOM, CHECK, HAS_WEIGHT, REDUCE_ROWS_BLOCK,
+                              INTERPRETED)
     else:
         S, A_row = _ce_loss(x_row, target_ptr, weight_ptr, loss_ptr, wy_ptr, m_ptr, s_ptr, a_ptr, r, m, A, D, M, S,
-                            C, stride_xc, inv_tau, ignore_index, smoothing, HAS_WEIGHT, PROB_TARGET, SMOOTH,
-                            PHASE == 2)
+                            C, stride_xc, inv_tau, ignore_index, smoothing, HAS_WEIGHT, PROB_TARGET, SMOOTH, False)
         if WRITE_GRAD:
             dx_row = dx_ptr + a * stride_da + b * stride_db
             g = tl.load(g_ptr).to(tl.float32)
@@ -126,6 +138,41 @@ def _ce_fwd_kernel(
                                           PROB_TARGET, SMOOTH, INTERPRETED)
             if TAU_GRAD:
                 tl.store(dtau_ptr + r, -tl.sum(tau_acc, 0) * (2.0 * inv_tau))
+
+
+@triton.jit
+def _ce_row_combine(x_row, target_ptr, weight_ptr, loss_ptr, wy_ptr, m_ptr, s_ptr, a_ptr, part_m_ptr, part_s_ptr,
+                    part_a_ptr, part_d_ptr, r, splits, C, stride_xc, scale, inv_tau, ignore_index, smoothing,
+                    HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, SMOOTH: tl.constexpr,
+                    SPLITS_BLOCK: tl.constexpr):
+    """A split row's loss (and saved statistics) from its programs' partials, reduced as lanes in the
+    order of the splits (read through L2: other programs of the launch wrote them)."""
+    j = tl.arange(0, SPLITS_BLOCK)
+    first = r * splits
+    m = tl.load(part_m_ptr + first + j, mask=j < splits, other=float("-inf"), cache_modifier=".cg")
+    s = tl.load(part_s_ptr + first + j, mask=j < splits, other=0.0, cache_modifier=".cg")
+    if PROB_TARGET or SMOOTH:
+        A = tl.load(part_a_ptr + first + j, mask=j < splits, other=0.0, cache_modifier=".cg")
+        D = tl.load(part_d_ptr + first + j, mask=j < splits, other=0.0, cache_modifier=".cg")
+    else:
+        A = tl.zeros([SPLITS_BLOCK], tl.float32)
+        D = tl.zeros([SPLITS_BLOCK], tl.float32)
+    M, S = online_finalize_log2(m, s, scale)
+    _ce_loss(x_row, target_ptr, weight_ptr, loss_ptr, wy_ptr, m_ptr, s_ptr, a_ptr, r, m, A, D, M, S,
+             C, stride_xc, inv_tau, ignore_index, smoothing, HAS_WEIGHT, PROB_TARGET, SMOOTH, True)
+
+
+@triton.jit
+def _ce_rows_done(loss_ptr, target_ptr, weight_ptr, count_ptr, out_ptr, den_in_ptr, den_ptr, gscale_ptr, ok_ptr,
+                  R, C, ignore_index, n_rows_f, DENOM: tl.constexpr, CHECK: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                  BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+    """A row's loss is written: its program takes a ticket of the rows (count_ptr[R]); the last one
+    reduces the R losses (``_ce_reduce_rows``) and puts the ticket back to 0."""
+    tl.debug_barrier()  # every thread's stores of the row before the ticket
+    if tl.atomic_add(count_ptr + R, 1, sem="acq_rel", scope="gpu") == R - 1:
+        tl.store(count_ptr + R, 0)
+        _ce_reduce_rows(loss_ptr, target_ptr, weight_ptr, den_in_ptr, out_ptr, den_ptr, gscale_ptr, ok_ptr, R, C,
+                        ignore_index, n_rows_f, True, DENOM, CHECK, HAS_WEIGHT, BLOCK, INTERPRETED)
 
 
 @triton.jit
@@ -155,8 +202,8 @@ def _ce_loss(x_row, target_ptr, weight_ptr, loss_ptr, wy_ptr, m_ptr, s_ptr, a_pt
         loss = D_row * inv_tau + A_row * log_total
     if not PROB_TARGET:
         y_safe, valid, w_y = _ce_target(target_ptr, weight_ptr, r, C, ignore_index, 0.0, HAS_WEIGHT, PROB_TARGET)
-        if X_Y_PARKED:
-            x_y = tl.load(loss_ptr + r)
+        if X_Y_PARKED:  # written by another program of the launch: read through L2
+            x_y = tl.load(loss_ptr + r, cache_modifier=".cg").to(tl.float32)
         else:
             x_y = tl.load(x_row + y_safe * stride_xc).to(tl.float32)
         loss = (1.0 - smoothing) * w_y * ((M - x_y) * inv_tau + log_total) + loss
@@ -233,7 +280,7 @@ def _ce_grad_block(x_row, t_row, weight_ptr, dx_row, dx_ptr, c, C, stride_xc, st
 @triton.jit
 def _ce_bwd_kernel(
     # pointers
-    x_ptr, target_ptr, weight_ptr, tau_ptr, m_ptr, s_ptr, a_ptr, g_ptr, dx_ptr, dtau_ptr,
+    x_ptr, target_ptr, weight_ptr, tau_ptr, m_ptr, s_ptr, a_ptr, g_ptr, den_ptr, dx_ptr, dtau_ptr,
     # shapes; program (r, j) takes columns [j·span, (j + 1)·span), span = span_blocks·BLOCK, of row r (dtau: (R, splits))
     C, B, span_blocks,
     # strides of x, of probability targets, of dx, of τ, of g (0: one scale for all rows)
@@ -243,10 +290,11 @@ def _ce_bwd_kernel(
     ignore_index, smoothing,
     # constants
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, SMOOTH: tl.constexpr,
-    TAU_GRAD: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
+    TAU_GRAD: tl.constexpr, HAS_DEN: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """dL/dz_c = g_r [h (p_c - δ_{c,y}) + A p_c - a_c], h = (1-ε) w_y, A = Σ a_c; dx = dL/dz / τ
-    (``_ce_grad_block``); dL/dτ = -(1/τ²) Σ (x - M) dL/dz (row_engine.py)."""
+    (``_ce_grad_block``); dL/dτ = -(1/τ²) Σ (x - M) dL/dz (row_engine.py).  HAS_DEN: g_r = g / den
+    (the mean's denominator, an IEEE division as torch's)."""
     r, a, b, x_row, tau = row_start(x_ptr, tau_ptr, B, stride_xa, stride_xb, stride_tau)
     t_row = target_ptr + a * stride_ta + b * stride_tb
     dx_row = dx_ptr + a * stride_da + b * stride_db
@@ -255,6 +303,8 @@ def _ce_bwd_kernel(
     M = tl.load(m_ptr + r)
     S = tl.load(s_ptr + r)
     g = tl.load(g_ptr + r * stride_g).to(tl.float32)
+    if HAS_DEN:
+        g = tl.math.div_rn(g, tl.load(den_ptr).to(tl.float32))
     A_row = 0.0
     if PROB_TARGET or SMOOTH:
         A_row = tl.load(a_ptr + r)
@@ -288,7 +338,8 @@ def ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target, loss, 
     """Writes (loss, w_y, M, S, A) per row, fp32 (fused_tau._ops.ce_fwd_outputs).  ``target`` is (A*B,)
     int64 class indices or an (A, C, B) view of probabilities; w_y is None for probabilities and
     A is None without label smoothing or probabilities.  Few long rows are split across programs
-    (row_engine.row_splits): a launch for the partial statistics (R·splits·16 bytes), then one a row."""
+    (row_engine.row_splits): the programs of a row write partial statistics (R·splits·16 bytes) and the
+    last to finish combines them, in the same launch."""
     _ce_fwd_launch(x3, target, weight, tau, ignore_index, smoothing, prob_target, (loss, wy, m, s, a))
 
 
@@ -298,7 +349,7 @@ def ce_fwd_grad(x3, target, weight, tau, ignore_index, smoothing, prob_target, g
     A split row (few long rows) takes ce_fwd's two launches and then ce_bwd's."""
     R, C, B = rows(x3)
     block, _ = _fwd_config(x3, C, prob_target or smoothing > 0, True)
-    if row_splits(R, C, block, x3.device)[0] > 1:
+    if row_splits(R, C, block, x3.device)[0] > 1:  # a second launch either way: the backward's
         ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target, loss, wy, m, s, a)
         ce_bwd(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_target, dx, dtau)
         return
@@ -316,7 +367,44 @@ def _fwd_config(x3, C, has_a, write_grad):
     return block, num_warps
 
 
-def _ce_fwd_launch(x3, target, weight, tau, ignore_index, smoothing, prob_target, stats, g=None, dx=None, dtau=None):
+def ce_fwd_reduced(x3, target, weight, tau, ignore_index, smoothing, prob_target, denom_mode, check, out_dtype,
+                   g=None, den_in=None, tau_grad=False):
+    """``ce_fwd`` (``ce_fwd_grad`` when ``g`` is given) and ``ce_reduce``'s reduction of the rows' losses,
+    for cross_entropy's reductions on the device (eager, Triton: not a custom op, so it allocates its
+    outputs itself).  Rows split across programs (few long rows): in the same launch, the last program to
+    finish a row's loss sums the R losses in a fixed order (deterministic); many rows: ce_reduce's launch
+    after the forward's.  ``denom_mode``, ``check`` and ``den_in`` (DENOM_GIVEN) as ce_reduce's; the
+    reduced loss is returned in ``out_dtype``, rounded once.  A split row never writes the gradient here:
+    its second read would be a second launch over HBM, which the backward (``ce_bwd``) makes with the real
+    incoming gradient instead; dx and dτ are then None.
+    Returns (out, den, g = 1/den, ok or None, loss, w_y, M, S, A, dx, dτ)."""
+    if g is not None and ce_rows_split(x3, prob_target, smoothing, write_grad=True):
+        g = None
+    R, C, B = rows(x3)
+    f32 = dict(device=x3.device, dtype=torch.float32)
+    has_a = prob_target or smoothing > 0
+    stats = (torch.empty(R, **f32), None if prob_target else torch.empty(R, **f32), torch.empty(R, **f32),
+             torch.empty(R, **f32), torch.empty(R, **f32) if has_a else None)
+    dx = torch.empty((x3.shape[0], C, B), device=x3.device, dtype=x3.dtype) if g is not None else None
+    dtau = torch.empty(R, **f32) if g is not None and tau_grad else None
+    head = _ce_fwd_launch(x3, target, weight, tau, ignore_index, smoothing, prob_target, stats, g, dx, dtau,
+                          (denom_mode, check, out_dtype, den_in))
+    return head + stats + (dx, dtau)
+
+
+def ce_rows_split(x3, prob_target, smoothing, write_grad=False):
+    """Whether the forward (``write_grad``: the one that also writes the gradient, planned with its own
+    block) splits the rows of ``x3`` across programs (few long rows)."""
+    R, C, _ = rows(x3)
+    block, _ = _fwd_config(x3, C, prob_target or smoothing > 0, write_grad)
+    return row_splits(R, C, block, x3.device)[0] > 1
+
+
+def _ce_fwd_launch(x3, target, weight, tau, ignore_index, smoothing, prob_target, stats, g=None, dx=None, dtau=None,
+                   reduced=None):
+    """Writes ``stats`` = (loss, w_y, M, S, A) (w_y, A None where not wanted) and, ``g`` given, dx and dτ;
+    ``reduced`` = (denom_mode, check, out_dtype, den_in): also the rows' reduction, returned as
+    (out, den, g = 1/den, ok or None) (ce_fwd_reduced)."""
     R, C, B = rows(x3)
     dev = x3.device
     f32 = dict(device=dev, dtype=torch.float32)
@@ -327,21 +415,38 @@ def _ce_fwd_launch(x3, target, weight, tau, ignore_index, smoothing, prob_target
     tau_grad = write_grad and dtau is not None
     block, num_warps = _fwd_config(x3, C, has_a, write_grad)
     splits, span = row_splits(R, C, block, dev)
+    assert splits == 1 or not write_grad, "a split row's gradient is ce_bwd's (ce_fwd_grad, ce_fwd_reduced)"
     if not write_grad:  # the narrower block of stream_config: half row_config's, so span stays a multiple of it
         block, num_warps = stream_config(C)
+        if splits > 1 and has_a and block > 16:
+            # the weighted sums (A, D) beside the row's combine in the same program: half the lanes again,
+            # spill-free on sm_80 (Triton 3.6) with fp32 logits
+            block //= 2
     parts = [torch.empty(R * splits, **f32) for _ in range(4)] if splits > 1 else [m] * 4
+    reduce_here = reduced is not None and splits > 1  # else ce_reduce's launch after this one
+    denom_mode, check, out_dtype, den_in = reduced if reduce_here else (DENOM_NONE, False, None, None)
+    out = torch.empty((), device=dev, dtype=out_dtype) if reduce_here else None
+    den, gscale = (torch.empty((), **f32), torch.empty(1, **f32)) if reduce_here else (None, None)
+    ok = torch.empty((), device=dev, dtype=torch.int32) if check else None
+    ticket_buf = tickets(dev, R + 1) if splits > 1 else m
     dx = dx if write_grad else x3
     args = (x3, target, weight if weight is not None else m, tau, loss, wy if wy is not None else m, m, s,
-            a if has_a else m, *parts, g if write_grad else m, dx, dtau if tau_grad else m, C, B, span // block, splits,
-            *x3.stride(), *t_strides, *dx.stride(), tau_stride(tau), ignore_index, float(smoothing))
+            a if has_a else m, *parts, g if write_grad else m, dx, dtau if tau_grad else m, ticket_buf,
+            *(t if t is not None else m for t in (out, den_in, den, gscale, ok)),
+            R, C, B, span // block, splits,
+            *x3.stride(), *t_strides, *dx.stride(), tau_stride(tau), ignore_index, float(smoothing), float(R))
     consts = dict(HAS_WEIGHT=weight is not None, PROB_TARGET=prob_target, SMOOTH=smoothing > 0, BLOCK=block,
                   SPLITS_BLOCK=max(triton.next_power_of_2(splits), 2), WRITE_GRAD=write_grad,
-                  TAU_GRAD=tau_grad, INTERPRETED=interpreted())
-    if splits == 1:
-        _ce_fwd_kernel[(R, 1)](*args, PHASE=0, num_warps=num_warps, **consts)
-    else:
-        _ce_fwd_kernel[(R, splits)](*args, PHASE=1, num_warps=num_warps, **consts)
-        _ce_fwd_kernel[(R, 1)](*args, PHASE=2, num_warps=1, **consts)
+                  TAU_GRAD=tau_grad, REDUCE=reduce_here, DENOM=denom_mode, CHECK=check,
+                  REDUCE_ROWS_BLOCK=SPLIT_REDUCE_BLOCK, INTERPRETED=interpreted())
+    _ce_fwd_kernel[(R, splits)](*args, PHASE=0 if splits == 1 else 1, num_warps=num_warps, **consts)
+    if reduced is None:
+        return None
+    if not reduce_here:
+        denom_mode, check, out_dtype, den_in = reduced
+        out, den, gscale, ok = ce_reduce(dev, loss, None if prob_target else target, weight, den_in, R, C,
+                                         ignore_index, denom_mode, check, out_dtype)
+    return out, den, gscale, ok
 
 
 RESCALE_BLOCK = 4096
@@ -354,10 +459,11 @@ def ce_grad_rescale(dx, g):
                                                              INTERPRETED=interpreted(), num_warps=8)
 
 
-def ce_bwd(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_target, dx, dtau):
+def ce_bwd(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_target, dx, dtau, den=None):
     """Writes dx ((A, C, B), x3's dtype; x3 itself to write the gradient over the logits) and dτ per row
-    (None: not wanted).  ``g`` is one fp32 scale per row (A*B,) or a single element used for every row.
-    Few long rows are split across programs (row_engine.row_splits); a split row's dτ is the sum of its
+    (None: not wanted).  ``g`` is one scale per row (A*B,) or a single element used for every row (read as
+    fp32, whatever its dtype), divided by ``den`` (one element, the mean's denominator) when given.  Few
+    long rows are split across programs (row_engine.row_splits); a split row's dτ is the sum of its
     programs' (R, splits) partials, in a fixed order."""
     R, C, B = rows(x3)
     t_strides = target.stride() if prob_target else (0, 0, 0)
@@ -365,11 +471,13 @@ def ce_bwd(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_ta
     splits, span = row_splits(R, C, block, x3.device)
     dtau_split = dtau_parts(dtau, R, splits, m)
     _ce_bwd_kernel[(R, splits)](
-        x3, target, weight if weight is not None else m, tau, m, s, a if a is not None else m, g, dx, dtau_split,
+        x3, target, weight if weight is not None else m, tau, m, s, a if a is not None else m, g,
+        den if den is not None else g, dx, dtau_split,
         C, B, span // block, *x3.stride(), *t_strides, *dx.stride(), tau_stride(tau), 0 if g.numel() == 1 else 1,
         ignore_index, float(smoothing),
         HAS_WEIGHT=weight is not None, PROB_TARGET=prob_target, SMOOTH=smoothing > 0,
-        TAU_GRAD=dtau is not None, BLOCK=block, INTERPRETED=interpreted(), num_warps=num_warps,
+        TAU_GRAD=dtau is not None, HAS_DEN=den is not None, BLOCK=block, INTERPRETED=interpreted(),
+        num_warps=num_warps,
     )
     sum_dtau_parts(dtau_split, dtau)
 
@@ -378,22 +486,37 @@ def ce_bwd(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_ta
 # rows whose target is not ignore_index (class indices' 'mean'), a given one (the pre-pass's)
 DENOM_NONE, DENOM_ROWS, DENOM_TARGETS, DENOM_GIVEN = 0, 1, 2, 3
 REDUCE_BLOCK = 1024
+# the block of the split forward's own reduction: rows are split only when they are few (at most about
+# PROGRAMS_PER_SM · SMs / 2), and a small block keeps its registers clear of the row loop's (sm_80)
+SPLIT_REDUCE_BLOCK = 128
 
 
 @triton.jit
 def _ce_reduce_kernel(
     # pointers: the rows' losses, class-index targets (contiguous (R,)), class weights, a given
-    # denominator; out: the reduced loss, the denominator, g = 1/denominator, ok
+    # denominator; out: the reduced loss (fp32 or the input's dtype), the denominator, g = 1/denominator, ok
     loss_ptr, target_ptr, weight_ptr, den_in_ptr, out_ptr, den_ptr, g_ptr, ok_ptr,
     R, C, ignore_index, n_rows_f,
     SUM_LOSS: tl.constexpr, DENOM: tl.constexpr, CHECK: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    """One program over the R rows in a fixed order (deterministic, no atomics): den = 1 (DENOM_NONE),
+    """One program over the R rows (``_ce_reduce_rows``)."""
+    _ce_reduce_rows(loss_ptr, target_ptr, weight_ptr, den_in_ptr, out_ptr, den_ptr, g_ptr, ok_ptr, R, C, ignore_index,
+                    n_rows_f, SUM_LOSS, DENOM, CHECK, HAS_WEIGHT, BLOCK, INTERPRETED)
+
+
+@triton.jit
+def _ce_reduce_rows(loss_ptr, target_ptr, weight_ptr, den_in_ptr, out_ptr, den_ptr, g_ptr, ok_ptr,
+                    R, C, ignore_index, n_rows_f,
+                    SUM_LOSS: tl.constexpr, DENOM: tl.constexpr, CHECK: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                    BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+    """The R rows in a fixed order (deterministic, whatever program runs it): den = 1 (DENOM_NONE),
     R (DENOM_ROWS), Σ over the rows whose y is not ignore_index of w_y (DENOM_TARGETS; w = 1 without
     weights) or den_in[0] (DENOM_GIVEN); a computed den of 0 is NaN (torch's 0/0).  Writes den,
-    g = 1/den, Σ loss / den (Σ loss for DENOM_NONE) when SUM_LOSS (IEEE-rounded divisions, as torch's),
-    and with CHECK ok = 1 when every y is in [0, C) or ignore_index, else 0."""
+    g = 1/den, Σ loss / den (Σ loss for DENOM_NONE) when SUM_LOSS (IEEE-rounded divisions, as torch's;
+    stored in out's dtype, rounded to nearest even as torch's ``.to``), and with CHECK ok = 1 when every y
+    is in [0, C) or ignore_index, else 0.  The losses are read through L2 (``.cg``): the last program of
+    ``_ce_fwd_kernel`` reads what other programs of its launch wrote."""
     i = tl.arange(0, BLOCK)
     loss_acc = tl.zeros([BLOCK], tl.float32)
     den_acc = tl.zeros([BLOCK], tl.float32)
@@ -402,7 +525,7 @@ def _ce_reduce_kernel(
         rows = start + i
         inside = rows < R
         if SUM_LOSS:
-            loss_acc += tl.load(loss_ptr + rows, mask=inside, other=0.0).to(tl.float32)
+            loss_acc += tl.load(loss_ptr + rows, mask=inside, other=0.0, cache_modifier=".cg").to(tl.float32)
         if CHECK or DENOM == 2:
             y = tl.load(target_ptr + rows, mask=inside, other=ignore_index)
             valid = y != ignore_index
@@ -430,27 +553,28 @@ def _ce_reduce_kernel(
         total = tl.sum(loss_acc, 0)
         if DENOM != 0:
             total = tl.math.div_rn(total, den)
-        tl.store(out_ptr, total)
+        tl.store(out_ptr, to_store(total, out_ptr, INTERPRETED))
     if CHECK:
         tl.store(ok_ptr, (tl.sum(bad, 0) == 0).to(tl.int32))
 
 
-def ce_reduce(device, loss, target, weight, den_in, n_rows, n_classes, ignore_index, denom_mode, check):
+def ce_reduce(device, loss, target, weight, den_in, n_rows, n_classes, ignore_index, denom_mode, check,
+              out_dtype=torch.float32):
     """cross_entropy's reduction, the mean's denominator and the class-index targets' check, each pass
     one launch of one program (R·8 bytes or fewer read, where torch takes a dozen small operators).
 
     ``loss``: the forward's per-row fp32, or None (a pass over the targets only); ``target``: class
     indices, contiguous int64 (R,), or None; ``weight``: fp32 class weights or None; ``den_in``: the
-    denominator for DENOM_GIVEN.  Returns (out: 0-dim Σ loss [/ den] or None, den: 0-dim, g: (1,) =
-    1/den, ok: 0-dim int32 (1: every target in range) or None)."""
+    denominator for DENOM_GIVEN.  Returns (out: 0-dim Σ loss [/ den] in ``out_dtype``, or None, den: 0-dim,
+    g: (1,) = 1/den, ok: 0-dim int32 (1: every target in range) or None)."""
     f32 = dict(device=device, dtype=torch.float32)
     den, g = torch.empty((), **f32), torch.empty(1, **f32)
-    out = torch.empty((), **f32) if loss is not None else None
+    out = torch.empty((), device=device, dtype=out_dtype) if loss is not None else None
     ok = torch.empty((), device=device, dtype=torch.int32) if check else None
     _ce_reduce_kernel[(1,)](
         *(t if t is not None else g for t in (loss, target, weight, den_in, out)), den, g,
         ok if ok is not None else g, n_rows, n_classes, ignore_index, float(n_rows),
         SUM_LOSS=loss is not None, DENOM=denom_mode, CHECK=check, HAS_WEIGHT=weight is not None,
-        BLOCK=REDUCE_BLOCK, num_warps=4,
+        BLOCK=REDUCE_BLOCK, INTERPRETED=interpreted(), num_warps=4,
     )
     return out, den, g, ok

@@ -57,6 +57,27 @@ def row_splits(n_rows, n_cols, block, device):
     return triton.cdiv(n_cols, span), span
 
 
+# Tickets of a split row's programs (row_ce.py, row_sample.py): int32 counters, zero between launches (the
+# last arriver, which the atomic elects, puts its counter back), one buffer a (device, stream) so that
+# launches on two streams never share one; a buffer made while a CUDA graph is captured is the graph's own
+# (its memory is the graph's pool) and is not kept.
+_TICKETS = {}
+
+
+def tickets(device, n):
+    """An int32 buffer of at least ``n`` zeros for a kernel's tickets, kept for the next launch."""
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    buf = None if capturing else _TICKETS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), device=device, dtype=torch.int32)
+        if not capturing:
+            _TICKETS[key] = buf
+    elif interpreted():
+        buf.zero_()  # an interpreted launch that raised half-way must not leave a ticket taken
+    return buf
+
+
 # A kernel that streams its row twice (cross-entropy's forward that also writes the gradient) reads it
 # the second time from L2 only while the rows in flight fit there: about 32 resident warps an SM, i.e.
 # ROWS_PER_SM 8-warp programs.  Off the GPU the L2 is the H100's (bench/model's target; tests lower it).

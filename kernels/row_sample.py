@@ -19,13 +19,14 @@ Memory traffic (bytes of the logits dtype, R rows × C): gumbel_softmax forward
 reads R·C (twice for rows longer than one block) and writes R·C; the hard
 backward reads x and the gradient and writes dx; sample reads R·C once and
 writes R int64.  Few long rows are split across programs (row_engine.row_splits),
-with a few fp32 partials a split between the two launches.
+with a few fp32 partials a split, combined by each row's last program in the same launch.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .row_engine import interpreted, load_x, noise_counter, row_config, row_splits, row_start, tau_stride
+from .row_engine import (interpreted, load_x, noise_counter, row_config, row_splits, row_start, tau_stride,
+                         tickets)
 from .row_softmax import MODE_SOFTMAX, noisy_warps, softmax_bwd, softmax_fwd
 from .tl_math import gumbel_block
 
@@ -52,19 +53,24 @@ def _pick(best_x, best_g, arg, nan_row, tau, C, GREEDY: tl.constexpr):
 
 @triton.jit
 def _sample_kernel(
-    # pointers: idx is (R,) int64, or (R, splits) when SPLIT, with part_x, part_g (R, splits) fp32
-    x_ptr, idx_ptr, part_x_ptr, part_g_ptr, tau_ptr, seed_ptr,
+    # pointers: idx is (R,) int64, or (R, splits) when SPLIT, with part_x, part_g (R, splits) fp32, the
+    # rows' (R,) int64 draws and (R,) int32 tickets (zero between launches)
+    x_ptr, idx_ptr, part_x_ptr, part_g_ptr, tau_ptr, seed_ptr, row_idx_ptr, count_ptr,
     # shapes: x is (R, C); program (r, j) takes columns [j·span, (j + 1)·span), span = span_blocks·BLOCK, of row r
     C, span_blocks,
     # strides of x, and of τ (0: one τ; 1: one τ per row)
     stride_xr, stride_xc, stride_tau,
     # constants
-    GREEDY: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
+    GREEDY: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr, SPLITS_BLOCK: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     """idx[r] = argmax_c (x_rc / τ + g_rc), g ~ Gumbel(0, 1): a draw from softmax(x_r / τ)
     (Gumbel-max); τ = 0 is argmax x.  GREEDY: argmax x, no noise drawn.  One pass; the first
     index wins ties; a row holding a NaN gets idx -1 (the caller raises).  SPLIT: the winner of
-    this program's columns, its x and g, for _sample_combine_kernel.
+    this program's columns, its x and g; then a ticket of its row, and the row's last arriver picks
+    the row's draw among the splits' winners (``_sample_combine``), in the same launch.  The ticket
+    only elects the program: the pick is the same whichever it is (deterministic).  Memory order as
+    row_ce.py's ``_ce_fwd_kernel``: a CTA barrier, an acquire-release atomic, reads through L2.
 
     The key x / τ + g is never formed: at |x| / τ ≳ 1e6 its rounding (or that of x + τ g)
     swallows the noise.  Each lane keeps its best column's (x, g) and compares a new column
@@ -99,29 +105,32 @@ def _sample_kernel(
         arg = tl.where(take, c, arg)
     nan_row = tl.max((best_x != best_x).to(tl.int32), 0) > 0
     top, x_top, g_top = _pick(best_x, best_g, arg, nan_row, tau, C, GREEDY)
+    tl.store(idx_ptr + part, top.to(tl.int64))
     if SPLIT:
         tl.store(part_x_ptr + part, x_top)
         tl.store(part_g_ptr + part, g_top)
-    tl.store(idx_ptr + part, top.to(tl.int64))
+        tl.debug_barrier()  # every thread's stores before the ticket
+        splits = tl.num_programs(1)
+        if tl.atomic_add(count_ptr + r, 1, sem="acq_rel", scope="gpu") == splits - 1:
+            tl.store(count_ptr + r, 0)
+            _sample_combine(row_idx_ptr, idx_ptr, part_x_ptr, part_g_ptr, r, tau, C, splits, GREEDY, SPLITS_BLOCK)
 
 
 @triton.jit
-def _sample_combine_kernel(
-    idx_ptr, part_idx_ptr, part_x_ptr, part_g_ptr, tau_ptr, C, splits, stride_tau,
-    GREEDY: tl.constexpr, SPLITS_BLOCK: tl.constexpr,
-):
+def _sample_combine(row_idx_ptr, part_idx_ptr, part_x_ptr, part_g_ptr, r, tau, C, splits,
+                    GREEDY: tl.constexpr, SPLITS_BLOCK: tl.constexpr):
     """idx[r]: the winner among the splits' winners of row r, picked as the lanes of one program
-    (_pick: the same keys and tie rule), -1 when a split saw a NaN.  Deterministic: no atomics."""
-    r = tl.program_id(0).to(tl.int64)
-    tau = tl.load(tau_ptr + r * stride_tau).to(tl.float32)
+    (_pick: the same keys and tie rule), -1 when a split saw a NaN; the partials are read through L2
+    (other programs of the launch wrote them)."""
     j = tl.arange(0, SPLITS_BLOCK)
     mask = j < splits
-    arg = tl.load(part_idx_ptr + r * splits + j, mask=mask, other=C)
-    best_x = tl.load(part_x_ptr + r * splits + j, mask=mask, other=float("-inf"))
-    best_g = tl.load(part_g_ptr + r * splits + j, mask=mask, other=0.0)
+    first = r * splits
+    arg = tl.load(part_idx_ptr + first + j, mask=mask, other=C, cache_modifier=".cg")
+    best_x = tl.load(part_x_ptr + first + j, mask=mask, other=float("-inf"), cache_modifier=".cg")
+    best_g = tl.load(part_g_ptr + first + j, mask=mask, other=0.0, cache_modifier=".cg")
     nan_row = tl.min(arg, 0) < 0
     top, _, _ = _pick(best_x, best_g, arg, nan_row, tau, C, GREEDY)
-    tl.store(idx_ptr + r, top.to(tl.int64))
+    tl.store(row_idx_ptr + r, top.to(tl.int64))
 
 
 # Launchers (the torch path, fused_tau/_torch_sample.py, has the same names and arguments).
@@ -153,7 +162,8 @@ def gumbel_bwd(g, tau, hard, src, seed, aux, dx):
 def sample_fwd(x2, tau, seed, greedy, idx):
     """Writes one index per row of the (R, C) logits ``x2`` (C >= 1) into ``idx``, int64 of shape (R,); -1 for a
     row that holds a NaN.  ``greedy``: argmax, ``seed`` and ``tau`` unread.  Few long rows are
-    split across programs (row_engine.row_splits) and their winners combined by a second kernel."""
+    split across programs (row_engine.row_splits) and their winners combined by each row's last
+    program, in the same launch."""
     R, C = x2.shape
     block, _, num_warps = row_config(C)
     if not greedy:
@@ -163,12 +173,9 @@ def sample_fwd(x2, tau, seed, greedy, idx):
     part_idx = idx if splits == 1 else torch.empty(R * splits, device=x2.device, dtype=torch.int64)
     part_x = torch.empty(R * splits, **f32) if splits > 1 else idx
     part_g = torch.empty(R * splits, **f32) if splits > 1 else idx
+    ticket_buf = tickets(x2.device, R) if splits > 1 else idx
     _sample_kernel[(R, splits)](
-        x2, part_idx, part_x, part_g, tau, idx if greedy else seed, C, span // block, *x2.stride(), tau_stride(tau),
-        GREEDY=greedy, SPLIT=splits > 1, BLOCK=block, INTERPRETED=interpreted(), num_warps=num_warps,
+        x2, part_idx, part_x, part_g, tau, idx if greedy else seed, idx, ticket_buf, C, span // block, *x2.stride(),
+        tau_stride(tau), GREEDY=greedy, SPLIT=splits > 1, BLOCK=block,
+        SPLITS_BLOCK=max(triton.next_power_of_2(splits), 2), INTERPRETED=interpreted(), num_warps=num_warps,
     )
-    if splits > 1:
-        _sample_combine_kernel[(R,)](
-            idx, part_idx, part_x, part_g, tau, C, splits, tau_stride(tau),
-            GREEDY=greedy, SPLITS_BLOCK=max(triton.next_power_of_2(splits), 2), num_warps=1,
-        )

@@ -8,7 +8,7 @@ import triton.language as tl
 
 from . import MODE_LOG_SOFTMAX, MODE_LSE, MODE_SOFTMAX  # noqa: F401 (kernels/row.py re-exports them)
 from .row_engine import (dtau_parts, interpreted, load_v, load_x, noise_counter, recompute_p, reread_config,
-                         row_config, row_splits, row_start, rows, sum_dtau_parts, tau_stride)
+                         row_config, row_splits, row_start, rows, sum_dtau_parts, tau_stride, tickets)
 from .tl_math import exp2_scale, log1p, nan_if_posinf, online_finalize_log2, online_update_log2, to_store
 
 
@@ -17,6 +17,8 @@ from .tl_math import exp2_scale, log1p, nan_if_posinf, online_finalize_log2, onl
 def _softmax_fwd_kernel(
     # pointers (seed_ptr: the Philox seed, read only when NOISY); part_*: (R, splits) partials of a split row
     x_ptr, out_ptr, m_ptr, s_ptr, tau_ptr, seed_ptr, part_m_ptr, part_s_ptr, part_arg_ptr,
+    # MODE 0, PHASE 1: (R,) int32 tickets, zero between launches
+    count_ptr,
     # shapes: x is (A, C, B), row r = a * B + b; out is contiguous; program (r, j) takes columns
     # [j·span, (j + 1)·span), span = span_blocks·BLOCK, of row r
     C, B, span_blocks, splits,
@@ -36,6 +38,9 @@ def _softmax_fwd_kernel(
     launches: PHASE 1 folds each program's columns into their (M_j, S_j) (and the first argmax) as
     one lane's statistics; PHASE 2 reduces the row's partials as lanes (online_finalize_log2: the
     same reduction as within a program, in a fixed order, so deterministic) and writes its columns.
+    τ·logsumexp (MODE 0) writes no columns: in PHASE 1 each program takes a ticket of its row after its
+    partials, and the row's last arriver reduces them (``_lse_combine``), in the same launch (memory
+    order as row_ce.py's ``_ce_fwd_kernel``: a CTA barrier, an acquire-release atomic, reads through L2).
 
     In x units (row_engine.py): v = x (+ g), M = max v, exp((v - M)/τ) = exp2((v - M)·c),
     log_softmax = (v - M)·(1/τ) - log1p(S), τ·logsumexp = M + τ·log1p(S)."""
@@ -82,6 +87,12 @@ def _softmax_fwd_kernel(
         tl.store(part_s_ptr + first + tl.program_id(1), S)
         if HARD:
             tl.store(part_arg_ptr + first + tl.program_id(1), top)
+        if MODE == 0:
+            tl.debug_barrier()  # every thread's stores before the ticket
+            if tl.atomic_add(count_ptr + r, 1, sem="acq_rel", scope="gpu") == splits - 1:
+                tl.store(count_ptr + r, 0)
+                _lse_combine(out_ptr, m_ptr, s_ptr, part_m_ptr, part_s_ptr, r, first, splits, tau, scale,
+                             SPLITS_BLOCK, INTERPRETED)
     else:
         if MODE != 0:
             S = nan_if_posinf(M, S)
@@ -111,6 +122,20 @@ def _softmax_fwd_kernel(
                         # exactly -log1p(S) at the argmax
                         y = (v - M) * inv_tau - log_total
                 tl.store(out_row + c.to(tl.int64) * B, to_store(y, out_ptr, INTERPRETED), mask=c < C)
+
+
+@triton.jit
+def _lse_combine(out_ptr, m_ptr, s_ptr, part_m_ptr, part_s_ptr, r, first, splits, tau, scale,
+                 SPLITS_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+    """τ·logsumexp of a split row from its programs' (M_j, S_j), reduced as lanes in split order (PHASE 2's
+    reduction), read through L2 (other programs of the launch wrote them)."""
+    j = tl.arange(0, SPLITS_BLOCK)
+    m = tl.load(part_m_ptr + first + j, mask=j < splits, other=float("-inf"), cache_modifier=".cg")
+    s = tl.load(part_s_ptr + first + j, mask=j < splits, other=0.0, cache_modifier=".cg")
+    M, S = online_finalize_log2(m, s, scale)
+    tl.store(m_ptr + r, M)
+    tl.store(s_ptr + r, S)
+    tl.store(out_ptr + r, to_store(M + tau * log1p(S), out_ptr, INTERPRETED))
 
 
 @triton.jit
@@ -319,7 +344,8 @@ def softmax_fwd(x3, tau, mode, out, m, s, seed=None, hard=False):
     tensor; MODE_SOFTMAX only): the Gumbel-softmax of x3 with that seed's noise, or, ``hard``,
     the one-hot of its argmax (kernels/row_sample.py's gumbel_fwd).  Few long rows are split across
     programs (row_engine.row_splits): a launch for the partial statistics, R·splits·12 bytes, then
-    one that reduces them and writes the output."""
+    one that reduces them and writes the output (τ·logsumexp: the first launch's rows' last programs
+    reduce them, one launch)."""
     R, C, B = rows(x3)
     dev = x3.device
     block, one_block, num_warps = row_config(C)
@@ -331,15 +357,18 @@ def softmax_fwd(x3, tau, mode, out, m, s, seed=None, hard=False):
                   INTERPRETED=interpreted(), num_warps=num_warps)
     strides = (*x3.stride(), tau_stride(tau))
     if splits == 1:
-        _softmax_fwd_kernel[(R, 1)](*args, m, s, m, C, B, span // block, 1, *strides, PHASE=0, SPLITS_BLOCK=1, **consts)
+        _softmax_fwd_kernel[(R, 1)](*args, m, s, m, m, C, B, span // block, 1, *strides, PHASE=0, SPLITS_BLOCK=1,
+                                    **consts)
         return
     part_m = torch.empty(R * splits, device=dev, dtype=torch.float32)
     part_s = torch.empty_like(part_m)
     part_arg = torch.empty(R * splits, device=dev, dtype=torch.int32) if hard else part_m
+    ticket_buf = tickets(dev, R) if mode == MODE_LSE else m
     splits_block = max(triton.next_power_of_2(splits), 2)
-    for phase, grid in ((1, (R, splits)), (2, (R, splits if mode != MODE_LSE else 1))):
-        _softmax_fwd_kernel[grid](*args, part_m, part_s, part_arg, C, B, span // block, splits, *strides,
-                                  PHASE=phase, SPLITS_BLOCK=splits_block, **consts)
+    # τ·logsumexp: PHASE 1 alone (its rows' last arrivers combine); softmax: PHASE 2 writes the columns
+    for phase in ((1,) if mode == MODE_LSE else (1, 2)):
+        _softmax_fwd_kernel[(R, splits)](*args, part_m, part_s, part_arg, ticket_buf, C, B, span // block, splits,
+                                         *strides, PHASE=phase, SPLITS_BLOCK=splits_block, **consts)
 
 
 def softmax_bwd(y, g, x3, m, s, tau, log, dx, dtau, seed=None):

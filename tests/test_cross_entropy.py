@@ -202,13 +202,23 @@ def test_offsets_are_int64(backend, device):
 
 
 def _launches(monkeypatch):
-    """Counts the calls of the cross-entropy ops (fused_tau/_ops.py) by name."""
+    """Counts the calls of the cross-entropy ops (fused_tau/_ops.py) by name, and those the Triton
+    backend's reductions 'mean' and 'sum' make of the row engine itself (kernels/row_ce.py
+    ce_fwd_reduced: "ce_fwd_grad" when it writes the gradient, else "ce_fwd")."""
     from fused_tau import _ops
+    from fused_tau.kernels import row
 
     seen = []
     for name in ("ce_fwd", "ce_fwd_grad", "ce_bwd", "ce_grad_rescale"):
         real = getattr(_ops, name)
         monkeypatch.setattr(_ops, name, lambda *a, _real=real, _name=name, **k: seen.append(_name) or _real(*a, **k))
+
+    def fwd_reduced(*a, _real=row.ce_fwd_reduced, **k):
+        results = _real(*a, **k)
+        seen.append("ce_fwd" if results[-2] is None else "ce_fwd_grad")
+        return results
+
+    monkeypatch.setattr(row, "ce_fwd_reduced", fwd_reduced)
     return seen
 
 
@@ -285,3 +295,18 @@ def test_long_rows_keep_the_second_read_in_l2(backend, device, monkeypatch):
     assert row_engine.reread_config(100, 4, cpu) == (32, 32)
     _check(torch.randn(5, 100, device=device) * 4, _targets((5,), 100, device), torch.tensor(0.3), torch.float32,
            label_smoothing=0.1)
+
+
+def test_float_tau_is_one_kept_tensor_outside_inference_mode(backend, device):
+    """A float τ becomes one kept tensor (no fill launched a call on a GPU); one made under inference mode
+    is not kept: an inference tensor could not be saved for a later call's backward."""
+    from fused_tau._tau import tau_tensor
+
+    x = torch.randn(4, 9, device=device)
+    y = _targets((4,), 9, device)
+    with torch.inference_mode():
+        fused_tau.cross_entropy(x, y, tau=0.123)
+    xs = x.clone().requires_grad_()
+    fused_tau.cross_entropy(xs, y, tau=0.123).backward()
+    assert xs.grad is not None
+    assert tau_tensor(0.5, x, (4,)) is tau_tensor(0.5, x, (4,))

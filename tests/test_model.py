@@ -134,7 +134,7 @@ def test_cross_entropy_forward_is_read_from_its_loop(report):
     C = 32000, two 128-bit loads and one exp (MUFU.EX2) and one reciprocal per element, and a time its issue
     rate bounds."""
     rec = next(r for r in report["cases"] if r["case"] == "cross_entropy-fwd-8192x32000-bfloat16")
-    # (beside it, ce_reduce's two one-program launches: the targets' pass and the loss's sum)
+    # (beside it, ce_reduce's one-program launch: the loss's sum and the targets' check)
     (lch,) = [lch for lch in rec["launches"] if lch["kernel"] == "_ce_fwd_kernel"]
     hot = lch["hot_loop"]
     assert hot["source"].startswith("row_ce.py:") and hot["trips"] == 16 and hot["step"] == 2048

@@ -188,3 +188,130 @@ def test_split_paths_are_taken(split, device, monkeypatch):
     # softmax forward and backward, sample, cross_entropy's forward + backward (its planner, the split
     # forward's and the backward's), τ·logsumexp forward and backward
     assert plans == [(3, 16)] * 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("kind", ["index", "smoothing", "probs"])
+@pytest.mark.parametrize("max_block", [16, 64])
+def test_cross_entropy_split_rows_against_float64(split, device, monkeypatch, dtype, reduction, kind, max_block):
+    """Split rows in one launch (each row's last program combines its partials, the last row's program
+    reduces the losses, forms the mean's denominator and checks the targets): loss, dx and dτ against the
+    float64 composition, under a non-unit incoming gradient; ignore_index, class weights, smoothing,
+    probability targets; blocks of 16 over C = 53 (of 64 over C = 301: the forward streams a split row
+    with smoothing or probabilities in blocks of 16, a quarter of the planned block), so the splits'
+    last blocks are partial."""
+    import fused_tau.kernels.row_engine as row_engine
+
+    from fused_tau import reference
+
+    from .compare import Fixed, check_against_reference
+
+    split(True)
+    monkeypatch.setattr(row_engine, "MAX_BLOCK", max_block)
+    C = 53 if max_block == 16 else 301
+    x = torch.randn(6, C, device=device) * 3
+    weight = torch.rand(C, device=device) + 0.5
+    if kind == "probs":
+        target, opts = torch.softmax(torch.randn(6, C, device=device), -1).to(dtype), dict(label_smoothing=0.1)
+    else:
+        target = torch.tensor([3, C - 1, -100, 0, 17, C // 2], device=device)
+        opts = dict(ignore_index=-100, label_smoothing=0.2 if kind == "smoothing" else 0.0)
+    tau = torch.tensor(0.6, device=device, requires_grad=True)
+    check_against_reference(lambda x, t, w, tau: cross_entropy(x, t, w, tau=tau, reduction=reduction, **opts),
+                            lambda x, t, w, tau: reference.cross_entropy(x, t, w, tau=tau, reduction=reduction,
+                                                                         **opts),
+                            [x, Fixed(target), Fixed(weight)], dtype=dtype, tau=tau, tau_scale=4.0)
+
+
+def test_cross_entropy_split_rows_are_deterministic(split, device):
+    """The tickets elect which program combines, never the order of the sums: two runs give the same
+    bits (loss, dx, dτ), and the tickets are back to 0 after each launch."""
+    import fused_tau.kernels.row_engine as row_engine
+
+    split(True)
+    x = torch.randn(5, 101, device=device) * 5
+    y = torch.tensor([0, 100, 7, -100, 50], device=device)
+    w = torch.rand(101, device=device) + 0.5
+
+    def run():
+        xs = x.clone().requires_grad_()
+        tau = torch.tensor(0.3, device=device, requires_grad=True)
+        loss = cross_entropy(xs, y, w, tau=tau, label_smoothing=0.1)
+        (loss * 0.37).backward()
+        return loss.detach(), xs.grad, tau.grad
+
+    first, second = run(), run()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    assert all(int(t.abs().sum()) == 0 for t in row_engine._TICKETS.values())  # host-ok: CPU test
+
+
+def _recorded_launches(monkeypatch, module, names):
+    """Records (kernel name, grid) of each launch of ``names`` in ``module``."""
+    launched = []
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            launched.append((self.fn.fn.__name__, tuple(grid)))
+            return self.fn[grid]
+
+    for name in names:
+        monkeypatch.setattr(module, name, Recorder(getattr(module, name)))
+    return launched
+
+
+def test_cross_entropy_split_forward_is_one_launch(split, device, monkeypatch):
+    """A split row's forward with reduction 'mean' or 'sum' is one launch (was four: the targets' pass,
+    the split programs, a combine a row, the loss's sum); its backward one more; a bad target still
+    raises (the same launch's verdict)."""
+    import fused_tau.kernels.row_ce as row_ce
+
+    launched = _recorded_launches(monkeypatch, row_ce, ("_ce_fwd_kernel", "_ce_reduce_kernel", "_ce_bwd_kernel",
+                                                        "_ce_grad_rescale_kernel"))
+    split(True)
+    x = torch.randn(3, 37, device=device)
+    y = torch.tensor([0, 36, -100], device=device)
+    for reduction in ("mean", "sum"):
+        cross_entropy(x, y, tau=0.5, reduction=reduction)
+        assert launched == [("_ce_fwd_kernel", (3, 3))]
+        launched.clear()
+        xs = x.clone().requires_grad_()
+        cross_entropy(xs, y, tau=0.5, reduction=reduction).backward()
+        assert launched == [("_ce_fwd_kernel", (3, 3)), ("_ce_bwd_kernel", (3, 3))]
+        launched.clear()
+    with pytest.raises(IndexError):
+        cross_entropy(x, torch.tensor([0, 37, 1], device=device), tau=0.5)
+
+
+def test_sample_split_is_one_launch(split, device, monkeypatch):
+    """A split row's draw is one launch (was two: the splits, a combine a row); the draws equal the
+    unsplit ones (test_sample) and two runs give the same draws."""
+    import fused_tau.kernels.row_sample as row_sample
+
+    kernels = [name for name in ("_sample_kernel", "_sample_combine_kernel") if hasattr(row_sample, name)]
+    launched = _recorded_launches(monkeypatch, row_sample, kernels)
+    split(True)
+    x = torch.randn(3, 37, device=device)
+    gen = lambda: torch.Generator(device=device).manual_seed(5)  # noqa: E731
+    a = sample(x, tau=0.7, generator=gen())
+    assert launched == [("_sample_kernel", (3, 3))]
+    assert torch.equal(a, sample(x, tau=0.7, generator=gen()))
+
+
+def test_logsumexp_split_is_one_launch(split, device, monkeypatch):
+    """τ·logsumexp of split rows is one launch (was two: the splits, a combine a row): each row's last
+    program reduces its partials; the value and gradients (τ's too) equal the unsplit ones
+    (test_softmax_family), and two runs give the same bits."""
+    import fused_tau.kernels.row_softmax as row_softmax
+
+    launched = _recorded_launches(monkeypatch, row_softmax, ("_softmax_fwd_kernel",))
+    split(True)
+    x = torch.randn(3, 37, device=device) * 3
+    tau = torch.tensor(0.4, device=device)
+    a = logsumexp(x, tau=tau)
+    assert launched == [("_softmax_fwd_kernel", (3, 3))]
+    assert torch.equal(a, logsumexp(x, tau=tau))
