@@ -7,7 +7,8 @@ import torch
 
 from . import _torch_row
 from ._tau import compute_dtype
-from ._torch_row import _exp_, _max_argmax, _nan_if_posinf, for_each, row_chunks, threads_for
+from ._torch_row import (_exp_, _max_argmax, _nan_if_posinf, class_target, for_each, row_chunks, target_complement,
+                         target_nll, threads_for)
 
 INF = float("inf")
 # Taylor coefficients of ψ(x) = e^x - 1 - x = x² Σ_k x^k/(k+2)! and of ψ3(x) = e^x - 1 - x - x²/2
@@ -416,10 +417,8 @@ def kd_fwd(s2, t2, target, tau, ignore_index, kl, ce, stats, out):
             S1 = e1.scatter_(-1, s.argmax(-1, keepdim=True), 0.0).sum(-1)
             S1 = torch.where(Ms == -INF, -1.0, S1)
             S1 = _nan_if_posinf(Ms, S1)
-            y = target[sl]
-            valid = y != ignore_index
-            s_y = s.gather(-1, torch.where(valid, y, 0).unsqueeze(-1)).squeeze(-1)
-            ce[sl] = torch.where(valid, (Ms - s_y) + torch.log1p(S1), 0.0)
+            valid, y = class_target(target, sl, ignore_index)
+            ce[sl] = torch.where(valid, target_nll(Ms, s.gather(-1, y).squeeze(-1), torch.log1p(S1)), 0.0)
             stats[sl, 6] = S1
 
     _in_blocks(R, C, s2.device, cd, work_block)
@@ -676,15 +675,11 @@ def _kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, ds, 
             dzs = gc * dcore
             dzt = torch.where(keep, -gc * q * u, 0.0)  # ∂KL/∂zt = q (δ - KL) = -q u
         if target is not None:
-            M1, S1 = Ms.squeeze(-1), stats[sl, 6].to(cd)
-            y = target[sl]
-            valid = y != ignore_index
-            y_safe = torch.where(valid, y, 0).unsqueeze(-1)
+            valid, y = class_target(target, sl, ignore_index)
             p1 = torch.softmax(s, -1)
-            at_top = s.gather(-1, y_safe).squeeze(-1) == M1
-            q1 = torch.where(at_top, S1 / (1.0 + S1), 1.0 - p1.gather(-1, y_safe).squeeze(-1))
+            q_y = target_complement(p1, s, y, Ms.squeeze(-1), stats[sl, 6].to(cd))[1]
             gce = torch.where(valid, g_ce.to(cd).reshape(-1).expand(R)[sl], 0.0).unsqueeze(-1)
-            ds[sl] = tc * dzs + gce * p1.scatter_(-1, y_safe, -q1.unsqueeze(-1))
+            ds[sl] = tc * dzs + gce * p1.scatter_(-1, y, -q_y.unsqueeze(-1))  # softmax(s) - onehot(y)
         else:
             ds[sl] = tc * dzs
         if teacher_grad:

@@ -530,10 +530,35 @@ def _coefficients(T, sl, weight, C, smoothing, prob_target, cd, device):
     return w * (smoothing / C)
 
 
-def _hard_target(target, sl, weight, ignore_index, cd, like):
+# The hard-label cross-entropy epilogue, -log p_y of a row's class index y (cross-entropy's class-index
+# targets; kd_loss's target, at τ = 1), as kernels/row_engine.py's: the target, its loss from the row's
+# statistics and the target's share of the gradient p - onehot(y).
+
+def class_target(target, sl, ignore_index):
+    """The rows' class indices and whether they count: ``(valid, y)``, y a column (rows, 1), 0 where it is
+    ignore_index (a target outside [0, C) was reported before: CPU tensors raise)."""
     y = target[sl]
     valid = y != ignore_index
-    y_safe = torch.where(valid, y, 0).unsqueeze(-1)
+    return valid, torch.where(valid, y, 0).unsqueeze(-1)
+
+
+def target_nll(M, z_y, log_total):
+    """-log p_y = lse(z) - z_y = (M - z_y) + log1p(S) (M = max z, log_total = log1p(S)): 0 + log1p(S) when y
+    is the argmax, full relative precision at small τ."""
+    return (M - z_y) + log_total
+
+
+def target_complement(p, z, y, M, S):
+    """``(p_y, q_y)``, q_y = 1 - p_y, the target's gradient -q_y in p - onehot(y) (p = softmax(z), M = max z,
+    y a column): Σ_{j ≠ y} p_j = S/(1 + S) when y is the argmax, where 1 - p_y would round to 0 at small τ.
+    S = -1 marks a row with no finite logit: NaN, as the composition's softmax (not ±inf)."""
+    p_y = p.gather(-1, y).squeeze(-1)
+    at_top = z.gather(-1, y).squeeze(-1) == M
+    return p_y, torch.where(at_top, torch.where(S == -1.0, float("nan"), S / (1.0 + S)), 1.0 - p_y)
+
+
+def _hard_target(target, sl, weight, ignore_index, cd, like):
+    valid, y_safe = class_target(target, sl, ignore_index)
     w_y = weight.to(cd)[y_safe.squeeze(-1)] if weight is not None else torch.ones_like(like)
     return valid, y_safe, torch.where(valid, w_y, 0.0)
 
@@ -582,7 +607,7 @@ def ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target, loss_o
     if not prob_target:
         valid, y_safe, wy = _hard_target(target, slice(None), weight, ignore_index, cd, M)
         z_y = _z(X.gather(-1, y_safe), slice(None), tau_r, cd).squeeze(-1)  # x_y / τ: z's own division
-        loss = torch.where(valid, (1.0 - smoothing) * wy * ((M - z_y) + L) + loss, 0.0)
+        loss = torch.where(valid, (1.0 - smoothing) * wy * target_nll(M, z_y, L) + loss, 0.0)
         wy_out.copy_(wy)
     loss_out.copy_(loss)
     m_out.copy_(_max_logit(X, slice(None), idx, cd))
@@ -621,11 +646,7 @@ def ce_bwd(x3, target, weight, tau, m, s, a_rows, g, ignore_index, smoothing, pr
             scale = torch.where(valid, scale, 0.0)
         # dz = h (p - δ_y) + A p - a
         if not prob_target:
-            # the target's p_y - 1 is -Σ_{j≠y} p_j = -S/(1+S) when y is the argmax
-            p_y = p.gather(-1, y_safe).squeeze(-1)
-            at_top = z.gather(-1, y_safe).squeeze(-1) == M
-            # S = -1 marks a row with no finite logit: NaN, as the composition's softmax (not ±inf)
-            q_y = torch.where(at_top, torch.where(S == -1.0, float("nan"), S / (1.0 + S)), 1.0 - p_y)
+            p_y, q_y = target_complement(p, z, y_safe, M, S)
             fix = scale * (-h * q_y + A_row * p_y)
         dz = p.mul_((scale * (h + A_row)).unsqueeze(-1))
         if not prob_target:

@@ -4,8 +4,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .row_engine import (dtau_parts, half_gap, interpreted, load_x, reread_config, row_config, row_splits,
-                         row_start, rows, stream_config, sum_dtau_parts, tau_stride, tickets)
+from .row_engine import (class_target, dtau_parts, half_gap, interpreted, load_x, reread_config, row_config,
+                         row_splits, row_start, rows, stream_config, sum_dtau_parts, target_complement, target_nll,
+                         tau_stride, tickets)
 from .tl_math import (exp2_scale, log1p, nan_if_posinf, online_finalize_log2, online_update_log2, to_store,
                       weighted_gap_finalize, weighted_gap_update)
 
@@ -110,7 +111,7 @@ def _ce_fwd_kernel(
             tl.store(part_d_ptr + part, D_part)
         if not PROB_TARGET:
             # the target's logit, parked in the row's loss slot for the combine (which then reads no logits)
-            tl.store(loss_ptr + r, tl.load(x_row + _safe_target(target_ptr, r, C, ignore_index) * stride_xc),
+            tl.store(loss_ptr + r, tl.load(x_row + class_target(target_ptr, r, C, ignore_index)[0] * stride_xc),
                      mask=tl.program_id(1) == 0)
         tl.debug_barrier()  # every thread's stores before the ticket
         if tl.atomic_add(count_ptr + r, 1, sem="acq_rel", scope="gpu") == splits - 1:
@@ -176,14 +177,6 @@ def _ce_rows_done(loss_ptr, target_ptr, weight_ptr, count_ptr, out_ptr, den_in_p
 
 
 @triton.jit
-def _safe_target(target_ptr, r, C, ignore_index):
-    """Row r's class index, 0 where it is ignore_index (an out-of-range target was reported before the
-    launch; never read out of bounds)."""
-    y = tl.load(target_ptr + r)
-    return tl.where((y != ignore_index) & (y >= 0) & (y < C), y, 0)
-
-
-@triton.jit
 def _ce_loss(x_row, target_ptr, weight_ptr, loss_ptr, wy_ptr, m_ptr, s_ptr, a_ptr, r, m, A, D, M, S, C,
              stride_xc, inv_tau, ignore_index, smoothing,
              HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, SMOOTH: tl.constexpr, X_Y_PARKED: tl.constexpr):
@@ -206,7 +199,7 @@ def _ce_loss(x_row, target_ptr, weight_ptr, loss_ptr, wy_ptr, m_ptr, s_ptr, a_pt
             x_y = tl.load(loss_ptr + r, cache_modifier=".cg").to(tl.float32)
         else:
             x_y = tl.load(x_row + y_safe * stride_xc).to(tl.float32)
-        loss = (1.0 - smoothing) * w_y * ((M - x_y) * inv_tau + log_total) + loss
+        loss = (1.0 - smoothing) * w_y * target_nll(M, x_y, log_total, inv_tau) + loss
         loss = tl.where(valid, loss, 0.0)
         tl.store(wy_ptr + r, w_y)
     tl.store(loss_ptr + r, loss)
@@ -222,8 +215,7 @@ def _ce_target(target_ptr, weight_ptr, r, C, ignore_index, smoothing,
     if PROB_TARGET:
         return -1, True, 0.0
     else:
-        valid = tl.load(target_ptr + r) != ignore_index
-        y = _safe_target(target_ptr, r, C, ignore_index)
+        y, valid = class_target(target_ptr, r, C, ignore_index)
         if HAS_WEIGHT:
             w_y = tl.load(weight_ptr + y).to(tl.float32)
         else:
@@ -249,8 +241,7 @@ def _ce_grad_row(x_row, t_row, target_ptr, weight_ptr, r, C, stride_xc, stride_t
     if not PROB_TARGET:
         x_y = tl.load(x_row + y * stride_xc).to(tl.float32)
         p_y = tl.exp2((x_y - M) * scale) * inv_total
-        q_y = tl.where(x_y == M, S * inv_total, 1.0 - p_y)
-        D_y = A_row * p_y - h * q_y
+        D_y = A_row * p_y - h * target_complement(x_y, M, S, p_y, inv_total)
         if SMOOTH:
             D_y -= _ce_coefficient(t_row, weight_ptr, y, C, stride_tc, smoothing, HAS_WEIGHT, PROB_TARGET, SMOOTH)
         D_y = G * D_y

@@ -185,6 +185,34 @@ def load_z(x_row, c, C, stride_xc, tau):
     return tl.math.div_rn(x.to(tl.float32), tau)
 
 
+# The hard-label cross-entropy epilogue, -log p_y of a row's class index y (cross-entropy's class-index
+# targets; kd_loss's target, at τ = 1): the target, its loss from the row's statistics (M, S) and the
+# target's share of the gradient p - onehot(y).
+
+@triton.jit
+def class_target(target_ptr, r, C, ignore_index):
+    """Row r's class index and whether it counts: ``(y, valid)``, y = 0 where it is ignore_index (or outside
+    [0, C): reported before the launch), so that a load at y never reads out of bounds."""
+    y = tl.load(target_ptr + r)
+    valid = y != ignore_index
+    return tl.where(valid & (y >= 0) & (y < C), y, 0), valid
+
+
+@triton.jit
+def target_nll(M, x_y, log_total, inv_tau):
+    """-log p_y = lse(z) - z_y = (M - x_y)·(1/τ) + log1p(S) (M = max x, log_total = log1p(S)): the gap in x
+    units, 0 when y is the argmax, so the loss keeps full relative precision at small τ (DESIGN.md)."""
+    return (M - x_y) * inv_tau + log_total
+
+
+@triton.jit
+def target_complement(x_y, M, S, p_y, inv_total):
+    """q_y = 1 - p_y, the target's gradient -q_y in p - onehot(y) (p_y from the row's statistics,
+    inv_total = 1/(1 + S)): Σ_{j ≠ y} p_j = S/(1 + S) when y is the argmax, where 1 - p_y would round to 0
+    at small τ and the row's gradient would no longer sum to zero."""
+    return tl.where(x_y == M, S * inv_total, 1.0 - p_y)
+
+
 @triton.jit
 def recompute_p(x_row, c, C, stride_xc, scale, M, inv_total):
     """The backward's (x, p) for columns ``c``: p = exp((x - M)/τ) / (1 + S) = exp2((x - M)·scale)·inv_total

@@ -54,7 +54,7 @@ import math
 import triton
 import triton.language as tl
 
-from .row_engine import interpreted, load_x, row_config, tau_stride
+from .row_engine import class_target, interpreted, load_x, row_config, target_complement, target_nll, tau_stride
 from .tl_math import (lane_scale, log1p, mul_inv, nan_if_posinf, online_finalize, online_finalize_x, psi3_series,
                       psi_series, psi_series_f64, reciprocal_split, to_store)
 
@@ -436,11 +436,9 @@ def _kd_fwd_kernel(
     if HAS_TARGET:
         S1 = online_finalize(ms, s1)[1]
         S1 = nan_if_posinf(Ms, S1)
-        y = tl.load(target_ptr + r)
-        valid = y != ignore_index
-        y_safe = tl.where(valid & (y >= 0) & (y < C), y, 0)
-        s_y = tl.load(s_row + y_safe).to(tl.float32)
-        tl.store(ce_ptr + r, tl.where(valid, (Ms - s_y) + log1p(S1), 0.0))
+        y, valid = class_target(target_ptr, r, C, ignore_index)
+        s_y = tl.load(s_row + y).to(tl.float32)
+        tl.store(ce_ptr + r, tl.where(valid, target_nll(Ms, s_y, log1p(S1), 1.0), 0.0))
         tl.store(base + 6, S1)
     if ELEMENTWISE:
         log_t, log_s, inv_t = log1p(St), log1p(Ss), tl.math.div_rn(1.0, 1.0 + St)
@@ -512,8 +510,12 @@ def _kd_bwd_kernel(
     if HAS_TARGET:
         S1 = tl.load(base + 6)
         inv1 = tl.math.div_rn(1.0, 1.0 + S1)
-        y = tl.load(target_ptr + r)
-        g_ce = tl.where(y != ignore_index, tl.load(gce_ptr + r * stride_g).to(tl.float32), 0.0)
+        y, valid = class_target(target_ptr, r, C, ignore_index)
+        g_ce = tl.where(valid, tl.load(gce_ptr + r * stride_g).to(tl.float32), 0.0)
+        # the target's share of softmax(s) - onehot(y), once a row: p_y as the loop forms p1
+        s_y = tl.load(s_row + y).to(tl.float32)
+        q_y = target_complement(s_y, Ms, S1, _exp(s_y - Ms, INTERPRETED) * inv1, inv1)
+        y = tl.where(valid, y, -1).to(tl.int32)  # compared with int32 columns: one instruction an element
     e_kl = tl.exp(kl)
     tau_acc = tl.zeros([BLOCK], tl.float32)
     b_acc = tl.zeros([BLOCK], tl.float32)
@@ -540,9 +542,7 @@ def _kd_bwd_kernel(
             dzt = tl.where(keep, -g * q * u, 0.0)
         ds = tau * dzs
         if HAS_TARGET:
-            p1 = _exp(xs - Ms, INTERPRETED) * inv1
-            q1 = tl.where(xs == Ms, S1 * inv1, 1.0 - p1)
-            ds += g_ce * tl.where(c == y, -q1, p1)
+            ds += g_ce * tl.where(c == y, -q_y, _exp(xs - Ms, INTERPRETED) * inv1)
         tl.store(ds_ptr + r * C + c, to_store(ds, ds_ptr, INTERPRETED), mask=c < C)
         if TEACHER_GRAD:
             tl.store(dt_ptr + r * C + c, to_store(tau * dzt, dt_ptr, INTERPRETED), mask=c < C)
