@@ -53,7 +53,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         ignore_index, reduction, label_smoothing = options.ignore_index, options.reduction, options.label_smoothing
         x3, A, C, B = view3(input, 1 if input.ndim > 1 else 0)
         prob_target = target.is_floating_point()
-        tgt = target.reshape(A, C, B) if prob_target else target.reshape(-1).to(torch.int64).contiguous()
+        tgt = target.reshape(A, C, B) if prob_target else class_indices(target)
         cdtype = compute_dtype(input)
         w = weight.detach().to(cdtype).contiguous() if weight is not None else None
         tau_k = tau_for_kernel(tau, input)
@@ -64,7 +64,7 @@ class CrossEntropyFunction(torch.autograd.Function):
                 ctx, x3, tgt, w, tau_k, options, prob_target, C, backend)
         else:
             if reduction == "mean" and two_pass:
-                denom = _mean_denominator(tgt, w, ignore_index, prob_target, A * B, cdtype)
+                denom = mean_denominator(tgt, w, ignore_index, prob_target, A * B, cdtype)
             if two_pass:
                 # the gradient of the reduction for an incoming gradient of 1: 1/denominator or 1
                 g = (1.0 / denom if denom is not None
@@ -159,7 +159,13 @@ def _nan_if_zero(denom):
     return torch.where(denom == 0, float("nan"), denom)
 
 
-def _mean_denominator(tgt, w, ignore_index, prob_target, n_rows, cdtype):
+def class_indices(target):
+    """Class-index targets as the row kernels read them (cross_entropy's, kd_loss's): one per row, flat,
+    contiguous int64 (a uint8 target would wrap ignore_index -100 to a real class 156)."""
+    return target.reshape(-1).to(torch.int64).contiguous()
+
+
+def mean_denominator(tgt, w, ignore_index, prob_target, n_rows, cdtype):
     """'mean''s denominator from the targets alone (a pass over N targets, on the device): the row count
     for probabilities, else Σ w_y over the rows whose y is not ignore_index (their count without weights)."""
     if prob_target:

@@ -15,6 +15,7 @@ from . import reference
 from ._checks import check_class_targets, check_reduction, check_same_device, check_tensor
 from ._dispatch import autocast_off, backend_for, loss_under_autocast, once_differentiable
 from ._tau import reduce_tau_grad, tau_for_kernel, tau_tensor
+from .cross_entropy import class_indices, mean_denominator
 
 KD_REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
@@ -40,13 +41,13 @@ class KDFunction(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def forward(ctx, student, teacher, target, tau, options, backend):
-        alpha, reduction, ignore_index = options.alpha, options.reduction, options.ignore_index
+        reduction = options.reduction
         s2, t2 = _rows2(student), _rows2(teacher)
         R, C = s2.shape
-        tgt = target.reshape(-1).to(torch.int64).contiguous() if target is not None else None
+        tgt = class_indices(target) if target is not None else None
         tau_k = tau_for_kernel(tau, student)
         elementwise = reduction == "none"
-        kl, ce, stats, out = ops.kd_fwd(backend, s2, t2, tgt, tau_k, ignore_index, elementwise)
+        kl, ce, stats, out = ops.kd_fwd(backend, s2, t2, tgt, tau_k, options.ignore_index, elementwise)
         tau2 = tau_k.reshape(-1) ** 2
         n_valid = None
         if elementwise:
@@ -56,11 +57,12 @@ class KDFunction(torch.autograd.Function):
             scale = {"batchmean": 1.0 / student.shape[0], "sum": 1.0, "mean": 1.0 / (R * C)}[reduction]
             loss = total * scale
             if tgt is not None:
+                # the student's hard-label cross-entropy at τ = 1, reduced as cross_entropy's
                 ce_total = ce.sum()
                 if reduction != "sum":
-                    n_valid = (tgt != ignore_index).sum().to(ce.dtype)
+                    n_valid = mean_denominator(tgt, None, options.ignore_index, False, R, ce.dtype)
                     ce_total = ce_total / n_valid
-                loss = alpha * loss + (1.0 - alpha) * ce_total
+                loss = options.alpha * loss + (1.0 - options.alpha) * ce_total
         ctx.backend, ctx.shape, ctx.options = backend, student.shape, options
         ctx.save_for_backward(s2, t2, tgt, tau_k, stats, n_valid, tau)
         return loss  # the compute dtype: the caller rounds it (or not, under autocast)
