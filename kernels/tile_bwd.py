@@ -307,49 +307,70 @@ def _materialized(D, bdo, a, b):
     return D > bdo and a.dtype == b.dtype
 
 
+def ds_chunk_width(N, D, K, BLOCK_N):
+    """The materialized backward's chunk of columns: about max(N·D, MATERIALIZED_CHUNK_ELEMENTS) elements
+    of ds (the input's size), whole BLOCK_N-wide tiles, at most K."""
+    width = max(N * D, MATERIALIZED_CHUNK_ELEMENTS) // max(N, 1)
+    return min(K, max(BLOCK_N, width // BLOCK_N * BLOCK_N))
+
+
+def ds_gemms(a, b, da, db, width, fill_ds):
+    """The materialized backward's GEMMs over chunks [c0, c1) of b's K rows, ``width`` wide:
+    ``fill_ds(ds, c0, c1)`` writes ds, the (N, c1 - c0) gradient of the loss with respect to the chunk's
+    dot products (in a's dtype), then db[c0:c1] = dsᵀ @ a (complete: one GEMM over all rows) and
+    da = Σ_chunks ds @ b[c0:c1], summed in fp32 in chunk order and rounded once (accumulate_mm; one
+    chunk: one GEMM into da).  da, db: None when not wanted."""
+    N, D = a.shape
+    K = b.shape[0]
+    ds_buf = torch.empty(N * width, device=a.device, dtype=a.dtype)
+    single = width >= K
+    # several chunks sum da in fp32 (into da itself when it is fp32)
+    da_sum = (None if single or da is None else da.zero_() if da.dtype == torch.float32
+              else torch.zeros((N, D), device=a.device, dtype=torch.float32))
+    for c0 in range(0, K, width):
+        c1 = min(K, c0 + width)
+        ds = ds_buf[:N * (c1 - c0)].view(N, c1 - c0)
+        fill_ds(ds, c0, c1)
+        if da is not None:
+            if single:
+                torch.mm(ds, b, out=da)
+            else:
+                accumulate_mm(da_sum, ds, b[c0:c1])
+        if db is not None:
+            torch.mm(ds.t(), a, out=db[c0:c1])
+    if da_sum is not None and da_sum is not da:
+        da.copy_(da_sum)
+
+
 def _tile_bwd_materialized(a, b, bias, tau, target, diag_offset, shift, scale, ref, da, db, dbias, zp, cfg):
     """Chunks of columns: ds = Q = P / τ (N × chunk, in the operands' dtype, fp32 for fp32) from one
-    recomputation of the tiles, then db[chunk] = dsᵀ @ a (complete: one GEMM over all rows) and
-    da += ds @ b[chunk] (fp32, in chunk order: deterministic).  Chunking the columns, not the rows,
-    makes the running sum the (N, D) da rather than the (K, D) db, which is far larger for an LLM
-    head.  FLOPs 6·N·K·D whatever D; extra memory one chunk, about max(N·D,
-    MATERIALIZED_CHUNK_ELEMENTS) elements, and da's fp32 sum."""
+    recomputation of the tiles (_tile_bwd_probs_kernel), then db[chunk] = dsᵀ @ a and da += ds @ b[chunk]
+    (ds_gemms).  Chunking the columns, not the rows, makes the running sum the (N, D) da rather than the
+    (K, D) db, which is far larger for an LLM head.  FLOPs 6·N·K·D whatever D; extra memory one chunk,
+    about max(N·D, MATERIALIZED_CHUNK_ELEMENTS) elements, and da's fp32 sum."""
     N, D = a.shape
     K = b.shape[0]
     f32 = dict(device=a.device, dtype=torch.float32)
     BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    width = max(N * D, MATERIALIZED_CHUNK_ELEMENTS) // max(N, 1)
-    width = min(K, max(BLOCK_N, width // BLOCK_N * BLOCK_N))
+    width = ds_chunk_width(N, D, K, BLOCK_N)
     common = _common(a, b, bias, tau, target, diag_offset, cfg)
-    need_da, need_db, need_zp = da is not None, db is not None, zp is not None
-    ds_buf = torch.empty(N * width, device=a.device, dtype=a.dtype)
+    need_db, need_zp = db is not None, zp is not None
     zp_buf = torch.empty(N * triton.cdiv(width, BLOCK_N), **f32) if need_zp else shift
     row_blocks = triton.cdiv(N, BLOCK_M)
     dbias_buf = torch.empty(row_blocks * width, **f32) if need_db and bias is not None else shift
-    single = width >= K
-    # several chunks sum da in fp32 (into da itself when it is fp32)
-    da_sum = None if single or not need_da else da.zero_() if da.dtype == torch.float32 else torch.zeros((N, D), **f32)
     if need_zp:
         zp.zero_()
-    for c0 in range(0, K, width):
-        c1 = min(K, c0 + width)
+
+    def fill_ds(ds, c0, c1):
         n_blocks = triton.cdiv(c1 - c0, BLOCK_N)
-        ds = ds_buf[:N * (c1 - c0)].view(N, c1 - c0)
         _tile_bwd_probs_kernel[(row_blocks * n_blocks,)](
             a, b, bias if bias is not None else shift, tau, target if target is not None else shift, shift, scale, ref,
             ds, zp_buf, dbias_buf, N, c0, c1, D, diag_offset or 0, *a.stride(), *b.stride(),
             NEED_ZP=need_zp, INTERPRETED=_interpreted(), GROUP_M=GROUP_M, **common,
         )
-        if need_da:
-            if single:
-                torch.mm(ds, b, out=da)
-            else:
-                accumulate_mm(da_sum, ds, b[c0:c1])
-        if need_db:
-            torch.mm(ds.t(), a, out=db[c0:c1])
-            if dbias is not None:
-                dbias[c0:c1] = dbias_buf[:row_blocks * (c1 - c0)].view(row_blocks, c1 - c0).sum(0)
+        if need_db and dbias is not None:
+            dbias[c0:c1] = dbias_buf[:row_blocks * (c1 - c0)].view(row_blocks, c1 - c0).sum(0)
         if need_zp:
-            zp += zp_buf[:N * n_blocks].view(N, n_blocks).sum(1)
-    if da_sum is not None and da_sum is not da:
-        da.copy_(da_sum)
+            zp.add_(zp_buf[:N * n_blocks].view(N, n_blocks).sum(1))
+
+    ds_gemms(a, b, da, db, width, fill_ds)

@@ -9,7 +9,8 @@ G_ij = Qr_ij + Qc_ij off the diagonal (Qr = u_i exp((y - c_i)/τ_i) the rows', Q
 the columns') and the two positives' g (p - 1)/τ on it, so that da = G @ b and db = Gᵀ @ a.
 The per-index statistics: the CLIP_* rows of a (CLIP_STATS, N) tensor (kernels/__init__.py).
 
-  _clip_fwd_kernel        each tile fed to the rows' and the columns' (m, s)
+  _tile_fwd_kernel        (kernels/tile_fwd.py) with CLIP: each tile fed to the rows' and the
+                          columns' (m, s), the tile engine's forward with a column epilogue
   _clip_combine_kernel    both merged, both directions' losses and the backward's constants
   _clip_bwd_probs_kernel  (ds = G, then two GEMMs) or _clip_bwd_fused_kernel (16-bit operands with
                           D <= BLOCK_DO, launched for da and for db): both directions' gradients from
@@ -19,59 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import CLIP_SHIFT_C, CLIP_SHIFT_R, CLIP_W_C, CLIP_W_R, tile_bwd, tile_engine
-from .tile_engine import (_block_do, _config, _dots_tile, _exp2_scale, _infonce_row, _interpreted, _load_tile,
+from . import CLIP_SHIFT_C, CLIP_SHIFT_R, CLIP_W_C, CLIP_W_R, tile_bwd, tile_engine, tile_fwd
+from .tile_engine import (_block_do, _common, _config, _dots_tile, _exp2_scale, _infonce_row, _interpreted, _load_tile,
                           _merge_partials, _partial_cap, _precision, _row_tau, _split_parts, _splits_block, _sum_parts)
 from .tl_math import to_store
-
-
-@triton.jit
-def _clip_fwd_kernel(
-    # pointers: m_r, s_r, zy (splits, N) fp32 row partials; m_c, s_c (row blocks, N) fp32 column partials
-    a_ptr, b_ptr, tau_ptr, m_r_ptr, s_r_ptr, zy_ptr, m_c_ptr, s_c_ptr,
-    N, D, split_cols,
-    stride_am, stride_ad, stride_bk, stride_bd,
-    TAU_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, RESIDENT: tl.constexpr,
-):
-    """One (row block, split of the columns) of y = a @ b.T (both N × D), in dot units, over the
-    off-diagonal entries: per row m = max y, s = Σ exp((y - m)/τ_i) and y_ii (0 where the diagonal is
-    in another split); per column j of the split, over the block's rows, m = max y and
-    s = Σ exp((y - m)/τ_j).  Each logit costs a subtraction, a multiply and an exp2 per direction."""
-    rb = tl.program_id(0)
-    rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
-    col0 = tl.program_id(1) * split_cols
-    col_end = tl.minimum(N, col0 + split_cols)
-    r2 = _exp2_scale(tau_ptr, rows, N, TAU_PER_ROW)
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK_M], tl.float32)
-    zy = tl.zeros([BLOCK_M], tl.float32)
-    a_fixed = 0.0
-    if RESIDENT:  # the rows' tile, read once for every column tile
-        a_fixed = _load_tile(a_ptr, rows, N, D, stride_am, stride_ad, BLOCK_D, UPCAST)
-    col_part = rb.to(tl.int64) * N  # this row block's row of the column partials
-    for n0 in range(col0, col_end, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        y = _dots_tile(a_ptr, b_ptr, 0, rows, cols, N, N, D, stride_am, stride_ad, stride_bk, stride_bd,
-                       a_fixed, 0.0, False, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, RESIDENT, False)
-        diag = cols[None, :] == rows[:, None]
-        zy += tl.sum(tl.where(diag, y, 0.0), 1)
-        y = tl.where((cols[None, :] < N) & (rows[:, None] < N) & ~diag, y, float("-inf"))
-        m_new = tl.maximum(m, tl.max(y, 1))
-        safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing counted yet: no -inf - -inf
-        s = s * tl.exp2((m - safe) * r2) + tl.sum(tl.exp2((y - safe[:, None]) * r2[:, None]), 1)
-        m = m_new
-        # the columns' share over this block of rows, complete (one program sees each (row block, column))
-        r2c = _exp2_scale(tau_ptr, cols, N, TAU_PER_ROW)
-        m_c = tl.max(y, 0)
-        safe_c = tl.where(m_c == float("-inf"), 0.0, m_c)
-        s_c = tl.sum(tl.exp2((y - safe_c[None, :]) * r2c[None, :]), 0)
-        tl.store(m_c_ptr + col_part + cols, m_c, mask=cols < col_end)
-        tl.store(s_c_ptr + col_part + cols, s_c, mask=cols < col_end)
-    part = tl.program_id(1).to(tl.int64) * N  # this split's row of the row partials
-    tl.store(m_r_ptr + part + rows, m, mask=rows < N)
-    tl.store(s_r_ptr + part + rows, s, mask=rows < N)
-    tl.store(zy_ptr + part + rows, zy, mask=rows < N)
 
 
 @triton.jit
@@ -258,16 +210,16 @@ def clip_fwd(a, b, tau, stats):
     splits, per = tile_engine.split_plan(row_blocks, triton.cdiv(N, BLOCK_N), tile_engine.sm_count(a.device))
     m_r, s_r, zy = (torch.empty((splits, N), **f32) for _ in range(3))
     m_c, s_c = torch.empty((row_blocks, N), **f32), torch.empty((row_blocks, N), **f32)
-    tau_per_row = tau.numel() != 1
-    _clip_fwd_kernel[(row_blocks, splits)](
-        a, b, tau, m_r, s_r, zy, m_c, s_c, N, D, per * BLOCK_N, *a.stride(), *b.stride(),
-        TAU_PER_ROW=tau_per_row, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=cfg["BLOCK_D"], UPCAST=_interpreted(),
-        PRECISION=_precision(a), RESIDENT=cfg["RESIDENT"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    common = _common(a, b, None, tau, None, None, cfg)
+    # the tile engine's forward with its column epilogue (read through its module, where tests stand in for it)
+    tile_fwd._tile_fwd_kernel[(row_blocks, splits)](
+        a, b, m_r, tau, m_r, m_r, s_r, zy, m_c, s_c, N, N, D, 0, per * BLOCK_N, *a.stride(), *b.stride(),
+        RESIDENT=cfg["RESIDENT"], CLIP=True, **common,
     )
     _clip_combine_kernel[(triton.cdiv(N, tile_engine.COMBINE_BLOCK),)](
         tau, m_r, s_r, zy, m_c, s_c, stats, N, splits, row_blocks,
-        TAU_PER_ROW=tau_per_row, SPLITS_BLOCK=_splits_block(max(splits, row_blocks)), BLOCK=tile_engine.COMBINE_BLOCK,
-        num_warps=4,
+        TAU_PER_ROW=common["TAU_PER_ROW"], SPLITS_BLOCK=_splits_block(max(splits, row_blocks)),
+        BLOCK=tile_engine.COMBINE_BLOCK, num_warps=4,
     )
 
 
@@ -277,52 +229,39 @@ def clip_bwd(a, b, tau, stats, g, da, db, zp):
     gradient, one element): da = G @ b, db = Gᵀ @ a, zp_k = Σ_j (y_kj - y_kk) Qr_kj + Σ_i (y_ik - y_kk) Qc_ik
     (so that dL/dτ_k = -zp_k / τ_k).  Chunks of columns as the materialized backward
     (_tile_bwd_materialized): one recomputation of each tile, ds = G written once a chunk, two GEMMs
-    (db's chunk complete, da summed in chunk order in fp32 when there are several); each program walks
-    a split of the rows for one block of columns (tile_engine.split_plan); the partial sums are added in a fixed
-    order: no atomics."""
+    (tile_bwd.ds_gemms: db's chunk complete, da summed in chunk order in fp32 when there are several);
+    each program walks a split of the rows for one block of columns (tile_engine.split_plan); the
+    partial sums are added in a fixed order: no atomics."""
     N, D = a.shape
     f32 = dict(device=a.device, dtype=torch.float32)
     bdo = _block_do(D, _config(a, "da"))
     if _clip_fused(D, bdo, a):
         _clip_bwd_fused(a, b, tau, stats, g, da, db, zp, bdo)
         return
-    need_da, need_db, need_zp = da is not None, db is not None, zp is not None
+    need_zp = zp is not None
     cfg = _config(a, "probs")
     BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    width = max(N * D, tile_bwd.MATERIALIZED_CHUNK_ELEMENTS) // max(N, 1)
-    width = min(N, max(BLOCK_N, width // BLOCK_N * BLOCK_N))
+    width = tile_bwd.ds_chunk_width(N, D, N, BLOCK_N)
     splits, per = tile_engine.split_plan(triton.cdiv(width, BLOCK_N), triton.cdiv(N, BLOCK_M),
                                          tile_engine.sm_count(a.device))
-    ds_buf = torch.empty(N * width, device=a.device, dtype=a.dtype)
     zp_r_buf = torch.empty(N * triton.cdiv(width, BLOCK_N), **f32) if need_zp else stats
     zp_c_buf = torch.empty(splits * width, **f32) if need_zp else stats
-    single = width >= N
-    # several chunks sum da in fp32 (into da itself when it is fp32)
-    da_sum = None if single or not need_da else da.zero_() if da.dtype == torch.float32 else torch.zeros((N, D), **f32)
     if need_zp:
         zp.zero_()
-    for c0 in range(0, N, width):
-        c1 = min(N, c0 + width)
+
+    def fill_ds(ds, c0, c1):
         n_blocks = triton.cdiv(c1 - c0, BLOCK_N)
-        ds = ds_buf[:N * (c1 - c0)].view(N, c1 - c0)
         _clip_bwd_probs_kernel[(n_blocks, splits)](
             a, b, tau, stats, g, ds, zp_r_buf, zp_c_buf, N, c0, c1, D, per * BLOCK_M, *a.stride(), *b.stride(),
             NEED_ZP=need_zp, TAU_PER_ROW=tau.numel() != 1, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=cfg["BLOCK_D"],
             UPCAST=_interpreted(), PRECISION=_precision(a), INTERPRETED=_interpreted(), RESIDENT=cfg["RESIDENT"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
-        if need_da:
-            if single:
-                torch.mm(ds, b, out=da)
-            else:
-                tile_bwd.accumulate_mm(da_sum, ds, b[c0:c1])
-        if need_db:
-            torch.mm(ds.t(), a, out=db[c0:c1])
         if need_zp:
-            zp += zp_r_buf[:N * n_blocks].view(N, n_blocks).sum(1)
+            zp.add_(zp_r_buf[:N * n_blocks].view(N, n_blocks).sum(1))
             zp[c0:c1] += zp_c_buf[:splits * (c1 - c0)].view(splits, c1 - c0).sum(0)
-    if da_sum is not None and da_sum is not da:
-        da.copy_(da_sum)
+
+    tile_bwd.ds_gemms(a, b, da, db, width, fill_ds)
 
 
 def _clip_fused(D, bdo, a):

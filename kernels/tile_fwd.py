@@ -19,9 +19,20 @@ from .tile_engine import (_autotuned, _common, _config, _dots_tile, _exp2_scale,
 
 
 @triton.jit
+def _column_partials(y, tau_ptr, cols, K, TAU_PER_ROW: tl.constexpr):
+    """Each column's (m, s) over a tile's rows, in dot units with the column's own τ_j: m = max_i y_ij,
+    s = Σ_i exp((y_ij - m)/τ_j) (entries set to -inf count nothing; a column with none: m = -inf, s = 0)."""
+    r2c = _exp2_scale(tau_ptr, cols, K, TAU_PER_ROW)
+    m_c = tl.max(y, 0)
+    safe_c = tl.where(m_c == float("-inf"), 0.0, m_c)
+    return m_c, tl.sum(tl.exp2((y - safe_c[None, :]) * r2c[None, :]), 0)
+
+
+@triton.jit
 def _tile_fwd_kernel(
-    # pointers; m, s, zy are (splits, N) fp32 partials (the outputs themselves for one split)
-    a_ptr, b_ptr, bias_ptr, tau_ptr, target_ptr, m_ptr, s_ptr, zy_ptr,
+    # pointers; m, s, zy are (splits, N) fp32 partials (the outputs themselves for one split); m_c, s_c
+    # (CLIP) (row blocks, K) fp32 column partials
+    a_ptr, b_ptr, bias_ptr, tau_ptr, target_ptr, m_ptr, s_ptr, zy_ptr, m_c_ptr, s_c_ptr,
     # shapes: a (N, D), b (K, D); diag_offset: column excluded from row i is i + diag_offset;
     # program (i-block, split) walks the columns [split · split_cols, (split + 1) · split_cols)
     N, K, D, diag_offset, split_cols,
@@ -30,41 +41,58 @@ def _tile_fwd_kernel(
     # constants
     HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr, TAU_PER_ROW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, RESIDENT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, RESIDENT: tl.constexpr, CLIP: tl.constexpr,
 ):
     """Per row and split of the columns, in dot units y = a·b + bias: m = max y, s = Σ exp((y - m) / τ)
     over the counted columns, and, RESIDENT, y at the target column (0 where the target is in another
     split; beyond one D-step the combine forms it from b's target row instead: the tile's sum over it
     cost the registers of 128 × 256 tiles).  The running max stays in dot units: each logit costs a
-    subtraction and a multiply by log2(e)/τ before exp2."""
+    subtraction and a multiply by log2(e)/τ before exp2.
+
+    CLIP (clip_loss's square y = a @ b.T, K = N, no bias, no target): the positive is the diagonal,
+    excluded from both directions and summed into y_ii at any D; each tile's real rows also give each
+    of its columns j its (m, s) over the row block with τ_j (_column_partials: the b -> a direction,
+    complete for this (row block, column): one program sees it), a second subtraction, multiply and
+    exp2 per logit."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col0 = tl.program_id(1) * split_cols
     col_end = tl.minimum(K, col0 + split_cols)
     r2 = _exp2_scale(tau_ptr, rows, N, TAU_PER_ROW)
-    tgt = _target(target_ptr, rows, N, HAS_TARGET)
+    if CLIP:
+        tgt = rows
+    else:
+        tgt = _target(target_ptr, rows, N, HAS_TARGET)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_M], tl.float32)
     zy = tl.zeros([BLOCK_M], tl.float32)
     a_fixed = 0.0
     if RESIDENT:  # the rows' tile, read once for every column tile
         a_fixed = _load_tile(a_ptr, rows, N, D, stride_am, stride_ad, BLOCK_D, UPCAST)
+    col_part = tl.program_id(0).to(tl.int64) * K  # CLIP: this row block's row of the column partials
     for n0 in range(col0, col_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         y = _dots_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, stride_am, stride_ad, stride_bk,
                        stride_bd, a_fixed, 0.0, HAS_BIAS, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, RESIDENT,
                        False)
         hit = cols[None, :] == tgt[:, None]
-        if HAS_TARGET and RESIDENT:
+        if (HAS_TARGET and RESIDENT) or CLIP:
             zy += tl.sum(tl.where(hit, y, 0.0), 1)
-        y = tl.where(_kept(rows, cols, K, hit, diag_offset, HAS_TARGET, MASK_DIAG), y, float("-inf"))
+        kept = _kept(rows, cols, K, hit, diag_offset, HAS_TARGET, MASK_DIAG)
+        if CLIP:  # the diagonal excluded; padding rows count in no column
+            kept &= (rows[:, None] < N) & ~hit
+        y = tl.where(kept, y, float("-inf"))
         m_new = tl.maximum(m, tl.max(y, 1))
         safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing counted yet: no -inf - -inf
         s = s * tl.exp2((m - safe) * r2) + tl.sum(tl.exp2((y - safe[:, None]) * r2[:, None]), 1)
         m = m_new
+        if CLIP:
+            m_c, s_c = _column_partials(y, tau_ptr, cols, K, TAU_PER_ROW)
+            tl.store(m_c_ptr + col_part + cols, m_c, mask=cols < col_end)
+            tl.store(s_c_ptr + col_part + cols, s_c, mask=cols < col_end)
     part = tl.program_id(1).to(tl.int64) * N  # this split's row of the partials
     tl.store(m_ptr + part + rows, m, mask=rows < N)
     tl.store(s_ptr + part + rows, s, mask=rows < N)
-    if HAS_TARGET and RESIDENT:
+    if (HAS_TARGET and RESIDENT) or CLIP:
         tl.store(zy_ptr + part + rows, zy, mask=rows < N)
 
 
@@ -152,8 +180,8 @@ def _tile_fwd(a, b, bias, tau, target, diag_offset, key, stats):
     common = _common(a, b, bias, tau, target, diag_offset, cfg)
     _tile_fwd_kernel[(row_blocks, splits)](
         a, b, bias if bias is not None else m_part, tau, target if target is not None else m_part, m_part, s_part,
-        zy_part, N, K, D, diag_offset or 0, per * BLOCK_N, *a.stride(), *b.stride(),
-        RESIDENT=cfg["RESIDENT"], **common,
+        zy_part, m_part, s_part, N, K, D, diag_offset or 0, per * BLOCK_N, *a.stride(), *b.stride(),
+        RESIDENT=cfg["RESIDENT"], CLIP=False, **common,
     )
     key = b if positive == 3 else key if key is not None else a
     _tile_combine_kernel[(triton.cdiv(N, tile_engine.COMBINE_BLOCK),)](
