@@ -3,7 +3,8 @@ dot units y = a·b + bias, m = max y and s = Σ exp((y - m)/τ), with the positi
 have one; the N × K logits never stored.
 
   _tile_fwd_kernel     per (row block, split of the columns): m_i = max y_ij, s_i = Σ exp((y_ij - m_i)/τ_i),
-                       and y_{i,t_i} from the same tiles
+                       and y_{i,t_i} from the same tiles; with CLIP (clip_loss, kernels/tile_clip.py) also
+                       each column's (m, s) over the row block, an epilogue of the same tiles
   _tile_combine_kernel the splits merged in split order: m_i = max_k m_ik, s_i = Σ_k s_ik exp((m_ik - m_i)/τ_i),
                        and the softmax over [positive, counted columns] the losses need
 
