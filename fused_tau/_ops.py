@@ -317,7 +317,7 @@ def sample(backend, x2, tau, seed, greedy):
 # y, s = Σ exp((y - m)/τ), and with a positive, the target's y or a_i · key_i, the softmax over
 # [positive, counted columns]: pos, nll, shift, e_pos, e_rest); tile_bwd takes per row a shift c, a
 # scale u and a reference r (c, r in dot units) and gives Q = u exp((y - c)/τ) times b and a, and
-# zp = Σ (y - r) Q (see kernels/tile.py).  tau_rows holds one τ for every row or one per row (the row
+# zp = Σ (y - r) Q (see kernels/tile_bwd.py).  tau_rows holds one τ for every row or one per row (the row
 # engine's layout): never expanded by the callers.
 
 def tile_fwd_outputs(a, positive):

@@ -5,7 +5,7 @@ logits matrix never exists (a chunk holds about ``CHUNK_ELEMENTS`` logits).
 τ is one element (every row) or one per row, as the kernels take it.
 The engine works in dot units y_ij = a_i · b_j + bias_j (before 1/τ_i) over the columns j
 that count (j < K, j ≠ t_i the row's target, j ≠ i + diag_offset when self-similarity is
-excluded); exp only ever sees a difference of dot products divided by τ (kernels/tile.py):
+excluded); exp only ever sees a difference of dot products divided by τ (kernels/tile_engine.py):
   forward   m_i = max_j y_ij,  s_i = Σ_j exp((y_ij - m_i) / τ_i),  and y_{i,t_i} (from the same tiles)
   backward  Q_ij = u_i exp((y_ij - c_i) / τ_i) over the same columns, for the caller's per-row
             shift c (dot units) and scale u, and from it
@@ -323,7 +323,7 @@ def tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, da_out, db
 
 
 def _infonce_rows(m, s, pos, tau):
-    """(nll, shift, e_pos, e_neg) of the softmax over [positive, negatives] (kernels/tile.py's _infonce_row)."""
+    """(nll, shift, e_pos, e_neg) of the softmax over [positive, negatives] (tile_engine._infonce_row)."""
     nll = torch.nn.functional.softplus(torch.log(s) + (m - pos) / tau)
     shift = torch.maximum(m, pos)
     nll = torch.where(torch.isposinf(shift), float("nan"), nll)

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tile
+from . import tile_engine
 from .tl_math import gumbel_block
 
 # Largest block a row is streamed in.  4096 fp32 lanes over 8 warps is 16
@@ -39,7 +39,7 @@ MAX_BLOCK = 4096
 # Few long rows: a row is split across programs when the rows alone would leave SMs idle, each
 # program taking at least MIN_BLOCKS_PER_SPLIT blocks (tests lower it to 1 and shrink the blocks);
 # the split count aims at PROGRAMS_PER_SM programs an SM.  The SM count is the device's on CUDA and
-# kernels/tile.py's SM_COUNT_OFF_GPU elsewhere (tests raise it; bench/model sets the H100's 132).
+# kernels/tile_engine.py's SM_COUNT_OFF_GPU elsewhere (tests raise it; bench/model sets the H100's 132).
 MIN_BLOCKS_PER_SPLIT = 4
 PROGRAMS_PER_SM = 2
 
@@ -49,7 +49,7 @@ def row_splits(n_rows, n_cols, block, device):
     (a multiple of ``block``, the last one partial); (1, a span covering the row) when rows fill the
     SMs or a row is too short to split."""
     n_blocks = triton.cdiv(n_cols, block)
-    target = PROGRAMS_PER_SM * tile.sm_count(device)
+    target = PROGRAMS_PER_SM * tile_engine.sm_count(device)
     splits = min(target // max(n_rows, 1), n_blocks // MIN_BLOCKS_PER_SPLIT)
     if splits < 2:
         return 1, max(n_blocks, 1) * block
@@ -87,7 +87,7 @@ ROWS_PER_SM = 4
 
 def l2_bytes(device):
     """The L2's bytes: the device's on CUDA, L2_BYTES_OFF_GPU elsewhere."""
-    p = tile.cuda_properties(device)
+    p = tile_engine.cuda_properties(device)
     return p.L2_cache_size if p is not None else L2_BYTES_OFF_GPU
 
 
@@ -98,7 +98,7 @@ def reread_config(n_cols, col_bytes, device, lanes_per_block=1):
     block of 8 elements a thread (128-bit loads of bf16, within the 64 registers a thread has there), and
     their rows in flight (one an SM) keep the second read in L2.  ``lanes_per_block`` as row_config's."""
     block, _, num_warps = row_config(n_cols, lanes_per_block)
-    if tile.sm_count(device) * ROWS_PER_SM * n_cols * col_bytes <= l2_bytes(device):
+    if tile_engine.sm_count(device) * ROWS_PER_SM * n_cols * col_bytes <= l2_bytes(device):
         return block, num_warps
     return min(max(triton.next_power_of_2(n_cols), 16), 2 * MAX_BLOCK // lanes_per_block), 32
 

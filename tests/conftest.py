@@ -41,21 +41,22 @@ def backend(request, monkeypatch):
         if not triton_available():
             pytest.skip("triton is not installed")
         import fused_tau.kernels.row_engine as row
-        import fused_tau.kernels.tile as tile
+        import fused_tau.kernels.tile_bwd as tile_bwd
+        import fused_tau.kernels.tile_engine as tile_engine
 
         if DEVICE == "cpu":
             monkeypatch.setattr(row, "MAX_BLOCK", 16)
-            monkeypatch.setattr(tile, "BLOCK_CAP", 16)  # every tile block of the table at most 16
-            monkeypatch.setattr(tile, "GROUP_M", 2)  # several groups of row blocks, the last one partial
+            monkeypatch.setattr(tile_engine, "BLOCK_CAP", 16)  # every tile block of the table at most 16
+            monkeypatch.setattr(tile_bwd, "GROUP_M", 2)  # several groups of row blocks, the last one partial
             # few rows of two blocks or more are split across programs (SM_COUNT_OFF_GPU below)
             monkeypatch.setattr(row, "MIN_BLOCKS_PER_SPLIT", 1)
-            monkeypatch.setattr(tile, "MATERIALIZED_CHUNK_ELEMENTS", 0)  # several row chunks of ds
+            monkeypatch.setattr(tile_bwd, "MATERIALIZED_CHUNK_ELEMENTS", 0)  # several row chunks of ds
             # split the long dimension on small shapes (a split may be one tile, the last one partial)
-            monkeypatch.setattr(tile, "SM_COUNT_OFF_GPU", 16)
-            monkeypatch.setattr(tile, "MIN_TILES_PER_SPLIT", 1)
+            monkeypatch.setattr(tile_engine, "SM_COUNT_OFF_GPU", 16)
+            monkeypatch.setattr(tile_engine, "MIN_TILES_PER_SPLIT", 1)
             # the combines merge 2 splits a step over 8 rows a program: several steps, the last partial
-            monkeypatch.setattr(tile, "COMBINE_SPLITS", 2)
-            monkeypatch.setattr(tile, "COMBINE_BLOCK", 8)
+            monkeypatch.setattr(tile_engine, "COMBINE_SPLITS", 2)
+            monkeypatch.setattr(tile_engine, "COMBINE_BLOCK", 8)
     else:
         import fused_tau._torch_row as torch_row
         import fused_tau._torch_tile as torch_tile

@@ -162,13 +162,13 @@ def test_bad_nt_xent_input(no_launch):
 @pytest.mark.parametrize("route", ["fused", "materialized", "materialized-one-chunk"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_both_backward_routes(backend, device, dtype, route, monkeypatch):
-    """The Triton backward's two routes (kernels/tile.py): the fused dA / dB kernels, and the chunks
+    """The Triton backward's two routes (kernels/tile_bwd.py): the fused dA / dB kernels, and the chunks
     of P / τ multiplied by GEMMs (auto for D > BLOCK_DO): the queue, in-batch keys, the diagonal mask."""
-    import fused_tau.kernels.tile as tile
+    import fused_tau.kernels.tile_bwd as tile_bwd
 
-    monkeypatch.setattr(tile, "MATERIALIZED_BWD", route.split("-")[0])
+    monkeypatch.setattr(tile_bwd, "MATERIALIZED_BWD", route.split("-")[0])
     if route.endswith("one-chunk"):
-        monkeypatch.setattr(tile, "MATERIALIZED_CHUNK_ELEMENTS", 1 << 20)
+        monkeypatch.setattr(tile_bwd, "MATERIALIZED_CHUNK_ELEMENTS", 1 << 20)
     q, k, queue = (torch.randn(n, D, device=device) for n in (N, N, K))
     tau = (torch.rand(N, device=device) * 0.3 + 0.1).requires_grad_()
     _compare(lambda q, k, qu, tau: fused_tau.infonce(q, k, qu, tau=tau, reduction="none"),

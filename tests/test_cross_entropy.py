@@ -282,9 +282,9 @@ def test_second_backward_with_retain_graph(backend, device):
 def test_long_rows_keep_the_second_read_in_l2(backend, device, monkeypatch):
     """The forward that writes the gradient reads each row twice: rows too long for four an SM in L2 take
     one 32-warp program an SM (kernels/row_engine.py reread_config); the gradient is the same."""
-    from fused_tau.kernels import row_engine, tile
+    from fused_tau.kernels import row_engine, tile_engine
 
-    monkeypatch.setattr(tile, "SM_COUNT_OFF_GPU", 132)
+    monkeypatch.setattr(tile_engine, "SM_COUNT_OFF_GPU", 132)
     monkeypatch.setattr(row_engine, "MAX_BLOCK", 4096)
     cpu = torch.device("cpu")
     assert row_engine.reread_config(32000, 2, cpu) == (4096, 8)  # 528 rows of 64 kB: 34 MB

@@ -380,14 +380,14 @@ def test_linear_ce_memory():
 @pytest.mark.parametrize("route", ["fused", "materialized", "materialized-one-chunk"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_both_backward_routes(backend, device, dtype, route, monkeypatch):
-    """The Triton backward's two routes (kernels/tile.py): fused dA / dB kernels, or chunks of P / τ
+    """The Triton backward's two routes (kernels/tile_bwd.py): fused dA / dB kernels, or chunks of P / τ
     multiplied by GEMMs (auto for D > BLOCK_DO, the LLM head), with a bias, class weights, label
     smoothing, an ignored row and a learnable τ."""
-    import fused_tau.kernels.tile as tile
+    import fused_tau.kernels.tile_bwd as tile_bwd
 
-    monkeypatch.setattr(tile, "MATERIALIZED_BWD", route.split("-")[0])
+    monkeypatch.setattr(tile_bwd, "MATERIALIZED_BWD", route.split("-")[0])
     if route.endswith("one-chunk"):
-        monkeypatch.setattr(tile, "MATERIALIZED_CHUNK_ELEMENTS", 1 << 20)
+        monkeypatch.setattr(tile_bwd, "MATERIALIZED_CHUNK_ELEMENTS", 1 << 20)
     x, W, b = torch.randn(N, D, device=device), torch.randn(V, D, device=device) * 0.5, torch.randn(V, device=device)
     y = torch.randint(0, V, (N,), device=device)
     y[4] = -100
@@ -418,14 +418,14 @@ def test_llm_head_backward_memory_within_a_tenth_of_inputs_and_gradients(backend
 
 
 def test_fp32_accumulated_gemm_is_not_rounded_to_bf16():
-    """accumulate_mm (the LLM-head backward's da += ds @ W[chunk], kernels/tile.py) adds the product in
+    """accumulate_mm (the LLM-head backward's da += ds @ W[chunk], kernels/tile_bwd.py) adds the product in
     fp32: it was rounded to bf16 first (2^-9 relative), now as exact as an fp32 sum."""
-    import fused_tau.kernels.tile as tile
+    import fused_tau.kernels.tile_bwd as tile_bwd
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(64, 256, generator=g).to(torch.bfloat16)
     w = torch.rand(256, 96, generator=g).to(torch.bfloat16)
     acc = torch.rand(64, 96, generator=g)
     exact = acc.double() + x.double() @ w.double()
-    tile.accumulate_mm(acc, x, w)
+    tile_bwd.accumulate_mm(acc, x, w)
     assert ((acc.double() - exact).abs() / exact.abs()).max() < 1e-5

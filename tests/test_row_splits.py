@@ -18,11 +18,11 @@ pytest.importorskip("triton")
 def split(monkeypatch):
     """Call ``split(on)`` to allow (on) or forbid row splits; the triton backend, blocks of 16."""
     import fused_tau.kernels.row_engine as row_engine
-    import fused_tau.kernels.tile as tile
+    import fused_tau.kernels.tile_engine as tile_engine
 
     monkeypatch.setenv("FUSED_TAU_BACKEND", "triton")
     monkeypatch.setattr(row_engine, "MAX_BLOCK", 16)
-    monkeypatch.setattr(tile, "SM_COUNT_OFF_GPU", 64)
+    monkeypatch.setattr(tile_engine, "SM_COUNT_OFF_GPU", 64)
 
     def set_split(on):
         monkeypatch.setattr(row_engine, "MIN_BLOCKS_PER_SPLIT", 1 if on else 1 << 30)
@@ -43,9 +43,9 @@ def close(a, b):
 
 def test_plan(monkeypatch):
     import fused_tau.kernels.row_engine as row_engine
-    import fused_tau.kernels.tile as tile
+    import fused_tau.kernels.tile_engine as tile_engine
 
-    monkeypatch.setattr(tile, "SM_COUNT_OFF_GPU", 132)
+    monkeypatch.setattr(tile_engine, "SM_COUNT_OFF_GPU", 132)
     cpu = torch.device("cpu")
     assert row_engine.row_splits(64, 256000, 4096, cpu) == (4, 65536)  # 63 blocks: 16, 16, 16, 15
     assert row_engine.row_splits(8192, 32000, 4096, cpu)[0] == 1  # the rows fill the SMs

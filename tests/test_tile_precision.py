@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _HUGE_STRIDE_SCRIPT = textwrap.dedent("""
     import torch
     import fused_tau
-    import fused_tau.kernels.tile as tile
+    import fused_tau.kernels.tile_bwd as tile_bwd
     from fused_tau import reference
     from tests.tolerances import assert_close_to_ref
 
@@ -55,7 +55,7 @@ _HUGE_STRIDE_SCRIPT = textwrap.dedent("""
     bias = torch.randn(K, generator=gen).to(dev, torch.float16)
     y = torch.tensor([0, 3, 1], device=dev)
     for route in ("fused", "materialized"):
-        tile.MATERIALIZED_BWD = route
+        tile_bwd.MATERIALIZED_BWD = route
         check(lambda q, k, qu: fused_tau.infonce(q, k, qu, tau=0.5),
               lambda q, k, qu: reference.infonce(q, k, qu, tau=0.5), [q, k, queue])
         check(lambda q, k: fused_tau.infonce(q, k, None, tau=0.5),
@@ -154,17 +154,18 @@ def test_in_batch_infonce_and_clip_precision(backend, device, tau, d):
 @pytest.mark.parametrize("n", [16, 33])
 @pytest.mark.parametrize("route", ["fused", "materialized"])
 def test_clip_one_pass_precision_across_splits(backend, device, monkeypatch, tau, d, n, route):
-    """clip_loss in one pass (kernels/tile.py clip_fwd / clip_bwd, both backward routes) at sizes around
+    """clip_loss in one pass (kernels/tile_clip.py clip_fwd / clip_bwd, both backward routes) at sizes around
     its 16-row blocks and 1-tile splits (each row's (m, s) merged over every split, each column's over
     every row block), from τ = 1e-3 to 1e4: loss and every gradient against float64, within torch's
     fp32 error."""
     if backend == "triton":
-        import fused_tau.kernels.tile as tile
+        import fused_tau.kernels.tile_bwd as tile_bwd
+        import fused_tau.kernels.tile_engine as tile_engine
 
-        monkeypatch.setattr(tile, "MATERIALIZED_BWD", route)
+        monkeypatch.setattr(tile_bwd, "MATERIALIZED_BWD", route)
 
-        monkeypatch.setattr(tile, "split_plan", lambda programs, tiles, sms, max_splits=None: (max(tiles, 1),
-                                                                                                min(tiles, 1)))
+        monkeypatch.setattr(tile_engine, "split_plan", lambda programs, tiles, sms, max_splits=None: (max(tiles, 1),
+                                                                                                       min(tiles, 1)))
     gen = torch.Generator().manual_seed(300 + d + n)
     a, b = (_unit_rows(n, d, gen).to(device) for _ in range(2))
     b[7] = b[3]  # two equal keys: a tie in rows 3 and 7, and between columns 3 and 7

@@ -1,5 +1,5 @@
-"""The tile engine's grid (kernels/tile.py, issue 14 item 1): the long dimension split across
-programs whatever N (flash-decoding), the splits' partials merged deterministically, and τ passed as
+"""The tile engine's grid (kernels/tile_engine.py split_plan, issue 14 item 1): the long dimension split
+across programs whatever N (flash-decoding), the splits' partials merged deterministically, and τ passed as
 one element or one per row, never expanded (issue 17)."""
 import math
 
@@ -21,15 +21,15 @@ pytest.importorskip("triton")
 @pytest.mark.parametrize("programs, tiles, sms", [(4, 1024, 132), (64, 1024, 132), (128, 2004, 132), (1, 1, 132),
                                                   (3, 7, 4), (2, 3, 16), (5, 0, 8), (200, 5, 132), (4, 1024, 108)])
 def test_split_plan_covers_every_tile_once(programs, tiles, sms):
-    import fused_tau.kernels.tile as tile
+    import fused_tau.kernels.tile_engine as tile_engine
 
-    splits, per = tile.split_plan(programs, tiles, sms)
+    splits, per = tile_engine.split_plan(programs, tiles, sms)
     assert splits >= 1
     if tiles == 0:
         return
-    assert per >= min(tile.MIN_TILES_PER_SPLIT, tiles)
+    assert per >= min(tile_engine.MIN_TILES_PER_SPLIT, tiles)
     assert splits * per >= tiles and (splits - 1) * per < tiles  # every tile in one split, no empty split
-    assert tile.split_plan(programs, tiles, sms, max_splits=2)[0] <= 2
+    assert tile_engine.split_plan(programs, tiles, sms, max_splits=2)[0] <= 2
 
 
 class _Launches:
@@ -54,12 +54,15 @@ def test_grid_fills_the_gpu_at_moco_shapes(monkeypatch, N):
     """MoCo, K = 65536 keys, D = 128, bf16, on 132 SMs: the forward and the backward's da kernel
     launched one program per 64 queries (4 programs at N = 256, 64 at N = 4096); now at least 90% of
     the SMs get one."""
-    import fused_tau.kernels.tile as tile
+    import fused_tau.kernels.tile_bwd as tile_bwd
+    import fused_tau.kernels.tile_engine as tile_engine
+    import fused_tau.kernels.tile_fwd as tile_fwd
 
     launches = _Launches()
-    for name in ("_tile_fwd_kernel", "_tile_combine_kernel", "_tile_bwd_da_kernel", "_tile_bwd_db_kernel"):
-        monkeypatch.setattr(tile, name, launches.kernel(name), raising=False)
-    monkeypatch.setattr(tile, "sm_count", lambda device: 132, raising=False)
+    for module, name in ((tile_fwd, "_tile_fwd_kernel"), (tile_fwd, "_tile_combine_kernel"),
+                         (tile_bwd, "_tile_bwd_da_kernel"), (tile_bwd, "_tile_bwd_db_kernel")):
+        monkeypatch.setattr(module, name, launches.kernel(name))
+    monkeypatch.setattr(tile_engine, "sm_count", lambda device: 132)
     K, D = 65536, 128
     q = torch.empty(N, D, dtype=torch.bfloat16)
     queue = torch.empty(K, D, dtype=torch.bfloat16)
@@ -94,10 +97,11 @@ def test_every_split_against_the_reference(backend, device, monkeypatch, per, N,
     with a learnable queue (the forward's and da's column splits, db's row splits), in-batch InfoNCE (the
     target in one split), NT-Xent (the excluded diagonal), linear cross-entropy with a bias (dbias);
     per-row τ and one τ; loss and every gradient against float64."""
-    import fused_tau.kernels.tile as tile
+    import fused_tau.kernels.tile_bwd as tile_bwd
+    import fused_tau.kernels.tile_engine as tile_engine
 
-    monkeypatch.setattr(tile, "split_plan", _forced_plan(per))
-    monkeypatch.setattr(tile, "MATERIALIZED_BWD", route)
+    monkeypatch.setattr(tile_engine, "split_plan", _forced_plan(per))
+    monkeypatch.setattr(tile_bwd, "MATERIALIZED_BWD", route)
     D, n = 5, K // 2 + 1
 
     def tau_rows(rows):
@@ -134,9 +138,9 @@ def test_splits_merge_special_rows(backend, device, monkeypatch):
     """Rows whose splits disagree: a +inf logit in one split (NaN loss, as the composition), a -inf
     (masked) split beside finite ones, a row whose every negative is -inf (the positive alone: loss 0),
     and a NaN in one split; every split merged in the combine kernel."""
-    import fused_tau.kernels.tile as tile
+    import fused_tau.kernels.tile_engine as tile_engine
 
-    monkeypatch.setattr(tile, "split_plan", _forced_plan(1))
+    monkeypatch.setattr(tile_engine, "split_plan", _forced_plan(1))
     D, K = 3, 40
     q = torch.ones(4, D, device=device)
     k = torch.ones(4, D, device=device)
@@ -159,9 +163,9 @@ def test_clip_splits_merge_special_entries(backend, device, monkeypatch):
     float64) beside finite blocks, and rows 0-15 whose other splits are all -inf: loss and every
     gradient against the float64 composition.  Then a +inf similarity and a NaN feature: the loss, τ's
     gradient and every input gradient NaN, as the composition's (a NaN row reaches every column)."""
-    import fused_tau.kernels.tile as tile
+    import fused_tau.kernels.tile_engine as tile_engine
 
-    monkeypatch.setattr(tile, "split_plan", _forced_plan(1))
+    monkeypatch.setattr(tile_engine, "split_plan", _forced_plan(1))
     N, D = 40, 3
     a, b = torch.randn(N, D, device=device), torch.randn(N, D, device=device)
     a[:16, 0], b[16:, 0], b[:16, 0] = 1e20, -1e20, 1e-19
@@ -238,9 +242,9 @@ def test_padding_rows_stay_inert_under_large_logits(backend, device, monkeypatch
     """The backward's padding rows (past N in the last row block) are not masked per logit: their
     shift is +inf and their scale 0, so Q = 0 even where exp of their (bias-only) logits overflows;
     with a shift of 0, u · exp2(300 log2(e)) = 0 · inf made dW and the bias gradient NaN."""
-    import fused_tau.kernels.tile as tile
+    import fused_tau.kernels.tile_bwd as tile_bwd
 
-    monkeypatch.setattr(tile, "MATERIALIZED_BWD", route)
+    monkeypatch.setattr(tile_bwd, "MATERIALIZED_BWD", route)
     N, V, D = 17, 29, 6  # 17 rows: the second 16-row block is mostly padding
     x = torch.randn(N, D, device=device)
     W = torch.randn(V, D, device=device)
@@ -256,44 +260,44 @@ def test_autotuning_only_behind_its_variable_and_never_keyed_on_n(monkeypatch):
     """FUSED_TAU_TILE_AUTOTUNE=1: the first call per (op, arch, kind, D-bin) times every candidate
     (here a stand-in clock that prefers the 4-warp one) and later calls at other N reuse the pick;
     the results are the table's.  Without the variable nothing is timed."""
-    import fused_tau.kernels.tile as tile
+    import fused_tau.kernels.tile_engine as tile_engine
 
     timed = []
 
     def clock(call, device):
-        timed.append(dict(tile._OVERRIDE))
-        return 0.0 if tile._OVERRIDE.get("num_warps") == 4 else 1.0
+        timed.append(dict(tile_engine._OVERRIDE))
+        return 0.0 if tile_engine._OVERRIDE.get("num_warps") == 4 else 1.0
 
-    monkeypatch.setattr(tile, "_time_call", clock)
-    monkeypatch.setattr(tile, "_TUNED", {})
+    monkeypatch.setattr(tile_engine, "_time_call", clock)
+    monkeypatch.setattr(tile_engine, "_TUNED", {})
     b = torch.randn(40, 8)
     tau = torch.full((1,), 0.3)
     a = torch.randn(20, 8)
     plain = ops.tile_fwd("triton", a, b, None, tau, None, None)
     assert timed == []
-    monkeypatch.setenv(tile.AUTOTUNE_ENV, "1")
+    monkeypatch.setenv(tile_engine.AUTOTUNE_ENV, "1")
     tuned = ops.tile_fwd("triton", a, b, None, tau, None, None)
-    assert len(timed) == len(tile.AUTOTUNE_CANDIDATES)
-    assert tile._TUNED == {("fwd", tile.ARCH_OFF_GPU, "32", 128): dict(BLOCK_M=64, BLOCK_N=128, num_warps=4,
-                                                                       num_stages=4)}
+    assert len(timed) == len(tile_engine.AUTOTUNE_CANDIDATES)
+    assert tile_engine._TUNED == {("fwd", tile_engine.ARCH_OFF_GPU, "32", 128): dict(BLOCK_M=64, BLOCK_N=128,
+                                                                                     num_warps=4, num_stages=4)}
     torch.testing.assert_close(plain, tuned)
     ops.tile_fwd("triton", torch.randn(300, 8), b, None, tau, None, None)  # another N: the same pick, no timing
-    assert len(timed) == len(tile.AUTOTUNE_CANDIDATES)
+    assert len(timed) == len(tile_engine.AUTOTUNE_CANDIDATES)
 
 
 @pytest.mark.parametrize("arch", [90, 80])
 def test_tile_table_per_arch_and_d_bin(arch):
-    """The table (kernels/tile.py TILE_CONFIGS): 128-row tiles for 16-bit operands on sm_90 and sm_80,
+    """The table (kernels/tile_engine.py TILE_CONFIGS): 128-row tiles for 16-bit operands on sm_90 and sm_80,
     the whole row in one D-step (kept on-chip) up to D = 256 but never wider than D's power of two
     (D = 64 would multiply 64 columns of zero padding), 64-wide D-steps beyond, 128 × 256 tiles in
     32-wide D-steps for the LLM head's D in the thousands, capped D-steps for fp32; nothing depends on N."""
-    import fused_tau.kernels.tile as tile
+    import fused_tau.kernels.tile_engine as tile_engine
 
     for D, step, resident in ((32, 32, True), (64, 64, True), (128, 128, True), (200, 256, True),
                               (512, 64, False), (4096, 32, False)):
-        cfg = tile.tile_config(arch, torch.bfloat16, D)
+        cfg = tile_engine.tile_config(arch, torch.bfloat16, D)
         assert cfg["BLOCK_M"] >= 128 and cfg["BLOCK_N"] >= 64, (D, cfg)
         assert (cfg["BLOCK_D"], cfg["RESIDENT"]) == (step, resident), (D, cfg)
-        assert cfg == tile.tile_config(arch, torch.float16, D)
-    assert tile.tile_config(arch, torch.bfloat16, 4096)["BLOCK_N"] == 256
-    assert tile.tile_config(arch, torch.float32, 4096)["BLOCK_D"] == 32
+        assert cfg == tile_engine.tile_config(arch, torch.float16, D)
+    assert tile_engine.tile_config(arch, torch.bfloat16, 4096)["BLOCK_N"] == 256
+    assert tile_engine.tile_config(arch, torch.float32, 4096)["BLOCK_D"] == 32

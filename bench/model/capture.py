@@ -297,7 +297,7 @@ def capture(archs=ARCHS):
     from triton.runtime.jit import JITFunction
 
     from fused_tau import _dispatch, _ops
-    from fused_tau.kernels import tile as kernel_tile
+    from fused_tau.kernels import tile_engine
 
     from .roofline import H100, H200
 
@@ -307,9 +307,9 @@ def capture(archs=ARCHS):
     # have the same count) and sm_90's tiles (the table keeps them spill-free and within shared memory
     # on sm_80 too, so the same launch is compiled for both targets)
     assert H100.sms == H200.sms
-    saved_sms, saved_arch = kernel_tile.SM_COUNT_OFF_GPU, kernel_tile.ARCH_OFF_GPU
-    kernel_tile.SM_COUNT_OFF_GPU = H200.sms
-    kernel_tile.ARCH_OFF_GPU = 90
+    saved_sms, saved_arch = tile_engine.SM_COUNT_OFF_GPU, tile_engine.ARCH_OFF_GPU
+    tile_engine.SM_COUNT_OFF_GPU = H200.sms
+    tile_engine.ARCH_OFF_GPU = 90
     saved_run, saved_interp, saved_tracing = JITFunction.run, _dispatch.interpreter_on, _ops._tracing
     saved_backend = os.environ.get("FUSED_TAU_BACKEND")
 
@@ -331,7 +331,7 @@ def capture(archs=ARCHS):
             yield triton_rec, torch_rec
     finally:
         JITFunction.run = saved_run
-        kernel_tile.SM_COUNT_OFF_GPU, kernel_tile.ARCH_OFF_GPU = saved_sms, saved_arch
+        tile_engine.SM_COUNT_OFF_GPU, tile_engine.ARCH_OFF_GPU = saved_sms, saved_arch
         _dispatch.interpreter_on = saved_interp
         _ops._tracing = saved_tracing
         if saved_backend is None:
