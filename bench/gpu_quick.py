@@ -2,6 +2,8 @@
 
 In order, each result written as one JSON line the moment it is measured (a killed run keeps what
 it had), and printed beside the prediction of the newest committed bench/results/model-*.json:
+  0. the row engine's last-arriver combines (few long rows: the programs of a split row take a ticket,
+     the last one combines), which no GPU has run yet: repeated runs bit-identical, and against float64;
   1. the ceilings the model takes as constants: device-to-device copy bandwidth (bytes read + written),
      the 8192^3 bf16 matmul rate on random data, a copy that stays in L2 (its read + write bandwidth),
      and the time of a tiny kernel back to back (eager launches and replayed from a CUDA graph);
@@ -57,6 +59,43 @@ def measure_ceilings(device):
     return dict(copy_gbps=base["copy_gbps"], matmul_tflops=base["matmul_tflops"],
                 l2_copy_gbps=2 * small.numel() * 4 / l2_ms / 1e6, launch_us_eager=eager_us, launch_us_graph=graph_us,
                 copy_spread=base["copy_spread"], matmul_spread=base["matmul_spread"])
+
+
+def check_last_arrivers(device, repeats=20, shape=(64, 256000)):
+    """Few long rows (64 × 256000 bf16, split across programs; the last program of each row combines, and
+    for mean / sum the last row's reduces the rows): cross_entropy, logsumexp and sample run ``repeats``
+    times must give the same bits each time, and cross_entropy / τ·logsumexp agree with float64 on the GPU
+    (relative error; the outputs are bf16, as torch's: up to 2^-8 from their rounding alone)."""
+    import fused_tau
+    import torch.nn.functional as F
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = (torch.randn(*shape, device=device, generator=gen) * 3).to(torch.bfloat16)
+    y = torch.randint(0, shape[1], shape[:1], device=device, generator=gen)
+    y[3] = -100  # an ignored row
+    tau = 0.07
+    x64 = x.double() / tau
+    results = {}
+    for name, fn, ref in (
+            ("cross_entropy mean", lambda: fused_tau.cross_entropy(x, y, tau=tau),
+             lambda: F.cross_entropy(x64, y)),
+            ("cross_entropy sum", lambda: fused_tau.cross_entropy(x, y, tau=tau, reduction="sum"),
+             lambda: F.cross_entropy(x64, y, reduction="sum")),
+            ("cross_entropy none", lambda: fused_tau.cross_entropy(x, y, tau=tau, reduction="none"),
+             lambda: F.cross_entropy(x64, y, reduction="none")),
+            ("logsumexp", lambda: fused_tau.logsumexp(x, -1, tau=tau), lambda: tau * torch.logsumexp(x64, -1)),
+            ("sample", lambda: fused_tau.sample(x, tau=tau, generator=torch.Generator(device=device).manual_seed(1)),
+             None)):
+        outs = [fn() for _ in range(repeats)]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        same = all(torch.equal(o, outs[0]) for o in outs[1:])
+        err = None
+        if ref is not None:
+            r = ref()
+            err = float(((outs[0].double() - r).abs() / r.abs().clamp_min(1e-30)).max())
+        results[name] = dict(bit_identical=same, max_rel_err=err)
+    return results
 
 
 def _footprint(inp):
@@ -133,6 +172,15 @@ def main(argv=None):
     emit(dict(kind="environment", model_table=table_name, **env))
     print(f"# {env['device']}, torch {env['torch']}, triton {env['triton']}; predictions: {table_name} ({dev})",
           flush=True)
+    try:
+        checks = check_last_arrivers(device)
+        emit(dict(kind="check", name="last_arrivers", results=checks))
+        for name, r in checks.items():
+            print(f"check {name}: bit-identical {r['bit_identical']}, max rel err vs float64 {r['max_rel_err']}",
+                  flush=True)
+    except Exception as e:  # noqa: BLE001 - a failing check is a result, not the end of the lease
+        emit(dict(kind="check", name="last_arrivers", status="error", error=f"{type(e).__name__}: {e}"[:500]))
+        print(f"check last_arrivers: error {type(e).__name__}: {e}", flush=True)
     ceil = measure_ceilings(device)
     emit(dict(kind="ceilings", **ceil))
     from .model import roofline as R
