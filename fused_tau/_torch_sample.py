@@ -3,9 +3,9 @@ same names, arguments and results, written with torch ops, for devices without T
 
 The noise is drawn with ``Tensor.exponential_`` (g = -log E, E ~ Exponential(1), as
 ``F.gumbel_softmax`` does) one chunk of rows at a time, so no fp32 temporary is larger than a
-chunk (``_torch_row.CHUNK_ELEMENTS``), each chunk from its own generator seeded from the launch's
+chunk (``_torch_row_engine.CHUNK_ELEMENTS``), each chunk from its own generator seeded from the launch's
 seed (drawn from the caller's generator by fused_tau._ops.draw_seed), so that chunks drawn on
-several threads (``_torch_row.for_each``) give the same noise in any order.  The draws have the
+several threads (``_torch_threads.for_each``) give the same noise in any order.  The draws have the
 kernels' distribution, not their random stream.  Unlike the kernels, which regenerate
 their noise from the seed, the hard backward here needs the soft sample: ``gumbel_fwd``
 keeps it (in the logits' dtype, as ``F.gumbel_softmax``'s autograd does) when a gradient
@@ -14,7 +14,9 @@ is needed.
 import torch
 
 from ._tau import compute_dtype
-from ._torch_row import _as_rows, _chunks, _max_argmax, _rows_of, _store_rows, _tau_rows, for_each, softmax_bwd
+from ._torch_row_engine import _as_rows, _chunks, _max_argmax, _rows_of, _store_rows, _tau_rows
+from ._torch_softmax import softmax_bwd
+from ._torch_threads import for_each
 
 
 def _log_exponential(n_rows, C, dtype, device, generator):
@@ -71,7 +73,7 @@ def gumbel_fwd(x3, tau, seed, hard, out3, aux):
 
 def gumbel_bwd(g, tau, hard, src, seed, aux, dx):
     """Writes dx = y (g - Σ g y) / τ with y the soft sample: ``src`` (the output) when not ``hard``,
-    else the one gumbel_fwd kept; contiguous (A, C, B).  The softmax backward (_torch_row.py),
+    else the one gumbel_fwd kept; contiguous (A, C, B).  The softmax backward (_torch_softmax.py),
     out of place: y may be the caller's output."""
     y = aux[0] if hard else src
     softmax_bwd(y, g, y, None, None, tau, False, dx, None)

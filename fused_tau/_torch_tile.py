@@ -17,13 +17,14 @@ import threading
 
 import torch
 
-from . import _torch_row as torch_row
+from . import _torch_row_engine as torch_row_engine
+from . import _torch_threads as torch_threads
 from ._tau import compute_dtype
 from .kernels import (CLIP_DPOS, CLIP_POS, CLIP_SHIFT_C, CLIP_SHIFT_R, CLIP_W_C, CLIP_W_R, TILE_E_POS, TILE_E_REST, TILE_M,
                       TILE_NLL, TILE_POS, TILE_S, TILE_SHIFT)
 
 CHUNK_ELEMENTS = 1 << 20
-# On CPU, where the work is shared out among threads (_torch_row.for_each), the logits are cut into
+# On CPU, where the work is shared out among threads (_torch_threads.for_each), the logits are cut into
 # tiles of ROW_BLOCK rows by at most 1/COL_PARTS of the columns; elsewhere into chunks of columns of
 # all the rows.  The cut depends on the shapes only, not on the number of threads, and the forward
 # and the backward cut alike, so that both compute each logit with the same matmul, to the last bit.
@@ -33,7 +34,7 @@ COL_PARTS = 8
 
 def _tiles(N, K, device):
     """(row blocks as slices, column chunks as (lo, hi)): see ROW_BLOCK."""
-    shared = device.type == "cpu" and N * K >= torch_row.PARALLEL_MIN_ELEMENTS and N > ROW_BLOCK
+    shared = device.type == "cpu" and N * K >= torch_threads.PARALLEL_MIN_ELEMENTS and N > ROW_BLOCK
     rb = ROW_BLOCK if shared else max(N, 1)
     cb = max(1, CHUNK_ELEMENTS // rb)
     if shared:
@@ -223,7 +224,7 @@ def _tile_lse(a, b, bias, tau, target, diag_offset, m_out, s_out, zy_out):
                 # _exp_'s underflow passes)
                 for r, c in here.values():
                     d[r, c] = 0.0
-                e = torch_row._exp_(d)
+                e = torch_row_engine._exp_(d)
                 for r, c in here.values():
                     e[r, c] = 0.0
             else:
@@ -234,7 +235,7 @@ def _tile_lse(a, b, bias, tau, target, diag_offset, m_out, s_out, zy_out):
         if target is not None:
             zy_out[rows] = zy
 
-    torch_row.for_each(row_blocks, block, a.device, N * K, scratch=_tile_buffer(row_blocks, col_chunks, cd, a.device))
+    torch_threads.for_each(row_blocks, block, a.device, N * K, scratch=_tile_buffer(row_blocks, col_chunks, cd, a.device))
 
 
 def tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, da_out, db, dbias, zp):
@@ -268,7 +269,7 @@ def tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, da_out, db
         lo, hi = col_chunks[k]
         y = _dots_into(a_c[rows], b, bias, lo, hi, cd, scratch) if cpu else _dots(a_c[rows], b, bias, lo, hi, cd)
         d = (y - shift_col[rows]) if need_zp else y.sub_(shift_col[rows])  # y itself is spent without zp
-        Q = torch_row._exp_(d.div_(tau_col[rows])).mul_(scale_col[rows])
+        Q = torch_row_engine._exp_(d.div_(tau_col[rows])).mul_(scale_col[rows])
         if cpu:
             for r, c in entries.get((rows.start // row_blocks[0].stop, k), {}).values():
                 Q[r, c] = 0.0
@@ -286,10 +287,10 @@ def tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, da_out, db
                 if need_da:
                     da[rows] += Q @ b[lo:hi].to(cd)
 
-        torch_row.for_each(row_blocks, block, a.device, N * K, scratch=buffer)
+        torch_threads.for_each(row_blocks, block, a.device, N * K, scratch=buffer)
     else:
         update_elements = (N * a.shape[1] if need_da else 0) + (N if need_zp else 0)
-        order = _InChunkOrder(min(2 * torch_row.threads_for(a.device, N * K),
+        order = _InChunkOrder(min(2 * torch_threads.threads_for(a.device, N * K),
                                   PENDING_ELEMENTS // max(update_elements, 1)))
 
         def chunk(task, scratch=None):
@@ -317,7 +318,7 @@ def tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, da_out, db
                 order.fail()
                 raise
 
-        torch_row.for_each(list(enumerate(col_chunks)), chunk, a.device, N * K, scratch=buffer)
+        torch_threads.for_each(list(enumerate(col_chunks)), chunk, a.device, N * K, scratch=buffer)
     if need_da and da is not da_out:
         da_out.copy_(da)
 

@@ -1,7 +1,7 @@
 """Knowledge distillation on the row engine: ``kd_loss``.
 
-Layers: kernels/row_kd.py (or fused_tau/_torch_kd.py) -> ``KDFunction`` -> ``kd_loss`` -> ``KDLoss``
-(fused_tau/modules.py).
+Layers: kernels/row_kd.py (or the torch path, fused_tau/_torch_kd.py and _torch_kd_stats.py) -> ``KDFunction``
+-> ``kd_loss`` -> ``KDLoss`` (fused_tau/modules.py).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """softmax, log_softmax and logsumexp with a temperature, on the row engine.
 
-Layers: kernels/row.py (or the torch path) -> custom ops (_ops.py) -> ``SoftmaxFunction`` /
-``LogSumExpFunction`` -> the public functions below.
+Layers: kernels/row_softmax.py (or the torch path, fused_tau/_torch_softmax.py) -> custom ops (_ops.py)
+-> ``SoftmaxFunction`` / ``LogSumExpFunction`` -> the public functions below.
 """
 from __future__ import annotations
 

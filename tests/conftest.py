@@ -58,13 +58,14 @@ def backend(request, monkeypatch):
             monkeypatch.setattr(tile_engine, "COMBINE_SPLITS", 2)
             monkeypatch.setattr(tile_engine, "COMBINE_BLOCK", 8)
     else:
-        import fused_tau._torch_row as torch_row
+        import fused_tau._torch_row_engine as torch_row_engine
+        import fused_tau._torch_threads as torch_threads
         import fused_tau._torch_tile as torch_tile
 
         monkeypatch.setattr(torch_tile, "CHUNK_ELEMENTS", 256)  # several column chunks on small shapes
         # the CPU path's threads on small shapes too: several row chunks and tiles shared among threads
-        monkeypatch.setattr(torch_row, "PARALLEL_MIN_ELEMENTS", 0)
-        monkeypatch.setattr(torch_row, "CHUNK_ELEMENTS", 64)
+        monkeypatch.setattr(torch_threads, "PARALLEL_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(torch_row_engine, "CHUNK_ELEMENTS", 64)
         monkeypatch.setattr(torch_tile, "ROW_BLOCK", 3)
         monkeypatch.setattr(torch_tile, "COL_PARTS", 3)
     monkeypatch.setenv("FUSED_TAU_BACKEND", name)

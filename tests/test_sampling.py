@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-import fused_tau._torch_row as torch_row
+import fused_tau._torch_row_engine as torch_row_engine
 from fused_tau import reference
 from fused_tau import GumbelSoftmax
 from fused_tau.sampling import gumbel_softmax, gumbel_tau_schedule, sample
@@ -175,7 +175,7 @@ def test_noise_does_not_depend_on_the_block(device, monkeypatch):
 def test_hard_is_one_hot_with_the_soft_gradient(backend, device, monkeypatch, shape, dim):
     """Same generator seed: the hard sample is the one-hot of the soft one's argmax, and both have
     the gradient y (g - Σ g y) / τ of the soft sample y."""
-    monkeypatch.setattr(torch_row, "CHUNK_ELEMENTS", 64)  # the torch path over several chunks
+    monkeypatch.setattr(torch_row_engine, "CHUNK_ELEMENTS", 64)  # the torch path over several chunks
     x = (torch.randn(shape, device=device) * 2).requires_grad_()
     g = torch.randn(shape, device=device)
     tau = 0.7

@@ -9,7 +9,8 @@ import torch
 
 import fused_tau
 import fused_tau._torch_kd as torch_kd
-import fused_tau._torch_row as torch_row
+import fused_tau._torch_kd_stats as torch_kd_stats
+import fused_tau._torch_row_engine as torch_row_engine
 import fused_tau._torch_tile as torch_tile
 
 NAN, INF = float("nan"), float("inf")
@@ -33,15 +34,15 @@ def test_exp_is_bitwise_torch_exp(dtype, n):
         d[torch.randint(0, n, (max(1, n // 50),), generator=g)] = float("-inf")
         if n > 3:
             d[1] = NAN
-            d[2] = torch_row._EXP_RANGE[dtype][0]  # LOW itself: normal, outside the band's zeroing
+            d[2] = torch_row_engine._EXP_RANGE[dtype][0]  # LOW itself: normal, outside the band's zeroing
         ref = torch.exp(d)
-        assert torch.equal(_bits(torch_row._exp_(d.clone())), _bits(ref))
+        assert torch.equal(_bits(torch_row_engine._exp_(d.clone())), _bits(ref))
         out = torch.empty_like(d)
         kept = d.clone()
-        torch_row._exp_(d, torch.empty(n + 5, dtype=dtype), out=out)
+        torch_row_engine._exp_(d, torch.empty(n + 5, dtype=dtype), out=out)
         assert torch.equal(_bits(out), _bits(ref)) and torch.equal(_bits(d), _bits(kept))
         strided = torch.stack([d, d]).T  # not contiguous
-        assert torch.equal(_bits(torch_row._exp_(strided.clone().T.contiguous().T)), _bits(torch.exp(strided)))
+        assert torch.equal(_bits(torch_row_engine._exp_(strided.clone().T.contiguous().T)), _bits(torch.exp(strided)))
 
 
 def test_exp_band_exhaustive():
@@ -51,7 +52,7 @@ def test_exp_band_exhaustive():
     hi = torch.tensor(-87.0).view(torch.int32).item()
     v = torch.arange(hi, lo + 1, dtype=torch.int32).view(torch.float32)
     v = v[torch.randperm(v.numel(), generator=torch.Generator().manual_seed(0))]
-    assert torch.equal(_bits(torch_row._exp_(v.clone())), _bits(torch.exp(v)))
+    assert torch.equal(_bits(torch_row_engine._exp_(v.clone())), _bits(torch.exp(v)))
 
 
 # ------------------------------------------------------------------ _max_argmax
@@ -70,7 +71,7 @@ def test_max_argmax_is_torch_max(C):
     z[7, 3] = INF
     z[8] = 1.0  # all tied
     z[9, C - 1] = NAN  # a NaN only in the tail
-    M, idx = torch_row._max_argmax(z)
+    M, idx = torch_row_engine._max_argmax(z)
     M_ref, idx_ref = z.max(-1)
     assert torch.equal(_bits(M), _bits(M_ref)) and torch.equal(idx, idx_ref)
 
@@ -86,16 +87,16 @@ def test_stats_cpu_matches_stats():
         z[1] = float("-inf")
         z[2, 7] = NAN
         z[3, [5, 900]] = z[3].amax()  # a tie: counted 1
-        M, S, idx = torch_row._stats(z.clone())
-        M2, S2, idx2, p = torch_row._stats_cpu(z.clone(), torch.empty_like(z))
+        M, S, idx = torch_row_engine._stats(z.clone())
+        M2, S2, idx2, p = torch_row_engine._stats_cpu(z.clone(), torch.empty_like(z))
         assert p is not None
         assert torch.equal(_bits(M2), _bits(M)) and torch.equal(idx2, idx)
         torch.testing.assert_close(S2, S, rtol=8 * 2 ** -24, atol=0, equal_nan=True)
         assert S2[1] == -1 and torch.isnan(S2[2])
     z = torch.randn(4, 300, generator=g)
     z[0, [3, 9]] = INF
-    M, S, idx = torch_row._stats(z.clone())
-    M2, S2, idx2, p = torch_row._stats_cpu(z.clone(), torch.empty_like(z))
+    M, S, idx = torch_row_engine._stats(z.clone())
+    M2, S2, idx2, p = torch_row_engine._stats_cpu(z.clone(), torch.empty_like(z))
     assert p is None and torch.equal(_bits(S2), _bits(S)) and S2[0] == 1.0
 
 
@@ -133,9 +134,9 @@ def test_stats_sparse_matches_stats(C, tau):
     z[7, 11] = z[7].amax() + 200  # S exactly 0
     z[8] = -1e4 / tau
     z[8, [100, 2000, C - 1]] = torch.tensor([1.0, 2.0, 3.0]) / tau  # DESIGN.md's tiny loss
-    M, S, idx = torch_row._stats(z.clone())
-    M2, idx2, seg_max = torch_row._max_argmax_segments(z)
-    S2 = torch_row._stats_sparse(z, M2, idx2, seg_max)
+    M, S, idx = torch_row_engine._stats(z.clone())
+    M2, idx2, seg_max = torch_row_engine._max_argmax_segments(z)
+    S2 = torch_row_engine._stats_sparse(z, M2, idx2, seg_max)
     assert S2 is not None  # small τ: most segments are below the floor
     assert torch.equal(_bits(M2), _bits(M)) and torch.equal(idx2, idx.squeeze(-1))
     torch.testing.assert_close(S2, S, rtol=8 * 2 ** -24, atol=0)
@@ -153,10 +154,10 @@ def test_floor_with_huge_max(C):
     z[2] = z[2] * 1e6 + 1e9
     z[3, :2] = torch.tensor([3e38, 3e38 * (1 - 2 ** -23)])
     z[4] = z[4] * 1e34
-    M, S, idx = torch_row._stats(z.clone())
-    M2, S2, idx2, _ = torch_row._stats_cpu(z.clone(), torch.empty_like(z))
+    M, S, idx = torch_row_engine._stats(z.clone())
+    M2, S2, idx2, _ = torch_row_engine._stats_cpu(z.clone(), torch.empty_like(z))
     torch.testing.assert_close(S2, S, rtol=8 * 2 ** -24, atol=0)
-    S3 = torch_row._stats_sparse(z, *torch_row._max_argmax_segments(z))
+    S3 = torch_row_engine._stats_sparse(z, *torch_row_engine._max_argmax_segments(z))
     assert S3 is not None
     torch.testing.assert_close(S3, S, rtol=8 * 2 ** -24, atol=0)
 
@@ -166,12 +167,12 @@ def test_stats_sparse_declines_dense_and_special_rows():
     row's max is not finite."""
     g = torch.Generator().manual_seed(5)
     z = torch.randn(8, 3000, generator=g)
-    assert torch_row._stats_sparse(z, *torch_row._max_argmax_segments(z)) is None
+    assert torch_row_engine._stats_sparse(z, *torch_row_engine._max_argmax_segments(z)) is None
     z = torch.randn(8, 3000, generator=g) * 400
-    assert torch_row._stats_sparse(z, *torch_row._max_argmax_segments(z)) is not None
+    assert torch_row_engine._stats_sparse(z, *torch_row_engine._max_argmax_segments(z)) is not None
     for special in (NAN, INF):
         z[2, 5] = special
-        assert torch_row._stats_sparse(z, *torch_row._max_argmax_segments(z)) is None
+        assert torch_row_engine._stats_sparse(z, *torch_row_engine._max_argmax_segments(z)) is None
 
 
 def test_cross_entropy_exponentials_skip_the_subnormal_range(monkeypatch):
@@ -193,7 +194,7 @@ def test_cross_entropy_exponentials_skip_the_subnormal_range(monkeypatch):
         loss = fused_tau.cross_entropy(x, y, tau=tau, reduction="none")
         ref = torch.nn.functional.cross_entropy(x.double() / tau, y, reduction="none")
         torch.testing.assert_close(loss.double(), ref, rtol=4e-7, atol=0)
-    assert seen and min(seen) >= torch_row._EXP_RANGE[torch.float32][0] - 1e-3
+    assert seen and min(seen) >= torch_row_engine._EXP_RANGE[torch.float32][0] - 1e-3
 
 
 # ------------------------------------------------------------------ kd_loss
@@ -216,15 +217,15 @@ def test_kd_direct_and_series_rows(dtype, monkeypatch):
     s[6:] = t[6:] * 4
     s, t = s.to(dtype), t.to(dtype)
     taken = {}
-    series = torch_kd._row_stats_finite
+    series = torch_kd_stats._row_stats_finite
 
     def counted(s_, t_, *a):
         taken["series rows"] = s_.shape[0]
         return series(s_, t_, *a)
 
-    monkeypatch.setattr(torch_kd, "_row_stats_finite", counted)
+    monkeypatch.setattr(torch_kd_stats, "_row_stats_finite", counted)
     inv = torch.full((9, 1), 1 / 2.0, dtype=dtype)
-    Ms, Ss, Mt, St, kl, nu, precise = torch_kd._row_stats_cpu(s, t, inv, torch_kd._scratch(s))
+    Ms, Ss, Mt, St, kl, nu, precise = torch_kd_stats._row_stats_cpu(s, t, inv, torch_kd_stats._scratch(s))
     assert taken["series rows"] == 3
     assert precise[:6].all() and not precise[6:].any()
     ref = _kl64(s, t, 2.0)
@@ -242,9 +243,9 @@ def test_kd_direct_factor_sends_rows_to_the_series(monkeypatch):
     t = torch.randn(5, 300, generator=g) * 3
     s = torch.randn(5, 300, generator=g) * 3
     inv = torch.full((5, 1), 0.25)
-    direct = torch_kd._row_stats_cpu(s, t, inv, torch_kd._scratch(s))
-    monkeypatch.setattr(torch_kd, "DIRECT_FACTOR", 0.0)
-    series = torch_kd._row_stats_cpu(s, t, inv, torch_kd._scratch(s))
+    direct = torch_kd_stats._row_stats_cpu(s, t, inv, torch_kd_stats._scratch(s))
+    monkeypatch.setattr(torch_kd_stats, "DIRECT_FACTOR", 0.0)
+    series = torch_kd_stats._row_stats_cpu(s, t, inv, torch_kd_stats._scratch(s))
     assert torch.equal(direct[6], series[6]) and direct[6].any()
     torch.testing.assert_close(direct[4], series[4], rtol=1e-6, atol=0)
     torch.testing.assert_close(direct[5], series[5], rtol=1e-6, atol=1e-7)
@@ -260,7 +261,7 @@ def test_kd_backward_groups_and_fallbacks(monkeypatch):
     """Rows of both kinds interleaved (gathered groups), a run of one kind (a slice), a second-order
     row with a class of teacher probability 0 and one failing the v - ν bound (both to the general
     form): every gradient to float64's at fp32 precision, and the same as the general form's."""
-    monkeypatch.setattr(torch_row, "CHUNK_ELEMENTS", 4 * 500)  # several groups per kind
+    monkeypatch.setattr(torch_row_engine, "CHUNK_ELEMENTS", 4 * 500)  # several groups per kind
     g = torch.Generator().manual_seed(3)
     t = torch.randn(14, 500, generator=g) * 3
     s = torch.randn(14, 500, generator=g) * 3
