@@ -380,7 +380,3 @@ def _log_ratio(s, t, Ms, Ss, Mt, St, kl, nu, inv):
 
 def _col(x):
     return x if x.dim() == 2 else x.unsqueeze(-1)
-
-
-def _flat(x):
-    return x.squeeze(-1) if x.dim() == 2 else x
