@@ -4,8 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .row_engine import (class_target, dtau_parts, half_gap, interpreted, load_x, reread_config, row_config,
-                         row_splits, row_start, rows, stream_config, sum_dtau_parts, target_complement, target_nll,
+from .row_engine import (class_target, dtau_parts, half_gap, interpreted, load_x, row_launch,
+                         row_splits, row_start, rows, sum_dtau_parts, target_complement, target_nll,
                          tau_stride, tickets)
 from .tl_math import (exp2_scale, log1p, nan_if_posinf, online_finalize_log2, online_update_log2, to_store,
                       weighted_gap_finalize, weighted_gap_update)
@@ -339,23 +339,21 @@ def ce_fwd_grad(x3, target, weight, tau, ignore_index, smoothing, prob_target, g
     gradient ``g`` (one fp32 element for every row): dx and dτ per row (None: not wanted).
     A split row (few long rows) takes ce_fwd's two launches and then ce_bwd's."""
     R, C, B = rows(x3)
-    block, _ = _fwd_config(x3, C, prob_target or smoothing > 0, True)
-    if row_splits(R, C, block, x3.device)[0] > 1:  # a second launch either way: the backward's
+    plan = _fwd_plan(x3, C, prob_target or smoothing > 0, True)
+    if row_splits(R, C, plan.block, x3.device)[0] > 1:  # a second launch either way: the backward's
         ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target, loss, wy, m, s, a)
         ce_bwd(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_target, dx, dtau)
         return
     _ce_fwd_launch(x3, target, weight, tau, ignore_index, smoothing, prob_target, (loss, wy, m, s, a), g, dx, dtau)
 
 
-def _fwd_config(x3, C, has_a, write_grad):
-    """(block, warps) the forward's splits are planned with: the forward that writes the gradient reads
-    each row twice (row_engine.reread_config; the weighted sums (A, D) of smoothing / probabilities
-    beside the gradient pass take half the lanes, clear of sm_80's registers); the forward alone plans
-    with row_config's block and runs stream_config's (half of it, see _ce_fwd_launch)."""
+def _fwd_plan(x3, C, has_a, write_grad):
+    """The row_launch the forward's splits are planned with: the forward that writes the gradient reads
+    each row twice and runs it ("reread"; "reread_sums" beside the weighted sums (A, D) of smoothing /
+    probabilities); the forward alone plans with "row"'s block and runs "stream"'s (see _ce_fwd_launch)."""
     if write_grad:
-        return reread_config(C, x3.element_size(), x3.device, lanes_per_block=2 if has_a else 1)
-    block, _, num_warps = row_config(C)
-    return block, num_warps
+        return row_launch("reread_sums" if has_a else "reread", C, x3.device, x3.element_size())
+    return row_launch("row", C, x3.device)
 
 
 def ce_fwd_reduced(x3, target, weight, tau, ignore_index, smoothing, prob_target, denom_mode, check, out_dtype,
@@ -387,8 +385,8 @@ def ce_rows_split(x3, prob_target, smoothing, write_grad=False):
     """Whether the forward (``write_grad``: the one that also writes the gradient, planned with its own
     block) splits the rows of ``x3`` across programs (few long rows)."""
     R, C, _ = rows(x3)
-    block, _ = _fwd_config(x3, C, prob_target or smoothing > 0, write_grad)
-    return row_splits(R, C, block, x3.device)[0] > 1
+    plan = _fwd_plan(x3, C, prob_target or smoothing > 0, write_grad)
+    return row_splits(R, C, plan.block, x3.device)[0] > 1
 
 
 def _ce_fwd_launch(x3, target, weight, tau, ignore_index, smoothing, prob_target, stats, g=None, dx=None, dtau=None,
@@ -404,15 +402,12 @@ def _ce_fwd_launch(x3, target, weight, tau, ignore_index, smoothing, prob_target
     t_strides = target.stride() if prob_target else (0, 0, 0)
     write_grad = g is not None
     tau_grad = write_grad and dtau is not None
-    block, num_warps = _fwd_config(x3, C, has_a, write_grad)
-    splits, span = row_splits(R, C, block, dev)
+    cfg = _fwd_plan(x3, C, has_a, write_grad)
+    splits, span = row_splits(R, C, cfg.block, dev)
     assert splits == 1 or not write_grad, "a split row's gradient is ce_bwd's (ce_fwd_grad, ce_fwd_reduced)"
-    if not write_grad:  # the narrower block of stream_config: half row_config's, so span stays a multiple of it
-        block, num_warps = stream_config(C)
-        if splits > 1 and has_a and block > 16:
-            # the weighted sums (A, D) beside the row's combine in the same program: half the lanes again,
-            # spill-free on sm_80 (Triton 3.6) with fp32 logits
-            block //= 2
+    if not write_grad:  # "stream"'s narrower block: a whole number of them in the span planned with "row"'s
+        cfg = row_launch("stream_split_sums" if splits > 1 and has_a else "stream", C, dev)
+    block = cfg.block
     parts = [torch.empty(R * splits, **f32) for _ in range(4)] if splits > 1 else [m] * 4
     reduce_here = reduced is not None and splits > 1  # else ce_reduce's launch after this one
     denom_mode, check, out_dtype, den_in = reduced if reduce_here else (DENOM_NONE, False, None, None)
@@ -430,7 +425,8 @@ def _ce_fwd_launch(x3, target, weight, tau, ignore_index, smoothing, prob_target
                   SPLITS_BLOCK=max(triton.next_power_of_2(splits), 2), WRITE_GRAD=write_grad,
                   TAU_GRAD=tau_grad, REDUCE=reduce_here, DENOM=denom_mode, CHECK=check,
                   REDUCE_ROWS_BLOCK=SPLIT_REDUCE_BLOCK, INTERPRETED=interpreted())
-    _ce_fwd_kernel[(R, splits)](*args, PHASE=0 if splits == 1 else 1, num_warps=num_warps, **consts)
+    _ce_fwd_kernel[(R, splits)](*args, PHASE=0 if splits == 1 else 1, num_warps=cfg.num_warps,
+                                num_stages=cfg.num_stages, **consts)
     if reduced is None:
         return None
     if not reduce_here:
@@ -458,7 +454,8 @@ def ce_bwd(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_ta
     programs' (R, splits) partials, in a fixed order."""
     R, C, B = rows(x3)
     t_strides = target.stride() if prob_target else (0, 0, 0)
-    block, _, num_warps = row_config(C)
+    cfg = row_launch("row", C, x3.device)
+    block = cfg.block
     splits, span = row_splits(R, C, block, x3.device)
     dtau_split = dtau_parts(dtau, R, splits, m)
     _ce_bwd_kernel[(R, splits)](
@@ -468,7 +465,7 @@ def ce_bwd(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_ta
         ignore_index, float(smoothing),
         HAS_WEIGHT=weight is not None, PROB_TARGET=prob_target, SMOOTH=smoothing > 0,
         TAU_GRAD=dtau is not None, HAS_DEN=den is not None, BLOCK=block, INTERPRETED=interpreted(),
-        num_warps=num_warps,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     sum_dtau_parts(dtau_split, dtau)
 

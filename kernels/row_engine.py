@@ -12,7 +12,7 @@ and τ·lse = M + τ log1p(S)).  Every exponent is formed as exp2((x - M)·c), c
 once per row (``tl_math.exp2_scale``, with the error bound), and every z - M as (x - M)·(1/τ):
 an IEEE division per element (~10 instructions) does not fit a memory-bound loop, and the
 difference x - M is exact near the max where z - M is not.  The torch path
-(fused_tau/_torch_row.py) saves the same M.  Backward kernels
+(fused_tau/_torch_ce.py) saves the same M.  Backward kernels
 recompute probabilities from the logits and these two numbers and write the
 gradient once; they also reduce the row's contribution to dL/dτ when τ needs
 a gradient, from ``dL/dτ = -(1/τ) Σ_j z_j dL/dz_j = -(1/τ²) Σ_j (x_j - M) dL/dz_j`` (z = x / τ;
@@ -23,6 +23,7 @@ reads R·C, backward reads R·C and writes R·C; no R × C temporary exists.
 Offsets are int64 (the row index is widened before any stride product).
 """
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -91,44 +92,112 @@ def l2_bytes(device):
     return p.L2_cache_size if p is not None else L2_BYTES_OFF_GPU
 
 
-def reread_config(n_cols, col_bytes, device, lanes_per_block=1):
-    """(block, num_warps) of a row kernel that streams each row twice, reading ``col_bytes`` bytes a column
-    (the element sizes of the tensors it reads twice, summed): ``row_config``'s while ROWS_PER_SM rows an
-    SM fit in L2; longer rows take one 32-warp program an SM (1024 threads, so one resident), a
-    block of 8 elements a thread (128-bit loads of bf16, within the 64 registers a thread has there), and
-    their rows in flight (one an SM) keep the second read in L2.  ``lanes_per_block`` as row_config's."""
-    block, _, num_warps = row_config(n_cols, lanes_per_block)
-    if tile_engine.sm_count(device) * ROWS_PER_SM * n_cols * col_bytes <= l2_bytes(device):
-        return block, num_warps
-    return min(max(triton.next_power_of_2(n_cols), 16), 2 * MAX_BLOCK // lanes_per_block), 32
+# Launch configuration of every row-engine pass, per architecture and pass kind (``row_launch``), from a
+# fixed table: never keyed on the row count (the split of a long row across programs adapts to the rows,
+# row_splits).  An entry:
+#   max_block  the largest block a row is streamed in, in MAX_BLOCKs (4096 columns on the GPU; tests lower
+#              MAX_BLOCK so that small rows cross block boundaries, and every kind's block shrinks with it);
+#              a shorter row takes its power of two, at least 16 columns
+#   warps      ((largest block, warps), ..., (None, warps)) for the block taken, or one count
+#   num_stages Triton's pipelining depth (3, its default on CUDA)
+#   elements_per_thread  at most this many columns a thread: more warps where the ladder gives fewer
+#   chunk, runs  kd_loss: a lane (a thread) folds ``runs`` runs of ``chunk`` contiguous classes an
+#              iteration; lanes = max_block's block / (2 × chunk), the kernel's block runs × lanes × chunk
+#   long       the entry that replaces it for a row longer than its block: always ("past_block"), or
+#              ("past_l2") when ROWS_PER_SM such rows an SM, ``col_bytes`` a column, overflow the L2
+#   min_block  a floor under max_block's block when tests shrink MAX_BLOCK (2 where not given)
+# sm_80 takes the same entries as sm_90 (the model compiles one launch, specialised with the sm_90 entry, for
+# both targets, spill-free on each); architectures below sm_90 read sm_80's.
+_ROW_WARPS = ((1024, 4), (4096, 8), (None, 16))
+ROW_CONFIGS = {}
+for _arch in (90, 80):
+    # softmax / log_softmax forward, every backward that reads its rows once (ce_bwd, lse_bwd, softmax_bwd
+    # with dL/dτ or one block), greedy sample; also the block every split is planned with.  4096 fp32 lanes
+    # over 8 warps is 16 registers a lane per live tensor: no spills on sm_80/sm_90 (tests/test_model.py)
+    ROW_CONFIGS[(_arch, "row")] = dict(max_block=1, warps=_ROW_WARPS, num_stages=3)
+    # the Gumbel kernels (gumbel_softmax forward and its hard backward, sample with τ > 0) draw a Philox
+    # word per element: at 16 elements a thread the hard forward needs more registers than ptxas gives it
+    # on sm_90 (8 bytes spilled, tests/test_aot.py); at most 8 a thread, with more warps (same block)
+    ROW_CONFIGS[(_arch, "noisy")] = dict(max_block=1, warps=_ROW_WARPS, elements_per_thread=8, num_stages=3)
+    # a kernel that streams each row twice (cross-entropy's forward that also writes the gradient; the
+    # softmax backward over several blocks without dL/dτ: with it, the 32-warp program needs a stack frame
+    # on sm_90): "row" while ROWS_PER_SM rows an SM fit in L2; longer rows take one 32-warp program an SM
+    # (1024 threads, so one resident), a block of 8 elements a thread (128-bit loads of bf16, within the 64
+    # registers a thread has there), and their rows in flight (one an SM) keep the second read in L2
+    ROW_CONFIGS[(_arch, "reread")] = dict(max_block=1, warps=_ROW_WARPS, num_stages=3,
+                                          long=dict(when="past_l2", max_block=2, warps=32, num_stages=3))
+    # the same beside the weighted sums (A, D) of label smoothing / probability targets: half the lanes,
+    # clear of sm_80's registers
+    ROW_CONFIGS[(_arch, "reread_sums")] = dict(max_block=1 / 2, warps=_ROW_WARPS, num_stages=3,
+                                               long=dict(when="past_l2", max_block=1, warps=32, num_stages=3))
+    # a one-pass streamed reduction whose per-row finalize is a large share of its instructions
+    # (cross-entropy's forward without the gradient): a row longer than a block runs "row"'s 16 elements a
+    # thread over half the warps and half the block.  The ragged last block then wastes half as many lanes
+    # and the finalize's cross-warp reductions span 4 warps, not 8: at C = 32000 on sm_90, 17.4 -> 14.7
+    # instructions an element over the kernel (bench/NOTES.md), spill-free on sm_80 and sm_90.  Half
+    # "row"'s block: a split row's span, planned with "row"'s, is a whole number of these
+    _stream_long = dict(when="past_block", max_block=1 / 2, warps=((512, 2), (2048, 4), (None, 8)), num_stages=3)
+    ROW_CONFIGS[(_arch, "stream")] = dict(max_block=1, warps=_ROW_WARPS, num_stages=3, long=_stream_long)
+    # the same for a split row with the weighted sums (A, D) combined in the same program: half the lanes
+    # again (spill-free on sm_80, Triton 3.6, with fp32 logits)
+    ROW_CONFIGS[(_arch, "stream_split_sums")] = dict(max_block=1, warps=_ROW_WARPS, num_stages=3,
+                                                     long=dict(_stream_long, max_block=1 / 4, min_block=8,
+                                                               warps=((256, 2), (1024, 4), (None, 8))))
+    # kd_loss: fourteen per-lane accumulators, one lane a thread (kernels/row_kd.py): half the engine's block
+    # (128 lanes over 4 warps, two runs of 8 classes a lane: 128-bit loads of bf16) is spill-free on sm_80
+    # and sm_90 (python -m bench.model --variants); the backward streams half of it, 8 a thread (16 spill on
+    # sm_80 with the target's and τ's terms)
+    _kd_warps = ((512, 1), (1024, 2), (None, 4))
+    ROW_CONFIGS[(_arch, "kd_fwd")] = dict(max_block=1 / 2, warps=_kd_warps, chunk=8, runs=2, num_stages=3)
+    ROW_CONFIGS[(_arch, "kd_bwd")] = dict(max_block=1 / 2, warps=_kd_warps, chunk=8, runs=1, num_stages=3)
+ROW_KINDS = ("row", "noisy", "reread", "reread_sums", "stream", "stream_split_sums", "kd_fwd", "kd_bwd")
 
 
-def stream_config(n_cols):
-    """(block, num_warps) of a one-pass streamed reduction whose per-row finalize is a large share of its
-    instructions (cross-entropy's forward without the gradient): row_config's 16 elements a thread for
-    rows longer than a block, over half the warps and half the block.  The row's ragged last block then
-    wastes half as many lanes and the finalize's cross-warp reductions span 4 warps, not 8: at C = 32000 on
-    sm_90, 17.4 -> 14.7 instructions an element over the kernel (bench/NOTES.md), the same registers a
-    thread (spill-free on sm_80 and sm_90, tests/test_model.py).  Half row_config's block: a split row's
-    span, planned with row_config's, is a whole number of these."""
-    block, one_block, num_warps = row_config(n_cols)
-    if one_block or num_warps < 2:
-        return block, num_warps
-    return block // 2, num_warps // 2
+class RowLaunch(NamedTuple):
+    """A row kernel's launch configuration (``row_launch``): its BLOCK, whether the row fits one block
+    (loaded once and kept in registers for the write pass), warps, stages, and kd_loss's lanes and chunk
+    (0 for the others)."""
+    block: int
+    one_block: bool
+    num_warps: int
+    num_stages: int
+    lanes: int = 0
+    chunk: int = 0
 
 
-def row_config(n_cols, lanes_per_block=1):
-    """Block size, single-block flag and warp count for a row of ``n_cols``.
+def _warps(warps, block):
+    if isinstance(warps, int):
+        return warps
+    return next(w for largest, w in warps if largest is None or block <= largest)
 
-    A row that fits one block is loaded once and kept in registers for the
-    write pass; longer rows are streamed in ``MAX_BLOCK`` chunks (tests lower it
-    to cross block boundaries on small rows).  Kernels that keep more per-lane
-    accumulators divide the block by ``lanes_per_block`` to stay clear of 255
-    registers a thread.
-    """
-    block = min(max(triton.next_power_of_2(n_cols), 16), max(MAX_BLOCK // lanes_per_block, 2))
-    num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
-    return block, n_cols <= block, num_warps
+
+def _entry_launch(entry, n_cols):
+    cap = max(int(MAX_BLOCK * entry["max_block"]), entry.get("min_block", 2))
+    block = min(max(triton.next_power_of_2(n_cols), 16), cap)
+    warps = _warps(entry["warps"], block)
+    if entry.get("elements_per_thread"):
+        warps = max(warps, block // (32 * entry["elements_per_thread"]))
+    if "chunk" not in entry:
+        return RowLaunch(block, n_cols <= block, warps, entry["num_stages"])
+    chunk = min(entry["chunk"], max(block // 4, 1))
+    lanes = block // (2 * chunk)
+    return RowLaunch(entry["runs"] * lanes * chunk, n_cols <= block, warps, entry["num_stages"], lanes, chunk)
+
+
+def row_launch(kind, n_cols, device, col_bytes=0):
+    """The launch configuration (a RowLaunch) of a row kernel of pass ``kind`` (a key of ROW_CONFIGS) over
+    rows of ``n_cols`` columns on ``device`` (its architecture: tile_engine.arch_of), ``col_bytes`` the
+    bytes a column of the tensors a "reread" kernel reads twice (their element sizes, summed)."""
+    arch = tile_engine.arch_of(device)
+    entry = ROW_CONFIGS[(90 if arch >= 90 else 80, kind)]
+    plain = _entry_launch(entry, n_cols)
+    long = entry.get("long")
+    if long is None or plain.one_block:
+        return plain
+    in_flight = tile_engine.sm_count(device) * ROWS_PER_SM * n_cols * col_bytes
+    if long["when"] == "past_l2" and in_flight <= l2_bytes(device):
+        return plain
+    return _entry_launch(long, n_cols)._replace(one_block=False)  # one_block: within the plain entry's block
 
 
 @triton.jit

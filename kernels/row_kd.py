@@ -54,7 +54,7 @@ import math
 import triton
 import triton.language as tl
 
-from .row_engine import class_target, interpreted, load_x, row_config, target_complement, target_nll, tau_stride
+from .row_engine import class_target, interpreted, load_x, row_launch, target_complement, target_nll, tau_stride
 from .tl_math import (lane_scale, log1p, mul_inv, nan_if_posinf, online_finalize, online_finalize_x, psi3_series,
                       psi_series, psi_series_f64, reciprocal_split, to_store)
 
@@ -63,21 +63,8 @@ from .tl_math import (lane_scale, log1p, mul_inv, nan_if_posinf, online_finalize
 # the τ = 1 sum), one lane a thread: each iteration a lane folds 2 × CHUNK classes (two runs of CHUNK
 # contiguous classes, one 128-bit load each of bf16) into its sums at once, so that a moving max
 # rescales and recentres the lane's sums once per chunk, not per element, and the moments' compensated
-# (Kahan) add takes the chunk's plain sum.  Half the engine's block (128 lanes over 4 warps, 16 classes
-# a lane) is spill-free on sm_80 and sm_90 (python -m bench.model --variants); the backward streams
-# half of it, 8 a thread (16 spill on sm_80 with the target's and τ's terms).
-LANES_PER_BLOCK = 2
-CHUNK = 8
-
-
-def kd_config(C):
-    """(lanes, chunk, num_warps) of a row of C classes: an iteration reads block = 2 × lanes × chunk
-    classes of each row, two runs of chunk contiguous classes a lane (a thread); blocks shrunk by the
-    tests keep 2 lanes of two runs of 2."""
-    block = row_config(C, LANES_PER_BLOCK)[0]
-    chunk = min(CHUNK, max(block // 4, 1))
-    lanes = block // (2 * chunk)
-    return lanes, chunk, max(1, min(4, lanes // 32))
+# (Kahan) add takes the chunk's plain sum.  Lanes, chunk, block and warps: row_engine.ROW_CONFIGS's
+# "kd_fwd" and "kd_bwd" (blocks shrunk by the tests keep 2 lanes of two runs of 2).
 
 
 @triton.jit
@@ -594,14 +581,14 @@ def kd_fwd(s2, t2, target, tau, ignore_index, kl, ce, stats, out):
     (fused_tau._ops.kd_fwd_outputs)."""
     R, C = s2.shape
     elementwise = out is not None
-    lanes, chunk, num_warps = kd_config(C)
+    cfg = row_launch("kd_fwd", C, s2.device)
     _kd_fwd_kernel[(R,)](
         s2, t2, target if target is not None else kl, tau, kl, ce if ce is not None else kl, stats,
         out if elementwise else kl,
         C, s2.stride(0), t2.stride(0), tau_stride(tau), ignore_index,
-        HAS_TARGET=target is not None, ELEMENTWISE=elementwise, LANES=lanes, CHUNK=chunk,
-        BLOCK=2 * lanes * chunk, INTERPRETED=interpreted(),
-        num_warps=num_warps,
+        HAS_TARGET=target is not None, ELEMENTWISE=elementwise, LANES=cfg.lanes, CHUNK=cfg.chunk,
+        BLOCK=cfg.block, INTERPRETED=interpreted(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
@@ -615,11 +602,11 @@ def kd_bwd(s2, t2, target, tau, stats, g, g_ce, ignore_index, elementwise, ds, d
     if elementwise:
         g = g.contiguous()
     stride_g = 0 if (elementwise or g.numel() == 1) else 1
-    lanes, chunk, num_warps = kd_config(C)
-    block = lanes * chunk  # 8 a thread: 16 spill on sm_80 with the target's and τ's terms
+    cfg = row_launch("kd_bwd", C, s2.device)  # 8 a thread: 16 spill on sm_80 with the target's and τ's terms
     _kd_bwd_kernel[(R,)](
         s2, t2, target if target is not None else stats, tau, stats, g, g_ce if g_ce is not None else stats,
         ds, dt, dtau, C, s2.stride(0), t2.stride(0), tau_stride(tau), stride_g, ignore_index,
         HAS_TARGET=target is not None, ELEMENTWISE=elementwise, TEACHER_GRAD=teacher_grad,
-        TAU_GRAD=tau_grad, BLOCK=block, INTERPRETED=interpreted(), num_warps=num_warps,
+        TAU_GRAD=tau_grad, BLOCK=cfg.block, INTERPRETED=interpreted(), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )

@@ -25,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .row_engine import (interpreted, load_x, noise_counter, row_config, row_splits, row_start, tau_stride,
+from .row_engine import (interpreted, load_x, noise_counter, row_launch, row_splits, row_start, tau_stride,
                          tickets)
-from .row_softmax import MODE_SOFTMAX, noisy_warps, softmax_bwd, softmax_fwd
+from .row_softmax import MODE_SOFTMAX, softmax_bwd, softmax_fwd
 from .tl_math import gumbel_block
 
 
@@ -165,9 +165,8 @@ def sample_fwd(x2, tau, seed, greedy, idx):
     split across programs (row_engine.row_splits) and their winners combined by each row's last
     program, in the same launch."""
     R, C = x2.shape
-    block, _, num_warps = row_config(C)
-    if not greedy:
-        num_warps = noisy_warps(block, num_warps)
+    cfg = row_launch("row" if greedy else "noisy", C, x2.device)
+    block = cfg.block
     splits, span = row_splits(R, C, block, x2.device)
     f32 = dict(device=x2.device, dtype=torch.float32)
     part_idx = idx if splits == 1 else torch.empty(R * splits, device=x2.device, dtype=torch.int64)
@@ -177,5 +176,6 @@ def sample_fwd(x2, tau, seed, greedy, idx):
     _sample_kernel[(R, splits)](
         x2, part_idx, part_x, part_g, tau, idx if greedy else seed, idx, ticket_buf, C, span // block, *x2.stride(),
         tau_stride(tau), GREEDY=greedy, SPLIT=splits > 1, BLOCK=block,
-        SPLITS_BLOCK=max(triton.next_power_of_2(splits), 2), INTERPRETED=interpreted(), num_warps=num_warps,
+        SPLITS_BLOCK=max(triton.next_power_of_2(splits), 2), INTERPRETED=interpreted(), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )

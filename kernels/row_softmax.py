@@ -7,8 +7,8 @@ import triton
 import triton.language as tl
 
 from . import MODE_LOG_SOFTMAX, MODE_LSE, MODE_SOFTMAX  # noqa: F401 (kernels/row.py re-exports them)
-from .row_engine import (dtau_parts, interpreted, load_v, load_x, noise_counter, recompute_p, reread_config,
-                         row_config, row_splits, row_start, rows, sum_dtau_parts, tau_stride, tickets)
+from .row_engine import (dtau_parts, interpreted, load_v, load_x, noise_counter, recompute_p, row_launch,
+                         row_splits, row_start, rows, sum_dtau_parts, tau_stride, tickets)
 from .tl_math import exp2_scale, log1p, nan_if_posinf, online_finalize_log2, online_update_log2, to_store
 
 
@@ -327,17 +327,6 @@ def _lse_bwd_kernel(
                  g * (first_split + tl.sum(tau_acc, 0) * (1.0 / tau)))
 
 
-# The noisy (Gumbel) kernels draw a Philox word per element: at 16 elements a thread (4096 lanes over
-# 8 warps) the hard forward needs more registers than ptxas gives it on sm_90 (8 bytes spilled,
-# tests/test_aot.py); they run at most 8 elements a thread, with more warps (same block, same sums).
-NOISY_ELEMENTS_PER_THREAD = 8
-
-
-def noisy_warps(block, num_warps):
-    """The warps a noisy launch of ``block`` lanes takes (row_config's ``num_warps`` for the others)."""
-    return max(num_warps, block // (32 * NOISY_ELEMENTS_PER_THREAD))
-
-
 def softmax_fwd(x3, tau, mode, out, m, s, seed=None, hard=False):
     """Writes (out, M, S) (fused_tau._ops.softmax_fwd_outputs): out is τ·lse (shape (A*B,)) for MODE_LSE,
     else softmax or log_softmax in x3's dtype and contiguous (A, C, B) layout.  ``seed`` (a one-element int64
@@ -348,13 +337,12 @@ def softmax_fwd(x3, tau, mode, out, m, s, seed=None, hard=False):
     reduce them, one launch)."""
     R, C, B = rows(x3)
     dev = x3.device
-    block, one_block, num_warps = row_config(C)
-    if seed is not None:
-        num_warps = noisy_warps(block, num_warps)
+    cfg = row_launch("row" if seed is None else "noisy", C, dev)
+    block = cfg.block
     splits, span = row_splits(R, C, block, dev)
     args = (x3, out, m, s, tau, m if seed is None else seed)
-    consts = dict(MODE=mode, NOISY=seed is not None, HARD=hard, BLOCK=block, ONE_BLOCK=one_block,
-                  INTERPRETED=interpreted(), num_warps=num_warps)
+    consts = dict(MODE=mode, NOISY=seed is not None, HARD=hard, BLOCK=block, ONE_BLOCK=cfg.one_block,
+                  INTERPRETED=interpreted(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     strides = (*x3.stride(), tau_stride(tau))
     if splits == 1:
         _softmax_fwd_kernel[(R, 1)](*args, m, s, m, m, C, B, span // block, 1, *strides, PHASE=0, SPLITS_BLOCK=1,
@@ -378,20 +366,19 @@ def softmax_bwd(y, g, x3, m, s, tau, log, dx, dtau, seed=None):
     R·splits·block·4 bytes, then one that writes dx; a split row's dτ is the sum of its (R, splits) partials."""
     R, C, B = rows(x3)
     tau_grad = dtau is not None
-    block, one_block, num_warps = row_config(C)
-    if seed is not None:
-        num_warps = noisy_warps(block, num_warps)
-    elif not one_block and not tau_grad:
-        # a row longer than a block reads y and g twice (the reduction, then the gradient); with dL/dτ
-        # (x read as well) the 32-warp program needs a stack frame on sm_90: row_config's there
-        block, num_warps = reread_config(C, y.element_size() + g.element_size(), g.device)
+    # a row longer than a block reads y and g twice (the reduction, then the gradient): "reread", except
+    # with dL/dτ (x read as well), where its 32-warp program needs a stack frame on sm_90
+    kind = "noisy" if seed is not None else "row" if tau_grad else "reread"
+    cfg = row_launch(kind, C, g.device, y.element_size() + g.element_size())
+    block = cfg.block
     splits, span = row_splits(R, C, block, g.device)
     dtau_split = dtau_parts(dtau, R, splits, m)
     part = torch.empty(R * splits * block, device=g.device, dtype=torch.float32) if splits > 1 else m
     args = (y, g, dx, x3, m, s, tau, dtau_split, m if seed is None else seed, part, C, B, span // block, splits,
             *x3.stride(), tau_stride(tau))
-    consts = dict(LOG=log, NOISY=seed is not None, TAU_GRAD=tau_grad, BLOCK=block, ONE_BLOCK=one_block,
-                  SPLITS_BLOCK=triton.next_power_of_2(splits), INTERPRETED=interpreted(), num_warps=num_warps)
+    consts = dict(LOG=log, NOISY=seed is not None, TAU_GRAD=tau_grad, BLOCK=block, ONE_BLOCK=cfg.one_block,
+                  SPLITS_BLOCK=triton.next_power_of_2(splits), INTERPRETED=interpreted(), num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
     for phase in ((0,) if splits == 1 else (1, 2)):
         _softmax_bwd_kernel[(R, splits)](*args, PHASE=phase, **consts)
     sum_dtau_parts(dtau_split, dtau)
@@ -402,11 +389,13 @@ def lse_bwd(x3, m, s, tau, g, dx, dtau):
     (A*B,).  Few long rows are split across programs (row_engine.row_splits); a split row's dτ is the
     sum of its (R, splits) partials."""
     R, C, B = rows(x3)
-    block, _, num_warps = row_config(C)
+    cfg = row_launch("row", C, x3.device)
+    block = cfg.block
     splits, span = row_splits(R, C, block, x3.device)
     dtau_split = dtau_parts(dtau, R, splits, m)
     _lse_bwd_kernel[(R, splits)](
         x3, m, s, tau, g, dx, dtau_split, C, B, span // block, *x3.stride(), tau_stride(tau),
-        TAU_GRAD=dtau is not None, BLOCK=block, INTERPRETED=interpreted(), num_warps=num_warps,
+        TAU_GRAD=dtau is not None, BLOCK=block, INTERPRETED=interpreted(), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     sum_dtau_parts(dtau_split, dtau)

@@ -281,18 +281,22 @@ def test_second_backward_with_retain_graph(backend, device):
 
 def test_long_rows_keep_the_second_read_in_l2(backend, device, monkeypatch):
     """The forward that writes the gradient reads each row twice: rows too long for four an SM in L2 take
-    one 32-warp program an SM (kernels/row_engine.py reread_config); the gradient is the same."""
+    one 32-warp program an SM (kernels/row_engine.py ROW_CONFIGS's "reread"); the gradient is the same."""
     from fused_tau.kernels import row_engine, tile_engine
+
+    def reread(C, col_bytes):
+        cfg = row_engine.row_launch("reread", C, cpu, col_bytes)
+        return cfg.block, cfg.num_warps
 
     monkeypatch.setattr(tile_engine, "SM_COUNT_OFF_GPU", 132)
     monkeypatch.setattr(row_engine, "MAX_BLOCK", 4096)
     cpu = torch.device("cpu")
-    assert row_engine.reread_config(32000, 2, cpu) == (4096, 8)  # 528 rows of 64 kB: 34 MB
-    assert row_engine.reread_config(128256, 2, cpu) == (8192, 32)  # 528 rows of 256 kB would be 135 MB
-    assert row_engine.reread_config(128256, 4, cpu) == (8192, 32)
+    assert reread(32000, 2) == (4096, 8)  # 528 rows of 64 kB: 34 MB
+    assert reread(128256, 2) == (8192, 32)  # 528 rows of 256 kB would be 135 MB
+    assert reread(128256, 4) == (8192, 32)
     monkeypatch.setattr(row_engine, "MAX_BLOCK", 16)
     monkeypatch.setattr(row_engine, "L2_BYTES_OFF_GPU", 0)
-    assert row_engine.reread_config(100, 4, cpu) == (32, 32)
+    assert reread(100, 4) == (32, 32)
     _check(torch.randn(5, 100, device=device) * 4, _targets((5,), 100, device), torch.tensor(0.3), torch.float32,
            label_smoothing=0.1)
 

@@ -130,7 +130,7 @@ def test_the_regression_check_fires(report):
 
 
 def test_cross_entropy_forward_is_read_from_its_loop(report):
-    """The forward's hot loop: its source loop, 16 iterations of a 2048 block (row_engine.stream_config) at
+    """The forward's hot loop: its source loop, 16 iterations of a 2048 block (row_engine.ROW_CONFIGS "stream") at
     C = 32000, two 128-bit loads and one exp (MUFU.EX2) and one reciprocal per element, and a time its issue
     rate bounds."""
     rec = next(r for r in report["cases"] if r["case"] == "cross_entropy-fwd-8192x32000-bfloat16")

@@ -37,7 +37,7 @@ def _cross_entropy(dtype, weighted, smoothing, prob, rows=8, grad=True):
     x = _x(rows, 32000, dtype)
     w = torch.rand(32000) if weighted else None
     y = torch.softmax(torch.randn(rows, 32000), -1).to(dtype) if prob else torch.randint(0, 32000, (rows,))
-    if not grad:  # the forward alone, one program a row (row_engine.stream_config's block)
+    if not grad:  # the forward alone, one program a row (row_engine.ROW_CONFIGS's "stream" block)
         with torch.no_grad():
             fused_tau.cross_entropy(x, y, w, label_smoothing=smoothing, tau=_tau(False))
         return
