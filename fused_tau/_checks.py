@@ -79,7 +79,7 @@ def check_class_targets(target, n_classes, ignore_index, name="target"):
 
 
 def class_targets_message(n_classes, ignore_index, name="target"):
-    """check_class_targets' error (also raised from a kernel's verdict: kernels/row_ce.py ce_reduce)."""
+    """check_class_targets' error (also raised from a kernel's verdict: kernels/row_ce_reduce.py ce_reduce)."""
     return f"{name} holds a class index outside [0, {n_classes}) that is not ignore_index={ignore_index}"
 
 

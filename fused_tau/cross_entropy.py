@@ -21,7 +21,7 @@ from ._tau import compute_dtype, reduce_tau_grad, tau_for_kernel, tau_tensor
 from .softmax import view3
 
 
-# ce_reduce (kernels/row_ce.py) is one program: past this many rows torch's reductions, which fill the GPU,
+# ce_reduce (kernels/row_ce_reduce.py) is one program: past this many rows torch's reductions, which fill the GPU,
 # take over (a dozen small launches, about 30 µs, against one program reading 12 bytes a row)
 REDUCE_ON_DEVICE_MAX_ROWS = 1 << 16
 

@@ -247,9 +247,9 @@ def test_cross_entropy_split_rows_are_deterministic(split, device):
     assert all(int(t.abs().sum()) == 0 for t in row_engine._TICKETS.values())  # host-ok: CPU test
 
 
-def _recorded_launches(monkeypatch, module, names):
-    """Records (kernel name, grid) of each launch of ``names`` in ``module``."""
-    launched = []
+def _recorded_launches(monkeypatch, module, names, launched=None):
+    """Records (kernel name, grid) of each launch of ``names`` in ``module`` (into ``launched``, if given)."""
+    launched = [] if launched is None else launched
 
     class Recorder:
         def __init__(self, fn):
@@ -269,9 +269,10 @@ def test_cross_entropy_split_forward_is_one_launch(split, device, monkeypatch):
     the split programs, a combine a row, the loss's sum); its backward one more; a bad target still
     raises (the same launch's verdict)."""
     import fused_tau.kernels.row_ce as row_ce
+    import fused_tau.kernels.row_ce_reduce as row_ce_reduce
 
-    launched = _recorded_launches(monkeypatch, row_ce, ("_ce_fwd_kernel", "_ce_reduce_kernel", "_ce_bwd_kernel",
-                                                        "_ce_grad_rescale_kernel"))
+    launched = _recorded_launches(monkeypatch, row_ce, ("_ce_fwd_kernel", "_ce_bwd_kernel", "_ce_grad_rescale_kernel"))
+    _recorded_launches(monkeypatch, row_ce_reduce, ("_ce_reduce_kernel",), launched)
     split(True)
     x = torch.randn(3, 37, device=device)
     y = torch.tensor([0, 36, -100], device=device)

@@ -266,7 +266,7 @@ class TritonCapture:
 
 
 # Outputs whose benign value (the one valid inputs give) is not 0: a kernel's verdict on its inputs, read
-# by a bad-input check (kernels/row_ce.py ce_reduce and ce_fwd_reduced: ok = 1 when every target is in range).
+# by a bad-input check (kernels/row_ce_reduce.py ce_reduce, kernels/row_ce.py ce_fwd_reduced: ok = 1 when every target is in range).
 BENIGN_OUTPUTS = {"_ce_reduce_kernel": {"ok_ptr": 1}, "_ce_fwd_kernel": {"ok_ptr": 1}}
 
 
