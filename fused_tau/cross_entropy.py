@@ -138,19 +138,23 @@ def _forward_reduced_on_device(ctx, x3, tgt, w, tau_k, options, prob_target, C, 
     ignore_index, smoothing = options.ignore_index, options.label_smoothing
     den_mode = (row.DENOM_ROWS if prob_target else row.DENOM_TARGETS) if mean else row.DENOM_NONE
     message = class_targets_message(C, ignore_index)
+    stats = ops.ce_fwd_outputs(x3, smoothing, prob_target)
+    dx = dtau = None
     if options.grad_in_forward and not row.ce_rows_split(x3, prob_target, smoothing, write_grad=True):
         _, den, g, ok = row.ce_reduce(x3.device, None, None if prob_target else tgt, w, None, R, C, ignore_index,
                                       den_mode, not prob_target)
         if ok is not None:
             data_check(ok, message, IndexError)
-        out, _, _, _, loss, wy, m, s, a, dx, dtau = row.ce_fwd_reduced(
+        dx, dtau = ops.softmax_bwd_outputs(x3, ctx.needs_input_grad[3])
+        out, _, _, _ = row.ce_fwd_reduced(
             x3, tgt, w, tau_k, ignore_index, smoothing, prob_target, row.DENOM_GIVEN if mean else row.DENOM_NONE,
-            False, options.out_dtype, g=g, den_in=den, tau_grad=ctx.needs_input_grad[3])
+            False, options.out_dtype, stats, g=g, dx=dx, dtau=dtau, den_in=den)
     else:
-        out, den, _, ok, loss, wy, m, s, a, dx, dtau = row.ce_fwd_reduced(
-            x3, tgt, w, tau_k, ignore_index, smoothing, prob_target, den_mode, not prob_target, options.out_dtype)
+        out, den, _, ok = row.ce_fwd_reduced(x3, tgt, w, tau_k, ignore_index, smoothing, prob_target, den_mode,
+                                             not prob_target, options.out_dtype, stats)
         if ok is not None:
             data_check(ok, message, IndexError)
+    loss, wy, m, s, a = stats
     return out, (den if mean else None), dx, dtau, loss, wy, m, s, a
 
 

@@ -358,28 +358,16 @@ def _fwd_plan(x3, C, has_a, write_grad):
 
 
 def ce_fwd_reduced(x3, target, weight, tau, ignore_index, smoothing, prob_target, denom_mode, check, out_dtype,
-                   g=None, den_in=None, tau_grad=False):
-    """``ce_fwd`` (``ce_fwd_grad`` when ``g`` is given) and ``ce_reduce``'s reduction of the rows' losses,
-    for cross_entropy's reductions on the device (eager, Triton: not a custom op, so it allocates its
-    outputs itself).  Rows split across programs (few long rows): in the same launch, the last program to
-    finish a row's loss sums the R losses in a fixed order (deterministic); many rows: ce_reduce's launch
-    after the forward's.  ``denom_mode``, ``check`` and ``den_in`` (DENOM_GIVEN) as ce_reduce's; the
-    reduced loss is returned in ``out_dtype``, rounded once.  A split row never writes the gradient here:
-    its second read would be a second launch over HBM, which the backward (``ce_bwd``) makes with the real
-    incoming gradient instead; dx and dτ are then None.
-    Returns (out, den, g = 1/den, ok or None, loss, w_y, M, S, A, dx, dτ)."""
-    if g is not None and ce_rows_split(x3, prob_target, smoothing, write_grad=True):
-        g = None
-    R, C, B = rows(x3)
-    f32 = dict(device=x3.device, dtype=torch.float32)
-    has_a = prob_target or smoothing > 0
-    stats = (torch.empty(R, **f32), None if prob_target else torch.empty(R, **f32), torch.empty(R, **f32),
-             torch.empty(R, **f32), torch.empty(R, **f32) if has_a else None)
-    dx = torch.empty((x3.shape[0], C, B), device=x3.device, dtype=x3.dtype) if g is not None else None
-    dtau = torch.empty(R, **f32) if g is not None and tau_grad else None
-    head = _ce_fwd_launch(x3, target, weight, tau, ignore_index, smoothing, prob_target, stats, g, dx, dtau,
+                   stats, g=None, dx=None, dtau=None, den_in=None):
+    """``ce_fwd`` (``ce_fwd_grad`` when ``g`` is given: rows that are not split, ``ce_rows_split``) into
+    ``stats`` = (loss, w_y, M, S, A) and dx, dτ, and ``ce_reduce``'s reduction of the rows' losses, for
+    cross_entropy's reductions on the device (eager, Triton).  Rows split across programs (few long rows):
+    in the same launch, the last program to finish a row's loss sums the R losses in a fixed order
+    (deterministic); many rows: ce_reduce's launch after the forward's.  ``denom_mode``, ``check`` and
+    ``den_in`` (DENOM_GIVEN) as ce_reduce's; the reduced loss is returned in ``out_dtype``, rounded once.
+    Returns (out, den, g = 1/den, ok or None)."""
+    return _ce_fwd_launch(x3, target, weight, tau, ignore_index, smoothing, prob_target, stats, g, dx, dtau,
                           (denom_mode, check, out_dtype, den_in))
-    return head + stats + (dx, dtau)
 
 
 def ce_rows_split(x3, prob_target, smoothing, write_grad=False):

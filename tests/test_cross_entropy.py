@@ -214,9 +214,8 @@ def _launches(monkeypatch):
         monkeypatch.setattr(_ops, name, lambda *a, _real=real, _name=name, **k: seen.append(_name) or _real(*a, **k))
 
     def fwd_reduced(*a, _real=row.ce_fwd_reduced, **k):
-        results = _real(*a, **k)
-        seen.append("ce_fwd" if results[-2] is None else "ce_fwd_grad")
-        return results
+        seen.append("ce_fwd" if k.get("g") is None else "ce_fwd_grad")
+        return _real(*a, **k)
 
     monkeypatch.setattr(row, "ce_fwd_reduced", fwd_reduced)
     return seen
