@@ -362,6 +362,35 @@ def tile_bwd(backend, a, b, bias, tau_rows, target, diag_offset, shift, scale, r
     return outputs
 
 
+def infonce_bwd_outputs(a, b, key, need_da, need_db, need_dkey, need_dtau):
+    """(da, db, dkey, dtau), each None when not asked for: da, db and dkey in their operands' dtypes and
+    shapes, dtau one compute-dtype element per row of ``a``."""
+    return (a.new_empty(a.shape) if need_da else None, b.new_empty(b.shape) if need_db else None,
+            key.new_empty(key.shape) if need_dkey else None,
+            a.new_empty(a.shape[0], dtype=compute_dtype(a)) if need_dtau else None)
+
+
+@_op("infonce_bwd", mutates_args=("da", "db", "dkey", "dtau"))
+def _infonce_bwd(a: Tensor, b: Tensor, tau_rows: Tensor, target: Optional[Tensor], key: Optional[Tensor],
+                 shift: Tensor, ref: Tensor, e_pos: Tensor, e_rest: Tensor, g: Tensor, g_div: float, label_offset: int,
+                 backend: str, da: Optional[Tensor], db: Optional[Tensor], dkey: Optional[Tensor],
+                 dtau: Optional[Tensor]) -> None:
+    engine(backend, "tile").infonce_bwd(a, b, tau_rows, target, key, shift, ref, e_pos, e_rest, g, g_div, label_offset,
+                                        da, db, dkey, dtau)
+
+
+def infonce_bwd(backend, a, b, tau_rows, target, key, shift, ref, e_pos, e_rest, g, g_div, label_offset, need_da,
+                need_db, need_dkey, need_dtau):
+    """(da, db, dkey, dtau) of a softmax cross-entropy over [positive, counted columns of a @ b.T] from the
+    forward's TILE_* statistics (shift, ref = pos, e_pos, e_rest) and the incoming gradient ``g`` (one
+    element or one per row, divided by ``g_div``): the positive is a_i · key_i (``key``) or the column
+    ``target`` = i + label_offset (in-batch)."""
+    outputs = infonce_bwd_outputs(a, b, key, need_da, need_db, need_dkey and key is not None, need_dtau)
+    _call("infonce_bwd")(a, b, tau_rows, target, key, shift, ref, e_pos, e_rest, g, float(g_div), int(label_offset),
+                         backend, *outputs)
+    return outputs
+
+
 # clip_loss in one pass: clip_fwd gives the (CLIP_STATS, N) per-index statistics (kernels/__init__.py CLIP_*: the
 # loss per index first), clip_bwd takes them and the incoming gradient's factor g (one element) and
 # gives da, db and zp (dL/dτ_k = -zp_k / τ_k).

@@ -323,6 +323,34 @@ def tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, da_out, db
         da_out.copy_(da)
 
 
+def infonce_bwd(a, b, tau, target, key, shift, ref, e_pos, e_rest, g, g_div, label_offset, da, db, dkey, dtau):
+    """kernels/tile_bwd.py's infonce_bwd: the gradients of a softmax cross-entropy over [positive, counted
+    columns] from the forward's statistics, here with tile_bwd and torch operators for the positive's
+    terms (c_i = dL/dpos_i = -u_i e_rest_i; da_i += c_i p_i, the positive's partner p_i = key_i or
+    b[t_i]; c_i a_i into dkey_i or db[t_i]); dtau_i = -zp_i / τ_i + 0 · c_i."""
+    N = a.shape[0]
+    cd = compute_dtype(a)
+    g = (g.to(cd).reshape(-1) / g_div).expand(N)
+    u = g / (tau.to(cd).expand(N) * (e_pos + e_rest))  # the tiles' Q = u exp((y - shift)/τ) = g p / τ
+    zp = torch.empty(N, device=a.device, dtype=cd) if dtau is not None else None
+    in_batch = target is not None
+    db_tiles = db if db is not None else None
+    if da is not None or db_tiles is not None or zp is not None:
+        tile_bwd(a, b, None, tau, target, None, shift, u, ref, da, db_tiles, None, zp)
+    c = -u * e_rest  # dL/d(a_i · p_i) = g (p_pos - 1) / τ, the same rounding as the tiles' Q at a tie
+    if dtau is not None:
+        # Σ_j dL/dy_ij = 0 with the positive's own term 0; + 0 · c: a NaN row stays NaN
+        torch.add(-zp / tau.to(cd).expand(N), 0.0 * c, out=dtau)
+    c = c.unsqueeze(-1)
+    if da is not None:
+        partner = b[label_offset:label_offset + N] if in_batch else key
+        da += (c * partner).to(da.dtype)
+    if in_batch and db is not None:
+        db[label_offset:label_offset + N] += (c * a).to(db.dtype)
+    if dkey is not None:
+        dkey.copy_(c * a)
+
+
 def _infonce_rows(m, s, pos, tau):
     """(nll, shift, e_pos, e_neg) of the softmax over [positive, negatives] (tile_engine._infonce_row)."""
     nll = torch.nn.functional.softplus(torch.log(s) + (m - pos) / tau)

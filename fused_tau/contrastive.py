@@ -91,26 +91,15 @@ class InfoNCEFunction(torch.autograd.Function):
         reduction, label_offset, in_batch = ctx.options.reduction, ctx.options.label_offset, ctx.in_batch
         N = query.shape[0]
         need_q, need_k, need_neg, need_tau = ctx.needs_input_grad[:4]
-        g = row_grad(grad, N, reduction, nll.dtype)
         b = key if in_batch else negatives
-        u = g / (tau_rows * (e_pos + e_neg))  # the tiles' Q = u exp((y - shift)/τ) = g p / τ
-        da, db, _, zp = ops.tile_bwd(ctx.backend, query, b, None, tau_rows, target, None, shift, u, pos,
-                                     need_q, need_k if in_batch else need_neg, need_tau)
-        dpos = -u * e_neg  # dL/d(q·k_pos) = g (p_pos - 1) / τ, the same rounding as the tiles' Q at a tie
-        k_pos = key[label_offset:label_offset + N] if in_batch else key
-        # dL/dτ_i = -(1/τ_i) Σ_j (y_ij - pos_i) dL/dy_ij: Σ_j dL/dy_ij = 0, and the positive's own term is 0
-        # + 0 · dpos: a row that is NaN (NaN or +inf logits) gives NaN, as its other gradients
-        dtau = reduce_tau_grad(-zp / tau_rows + 0.0 * dpos, tau, 1) if need_tau else None
-        dpos = dpos.unsqueeze(-1)
-        dq = (da + (dpos * k_pos).to(da.dtype)) if need_q else None
-        dk = dneg = None
-        if in_batch and need_k:
-            dk = db.clone()
-            dk[label_offset:label_offset + N] += (dpos * query).to(db.dtype)
-        elif need_k:
-            dk = (dpos * query).to(key.dtype)
-        if not in_batch and need_neg:
-            dneg = db
+        # u, the positive's gradient, the splits' sums and the rank-one terms all on the device (ops.infonce_bwd)
+        dq, db, dkey, dtau_rows = ops.infonce_bwd(
+            ctx.backend, query, b, tau_rows, target, None if in_batch else key, shift, pos, e_pos, e_neg,
+            grad.detach(), N if reduction == "mean" else 1, label_offset, need_q, need_k if in_batch else need_neg,
+            need_k and not in_batch, need_tau)
+        dtau = reduce_tau_grad(dtau_rows, tau, 1) if need_tau else None
+        dk = db if in_batch else dkey
+        dneg = db if not in_batch else None
         return dq, dk, dneg, dtau, None, None
 
 

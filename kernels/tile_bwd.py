@@ -32,7 +32,7 @@ import triton.language as tl
 
 from . import tile_engine
 from .tile_engine import (_autotuned, _block_do, _common, _config, _dots_tile, _exp2_scale, _interpreted, _kept,
-                          _load_tile, _partial_cap, _split_parts, _sum_parts, _target)
+                          _load_tile, _partial_cap, _row_tau, _split_parts, _sum_parts, _target)
 from .tl_math import to_store
 
 # The backward takes the two-GEMM route when D > BLOCK_DO ("auto"; "fused" / "materialized" force
@@ -43,14 +43,32 @@ GROUP_M = 8  # the probabilities' tiles run in groups of GROUP_M row blocks (L2 
 
 
 @triton.jit
-def _row_constants(tau_ptr, shift_ptr, scale_ptr, target_ptr, rows, N, HAS_TARGET: tl.constexpr,
-                   TAU_PER_ROW: tl.constexpr):
+def _softmax_scale(g_ptr, g_stride, g_div, e_pos_ptr, e_rest_ptr, tau_ptr, rows, live, N, TAU_PER_ROW: tl.constexpr):
+    """u_i = (g_i / g_div) / (τ_i (e_pos_i + e_rest_i)) for the ``live`` rows, 0 elsewhere: the scale that makes
+    Q = dL/dz / τ for a softmax over [positive, counted columns] whose forward left e_pos and e_rest (the
+    positive's and the other columns' exp((y - shift)/τ)), under the incoming gradient g (one element,
+    g_stride 0, or one per row) of a loss summed (g_div 1) or averaged (g_div the rows) over the rows.
+    IEEE divisions (once per row): the same u as the composition's g / n / (τ (e_pos + e_rest))."""
+    g = tl.load(g_ptr + rows.to(tl.int64) * g_stride, mask=live, other=0.0).to(tl.float32)
+    e = tl.load(e_pos_ptr + rows, mask=live, other=1.0) + tl.load(e_rest_ptr + rows, mask=live, other=0.0)
+    tau = _row_tau(tau_ptr, tl.where(live, rows, 0), N, TAU_PER_ROW)
+    u = tl.math.div_rn(tl.math.div_rn(g, g_div), tau * e)
+    return tl.where(live, u, 0.0)
+
+
+@triton.jit
+def _row_constants(tau_ptr, shift_ptr, scale_ptr, target_ptr, rows, N, g_ptr, g_stride, g_div, e_rest_ptr,
+                   HAS_TARGET: tl.constexpr, TAU_PER_ROW: tl.constexpr, SCALE_FROM_G: tl.constexpr):
     """log2(e)/τ, the shift c (dot units), the scale u and the target column of a block of rows
-    (padding rows inert: c = +inf, u = 0)."""
+    (padding rows inert: c = +inf, u = 0).  u is ``scale_ptr``'s, or with SCALE_FROM_G formed from the
+    incoming gradient and the forward's statistics (_softmax_scale, ``scale_ptr`` then holds e_pos)."""
     r2 = _exp2_scale(tau_ptr, rows, N, TAU_PER_ROW)
     # padding rows: exp2((y - inf) r2) = 0 and u = 0, so Q = 0 without a mask per logit
     shift = tl.load(shift_ptr + rows, mask=rows < N, other=float("inf"))
-    u = tl.load(scale_ptr + rows, mask=rows < N, other=0.0)
+    if SCALE_FROM_G:
+        u = _softmax_scale(g_ptr, g_stride, g_div, scale_ptr, e_rest_ptr, tau_ptr, rows, rows < N, N, TAU_PER_ROW)
+    else:
+        u = tl.load(scale_ptr + rows, mask=rows < N, other=0.0)
     return r2, shift, u, _target(target_ptr, rows, N, HAS_TARGET)
 
 
@@ -74,6 +92,8 @@ def _grad_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, r2, shift, u, tgt, d
 def _tile_bwd_da_kernel(
     # pointers; da (splits, N, D) and zp (splits, N) are fp32 partials (the outputs for one split)
     a_ptr, b_ptr, bias_ptr, tau_ptr, target_ptr, shift_ptr, scale_ptr, ref_ptr, da_ptr, zp_ptr,
+    # the incoming gradient, its row stride and divisor, and e_rest (SCALE_FROM_G: _softmax_scale)
+    g_ptr, g_stride, g_div, e_rest_ptr,
     # shapes; program (i-block, do-block, split) walks the columns [split · split_cols, + split_cols)
     N, K, D, diag_offset, split_cols,
     # strides
@@ -82,6 +102,7 @@ def _tile_bwd_da_kernel(
     HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr, NEED_ZP: tl.constexpr,
     TAU_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DO: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, RESIDENT: tl.constexpr,
+    SCALE_FROM_G: tl.constexpr,
 ):
     """da[rows, do] = Σ_j Q_ij b[j, do] and zp_i = Σ_j (y_ij - ref_i) Q_ij over the split's columns."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -89,7 +110,8 @@ def _tile_bwd_da_kernel(
     split = tl.program_id(2)
     col0 = split * split_cols
     col_end = tl.minimum(K, col0 + split_cols)
-    r2, shift, u, tgt = _row_constants(tau_ptr, shift_ptr, scale_ptr, target_ptr, rows, N, HAS_TARGET, TAU_PER_ROW)
+    r2, shift, u, tgt = _row_constants(tau_ptr, shift_ptr, scale_ptr, target_ptr, rows, N, g_ptr, g_stride, g_div,
+                                       e_rest_ptr, HAS_TARGET, TAU_PER_ROW, SCALE_FROM_G)
     ref = tl.load(ref_ptr + rows, mask=rows < N, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
     zp = tl.zeros([BLOCK_M], tl.float32)
@@ -121,6 +143,8 @@ def _tile_bwd_da_kernel(
 def _tile_bwd_db_kernel(
     # pointers; db (splits, K, D) and dbias (splits, K) are fp32 partials (the outputs for one split)
     a_ptr, b_ptr, bias_ptr, tau_ptr, target_ptr, shift_ptr, scale_ptr, db_ptr, dbias_ptr,
+    # the incoming gradient, its row stride and divisor, and e_rest (SCALE_FROM_G: _softmax_scale)
+    g_ptr, g_stride, g_div, e_rest_ptr,
     # shapes; program (j-block, do-block, split) walks the rows [split · split_rows, + split_rows)
     N, K, D, diag_offset, split_rows,
     # strides
@@ -128,7 +152,7 @@ def _tile_bwd_db_kernel(
     # constants
     HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr, TAU_PER_ROW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, RESIDENT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, RESIDENT: tl.constexpr, SCALE_FROM_G: tl.constexpr,
 ):
     """db[cols, do] = Σ_i Q_ij a[i, do] and dbias[cols] = Σ_i Q_ij over the split's rows."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -143,8 +167,8 @@ def _tile_bwd_db_kernel(
         b_fixed = _load_tile(b_ptr, cols, K, D, stride_bk, stride_bd, BLOCK_D, UPCAST)
     for m0 in range(row0, row_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        r2, shift, u, tgt = _row_constants(tau_ptr, shift_ptr, scale_ptr, target_ptr, rows, N, HAS_TARGET,
-                                           TAU_PER_ROW)
+        r2, shift, u, tgt = _row_constants(tau_ptr, shift_ptr, scale_ptr, target_ptr, rows, N, g_ptr, g_stride,
+                                           g_div, e_rest_ptr, HAS_TARGET, TAU_PER_ROW, SCALE_FROM_G)
         _, Q = _grad_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, r2, shift, u, tgt, diag_offset,
                           stride_am, stride_ad, stride_bk, stride_bd, 0.0, b_fixed, HAS_BIAS, HAS_TARGET, MASK_DIAG,
                           BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, False, RESIDENT)
@@ -168,6 +192,8 @@ def _tile_bwd_db_kernel(
 def _tile_bwd_probs_kernel(
     # pointers
     a_ptr, b_ptr, bias_ptr, tau_ptr, target_ptr, shift_ptr, scale_ptr, ref_ptr, ds_ptr, zp_ptr, dbias_ptr,
+    # the incoming gradient, its row stride and divisor, and e_rest (SCALE_FROM_G: _softmax_scale)
+    g_ptr, g_stride, g_div, e_rest_ptr,
     # shapes: the chunk is columns [col0, col_end) of the K; ds is a contiguous (N, col_end - col0)
     # buffer, zp a contiguous (N, cdiv(col_end - col0, BLOCK_N)) fp32 one, dbias a contiguous
     # (cdiv(N, BLOCK_M), col_end - col0) fp32 one
@@ -178,6 +204,7 @@ def _tile_bwd_probs_kernel(
     HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr, NEED_ZP: tl.constexpr,
     TAU_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, GROUP_M: tl.constexpr,
+    SCALE_FROM_G: tl.constexpr,
 ):
     """ds[i, j - col0] = Q_ij for one (i-block, j-block) tile of a chunk of columns, and the tile's
     shares of zp_i = Σ_j (y_ij - ref_i) Q_ij and (with a bias) of dbias_j, summed in fp32 before ds is rounded to its dtype;
@@ -195,7 +222,8 @@ def _tile_bwd_probs_kernel(
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     local = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = col0 + local
-    r2, shift, u, tgt = _row_constants(tau_ptr, shift_ptr, scale_ptr, target_ptr, rows, N, HAS_TARGET, TAU_PER_ROW)
+    r2, shift, u, tgt = _row_constants(tau_ptr, shift_ptr, scale_ptr, target_ptr, rows, N, g_ptr, g_stride, g_div,
+                                       e_rest_ptr, HAS_TARGET, TAU_PER_ROW, SCALE_FROM_G)
     # columns past col_end read as out of range: the chunk's own bound
     y, Q = _grad_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, col_end, D, r2, shift, u, tgt, diag_offset,
                        stride_am, stride_ad, stride_bk, stride_bd, 0.0, 0.0, HAS_BIAS, HAS_TARGET, MASK_DIAG, BLOCK_D,
@@ -220,7 +248,7 @@ def _tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, da, db, d
     only with db and a bias), for Q_ij = scale_i exp((y_ij - shift_i) / τ_i) over the counted columns and
     zp_i = Σ_j (y_ij - ref_i) Q_ij (shift and ref in dot units).  The splits' partial sums are added
     by torch reductions over the split dimension (fixed order: deterministic)."""
-    N, D = a.shape
+    D = a.shape[1]
     shift = shift.to(torch.float32).contiguous()
     scale = scale.to(torch.float32).contiguous()
     ref = ref.to(torch.float32).contiguous()
@@ -229,11 +257,35 @@ def _tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, da, db, d
         _tile_bwd_materialized(a, b, bias, tau, target, diag_offset, shift, scale, ref, da, db, dbias, zp,
                                _config(a, "probs"))
         return
+    da_part, zp_part, db_part, dbias_part = _fused_parts(a, b, bias, tau, target, diag_offset, shift, scale, ref, da,
+                                                         db, dbias, zp, bdo)
+    for part, out in ((da_part, da), (zp_part, zp), (db_part, db), (dbias_part, dbias)):
+        if part is not None:
+            _sum_parts(part, out)
+
+
+_NO_SOFT = None  # the scale is the caller's tensor (SCALE_FROM_G off)
+
+
+def _soft_args(soft, dummy):
+    """The kernels' (g_ptr, g_stride, g_div, e_rest_ptr) and SCALE_FROM_G for ``soft`` = (g, g_stride, g_div,
+    e_rest) (_softmax_scale), or dummies when the scale is a tensor."""
+    if soft is None:
+        return (dummy, 0, 1.0, dummy), False
+    return tuple(soft), True
+
+
+def _fused_parts(a, b, bias, tau, target, diag_offset, shift, scale, ref, da, db, dbias, zp, bdo, soft=_NO_SOFT):
+    """The fused kernels' partial sums over the splits, (da, zp, db, dbias) each (splits, ...) fp32 or None
+    when its output is None (_split_parts: the output itself for one fp32 split)."""
+    N, D = a.shape
     K = b.shape[0]
     f32 = dict(device=a.device, dtype=torch.float32)
     strides = (*a.stride(), *b.stride())
     sms = tile_engine.sm_count(a.device)
+    g_args, from_g = _soft_args(soft, shift)
     need_da, need_zp = da is not None, zp is not None
+    da_part = zp_part = db_part = dbias_part = None
     if need_da or need_zp:
         cfg = _config(a, "da")
         common = _common(a, b, bias, tau, target, diag_offset, cfg)
@@ -244,11 +296,12 @@ def _tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, da, db, d
         zp_part = _split_parts(zp, splits, (N,))
         _tile_bwd_da_kernel[(row_blocks, do_blocks, splits)](
             a, b, bias if bias is not None else shift, tau, target if target is not None else shift, shift, scale,
-            ref, da_part, zp_part if zp_part is not None else shift, N, K, D, diag_offset or 0, per * BLOCK_N,
-            *strides, NEED_ZP=need_zp, BLOCK_DO=bdo, RESIDENT=cfg["RESIDENT"], **common,
+            ref, da_part, zp_part if zp_part is not None else shift, *g_args, N, K, D, diag_offset or 0,
+            per * BLOCK_N, *strides, NEED_ZP=need_zp, BLOCK_DO=bdo, RESIDENT=cfg["RESIDENT"], SCALE_FROM_G=from_g,
+            **common,
         )
-        _sum_parts(da_part, da)
-        _sum_parts(zp_part, zp)
+        if not need_da:
+            da_part = None
     if db is not None:
         cfg = _config(a, "db")
         common = _common(a, b, bias, tau, target, diag_offset, cfg)
@@ -259,11 +312,10 @@ def _tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, da, db, d
         dbias_part = _split_parts(dbias, splits, (K,))
         _tile_bwd_db_kernel[(col_blocks, do_blocks, splits)](
             a, b, bias if bias is not None else shift, tau, target if target is not None else shift, shift, scale,
-            db_part, dbias_part if dbias_part is not None else shift, N, K, D, diag_offset or 0, per * BLOCK_M,
-            *strides, BLOCK_DO=bdo, RESIDENT=cfg["RESIDENT"], **common,
+            db_part, dbias_part if dbias_part is not None else shift, *g_args, N, K, D, diag_offset or 0,
+            per * BLOCK_M, *strides, BLOCK_DO=bdo, RESIDENT=cfg["RESIDENT"], SCALE_FROM_G=from_g, **common,
         )
-        _sum_parts(db_part, db)
-        _sum_parts(dbias_part, dbias)
+    return da_part, zp_part, db_part, dbias_part
 
 
 # How this torch multiplies 16-bit operands into an fp32 sum, per device type (accumulate_mm): found
@@ -323,8 +375,9 @@ def ds_gemms(a, b, da, db, width, fill_ds):
     N, D = a.shape
     K = b.shape[0]
     ds_buf = torch.empty(N * width, device=a.device, dtype=a.dtype)
-    single = width >= K
-    # several chunks sum da in fp32 (into da itself when it is fp32)
+    # one chunk multiplies into da; several sum da in fp32 (into da itself when it is fp32, also when the
+    # operands are 16-bit: the caller's fp32 sum)
+    single = width >= K and (da is None or da.dtype == a.dtype)
     da_sum = (None if single or da is None else da.zero_() if da.dtype == torch.float32
               else torch.zeros((N, D), device=a.device, dtype=torch.float32))
     for c0 in range(0, K, width):
@@ -337,12 +390,16 @@ def ds_gemms(a, b, da, db, width, fill_ds):
             else:
                 accumulate_mm(da_sum, ds, b[c0:c1])
         if db is not None:
-            torch.mm(ds.t(), a, out=db[c0:c1])
+            if db.dtype == ds.dtype:
+                torch.mm(ds.t(), a, out=db[c0:c1])
+            else:  # an fp32 db for 16-bit operands: the chunk's product unrounded
+                accumulate_mm(db[c0:c1].zero_(), ds.t(), a)
     if da_sum is not None and da_sum is not da:
         da.copy_(da_sum)
 
 
-def _tile_bwd_materialized(a, b, bias, tau, target, diag_offset, shift, scale, ref, da, db, dbias, zp, cfg):
+def _tile_bwd_materialized(a, b, bias, tau, target, diag_offset, shift, scale, ref, da, db, dbias, zp, cfg,
+                           soft=_NO_SOFT):
     """Chunks of columns: ds = Q = P / τ (N × chunk, in the operands' dtype, fp32 for fp32) from one
     recomputation of the tiles (_tile_bwd_probs_kernel), then db[chunk] = dsᵀ @ a and da += ds @ b[chunk]
     (ds_gemms).  Chunking the columns, not the rows, makes the running sum the (N, D) da rather than the
@@ -360,13 +417,14 @@ def _tile_bwd_materialized(a, b, bias, tau, target, diag_offset, shift, scale, r
     dbias_buf = torch.empty(row_blocks * width, **f32) if need_db and bias is not None else shift
     if need_zp:
         zp.zero_()
+    g_args, from_g = _soft_args(soft, shift)
 
     def fill_ds(ds, c0, c1):
         n_blocks = triton.cdiv(c1 - c0, BLOCK_N)
         _tile_bwd_probs_kernel[(row_blocks * n_blocks,)](
             a, b, bias if bias is not None else shift, tau, target if target is not None else shift, shift, scale, ref,
-            ds, zp_buf, dbias_buf, N, c0, c1, D, diag_offset or 0, *a.stride(), *b.stride(),
-            NEED_ZP=need_zp, INTERPRETED=_interpreted(), GROUP_M=GROUP_M, **common,
+            ds, zp_buf, dbias_buf, *g_args, N, c0, c1, D, diag_offset or 0, *a.stride(), *b.stride(),
+            NEED_ZP=need_zp, INTERPRETED=_interpreted(), GROUP_M=GROUP_M, SCALE_FROM_G=from_g, **common,
         )
         if need_db and dbias is not None:
             dbias[c0:c1] = dbias_buf[:row_blocks * (c1 - c0)].view(row_blocks, c1 - c0).sum(0)
@@ -374,3 +432,141 @@ def _tile_bwd_materialized(a, b, bias, tau, target, diag_offset, shift, scale, r
             zp.add_(zp_buf[:N * n_blocks].view(N, n_blocks).sum(1))
 
     ds_gemms(a, b, da, db, width, fill_ds)
+
+
+# ------------------------------------------------------------------ a softmax over [positive, tiles]
+
+@triton.jit
+def _tile_bwd_rows_kernel(
+    # pointers: part (splits, R, D) partial sums (any float dtype), other / other2 (rows, D), out (R, D) and
+    # out2 (N, D) in their dtypes; zp_part (splits, N) fp32 and dtau (N,) fp32; the softmax's statistics
+    part_ptr, other_ptr, out_ptr, other2_ptr, out2_ptr, zp_part_ptr, dtau_ptr, tau_ptr, g_ptr, e_pos_ptr,
+    e_rest_ptr,
+    # shapes: out's R rows; the N rows i of the softmax; row r of out takes row i = r - row_off's positive
+    R, N, D, splits, row_off, other_off, g_stride, g_div,
+    # strides of other and other2
+    stride_om, stride_od, stride_o2m, stride_o2d,
+    # constants
+    NEED_OUT: tl.constexpr, HAS_OTHER: tl.constexpr, HAS_OUT2: tl.constexpr, NEED_DTAU: tl.constexpr,
+    TAU_PER_ROW: tl.constexpr, SPLITS_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):
+    """The gradients' rows with the positive's terms, after the tiles' partial sums.  With
+    c_i = dL/dpos_i = -u_i e_rest_i = g_i (p_pos,i - 1)/τ_i (u of _softmax_scale), the gradient of the
+    positive's dot product pos_i = a_i · p_i (dot units):
+      out[r]   = Σ_s part[s, r] + c_i other[i + other_off]   (i = r - row_off in [0, N); the sum alone elsewhere)
+      out2[i]  = c_i other2[i]                                (HAS_OUT2, rows i < N; R = N, row_off = 0)
+      dtau[i]  = -(Σ_s zp[s, i]) / τ_i + 0 · c_i             (NEED_DTAU: dL/dτ_i, NaN with its row)
+    summed in fp32 in split order and rounded once to the outputs' dtypes."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    live = rows < R
+    mask = live[:, None] & (dd[None, :] < D)
+    rows64 = rows.to(tl.int64)
+    dd64 = dd.to(tl.int64)
+    k = tl.arange(0, SPLITS_BLOCK)
+    i = rows - row_off
+    has = live & (i >= 0) & (i < N)
+    safe = tl.where(has, i, 0).to(tl.int64)
+    c = -_softmax_scale(g_ptr, g_stride, g_div, e_pos_ptr, e_rest_ptr, tau_ptr, i, has, N, TAU_PER_ROW) \
+        * tl.load(e_rest_ptr + safe, mask=has, other=0.0)
+    if NEED_OUT:
+        # SPLITS_BLOCK splits' (BLOCK_R, BLOCK_D) slices a step, all loads of a step in flight at once
+        acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        for k0 in range(0, splits, SPLITS_BLOCK):
+            kk = (k0 + k).to(tl.int64)
+            offs = (kk[:, None, None] * R + rows64[None, :, None]) * D + dd64[None, None, :]
+            acc += tl.sum(tl.load(part_ptr + offs, mask=(kk[:, None, None] < splits) & mask[None, :, :],
+                                  other=0.0).to(tl.float32), 0)
+        if HAS_OTHER:
+            p = tl.load(other_ptr + (safe + other_off)[:, None] * stride_om + dd64[None, :] * stride_od,
+                        mask=has[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32)
+            acc += c[:, None] * p
+        tl.store(out_ptr + rows64[:, None] * D + dd64[None, :], to_store(acc, out_ptr, INTERPRETED), mask=mask)
+    if HAS_OUT2:
+        q = tl.load(other2_ptr + safe[:, None] * stride_o2m + dd64[None, :] * stride_o2d,
+                    mask=has[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32)
+        tl.store(out2_ptr + rows64[:, None] * D + dd64[None, :], to_store(c[:, None] * q, out2_ptr, INTERPRETED),
+                 mask=has[:, None] & (dd[None, :] < D))
+    if NEED_DTAU:
+        if tl.program_id(1) == 0:
+            zp = tl.zeros([BLOCK_R], tl.float32)
+            for k0 in range(0, splits, SPLITS_BLOCK):
+                kk = (k0 + k).to(tl.int64)
+                zp += tl.sum(tl.load(zp_part_ptr + kk[:, None] * N + safe[None, :],
+                                     mask=(kk[:, None] < splits) & has[None, :], other=0.0), 0)
+            tau = _row_tau(tau_ptr, safe, N, TAU_PER_ROW)
+            tl.store(dtau_ptr + safe, tl.math.div_rn(-zp, tau) + 0.0 * c, mask=has)
+
+
+# _tile_bwd_rows_kernel: a program sums a [splits, rows, features] block of about ROWS_ELEMENTS partials a
+# step (at most ROWS_SPLITS splits, 128 features, ROWS_MAX rows; 8 warps for a full block, else 4): MoCo
+# N = 256 on 64 splits is 256 programs of one row, each with its 64 splits' 128 features in flight at
+# once; tests shrink them
+ROWS_ELEMENTS = 8192
+ROWS_SPLITS = 64
+ROWS_MAX = 32
+
+
+def _rows(soft, e_pos, tau, N, D, R, part=None, out=None, other=None, other_off=0, row_off=0, other2=None, out2=None,
+          zp_part=None, dtau=None):
+    """One launch of _tile_bwd_rows_kernel (see there): ``part`` (splits, R, D) or None (no sum), ``soft`` =
+    (g, g_stride, g_div, e_rest) of _softmax_scale."""
+    g, g_stride, g_div, e_rest = soft
+    dummy = e_pos
+    flat = e_pos[:1].view(1, 1)
+    other_t = other if other is not None else flat
+    other2_t = other2 if other2 is not None else flat
+    splits = part.shape[0] if part is not None else zp_part.shape[0] if zp_part is not None else 0
+    block_d = min(max(triton.next_power_of_2(D), 16), 128)
+    splits_block = min(max(triton.next_power_of_2(splits), 1), ROWS_SPLITS)
+    block_r = max(1, min(ROWS_MAX, triton.next_power_of_2(R), ROWS_ELEMENTS // (splits_block * block_d)))
+    _tile_bwd_rows_kernel[(triton.cdiv(R, block_r), triton.cdiv(D, block_d))](
+        part if part is not None else dummy, other_t, out if out is not None else dummy, other2_t,
+        out2 if out2 is not None else dummy, zp_part if zp_part is not None else dummy,
+        dtau if dtau is not None else dummy, tau, g, e_pos, e_rest, R, N, D, splits, row_off, other_off, g_stride,
+        g_div, *other_t.stride(), *other2_t.stride(),
+        NEED_OUT=out is not None, HAS_OTHER=other is not None, HAS_OUT2=out2 is not None, NEED_DTAU=dtau is not None,
+        TAU_PER_ROW=tau.numel() != 1, SPLITS_BLOCK=splits_block, BLOCK_R=block_r, BLOCK_D=block_d,
+        INTERPRETED=_interpreted(), num_warps=8 if splits_block * block_r * block_d >= ROWS_ELEMENTS else 4,
+    )
+
+
+def infonce_bwd(a, b, tau, target, key, shift, ref, e_pos, e_rest, g, g_div, label_offset, da, db, dkey, dtau):
+    """The gradients of rows i of a softmax cross-entropy over [positive, counted columns of y = a @ b.T]
+    (dot units; the forward's TILE_* statistics shift, ref = pos, e_pos, e_rest), under the incoming
+    gradient ``g`` (one element or one per row) of a loss summed over the rows and divided by ``g_div``:
+    da (a's dtype), db (b's dtype), dkey (key's dtype) and dtau = dL/dτ_i per row (fp32), each written
+    when not None.  The positive's dot product is pos_i = a_i · key_i (``key``, a MoCo queue's positives:
+    its gradient dkey) or, with ``target`` (in-batch), y at column t_i = i + label_offset.
+
+    The tiles' kernels form u from g and the statistics (SCALE_FROM_G), their partial sums over the
+    splits and the positive's rank-one terms are added by _tile_bwd_rows_kernel (one launch for a's
+    rows, one for b's): no torch operator between the forward's statistics and the gradients."""
+    N, D = a.shape
+    K = b.shape[0]
+    f32 = dict(device=a.device, dtype=torch.float32)
+    g = g.reshape(-1)
+    soft = (g, 0 if g.numel() == 1 else g.stride(0), float(g_div), e_rest)
+    zp = torch.empty(N, **f32) if dtau is not None else None
+    bdo = _block_do(D, _config(a, "da"))
+    if _materialized(D, bdo, a, b):
+        # da, and in-batch db (its positive's terms still to add), as fp32 sums: one rounding to their dtypes
+        da_part = torch.empty(a.shape, **f32) if da is not None else None
+        db_part = db if db is not None and target is None else torch.empty(b.shape, **f32) if db is not None else None
+        _tile_bwd_materialized(a, b, None, tau, target, None, shift, e_pos, ref, da_part, db_part, None, zp,
+                               _config(a, "probs"), soft)
+        da_part, db_part, zp_part = (t.unsqueeze(0) if t is not None else None for t in (da_part, db_part, zp))
+    else:
+        da_part, zp_part, db_part, _ = _fused_parts(a, b, None, tau, target, None, shift, e_pos, ref, da, db, None, zp,
+                                                    bdo, soft)
+    in_batch = target is not None
+    if da is not None or dtau is not None or dkey is not None:
+        _rows(soft, e_pos, tau, N, D, N, part=da_part, out=da, other=b if in_batch else key,
+              other_off=label_offset if in_batch else 0, other2=None if in_batch else a, out2=dkey, zp_part=zp_part,
+              dtau=dtau)
+    if db is not None and db_part is not None and db_part.data_ptr() != db.data_ptr():
+        _rows(soft, e_pos, tau, N, D, K, part=db_part, out=db, other=a if in_batch else None,
+              row_off=label_offset if in_batch else 0)
+    elif db is not None and in_batch:
+        _rows(soft, e_pos, tau, N, D, K, part=db_part, out=db, other=a, row_off=label_offset)

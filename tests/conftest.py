@@ -57,6 +57,10 @@ def backend(request, monkeypatch):
             # the combines merge 2 splits a step over 8 rows a program: several steps, the last partial
             monkeypatch.setattr(tile_engine, "COMBINE_SPLITS", 2)
             monkeypatch.setattr(tile_engine, "COMBINE_BLOCK", 8)
+            # the backward's rows kernel sums 2 splits a step over 2 rows a program
+            monkeypatch.setattr(tile_bwd, "ROWS_SPLITS", 2)
+            monkeypatch.setattr(tile_bwd, "ROWS_MAX", 2)
+            monkeypatch.setattr(tile_bwd, "ROWS_ELEMENTS", 32)
     else:
         import fused_tau._torch_row_engine as torch_row_engine
         import fused_tau._torch_threads as torch_threads

@@ -208,11 +208,11 @@ def test_tau_reaches_the_tile_engine_unexpanded(backend, device, monkeypatch, fn
 
         def __getattr__(self, name):
             fn_ = getattr(self.inner, name)
-            if name in ("clip_fwd", "clip_bwd"):
-                def call_clip(a, b, tau, *rest):
+            if name in ("clip_fwd", "clip_bwd", "infonce_bwd"):
+                def call_abt(a, b, tau, *rest):
                     seen.append((name, tuple(tau.shape)))
                     return fn_(a, b, tau, *rest)
-                return call_clip
+                return call_abt
             if name not in ("tile_fwd", "tile_bwd"):
                 return fn_
 
@@ -233,7 +233,9 @@ def test_tau_reaches_the_tile_engine_unexpanded(backend, device, monkeypatch, fn
            "linear_cross_entropy": lambda: fused_tau.linear_cross_entropy(
                q, torch.randn(K, D, device=device), torch.randint(0, K, (N,), device=device), tau=tau)}[fn]()
     out.backward()
-    assert {name for name, _ in seen} == ({"clip_fwd", "clip_bwd"} if fn == "clip_loss" else {"tile_fwd", "tile_bwd"})
+    expected = {"clip_loss": {"clip_fwd", "clip_bwd"}, "infonce_queue": {"tile_fwd", "infonce_bwd"},
+                "infonce_in_batch": {"tile_fwd", "infonce_bwd"}}.get(fn, {"tile_fwd", "tile_bwd"})
+    assert {name for name, _ in seen} == expected
     assert all(shape == (1,) for _, shape in seen), seen
 
 
@@ -301,3 +303,67 @@ def test_tile_table_per_arch_and_d_bin(arch):
         assert cfg == tile_engine.tile_config(arch, torch.float16, D)
     assert tile_engine.tile_config(arch, torch.bfloat16, 4096)["BLOCK_N"] == 256
     assert tile_engine.tile_config(arch, torch.float32, 4096)["BLOCK_D"] == 32
+
+
+# ---------------------------------------------------------------------------- infonce's backward on the device
+
+_ALLOCATION_OR_VIEW = {"aten::empty", "aten::empty_strided", "aten::new_empty", "aten::detach", "aten::view",
+                       "aten::reshape", "aten::_unsafe_view", "aten::expand", "aten::alias", "aten::t"}
+
+
+@pytest.mark.parametrize("kind", ["queue", "in_batch", "in_batch_none", "queue_learnable_tau"])
+@pytest.mark.parametrize("route", ["fused", "materialized"])
+def test_infonce_backward_is_launches_only(backend, device, monkeypatch, kind, route):
+    """Issue 14: infonce's backward was twelve torch operators around the tiles' kernel (u from the
+    statistics, the splits' sum and its cast, the positive's rank-one terms and their casts); now the
+    tiles' kernels form u from the incoming gradient (SCALE_FROM_G) and one rows kernel a gradient adds
+    the splits and the positive's terms (_tile_bwd_rows_kernel): the backward is the custom op alone (and
+    τ's own reduction when τ learns), against the float64 reference."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import fused_tau.kernels.tile_bwd as tile_bwd
+
+    from .test_row_splits import _recorded_launches
+
+    if backend != "triton":
+        pytest.skip("the kernels' launches")
+    monkeypatch.setattr(tile_bwd, "MATERIALIZED_BWD", route)
+    kernels = ("_tile_bwd_da_kernel", "_tile_bwd_db_kernel", "_tile_bwd_probs_kernel", "_tile_bwd_rows_kernel")
+    launched = _recorded_launches(monkeypatch, tile_bwd, kernels)
+    N, K, D = 19, 37, 20
+    q, k = torch.randn(N, D, device=device), torch.randn(N, D, device=device)
+    queue = torch.randn(K, D, device=device) if kind.startswith("queue") else None
+    tau = torch.tensor(0.2, device=device, requires_grad=True) if kind.endswith("learnable_tau") else 0.2
+    reduction = "none" if kind.endswith("none") else "mean"
+    args = [q, k] + ([queue] if queue is not None else [])
+
+    def fn(*xs, tau):
+        return fused_tau.infonce(*xs[:2], xs[2] if len(xs) > 2 else None, tau=tau, reduction=reduction)
+
+    def ref_fn(*xs, tau):
+        return reference.infonce(*xs[:2], xs[2] if len(xs) > 2 else None, tau=tau, reduction=reduction)
+
+    check_against_reference(fn, ref_fn, args, dtype=torch.float32, tau=tau)
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    xs = [t.clone().requires_grad_(i < 2) for i, t in enumerate(args)]  # MoCo's queue takes no gradient
+    if isinstance(tau, torch.Tensor):
+        tau.grad = None  # no accumulation into the check's gradient
+    loss = fn(*xs, tau=tau)
+    g = torch.rand(loss.shape, device=device) + 0.5
+    launched.clear()
+    with Record() as rec:
+        loss.backward(g)
+    computed = [name for name in rec.names if name not in _ALLOCATION_OR_VIEW]
+    # a learnable τ: the rows' dL/dτ_i summed into τ's one element (reduce_tau_grad)
+    assert computed == ["fused_tau::infonce_bwd"] + (["aten::sum"] if kind.endswith("learnable_tau") else []), computed
+    rows = [name for name, _ in launched if name == "_tile_bwd_rows_kernel"]
+    assert len(rows) == (2 if kind.startswith("in_batch") else 1), launched

@@ -63,6 +63,9 @@ def _contrastive(dtype, d):
     queue = F.normalize(torch.randn(1024, d), dim=-1).to(dtype).requires_grad_(True)  # the queue's gradient too
     q.requires_grad_(True)
     fused_tau.infonce(q, k, queue, tau=_tau(True)).backward()
+    # in-batch, one loss a row (the incoming gradient per row), the key's gradient through the column tiles
+    fused_tau.infonce(q.detach().requires_grad_(True), k.detach().requires_grad_(True), tau=_tau(True),
+                      reduction="none").sum().backward()
     fused_tau.clip_loss(q.detach().requires_grad_(True), k.detach().requires_grad_(True), tau=_tau(True)).backward()
     fused_tau.nt_xent(q.detach().requires_grad_(True), k.detach().requires_grad_(True), tau=0.5).backward()
 
@@ -101,6 +104,7 @@ def variants():
         out.append((f"infonce/clip_loss/nt_xent {dt} D=128", lambda dtype=dtype: _contrastive(dtype, 128)))
         out.append((f"linear_cross_entropy {dt} D=128 bias", lambda dtype=dtype: _linear(dtype, 128)))
     out.append(("linear_cross_entropy bfloat16 D=512 bias", lambda: _linear(bf16, 512)))
+    out.append(("infonce/clip_loss/nt_xent bfloat16 D=512", lambda: _contrastive(bf16, 512)))
     return out
 
 
