@@ -160,7 +160,8 @@ class ClipFunction(torch.autograd.Function):
     def backward(ctx, grad):
         a, b, tau_rows, stats, tau = ctx.saved_tensors
         need_a, need_b, need_tau = ctx.needs_input_grad[:3]
-        g = grad.detach().to(stats.dtype).reshape(1)  # the statistics' w carry the mean's 1/(2N)
+        # the statistics' w carry the mean's 1/(2N); the kernels read g in its own dtype (no cast launched)
+        g = grad.detach().reshape(1)
         da, db, zp = ops.clip_bwd(ctx.backend, a, b, tau_rows, stats, g, need_a, need_b, need_tau)
         dtau = None
         if need_tau:

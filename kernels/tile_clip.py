@@ -239,7 +239,7 @@ def clip_bwd(a, b, tau, stats, g, da, db, zp):
         _clip_bwd_fused(a, b, tau, stats, g, da, db, zp, bdo)
         return
     need_zp = zp is not None
-    cfg = _config(a, "probs")
+    cfg = _config(a, "probs_zp" if need_zp else "probs")
     BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
     width = tile_bwd.ds_chunk_width(N, D, N, BLOCK_N)
     splits, per = tile_engine.split_plan(triton.cdiv(width, BLOCK_N), triton.cdiv(N, BLOCK_M),

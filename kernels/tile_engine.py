@@ -74,7 +74,9 @@ for _arch in (90, 80):
     TILE_CONFIGS[(_arch, "16", 128)] = dict(_BF16_SMALL, BLOCK_D=128, num_stages=3, da=dict(BLOCK_N=32),
                                             db=dict(num_stages=2))
     TILE_CONFIGS[(_arch, "16", 256)] = dict(_BF16_SMALL, BLOCK_D=256, num_stages=2)
-    TILE_CONFIGS[(_arch, "16", 512)] = dict(_BF16_LARGE, num_stages=3)
+    # clip_loss's probabilities with τ's gradient (zp per row and per column beside the tile) spilled 744 bytes
+    # on sm_90 in 128 × 128 tiles: 128 × 64 ("probs_zp")
+    TILE_CONFIGS[(_arch, "16", 512)] = dict(_BF16_LARGE, num_stages=3, probs_zp=dict(BLOCK_N=64))
     # the LLM head (D in the thousands, not resident): 128 × 256 output tiles halve the row tile's reads
     # through L2 against 128 × 128 (the forward's and the probabilities' limit in the model: 19.9 -> 15.3 ms
     # at 8192 × 128256 × 4096); 32-wide D-steps over 4 stages keep them spill-free on sm_90 and sm_80
@@ -141,7 +143,8 @@ def tile_config(arch, dtype, D, kernel="fwd"):
     """The launch configuration for operands of ``dtype`` (a torch dtype) with D features on ``arch``
     (a dict: BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DO, num_warps, num_stages, BLOCK_CAP applied, and
     RESIDENT: one D-step covers D, so a program's fixed tile is loaded once).  ``kernel`` ("fwd",
-    "da", "db", "probs") picks the entry's overrides for that kernel."""
+    "da", "db", "probs", "probs_zp": clip_loss's with τ's gradient) picks the entry's overrides for that
+    kernel."""
     kind = "32" if dtype == torch.float32 else "16"
     entry = TILE_CONFIGS[(90 if arch >= 90 else 80, kind, d_bin(D))]
     cfg = {k: v for k, v in entry.items() if not isinstance(v, dict)}
