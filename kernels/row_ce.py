@@ -340,8 +340,7 @@ def ce_fwd_grad(x3, target, weight, tau, ignore_index, smoothing, prob_target, g
     gradient ``g`` (one fp32 element for every row): dx and dτ per row (None: not wanted).
     A split row (few long rows) takes ce_fwd's two launches and then ce_bwd's."""
     R, C, B = rows(x3)
-    plan = _fwd_plan(x3, C, prob_target or smoothing > 0, True)
-    if row_splits(R, C, plan.block, x3.device)[0] > 1:  # a second launch either way: the backward's
+    if _fwd_plan(x3, C, prob_target or smoothing > 0, True)[1] > 1:  # a second launch either way: the backward's
         ce_fwd(x3, target, weight, tau, ignore_index, smoothing, prob_target, loss, wy, m, s, a)
         ce_bwd(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_target, dx, dtau)
         return
@@ -349,12 +348,18 @@ def ce_fwd_grad(x3, target, weight, tau, ignore_index, smoothing, prob_target, g
 
 
 def _fwd_plan(x3, C, has_a, write_grad):
-    """The row_launch the forward's splits are planned with: the forward that writes the gradient reads
-    each row twice and runs it ("reread"; "reread_sums" beside the weighted sums (A, D) of smoothing /
-    probabilities); the forward alone plans with "row"'s block and runs "stream"'s (see _ce_fwd_launch)."""
+    """(the row_launch the forward's splits are planned with, splits, span): the forward that writes the
+    gradient reads each row twice and runs it ("reread"; "reread_sums" beside the weighted sums (A, D) of
+    smoothing / probabilities); the forward alone plans with "row"'s block and runs "stream"'s (see
+    _ce_fwd_launch), whose block is what a program keeps in flight (row_engine.row_splits)."""
+    R = rows(x3)[0]
     if write_grad:
-        return row_launch("reread_sums" if has_a else "reread", C, x3.device, x3.element_size())
-    return row_launch("row", C, x3.device)
+        cfg = row_launch("reread_sums" if has_a else "reread", C, x3.device, x3.element_size())
+        running = cfg.block
+    else:
+        cfg = row_launch("row", C, x3.device)
+        running = row_launch("stream", C, x3.device).block
+    return (cfg, *row_splits(R, C, cfg.block, x3.device, running * x3.element_size()))
 
 
 def ce_fwd_reduced(x3, target, weight, tau, ignore_index, smoothing, prob_target, denom_mode, check, out_dtype,
@@ -373,9 +378,8 @@ def ce_fwd_reduced(x3, target, weight, tau, ignore_index, smoothing, prob_target
 def ce_rows_split(x3, prob_target, smoothing, write_grad=False):
     """Whether the forward (``write_grad``: the one that also writes the gradient, planned with its own
     block) splits the rows of ``x3`` across programs (few long rows)."""
-    R, C, _ = rows(x3)
-    plan = _fwd_plan(x3, C, prob_target or smoothing > 0, write_grad)
-    return row_splits(R, C, plan.block, x3.device)[0] > 1
+    C = rows(x3)[1]
+    return _fwd_plan(x3, C, prob_target or smoothing > 0, write_grad)[1] > 1
 
 
 def _ce_fwd_launch(x3, target, weight, tau, ignore_index, smoothing, prob_target, stats, g=None, dx=None, dtau=None,
@@ -391,8 +395,7 @@ def _ce_fwd_launch(x3, target, weight, tau, ignore_index, smoothing, prob_target
     t_strides = target.stride() if prob_target else (0, 0, 0)
     write_grad = g is not None
     tau_grad = write_grad and dtau is not None
-    cfg = _fwd_plan(x3, C, has_a, write_grad)
-    splits, span = row_splits(R, C, cfg.block, dev)
+    cfg, splits, span = _fwd_plan(x3, C, has_a, write_grad)
     assert splits == 1 or not write_grad, "a split row's gradient is ce_bwd's (ce_fwd_grad, ce_fwd_reduced)"
     if not write_grad:  # "stream"'s narrower block: a whole number of them in the span planned with "row"'s
         cfg = row_launch("stream_split_sums" if splits > 1 and has_a else "stream", C, dev)
@@ -445,7 +448,7 @@ def ce_bwd(x3, target, weight, tau, m, s, a, g, ignore_index, smoothing, prob_ta
     t_strides = target.stride() if prob_target else (0, 0, 0)
     cfg = row_launch("row", C, x3.device)
     block = cfg.block
-    splits, span = row_splits(R, C, block, x3.device)
+    splits, span = row_splits(R, C, block, x3.device, block * x3.element_size())
     dtau_split = dtau_parts(dtau, R, splits, m)
     _ce_bwd_kernel[(R, splits)](
         x3, target, weight if weight is not None else m, tau, m, s, a if a is not None else m, g,

@@ -41,16 +41,27 @@ MAX_BLOCK = 4096
 # program taking at least MIN_BLOCKS_PER_SPLIT blocks (tests lower it to 1 and shrink the blocks);
 # the split count aims at PROGRAMS_PER_SM programs an SM.  The SM count is the device's on CUDA and
 # kernels/tile_engine.py's SM_COUNT_OFF_GPU elsewhere (tests raise it; bench/model sets the H100's 132).
+# Filling the SMs is not enough: a row loop waits for an iteration's loads before it issues the next's, so
+# the programs in flight must hold DRAM's latency times its bandwidth in loads (Little's law, bench/model
+# roofline.py: 600 ns × 4.3 TB/s ≈ 2.6 MB on an H200), INFLIGHT_BYTES, at one block a program, up to
+# MAX_PROGRAMS_PER_SM: cross-entropy's 4-warp split programs read 4 KiB a block, and 2 an SM held 1 MB
+# (64 × 256000 bf16 latency-bound at 41% of the H200's bandwidth in the model).
 MIN_BLOCKS_PER_SPLIT = 4
 PROGRAMS_PER_SM = 2
+INFLIGHT_BYTES = 3 << 20
+MAX_PROGRAMS_PER_SM = 8
 
 
-def row_splits(n_rows, n_cols, block, device):
+def row_splits(n_rows, n_cols, block, device, block_bytes=0):
     """(splits, span): each of ``n_rows`` rows is taken by ``splits`` programs of ``span`` columns
     (a multiple of ``block``, the last one partial); (1, a span covering the row) when rows fill the
-    SMs or a row is too short to split."""
+    SMs or a row is too short to split.  ``block_bytes``: the bytes a program loads a block, for the
+    loads in flight (INFLIGHT_BYTES)."""
     n_blocks = triton.cdiv(n_cols, block)
-    target = PROGRAMS_PER_SM * tile_engine.sm_count(device)
+    sms = tile_engine.sm_count(device)
+    target = PROGRAMS_PER_SM * sms
+    if block_bytes:
+        target = max(target, min(triton.cdiv(INFLIGHT_BYTES, block_bytes), MAX_PROGRAMS_PER_SM * sms))
     splits = min(target // max(n_rows, 1), n_blocks // MIN_BLOCKS_PER_SPLIT)
     if splits < 2:
         return 1, max(n_blocks, 1) * block

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 from bench.model import roofline as R  # noqa: E402
@@ -278,3 +279,68 @@ def test_loop_bounds_through_the_kernels_own_assignments(tmp_path):
     args = dict(K=1000, split_cols=256, BLOCK_N=64)
     assert sass.trip_count(Loop, args, "_k", [str(tmp_path)]) == (4, 64)
     assert sass.trip_count(Loop, dict(args, K=100), "_k", [str(tmp_path)]) == (2, 64)
+
+
+def test_latency_bounds_a_launch_with_too_few_loads_in_flight():
+    """Little's law (issue 15 item 6): resident warps · 32 · bytes a thread keeps in flight, over DRAM's
+    latency, caps the rate a launch reads DRAM at; a launch above it is "latency"-bound."""
+    dev = R.H200
+    # 64 x 256000 bf16 read by 256 4-warp programs of 32 bytes a thread (cross-entropy's split forward
+    # before issue 15 item 6): 1 MB in flight, 18.8 us at 600 ns against 7.6 us at the H200's bandwidth
+    t = R.latency_seconds(dev, 256, 4, 6, 32, 64 * 256000 * 2)
+    assert t == pytest.approx(64 * 256000 * 2 * dev.dram_latency_s / (256 * 4 * 32 * 32))
+    counts = sass.Counts(instructions=10, load_bytes=32 * 16)
+    secs, limit, terms = R.kernel_time(dev, 256, 4, counts, 64 * 256000 * 2, t)
+    assert limit == "latency" and secs == t and terms["dram"] < t
+    # more resident warps than the grid has: only the grid's programs count; small reads are left out
+    assert R.latency_seconds(dev, 10, 4, 6, 32, 10 << 20) == pytest.approx(10 * 2 ** 20 * 600e-9 / (10 * 4 * 32 * 32))
+    assert R.latency_seconds(dev, 256, 4, 6, 32, R.LATENCY_MIN_BYTES - 1) == 0.0
+    # a thread's bytes in flight: one iteration of the hot loop's loads, cp.async copies num_stages - 1 ahead
+    hot = dict(loads={"LDG.128": 2, "LDGSTS.128": 4})
+    assert M.inflight_bytes(hot, sass.Counts(load_bytes=999), 3) == 2 * 16 + 4 * 16 * 2
+    assert M.inflight_bytes(None, sass.Counts(load_bytes=48), 3) == 48
+
+
+ELECTED_SASS = """
+        /*0000*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0010*/                   ATOMG.E.ADD.STRONG.GPU PT, R8, desc[UR4][R6.64], R3 ;
+        /*0020*/                   ISETP.NE.U32.AND P4, PT, R8, UR5, PT ;
+        /*0030*/               @P4 EXIT ;
+        /*0040*/                   LDG.E R9, desc[UR4][R10.64] ;
+        /*0050*/                   FADD R9, R9, R4 ;
+        /*0060*/                   STG.E desc[UR4][R12.64], R9 ;
+        /*0070*/                   EXIT ;
+"""
+
+
+def test_a_tickets_elected_region_is_not_counted_for_every_program():
+    """The code after a ticket (ATOMG returning its old value) that every program but the last arriver
+    leaves by a predicated EXIT runs in one program of a row's splits: counted zero times a program."""
+    instrs, labels, _ = sass.parse_sass(ELECTED_SASS)
+    assert sass._elected_addresses(instrs, labels, 0x80) == {0x40, 0x50, 0x60, 0x70}
+    # an atomic whose old value is not used elects nobody
+    no_ticket = ELECTED_SASS.replace("PT, R8,", "PT, RZ,").replace("R8, UR5", "RZ, UR5")
+    instrs, labels, _ = sass.parse_sass(no_ticket)
+    assert sass._elected_addresses(instrs, labels, 0x80) == set()
+
+
+def test_few_long_rows_keep_enough_loads_in_flight():
+    """row_engine.row_splits: 64 rows of 256000 bf16 on 132 SMs take enough split programs that their blocks
+    hold INFLIGHT_BYTES (2 programs an SM held 1 MB); the cap keeps at most MAX_PROGRAMS_PER_SM an SM, many
+    rows are not split."""
+    import fused_tau.kernels.row_engine as row
+    import fused_tau.kernels.tile_engine as tile_engine
+
+    saved = tile_engine.SM_COUNT_OFF_GPU
+    tile_engine.SM_COUNT_OFF_GPU = 132
+    try:
+        cpu = torch.device("cpu")
+        splits, span = row.row_splits(64, 256000, 4096, cpu, 2048 * 2)
+        want = -(-row.INFLIGHT_BYTES // (2048 * 2)) // 64  # 12 splits of 4 kB blocks: 3 MB in flight
+        assert want - 1 <= splits <= want  # (less one where whole blocks a span round the count down)
+        assert splits * 64 <= row.MAX_PROGRAMS_PER_SM * 132
+        assert splits * span >= 256000 > (splits - 1) * span
+        assert row.row_splits(64, 256000, 4096, cpu)[0] == 132 * row.PROGRAMS_PER_SM // 64  # without the bytes
+        assert row.row_splits(8192, 32000, 4096, cpu, 8192)[0] == 1
+    finally:
+        tile_engine.SM_COUNT_OFF_GPU = saved

@@ -17,7 +17,12 @@ memory (its tensors' footprints), takes
 i.e. every term at the whole chip's rate, divided by the share of the chip the grid keeps busy (the
 busiest SM runs ceil(P / SMs) programs), and at least the launch floor.  Torch operators on the
 way (cuBLAS GEMMs, elementwise passes) take max(bytes / DRAM bandwidth, FLOPs / matmul rate,
-launch floor).  The model ignores latency (too few warps in flight to cover it) and bank conflicts.
+launch floor).  Latency enters by Little's law: a warp waits for a loop iteration's loads before it
+issues the next iteration's (a row-engine loop is not software-pipelined; the tile engine's cp.async
+copies keep num_stages - 1 iterations ahead), so a launch whose resident warps keep B bytes a thread
+in flight reads DRAM at most at (resident warps · 32 · B) / latency, and takes at least its DRAM
+reads over that rate ("latency", not divided by the busy share: the resident warps already count
+it; reads under LATENCY_MIN_BYTES, a previous launch's small outputs still in L2, left out).  The model ignores bank conflicts.
 A row-engine kernel that loads more bytes than its tensors hold reads some of them twice (a row's second pass):
 the second read comes from L2 while the programs in flight (resident blocks × SMs) hold less than
 the L2's capacity between them, and in the share that does not fit, from DRAM again
@@ -42,6 +47,10 @@ import math
 # [C&C]      Chips and Cheese, "Nvidia's H100: Funny L2, and Tons of Bandwidth" (2023): L2 read bandwidth
 #            about 5.5 TB/s on an H100 PCIe (114 SMs, <= 1755 MHz); scaled by SMs and clock to an SXM part
 #            that is about 7 TB/s.  A lead, the least certain constant here.
+# [LAT]      DRAM load latency of a loaded H100 / H200: a lead of 600 ns (pointer-chasing figures of about
+#            500-600 ns unloaded, e.g. Chips and Cheese's H100 article, plus queueing under a streaming
+#            load).  To measure on a lease: the copy bandwidth of a kernel whose warps keep a known number of
+#            bytes in flight.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +65,7 @@ class Device:
     mufu_per_clock: float = 0.5  # warp-instructions per SM per clock: 16 lanes [CUDA-PG]
     launch_s: float = 2.5e-6  # per kernel: a lead (back-to-back launches of tiny kernels), to measure
     l2_capacity_bytes: float = 50e6  # [H100-WP] 50 MB; [KINDS] 60 MB on the H200
+    dram_latency_s: float = 600e-9  # [LAT] a lead
     sources: str = ""
 
     def tensor_rate(self, dtype, kind):
@@ -114,8 +124,24 @@ def reread_dram_bytes(device, programs, resident_blocks, read_footprint, loaded_
     return again * max(0.0, 1.0 - device.l2_capacity_bytes / in_flight)
 
 
-def kernel_time(device, programs, num_warps, counts, dram_bytes):
-    """(seconds, binding limit, {limit: seconds}) of one launch; ``counts`` are per program (sass.Counts)."""
+# Reads below this many bytes are left out of the latency term: a launch's small inputs (per-row statistics
+# a previous launch just wrote) come from L2, and such a launch costs about its start anyway
+LATENCY_MIN_BYTES = 1 << 20
+
+
+def latency_seconds(device, programs, num_warps, resident_blocks, inflight_bytes, read_bytes):
+    """The least time to read ``read_bytes`` from DRAM when each thread keeps ``inflight_bytes`` of loads
+    in flight (Little's law over the warps the chip holds at once: the grid's, at most resident_blocks a
+    SM); 0 when unknown."""
+    if read_bytes < LATENCY_MIN_BYTES or not inflight_bytes or not resident_blocks or programs <= 0:
+        return 0.0
+    warps = min(programs, resident_blocks * device.sms) * num_warps
+    return read_bytes * device.dram_latency_s / (warps * 32 * inflight_bytes)
+
+
+def kernel_time(device, programs, num_warps, counts, dram_bytes, latency_s=0.0):
+    """(seconds, binding limit, {limit: seconds}) of one launch; ``counts`` are per program (sass.Counts),
+    ``latency_s`` the launch's latency_seconds."""
     warps = programs * num_warps
     rate_sm = device.sms * device.clock_hz
     terms = {
@@ -129,6 +155,9 @@ def kernel_time(device, programs, num_warps, counts, dram_bytes):
     share = busy_share(programs, device)
     limit = max(terms, key=terms.get)
     t = terms[limit] / share
+    terms["latency"] = latency_s
+    if latency_s > t:
+        t, limit = latency_s, "latency"
     if t < device.launch_s:
         return device.launch_s, "launch", terms
     return t, limit, terms

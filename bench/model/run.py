@@ -107,11 +107,25 @@ CONDITIONAL_BODY = {
 }
 
 
+def inflight_bytes(hot, counts, num_stages):
+    """Bytes of loads a thread keeps in flight: one iteration of the hot loop's (its cp.async copies
+    num_stages - 1 iterations ahead), or without a loop all the program's loads at once."""
+    if hot is None:
+        return counts.load_bytes
+    total = 0.0
+    for op, n in hot["loads"].items():
+        ahead = max(num_stages - 1, 1) if op.startswith("LDGSTS") else 1
+        total += n * sass.load_width(op) * ahead
+    return total
+
+
 def launch_record(launch, analyser):
     programs = math.prod(launch.grid)
     f90 = analyser.facts(launch, 90)
     counts, hot, trips = analyser.counts(launch, 90)
     read_bytes, write_bytes, reads, writes = analyser.dram_bytes(launch)
+    # a gather (the LLM head's combine reads b's target rows, not all of b) reads no more of DRAM than it loads
+    read_bytes = min(read_bytes, programs * f90.num_warps * 32 * counts.load_bytes)
     dram = read_bytes + write_bytes
     skipped_body = None
     if launch.name in CONDITIONAL_BODY and not CONDITIONAL_BODY[launch.name][1](launch.args):
@@ -133,13 +147,16 @@ def launch_record(launch, analyser):
     rec["time_us"], rec["limit"], rec["terms_us"] = {}, {}, {}
     rec["reread_dram_bytes"] = {}
     loaded = programs * f90.num_warps * 32 * counts.load_bytes
+    rec["inflight_bytes"] = inflight = inflight_bytes(hot, counts, f90.num_stages)
     for dev in R.DEVICES:
         # row-engine kernels: a program re-reads its own rows; the tile engine's programs share their
         # operands, whose reuse across programs this does not describe
         again = 0.0 if counts.tensor_flops else R.reread_dram_bytes(dev, programs, rec["sm90"]["resident_blocks"],
                                                                      read_bytes, loaded)
         rec["reread_dram_bytes"][dev.name] = again
-        t, limit, terms = R.kernel_time(dev, programs, f90.num_warps, counts, dram + again)
+        latency = R.latency_seconds(dev, programs, f90.num_warps, rec["sm90"]["resident_blocks"], inflight,
+                                    read_bytes + again)
+        t, limit, terms = R.kernel_time(dev, programs, f90.num_warps, counts, dram + again, latency)
         rec["time_us"][dev.name] = t * 1e6
         rec["limit"][dev.name] = limit
         rec["terms_us"][dev.name] = {k: v * 1e6 for k, v in terms.items()}

@@ -13,6 +13,10 @@ How the dynamic counts are formed (per thread of one program; every warp runs th
   division, taken only for denormal or huge operands) is cold: counted zero times.  Every other
   instruction counts once per iteration of the loops around it, predicated or not (a predicated-off
   instruction still takes its issue slot).
+- A region entered only by the program an atomic ticket elects (a split row's last arriver, which
+  combines the row's partials: the first predicated EXIT, or forward branch, within a few
+  instructions after an ATOMG that returns its old value, up to the end of the kernel or the
+  branch's target) is elected: counted zero times, as one program of a row's splits runs it.
 - Bytes: a global load of width w moves 32·w bytes per warp.  A software-pipelined loop issues the
   first iterations' loads before the loop (same source line as a load inside it); those copies are
   issued but not counted as bytes, since the loop's last iterations load nothing (predicated off).
@@ -154,6 +158,7 @@ class Facts:
     instrs: list
     loops: list
     cold: set  # addresses of cold instructions
+    elected: set  # addresses of the instructions only a ticket's elected program runs
     prologue_loads: set  # addresses of pipelining-prologue loads (issued, bytes not counted)
     unmapped_loops: list  # loops no source ``for`` could be found for (trip count 1 assumed)
 
@@ -198,6 +203,34 @@ def _cold_addresses(instrs, labels, main_end):
     return cold
 
 
+ELECTION_WINDOW = 16  # instructions between a ticket's ATOMG and the branch that leaves the others out
+
+
+def _elected_addresses(instrs, labels, main_end):
+    """Instructions only the program a ticket elects runs: after an ATOMG that returns its old value (a
+    ticket, row_engine.tickets), the first predicated EXIT within ELECTION_WINDOW instructions leaves every
+    other program out of the rest of the kernel, or a predicated forward branch out of the region up to
+    its target."""
+    body = [i for i in instrs if i.addr < main_end]
+    elected = set()
+    for k, ins in enumerate(body):
+        if not ins.op.startswith("ATOMG") or ins.operands.split(",")[0].strip() in ("PT", "RZ") and \
+                ins.operands.split(",")[1].strip() == "RZ":
+            continue
+        for nxt in body[k + 1:k + 1 + ELECTION_WINDOW]:
+            if not nxt.pred:
+                continue
+            if nxt.base == "EXIT":
+                elected.update(i.addr for i in body if i.addr > nxt.addr)
+                break
+            m = _TARGET.search(nxt.operands) if nxt.base == "BRA" else None
+            if m and labels.get(m.group(1), 0) > nxt.addr:
+                target = labels[m.group(1)]
+                elected.update(i.addr for i in body if nxt.addr < i.addr < target)
+                break
+    return elected
+
+
 def _innermost_loop(loops, addr):
     inside = [lp for lp in loops if lp.contains(addr)]
     return max(inside, key=lambda lp: lp.depth, default=None)
@@ -237,6 +270,7 @@ def analyse(kernel, arch):
         spill_instructions=sum(1 for i in instrs if i.base in ("LDL", "STL")),
         instrs=[i for i in instrs if i.addr < main_end and i.base != "NOP"],
         loops=loops, cold=_cold_addresses(instrs, labels, main_end),
+        elected=_elected_addresses(instrs, labels, main_end),
         prologue_loads=_prologue_loads(instrs, loops, main_end), unmapped_loops=[])
     return facts
 
@@ -531,7 +565,7 @@ def per_program(facts, args, kernel_path):
     per_loop = {id(lp): Counter() for lp in facts.loops}
     warpgroups = facts.num_warps / 4
     for ins in facts.instrs:
-        if ins.addr in facts.cold:
+        if ins.addr in facts.cold or ins.addr in facts.elected:
             continue
         mult = multiplier(ins.addr)
         counts.instructions += mult
