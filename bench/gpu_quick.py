@@ -6,7 +6,8 @@ it had), and printed beside the prediction of the newest committed bench/results
      the last one combines), which no GPU has run yet: repeated runs bit-identical, and against float64;
   1. the ceilings the model takes as constants: device-to-device copy bandwidth (bytes read + written),
      the 8192^3 bf16 matmul rate on random data, a copy that stays in L2 (its read + write bandwidth),
-     and the time of a tiny kernel back to back (eager launches and replayed from a CUDA graph);
+     the time of a tiny kernel back to back (eager launches and replayed from a CUDA graph), and the
+     DRAM load latency (bench/latency_probe.py, the model's latency term);
   2. every case of the model (bench/model/run.py), fused_tau and the eager composition, then the peers
      that are installed (Liger-Kernel, cut-cross-entropy: linear_cross_entropy only);
   3. torch.compile of the composition (dynamic shapes), as long as the time budget lasts.
@@ -186,6 +187,16 @@ def main(argv=None):
     from .model import roofline as R
 
     const = {d.name: d for d in R.DEVICES}[dev]
+    try:
+        from .latency_probe import dram_latency_ns
+
+        lat_ns, lat_err = dram_latency_ns(device)
+        emit(dict(kind="latency", dram_latency_ns=lat_ns, checksum_err=lat_err,
+                  model_ns=const.dram_latency_s * 1e9))
+        print(f"DRAM load latency {lat_ns:.0f} ns, one warp an SM (model {const.dram_latency_s * 1e9:.0f})",
+              flush=True)
+    except Exception as e:  # noqa: BLE001 - a failed probe is a result, not the end of the lease
+        emit(dict(kind="latency", status="error", error=f"{type(e).__name__}: {e}"[:500]))
     print(f"copy {ceil['copy_gbps']:.0f} GB/s (model {const.dram_bytes_s / 1e9:.0f}); matmul "
           f"{ceil['matmul_tflops']:.0f} TFLOP/s (model {const.matmul_flops_s / 1e12:.0f}); L2 copy "
           f"{ceil['l2_copy_gbps']:.0f} GB/s (model L2 {const.l2_bytes_s / 1e9:.0f}); launch "

@@ -129,3 +129,14 @@ def test_cpu_peak_memory_counts_temporaries_and_is_silent(capfd):
     assert peak >= 3 * x.numel() * 4
     err = capfd.readouterr().err
     assert "USDT" not in err and "CPUAllocator" not in err
+
+
+def test_latency_probe_reads_what_it_times():
+    """bench/latency_probe.py (gpu_quick's DRAM latency, the model's latency constant) runs its kernel and
+    reads every row it times (the checksum), here under the interpreter on CPU tensors."""
+    pytest.importorskip("triton")
+    from bench.latency_probe import dram_latency_ns
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ns, err = dram_latency_ns(device, iters=3, programs=2, repeats=1)
+    assert ns > 0 and err == 0.0
