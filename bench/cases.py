@@ -17,6 +17,7 @@ V classes, D features:
   linear_cross_entropy                     fwd 2·N·V·D      fwd+bwd 6·N·V·D (+ dx, dW)
   clip_loss (N pairs: sizes N × N × D)     fwd 2·N·N·D      fwd+bwd 6·N·N·D (one logits matrix serves both
                                                                            directions; + da, db)
+  nt_xent (N pairs, 2N views: N × 2N × D)  fwd 2·2N·2N·D    fwd+bwd 6·2N·2N·D (+ the two products of dz)
 counted as the matmuls the op must do (a provider's recomputation is its own cost).
 """
 import dataclasses
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 import fused_tau
 
-CE_TAU, KD_TAU, GUMBEL_TAU, SAMPLE_TAU, MOCO_TAU, SOFTMAX_TAU, CLIP_TAU = 0.07, 4.0, 0.5, 0.8, 0.2, 0.5, 0.07
+CE_TAU, KD_TAU, GUMBEL_TAU, SAMPLE_TAU, MOCO_TAU, SOFTMAX_TAU, CLIP_TAU, SIMCLR_TAU = 0.07, 4.0, 0.5, 0.8, 0.2, 0.5, 0.07, 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +99,10 @@ PROVIDERS = {
         "fused_tau": lambda inp: fused_tau.clip_loss(inp["a"], inp["b"], tau=CLIP_TAU),
         "torch": lambda inp: fused_tau.reference.clip_loss(inp["a"], inp["b"], tau=CLIP_TAU),
     },
+    "nt_xent": {
+        "fused_tau": lambda inp: fused_tau.nt_xent(inp["z1"], inp["z2"], tau=SIMCLR_TAU),
+        "torch": lambda inp: fused_tau.reference.nt_xent(inp["z1"], inp["z2"], tau=SIMCLR_TAU),
+    },
     "softmax": {
         "fused_tau": lambda inp: fused_tau.softmax(inp["x"], -1, tau=SOFTMAX_TAU),
         "torch": lambda inp: torch.softmax(inp["x"] / SOFTMAX_TAU, -1),
@@ -147,6 +152,9 @@ OPS = {
     # softmax and clip_loss: GPU sizes only (a default CPU run keeps its cases; --full or --sizes adds them)
     "clip_loss": dict(flops={"fwd": 1, "fwd+bwd": 3}, modes=("fwd", "fwd+bwd"), gpu_sizes=[(4096, 4096, 512)],
                       cpu_sizes=[], cpu_full_sizes=[(256, 256, 128)]),
+    # SimCLR: N pairs of views (sizes N × 2N × D: the 2N × 2N similarities are 2 · N · 2N)
+    "nt_xent": dict(flops={"fwd": 2, "fwd+bwd": 6}, modes=("fwd", "fwd+bwd"), gpu_sizes=[(4096, 8192, 128)],
+                    cpu_sizes=[], cpu_full_sizes=[(256, 512, 128)]),
     "softmax": dict(bytes={"fwd": 2, "fwd+bwd": 5}, modes=("fwd", "fwd+bwd"), gpu_sizes=[(8192, 32000)],
                     cpu_sizes=[], cpu_full_sizes=[(256, 32000)]),
     "cross_entropy": dict(bytes={"fwd": 1, "fwd+bwd": 2}, modes=("fwd", "fwd+bwd"),
@@ -194,6 +202,9 @@ def make_inputs(case, device, values=True):
     if case.op == "clip_loss":
         a, b = draw(2, case.n, case.d, unit_rows=True)
         return dict(a=a.requires_grad_(grad), b=b.requires_grad_(grad), leaf=a, leaves=(a, b))
+    if case.op == "nt_xent":
+        z1, z2 = draw(2, case.n, case.d, unit_rows=True)
+        return dict(z1=z1.requires_grad_(grad), z2=z2.requires_grad_(grad), leaf=z1, leaves=(z1, z2))
     if case.op == "linear_cross_entropy":
         x = draw(case.n, case.d).requires_grad_(grad)
         W = draw(case.c, case.d, scale=case.d ** -0.5)

@@ -391,6 +391,22 @@ def infonce_bwd(backend, a, b, tau_rows, target, key, shift, ref, e_pos, e_rest,
     return outputs
 
 
+@_op("ntxent_bwd", mutates_args=("dz", "dtau"))
+def _ntxent_bwd(z: Tensor, tau_rows: Tensor, target: Tensor, shift: Tensor, ref: Tensor, e_pos: Tensor, e_rest: Tensor,
+                g: Tensor, g_div: float, backend: str, dz: Optional[Tensor], dtau: Optional[Tensor]) -> None:
+    engine(backend, "tile").ntxent_bwd(z, tau_rows, target, shift, ref, e_pos, e_rest, g, g_div, dz, dtau)
+
+
+def ntxent_bwd(backend, z, tau_rows, target, shift, ref, e_pos, e_rest, g, g_div, need_dz, need_dtau):
+    """(dz, dtau) of NT-Xent's 2N softmaxes over [positive, the other views] from the forward's TILE_*
+    statistics (shift, ref = pos, e_pos, e_rest) and the incoming gradient ``g`` divided by ``g_div``; each
+    None when not asked for (dz in z's dtype, dtau one compute-dtype element per view)."""
+    dz = z.new_empty(z.shape) if need_dz else None
+    dtau = z.new_empty(z.shape[0], dtype=compute_dtype(z)) if need_dtau else None
+    _call("ntxent_bwd")(z, tau_rows, target, shift, ref, e_pos, e_rest, g, float(g_div), backend, dz, dtau)
+    return dz, dtau
+
+
 # clip_loss in one pass: clip_fwd gives the (CLIP_STATS, N) per-index statistics (kernels/__init__.py CLIP_*: the
 # loss per index first), clip_bwd takes them and the incoming gradient's factor g (one element) and
 # gives da, db and zp (dL/dτ_k = -zp_k / τ_k).

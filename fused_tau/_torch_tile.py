@@ -351,6 +351,31 @@ def infonce_bwd(a, b, tau, target, key, shift, ref, e_pos, e_rest, g, g_div, lab
         dkey.copy_(c * a)
 
 
+def ntxent_bwd(z, tau, target, shift, ref, e_pos, e_rest, g, g_div, dz, dtau):
+    """kernels/tile_bwd.py's ntxent_bwd: dz = da + db of the 2N views' softmaxes over [positive, the other
+    views] with both positive terms (c_i z_{t_i} into row i, c_i z_i into row t_i), summed in the compute
+    dtype and rounded once, and dtau_i = -zp_i / τ_i + 0 · c_i; here with tile_bwd and torch operators."""
+    n2 = z.shape[0]
+    cd = compute_dtype(z)
+    g = (g.to(cd).reshape(-1) / g_div).expand(n2)
+    tau_c = tau.to(cd).expand(n2)
+    u = g / (tau_c * (e_pos + e_rest))
+    need_dz = dz is not None
+    zp = torch.empty(n2, device=z.device, dtype=cd) if dtau is not None else None
+    da = torch.empty(z.shape, device=z.device, dtype=cd)
+    db = torch.empty(z.shape, device=z.device, dtype=cd) if need_dz else None
+    tile_bwd(z, z, None, tau, target, 0, shift, u, ref, da, db, None, zp)
+    c = -u * e_rest
+    if dtau is not None:
+        torch.add(-zp / tau_c, 0.0 * c, out=dtau)
+    if need_dz:
+        c = c.unsqueeze(-1)
+        z_c = z.to(cd)
+        total = da.add_(db).add_(c * z_c[target])
+        total.index_add_(0, target, c * z_c)
+        dz.copy_(total)
+
+
 def _infonce_rows(m, s, pos, tau):
     """(nll, shift, e_pos, e_neg) of the softmax over [positive, negatives] (tile_engine._infonce_row)."""
     nll = torch.nn.functional.softplus(torch.log(s) + (m - pos) / tau)

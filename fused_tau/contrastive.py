@@ -124,19 +124,12 @@ class NTXentFunction(torch.autograd.Function):
     def backward(ctx, grad):
         z, tau_rows, target, pos, shift, e_pos, e_neg, nll, tau = ctx.saved_tensors
         n2 = z.shape[0]
-        need_tau = ctx.needs_input_grad[1]
-        g = row_grad(grad, n2, "mean", nll.dtype)
-        u = g / (tau_rows * (e_pos + e_neg))
-        da, db, _, zp = ops.tile_bwd(ctx.backend, z, z, None, tau_rows, target, 0, shift, u, pos, True, True,
-                                     need_tau)
-        dpos = -u * e_neg
-        # + 0 · dpos: a row that is NaN (NaN or +inf logits) gives NaN, as its other gradients
-        dtau = reduce_tau_grad(-zp / tau_rows + 0.0 * dpos, tau, 1) if need_tau else None
-        dpos = dpos.unsqueeze(-1)
-        dz = da.to(torch.float32 if z.dtype != torch.float64 else z.dtype) + db
-        dz += dpos * z[target]
-        dz.index_add_(0, target, (dpos * z).to(dz.dtype))
-        return dz.to(z.dtype), dtau, None
+        need_z, need_tau = ctx.needs_input_grad[:2]
+        # u, the positives' terms (both ends of each pair) and da + db on the device (ops.ntxent_bwd)
+        dz, dtau_rows = ops.ntxent_bwd(ctx.backend, z, tau_rows, target, shift, pos, e_pos, e_neg, grad.detach(), n2,
+                                       need_z, need_tau)
+        dtau = reduce_tau_grad(dtau_rows, tau, 1) if need_tau else None
+        return dz, dtau, None
 
 
 class ClipFunction(torch.autograd.Function):

@@ -441,23 +441,24 @@ def _tile_bwd_rows_kernel(
     # pointers: part (splits, R, D) partial sums (any float dtype), other / other2 (rows, D), out (R, D) and
     # out2 (N, D) in their dtypes; zp_part (splits, N) fp32 and dtau (N,) fp32; the softmax's statistics
     part_ptr, other_ptr, out_ptr, other2_ptr, out2_ptr, zp_part_ptr, dtau_ptr, tau_ptr, g_ptr, e_pos_ptr,
-    e_rest_ptr,
+    e_rest_ptr, extra_ptr,
     # shapes: out's R rows; the N rows i of the softmax; row r of out takes row i = r - row_off's positive
     R, N, D, splits, row_off, other_off, g_stride, g_div,
     # strides of other and other2
     stride_om, stride_od, stride_o2m, stride_o2d,
     # constants
     NEED_OUT: tl.constexpr, HAS_OTHER: tl.constexpr, HAS_OUT2: tl.constexpr, NEED_DTAU: tl.constexpr,
-    TAU_PER_ROW: tl.constexpr, SPLITS_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-    INTERPRETED: tl.constexpr,
+    WRAP: tl.constexpr, HAS_EXTRA: tl.constexpr, TAU_PER_ROW: tl.constexpr, SPLITS_BLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """The gradients' rows with the positive's terms, after the tiles' partial sums.  With
     c_i = dL/dpos_i = -u_i e_rest_i = g_i (p_pos,i - 1)/τ_i (u of _softmax_scale), the gradient of the
     positive's dot product pos_i = a_i · p_i (dot units):
-      out[r]   = Σ_s part[s, r] + c_i other[i + other_off]   (i = r - row_off in [0, N); the sum alone elsewhere)
+      out[r]   = Σ_s part[s, r] + c_i other[i + other_off] (+ extra[r])   (i = r - row_off in [0, N); the sum
+                 alone elsewhere; WRAP: both indices modulo N, every row has its i: NT-Xent's pairs)
       out2[i]  = c_i other2[i]                                (HAS_OUT2, rows i < N; R = N, row_off = 0)
       dtau[i]  = -(Σ_s zp[s, i]) / τ_i + 0 · c_i             (NEED_DTAU: dL/dτ_i, NaN with its row)
-    summed in fp32 in split order and rounded once to the outputs' dtypes."""
+    summed in fp32 in split order and rounded once to the outputs' dtypes (``extra``: an fp32 (R, D) sum)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     live = rows < R
@@ -466,6 +467,8 @@ def _tile_bwd_rows_kernel(
     dd64 = dd.to(tl.int64)
     k = tl.arange(0, SPLITS_BLOCK)
     i = rows - row_off
+    if WRAP:
+        i = (i % N + N) % N
     has = live & (i >= 0) & (i < N)
     safe = tl.where(has, i, 0).to(tl.int64)
     c = -_softmax_scale(g_ptr, g_stride, g_div, e_pos_ptr, e_rest_ptr, tau_ptr, i, has, N, TAU_PER_ROW) \
@@ -479,9 +482,14 @@ def _tile_bwd_rows_kernel(
             acc += tl.sum(tl.load(part_ptr + offs, mask=(kk[:, None, None] < splits) & mask[None, :, :],
                                   other=0.0).to(tl.float32), 0)
         if HAS_OTHER:
-            p = tl.load(other_ptr + (safe + other_off)[:, None] * stride_om + dd64[None, :] * stride_od,
+            orow = safe + other_off
+            if WRAP:
+                orow = orow % N
+            p = tl.load(other_ptr + orow[:, None] * stride_om + dd64[None, :] * stride_od,
                         mask=has[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32)
             acc += c[:, None] * p
+        if HAS_EXTRA:
+            acc += tl.load(extra_ptr + rows64[:, None] * D + dd64[None, :], mask=mask, other=0.0)
         tl.store(out_ptr + rows64[:, None] * D + dd64[None, :], to_store(acc, out_ptr, INTERPRETED), mask=mask)
     if HAS_OUT2:
         q = tl.load(other2_ptr + safe[:, None] * stride_o2m + dd64[None, :] * stride_o2d,
@@ -509,7 +517,7 @@ ROWS_MAX = 32
 
 
 def _rows(soft, e_pos, tau, N, D, R, part=None, out=None, other=None, other_off=0, row_off=0, other2=None, out2=None,
-          zp_part=None, dtau=None):
+          zp_part=None, dtau=None, wrap=False, extra=None):
     """One launch of _tile_bwd_rows_kernel (see there): ``part`` (splits, R, D) or None (no sum), ``soft`` =
     (g, g_stride, g_div, e_rest) of _softmax_scale."""
     g, g_stride, g_div, e_rest = soft
@@ -524,10 +532,10 @@ def _rows(soft, e_pos, tau, N, D, R, part=None, out=None, other=None, other_off=
     _tile_bwd_rows_kernel[(triton.cdiv(R, block_r), triton.cdiv(D, block_d))](
         part if part is not None else dummy, other_t, out if out is not None else dummy, other2_t,
         out2 if out2 is not None else dummy, zp_part if zp_part is not None else dummy,
-        dtau if dtau is not None else dummy, tau, g, e_pos, e_rest, R, N, D, splits, row_off, other_off, g_stride,
-        g_div, *other_t.stride(), *other2_t.stride(),
+        dtau if dtau is not None else dummy, tau, g, e_pos, e_rest, extra if extra is not None else dummy, R, N, D,
+        splits, row_off, other_off, g_stride, g_div, *other_t.stride(), *other2_t.stride(),
         NEED_OUT=out is not None, HAS_OTHER=other is not None, HAS_OUT2=out2 is not None, NEED_DTAU=dtau is not None,
-        TAU_PER_ROW=tau.numel() != 1, SPLITS_BLOCK=splits_block, BLOCK_R=block_r, BLOCK_D=block_d,
+        WRAP=wrap, HAS_EXTRA=extra is not None, TAU_PER_ROW=tau.numel() != 1, SPLITS_BLOCK=splits_block, BLOCK_R=block_r, BLOCK_D=block_d,
         INTERPRETED=_interpreted(), num_warps=8 if splits_block * block_r * block_d >= ROWS_ELEMENTS else 4,
     )
 
@@ -570,3 +578,34 @@ def infonce_bwd(a, b, tau, target, key, shift, ref, e_pos, e_rest, g, g_div, lab
               row_off=label_offset if in_batch else 0)
     elif db is not None and in_batch:
         _rows(soft, e_pos, tau, N, D, K, part=db_part, out=db, other=a, row_off=label_offset)
+
+
+def ntxent_bwd(z, tau, target, shift, ref, e_pos, e_rest, g, g_div, dz, dtau):
+    """NT-Xent's gradients from the forward's TILE_* statistics: rows i of z (2N views, z the normalised
+    embeddings) each a softmax over [positive, the other views] of y = z @ z.T, the positive column
+    ``target`` t_i = (i + N) mod 2N, the diagonal excluded; dz (z's dtype) = da + db with both positive
+    terms, c_i z_{t_i} into row i and c_i z_i into row t_i (t is an involution: row r takes c_{t_r} z_{t_r}),
+    and dtau = dL/dτ_i per row (fp32), each written when not None (``g``, ``g_div`` as infonce_bwd's).
+    The tiles' two kernels (u from the statistics), then two _tile_bwd_rows_kernel launches: da's rows
+    into an fp32 scratch, then db's rows with it added, rounded once."""
+    n2, D = z.shape
+    half = n2 // 2
+    f32 = dict(device=z.device, dtype=torch.float32)
+    g = g.reshape(-1)
+    soft = (g, 0 if g.numel() == 1 else g.stride(0), float(g_div), e_rest)
+    zp = torch.empty(n2, **f32) if dtau is not None else None
+    da_part = torch.empty((n2, D), **f32)
+    db_part = torch.empty((n2, D), **f32) if dz is not None else None
+    bdo = _block_do(D, _config(z, "da"))
+    if _materialized(D, bdo, z, z):
+        _tile_bwd_materialized(z, z, None, tau, target, 0, shift, e_pos, ref, da_part, db_part, None, zp,
+                               _config(z, "probs"), soft)
+        da_part, db_part, zp_part = (t.unsqueeze(0) if t is not None else None for t in (da_part, db_part, zp))
+    else:
+        da_part, zp_part, db_part, _ = _fused_parts(z, z, None, tau, target, 0, shift, e_pos, ref, da_part, db_part,
+                                                    None, zp, bdo, soft)
+    da = torch.empty((n2, D), **f32)
+    _rows(soft, e_pos, tau, n2, D, n2, part=da_part, out=da, other=z, other_off=half, zp_part=zp_part, dtau=dtau,
+          wrap=True)
+    if dz is not None:
+        _rows(soft, e_pos, tau, n2, D, n2, part=db_part, out=dz, other=z, row_off=half, wrap=True, extra=da)

@@ -213,6 +213,11 @@ def test_tau_reaches_the_tile_engine_unexpanded(backend, device, monkeypatch, fn
                     seen.append((name, tuple(tau.shape)))
                     return fn_(a, b, tau, *rest)
                 return call_abt
+            if name == "ntxent_bwd":
+                def call_zt(z, tau, *rest):
+                    seen.append((name, tuple(tau.shape)))
+                    return fn_(z, tau, *rest)
+                return call_zt
             if name not in ("tile_fwd", "tile_bwd"):
                 return fn_
 
@@ -234,7 +239,8 @@ def test_tau_reaches_the_tile_engine_unexpanded(backend, device, monkeypatch, fn
                q, torch.randn(K, D, device=device), torch.randint(0, K, (N,), device=device), tau=tau)}[fn]()
     out.backward()
     expected = {"clip_loss": {"clip_fwd", "clip_bwd"}, "infonce_queue": {"tile_fwd", "infonce_bwd"},
-                "infonce_in_batch": {"tile_fwd", "infonce_bwd"}}.get(fn, {"tile_fwd", "tile_bwd"})
+                "infonce_in_batch": {"tile_fwd", "infonce_bwd"}, "nt_xent": {"tile_fwd", "ntxent_bwd"}}.get(
+        fn, {"tile_fwd", "tile_bwd"})
     assert {name for name, _ in seen} == expected
     assert all(shape == (1,) for _, shape in seen), seen
 
@@ -367,3 +373,48 @@ def test_infonce_backward_is_launches_only(backend, device, monkeypatch, kind, r
     assert computed == ["fused_tau::infonce_bwd"] + (["aten::sum"] if kind.endswith("learnable_tau") else []), computed
     rows = [name for name, _ in launched if name == "_tile_bwd_rows_kernel"]
     assert len(rows) == (2 if kind.startswith("in_batch") else 1), launched
+
+
+@pytest.mark.parametrize("learn_tau", [False, True])
+@pytest.mark.parametrize("route", ["fused", "materialized"])
+def test_nt_xent_backward_is_launches_only(backend, device, monkeypatch, route, learn_tau):
+    """NT-Xent's backward was about fifteen torch operators around the tiles' two kernels (u, the splits' sums,
+    da + db, the positive's terms at both ends of each pair by gather and index_add); now ntxent_bwd: the
+    tiles' kernels and two rows launches (da's rows, then db's with da added, rounded once), against the
+    float64 reference."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import fused_tau.kernels.tile_bwd as tile_bwd
+    from fused_tau.contrastive import NTXentFunction
+
+    from .test_row_splits import _recorded_launches
+
+    if backend != "triton":
+        pytest.skip("the kernels' launches")
+    monkeypatch.setattr(tile_bwd, "MATERIALIZED_BWD", route)
+    launched = _recorded_launches(monkeypatch, tile_bwd, ("_tile_bwd_rows_kernel",))
+    N, D = 9, 20
+    z1, z2 = torch.randn(N, D, device=device), torch.randn(N, D, device=device)
+    tau = torch.tensor(0.3, device=device, requires_grad=learn_tau)
+    check_against_reference(fused_tau.nt_xent, reference.nt_xent, [z1, z2], dtype=torch.float32,
+                            tau=tau if learn_tau else 0.3)
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=-1).requires_grad_()
+    tau.grad = None
+    loss = NTXentFunction.apply(z, tau, "triton")
+    g = torch.tensor(1.5, device=device)
+    launched.clear()
+    with Record() as rec:
+        loss.backward(g)
+    computed = [name for name in rec.names if name not in _ALLOCATION_OR_VIEW]
+    assert computed == ["fused_tau::ntxent_bwd"] + (["aten::sum"] if learn_tau else []), computed
+    assert [name for name, _ in launched] == ["_tile_bwd_rows_kernel"] * 2

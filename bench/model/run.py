@@ -22,7 +22,7 @@ MODEL_SIZES = [
     ("cross_entropy", 8192, 32000, 0), ("cross_entropy", 8192, 128256, 0), ("cross_entropy", 64, 256000, 0),
     ("softmax", 8192, 32000, 0), ("kd_loss", 8192, 128256, 0), ("sample", 64, 256000, 0),
     ("gumbel_softmax", 64, 256000, 0), ("infonce", 256, 65536, 128), ("infonce", 4096, 65536, 128),
-    ("clip_loss", 4096, 4096, 512), ("linear_cross_entropy", 8192, 128256, 4096),
+    ("clip_loss", 4096, 4096, 512), ("nt_xent", 4096, 8192, 128), ("linear_cross_entropy", 8192, 128256, 4096),
 ]
 
 
