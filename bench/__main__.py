@@ -1,7 +1,8 @@
 """``python -m bench``: fused_tau against the PyTorch composition (eager and torch.compile).
 
 Ops: infonce, linear_cross_entropy, cross_entropy, kd_loss, gumbel_softmax, sample, and on a GPU
-(or with --full / --sizes) softmax and clip_loss (bench/cases.py).  On a GPU it runs the sizes of real runs in bf16 (cross-entropy N = 8192
+(or with --full / --sizes) softmax, clip_loss and nt_xent (bench/cases.py).  On a GPU it runs the sizes of
+real runs in bf16 (cross-entropy N = 8192
 and 32768 × C = 32000 and 128256; kd_loss N = 8192; gumbel_softmax and sample 64 × 256000)
 against every peer; on a CPU the torch path at sizes a 2-core machine does in about three
 minutes, against the peers that run on a CPU (``--full``: more sizes and "torch chunked").

@@ -149,7 +149,7 @@ OPS = {
     "linear_cross_entropy": dict(flops={"fwd": 1, "fwd+bwd": 3}, modes=("fwd", "fwd+bwd"),
                                  gpu_sizes=[(8192, 128256, 4096)], cpu_sizes=[(512, 32768, 128)],
                                  cpu_full_sizes=[(128, 32768, 128), (2048, 32768, 128)]),
-    # softmax and clip_loss: GPU sizes only (a default CPU run keeps its cases; --full or --sizes adds them)
+    # softmax, clip_loss and nt_xent: GPU sizes only (a default CPU run keeps its cases; --full or --sizes adds them)
     "clip_loss": dict(flops={"fwd": 1, "fwd+bwd": 3}, modes=("fwd", "fwd+bwd"), gpu_sizes=[(4096, 4096, 512)],
                       cpu_sizes=[], cpu_full_sizes=[(256, 256, 128)]),
     # SimCLR: N pairs of views (sizes N × 2N × D: the 2N × 2N similarities are 2 · N · 2N)
@@ -284,6 +284,8 @@ def cases(device_type, ops=None, sizes=None, dtypes=None, modes=None, full=False
             default = spec.get("gpu_dtypes", GPU_DTYPES) if device_type == "cuda" else CPU_DTYPES
             if op == "clip_loss":  # N pairs: the keys are the N other views
                 size = (size[0], size[0], *size[2:])
+            if op == "nt_xent":  # N pairs: 2N views, each against the 2N
+                size = (size[0], 2 * size[0], *size[2:])
             for dt in dtypes or default:
                 for mode in spec["modes"]:
                     if modes is None or mode in modes:

@@ -56,29 +56,36 @@ def tau_tensor(tau, x, outer_shape, name="tau"):
 
 
 # A float τ as a tensor, kept per (value, shape, dtype, device) for the next call with the same τ: a fill
-# on the device is a launch of its own (the usual fixed τ pays it once).  Never written to: the kernels
-# and the autograd Functions only read τ.  Not kept while something traces the calls (torch.compile, fake
-# tensors), a CUDA graph is captured (the graph's pool owns what is made then) or inference mode is on
-# (an inference tensor cannot be saved for a later backward).
+# on the device is a launch of its own (the usual fixed τ pays it once); likewise the contrastive losses'
+# target columns (kept_tensor).  Never written to: the kernels and the autograd Functions only read them.
+# Not kept while something traces the calls (torch.compile, fake tensors), a CUDA graph is captured (the
+# graph's pool owns what is made then) or inference mode is on (an inference tensor cannot be saved for a
+# later backward).
 _CONSTANTS = collections.OrderedDict()
 _CONSTANTS_KEPT = 16
 
 
-def _constant(value, shape, dtype, device):
+def kept_tensor(key, device, make):
+    """``make()``, made once per ``key`` (which names ``device`` too) and kept for the next call (the
+    _CONSTANTS_KEPT most recent), except while tracing, capturing a CUDA graph or in inference mode."""
     from ._ops import tracing
 
     if (tracing() or torch.is_inference_mode_enabled()
             or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
-        return torch.full(shape, value, dtype=dtype, device=device)
-    key = (value, shape, dtype, device)
+        return make()
     t = _CONSTANTS.get(key)
     if t is None:
-        t = _CONSTANTS[key] = torch.full(shape, value, dtype=dtype, device=device)
+        t = _CONSTANTS[key] = make()
         if len(_CONSTANTS) > _CONSTANTS_KEPT:
             _CONSTANTS.popitem(last=False)
     else:
         _CONSTANTS.move_to_end(key)
     return t
+
+
+def _constant(value, shape, dtype, device):
+    return kept_tensor(("full", value, shape, dtype, device), device,
+                       lambda: torch.full(shape, value, dtype=dtype, device=device))
 
 
 def sample_tau(tau, logits):

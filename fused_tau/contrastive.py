@@ -21,8 +21,14 @@ from . import _ops as ops
 from . import reference
 from ._checks import check_reduction, check_same_device, check_tensor
 from ._dispatch import autocast_off, backend_for, loss_under_autocast, once_differentiable
-from ._tau import reduce_tau_grad, tau_for_kernel, tau_over, tau_tensor
+from ._tau import kept_tensor, reduce_tau_grad, tau_for_kernel, tau_over, tau_tensor
 from .kernels import TILE_POS
+
+
+def _offset_columns(n, offset, device):
+    """The in-batch positives' columns i + offset, i < n (kept from call to call: no launches)."""
+    return kept_tensor(("in-batch columns", n, offset, device), device,
+                       lambda: torch.arange(offset, offset + n, device=device))
 
 
 def reduce_rows(loss, reduction):
@@ -75,7 +81,7 @@ class InfoNCEFunction(torch.autograd.Function):
         tau_rows = tau_for_kernel(tau, query)  # one τ or one per row: broadcasts
         in_batch = negatives is None
         b = key if in_batch else negatives
-        target = torch.arange(N, device=query.device) + label_offset if in_batch else None
+        target = _offset_columns(N, label_offset, query.device) if in_batch else None
         # the positive: the target column's y in-batch, q_i · k_i against the queue
         stats = ops.tile_fwd(backend, query, b, None, tau_rows, target, None, None if in_batch else key)
         pos, nll, shift, e_pos, e_neg = stats[TILE_POS:]
@@ -112,7 +118,8 @@ class NTXentFunction(torch.autograd.Function):
     def forward(ctx, z, tau, backend):
         n2 = z.shape[0]
         tau_rows = tau_for_kernel(tau, z)  # one τ or one per row: broadcasts
-        target = (torch.arange(n2, device=z.device) + n2 // 2) % n2
+        target = kept_tensor(("nt_xent pairs", n2, z.device), z.device,
+                             lambda: (torch.arange(n2, device=z.device) + n2 // 2) % n2)
         pos, nll, shift, e_pos, e_neg = ops.tile_fwd(backend, z, z, None, tau_rows, target, 0)[TILE_POS:]
         ctx.backend = backend
         ctx.save_for_backward(z, tau_rows, target, pos, shift, e_pos, e_neg, nll, tau)

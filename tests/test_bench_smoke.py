@@ -16,7 +16,7 @@ from bench.harness import peak_bytes, throttle_warnings
 
 ROOT = Path(__file__).resolve().parents[1]
 OPS = {"cross_entropy", "kd_loss", "gumbel_softmax", "sample", "infonce", "linear_cross_entropy"}
-GPU_SIZED_OPS = {"softmax", "clip_loss"}  # no CPU size of their own: a default CPU run leaves them out
+GPU_SIZED_OPS = {"softmax", "clip_loss", "nt_xent"}  # no CPU size of their own: a default CPU run leaves them out
 
 
 def _has_matplotlib():
