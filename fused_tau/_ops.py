@@ -320,23 +320,30 @@ def sample(backend, x2, tau, seed, greedy):
 # zp = Σ (y - r) Q (see kernels/tile_bwd.py).  tau_rows holds one τ for every row or one per row (the row
 # engine's layout): never expanded by the callers.
 
-def tile_fwd_outputs(a, positive):
-    """The (TILE_STATS_POS, N) statistics of rows with a positive, else (TILE_STATS_LSE, N), in the compute
-    dtype (kernels/__init__.py TILE_*)."""
-    return a.new_empty((TILE_STATS_POS if positive else TILE_STATS_LSE, a.shape[0]), dtype=compute_dtype(a))
+def tile_fwd_outputs(a, positive, reduction=None, out_dtype=None):
+    """(stats, loss): the (TILE_STATS_POS, N) statistics of rows with a positive, else (TILE_STATS_LSE, N), in
+    the compute dtype (kernels/__init__.py TILE_*); the loss in ``out_dtype`` (what the loss function
+    returns: no cast after the op), one per row for ``reduction`` 'none', one element for 'mean' and
+    'sum', None without a reduction."""
+    stats = a.new_empty((TILE_STATS_POS if positive else TILE_STATS_LSE, a.shape[0]), dtype=compute_dtype(a))
+    if reduction is None:
+        return stats, None
+    return stats, a.new_empty((a.shape[0],) if reduction == "none" else (), dtype=out_dtype)
 
 
-@_op("tile_fwd", mutates_args=("stats",))
+@_op("tile_fwd", mutates_args=("stats", "loss"))
 def _tile_fwd(a: Tensor, b: Tensor, bias: Optional[Tensor], tau_rows: Tensor, target: Optional[Tensor],
-              diag_offset: Optional[int], key: Optional[Tensor], backend: str, stats: Tensor) -> None:
-    engine(backend, "tile").tile_fwd(a, b, bias, tau_rows, target, diag_offset, key, stats)
+              diag_offset: Optional[int], key: Optional[Tensor], reduction: str, backend: str, stats: Tensor,
+              loss: Optional[Tensor]) -> None:
+    engine(backend, "tile").tile_fwd(a, b, bias, tau_rows, target, diag_offset, key, reduction, stats, loss)
 
 
-def tile_fwd(backend, a, b, bias, tau_rows, target, diag_offset, key=None):
-    """The TILE_* statistics (tile_fwd_outputs); the positive is y at ``target``, or a_i · key_i."""
-    stats = tile_fwd_outputs(a, target is not None or key is not None)
-    _call("tile_fwd")(a, b, bias, tau_rows, target, diag_offset, key, backend, stats)
-    return stats
+def tile_fwd(backend, a, b, bias, tau_rows, target, diag_offset, key=None, reduction=None, out_dtype=None):
+    """(stats, loss) (tile_fwd_outputs); the positive is y at ``target``, or a_i · key_i; the loss (rows with
+    a positive) the rows' nll for ``reduction`` 'none', their mean or sum for 'mean' or 'sum'."""
+    stats, loss = tile_fwd_outputs(a, target is not None or key is not None, reduction, out_dtype)
+    _call("tile_fwd")(a, b, bias, tau_rows, target, diag_offset, key, reduction or "none", backend, stats, loss)
+    return stats, loss
 
 
 def tile_bwd_outputs(a, b, has_bias, need_da, need_db, need_zp):
@@ -408,19 +415,25 @@ def ntxent_bwd(backend, z, tau_rows, target, shift, ref, e_pos, e_rest, g, g_div
 
 
 # clip_loss in one pass: clip_fwd gives the (CLIP_STATS, N) per-index statistics (kernels/__init__.py CLIP_*: the
-# loss per index first), clip_bwd takes them and the incoming gradient's factor g (one element) and
-# gives da, db and zp (dL/dτ_k = -zp_k / τ_k).
+# loss per index first) and clip_loss itself, clip_bwd takes the statistics and the incoming gradient's
+# factor g (one element) and gives da, db and zp (dL/dτ_k = -zp_k / τ_k).
 
-@_op("clip_fwd", mutates_args=("stats",))
-def _clip_fwd(a: Tensor, b: Tensor, tau_rows: Tensor, backend: str, stats: Tensor) -> None:
-    engine(backend, "tile").clip_fwd(a, b, tau_rows, stats)
+def clip_fwd_outputs(a, out_dtype):
+    """(stats, loss): the (CLIP_STATS, N) statistics in the compute dtype, clip_loss (one element) in
+    ``out_dtype`` (what clip_loss returns: no cast after the op)."""
+    return a.new_empty((CLIP_STATS, a.shape[0]), dtype=compute_dtype(a)), a.new_empty((), dtype=out_dtype)
 
 
-def clip_fwd(backend, a, b, tau_rows):
-    """The (CLIP_STATS, N) statistics, compute dtype."""
-    stats = a.new_empty((CLIP_STATS, a.shape[0]), dtype=compute_dtype(a))
-    _call("clip_fwd")(a, b, tau_rows, backend, stats)
-    return stats
+@_op("clip_fwd", mutates_args=("stats", "loss"))
+def _clip_fwd(a: Tensor, b: Tensor, tau_rows: Tensor, backend: str, stats: Tensor, loss: Tensor) -> None:
+    engine(backend, "tile").clip_fwd(a, b, tau_rows, stats, loss)
+
+
+def clip_fwd(backend, a, b, tau_rows, out_dtype):
+    """(stats, loss) (clip_fwd_outputs)."""
+    stats, loss = clip_fwd_outputs(a, out_dtype)
+    _call("clip_fwd")(a, b, tau_rows, backend, stats, loss)
+    return stats, loss
 
 
 @_op("clip_bwd", mutates_args=("da", "db", "zp"))

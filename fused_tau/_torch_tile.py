@@ -20,8 +20,8 @@ import torch
 from . import _torch_row_engine as torch_row_engine
 from . import _torch_threads as torch_threads
 from ._tau import compute_dtype
-from .kernels import (CLIP_DPOS, CLIP_POS, CLIP_SHIFT_C, CLIP_SHIFT_R, CLIP_W_C, CLIP_W_R, TILE_E_POS, TILE_E_REST, TILE_M,
-                      TILE_NLL, TILE_POS, TILE_S, TILE_SHIFT)
+from .kernels import (CLIP_DPOS, CLIP_LOSS, CLIP_POS, CLIP_SHIFT_C, CLIP_SHIFT_R, CLIP_W_C, CLIP_W_R, TILE_E_POS,
+                      TILE_E_REST, TILE_M, TILE_NLL, TILE_POS, TILE_S, TILE_SHIFT)
 
 CHUNK_ELEMENTS = 1 << 20
 # On CPU, where the work is shared out among threads (_torch_threads.for_each), the logits are cut into
@@ -166,9 +166,11 @@ class _InChunkOrder:
             self.turn.notify_all()
 
 
-def tile_fwd(a, b, bias, tau, target, diag_offset, key, stats):
+def tile_fwd(a, b, bias, tau, target, diag_offset, key, reduction, stats, loss):
     """kernels/tile.py's tile_fwd: writes the TILE_* rows of ``stats``, (TILE_STATS_POS, N) when the rows have
-    a positive (the target's y, or a_i · key_i), else (TILE_STATS_LSE, N), in the compute dtype."""
+    a positive (the target's y, or a_i · key_i), else (TILE_STATS_LSE, N), in the compute dtype, and
+    ``loss`` (None: not written) in its own dtype: the rows' nll for ``reduction`` 'none', their mean
+    or sum for 'mean' or 'sum' (_write_loss)."""
     positive = target is not None or key is not None
     _tile_lse(a, b, bias, tau, target, diag_offset, stats[TILE_M], stats[TILE_S],
               stats[TILE_POS] if target is not None else None)
@@ -180,6 +182,14 @@ def tile_fwd(a, b, bias, tau, target, diag_offset, key, stats):
     for row, value in zip((TILE_NLL, TILE_SHIFT, TILE_E_POS, TILE_E_REST),
                           _infonce_rows(m, s, pos, tau.to(m.dtype).expand(a.shape[0]))):
         stats[row].copy_(value)
+    _write_loss(loss, stats[TILE_NLL], reduction)
+
+
+def _write_loss(loss, rows, reduction):
+    """``loss`` (None: nothing) = the compute-dtype ``rows`` ('none'), their mean or their sum, rounded
+    once to loss's dtype."""
+    if loss is not None:
+        loss.copy_(rows if reduction == "none" else rows.sum() if reduction == "sum" else rows.mean())
 
 
 def _tile_lse(a, b, bias, tau, target, diag_offset, m_out, s_out, zy_out):
@@ -389,9 +399,10 @@ def _vectors(like, count):
     return [like.new_empty(like.shape[0], dtype=compute_dtype(like)) for _ in range(count)]
 
 
-def clip_fwd(a, b, tau, stats):
+def clip_fwd(a, b, tau, stats, loss):
     """kernels/tile.py's clip_fwd: writes the (CLIP_STATS, N) statistics of clip_loss, here from two passes
-    of tile_fwd (a's rows against b, b's rows against a, the positives on the diagonal)."""
+    of tile_fwd (a's rows against b, b's rows against a, the positives on the diagonal), and clip_loss
+    (the mean of CLIP_LOSS) into ``loss`` (None: not written) in its own dtype."""
     N = a.shape[0]
     target = torch.arange(N, device=a.device)
     tau_c = tau.to(compute_dtype(a)).expand(N)
@@ -403,6 +414,7 @@ def clip_fwd(a, b, tau, stats):
     w_r = 1.0 / ((2 * N) * tau_c * (e_pos_r + e_neg_r))  # the mean's 1/N and the two directions' 1/2
     w_c = 1.0 / ((2 * N) * tau_c * (e_pos_c + e_neg_c))
     torch.stack([(nll_r + nll_c) * 0.5, shift_r, w_r, shift_c, w_c, -(w_r * e_neg_r + w_c * e_neg_c), pos], out=stats)
+    _write_loss(loss, stats[CLIP_LOSS], "mean")
 
 
 def _add_into(out, x, y):

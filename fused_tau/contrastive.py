@@ -20,7 +20,7 @@ from torch import Tensor
 from . import _ops as ops
 from . import reference
 from ._checks import check_reduction, check_same_device, check_tensor
-from ._dispatch import autocast_off, backend_for, loss_under_autocast, once_differentiable
+from ._dispatch import autocast_off, backend_for, loss_dtype, loss_under_autocast, once_differentiable
 from ._tau import kept_tensor, reduce_tau_grad, tau_for_kernel, tau_over, tau_tensor
 from .kernels import TILE_POS
 
@@ -29,12 +29,6 @@ def _offset_columns(n, offset, device):
     """The in-batch positives' columns i + offset, i < n (kept from call to call: no launches)."""
     return kept_tensor(("in-batch columns", n, offset, device), device,
                        lambda: torch.arange(offset, offset + n, device=device))
-
-
-def reduce_rows(loss, reduction):
-    if reduction == "none":
-        return loss
-    return loss.sum() if reduction == "sum" else loss.mean()
 
 
 def row_grad(grad, n, reduction, dtype):
@@ -60,10 +54,21 @@ def _saved(ctx):
 
 @dataclass(frozen=True)
 class InfoNCEOptions:
-    """infonce's options as ``InfoNCEFunction`` carries them: the reduction, and in-batch the column of
-    row 0's positive (this rank's offset among the gathered keys)."""
+    """infonce's options as ``InfoNCEFunction`` carries them: the reduction, in-batch the column of
+    row 0's positive (this rank's offset among the gathered keys), and the dtype the loss is written
+    in (``loss_dtype``: what infonce returns, so that no cast follows the kernel)."""
     reduction: str = "mean"
     label_offset: int = 0
+    out_dtype: torch.dtype = torch.float32
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """What ``NTXentFunction`` and ``ClipFunction`` take beside their tensors: the backend, and the
+    dtype the loss is written in (``loss_dtype``: what the loss function returns, so that no cast
+    follows the kernel)."""
+    backend: str
+    out_dtype: torch.dtype = torch.float32
 
 
 class InfoNCEFunction(torch.autograd.Function):
@@ -82,12 +87,14 @@ class InfoNCEFunction(torch.autograd.Function):
         in_batch = negatives is None
         b = key if in_batch else negatives
         target = _offset_columns(N, label_offset, query.device) if in_batch else None
-        # the positive: the target column's y in-batch, q_i · k_i against the queue
-        stats = ops.tile_fwd(backend, query, b, None, tau_rows, target, None, None if in_batch else key)
+        # the positive: the target column's y in-batch, q_i · k_i against the queue; the loss reduced by
+        # the kernel, in the dtype infonce returns
+        stats, loss = ops.tile_fwd(backend, query, b, None, tau_rows, target, None, None if in_batch else key,
+                                   reduction, options.out_dtype)
         pos, nll, shift, e_pos, e_neg = stats[TILE_POS:]
         ctx.backend, ctx.options, ctx.in_batch = backend, options, in_batch
         ctx.save_for_backward(query, key, negatives, tau_rows, target, pos, shift, e_pos, e_neg, nll, tau)
-        return reduce_rows(nll, reduction)  # the compute dtype: the caller rounds it (or not, under autocast)
+        return loss
 
     @staticmethod
     @once_differentiable
@@ -115,15 +122,17 @@ class NTXentFunction(torch.autograd.Function):
 
     @staticmethod
     @autocast_off
-    def forward(ctx, z, tau, backend):
+    def forward(ctx, z, tau, options):
         n2 = z.shape[0]
         tau_rows = tau_for_kernel(tau, z)  # one τ or one per row: broadcasts
         target = kept_tensor(("nt_xent pairs", n2, z.device), z.device,
                              lambda: (torch.arange(n2, device=z.device) + n2 // 2) % n2)
-        pos, nll, shift, e_pos, e_neg = ops.tile_fwd(backend, z, z, None, tau_rows, target, 0)[TILE_POS:]
-        ctx.backend = backend
+        # the mean over the 2N rows by the kernel, in the dtype nt_xent returns
+        stats, loss = ops.tile_fwd(options.backend, z, z, None, tau_rows, target, 0, None, "mean", options.out_dtype)
+        pos, nll, shift, e_pos, e_neg = stats[TILE_POS:]
+        ctx.backend = options.backend
         ctx.save_for_backward(z, tau_rows, target, pos, shift, e_pos, e_neg, nll, tau)
-        return nll.mean()  # the compute dtype: the caller rounds it (or not, under autocast)
+        return loss
 
     @staticmethod
     @once_differentiable
@@ -147,12 +156,13 @@ class ClipFunction(torch.autograd.Function):
 
     @staticmethod
     @autocast_off
-    def forward(ctx, a, b, tau, backend):
+    def forward(ctx, a, b, tau, options):
         tau_rows = tau_for_kernel(tau, a)  # one τ or one per index
-        stats = ops.clip_fwd(backend, a, b, tau_rows)
-        ctx.backend = backend
+        # the mean over the N indices by the kernel, in the dtype clip_loss returns
+        stats, loss = ops.clip_fwd(options.backend, a, b, tau_rows, options.out_dtype)
+        ctx.backend = options.backend
         ctx.save_for_backward(a, b, tau_rows, stats, tau)
-        return stats[0].mean()  # the compute dtype: the caller rounds it (or not, under autocast)
+        return loss
 
     @staticmethod
     @once_differentiable
@@ -245,7 +255,7 @@ def infonce(query: Tensor, key: Tensor, queue: Tensor | torch.nn.Module | None =
             return F.cross_entropy(logits, torch.arange(query.shape[0], device=query.device) + offset,
                                    reduction=reduction)
         return reference.infonce(query, key, queue, tau=tau_t, reduction=reduction)
-    options = InfoNCEOptions(reduction, offset)
+    options = InfoNCEOptions(reduction, offset, loss_dtype(query))
     return loss_under_autocast(InfoNCEFunction.apply(query, key, queue, tau_t, options, backend), query)
 
 
@@ -262,7 +272,7 @@ def clip_loss(a: Tensor, b: Tensor, *, tau: float | Tensor = 0.07, gather: bool 
             or a.shape[0] == 0:
         return (infonce(a, b, tau=tau, gather=gather) + infonce(b, a, tau=tau, gather=gather)) / 2
     tau_t = tau_tensor(tau, a, (a.shape[0],))
-    return loss_under_autocast(ClipFunction.apply(a, b, tau_t, backend), a)
+    return loss_under_autocast(ClipFunction.apply(a, b, tau_t, LossOptions(backend, loss_dtype(a))), a)
 
 
 def nt_xent(z1: Tensor, z2: Tensor, *, tau: float | Tensor = 0.5) -> Tensor:
@@ -276,4 +286,4 @@ def nt_xent(z1: Tensor, z2: Tensor, *, tau: float | Tensor = 0.5) -> Tensor:
     if backend == "reference" or z1.shape[0] == 0:
         return reference.nt_xent(z1, z2, tau=tau_t)
     z = F.normalize(torch.cat([z1, z2], 0), dim=-1)
-    return loss_under_autocast(NTXentFunction.apply(z, tau_t, backend), z1)
+    return loss_under_autocast(NTXentFunction.apply(z, tau_t, LossOptions(backend, loss_dtype(z1))), z1)

@@ -45,7 +45,7 @@ def _tile_stats(backend, x, W, b, tau_rows, y):
     class targets ``y``: (shift, e_t, e_rest, y_t, nll) with shift = the row's largest dot product,
     e_t = exp((y_t - shift)/τ), e_rest = Σ_{c ≠ y} exp((y_c - shift)/τ) and nll = lse - z_y exact
     when tiny; ``y`` None: (m, s) over every column, lse = m/τ + log s."""
-    stats = ops.tile_fwd(backend, x, W, b, tau_rows, y, None)
+    stats, _ = ops.tile_fwd(backend, x, W, b, tau_rows, y, None)
     if y is None:
         return stats[TILE_M], stats[TILE_S]
     return stats[TILE_SHIFT], stats[TILE_E_POS], stats[TILE_E_REST], stats[TILE_POS], stats[TILE_NLL]

@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .row_engine import (class_target, dtau_parts, half_gap, interpreted, load_x, row_launch,
+from .row_engine import (class_target, dtau_parts, half_gap, interpreted, last_arrival, load_x, row_launch,
                          row_splits, row_start, rows, sum_dtau_parts, target_complement, target_nll,
                          tau_stride, tickets)
 from .row_ce_reduce import DENOM_NONE, SPLIT_REDUCE_BLOCK, _ce_reduce_rows, ce_reduce
@@ -169,12 +169,10 @@ def _ce_rows_done(loss_ptr, target_ptr, weight_ptr, count_ptr, out_ptr, den_in_p
                   R, C, ignore_index, n_rows_f, DENOM: tl.constexpr, CHECK: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                   BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
     """A row's loss is written: its program takes a ticket of the rows (count_ptr[R]); the last one
-    reduces the R losses (``_ce_reduce_rows``) and puts the ticket back to 0."""
-    tl.debug_barrier()  # every thread's stores of the row before the ticket
-    if tl.atomic_add(count_ptr + R, 1, sem="acq_rel", scope="gpu") == R - 1:
-        tl.store(count_ptr + R, 0)
+    reduces the R losses (``_ce_reduce_rows``) and puts the ticket back to 0 (``last_arrival``)."""
+    if last_arrival(count_ptr + R, R):
         _ce_reduce_rows(loss_ptr, target_ptr, weight_ptr, den_in_ptr, out_ptr, den_ptr, gscale_ptr, ok_ptr, R, C,
-                        ignore_index, n_rows_f, True, DENOM, CHECK, HAS_WEIGHT, BLOCK, INTERPRETED)
+                        ignore_index, n_rows_f, True, DENOM, CHECK, HAS_WEIGHT, BLOCK, INTERPRETED, True)
 
 
 @triton.jit

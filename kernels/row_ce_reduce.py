@@ -1,6 +1,7 @@
 """Row engine, cross-entropy's reductions: the rows' losses summed (and divided by the mean's
 denominator), the denominator itself and the class-index targets' check, in a fixed order, by one
-program (``ce_reduce``'s launch, or the last program of a split forward: row_ce.py)."""
+program (``ce_reduce``'s launch, or the last program of a split forward: row_ce.py; the tile engine's
+combines reduce their losses with it too)."""
 import torch
 import triton
 import triton.language as tl
@@ -28,21 +29,23 @@ def _ce_reduce_kernel(
 ):
     """One program over the R rows (``_ce_reduce_rows``)."""
     _ce_reduce_rows(loss_ptr, target_ptr, weight_ptr, den_in_ptr, out_ptr, den_ptr, g_ptr, ok_ptr, R, C, ignore_index,
-                    n_rows_f, SUM_LOSS, DENOM, CHECK, HAS_WEIGHT, BLOCK, INTERPRETED)
+                    n_rows_f, SUM_LOSS, DENOM, CHECK, HAS_WEIGHT, BLOCK, INTERPRETED, True)
 
 
 @triton.jit
 def _ce_reduce_rows(loss_ptr, target_ptr, weight_ptr, den_in_ptr, out_ptr, den_ptr, g_ptr, ok_ptr,
                     R, C, ignore_index, n_rows_f,
                     SUM_LOSS: tl.constexpr, DENOM: tl.constexpr, CHECK: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                    BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+                    BLOCK: tl.constexpr, INTERPRETED: tl.constexpr, STORE_DEN: tl.constexpr):
     """The R rows in a fixed order (deterministic, whatever program runs it): den = 1 (DENOM_NONE),
     R (DENOM_ROWS), Σ over the rows whose y is not ignore_index of w_y (DENOM_TARGETS; w = 1 without
-    weights) or den_in[0] (DENOM_GIVEN); a computed den of 0 is NaN (torch's 0/0).  Writes den,
-    g = 1/den, Σ loss / den (Σ loss for DENOM_NONE) when SUM_LOSS (IEEE-rounded divisions, as torch's;
-    stored in out's dtype, rounded to nearest even as torch's ``.to``), and with CHECK ok = 1 when every y
-    is in [0, C) or ignore_index, else 0.  The losses are read through L2 (``.cg``): the last program of
-    ``_ce_fwd_kernel`` reads what other programs of its launch wrote."""
+    weights) or den_in[0] (DENOM_GIVEN); a computed den of 0 is NaN (torch's 0/0).  Writes den and
+    g = 1/den when STORE_DEN, Σ loss / den (Σ loss for DENOM_NONE) when SUM_LOSS (IEEE-rounded
+    divisions, as torch's; stored in out's dtype, rounded to nearest even as torch's ``.to``), and with
+    CHECK ok = 1 when every y is in [0, C) or ignore_index, else 0.  The losses are read through L2
+    (``.cg``): the last program of ``_ce_fwd_kernel`` (or of the tile engine's combines,
+    kernels/tile_fwd.py and tile_clip.py, which take only the loss) reads what other programs of its
+    launch wrote."""
     i = tl.arange(0, BLOCK)
     loss_acc = tl.zeros([BLOCK], tl.float32)
     den_acc = tl.zeros([BLOCK], tl.float32)
@@ -73,8 +76,9 @@ def _ce_reduce_rows(loss_ptr, target_ptr, weight_ptr, den_in_ptr, out_ptr, den_p
         den = tl.sum(den_acc, 0)
     if DENOM == 1 or DENOM == 2:
         den = tl.where(den == 0.0, float("nan"), den)
-    tl.store(den_ptr, den)
-    tl.store(g_ptr, tl.math.div_rn(tl.full([], 1.0, tl.float32), den))
+    if STORE_DEN:
+        tl.store(den_ptr, den)
+        tl.store(g_ptr, tl.math.div_rn(tl.full([], 1.0, tl.float32), den))
     if SUM_LOSS:
         total = tl.sum(loss_acc, 0)
         if DENOM != 0:

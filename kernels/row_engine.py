@@ -90,6 +90,21 @@ def tickets(device, n):
     return buf
 
 
+@triton.jit
+def last_arrival(count_ptr, arrivals):
+    """Takes a ticket at ``count_ptr`` once this program's stores are done: True for the last of the
+    ``arrivals`` programs, which puts the ticket back to 0 for the next launch.  Memory order: a CTA
+    barrier, then the atomic (acquire-release at GPU scope) publishes the program's stores; the last
+    arriver reads the others' through L2 (``cache_modifier=".cg"``).  The ticket only elects which
+    program goes on: what it computes must not depend on which one that is.  Under the interpreter
+    programs run one after another: the grid's last program is elected."""
+    tl.debug_barrier()  # every thread's stores before the ticket
+    last = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") == arrivals - 1
+    if last:
+        tl.store(count_ptr, 0)
+    return last
+
+
 # A kernel that streams its row twice (cross-entropy's forward that also writes the gradient) reads it
 # the second time from L2 only while the rows in flight fit there: about 32 resident warps an SM, i.e.
 # ROWS_PER_SM 8-warp programs.  Off the GPU the L2 is the H100's (bench/model's target; tests lower it).

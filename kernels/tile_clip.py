@@ -11,7 +11,8 @@ The per-index statistics: the CLIP_* rows of a (CLIP_STATS, N) tensor (kernels/_
 
   _tile_fwd_kernel        (kernels/tile_fwd.py) with CLIP: each tile fed to the rows' and the
                           columns' (m, s), the tile engine's forward with a column epilogue
-  _clip_combine_kernel    both merged, both directions' losses and the backward's constants
+  _clip_combine_kernel    both merged, both directions' losses and the backward's constants; the
+                          loss itself (their mean, by the last program) in the dtype the caller returns
   _clip_bwd_probs_kernel  (ds = G, then two GEMMs) or _clip_bwd_fused_kernel (16-bit operands with
                           D <= BLOCK_DO, launched for da and for db): both directions' gradients from
                           each recomputed tile, the routes of kernels/tile_bwd.py
@@ -21,6 +22,8 @@ import triton
 import triton.language as tl
 
 from . import CLIP_SHIFT_C, CLIP_SHIFT_R, CLIP_W_C, CLIP_W_R, tile_bwd, tile_engine, tile_fwd
+from .row_ce_reduce import DENOM_ROWS, _ce_reduce_rows
+from .row_engine import last_arrival, tickets
 from .tile_engine import (_block_do, _common, _config, _dots_tile, _exp2_scale, _infonce_row, _interpreted, _load_tile,
                           _merge_partials, _partial_cap, _precision, _row_tau, _split_parts, _splits_block, _sum_parts)
 from .tl_math import to_store
@@ -28,15 +31,20 @@ from .tl_math import to_store
 
 @triton.jit
 def _clip_combine_kernel(
-    tau_ptr, m_r_ptr, s_r_ptr, zy_ptr, m_c_ptr, s_c_ptr, stats_ptr,
-    N, splits, row_blocks,
-    TAU_PER_ROW: tl.constexpr, SPLITS_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+    # loss (LOSS): one element in its own dtype, and its int32 ticket (0 between launches)
+    tau_ptr, m_r_ptr, s_r_ptr, zy_ptr, m_c_ptr, s_c_ptr, stats_ptr, loss_ptr, count_ptr,
+    N, splits, row_blocks, n_rows_f,
+    TAU_PER_ROW: tl.constexpr, SPLITS_BLOCK: tl.constexpr, BLOCK: tl.constexpr, LOSS: tl.constexpr,
+    DENOM: tl.constexpr, REDUCE_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """Per index k: the row's partials merged over the splits, the column's over the row blocks (each in
     order, SPLITS_BLOCK a step: _merge_partials), and from them both directions' nll and the backward's
     constants (the CLIP_* rows of stats): loss = (nll_r + nll_c)/2, the shifts c,
     w = 1/(2N τ (e_pos + e_neg)) (Q = g w exp((y - c)/τ) for the incoming gradient g of the mean over
-    the N indices), the diagonal's dpos = -(w_r e_neg_r + w_c e_neg_c), and the positive's y_kk."""
+    the N indices), the diagonal's dpos = -(w_r e_neg_r + w_c e_neg_c), and the positive's y_kk.
+    LOSS: clip_loss = Σ_k loss_k / N (DENOM = DENOM_ROWS) in fp32, rounded once to loss's dtype: each
+    program takes a ticket once its indices are stored (last_arrival), and the last one sums the N
+    indices in order (row_ce_reduce._ce_reduce_rows: the same bits whichever program arrives last)."""
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = idx < N
     r2 = _exp2_scale(tau_ptr, idx, N, TAU_PER_ROW)
@@ -68,6 +76,10 @@ def _clip_combine_kernel(
     tl.store(stats_ptr + 4 * N + idx, w_c, mask=live)
     tl.store(stats_ptr + 5 * N + idx, -(w_r * e_neg_r + w_c * e_neg_c), mask=live)
     tl.store(stats_ptr + 6 * N + idx, pos, mask=live)
+    if LOSS:
+        if last_arrival(count_ptr, tl.num_programs(0)):
+            _ce_reduce_rows(stats_ptr, stats_ptr, stats_ptr, stats_ptr, loss_ptr, stats_ptr, stats_ptr, stats_ptr, N, 0,
+                            0, n_rows_f, True, DENOM, False, False, REDUCE_BLOCK, INTERPRETED, False)
 
 
 @triton.jit
@@ -197,11 +209,12 @@ def _clip_bwd_fused_kernel(
             tl.store(zp_ptr + part + rows, zp, mask=row_live)
 
 
-def clip_fwd(a, b, tau, stats):
+def clip_fwd(a, b, tau, stats, loss):
     """CLIP's forward in one pass over y = a @ b.T (a, b both (N, D)): writes the (CLIP_STATS, N) fp32
     statistics (CLIP_LOSS: (nll_r + nll_c)/2 per index, whose mean is clip_loss; the rest the
-    backward's, see _clip_combine_kernel).  ``tau``: one element, or one per index (row i of a -> b
-    and row i of b -> a take τ_i)."""
+    backward's, see _clip_combine_kernel) and clip_loss itself into ``loss`` (one element, its own
+    dtype; None: not written).  ``tau``: one element, or one per index (row i of a -> b and row i of
+    b -> a take τ_i)."""
     N, D = a.shape
     f32 = dict(device=a.device, dtype=torch.float32)
     cfg = _config(a, "clip")
@@ -217,9 +230,11 @@ def clip_fwd(a, b, tau, stats):
         RESIDENT=cfg["RESIDENT"], CLIP=True, **common,
     )
     _clip_combine_kernel[(triton.cdiv(N, tile_engine.COMBINE_BLOCK),)](
-        tau, m_r, s_r, zy, m_c, s_c, stats, N, splits, row_blocks,
+        tau, m_r, s_r, zy, m_c, s_c, stats, loss if loss is not None else stats,
+        tickets(a.device, 1) if loss is not None else stats, N, splits, row_blocks, float(N),
         TAU_PER_ROW=common["TAU_PER_ROW"], SPLITS_BLOCK=_splits_block(max(splits, row_blocks)),
-        BLOCK=tile_engine.COMBINE_BLOCK, num_warps=4,
+        BLOCK=tile_engine.COMBINE_BLOCK, LOSS=loss is not None, DENOM=DENOM_ROWS,
+        REDUCE_BLOCK=tile_engine.COMBINE_REDUCE_BLOCK, INTERPRETED=_interpreted(), num_warps=4,
     )
 
 

@@ -115,6 +115,10 @@ SM_COUNT_OFF_GPU = 4
 # more row blocks on 132 SMs); 4 warps.  MoCo N = 256 on 64 splits: 8 programs of one step each
 COMBINE_BLOCK = 32
 COMBINE_SPLITS = 64
+# A combine that reduces the rows' losses (the mean or sum of infonce, nt_xent, clip_loss): its last
+# program sums them COMBINE_REDUCE_BLOCK rows a step (8 a thread of 4 warps, row_ce_reduce's
+# REDUCE_BLOCK): N = 4096 is 4 dependent steps of L2 reads after the others' tickets
+COMBINE_REDUCE_BLOCK = 1024
 
 
 @functools.lru_cache(maxsize=None)

@@ -6,7 +6,9 @@ have one; the N × K logits never stored.
                        and y_{i,t_i} from the same tiles; with CLIP (clip_loss, kernels/tile_clip.py) also
                        each column's (m, s) over the row block, an epilogue of the same tiles
   _tile_combine_kernel the splits merged in split order: m_i = max_k m_ik, s_i = Σ_k s_ik exp((m_ik - m_i)/τ_i),
-                       and the softmax over [positive, counted columns] the losses need
+                       and the softmax over [positive, counted columns] the losses need; with a loss, the
+                       loss itself in the dtype the caller returns (per row, or the rows' mean or sum
+                       by the combine's last program): no torch operator after the launch
 
 FLOPs 2·N·K·D.  tile_fwd's statistics feed tile_bwd (kernels/tile_bwd.py) through the caller.
 """
@@ -15,8 +17,15 @@ import triton
 import triton.language as tl
 
 from . import tile_engine
-from .tile_engine import (_autotuned, _common, _config, _dots_tile, _exp2_scale, _infonce_row, _kept, _load_tile,
-                          _merge_partials, _row_tau, _splits_block, _target)
+from .row_ce_reduce import DENOM_NONE, DENOM_ROWS, _ce_reduce_rows
+from .row_engine import last_arrival, tickets
+from .tile_engine import (_autotuned, _common, _config, _dots_tile, _exp2_scale, _infonce_row, _interpreted, _kept,
+                          _load_tile, _merge_partials, _row_tau, _splits_block, _target)
+from .tl_math import to_store
+
+# the loss a combine writes (LOSS): none (the statistics only), one per row (reduction 'none'), the
+# rows' mean or sum (one element)
+LOSS_NONE, LOSS_ROWS, LOSS_REDUCED = 0, 1, 2
 
 
 @triton.jit
@@ -100,11 +109,13 @@ def _tile_fwd_kernel(
 @triton.jit
 def _tile_combine_kernel(
     # pointers: (splits, N) fp32 partials of the forward; a, key and bias (POSITIVE 2 and 3); stats
-    # (TILE_STATS_POS or TILE_STATS_LSE, N) fp32, the results
-    tau_ptr, m_part_ptr, s_part_ptr, zy_part_ptr, a_ptr, key_ptr, bias_ptr, target_ptr, stats_ptr,
-    N, K, D, splits, stride_am, stride_ad, stride_km, stride_kd,
+    # (TILE_STATS_POS or TILE_STATS_LSE, N) fp32, the results; the loss (LOSS: (N,) or one element, in
+    # its own dtype) and its int32 ticket (LOSS_REDUCED; 0 between launches)
+    tau_ptr, m_part_ptr, s_part_ptr, zy_part_ptr, a_ptr, key_ptr, bias_ptr, target_ptr, stats_ptr, loss_ptr, count_ptr,
+    N, K, D, splits, stride_am, stride_ad, stride_km, stride_kd, n_rows_f,
     POSITIVE: tl.constexpr, HAS_BIAS: tl.constexpr, TAU_PER_ROW: tl.constexpr, SPLITS_BLOCK: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, LOSS: tl.constexpr, DENOM: tl.constexpr, REDUCE_BLOCK: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     """Per row: the forward's splits merged in split order (_merge_partials), SPLITS_BLOCK splits a
     step (one step for every plan of split_plan up to SPLITS_BLOCK splits), into the TILE_* rows of
@@ -113,7 +124,13 @@ def _tile_combine_kernel(
     3: y at the target column as a_i · key_{t_i} + bias_{t_i} in fp32, 0 for a target outside [0, K)),
     the softmax over [positive, counted columns] as the losses need it (_infonce_row):
     pos, nll = softplus(log s + (m - pos)/τ), shift = max(m, pos), e_pos = exp((pos - shift)/τ) and
-    e_rest = s exp((m - shift)/τ)."""
+    e_rest = s exp((m - shift)/τ).
+
+    The loss (with a positive): LOSS_ROWS, each row's nll in loss's dtype (rounded to nearest even);
+    LOSS_REDUCED, Σ_i nll_i (DENOM_NONE) or Σ_i nll_i / N (DENOM_ROWS) in fp32, rounded once to loss's
+    dtype: each program takes a ticket once its rows' nll are stored (last_arrival), and the last one
+    sums the N rows in row order (row_ce_reduce._ce_reduce_rows: the same bits whichever program
+    arrives last)."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = rows < N
     r2 = _exp2_scale(tau_ptr, rows, N, TAU_PER_ROW)
@@ -154,19 +171,29 @@ def _tile_combine_kernel(
         tl.store(stats_ptr + 4 * N + rows, shift, mask=live)  # TILE_SHIFT
         tl.store(stats_ptr + 5 * N + rows, e_pos, mask=live)  # TILE_E_POS
         tl.store(stats_ptr + 6 * N + rows, e_rest, mask=live)  # TILE_E_REST
+        if LOSS == 1:  # LOSS_ROWS
+            tl.store(loss_ptr + rows, to_store(nll, loss_ptr, INTERPRETED), mask=live)
+        if LOSS == 2:  # LOSS_REDUCED
+            if last_arrival(count_ptr, tl.num_programs(0)):
+                nll_row = stats_ptr + 3 * N  # TILE_NLL
+                _ce_reduce_rows(nll_row, nll_row, nll_row, nll_row, loss_ptr, nll_row, nll_row, nll_row, N, 0, 0,
+                                n_rows_f, True, DENOM, False, False, REDUCE_BLOCK, INTERPRETED, False)
 
 
-def tile_fwd(a, b, bias, tau, target, diag_offset, key, stats):
-    """Writes tile_fwd's statistics into ``stats``: see _tile_fwd (FUSED_TAU_TILE_AUTOTUNE: _autotuned)."""
-    _autotuned("fwd", a, lambda: _tile_fwd(a, b, bias, tau, target, diag_offset, key, stats))
+def tile_fwd(a, b, bias, tau, target, diag_offset, key, reduction, stats, loss):
+    """Writes tile_fwd's statistics into ``stats`` and the loss into ``loss``: see _tile_fwd
+    (FUSED_TAU_TILE_AUTOTUNE: _autotuned)."""
+    _autotuned("fwd", a, lambda: _tile_fwd(a, b, bias, tau, target, diag_offset, key, reduction, stats, loss))
 
 
-def _tile_fwd(a, b, bias, tau, target, diag_offset, key, stats):
+def _tile_fwd(a, b, bias, tau, target, diag_offset, key, reduction, stats, loss):
     """Writes per row of ``a``, in dot units y = a·b + bias over the counted columns (see the module
     docstring), the fp32 rows TILE_* of ``stats``, (TILE_STATS_POS, N) when the rows have a positive, the
     target's y (``target``) or a_i · key_i (``key``, (N, D)), else (TILE_STATS_LSE, N): m = max y,
     s = Σ exp((y - m)/τ), and with a positive pos, nll, shift, e_pos, e_rest (_tile_combine_kernel).
-    ``tau``: one element, or one per row of ``a``.  Two launches: the tiles, the combine."""
+    ``tau``: one element, or one per row of ``a``.  ``loss`` (rows with a positive; None: no loss), in
+    its own dtype: the rows' nll for ``reduction`` 'none' ((N,)), their mean or sum for 'mean' or 'sum'
+    (one element), written by the combine.  Two launches: the tiles, the combine."""
     N, D = a.shape
     K = b.shape[0]
     f32 = dict(device=a.device, dtype=torch.float32)
@@ -185,10 +212,14 @@ def _tile_fwd(a, b, bias, tau, target, diag_offset, key, stats):
         RESIDENT=cfg["RESIDENT"], CLIP=False, **common,
     )
     key = b if positive == 3 else key if key is not None else a
+    loss_mode = LOSS_NONE if loss is None else LOSS_ROWS if reduction == "none" else LOSS_REDUCED
     _tile_combine_kernel[(triton.cdiv(N, tile_engine.COMBINE_BLOCK),)](
         tau, m_part, s_part, zy_part, a, key, bias if bias is not None else m_part,
-        target if target is not None else m_part, stats, N, K, D, splits, *a.stride(), *key.stride(),
-        POSITIVE=positive, HAS_BIAS=positive == 3 and bias is not None, TAU_PER_ROW=common["TAU_PER_ROW"],
-        SPLITS_BLOCK=_splits_block(splits),
-        BLOCK=tile_engine.COMBINE_BLOCK, BLOCK_D=min(triton.next_power_of_2(D), 64), num_warps=4,
+        target if target is not None else m_part, stats, loss if loss is not None else stats,
+        tickets(a.device, 1) if loss_mode == LOSS_REDUCED else stats, N, K, D, splits, *a.stride(), *key.stride(),
+        float(N), POSITIVE=positive, HAS_BIAS=positive == 3 and bias is not None, TAU_PER_ROW=common["TAU_PER_ROW"],
+        SPLITS_BLOCK=_splits_block(splits), BLOCK=tile_engine.COMBINE_BLOCK,
+        BLOCK_D=min(triton.next_power_of_2(D), 64), LOSS=loss_mode,
+        DENOM=DENOM_ROWS if reduction == "mean" else DENOM_NONE, REDUCE_BLOCK=tile_engine.COMBINE_REDUCE_BLOCK,
+        INTERPRETED=_interpreted(), num_warps=4,
     )

@@ -273,6 +273,8 @@ def _recorded_calls():
         ft.sample(x, tau=0.0)
         grad_of(lambda q, k, qu, t: ft.infonce(q, k, qu, tau=t), q, k, queue, tau)
         grad_of(lambda q, k: ft.infonce(q, k, tau=0.2), q, k)
+        grad_of(lambda q, k, qu: ft.infonce(q, k, qu, tau=0.2, reduction="none").pow(2), q, k, queue)
+        grad_of(lambda q, k: ft.infonce(q.bfloat16(), k.bfloat16(), tau=0.2, reduction="sum").float(), q, k)
         grad_of(lambda a, b: ft.nt_xent(a, b, tau=0.5), q, k)
         grad_of(lambda a, b, t: ft.clip_loss(a, b, tau=t), q, k, tau)
         grad_of(lambda a, b: ft.clip_loss(a, b, tau=0.1), q, k)

@@ -12,6 +12,8 @@ import fused_tau._ops as ops
 from fused_tau import reference
 
 from .compare import check_against_reference
+from .test_row_splits import _recorded_launches
+from .tolerances import assert_close_to_ref
 
 pytest.importorskip("triton")
 
@@ -281,10 +283,10 @@ def test_autotuning_only_behind_its_variable_and_never_keyed_on_n(monkeypatch):
     b = torch.randn(40, 8)
     tau = torch.full((1,), 0.3)
     a = torch.randn(20, 8)
-    plain = ops.tile_fwd("triton", a, b, None, tau, None, None)
+    plain, _ = ops.tile_fwd("triton", a, b, None, tau, None, None)
     assert timed == []
     monkeypatch.setenv(tile_engine.AUTOTUNE_ENV, "1")
-    tuned = ops.tile_fwd("triton", a, b, None, tau, None, None)
+    tuned, _ = ops.tile_fwd("triton", a, b, None, tau, None, None)
     assert len(timed) == len(tile_engine.AUTOTUNE_CANDIDATES)
     assert tile_engine._TUNED == {("fwd", tile_engine.ARCH_OFF_GPU, "32", 128): dict(BLOCK_M=64, BLOCK_N=128,
                                                                                      num_warps=4, num_stages=4)}
@@ -385,7 +387,7 @@ def test_nt_xent_backward_is_launches_only(backend, device, monkeypatch, route, 
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import fused_tau.kernels.tile_bwd as tile_bwd
-    from fused_tau.contrastive import NTXentFunction
+    from fused_tau.contrastive import LossOptions, NTXentFunction
 
     from .test_row_splits import _recorded_launches
 
@@ -410,7 +412,7 @@ def test_nt_xent_backward_is_launches_only(backend, device, monkeypatch, route, 
 
     z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=-1).requires_grad_()
     tau.grad = None
-    loss = NTXentFunction.apply(z, tau, "triton")
+    loss = NTXentFunction.apply(z, tau, LossOptions("triton"))
     g = torch.tensor(1.5, device=device)
     launched.clear()
     with Record() as rec:
@@ -418,3 +420,110 @@ def test_nt_xent_backward_is_launches_only(backend, device, monkeypatch, route, 
     computed = [name for name in rec.names if name not in _ALLOCATION_OR_VIEW]
     assert computed == ["fused_tau::ntxent_bwd"] + (["aten::sum"] if learn_tau else []), computed
     assert [name for name, _ in launched] == ["_tile_bwd_rows_kernel"] * 2
+
+
+# ---------------------------------------------------------------------------- the loss on the device
+
+def _losses(device, dtype, reduction, n=37):
+    """(name, fused_tau's loss, the float64 reference's) of every tile-engine loss at ``reduction``
+    (clip_loss and nt_xent: 'mean' only), on n rows of odd size."""
+    q, k, queue = (torch.randn(rows, 6, device=device) for rows in (n, n, 2 * n + 3))
+    tau_rows = torch.rand(n, device=device) * 0.3 + 0.1
+    x = [t.to(dtype) for t in (q, k, queue)]
+    x64 = [t.double() for t in x]
+    out = [("moco", fused_tau.infonce(*x, tau=tau_rows, reduction=reduction),
+            reference.infonce(*x64, tau=tau_rows.double(), reduction=reduction)),
+           ("in-batch", fused_tau.infonce(x[0], x[1], tau=0.2, reduction=reduction),
+            reference.infonce(x64[0], x64[1], tau=0.2, reduction=reduction))]
+    if reduction == "mean":
+        out += [("clip", fused_tau.clip_loss(x[0], x[1], tau=tau_rows),
+                 reference.clip_loss(x64[0], x64[1], tau=tau_rows.double())),
+                ("nt_xent", fused_tau.nt_xent(x[0], x[1], tau=0.5), reference.nt_xent(x64[0], x64[1], tau=0.5))]
+    return out
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_loss_reduced_by_the_combine(backend, device, monkeypatch, dtype, reduction):
+    """Issue 14: infonce (MoCo, in-batch), clip_loss and nt_xent write their loss in the combine, in the
+    dtype they return (the input's; fp32 under autocast): per row for 'none', the rows' mean or sum by
+    the combine's last program (5 programs of 8 rows here, the sum 8 rows a step, the last partial),
+    against the float64 reference; rounded once (the bf16 loss is the autocast fp32 one rounded to
+    nearest even, not a truncation)."""
+    import fused_tau.kernels.tile_engine as tile_engine
+
+    monkeypatch.setattr(tile_engine, "COMBINE_REDUCE_BLOCK", 8)
+    for name, ours, ref in _losses(device, dtype, reduction):
+        assert ours.dtype == dtype and ours.shape == ref.shape, (name, ours.dtype, ours.shape)
+        assert_close_to_ref(ours, ref, dtype, scale=4.0 if reduction == "sum" else 1.0)
+    if dtype == torch.bfloat16:
+        torch.manual_seed(1)
+        plain = _losses(device, dtype, reduction)
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+            torch.manual_seed(1)
+            autocast = _losses(device, dtype, reduction)
+        for (name, rounded, _), (_, fp32, _) in zip(plain, autocast):
+            assert fp32.dtype == torch.float32, name
+            assert torch.equal(rounded, fp32.to(torch.bfloat16)), name
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_loss_reduction_is_deterministic(backend, device, monkeypatch):
+    """The combine's reduction sums the rows in row order whichever program arrives last: two runs give
+    the same bits, so do 8- and 32-row combine programs (another count of tickets, another last
+    arriver), and every ticket is back at 0 after the launches."""
+    import fused_tau.kernels.row_engine as row_engine
+    import fused_tau.kernels.tile_engine as tile_engine
+
+    monkeypatch.setattr(tile_engine, "COMBINE_REDUCE_BLOCK", 8)
+
+    def run():
+        torch.manual_seed(3)
+        return [ours for reduction in ("mean", "sum") for _, ours, _ in _losses(device, torch.float32, reduction)]
+
+    first, second = run(), run()
+    monkeypatch.setattr(tile_engine, "COMBINE_BLOCK", 32)
+    wide = run()
+    for a, b, c in zip(first, second, wide):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert all(int(t.abs().sum()) == 0 for t in row_engine._TICKETS.values())  # host-ok: CPU test
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_contrastive_forward_ends_with_the_combine(backend, device, monkeypatch, dtype):
+    """infonce's (reductions 'mean' and 'sum'), nt_xent's and clip_loss's forwards are the tile launch
+    and the combine, and no torch operator computes after the combine (was a mean / sum and a cast
+    to the input's dtype: two launches)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import fused_tau.kernels.tile_clip as tile_clip
+    import fused_tau.kernels.tile_fwd as tile_fwd
+
+    events = []
+    _recorded_launches(monkeypatch, tile_fwd, ("_tile_fwd_kernel", "_tile_combine_kernel"), events)
+    _recorded_launches(monkeypatch, tile_clip, ("_clip_combine_kernel",), events)
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            events.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    # views of the statistics saved for the backward; nothing that launches
+    views = {"slice", "select", "unbind", "alias", "detach", "view", "_unsafe_view", "as_strided"}
+    q, k, queue = (torch.randn(n, 6, device=device).to(dtype) for n in (13, 13, 29))
+    calls = {"infonce mean": lambda: fused_tau.infonce(q, k, queue, tau=0.2),
+             "infonce sum": lambda: fused_tau.infonce(q, k, tau=0.2, reduction="sum"),
+             "nt_xent": lambda: fused_tau.nt_xent(q, k, tau=0.5),
+             "clip_loss": lambda: fused_tau.clip_loss(q, k, tau=0.2)}
+    for name, call in calls.items():
+        events.clear()
+        with Ops():
+            out = call()
+        launches = [e for e in events if isinstance(e, tuple)]
+        combine = "_clip_combine_kernel" if name == "clip_loss" else "_tile_combine_kernel"
+        assert [kernel for kernel, _ in launches] == ["_tile_fwd_kernel", combine], (name, launches)
+        after = events[events.index(launches[-1]) + 1:]
+        assert set(after) <= views, (name, after)
+        assert out.dtype == dtype and out.shape == ()

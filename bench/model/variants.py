@@ -68,6 +68,8 @@ def _contrastive(dtype, d):
                       reduction="none").sum().backward()
     fused_tau.clip_loss(q.detach().requires_grad_(True), k.detach().requires_grad_(True), tau=_tau(True)).backward()
     fused_tau.nt_xent(q.detach().requires_grad_(True), k.detach().requires_grad_(True), tau=0.5).backward()
+    for reduction in ("none", "sum"):  # the combine's loss per row, and its sum (the mean above)
+        fused_tau.infonce(q.detach(), k, queue.detach(), tau=0.2, reduction=reduction)
 
 
 def _linear(dtype, d):
