@@ -181,9 +181,9 @@ def _fold_block(s_row, t_row, start, cols2, C, ms, ss, s1, pm, mt, st, A, cA, R,
     xs = load_chunk(s_row, start, cols2, C, HALF, MASKED)
     xt = load_chunk(t_row, start, cols2, C, HALF, MASKED)
     if HAS_TARGET:  # τ = 1 under the same lane max
-        s1 = _online_chunk(ms, s1, xs, xs, k1, k1_lo, INTERPRETED)[1]
+        s1 = _online_chunk(ms, s1, xs, xs, k1, k1_lo, INTERPRETED, True)[1]
     ss_old = ss
-    ms, ss, p, _g, scale, _g_scale, _is_new, _y = _online_chunk(ms, ss, xs, xs, k2, k2_lo, INTERPRETED)
+    ms, ss, p, _g, scale, _g_scale, _is_new, _y = _online_chunk(ms, ss, xs, xs, k2, k2_lo, INTERPRETED, True)
     mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, p_masked, drop = _moments_update(
         mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, xs, xt, p, inv, inv_lo, k2, k2_lo, INTERPRETED)
     # the student's mass on the classes of teacher weight 0 (pm) under the student's lane max; a
@@ -193,14 +193,17 @@ def _fold_block(s_row, t_row, start, cols2, C, ms, ss, s1, pm, mt, st, A, cA, R,
 
 
 @triton.jit
-def _online_chunk(m, s, x, y, k2, k2_lo, INTERPRETED: tl.constexpr):
+def _online_chunk(m, s, x, y, k2, k2_lo, INTERPRETED: tl.constexpr, FLOOR_TIES: tl.constexpr):
     """:func:`online_update_x` of a chunk x [lanes, k, 2] at once: the lane's max m' = max(m, max_k x), the
     old sum rescaled once by c = exp((m - m')/τ) where the max moves, and s' = Σ_{j ≠ argmax} e_j with
     e = 2^g, g = (x - m')·log2(e)/τ per element ((k2, k2_lo) of exp2_split): one exp a logit, 1 at m'
     (ties count 1 each, all but one of them in s), 0 at -inf (also while the lane is still at -inf), NaN
     at a NaN (and at +inf: its row is NaN).  The chunk's ties with m' are counted as the sum of the
     chunk's e less the sum without them (an exact integer after rounding: the plain sum of e would lose
-    the others' full relative precision beside the 1s).
+    the others' full relative precision beside the 1s); FLOOR_TIES (the student, whose tops' y nobody
+    reads) counts them as Σ floor(e) beside Σ (e - floor(e)), e = 1 at a tie and below 1 elsewhere but
+    where it rounds to 1 (then counted with the ties: the same sum), with no compare a class: Triton
+    3.6's ptxas kept the tops' predicates as bit masks in registers (about 4 instructions a class).
     Returns (m', s', e, g, c = 2^g_c, g_c, whether the max moved, the largest y of the chunk's classes at
     m' (-inf if none): the teacher's tops' student logits, read beside the ties' count)."""
     m_new = tl.maximum(m, _lane_max(x))
@@ -208,10 +211,16 @@ def _online_chunk(m, s, x, y, k2, k2_lo, INTERPRETED: tl.constexpr):
     m_gap = tl.where(m_new == float("-inf"), 0.0, m_new)
     g = mul_inv(x - m_gap[:, None, None], k2, k2_lo)
     e = _exp2(g, INTERPRETED)
-    top = g == 0.0
-    s_rest = _lane_sum(tl.where(top, 0.0, e))
-    y_top = _lane_max(tl.where(top, y, float("-inf")))
-    n_top = tl.floor((_lane_sum(e) - s_rest) + 0.5)
+    if FLOOR_TIES:
+        whole = tl.floor(e)
+        s_rest = _lane_sum(e - whole)
+        n_top = _lane_sum(whole)
+        y_top = _lane_max(tl.where(g == 0.0, y, float("-inf")))
+    else:
+        top = g == 0.0
+        s_rest = _lane_sum(tl.where(top, 0.0, e))
+        y_top = _lane_max(tl.where(top, y, float("-inf")))
+        n_top = tl.floor((_lane_sum(e) - s_rest) + 0.5)
     g_c = tl.where(is_new, mul_inv(m - m_new, k2, k2_lo), 0.0)
     c = _exp2(g_c, INTERPRETED)
     # a moved max: the old max's own term c joins the others and one of the chunk's tops is the argmax
@@ -234,7 +243,7 @@ def _moments_update(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, xs, xt, p, inv
     old sums (their weights underflow: their classes' student mass goes to P_m too)."""
     W = st + 1.0  # Σ w of the old sums (st starts at -1: 0 before the lane's first finite logit)
     # a new max moves the reference to its class (of the chunk's tied tops, the largest student)
-    mt, st, w, g, c, g_c, is_new, s_top = _online_chunk(mt, st, xt, xs, k2, k2_lo, INTERPRETED)
+    mt, st, w, g, c, g_c, is_new, s_top = _online_chunk(mt, st, xt, xs, k2, k2_lo, INTERPRETED, False)
     d = mul_inv((s_top - s_ref) - (mt - t_ref), inv, inv_lo)
     move = is_new & (tl.abs(d) < float("inf"))
     d = tl.where(move, d, 0.0)
