@@ -163,14 +163,25 @@ def _lane_sum(x):
 
 
 @triton.jit
-def load_chunk(x_row, start, cols2, C, HALF: tl.constexpr, MASKED: tl.constexpr):
+def _widen(x, INTERPRETED: tl.constexpr):
+    """x in fp32.  bf16 pairs by one instruction each (a bf16 is the high half of its fp32): the low
+    class shifted up, the high one masked in place, where .to(tl.float32) moves the high one down and
+    back up (PRMT and SHF)."""
+    if INTERPRETED or x.dtype != tl.bfloat16:
+        return x.to(tl.float32)
+    return tl.inline_asm_elementwise("{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [x],
+                                     dtype=tl.float32, is_pure=True, pack=2)
+
+
+@triton.jit
+def load_chunk(x_row, start, cols2, C, HALF: tl.constexpr, MASKED: tl.constexpr, INTERPRETED: tl.constexpr):
     """The chunk [lanes, k, 2] of columns start + cols2 and start + HALF + cols2 (cols2 = lane·k + 0..k-1):
     two contiguous runs of k classes a lane, one 128-bit load each at k = 8 bf16; -inf past the end
     where MASKED (the row's last block), no mask on the others."""
     c = start + cols2
     if MASKED:
         return tl.join(load_x(x_row, c, C, 1), load_x(x_row, c + HALF, C, 1))
-    return tl.join(tl.load(x_row + c).to(tl.float32), tl.load(x_row + (c + HALF)).to(tl.float32))
+    return tl.join(_widen(tl.load(x_row + c), INTERPRETED), _widen(tl.load(x_row + (c + HALF)), INTERPRETED))
 
 
 @triton.jit
@@ -178,8 +189,8 @@ def _fold_block(s_row, t_row, start, cols2, C, ms, ss, s1, pm, mt, st, A, cA, R,
                 inv_lo, k2, k2_lo, k1, k1_lo, HALF: tl.constexpr, MASKED: tl.constexpr, HAS_TARGET: tl.constexpr,
                 INTERPRETED: tl.constexpr):
     """One block of both rows into the lanes' sums (the forward's loop body)."""
-    xs = load_chunk(s_row, start, cols2, C, HALF, MASKED)
-    xt = load_chunk(t_row, start, cols2, C, HALF, MASKED)
+    xs = load_chunk(s_row, start, cols2, C, HALF, MASKED, INTERPRETED)
+    xt = load_chunk(t_row, start, cols2, C, HALF, MASKED, INTERPRETED)
     if HAS_TARGET:  # τ = 1 under the same lane max
         s1 = _online_chunk(ms, s1, xs, xs, k1, k1_lo, INTERPRETED, True)[1]
     ss_old = ss
