@@ -255,7 +255,7 @@ def _moments_update(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, xs, xt, p, inv
     W = st + 1.0  # Σ w of the old sums (st starts at -1: 0 before the lane's first finite logit)
     # a new max moves the reference to its class (of the chunk's tied tops, the largest student)
     mt, st, w, g, c, g_c, is_new, s_top = _online_chunk(mt, st, xt, xs, k2, k2_lo, INTERPRETED, False)
-    d = mul_inv((s_top - s_ref) - (mt - t_ref), inv, inv_lo)
+    d = ((s_top - s_ref) - (mt - t_ref)) * (inv + inv_lo)
     move = is_new & (tl.abs(d) < float("inf"))
     d = tl.where(move, d, 0.0)
     s_ref = tl.where(move, s_top, s_ref)
@@ -268,7 +268,11 @@ def _moments_update(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, xs, xt, p, inv
     cA = tl.where(is_new, 0.0, cA)
     cR = tl.where(is_new, 0.0, cR)
     kept = w != 0.0
-    x = tl.where(kept, mul_inv((xs - s_ref[:, None, None]) - (xt - t_ref[:, None, None]), inv, inv_lo), 0.0)
+    # x = ((s - s_ref) - (t - t_ref))·fl(1/τ), as d above, not the pair's one rounding: fl(1/τ)'s own
+    # rounding δ scales every x of the row alike, the moments of the student s + δτx at τ (a change in
+    # proportion to the student's distance from its teacher: the KL moves by O(δ) relative, 2δ where it
+    # is second order), which the teacher's weights, on the pair, do not see
+    x = tl.where(kept, ((xs - s_ref[:, None, None]) - (xt - t_ref[:, None, None])) * (inv + inv_lo), 0.0)
     # w ψ(x) where |x| > 1 as w e^x - w (1 + x), w e^x = 2^(g + x log2 e) one exp (no overflow where w is
     # tiny); the series' value where it is not taken does not matter (a select, not a product)
     wx = w * x
