@@ -194,7 +194,8 @@ def _fold_block(s_row, t_row, start, cols2, C, ms, ss, s1, pm, mt, st, A, cA, R,
     if HAS_TARGET:  # τ = 1 under the same lane max
         s1 = _online_chunk(ms, s1, xs, xs, k1, k1_lo, INTERPRETED, True)[1]
     ss_old = ss
-    ms, ss, p, _g, scale, _g_scale, _is_new, _y = _online_chunk(ms, ss, xs, xs, k2, k2_lo, INTERPRETED, True)
+    ms, ss, p, _g, scale, _g_scale, _is_new, _y, _gap = _online_chunk(ms, ss, xs, xs, k2, k2_lo, INTERPRETED,
+                                                                      True)
     mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, p_masked, drop = _moments_update(
         mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, xs, xt, p, inv, inv_lo, k2, k2_lo, INTERPRETED)
     # the student's mass on the classes of teacher weight 0 (pm) under the student's lane max; a
@@ -216,11 +217,13 @@ def _online_chunk(m, s, x, y, k2, k2_lo, INTERPRETED: tl.constexpr, FLOOR_TIES: 
     where it rounds to 1 (then counted with the ties: the same sum), with no compare a class: Triton
     3.6's ptxas kept the tops' predicates as bit masks in registers (about 4 instructions a class).
     Returns (m', s', e, g, c = 2^g_c, g_c, whether the max moved, the largest y of the chunk's classes at
-    m' (-inf if none): the teacher's tops' student logits, read beside the ties' count)."""
+    m' (-inf if none): the teacher's tops' student logits, read beside the ties' count, and the gaps
+    x - m' in x units (x itself while the lane is at -inf))."""
     m_new = tl.maximum(m, _lane_max(x))
     is_new = m_new > m
     m_gap = tl.where(m_new == float("-inf"), 0.0, m_new)
-    g = mul_inv(x - m_gap[:, None, None], k2, k2_lo)
+    gap = x - m_gap[:, None, None]
+    g = mul_inv(gap, k2, k2_lo)
     e = _exp2(g, INTERPRETED)
     if FLOOR_TIES:
         whole = tl.floor(e)
@@ -236,7 +239,7 @@ def _online_chunk(m, s, x, y, k2, k2_lo, INTERPRETED: tl.constexpr, FLOOR_TIES: 
     c = _exp2(g_c, INTERPRETED)
     # a moved max: the old max's own term c joins the others and one of the chunk's tops is the argmax
     s = tl.where(is_new, s * c + c + (n_top - 1.0), s + n_top) + s_rest
-    return m_new, s, e, g, c, g_c, is_new, y_top
+    return m_new, s, e, g, c, g_c, is_new, y_top, gap
 
 
 @triton.jit
@@ -254,7 +257,7 @@ def _moments_update(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, xs, xt, p, inv
     old sums (their weights underflow: their classes' student mass goes to P_m too)."""
     W = st + 1.0  # Σ w of the old sums (st starts at -1: 0 before the lane's first finite logit)
     # a new max moves the reference to its class (of the chunk's tied tops, the largest student)
-    mt, st, w, g, c, g_c, is_new, s_top = _online_chunk(mt, st, xt, xs, k2, k2_lo, INTERPRETED, False)
+    mt, st, w, g, c, g_c, is_new, s_top, t_gap = _online_chunk(mt, st, xt, xs, k2, k2_lo, INTERPRETED, False)
     d = ((s_top - s_ref) - (mt - t_ref)) * (inv + inv_lo)
     move = is_new & (tl.abs(d) < float("inf"))
     d = tl.where(move, d, 0.0)
@@ -271,8 +274,12 @@ def _moments_update(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, xs, xt, p, inv
     # x = ((s - s_ref) - (t - t_ref))·fl(1/τ), as d above, not the pair's one rounding: fl(1/τ)'s own
     # rounding δ scales every x of the row alike, the moments of the student s + δτx at τ (a change in
     # proportion to the student's distance from its teacher: the KL moves by O(δ) relative, 2δ where it
-    # is second order), which the teacher's weights, on the pair, do not see
-    x = tl.where(kept, ((xs - s_ref[:, None, None]) - (xt - t_ref[:, None, None])) * (inv + inv_lo), 0.0)
+    # is second order), which the teacher's weights, on the pair, do not see.  t - t_ref is the
+    # teacher's gap t - mt already formed for w wherever the reference sits at the lane max: always, but
+    # after a new max whose x is not finite (the lane is then marked, and its sums count only where a
+    # later max drops them); s_ref takes the difference
+    s_eff = s_ref + (tl.where(mt == float("-inf"), 0.0, mt) - t_ref)
+    x = tl.where(kept, ((xs - s_eff[:, None, None]) - t_gap) * (inv + inv_lo), 0.0)
     # w ψ(x) where |x| > 1 as w e^x - w (1 + x), w e^x = 2^(g + x log2 e) one exp (no overflow where w is
     # tiny); the series' value where it is not taken does not matter (a select, not a product)
     wx = w * x
