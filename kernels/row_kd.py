@@ -163,14 +163,25 @@ def _lane_sum(x):
 
 
 @triton.jit
-def load_chunk(x_row, start, cols2, C, HALF: tl.constexpr, MASKED: tl.constexpr):
+def _widen(x, INTERPRETED: tl.constexpr):
+    """x in fp32.  bf16 pairs by one instruction each (a bf16 is the high half of its fp32): the low
+    class shifted up, the high one masked in place, where .to(tl.float32) moves the high one down and
+    back up (PRMT and SHF)."""
+    if INTERPRETED or x.dtype != tl.bfloat16:
+        return x.to(tl.float32)
+    return tl.inline_asm_elementwise("{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [x],
+                                     dtype=tl.float32, is_pure=True, pack=2)
+
+
+@triton.jit
+def load_chunk(x_row, start, cols2, C, HALF: tl.constexpr, MASKED: tl.constexpr, INTERPRETED: tl.constexpr):
     """The chunk [lanes, k, 2] of columns start + cols2 and start + HALF + cols2 (cols2 = lane·k + 0..k-1):
     two contiguous runs of k classes a lane, one 128-bit load each at k = 8 bf16; -inf past the end
     where MASKED (the row's last block), no mask on the others."""
     c = start + cols2
     if MASKED:
         return tl.join(load_x(x_row, c, C, 1), load_x(x_row, c + HALF, C, 1))
-    return tl.join(tl.load(x_row + c).to(tl.float32), tl.load(x_row + (c + HALF)).to(tl.float32))
+    return tl.join(_widen(tl.load(x_row + c), INTERPRETED), _widen(tl.load(x_row + (c + HALF)), INTERPRETED))
 
 
 @triton.jit
@@ -178,12 +189,13 @@ def _fold_block(s_row, t_row, start, cols2, C, ms, ss, s1, pm, mt, st, A, cA, R,
                 inv_lo, k2, k2_lo, k1, k1_lo, HALF: tl.constexpr, MASKED: tl.constexpr, HAS_TARGET: tl.constexpr,
                 INTERPRETED: tl.constexpr):
     """One block of both rows into the lanes' sums (the forward's loop body)."""
-    xs = load_chunk(s_row, start, cols2, C, HALF, MASKED)
-    xt = load_chunk(t_row, start, cols2, C, HALF, MASKED)
+    xs = load_chunk(s_row, start, cols2, C, HALF, MASKED, INTERPRETED)
+    xt = load_chunk(t_row, start, cols2, C, HALF, MASKED, INTERPRETED)
     if HAS_TARGET:  # τ = 1 under the same lane max
-        s1 = _online_chunk(ms, s1, xs, xs, k1, k1_lo, INTERPRETED)[1]
+        s1 = _online_chunk(ms, s1, xs, xs, k1, k1_lo, INTERPRETED, True)[1]
     ss_old = ss
-    ms, ss, p, _g, scale, _g_scale, _is_new, _y = _online_chunk(ms, ss, xs, xs, k2, k2_lo, INTERPRETED)
+    ms, ss, p, _g, scale, _g_scale, _is_new, _y, _gap = _online_chunk(ms, ss, xs, xs, k2, k2_lo, INTERPRETED,
+                                                                      True)
     mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, p_masked, drop = _moments_update(
         mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, xs, xt, p, inv, inv_lo, k2, k2_lo, INTERPRETED)
     # the student's mass on the classes of teacher weight 0 (pm) under the student's lane max; a
@@ -193,30 +205,41 @@ def _fold_block(s_row, t_row, start, cols2, C, ms, ss, s1, pm, mt, st, A, cA, R,
 
 
 @triton.jit
-def _online_chunk(m, s, x, y, k2, k2_lo, INTERPRETED: tl.constexpr):
+def _online_chunk(m, s, x, y, k2, k2_lo, INTERPRETED: tl.constexpr, FLOOR_TIES: tl.constexpr):
     """:func:`online_update_x` of a chunk x [lanes, k, 2] at once: the lane's max m' = max(m, max_k x), the
     old sum rescaled once by c = exp((m - m')/τ) where the max moves, and s' = Σ_{j ≠ argmax} e_j with
     e = 2^g, g = (x - m')·log2(e)/τ per element ((k2, k2_lo) of exp2_split): one exp a logit, 1 at m'
     (ties count 1 each, all but one of them in s), 0 at -inf (also while the lane is still at -inf), NaN
     at a NaN (and at +inf: its row is NaN).  The chunk's ties with m' are counted as the sum of the
     chunk's e less the sum without them (an exact integer after rounding: the plain sum of e would lose
-    the others' full relative precision beside the 1s).
+    the others' full relative precision beside the 1s); FLOOR_TIES (the student, whose tops' y nobody
+    reads) counts them as Σ floor(e) beside Σ (e - floor(e)), e = 1 at a tie and below 1 elsewhere but
+    where it rounds to 1 (then counted with the ties: the same sum), with no compare a class: Triton
+    3.6's ptxas kept the tops' predicates as bit masks in registers (about 4 instructions a class).
     Returns (m', s', e, g, c = 2^g_c, g_c, whether the max moved, the largest y of the chunk's classes at
-    m' (-inf if none): the teacher's tops' student logits, read beside the ties' count)."""
+    m' (-inf if none): the teacher's tops' student logits, read beside the ties' count, and the gaps
+    x - m' in x units (x itself while the lane is at -inf))."""
     m_new = tl.maximum(m, _lane_max(x))
     is_new = m_new > m
     m_gap = tl.where(m_new == float("-inf"), 0.0, m_new)
-    g = mul_inv(x - m_gap[:, None, None], k2, k2_lo)
+    gap = x - m_gap[:, None, None]
+    g = mul_inv(gap, k2, k2_lo)
     e = _exp2(g, INTERPRETED)
-    top = g == 0.0
-    s_rest = _lane_sum(tl.where(top, 0.0, e))
-    y_top = _lane_max(tl.where(top, y, float("-inf")))
-    n_top = tl.floor((_lane_sum(e) - s_rest) + 0.5)
+    if FLOOR_TIES:
+        whole = tl.floor(e)
+        s_rest = _lane_sum(e - whole)
+        n_top = _lane_sum(whole)
+        y_top = _lane_max(tl.where(g == 0.0, y, float("-inf")))
+    else:
+        top = g == 0.0
+        s_rest = _lane_sum(tl.where(top, 0.0, e))
+        y_top = _lane_max(tl.where(top, y, float("-inf")))
+        n_top = tl.floor((_lane_sum(e) - s_rest) + 0.5)
     g_c = tl.where(is_new, mul_inv(m - m_new, k2, k2_lo), 0.0)
     c = _exp2(g_c, INTERPRETED)
     # a moved max: the old max's own term c joins the others and one of the chunk's tops is the argmax
     s = tl.where(is_new, s * c + c + (n_top - 1.0), s + n_top) + s_rest
-    return m_new, s, e, g, c, g_c, is_new, y_top
+    return m_new, s, e, g, c, g_c, is_new, y_top, gap
 
 
 @triton.jit
@@ -234,8 +257,8 @@ def _moments_update(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, xs, xt, p, inv
     old sums (their weights underflow: their classes' student mass goes to P_m too)."""
     W = st + 1.0  # Σ w of the old sums (st starts at -1: 0 before the lane's first finite logit)
     # a new max moves the reference to its class (of the chunk's tied tops, the largest student)
-    mt, st, w, g, c, g_c, is_new, s_top = _online_chunk(mt, st, xt, xs, k2, k2_lo, INTERPRETED)
-    d = mul_inv((s_top - s_ref) - (mt - t_ref), inv, inv_lo)
+    mt, st, w, g, c, g_c, is_new, s_top, t_gap = _online_chunk(mt, st, xt, xs, k2, k2_lo, INTERPRETED, False)
+    d = ((s_top - s_ref) - (mt - t_ref)) * (inv + inv_lo)
     move = is_new & (tl.abs(d) < float("inf"))
     d = tl.where(move, d, 0.0)
     s_ref = tl.where(move, s_top, s_ref)
@@ -248,7 +271,15 @@ def _moments_update(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, xs, xt, p, inv
     cA = tl.where(is_new, 0.0, cA)
     cR = tl.where(is_new, 0.0, cR)
     kept = w != 0.0
-    x = tl.where(kept, mul_inv((xs - s_ref[:, None, None]) - (xt - t_ref[:, None, None]), inv, inv_lo), 0.0)
+    # x = ((s - s_ref) - (t - t_ref))·fl(1/τ), as d above, not the pair's one rounding: fl(1/τ)'s own
+    # rounding δ scales every x of the row alike, the moments of the student s + δτx at τ (a change in
+    # proportion to the student's distance from its teacher: the KL moves by O(δ) relative, 2δ where it
+    # is second order), which the teacher's weights, on the pair, do not see.  t - t_ref is the
+    # teacher's gap t - mt already formed for w wherever the reference sits at the lane max: always, but
+    # after a new max whose x is not finite (the lane is then marked, and its sums count only where a
+    # later max drops them); s_ref takes the difference
+    s_eff = s_ref + (tl.where(mt == float("-inf"), 0.0, mt) - t_ref)
+    x = tl.where(kept, ((xs - s_eff[:, None, None]) - t_gap) * (inv + inv_lo), 0.0)
     # w ψ(x) where |x| > 1 as w e^x - w (1 + x), w e^x = 2^(g + x log2 e) one exp (no overflow where w is
     # tiny); the series' value where it is not taken does not matter (a select, not a product)
     wx = w * x
