@@ -123,6 +123,8 @@ class NTXentFunction(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def forward(ctx, z, tau, options):
+        if isinstance(options, str):  # the backend alone, as this exported Function took it before LossOptions
+            options = LossOptions(options)
         n2 = z.shape[0]
         tau_rows = tau_for_kernel(tau, z)  # one τ or one per row: broadcasts
         target = kept_tensor(("nt_xent pairs", n2, z.device), z.device,
