@@ -344,3 +344,14 @@ def test_few_long_rows_keep_enough_loads_in_flight():
         assert row.row_splits(8192, 32000, 4096, cpu, 8192)[0] == 1
     finally:
         tile_engine.SM_COUNT_OFF_GPU = saved
+
+
+def test_a_subset_of_ops_leaves_the_committed_table_alone():
+    """`python -m bench.model --ops X` (no --out) used to overwrite the committed table with X's rows alone."""
+    table = M.latest_table()
+    before = table.read_bytes()
+    proc = subprocess.run([sys.executable, "-m", "bench.model", "--ops", "sample"], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "not rewritten" in proc.stderr and "sample-fwd" in proc.stdout
+    assert table.read_bytes() == before

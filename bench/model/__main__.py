@@ -37,7 +37,8 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.split("\n")[2:]))
     p.add_argument("--ops", default=None, help="comma-separated ops (default: every case of the model)")
-    p.add_argument("--out", default=None, help="JSON file (default bench/results/model-<date>.json); the .md beside it")
+    p.add_argument("--out", default=None, help="JSON file (default bench/results/model-<date>.json, written only for "
+                                               "every case: --ops alone writes nothing); the .md beside it")
     p.add_argument("--no-write", action="store_true", help="print only")
     p.add_argument("--check", action="store_true",
                    help="exit 1 on a resource problem or a prediction >10%% off the committed table")
@@ -76,8 +77,13 @@ def main(argv=None):
     elif cases:
         print(M.markdown(report))
     if cases and not args.no_write:
-        out = M.write(report, args.out or M.default_out())
-        print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
+        if ops and not args.out:
+            # the committed table holds every case: a subset written over it would drop the others' rows
+            print("--ops: the committed table is not rewritten with a subset of the cases (pass --out FILE to "
+                  "write this report)", file=sys.stderr)
+        else:
+            out = M.write(report, args.out or M.default_out())
+            print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
     if not args.check:
         return 0
     problems = M.resource_problems(report)
