@@ -167,7 +167,8 @@ def sample_fwd(x2, tau, seed, greedy, idx):
     R, C = x2.shape
     cfg = row_launch("row" if greedy else "noisy", C, x2.device)
     block = cfg.block
-    splits, span = row_splits(R, C, block, x2.device, block * x2.element_size())
+    # a draw is issue-bound (Philox), not latency-bound: the SMs filled, no more programs for loads in flight
+    splits, span = row_splits(R, C, block, x2.device, block * x2.element_size() if greedy else 0)
     f32 = dict(device=x2.device, dtype=torch.float32)
     part_idx = idx if splits == 1 else torch.empty(R * splits, device=x2.device, dtype=torch.int64)
     part_x = torch.empty(R * splits, **f32) if splits > 1 else idx

@@ -339,7 +339,9 @@ def softmax_fwd(x3, tau, mode, out, m, s, seed=None, hard=False):
     dev = x3.device
     cfg = row_launch("row" if seed is None else "noisy", C, dev)
     block = cfg.block
-    splits, span = row_splits(R, C, block, dev, block * x3.element_size())
+    # the Gumbel noise makes a noisy pass issue-bound (Philox), not latency-bound: the SMs filled, no more
+    # programs for loads in flight (each split program's own finalize is what more of them would cost)
+    splits, span = row_splits(R, C, block, dev, block * x3.element_size() if seed is None else 0)
     args = (x3, out, m, s, tau, m if seed is None else seed)
     consts = dict(MODE=mode, NOISY=seed is not None, HARD=hard, BLOCK=block, ONE_BLOCK=cfg.one_block,
                   INTERPRETED=interpreted(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -371,7 +373,8 @@ def softmax_bwd(y, g, x3, m, s, tau, log, dx, dtau, seed=None):
     kind = "noisy" if seed is not None else "row" if tau_grad else "reread"
     cfg = row_launch(kind, C, g.device, y.element_size() + g.element_size())
     block = cfg.block
-    splits, span = row_splits(R, C, block, g.device, block * (y.element_size() + g.element_size()))
+    splits, span = row_splits(R, C, block, g.device,
+                              block * (y.element_size() + g.element_size()) if seed is None else 0)
     dtau_split = dtau_parts(dtau, R, splits, m)
     part = torch.empty(R * splits * block, device=g.device, dtype=torch.float32) if splits > 1 else m
     args = (y, g, dx, x3, m, s, tau, dtau_split, m if seed is None else seed, part, C, B, span // block, splits,
