@@ -333,6 +333,12 @@ def tile_bwd(a, b, bias, tau, target, diag_offset, shift, scale, ref, da_out, db
         da_out.copy_(da)
 
 
+def _softmax_scale(g, g_div, tau, e_pos, e_rest, n, cd):
+    """u_i = (g_i / g_div) / (τ_i (e_pos_i + e_rest_i)), the tiles' Q = u exp((y - shift)/τ) = g p / τ of a
+    softmax over [positive, counted columns] (kernels/tile_bwd.py's _softmax_scale)."""
+    return (g.to(cd).reshape(-1) / g_div).expand(n) / (tau.to(cd).expand(n) * (e_pos + e_rest))
+
+
 def infonce_bwd(a, b, tau, target, key, shift, ref, e_pos, e_rest, g, g_div, label_offset, da, db, dkey, dtau):
     """kernels/tile_bwd.py's infonce_bwd: the gradients of a softmax cross-entropy over [positive, counted
     columns] from the forward's statistics, here with tile_bwd and torch operators for the positive's
@@ -340,8 +346,7 @@ def infonce_bwd(a, b, tau, target, key, shift, ref, e_pos, e_rest, g, g_div, lab
     b[t_i]; c_i a_i into dkey_i or db[t_i]); dtau_i = -zp_i / τ_i + 0 · c_i."""
     N = a.shape[0]
     cd = compute_dtype(a)
-    g = (g.to(cd).reshape(-1) / g_div).expand(N)
-    u = g / (tau.to(cd).expand(N) * (e_pos + e_rest))  # the tiles' Q = u exp((y - shift)/τ) = g p / τ
+    u = _softmax_scale(g, g_div, tau, e_pos, e_rest, N, cd)
     zp = torch.empty(N, device=a.device, dtype=cd) if dtau is not None else None
     in_batch = target is not None
     db_tiles = db if db is not None else None
@@ -367,9 +372,8 @@ def ntxent_bwd(z, tau, target, shift, ref, e_pos, e_rest, g, g_div, dz, dtau):
     dtype and rounded once, and dtau_i = -zp_i / τ_i + 0 · c_i; here with tile_bwd and torch operators."""
     n2 = z.shape[0]
     cd = compute_dtype(z)
-    g = (g.to(cd).reshape(-1) / g_div).expand(n2)
     tau_c = tau.to(cd).expand(n2)
-    u = g / (tau_c * (e_pos + e_rest))
+    u = _softmax_scale(g, g_div, tau, e_pos, e_rest, n2, cd)
     need_dz = dz is not None
     zp = torch.empty(n2, device=z.device, dtype=cd) if dtau is not None else None
     da = torch.empty(z.shape, device=z.device, dtype=cd)

@@ -43,6 +43,7 @@ def backend(request, monkeypatch):
         import fused_tau.kernels.row_engine as row
         import fused_tau.kernels.tile_bwd as tile_bwd
         import fused_tau.kernels.tile_engine as tile_engine
+        import fused_tau.kernels.tile_softmax_bwd as tile_softmax_bwd
 
         if DEVICE == "cpu":
             monkeypatch.setattr(row, "MAX_BLOCK", 16)
@@ -58,9 +59,9 @@ def backend(request, monkeypatch):
             monkeypatch.setattr(tile_engine, "COMBINE_SPLITS", 2)
             monkeypatch.setattr(tile_engine, "COMBINE_BLOCK", 8)
             # the backward's rows kernel sums 2 splits a step over 2 rows a program
-            monkeypatch.setattr(tile_bwd, "ROWS_SPLITS", 2)
-            monkeypatch.setattr(tile_bwd, "ROWS_MAX", 2)
-            monkeypatch.setattr(tile_bwd, "ROWS_ELEMENTS", 32)
+            monkeypatch.setattr(tile_softmax_bwd, "ROWS_SPLITS", 2)
+            monkeypatch.setattr(tile_softmax_bwd, "ROWS_MAX", 2)
+            monkeypatch.setattr(tile_softmax_bwd, "ROWS_ELEMENTS", 32)
     else:
         import fused_tau._torch_row_engine as torch_row_engine
         import fused_tau._torch_threads as torch_threads

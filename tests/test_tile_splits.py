@@ -319,6 +319,24 @@ _ALLOCATION_OR_VIEW = {"aten::empty", "aten::empty_strided", "aten::new_empty", 
                        "aten::reshape", "aten::_unsafe_view", "aten::expand", "aten::alias", "aten::t"}
 
 
+def _computed_ops(call):
+    """The operators (schema names) ``call()`` dispatches, allocations and views left out."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    with Record() as rec:
+        call()
+    return [name for name in rec.names if name not in _ALLOCATION_OR_VIEW]
+
+
 @pytest.mark.parametrize("kind", ["queue", "in_batch", "in_batch_none", "queue_learnable_tau"])
 @pytest.mark.parametrize("route", ["fused", "materialized"])
 def test_infonce_backward_is_launches_only(backend, device, monkeypatch, kind, route):
@@ -327,17 +345,17 @@ def test_infonce_backward_is_launches_only(backend, device, monkeypatch, kind, r
     tiles' kernels form u from the incoming gradient (SCALE_FROM_G) and one rows kernel a gradient adds
     the splits and the positive's terms (_tile_bwd_rows_kernel): the backward is the custom op alone (and
     τ's own reduction when τ learns), against the float64 reference."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     import fused_tau.kernels.tile_bwd as tile_bwd
+    import fused_tau.kernels.tile_softmax_bwd as tile_softmax_bwd
 
     from .test_row_splits import _recorded_launches
 
     if backend != "triton":
         pytest.skip("the kernels' launches")
     monkeypatch.setattr(tile_bwd, "MATERIALIZED_BWD", route)
-    kernels = ("_tile_bwd_da_kernel", "_tile_bwd_db_kernel", "_tile_bwd_probs_kernel", "_tile_bwd_rows_kernel")
-    launched = _recorded_launches(monkeypatch, tile_bwd, kernels)
+    launched = _recorded_launches(monkeypatch, tile_bwd,
+                                  ("_tile_bwd_da_kernel", "_tile_bwd_db_kernel", "_tile_bwd_probs_kernel"))
+    _recorded_launches(monkeypatch, tile_softmax_bwd, ("_tile_bwd_rows_kernel",), launched)
     N, K, D = 19, 37, 20
     q, k = torch.randn(N, D, device=device), torch.randn(N, D, device=device)
     queue = torch.randn(K, D, device=device) if kind.startswith("queue") else None
@@ -353,24 +371,13 @@ def test_infonce_backward_is_launches_only(backend, device, monkeypatch, kind, r
 
     check_against_reference(fn, ref_fn, args, dtype=torch.float32, tau=tau)
 
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func._schema.name)
-            return func(*args, **(kwargs or {}))
-
     xs = [t.clone().requires_grad_(i < 2) for i, t in enumerate(args)]  # MoCo's queue takes no gradient
     if isinstance(tau, torch.Tensor):
         tau.grad = None  # no accumulation into the check's gradient
     loss = fn(*xs, tau=tau)
     g = torch.rand(loss.shape, device=device) + 0.5
     launched.clear()
-    with Record() as rec:
-        loss.backward(g)
-    computed = [name for name in rec.names if name not in _ALLOCATION_OR_VIEW]
+    computed = _computed_ops(lambda: loss.backward(g))
     # a learnable τ: the rows' dL/dτ_i summed into τ's one element (reduce_tau_grad)
     assert computed == ["fused_tau::infonce_bwd"] + (["aten::sum"] if kind.endswith("learnable_tau") else []), computed
     rows = [name for name, _ in launched if name == "_tile_bwd_rows_kernel"]
@@ -384,9 +391,8 @@ def test_nt_xent_backward_is_launches_only(backend, device, monkeypatch, route, 
     da + db, the positive's terms at both ends of each pair by gather and index_add); now ntxent_bwd: the
     tiles' kernels and two rows launches (da's rows, then db's with da added, rounded once), against the
     float64 reference."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     import fused_tau.kernels.tile_bwd as tile_bwd
+    import fused_tau.kernels.tile_softmax_bwd as tile_softmax_bwd
     from fused_tau.contrastive import LossOptions, NTXentFunction
 
     from .test_row_splits import _recorded_launches
@@ -394,21 +400,12 @@ def test_nt_xent_backward_is_launches_only(backend, device, monkeypatch, route, 
     if backend != "triton":
         pytest.skip("the kernels' launches")
     monkeypatch.setattr(tile_bwd, "MATERIALIZED_BWD", route)
-    launched = _recorded_launches(monkeypatch, tile_bwd, ("_tile_bwd_rows_kernel",))
+    launched = _recorded_launches(monkeypatch, tile_softmax_bwd, ("_tile_bwd_rows_kernel",))
     N, D = 9, 20
     z1, z2 = torch.randn(N, D, device=device), torch.randn(N, D, device=device)
     tau = torch.tensor(0.3, device=device, requires_grad=learn_tau)
     check_against_reference(fused_tau.nt_xent, reference.nt_xent, [z1, z2], dtype=torch.float32,
                             tau=tau if learn_tau else 0.3)
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func._schema.name)
-            return func(*args, **(kwargs or {}))
 
     z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=-1).requires_grad_()
     tau.grad = None
@@ -417,9 +414,7 @@ def test_nt_xent_backward_is_launches_only(backend, device, monkeypatch, route, 
     assert torch.equal(NTXentFunction.apply(z.detach(), tau.detach(), "triton"), loss.detach())
     g = torch.tensor(1.5, device=device)
     launched.clear()
-    with Record() as rec:
-        loss.backward(g)
-    computed = [name for name in rec.names if name not in _ALLOCATION_OR_VIEW]
+    computed = _computed_ops(lambda: loss.backward(g))
     assert computed == ["fused_tau::ntxent_bwd"] + (["aten::sum"] if learn_tau else []), computed
     assert [name for name, _ in launched] == ["_tile_bwd_rows_kernel"] * 2
 
