@@ -185,6 +185,12 @@ def test_sass_loops_cold_paths_and_widths():
         == [16, 8, 4, 2, 16]
     assert sass.tensor_op("HGMMA.64x32x16.F32.BF16") == ("HGMMA", 64, 32, 16, "BF16", 4)
     assert sass.tensor_op("HMMA.16816.F32.BF16")[1:4] == (16, 8, 16)
+    # what a wgmma reads from shared memory: B, and A unless a register holds it
+    assert sass.shared_operand_bytes("HGMMA.64x128x16.F32.BF16", "R24, gdesc[UR8], R24") == (128 + 64) * 16 * 2
+    assert sass.shared_operand_bytes("HGMMA.64x32x16.F32.BF16", "R24, R40, gdesc[UR16], RZ, !UPT") == 32 * 16 * 2
+    assert sass.shared_operand_bytes("HMMA.16816.F32.BF16", "R4, R8, R12, R4") == 0
+    assert [sass.shared_width(op) for op in ("LDSM.16.M88.4", "LDSM.16.M88.2", "LDS.128", "STS.64", "LDS")] \
+        == [16, 8, 16, 8, 4]
 
 
 def test_loops_of_the_gpu_ir_carry_their_call_chain():
@@ -258,6 +264,9 @@ def test_roofline_terms_and_the_busy_share():
     t, limit, _ = R.kernel_time(dev, 132, 8, counts, dram_bytes=0)
     assert limit == "issue" and t == pytest.approx(132 * 8 * 1e6 / (132 * 4 * dev.clock_hz))
     assert R.kernel_time(dev, 1, 1, sass.Counts(), 0)[1] == "launch"
+    # shared memory's banks: 128 bytes a clock an SM
+    t, limit, _ = R.kernel_time(dev, 132, 8, sass.Counts(shared_bytes=1e9), dram_bytes=0)
+    assert limit == "shared" and t == pytest.approx(1e9 / (128 * dev.clock_hz))
     assert R.resident_blocks(90, 8, 64, 48 * 1024) == 4  # 64 regs: 4 blocks of 256 threads; smem 49 KiB: 4
     assert R.resident_blocks(90, 8, 90, 0) == 2  # 96 regs a thread (rounded to 8) x 256 threads: 2 blocks
 

@@ -7,11 +7,14 @@ matmul rate, the L2 read bandwidth and the launch floor).
 
 A launch of P programs of W warps, each program issuing I instructions per thread (so I·W
 warp-instructions), U special-function (MUFU) instructions, loading and storing B bytes per thread
-(global memory through L2), doing F tensor-core FLOPs, and touching D distinct bytes of device
+(global memory through L2), doing F tensor-core FLOPs, moving S bytes a program through shared memory's
+banks (LDS / STS / LDSM, what cp.async writes there, and the operands wgmma reads from it: a 64 × N × 16
+wgmma reads B's N × 16 and, unless A is in registers, A's 64 × 16), and touching D distinct bytes of device
 memory (its tensors' footprints), takes
 
     max(D / DRAM bandwidth,  P·W·32·B / L2 bandwidth,  P·F / tensor rate,
-        P·I·W / (SMs · 4 warp-instructions a clock · clock),  P·U·W / (SMs · ½ a clock · clock))
+        P·I·W / (SMs · 4 warp-instructions a clock · clock),  P·U·W / (SMs · ½ a clock · clock),
+        P·S / (SMs · 128 bytes a clock · clock))
     / share,   share = (P / SMs) / ceil(P / SMs)
 
 i.e. every term at the whole chip's rate, divided by the share of the chip the grid keeps busy (the
@@ -63,6 +66,7 @@ class Device:
     matmul_flops_s: float  # dense bf16 / fp16 tensor rate, as cuBLAS reaches it
     issue_per_clock: int = 4  # warp-instructions per SM per clock [CUDA-PG]
     mufu_per_clock: float = 0.5  # warp-instructions per SM per clock: 16 lanes [CUDA-PG]
+    shared_bytes_per_clock: int = 128  # per SM: 32 banks of 4 bytes [CUDA-PG]
     launch_s: float = 2.5e-6  # per kernel: a lead (back-to-back launches of tiny kernels), to measure
     l2_capacity_bytes: float = 50e6  # [H100-WP] 50 MB; [KINDS] 60 MB on the H200
     dram_latency_s: float = 600e-9  # [LAT] a lead
@@ -151,6 +155,7 @@ def kernel_time(device, programs, num_warps, counts, dram_bytes, latency_s=0.0):
                       for (dtype, kind), flops in counts.tensor_flops.items()),
         "issue": warps * counts.instructions / (rate_sm * device.issue_per_clock),
         "mufu": warps * counts.mufu / (rate_sm * device.mufu_per_clock),
+        "shared": programs * counts.shared_bytes / (rate_sm * device.shared_bytes_per_clock),
     }
     share = busy_share(programs, device)
     limit = max(terms, key=terms.get)

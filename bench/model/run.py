@@ -140,6 +140,7 @@ def launch_record(launch, analyser):
                reads=reads, writes=writes, dram_bytes=dram,
                l2_bytes=programs * f90.num_warps * 32 * (counts.load_bytes + counts.store_bytes),
                tensor_flops=programs * sum(counts.tensor_flops.values()),
+               shared_bytes=programs * counts.shared_bytes,
                notes=list(f90.unmapped_loops), skipped_body=skipped_body)
     for arch in ARCHS:
         if arch != 90:

@@ -108,9 +108,33 @@ def load_width(op):
 
 
 GLOBAL_LOADS = ("LDG", "LDGSTS")  # LDGSTS: cp.async, global -> shared
+# Instructions that read or write shared memory through its banks (the bytes per thread as load_width;
+# LDSM per matrix count), LDGSTS for the bytes it writes there; wgmma's operands: shared_operand_bytes
+SHARED_ACCESSES = ("LDS", "STS", "LDSM", "LDGSTS")
 GLOBAL_STORES = ("STG", "RED", "ATOM", "ATOMG")
 TENSOR = ("HGMMA", "HMMA", "IMMA", "QGMMA", "IGMMA")
 _TENSOR_DTYPES = ("BF16", "F16", "TF32", "E4M3", "E5M2", "S8")
+
+
+def shared_width(op):
+    """Bytes per thread a shared-memory access moves (LDSM.16.M88.4: four 8 x 8 16-bit matrices a warp, 16)."""
+    if op.split(".")[0] == "LDSM":
+        return 4 * int(op.split(".")[-1]) if op.split(".")[-1] in ("1", "2", "4") else 4
+    return load_width(op)
+
+
+def shared_operand_bytes(op, operands):
+    """Bytes one wgmma (HGMMA / QGMMA / IGMMA, issued by a warpgroup) reads from shared memory: B's K x N,
+    and A's M x K unless A comes from registers (``R24, R88, gdesc[UR4], R24``: a register before the
+    descriptor); 0 for other opcodes (mma.sync reads registers, filled by LDSM)."""
+    t = tensor_op(op)
+    if t is None or not t[0].endswith("GMMA"):
+        return 0
+    _, m, n, k, dtype, _ = t
+    elem = {"TF32": 4, "E4M3": 1, "E5M2": 1, "S8": 1}.get(dtype, 2)
+    fields = [f.strip() for f in operands.split(",")]
+    a_in_shared = len(fields) > 1 and fields[1].startswith("gdesc")
+    return (n * k + (m * k if a_in_shared else 0)) * elem
 
 
 def tensor_op(op):
@@ -539,6 +563,7 @@ class Counts:
     load_bytes: float = 0.0  # per thread: times 32 lanes and the warps for the program's bytes
     store_bytes: float = 0.0
     tensor_flops: dict = dataclasses.field(default_factory=dict)  # (input dtype, opcode) -> FLOPs per program
+    shared_bytes: float = 0.0  # per program: bytes through shared memory's banks (accesses and wgmma operands)
     spill_ops: float = 0.0
 
 
@@ -587,9 +612,12 @@ def per_program(facts, args, kernel_path):
             counts.store_bytes += mult * load_width(ins.op)
             if lp is not None:
                 per_loop[id(lp)][f"{ins.base}.{8 * load_width(ins.op)}"] += 1
+        if ins.base in SHARED_ACCESSES:
+            counts.shared_bytes += mult * facts.num_warps * 32 * shared_width(ins.op)
         t = tensor_op(ins.op)
         if t is not None:
             base, m, n, k, dtype, group = t
+            counts.shared_bytes += mult * (warpgroups if group == 4 else 0) * shared_operand_bytes(ins.op, ins.operands)
             issuers = warpgroups if group == 4 else facts.num_warps
             key = (dtype, "HMMA" if base == "HMMA" else base)
             counts.tensor_flops[key] = counts.tensor_flops.get(key, 0) + mult * issuers * 2 * m * n * k
