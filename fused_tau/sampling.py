@@ -113,7 +113,10 @@ def _check_no_nan(ok):
 @torch.no_grad()
 def sample(logits: Tensor, *, tau: float | Tensor = 1.0, generator: torch.Generator | None = None) -> Tensor:
     """One index per row (the last dim) drawn from ``softmax(logits / tau)``: int64 of shape
-    ``logits.shape[:-1]``, by the Gumbel-max trick ``argmax(logits / tau + g)``, g ~ Gumbel(0, 1).
+    ``logits.shape[:-1]``.  The kernels invert the row's distribution function with one uniform a
+    row (one pass over the row for its groups' masses, then one group of it read again); the torch
+    path draws by the Gumbel-max trick ``argmax(logits / tau + g)``, g ~ Gumbel(0, 1).  The same
+    distribution, not the same stream: a seed draws different indices on the two.
 
     ``tau = 0`` is greedy, ``argmax(logits)`` (the first index on ties, no noise drawn).
     τ: a non-negative float, a one-element tensor, or one τ per row (shape
@@ -123,9 +126,11 @@ def sample(logits: Tensor, *, tau: float | Tensor = 1.0, generator: torch.Genera
     sync), as ``torch.multinomial`` refuses NaN probabilities.  ``generator`` as in
     gumbel_softmax.
 
-    The draw keeps full precision at any |logits| / τ: the noise is compared in z units
-    relative to the row's top logit, never added to logits / τ (at |logits| / τ ≳ 1e6 that
-    sum rounds the noise away).
+    The draw keeps full precision at any |logits| / τ: every probability is formed relative to the
+    row's top logit, exp((x - max) / τ), and the torch path's noise is compared in those units,
+    never added to logits / τ (at |logits| / τ ≳ 1e6 that sum rounds the noise away).  The kernels'
+    uniform has 24 bits and their cumulative sums are fp32, as torch.multinomial's: a class is drawn
+    with its probability to within about 1e-6 (absolute).
     """
     check_tensor(logits, "logits")
     if logits.ndim == 0:

@@ -138,10 +138,10 @@ _ROW_WARPS = ((1024, 4), (4096, 8), (None, 16))
 ROW_CONFIGS = {}
 for _arch in (90, 80):
     # softmax / log_softmax forward, every backward that reads its rows once (ce_bwd, lse_bwd, softmax_bwd
-    # with dL/dτ or one block), greedy sample; also the block every split is planned with.  4096 fp32 lanes
+    # with dL/dτ or one block), sample (its draw and its argmax); also the block every split is planned with.  4096 fp32 lanes
     # over 8 warps is 16 registers a lane per live tensor: no spills on sm_80/sm_90 (tests/test_model.py)
     ROW_CONFIGS[(_arch, "row")] = dict(max_block=1, warps=_ROW_WARPS, num_stages=3)
-    # the Gumbel kernels (gumbel_softmax forward and its hard backward, sample with τ > 0) draw a Philox
+    # the Gumbel kernels (gumbel_softmax forward and its hard backward) draw a Philox
     # word per element: at 16 elements a thread the hard forward needs more registers than ptxas gives it
     # on sm_90 (8 bytes spilled, tests/test_aot.py); at most 8 a thread, with more warps (same block)
     ROW_CONFIGS[(_arch, "noisy")] = dict(max_block=1, warps=_ROW_WARPS, elements_per_thread=8, num_stages=3)

@@ -1,9 +1,11 @@
 """Row engine, sampling: Gumbel-softmax (forward and backward) and one categorical draw per row
-by the Gumbel-max trick (see row_engine.py for the (A, C, B) layout and the saved statistics).
+(see row_engine.py for the (A, C, B) layout and the saved statistics).
 
 Gumbel-softmax is the softmax kernels of row_softmax.py with their noisy load (NOISY: x + g on
-every load, HARD: the one-hot of the argmax); this module holds its launchers and the sample
-kernel.  The Gumbel noise (tl_math.gumbel_block) never exists in memory.  Column ``c`` of row
+every load, HARD: the one-hot of the argmax); this module holds its launchers and sample's kernels.
+sample draws by inverting the row's distribution function with one uniform a row (_sample_kernel):
+Gumbel-max drew a 10-round Philox word and two logarithms for every class, which bound it by
+instruction issue at a quarter of an H200's bandwidth (issue 15); τ = 0 is _argmax_kernel.  The Gumbel noise (tl_math.gumbel_block) never exists in memory.  Column ``c`` of row
 ``r`` gets word ``c % 4`` of the Philox counter ``r · ceil(C / 4) + c // 4`` (int64) under one seed
 per launch (one 10-round Philox call gives four columns their noise; -log(-log(1 - u)) with the
 hardware log2), so any pass over the row, any block size and any split of the row regenerates
@@ -17,120 +19,179 @@ a generator in a given state always gives the same draws.
 
 Memory traffic (bytes of the logits dtype, R rows × C): gumbel_softmax forward
 reads R·C (twice for rows longer than one block) and writes R·C; the hard
-backward reads x and the gradient and writes dx; sample reads R·C once and
-writes R int64.  Few long rows are split across programs (row_engine.row_splits),
+backward reads x and the gradient and writes dx; sample reads R·C once, plus one group of
+GROUP_BLOCKS blocks a row again (from L2), and writes R int64.  Few long rows are split across programs (row_engine.row_splits),
 with a few fp32 partials a split, combined by each row's last program in the same launch.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .row_engine import (interpreted, load_x, noise_counter, row_launch, row_splits, row_start, tau_stride,
-                         tickets)
+from .row_engine import last_arrival, load_x, row_launch, row_splits, row_start, tau_stride, tickets
 from .row_softmax import MODE_SOFTMAX, softmax_bwd, softmax_fwd
-from .tl_math import gumbel_block
+from .tl_math import exp2_scale, online_update_log2
+
+# sample's groups: a draw re-reads one group of its row, GROUP_BLOCKS blocks (16384 columns of the
+# 4096-column blocks of a long row: 64 fp32 values a thread over 8 warps when it is read again).  Each group
+# ends in two reductions (_group_mass): at 2 blocks they cost 24 instructions an element of the pass on sm_90,
+# at 4 blocks 15.8 (python -m bench.model --ops sample)
+GROUP_BLOCKS = 4
 
 
 @triton.jit
-def _pick(best_x, best_g, arg, nan_row, tau, C, GREEDY: tl.constexpr):
-    """The winner among lanes that each hold their best column ``arg`` and its (x, g): the largest
-    (x_best - M) / τ + g_best with M the largest of the lanes' logits (argmax x when GREEDY, τ = 0 or M
-    infinite), the first column on ties.  Returns (its column, or -1 when ``nan_row``; its x; its g)."""
-    M = tl.max(best_x, 0)  # the lanes' best logits' max (its row's max logit when GREEDY or τ = 0)
-    at_top = best_x == M
-    if not GREEDY:
-        z = (best_x - M) / tau + best_g
-        # τ = 0, or M infinite (a +inf logit: the first one, as torch.argmax; no finite logit: 0):
-        # argmax x among the lanes
-        noisy = (tau > 0) & (M > float("-inf")) & (M < float("inf"))
-        at_top = tl.where(noisy, z == tl.max(z, 0), at_top)
-    top = tl.min(tl.where(at_top, arg, C), 0)
-    winner = at_top & (arg == top)
-    x_top = tl.max(tl.where(winner, best_x, float("-inf")), 0)
-    g_top = tl.max(tl.where(winner, best_g, float("-inf")), 0)
-    return tl.where(nan_row, -1, top), x_top, g_top
+def _pick_argmax(best_x, arg, nan_row, C):
+    """argmax among lanes that each hold their best column ``arg`` and its x: the first column holding
+    the lanes' largest x (-1 when ``nan_row``)."""
+    M = tl.max(best_x, 0)
+    top = tl.min(tl.where(best_x == M, arg, C), 0)
+    return tl.where(nan_row, -1, top)
 
 
 @triton.jit
-def _sample_kernel(
-    # pointers: idx is (R,) int64, or (R, splits) when SPLIT, with part_x, part_g (R, splits) fp32, the
-    # rows' (R,) int64 draws and (R,) int32 tickets (zero between launches)
-    x_ptr, idx_ptr, part_x_ptr, part_g_ptr, tau_ptr, seed_ptr, row_idx_ptr, count_ptr,
+def _argmax_kernel(
+    # pointers: idx is (R,) int64, or (R, splits) when SPLIT, with the rows' (R,) int64 argmax and (R,)
+    # int32 tickets (zero between launches)
+    x_ptr, idx_ptr, part_x_ptr, row_idx_ptr, count_ptr,
     # shapes: x is (R, C); program (r, j) takes columns [j·span, (j + 1)·span), span = span_blocks·BLOCK, of row r
     C, span_blocks,
-    # strides of x, and of τ (0: one τ; 1: one τ per row)
-    stride_xr, stride_xc, stride_tau,
-    # constants
-    GREEDY: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr, SPLITS_BLOCK: tl.constexpr,
-    INTERPRETED: tl.constexpr,
+    stride_xr, stride_xc,
+    SPLIT: tl.constexpr, BLOCK: tl.constexpr, SPLITS_BLOCK: tl.constexpr,
 ):
-    """idx[r] = argmax_c (x_rc / τ + g_rc), g ~ Gumbel(0, 1): a draw from softmax(x_r / τ)
-    (Gumbel-max); τ = 0 is argmax x.  GREEDY: argmax x, no noise drawn.  One pass; the first
-    index wins ties; a row holding a NaN gets idx -1 (the caller raises).  SPLIT: the winner of
-    this program's columns, its x and g; then a ticket of its row, and the row's last arriver picks
-    the row's draw among the splits' winners (``_sample_combine``), in the same launch.  The ticket
-    only elects the program: the pick is the same whichever it is (deterministic).  Memory order as
-    row_ce.py's ``_ce_fwd_kernel``: a CTA barrier, an acquire-release atomic, reads through L2.
-
-    The key x / τ + g is never formed: at |x| / τ ≳ 1e6 its rounding (or that of x + τ g)
-    swallows the noise.  Each lane keeps its best column's (x, g) and compares a new column
-    by the sign of (x - x_best) + τ (g - g_best), which has only the relative rounding of
-    the two differences; the lanes' winners are compared in z units relative to the largest
-    of their logits M, (x_best - M) / τ + g_best, which keeps the noise's digits near the top."""
-    r, _, _, x_row, tau = row_start(x_ptr, tau_ptr, 1, stride_xr, 0, stride_tau)
+    """idx[r] = argmax_c x_rc, the first index on ties, -1 for a row holding a NaN (sample's τ = 0, greedy).
+    SPLIT: the argmax of this program's columns and its x, then a ticket of its row (last_arrival), and the
+    row's last arriver picks among the splits' (the same pick whichever program it is)."""
+    r = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + r * stride_xr
     part = r * tl.num_programs(1) + tl.program_id(1)
     col0 = tl.program_id(1) * span_blocks * BLOCK  # a multiple of BLOCK: aligned loads
     col_end = tl.minimum(col0 + span_blocks * BLOCK, C)
     cols = tl.arange(0, BLOCK)
     best_x = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_g = tl.zeros([BLOCK], tl.float32)
     arg = tl.zeros([BLOCK], tl.int32)
-    if not GREEDY:
-        seed = tl.load(seed_ptr)
-        noise_row = noise_counter(r, C)
     for start in range(col0, col_end, BLOCK):
         c = start + cols
         x = load_x(x_row, c, C, stride_xc)
         # best_x turns NaN at a lane's first NaN and stays NaN: the row is refused (idx -1)
-        if GREEDY:
-            take = x > best_x
-            best_x = tl.maximum(best_x, x, propagate_nan=tl.PropagateNan.ALL)
-        else:
-            # τ = 0 (a greedy row of a per-row τ) leaves x - best_x: argmax x as well.  -inf - -inf
-            # and inf - inf are NaN: not taken, so the first of equal infinite logits is kept.
-            g = gumbel_block(seed, noise_row, start, BLOCK, INTERPRETED)
-            take = (tl.fma(tau, g - best_g, x - best_x) > 0) | (x != x)
-            best_g = tl.where(take, g, best_g)
-            best_x = tl.where(take, x, best_x)
+        take = x > best_x
+        best_x = tl.maximum(best_x, x, propagate_nan=tl.PropagateNan.ALL)
         arg = tl.where(take, c, arg)
     nan_row = tl.max((best_x != best_x).to(tl.int32), 0) > 0
-    top, x_top, g_top = _pick(best_x, best_g, arg, nan_row, tau, C, GREEDY)
+    top = _pick_argmax(best_x, arg, nan_row, C)
     tl.store(idx_ptr + part, top.to(tl.int64))
     if SPLIT:
+        x_top = tl.max(tl.where(arg == top, best_x, float("-inf")), 0)
         tl.store(part_x_ptr + part, x_top)
-        tl.store(part_g_ptr + part, g_top)
-        tl.debug_barrier()  # every thread's stores before the ticket
-        splits = tl.num_programs(1)
-        if tl.atomic_add(count_ptr + r, 1, sem="acq_rel", scope="gpu") == splits - 1:
-            tl.store(count_ptr + r, 0)
-            _sample_combine(row_idx_ptr, idx_ptr, part_x_ptr, part_g_ptr, r, tau, C, splits, GREEDY, SPLITS_BLOCK)
+        if last_arrival(count_ptr + r, tl.num_programs(1)):
+            j = tl.arange(0, SPLITS_BLOCK)
+            mask = j < tl.num_programs(1)
+            first = r * tl.num_programs(1)
+            args = tl.load(idx_ptr + first + j, mask=mask, other=C, cache_modifier=".cg")
+            xs = tl.load(part_x_ptr + first + j, mask=mask, other=float("-inf"), cache_modifier=".cg")
+            tl.store(row_idx_ptr + r, _pick_argmax(xs, args, tl.min(args, 0) < 0, C).to(tl.int64))
 
 
 @triton.jit
-def _sample_combine(row_idx_ptr, part_idx_ptr, part_x_ptr, part_g_ptr, r, tau, C, splits,
-                    GREEDY: tl.constexpr, SPLITS_BLOCK: tl.constexpr):
-    """idx[r]: the winner among the splits' winners of row r, picked as the lanes of one program
-    (_pick: the same keys and tie rule), -1 when a split saw a NaN; the partials are read through L2
-    (other programs of the launch wrote them)."""
-    j = tl.arange(0, SPLITS_BLOCK)
-    mask = j < splits
-    first = r * splits
-    arg = tl.load(part_idx_ptr + first + j, mask=mask, other=C, cache_modifier=".cg")
-    best_x = tl.load(part_x_ptr + first + j, mask=mask, other=float("-inf"), cache_modifier=".cg")
-    best_g = tl.load(part_g_ptr + first + j, mask=mask, other=0.0, cache_modifier=".cg")
-    nan_row = tl.min(arg, 0) < 0
-    top, _, _ = _pick(best_x, best_g, arg, nan_row, tau, C, GREEDY)
-    tl.store(row_idx_ptr + r, top.to(tl.int64))
+def _sample_kernel(
+    # pointers: idx (R,) int64; group_m, group_t: (R, n_groups) fp32, each group's (M_g, T_g); the rows' (R,)
+    # int32 tickets (zero between launches) when SPLIT
+    x_ptr, idx_ptr, group_m_ptr, group_t_ptr, tau_ptr, seed_ptr, count_ptr,
+    # shapes: x is (R, C) in groups of GROUP = BLOCK · GROUP_BLOCKS columns; program (r, j) takes groups
+    # [j·span_groups, (j + 1)·span_groups) of row r
+    C, span_groups, n_groups,
+    # strides of x, and of τ (0: one τ; 1: one τ per row)
+    stride_xr, stride_xc, stride_tau,
+    # constants
+    SPLIT: tl.constexpr, BLOCK: tl.constexpr, GROUP_BLOCKS: tl.constexpr, GROUPS_BLOCK: tl.constexpr,
+):
+    """idx[r]: a draw from softmax(x_r / τ) by inversion of its distribution function, one uniform a row.
+
+    One pass over the row keeps, for each group of GROUP columns, its (M_g, T_g) in x units (the
+    online softmax of the row engine: M_g = max x, T_g = Σ_j exp((x_j - M_g)/τ), _group_mass); then the
+    row's last program (the row's only one, or the last arriver of its split programs: last_arrival)
+    draws u ~ U[0, 1) from Philox (seed, r) and finds the class whose cumulative probability first
+    exceeds u: among the groups by their masses w_g = T_g exp((M_g - M)/τ), then within the group
+    chosen by reading its GROUP columns again (from L2: its program read them just before) and
+    summing exp((x_j - M)/τ) in column order (_draw_in_group).  The row is read once, plus one group
+    of it; the noise of Gumbel-max (a Philox word and two logarithms a class) is not drawn at all.
+
+    τ = 0 (a greedy row of a per-row τ) or a +inf logit: the first index holding the row's max (as
+    torch.argmax); no finite logit: 0; a NaN logit: -1 (the caller raises).  Exponents are formed in x
+    units relative to the row's max, exp2((x - M)·log2(e)/τ), so the draw keeps its precision at any
+    |x| / τ.  Deterministic for a seed: the ticket only elects the program that draws."""
+    r, _, _, x_row, tau = row_start(x_ptr, tau_ptr, 1, stride_xr, 0, stride_tau)
+    scale = exp2_scale(tau)
+    GROUP: tl.constexpr = BLOCK * GROUP_BLOCKS
+    cols = tl.arange(0, BLOCK)
+    stats = r * n_groups
+    col0 = tl.program_id(1) * span_groups * (BLOCK * GROUP_BLOCKS)
+    col_end = tl.minimum(col0 + span_groups * (BLOCK * GROUP_BLOCKS), C)
+    for start in range(col0, col_end, BLOCK * GROUP_BLOCKS):
+        m = tl.full([BLOCK], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK], tl.float32)
+        for b in tl.static_range(GROUP_BLOCKS):
+            m, s = online_update_log2(m, s, load_x(x_row, start + b * BLOCK + cols, C, stride_xc), scale)
+        M_g, T_g = _group_mass(m, s, scale)
+        tl.store(group_m_ptr + stats + start // GROUP, M_g)
+        tl.store(group_t_ptr + stats + start // GROUP, T_g)
+    if SPLIT:
+        draws = last_arrival(count_ptr + r, tl.num_programs(1))
+    else:
+        tl.debug_barrier()  # every thread's group statistics stored before any thread reads them
+        draws = True
+    if draws:
+        j = tl.arange(0, GROUPS_BLOCK)
+        live = j < n_groups
+        M_g = tl.load(group_m_ptr + stats + j, mask=live, other=float("-inf"), cache_modifier=".cg")
+        T_g = tl.load(group_t_ptr + stats + j, mask=live, other=0.0, cache_modifier=".cg")
+        nan_row = tl.max((T_g != T_g).to(tl.int32), 0) > 0  # a NaN logit makes its group's mass NaN
+        M = tl.max(M_g, 0)
+        at_top = live & (M_g == M)
+        # each group's mass relative to the row's max (a group with no finite logit has none)
+        w = tl.where(M_g == M, T_g, tl.where(M_g > float("-inf"), T_g * tl.exp2((M_g - M) * scale), 0.0))
+        cum = tl.cumsum(w, 0)
+        total = tl.max(tl.where(live, cum, 0.0), 0)  # cum is non-decreasing: its last value
+        t = _uniform(tl.load(seed_ptr), r) * total
+        # the first group whose cumulative mass exceeds t (never past the last group with mass: t can round
+        # up to the total)
+        g_draw = tl.minimum(tl.sum((live & (cum <= t)).to(tl.int32), 0), tl.max(tl.where(live & (w > 0), j, 0), 0))
+        before = tl.sum(tl.where(j == g_draw - 1, cum, 0.0), 0)
+        greedy = (tau == 0.0) | (M == float("inf"))
+        g_top = tl.min(tl.where(at_top, j, GROUPS_BLOCK), 0)
+        g = tl.where(greedy, g_top, g_draw)
+        k = _draw_in_group(x_row, g * GROUP, C, stride_xc, M, scale, t - before, greedy, GROUP)
+        k = tl.where(M == float("-inf"), 0, k)
+        tl.store(idx_ptr + r, tl.where(nan_row, -1, k).to(tl.int64))
+
+
+@triton.jit
+def _group_mass(m, s, scale):
+    """A group's (M_g, T_g) from the lanes of online_update_log2: M_g = max x, T_g = Σ_j exp((x_j - M_g)/τ)
+    (its argmax included; 0 with no finite logit; NaN when a lane saw a NaN, whose s is NaN whatever its m).
+    Lighter than online_finalize_log2 (two reductions): the draw needs the mass, not S's exact split."""
+    M_g = tl.max(m, 0)
+    lane = tl.exp2(tl.where(m == M_g, 0.0, (m - M_g) * scale))  # τ = 0: the top lanes weigh 1, not inf · 0
+    return M_g, tl.sum(tl.where(m > float("-inf"), (1.0 + s) * lane, s * 0.0), 0)
+
+
+@triton.jit
+def _uniform(seed, r):
+    """u ~ U[0, 1) on the grid of 2^-24 (exact in fp32, never 1) from row r's Philox word under ``seed``."""
+    w = tl.randint(seed, r)
+    return (w >> 8).to(tl.float32) * 5.9604644775390625e-08
+
+
+@triton.jit
+def _draw_in_group(x_row, start, C, stride_xc, M, scale, t, greedy, GROUP: tl.constexpr):
+    """The column of the group [start, start + GROUP) where the running sum of exp((x_j - M)/τ), in column
+    order, first exceeds t (the last column with mass if rounding leaves t at or past the group's sum);
+    ``greedy``: the first column holding M."""
+    k = start + tl.arange(0, GROUP)
+    x = load_x(x_row, k, C, stride_xc)
+    p = tl.where(x == M, 1.0, tl.exp2((x - M) * scale))
+    cum = tl.cumsum(p, 0)
+    i_draw = tl.minimum(tl.sum((cum <= t).to(tl.int32), 0), tl.max(tl.where(p > 0, k - start, 0), 0))
+    i_top = tl.min(tl.where(x == M, k - start, GROUP), 0)
+    return start + tl.where(greedy, i_top, i_draw)
 
 
 # Launchers (the torch path, fused_tau/_torch_sample.py, has the same names and arguments).
@@ -161,22 +222,28 @@ def gumbel_bwd(g, tau, hard, src, seed, aux, dx):
 
 def sample_fwd(x2, tau, seed, greedy, idx):
     """Writes one index per row of the (R, C) logits ``x2`` (C >= 1) into ``idx``, int64 of shape (R,); -1 for a
-    row that holds a NaN.  ``greedy``: argmax, ``seed`` and ``tau`` unread.  Few long rows are
-    split across programs (row_engine.row_splits) and their winners combined by each row's last
-    program, in the same launch."""
+    row that holds a NaN.  ``greedy``: argmax (_argmax_kernel), ``seed`` and ``tau`` unread; else a draw by
+    inversion (_sample_kernel), groups of two blocks.  Few long rows are split across programs
+    (row_engine.row_splits), finished by each row's last program in the same launch."""
     R, C = x2.shape
-    cfg = row_launch("row" if greedy else "noisy", C, x2.device)
+    cfg = row_launch("row", C, x2.device)
     block = cfg.block
-    # a draw is issue-bound (Philox), not latency-bound: the SMs filled, no more programs for loads in flight
-    splits, span = row_splits(R, C, block, x2.device, block * x2.element_size() if greedy else 0)
-    f32 = dict(device=x2.device, dtype=torch.float32)
-    part_idx = idx if splits == 1 else torch.empty(R * splits, device=x2.device, dtype=torch.int64)
-    part_x = torch.empty(R * splits, **f32) if splits > 1 else idx
-    part_g = torch.empty(R * splits, **f32) if splits > 1 else idx
-    ticket_buf = tickets(x2.device, R) if splits > 1 else idx
+    in_flight = block * x2.element_size()
+    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if greedy:
+        splits, span = row_splits(R, C, block, x2.device, in_flight)
+        part_idx = idx if splits == 1 else torch.empty(R * splits, device=x2.device, dtype=torch.int64)
+        part_x = torch.empty(R * splits, device=x2.device, dtype=torch.float32) if splits > 1 else idx
+        _argmax_kernel[(R, splits)](
+            x2, part_idx, part_x, idx, tickets(x2.device, R) if splits > 1 else idx, C, span // block, *x2.stride(),
+            SPLIT=splits > 1, BLOCK=block, SPLITS_BLOCK=max(triton.next_power_of_2(splits), 2), **launch)
+        return
+    group_blocks = GROUP_BLOCKS if C > block else 1
+    group = block * group_blocks
+    n_groups = triton.cdiv(C, group)
+    splits, span = row_splits(R, C, group, x2.device, in_flight)
+    group_stats = torch.empty((2, R * n_groups), device=x2.device, dtype=torch.float32)
     _sample_kernel[(R, splits)](
-        x2, part_idx, part_x, part_g, tau, idx if greedy else seed, idx, ticket_buf, C, span // block, *x2.stride(),
-        tau_stride(tau), GREEDY=greedy, SPLIT=splits > 1, BLOCK=block,
-        SPLITS_BLOCK=max(triton.next_power_of_2(splits), 2), INTERPRETED=interpreted(), num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
+        x2, idx, group_stats[0], group_stats[1], tau, seed, tickets(x2.device, R) if splits > 1 else idx,
+        C, span // group, n_groups, *x2.stride(), tau_stride(tau), SPLIT=splits > 1, BLOCK=block,
+        GROUP_BLOCKS=group_blocks, GROUPS_BLOCK=max(triton.next_power_of_2(n_groups), 2), **launch)

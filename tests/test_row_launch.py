@@ -63,7 +63,7 @@ def test_the_gpu_values(monkeypatch):
 
 
 ROW_KERNELS = {"_ce_fwd_kernel", "_ce_bwd_kernel", "_softmax_fwd_kernel", "_softmax_bwd_kernel", "_lse_bwd_kernel",
-               "_sample_kernel", "_kd_fwd_kernel", "_kd_bwd_kernel"}
+               "_sample_kernel", "_argmax_kernel", "_kd_fwd_kernel", "_kd_bwd_kernel"}
 
 
 def test_every_launch_takes_the_table(monkeypatch):

@@ -165,7 +165,7 @@ def test_cross_entropy(split, device, C, kind):
 
 def test_split_paths_are_taken(split, device, monkeypatch):
     """The tests above take the split paths: the launchers plan three splits of 16 columns (softmax,
-    sample, cross-entropy, τ·logsumexp and softmax forward and backward)."""
+    cross-entropy, τ·logsumexp and softmax forward and backward), sample three of its 64-column groups."""
     import fused_tau.kernels.row_ce as row_ce
     import fused_tau.kernels.row_engine as row_engine
     import fused_tau.kernels.row_sample as row_sample
@@ -182,12 +182,12 @@ def test_split_paths_are_taken(split, device, monkeypatch):
     split(True)
     x = torch.randn(3, 37, device=device, requires_grad=True)
     (softmax(x, tau=1.0) * torch.arange(37.0, device=device)).sum().backward()
-    sample(x.detach(), tau=1.0)
+    sample(torch.randn(3, 150, device=device), tau=1.0)  # three groups of four 16-column blocks
     cross_entropy(x, torch.tensor([0, 5, 36], device=device), tau=1.0).backward()
     logsumexp(x, tau=1.0).sum().backward()
     # softmax forward and backward, sample, cross_entropy's forward + backward (its planner, the split
     # forward's and the backward's), τ·logsumexp forward and backward
-    assert plans == [(3, 16)] * 8
+    assert plans == [(3, 16)] * 2 + [(3, 64)] + [(3, 16)] * 5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -289,18 +289,20 @@ def test_cross_entropy_split_forward_is_one_launch(split, device, monkeypatch):
 
 
 def test_sample_split_is_one_launch(split, device, monkeypatch):
-    """A split row's draw is one launch (was two: the splits, a combine a row); the draws equal the
-    unsplit ones (test_sample) and two runs give the same draws."""
+    """A split row's draw is one launch (was two: the splits, a combine a row), and so is its argmax (τ = 0);
+    the draws equal the unsplit ones (test_sample) and two runs give the same draws."""
     import fused_tau.kernels.row_sample as row_sample
 
-    kernels = [name for name in ("_sample_kernel", "_sample_combine_kernel") if hasattr(row_sample, name)]
-    launched = _recorded_launches(monkeypatch, row_sample, kernels)
+    launched = _recorded_launches(monkeypatch, row_sample, ("_sample_kernel", "_argmax_kernel"))
     split(True)
-    x = torch.randn(3, 37, device=device)
+    x = torch.randn(3, 150, device=device)  # 150 columns: 3 groups of four 16-column blocks
     gen = lambda: torch.Generator(device=device).manual_seed(5)  # noqa: E731
     a = sample(x, tau=0.7, generator=gen())
     assert launched == [("_sample_kernel", (3, 3))]
     assert torch.equal(a, sample(x, tau=0.7, generator=gen()))
+    launched.clear()
+    assert torch.equal(sample(x, tau=0.0), x.argmax(-1))
+    assert launched == [("_argmax_kernel", (3, 10))]
 
 
 def test_logsumexp_split_is_one_launch(split, device, monkeypatch):

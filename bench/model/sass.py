@@ -227,7 +227,8 @@ def _cold_addresses(instrs, labels, main_end):
     return cold
 
 
-ELECTION_WINDOW = 16  # instructions between a ticket's ATOMG and the branch that leaves the others out
+ELECTION_WINDOW = 32  # instructions between a ticket's ATOMG and the branch that leaves the others out (the
+# atomic of one lane, its value shared through shared memory and a barrier: 17 in sample's kernel)
 
 
 def _elected_addresses(instrs, labels, main_end):
