@@ -2,7 +2,7 @@
 of both rows, KL, ν, which form each row takes), the forms of the KL that kd_fwd and kd_bwd both use
 (ψ series, log p - log q) and the cache-sized blocks of rows their passes work on.  The launchers are
 _torch_kd.py.
-The formulas are the kernel's (kernels/row_kd.py, see its module docstring): the teacher's distribution
+The formulas are the kernel's (kernels/row_kd_fwd.py, see its module docstring): the teacher's distribution
 q is the base measure, v = (s - t)/τ, ν = E_q v, u = v - ν, KL = log E_q e^u - log(1 - P_m).  A whole
 row is in memory here, so the reference ν0 of the kernel is the exact q-weighted mean."""
 import torch

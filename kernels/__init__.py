@@ -2,7 +2,8 @@
 
 Row engine (one program streams one row, or a split of one): ``row_engine`` (layout, block choice,
 the row prologue), ``row_softmax`` (softmax, log_softmax, logsumexp, Gumbel-softmax), ``row_ce``
-(cross_entropy), ``row_ce_reduce`` (its mean / sum, denominator and target check), ``row_kd`` (kd_loss), ``row_sample`` (sample); ``row`` gathers the launchers of
+(cross_entropy), ``row_ce_reduce`` (its mean / sum, denominator and target check), ``row_kd`` (kd_loss's
+launchers; its kernels: ``row_kd_fwd``, ``row_kd_bwd``), ``row_sample`` (sample); ``row`` gathers the launchers of
 row_softmax, row_ce and row_ce_reduce for fused_tau's dispatch.  Tile engine (query tiles × key or class tiles on the
 tensor cores: infonce, clip_loss, nt_xent, linear_cross_entropy): ``tile_engine`` (the tile table, the
 split of the long dimension, the jit helpers of a tile, the merge of split partials), ``tile_fwd`` (the

@@ -169,8 +169,8 @@ for _arch in (90, 80):
     ROW_CONFIGS[(_arch, "stream_split_sums")] = dict(max_block=1, warps=_ROW_WARPS, num_stages=3,
                                                      long=dict(_stream_long, max_block=1 / 4, min_block=8,
                                                                warps=((256, 2), (1024, 4), (None, 8))))
-    # kd_loss: fourteen per-lane accumulators, one lane a thread (kernels/row_kd.py): half the engine's block
-    # (128 lanes over 4 warps, two runs of 8 classes a lane: 128-bit loads of bf16) is spill-free on sm_80
+    # kd_loss: fourteen per-lane accumulators, one lane a thread (kernels/row_kd_fwd.py): half the engine's
+    # block (128 lanes over 4 warps, two runs of 8 classes a lane: 128-bit loads of bf16) is spill-free on sm_80
     # and sm_90 (python -m bench.model --variants); the backward streams half of it, 8 a thread (16 spill on
     # sm_80 with the target's and τ's terms)
     _kd_warps = ((512, 1), (1024, 2), (None, 4))

@@ -113,15 +113,15 @@ def test_bad_kd_input(no_launch, kwargs, exc, match):
 
 
 def test_kd_kernels_psi_polynomial_meets_its_bound():
-    """The kd kernels' h(x) = ψ(x)/x² = (e^x - 1 - x)/x² on |x| <= 1 (row_kd._psi_over_square_coefficients(7),
+    """The kd kernels' h(x) = ψ(x)/x² = (e^x - 1 - x)/x² on |x| <= 1 (row_kd_fwd._psi_over_square_coefficients(7),
     its coefficients rounded to fp32 as the kernels use them) within 2e-8 relative of the float64 series:
     below half an fp32 ulp, as the 9-term Taylor series it replaced (4e-8 truncation)."""
     pytest.importorskip("triton")
-    from fused_tau.kernels import row_kd
+    from fused_tau.kernels import row_kd_fwd
 
     x = torch.linspace(-1.0, 1.0, 20001, dtype=torch.float64)
     h_ref = sum(x ** k / float(torch.arange(1, k + 3, dtype=torch.float64).prod()) for k in range(30))
-    coeffs = torch.tensor(row_kd._psi_over_square_coefficients(7), dtype=torch.float32).double()
+    coeffs = torch.tensor(row_kd_fwd._psi_over_square_coefficients(7), dtype=torch.float32).double()
     h = torch.zeros_like(x)
     for c in coeffs.flip(0):
         h = h * x + c

@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("triton")
 from bench.model import roofline as R  # noqa: E402
 from bench.model import run as M  # noqa: E402
-from bench.model import sass  # noqa: E402
+from bench.model import sass, sass_loops  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,10 +176,10 @@ $__internal_0_$__cuda_sm3x_div_rn_noftz_f32_slowpath:
 def test_sass_loops_cold_paths_and_widths():
     instrs, labels, subroutines = sass.parse_sass(SASS)
     assert subroutines == [0xC0] and labels[".L_x_3"] == 0x20
-    loops = sass._find_loops(instrs, labels, 0xC0)
+    loops = sass_loops._find_loops(instrs, labels, 0xC0)
     assert [(lp.start, lp.end) for lp in loops] == [(0x20, 0x90)]
     # the slow path (a call, skipped by a forward branch) is cold; the branch around the whole loop is not
-    assert sass._cold_addresses(instrs, labels, 0xC0) == {0x50, 0x60}
+    assert sass_loops._cold_addresses(instrs, labels, 0xC0) == {0x50, 0x60}
     assert instrs[2].loc == ("/x/kernels/k.py", 12)
     assert [sass.load_width(op) for op in ("LDG.E.128", "LDG.E.64", "LDG.E", "LDG.E.U16", "LDGSTS.E.BYPASS.128")] \
         == [16, 8, 4, 2, 16]
@@ -326,11 +326,11 @@ def test_a_tickets_elected_region_is_not_counted_for_every_program():
     """The code after a ticket (ATOMG returning its old value) that every program but the last arriver
     leaves by a predicated EXIT runs in one program of a row's splits: counted zero times a program."""
     instrs, labels, _ = sass.parse_sass(ELECTED_SASS)
-    assert sass._elected_addresses(instrs, labels, 0x80) == {0x40, 0x50, 0x60, 0x70}
+    assert sass_loops._elected_addresses(instrs, labels, 0x80) == {0x40, 0x50, 0x60, 0x70}
     # an atomic whose old value is not used elects nobody
     no_ticket = ELECTED_SASS.replace("PT, R8,", "PT, RZ,").replace("R8, UR5", "RZ, UR5")
     instrs, labels, _ = sass.parse_sass(no_ticket)
-    assert sass._elected_addresses(instrs, labels, 0x80) == set()
+    assert sass_loops._elected_addresses(instrs, labels, 0x80) == set()
 
 
 def test_few_long_rows_keep_enough_loads_in_flight():
