@@ -26,11 +26,16 @@ def check_same_device(t, name, ref, ref_name):
 
 
 def data_check(ok, message, exc=ValueError):
-    """Raise ``exc(message)`` if the bool tensor ``ok`` is False, without a host sync on CUDA."""
+    """Raise ``exc(message)`` if the bool tensor ``ok`` is False, without a host sync on CUDA (a device-side
+    assert: one launch).  Elsewhere the check is a host read, and the passing value then goes through the
+    same assert, so that every device runs CUDA's operators (the performance model, bench/model, counts them
+    on CPU tensors)."""
     if ok.device.type == "cuda" or torch.compiler.is_compiling():  # traced code cannot branch on data
         torch._assert_async(ok, message)
-    elif not bool(ok):  # host-ok: a CPU tensor, nothing to wait for
+        return
+    if not bool(ok):  # host-ok: a CPU tensor, nothing to wait for
         raise exc(message)
+    torch._assert_async(ok, message)
 
 
 def check_dim(dim, ndim, name="dim"):

@@ -300,16 +300,40 @@ def gumbel_bwd(backend, g, tau, hard, src, seed, aux):
     return dx
 
 
-@_op("sample", mutates_args=("idx",))
-def _sample(x2: Tensor, tau: Tensor, seed: Tensor, greedy: bool, backend: str, idx: Tensor) -> None:
-    engine(backend, "sample").sample_fwd(x2, tau, seed, greedy, idx)
+@_op("sample", mutates_args=("idx", "ok"))
+def _sample(x2: Tensor, tau: Tensor, seed: Tensor, greedy: bool, backend: str, idx: Tensor, ok: Tensor) -> None:
+    engine(backend, "sample").sample_fwd(x2, tau, seed, greedy, idx, ok)
+
+
+# sample's verdicts: a one-element int32 flag a (device, stream) holding 1, to which the kernels store 0 when a row
+# holds a NaN, so that the check costs no launch of its own (the caller asserts the flag: torch._assert_async on
+# CUDA, whose failure ends the CUDA context and the flag with it; elsewhere it sets the flag back before raising).
+# A flag made while a CUDA graph is captured is the graph's own and is not kept (as row_engine.tickets).
+_VERDICTS = {}
+
+
+def _kept_verdict(device):
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    flag = None if capturing else _VERDICTS.get(key)
+    if flag is None:
+        flag = torch.ones(1, device=device, dtype=torch.int32)
+        if not capturing:
+            _VERDICTS[key] = flag
+    return flag
 
 
 def sample(backend, x2, tau, seed, greedy):
-    """One int64 index per row of the (R, C) logits ``x2``."""
+    """(idx, ok): one int64 index per row of the (R, C) logits ``x2`` (-1 for a row holding a NaN) and a
+    one-element int32 verdict, nonzero when no row held a NaN (the kernels' kept flag in eager code, a fresh
+    one while something traces or on the torch path)."""
     idx = x2.new_empty(x2.shape[0], dtype=torch.int64)
-    _call("sample")(x2, tau, seed, greedy, backend, idx)
-    return idx
+    if backend == "triton" and not _tracing():
+        ok = _kept_verdict(x2.device)
+    else:
+        ok = x2.new_ones(1, dtype=torch.int32)
+    _call("sample")(x2, tau, seed, greedy, backend, idx, ok)
+    return idx, ok
 
 
 # ---------------------------------------------------------------------------- tile engine

@@ -79,12 +79,13 @@ def gumbel_bwd(g, tau, hard, src, seed, aux, dx):
     softmax_bwd(y, g, y, None, None, tau, False, dx, None)
 
 
-def sample_fwd(x2, tau, seed, greedy, idx):
+def sample_fwd(x2, tau, seed, greedy, idx, ok):
     """Writes into ``idx`` one index per row of the (R, C) logits: argmax_c ((x_rc - m_r) / τ + g_rc), Gumbel-max
     in z units relative to the row max m_r (x / τ + g, or x + τ g, would round the noise away
     at |x| / τ ≳ 1e6), the first index on ties; ``greedy``, a row whose τ is 0 and a row whose
     max is infinite: argmax x_r (the first +inf; 0 for a row with no finite logit, as
-    torch.argmax).  A row that holds a NaN gets -1 (the caller raises)."""
+    torch.argmax).  A row that holds a NaN gets -1, and ``ok`` (one int32) 0 then, 1 otherwise (the caller
+    raises)."""
     R, C = x2.shape
     cd = compute_dtype(x2)
     chunks = _chunks(R, C)
@@ -106,3 +107,4 @@ def sample_fwd(x2, tau, seed, greedy, idx):
         idx[sl] = top.masked_fill_(torch.isnan(m), -1)
 
     for_each(chunks, work, x2.device, R * C)
+    ok.copy_((idx >= 0).all())

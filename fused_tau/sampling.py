@@ -102,12 +102,20 @@ def _reference_sample(logits, tau, generator):
         torch.empty(logits.shape[:-1], dtype=torch.int64, device=logits.device)
 
 
+_NAN_MESSAGE = ("logits holds NaN: sample draws from softmax(logits / tau), which a row with a NaN logit does "
+                "not define")
+
+
 def _check_no_nan(ok):
     """A row with a NaN logit has no softmax to draw from (``torch.multinomial`` raises on its NaN
     probabilities, ``torch.argmax`` would return the NaN's index): refuse it, greedy rows included.
-    No host sync on CUDA."""
-    data_check(ok, "logits holds NaN: sample draws from softmax(logits / tau), which a row with a NaN "
-                   "logit does not define")
+    ``ok``: a one-element verdict, zero when a row held a NaN.  No host sync on CUDA (a device-side
+    assert); elsewhere the verdict is set back to 1 before raising (the kernels' is a kept flag,
+    fused_tau._ops.sample)."""
+    if ok.device.type != "cuda" and not torch.compiler.is_compiling() and not bool(ok):  # host-ok: not CUDA
+        ok.fill_(1)
+        raise ValueError(_NAN_MESSAGE)
+    data_check(ok, _NAN_MESSAGE)
 
 
 @torch.no_grad()
@@ -148,8 +156,8 @@ def sample(logits: Tensor, *, tau: float | Tensor = 1.0, generator: torch.Genera
         return torch.empty(logits.shape[:-1], dtype=torch.int64, device=logits.device)
     x2 = logits.detach().reshape(R, C)
     seed = x2.new_empty(0, dtype=torch.int64) if greedy else ops.draw_seed(x2.device, generator)
-    idx = ops.sample(backend, x2, tau_k, seed, greedy)
-    _check_no_nan((idx >= 0).all())  # both engines mark a row holding a NaN with -1
+    idx, ok = ops.sample(backend, x2, tau_k, seed, greedy)
+    _check_no_nan(ok)  # both engines' verdict: 0 when a row held a NaN (no launch of its own on the kernels)
     return idx.view(logits.shape[:-1])
 
 

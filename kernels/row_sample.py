@@ -50,14 +50,15 @@ def _pick_argmax(best_x, arg, nan_row, C):
 @triton.jit
 def _argmax_kernel(
     # pointers: idx is (R,) int64, or (R, splits) when SPLIT, with the rows' (R,) int64 argmax and (R,)
-    # int32 tickets (zero between launches)
-    x_ptr, idx_ptr, part_x_ptr, row_idx_ptr, count_ptr,
+    # int32 tickets (zero between launches); ok: the verdict, set to 0 for a row holding a NaN
+    x_ptr, idx_ptr, part_x_ptr, row_idx_ptr, count_ptr, ok_ptr,
     # shapes: x is (R, C); program (r, j) takes columns [j·span, (j + 1)·span), span = span_blocks·BLOCK, of row r
     C, span_blocks,
     stride_xr, stride_xc,
     SPLIT: tl.constexpr, BLOCK: tl.constexpr, SPLITS_BLOCK: tl.constexpr,
 ):
-    """idx[r] = argmax_c x_rc, the first index on ties, -1 for a row holding a NaN (sample's τ = 0, greedy).
+    """idx[r] = argmax_c x_rc, the first index on ties, -1 for a row holding a NaN, which also stores 0 to the
+    verdict ``ok`` (sample's τ = 0, greedy).
     SPLIT: the argmax of this program's columns and its x, then a ticket of its row (last_arrival), and the
     row's last arriver picks among the splits' (the same pick whichever program it is)."""
     r = tl.program_id(0).to(tl.int64)
@@ -78,7 +79,9 @@ def _argmax_kernel(
     nan_row = tl.max((best_x != best_x).to(tl.int32), 0) > 0
     top = _pick_argmax(best_x, arg, nan_row, C)
     tl.store(idx_ptr + part, top.to(tl.int64))
-    if SPLIT:
+    if not SPLIT:
+        tl.store(ok_ptr, 0, mask=nan_row)
+    else:
         x_top = tl.max(tl.where(arg == top, best_x, float("-inf")), 0)
         tl.store(part_x_ptr + part, x_top)
         if last_arrival(count_ptr + r, tl.num_programs(1)):
@@ -87,14 +90,16 @@ def _argmax_kernel(
             first = r * tl.num_programs(1)
             args = tl.load(idx_ptr + first + j, mask=mask, other=C, cache_modifier=".cg")
             xs = tl.load(part_x_ptr + first + j, mask=mask, other=float("-inf"), cache_modifier=".cg")
-            tl.store(row_idx_ptr + r, _pick_argmax(xs, args, tl.min(args, 0) < 0, C).to(tl.int64))
+            nan_row = tl.min(args, 0) < 0
+            tl.store(row_idx_ptr + r, _pick_argmax(xs, args, nan_row, C).to(tl.int64))
+            tl.store(ok_ptr, 0, mask=nan_row)
 
 
 @triton.jit
 def _sample_kernel(
     # pointers: idx (R,) int64; group_m, group_t: (R, n_groups) fp32, each group's (M_g, T_g); the rows' (R,)
-    # int32 tickets (zero between launches) when SPLIT
-    x_ptr, idx_ptr, group_m_ptr, group_t_ptr, tau_ptr, seed_ptr, count_ptr,
+    # int32 tickets (zero between launches) when SPLIT; ok: the verdict, set to 0 for a row holding a NaN
+    x_ptr, idx_ptr, group_m_ptr, group_t_ptr, tau_ptr, seed_ptr, count_ptr, ok_ptr,
     # shapes: x is (R, C) in groups of GROUP = BLOCK · GROUP_BLOCKS columns; program (r, j) takes groups
     # [j·span_groups, (j + 1)·span_groups) of row r
     C, span_groups, n_groups,
@@ -115,7 +120,7 @@ def _sample_kernel(
     of it; the noise of Gumbel-max (a Philox word and two logarithms a class) is not drawn at all.
 
     τ = 0 (a greedy row of a per-row τ) or a +inf logit: the first index holding the row's max (as
-    torch.argmax); no finite logit: 0; a NaN logit: -1 (the caller raises).  Exponents are formed in x
+    torch.argmax); no finite logit: 0; a NaN logit: -1, and 0 stored to the verdict ``ok`` (the caller raises).  Exponents are formed in x
     units relative to the row's max, exp2((x - M)·log2(e)/τ), so the draw keeps its precision at any
     |x| / τ.  Deterministic for a seed: the ticket only elects the program that draws."""
     r, _, _, x_row, tau = row_start(x_ptr, tau_ptr, 1, stride_xr, 0, stride_tau)
@@ -161,6 +166,7 @@ def _sample_kernel(
         k = _draw_in_group(x_row, g * GROUP, C, stride_xc, M, scale, t - before, greedy, GROUP)
         k = tl.where(M == float("-inf"), 0, k)
         tl.store(idx_ptr + r, tl.where(nan_row, -1, k).to(tl.int64))
+        tl.store(ok_ptr, 0, mask=nan_row)
 
 
 @triton.jit
@@ -220,9 +226,10 @@ def gumbel_bwd(g, tau, hard, src, seed, aux, dx):
         softmax_bwd(g, g, src, m, s, tau, False, dx, None, seed=seed)
 
 
-def sample_fwd(x2, tau, seed, greedy, idx):
+def sample_fwd(x2, tau, seed, greedy, idx, ok):
     """Writes one index per row of the (R, C) logits ``x2`` (C >= 1) into ``idx``, int64 of shape (R,); -1 for a
-    row that holds a NaN.  ``greedy``: argmax (_argmax_kernel), ``seed`` and ``tau`` unread; else a draw by
+    row that holds a NaN, which also stores 0 to the one-element int32 verdict ``ok`` (left alone otherwise: a
+    kept flag holding 1, fused_tau._ops.sample).  ``greedy``: argmax (_argmax_kernel), ``seed`` and ``tau`` unread; else a draw by
     inversion (_sample_kernel), groups of two blocks.  Few long rows are split across programs
     (row_engine.row_splits), finished by each row's last program in the same launch."""
     R, C = x2.shape
@@ -235,7 +242,7 @@ def sample_fwd(x2, tau, seed, greedy, idx):
         part_idx = idx if splits == 1 else torch.empty(R * splits, device=x2.device, dtype=torch.int64)
         part_x = torch.empty(R * splits, device=x2.device, dtype=torch.float32) if splits > 1 else idx
         _argmax_kernel[(R, splits)](
-            x2, part_idx, part_x, idx, tickets(x2.device, R) if splits > 1 else idx, C, span // block, *x2.stride(),
+            x2, part_idx, part_x, idx, tickets(x2.device, R) if splits > 1 else idx, ok, C, span // block, *x2.stride(),
             SPLIT=splits > 1, BLOCK=block, SPLITS_BLOCK=max(triton.next_power_of_2(splits), 2), **launch)
         return
     group_blocks = GROUP_BLOCKS if C > block else 1
@@ -244,6 +251,6 @@ def sample_fwd(x2, tau, seed, greedy, idx):
     splits, span = row_splits(R, C, group, x2.device, in_flight)
     group_stats = torch.empty((2, R * n_groups), device=x2.device, dtype=torch.float32)
     _sample_kernel[(R, splits)](
-        x2, idx, group_stats[0], group_stats[1], tau, seed, tickets(x2.device, R) if splits > 1 else idx,
+        x2, idx, group_stats[0], group_stats[1], tau, seed, tickets(x2.device, R) if splits > 1 else idx, ok,
         C, span // group, n_groups, *x2.stride(), tau_stride(tau), SPLIT=splits > 1, BLOCK=block,
         GROUP_BLOCKS=group_blocks, GROUPS_BLOCK=max(triton.next_power_of_2(n_groups), 2), **launch)

@@ -53,7 +53,7 @@ def lazy(shape, dtype, fill=None):
 # Operators that launch no kernel on a GPU: allocations, metadata, host scalars.
 _FREE = {
     "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh", "detach", "alias",
-    "_local_scalar_dense", "resize_", "set_", "_assert_async", "is_nonzero", "sym_size", "sym_stride",
+    "_local_scalar_dense", "resize_", "set_", "is_nonzero", "sym_size", "sym_stride",
     "sym_numel", "sym_storage_offset", "_to_copy_meta", "record_stream", "_nested_tensor_from_mask",
 }
 # Operators that only write their output (their tensor inputs, if any, are not read).
@@ -267,7 +267,8 @@ class TritonCapture:
 
 # Outputs whose benign value (the one valid inputs give) is not 0: a kernel's verdict on its inputs, read
 # by a bad-input check (kernels/row_ce_reduce.py ce_reduce, kernels/row_ce.py ce_fwd_reduced: ok = 1 when every target is in range).
-BENIGN_OUTPUTS = {"_ce_reduce_kernel": {"ok_ptr": 1}, "_ce_fwd_kernel": {"ok_ptr": 1}}
+BENIGN_OUTPUTS = {"_ce_reduce_kernel": {"ok_ptr": 1}, "_ce_fwd_kernel": {"ok_ptr": 1}, "_sample_kernel": {"ok_ptr": 1},
+                  "_argmax_kernel": {"ok_ptr": 1}}
 
 
 def _zero_small_outputs(kernel, bound, benign=None):
