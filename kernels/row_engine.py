@@ -160,8 +160,8 @@ for _arch in (90, 80):
     # (cross-entropy's forward without the gradient): a row longer than a block runs "row"'s 16 elements a
     # thread over half the warps and half the block.  The ragged last block then wastes half as many lanes
     # and the finalize's cross-warp reductions span 4 warps, not 8: at C = 32000 on sm_90, 17.4 -> 14.7
-    # instructions an element over the kernel (bench/NOTES.md), spill-free on sm_80 and sm_90.  Half
-    # "row"'s block: a split row's span, planned with "row"'s, is a whole number of these
+    # instructions an element over the kernel (bench/NOTES.md), spill-free on sm_80 and sm_90.  A split
+    # row's span is planned in these blocks (row_ce._fwd_plan)
     _stream_long = dict(when="past_block", max_block=1 / 2, warps=((512, 2), (2048, 4), (None, 8)), num_stages=3)
     ROW_CONFIGS[(_arch, "stream")] = dict(max_block=1, warps=_ROW_WARPS, num_stages=3, long=_stream_long)
     # the same for a split row with the weighted sums (A, D) combined in the same program: half the lanes

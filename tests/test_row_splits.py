@@ -166,7 +166,8 @@ def test_cross_entropy(split, device, C, kind):
 
 def test_split_paths_are_taken(split, device, monkeypatch):
     """The tests above take the split paths: the launchers plan three splits of 16 columns (softmax,
-    cross-entropy, τ·logsumexp and softmax forward and backward), sample three of its 64-column groups."""
+    cross-entropy, τ·logsumexp and softmax forward and backward), sample three of its 64-column groups,
+    cross-entropy's forward alone five of its streamed 8-column blocks."""
     import fused_tau.kernels.row_ce as row_ce
     import fused_tau.kernels.row_engine as row_engine
     import fused_tau.kernels.row_sample as row_sample
@@ -188,7 +189,7 @@ def test_split_paths_are_taken(split, device, monkeypatch):
     logsumexp(x, tau=1.0).sum().backward()
     # softmax forward and backward, sample, cross_entropy's forward + backward (its planner, the split
     # forward's and the backward's), τ·logsumexp forward and backward
-    assert plans == [(3, 16)] * 2 + [(3, 64)] + [(3, 16)] * 5
+    assert plans == [(3, 16)] * 2 + [(3, 64)] + [(3, 16), (5, 8)] + [(3, 16)] * 3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -279,11 +280,11 @@ def test_cross_entropy_split_forward_is_one_launch(split, device, monkeypatch):
     y = torch.tensor([0, 36, -100], device=device)
     for reduction in ("mean", "sum"):
         cross_entropy(x, y, tau=0.5, reduction=reduction)
-        assert launched == [("_ce_fwd_kernel", (3, 3))]
+        assert launched == [("_ce_fwd_kernel", (3, 5))]  # splits of the forward's streamed 8-column blocks
         launched.clear()
         xs = x.clone().requires_grad_()
         cross_entropy(xs, y, tau=0.5, reduction=reduction).backward()
-        assert launched == [("_ce_fwd_kernel", (3, 3)), ("_ce_bwd_kernel", (3, 3))]
+        assert launched == [("_ce_fwd_kernel", (3, 5)), ("_ce_bwd_kernel", (3, 3))]
         launched.clear()
     with pytest.raises(IndexError):
         cross_entropy(x, torch.tensor([0, 37, 1], device=device), tau=0.5)
