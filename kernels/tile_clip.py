@@ -32,16 +32,19 @@ from .tl_math import to_store
 @triton.jit
 def _clip_combine_kernel(
     # loss (LOSS): one element in its own dtype, and its int32 ticket (0 between launches)
-    tau_ptr, m_r_ptr, s_r_ptr, zy_ptr, m_c_ptr, s_c_ptr, stats_ptr, loss_ptr, count_ptr,
-    N, splits, row_blocks, n_rows_f,
+    # a, b (POS_FROM_ROWS): the embeddings, (N, D) each
+    tau_ptr, m_r_ptr, s_r_ptr, zy_ptr, m_c_ptr, s_c_ptr, stats_ptr, loss_ptr, count_ptr, a_ptr, b_ptr,
+    N, D, splits, row_blocks, n_rows_f, stride_am, stride_ad, stride_bm, stride_bd,
     TAU_PER_ROW: tl.constexpr, SPLITS_BLOCK: tl.constexpr, BLOCK: tl.constexpr, LOSS: tl.constexpr,
-    DENOM: tl.constexpr, REDUCE_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
+    DENOM: tl.constexpr, REDUCE_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr, POS_FROM_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Per index k: the row's partials merged over the splits, the column's over the row blocks (each in
     order, SPLITS_BLOCK a step: _merge_partials), and from them both directions' nll and the backward's
     constants (the CLIP_* rows of stats): loss = (nll_r + nll_c)/2, the shifts c,
     w = 1/(2N τ (e_pos + e_neg)) (Q = g w exp((y - c)/τ) for the incoming gradient g of the mean over
-    the N indices), the diagonal's dpos = -(w_r e_neg_r + w_c e_neg_c), and the positive's y_kk.
+    the N indices), the diagonal's dpos = -(w_r e_neg_r + w_c e_neg_c), and the positive's y_kk: the sum of
+    the splits' zy, or POS_FROM_ROWS (the forward's paired tiles leave the diagonal out) a_k · b_k in fp32.
     LOSS: clip_loss = Σ_k loss_k / N (DENOM = DENOM_ROWS) in fp32, rounded once to loss's dtype: each
     program takes a ticket once its indices are stored (last_arrival), and the last one sums the N
     indices in order (row_ce_reduce._ce_reduce_rows: the same bits whichever program arrives last)."""
@@ -57,7 +60,17 @@ def _clip_combine_kernel(
         mask = (k[:, None] < splits) & live[None, :]
         offs = k.to(tl.int64)[:, None] * N + idx[None, :]
         m_r, s_r = _merge_partials(m_r, s_r, m_r_ptr, s_r_ptr, offs, mask, r2)
-        pos += tl.sum(tl.load(zy_ptr + offs, mask=mask, other=0.0), 0)
+        if not POS_FROM_ROWS:
+            pos += tl.sum(tl.load(zy_ptr + offs, mask=mask, other=0.0), 0)
+    if POS_FROM_ROWS:
+        idx64 = idx.to(tl.int64)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            dmask = live[:, None] & (dd[None, :] < D)
+            dd64 = dd.to(tl.int64)
+            q = tl.load(a_ptr + idx64[:, None] * stride_am + dd64[None, :] * stride_ad, mask=dmask, other=0.0)
+            k = tl.load(b_ptr + idx64[:, None] * stride_bm + dd64[None, :] * stride_bd, mask=dmask, other=0.0)
+            pos += tl.sum(q.to(tl.float32) * k.to(tl.float32), 1)
     m_c = tl.full([BLOCK], float("-inf"), tl.float32)
     s_c = tl.zeros([BLOCK], tl.float32)
     for k0 in range(0, row_blocks, SPLITS_BLOCK):
@@ -219,22 +232,27 @@ def clip_fwd(a, b, tau, stats, loss):
     f32 = dict(device=a.device, dtype=torch.float32)
     cfg = _config(a, "clip")
     BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    # paired tiles (the table's PAIR, beyond one D-step) where no tile is ragged: their epilogue has no
+    # bounds to mask and leaves the diagonal's y to the combine, which keeps it spill-free
+    even = N % BLOCK_M == 0 and N % (2 * BLOCK_N) == 0 and D % cfg["BLOCK_D"] == 0
+    pair = 2 if cfg.get("PAIR", 1) == 2 and not cfg["RESIDENT"] and even else 1
     row_blocks = triton.cdiv(N, BLOCK_M)
-    splits, per = tile_engine.split_plan(row_blocks, triton.cdiv(N, BLOCK_N), tile_engine.sm_count(a.device))
+    splits, per = tile_engine.split_plan(row_blocks, triton.cdiv(N, BLOCK_N * pair), tile_engine.sm_count(a.device))
     m_r, s_r, zy = (torch.empty((splits, N), **f32) for _ in range(3))
     m_c, s_c = torch.empty((row_blocks, N), **f32), torch.empty((row_blocks, N), **f32)
     common = _common(a, b, None, tau, None, None, cfg)
     # the tile engine's forward with its column epilogue (read through its module, where tests stand in for it)
     tile_fwd._tile_fwd_kernel[(row_blocks, splits)](
-        a, b, m_r, tau, m_r, m_r, s_r, zy, m_c, s_c, N, N, D, 0, per * BLOCK_N, *a.stride(), *b.stride(),
-        RESIDENT=cfg["RESIDENT"], CLIP=True, **common,
+        a, b, m_r, tau, m_r, m_r, s_r, zy, m_c, s_c, N, N, D, 0, per * BLOCK_N * pair, *a.stride(), *b.stride(),
+        RESIDENT=cfg["RESIDENT"], CLIP=True, PAIR=pair, **common,
     )
     _clip_combine_kernel[(triton.cdiv(N, tile_engine.COMBINE_BLOCK),)](
         tau, m_r, s_r, zy, m_c, s_c, stats, loss if loss is not None else stats,
-        tickets(a.device, 1) if loss is not None else stats, N, splits, row_blocks, float(N),
-        TAU_PER_ROW=common["TAU_PER_ROW"], SPLITS_BLOCK=_splits_block(max(splits, row_blocks)),
-        BLOCK=tile_engine.COMBINE_BLOCK, LOSS=loss is not None, DENOM=DENOM_ROWS,
-        REDUCE_BLOCK=tile_engine.COMBINE_REDUCE_BLOCK, INTERPRETED=_interpreted(), num_warps=4,
+        tickets(a.device, 1) if loss is not None else stats, a, b, N, D, splits, row_blocks, float(N),
+        *a.stride(), *b.stride(), TAU_PER_ROW=common["TAU_PER_ROW"],
+        SPLITS_BLOCK=_splits_block(max(splits, row_blocks)), BLOCK=tile_engine.COMBINE_BLOCK, LOSS=loss is not None,
+        DENOM=DENOM_ROWS, REDUCE_BLOCK=tile_engine.COMBINE_REDUCE_BLOCK, INTERPRETED=_interpreted(),
+        POS_FROM_ROWS=pair == 2, BLOCK_D=min(triton.next_power_of_2(D), 128), num_warps=4,
     )
 
 

@@ -60,8 +60,9 @@ from .tl_math import log1p
 # capped D-steps and no software pipelining (num_stages=1: with 2-4 stages ptxas spilled 8-24 bytes
 # in the forward on sm_80 or sm_90), spill-free on both architectures, IEEE or TF32.  sm_80 takes the same tiles as sm_90 with shared memory within sm_80's 163 KiB, so that
 # a launch specialised with the sm_90 entry (the model compiles one launch for both targets)
-# compiles spill-free and fits on both; other architectures below sm_90 (sm_86 / sm_89: 99 KiB of
-# shared memory a block) take sm_80's tiles with at most two stages.
+# compiles spill-free and fits on both (one exception, clip_loss's paired forward tiles: below the table);
+# other architectures below sm_90 (sm_86 / sm_89: 99 KiB of shared memory a block) take sm_80's tiles
+# with at most two stages.
 D_BINS = (128, 256, 512, 4096)  # a D falls in the first bin >= D (the last bin beyond)
 _BF16_SMALL = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_DO=128, num_warps=8)
 _BF16_LARGE = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, BLOCK_DO=128, num_warps=8)
@@ -83,6 +84,13 @@ for _arch in (90, 80):
     TILE_CONFIGS[(_arch, "16", 4096)] = dict(_BF16_LARGE, BLOCK_N=256, BLOCK_D=32, num_stages=4)
     for _bin in D_BINS:
         TILE_CONFIGS[(_arch, "32", _bin)] = dict(_FP32)
+# clip_loss's forward on sm_90: paired 128 × 128 tiles (PAIR, kernels/tile_fwd.py; where no tile is ragged) read
+# the row tile through L2 once for 256 columns (the forward's limit in the model: 40.1 -> 30.2 µs at 4096 × 512),
+# in 16-wide D-steps, spill-free on sm_90 under Triton 3.9 and 3.6.  Not on sm_80: Triton 3.6 parks one value
+# there (an 8-byte stack frame; 32-wide D-steps: 168 bytes under 3.9), so sm_80 keeps single tiles.  The one
+# entry that differs between the two: the model compiles the sm_90 launch for sm_80 as well, and its sm_80
+# column for this launch is not what an sm_80 GPU runs.
+TILE_CONFIGS[(90, "16", 512)]["clip"] = dict(PAIR=2, BLOCK_D=16)
 # Tests cap every block (BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DO) so that odd sizes cross tile boundaries
 BLOCK_CAP = None
 # The architecture off the GPU (CPU tensors: the interpreter, a model compiling for sm_90)
@@ -213,6 +221,41 @@ def _dots_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D,
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
     return acc
+
+
+@triton.jit
+def _dots_pair(a_ptr, b_ptr, rows, cols, N, K, D, stride_am, stride_ad, stride_bk, stride_bd,
+               BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, EVEN: tl.constexpr):
+    """(a[rows] @ b[cols].T, a[rows] @ b[cols + BLOCK_N].T): two adjacent fp32 (BLOCK_M, BLOCK_N) tiles in dot
+    units from one walk over D, each D-step's row tile loaded once for both (the L2 reads of a BLOCK_M ×
+    2·BLOCK_N tile), while the caller's epilogue holds one tile's per-column statistics at a time.  EVEN:
+    N, K and D are multiples of the blocks (no masks)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_next = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    rows64 = rows.to(tl.int64)
+    cols_next = cols + BLOCK_N
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        dd64 = dd.to(tl.int64)
+        a_ptrs = a_ptr + rows64[:, None] * stride_am + dd64[None, :] * stride_ad
+        b_ptrs = b_ptr + cols.to(tl.int64)[:, None] * stride_bk + dd64[None, :] * stride_bd
+        b_next_ptrs = b_ptr + cols_next.to(tl.int64)[:, None] * stride_bk + dd64[None, :] * stride_bd
+        if EVEN:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+            b_next = tl.load(b_next_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(rows[:, None] < N) & (dd[None, :] < D), other=0.0)
+            b = tl.load(b_ptrs, mask=(cols[:, None] < K) & (dd[None, :] < D), other=0.0)
+            b_next = tl.load(b_next_ptrs, mask=(cols_next[:, None] < K) & (dd[None, :] < D), other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+            b_next = b_next.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+        acc_next = tl.dot(a, tl.trans(b_next), acc_next, input_precision=PRECISION)
+    return acc, acc_next
 
 
 @triton.jit

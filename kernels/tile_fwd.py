@@ -19,8 +19,8 @@ import triton.language as tl
 from . import tile_engine
 from .row_ce_reduce import DENOM_NONE, DENOM_ROWS, _ce_reduce_rows
 from .row_engine import last_arrival, tickets
-from .tile_engine import (_autotuned, _common, _config, _dots_tile, _exp2_scale, _infonce_row, _interpreted, _kept,
-                          _load_tile, _merge_partials, _row_tau, _splits_block, _target)
+from .tile_engine import (_autotuned, _common, _config, _dots_pair, _dots_tile, _exp2_scale, _infonce_row, _interpreted,
+                          _kept, _load_tile, _merge_partials, _row_tau, _splits_block, _target)
 from .tl_math import to_store
 
 # the loss a combine writes (LOSS): none (the statistics only), one per row (reduction 'none'), the
@@ -39,6 +39,39 @@ def _column_partials(y, tau_ptr, cols, K, TAU_PER_ROW: tl.constexpr):
 
 
 @triton.jit
+def _fwd_epilogue(y, rows, cols, tgt, m, s, zy, r2, N, K, diag_offset, col_end, tau_ptr, m_c_ptr, s_c_ptr, col_part,
+                  HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr, TAU_PER_ROW: tl.constexpr,
+                  RESIDENT: tl.constexpr, CLIP: tl.constexpr, EVEN: tl.constexpr = False):
+    """One tile y (dot units) folded into the rows' online (m, s) over its counted columns, and into zy (y at
+    the target: RESIDENT with targets, or CLIP's diagonal unless EVEN); CLIP: the tile's columns' (m, s)
+    over the row block stored (_column_partials).  EVEN (CLIP's paired tiles, no ragged tile): no bounds
+    masked, and the diagonal's y left to the combine (the registers of two 128 × 128 tiles).  Returns
+    (m, s, zy)."""
+    hit = cols[None, :] == tgt[:, None]
+    if (HAS_TARGET and RESIDENT) or (CLIP and not EVEN):
+        zy += tl.sum(tl.where(hit, y, 0.0), 1)
+    if CLIP and EVEN:  # no ragged tile: only the diagonal is left out
+        kept = ~hit
+    else:
+        kept = _kept(rows, cols, K, hit, diag_offset, HAS_TARGET, MASK_DIAG)
+        if CLIP:  # the diagonal excluded; padding rows count in no column
+            kept &= (rows[:, None] < N) & ~hit
+    y = tl.where(kept, y, float("-inf"))
+    m_new = tl.maximum(m, tl.max(y, 1))
+    safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing counted yet: no -inf - -inf
+    s = s * tl.exp2((m - safe) * r2) + tl.sum(tl.exp2((y - safe[:, None]) * r2[:, None]), 1)
+    if CLIP:
+        m_c, s_c = _column_partials(y, tau_ptr, cols, K, TAU_PER_ROW)
+        if EVEN:  # splits of whole pairs of whole tiles: every column is the split's
+            tl.store(m_c_ptr + col_part + cols, m_c)
+            tl.store(s_c_ptr + col_part + cols, s_c)
+        else:
+            tl.store(m_c_ptr + col_part + cols, m_c, mask=cols < col_end)
+            tl.store(s_c_ptr + col_part + cols, s_c, mask=cols < col_end)
+    return m_new, s, zy
+
+
+@triton.jit
 def _tile_fwd_kernel(
     # pointers; m, s, zy are (splits, N) fp32 partials (the outputs themselves for one split); m_c, s_c
     # (CLIP) (row blocks, K) fp32 column partials
@@ -52,6 +85,7 @@ def _tile_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr, TAU_PER_ROW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, RESIDENT: tl.constexpr, CLIP: tl.constexpr,
+    PAIR: tl.constexpr = 1,
 ):
     """Per row and split of the columns, in dot units y = a·b + bias: m = max y, s = Σ exp((y - m) / τ)
     over the counted columns, and, RESIDENT, y at the target column (0 where the target is in another
@@ -63,7 +97,8 @@ def _tile_fwd_kernel(
     excluded from both directions and summed into y_ii at any D; each tile's real rows also give each
     of its columns j its (m, s) over the row block with τ_j (_column_partials: the b -> a direction,
     complete for this (row block, column): one program sees it), a second subtraction, multiply and
-    exp2 per logit."""
+    exp2 per logit.  PAIR 2 (CLIP with no ragged tile, clip_fwd): two adjacent column tiles a step from
+    one walk over D (_dots_pair: the row tile's L2 reads of a BLOCK_M × 2·BLOCK_N tile), folded in turn."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col0 = tl.program_id(1) * split_cols
     col_end = tl.minimum(K, col0 + split_cols)
@@ -79,30 +114,27 @@ def _tile_fwd_kernel(
     if RESIDENT:  # the rows' tile, read once for every column tile
         a_fixed = _load_tile(a_ptr, rows, N, D, stride_am, stride_ad, BLOCK_D, UPCAST)
     col_part = tl.program_id(0).to(tl.int64) * K  # CLIP: this row block's row of the column partials
-    for n0 in range(col0, col_end, BLOCK_N):
+    for n0 in range(col0, col_end, BLOCK_N * PAIR):
         cols = n0 + tl.arange(0, BLOCK_N)
-        y = _dots_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, stride_am, stride_ad, stride_bk,
-                       stride_bd, a_fixed, 0.0, HAS_BIAS, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, RESIDENT,
-                       False)
-        hit = cols[None, :] == tgt[:, None]
-        if (HAS_TARGET and RESIDENT) or CLIP:
-            zy += tl.sum(tl.where(hit, y, 0.0), 1)
-        kept = _kept(rows, cols, K, hit, diag_offset, HAS_TARGET, MASK_DIAG)
-        if CLIP:  # the diagonal excluded; padding rows count in no column
-            kept &= (rows[:, None] < N) & ~hit
-        y = tl.where(kept, y, float("-inf"))
-        m_new = tl.maximum(m, tl.max(y, 1))
-        safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing counted yet: no -inf - -inf
-        s = s * tl.exp2((m - safe) * r2) + tl.sum(tl.exp2((y - safe[:, None]) * r2[:, None]), 1)
-        m = m_new
-        if CLIP:
-            m_c, s_c = _column_partials(y, tau_ptr, cols, K, TAU_PER_ROW)
-            tl.store(m_c_ptr + col_part + cols, m_c, mask=cols < col_end)
-            tl.store(s_c_ptr + col_part + cols, s_c, mask=cols < col_end)
+        if PAIR == 2:
+            y, y_next = _dots_pair(a_ptr, b_ptr, rows, cols, N, K, D, stride_am, stride_ad, stride_bk, stride_bd,
+                                   BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, True)
+            m, s, zy = _fwd_epilogue(y, rows, cols, tgt, m, s, zy, r2, N, K, diag_offset, col_end, tau_ptr,
+                                     m_c_ptr, s_c_ptr, col_part, HAS_TARGET, MASK_DIAG, TAU_PER_ROW, RESIDENT, CLIP,
+                                     True)
+            m, s, zy = _fwd_epilogue(y_next, rows, cols + BLOCK_N, tgt, m, s, zy, r2, N, K, diag_offset, col_end,
+                                     tau_ptr, m_c_ptr, s_c_ptr, col_part, HAS_TARGET, MASK_DIAG, TAU_PER_ROW, RESIDENT,
+                                     CLIP, True)
+        else:
+            y = _dots_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D, stride_am, stride_ad, stride_bk,
+                           stride_bd, a_fixed, 0.0, HAS_BIAS, BLOCK_D, UPCAST, PRECISION, BLOCK_M, BLOCK_N, RESIDENT,
+                           False)
+            m, s, zy = _fwd_epilogue(y, rows, cols, tgt, m, s, zy, r2, N, K, diag_offset, col_end, tau_ptr,
+                                     m_c_ptr, s_c_ptr, col_part, HAS_TARGET, MASK_DIAG, TAU_PER_ROW, RESIDENT, CLIP)
     part = tl.program_id(1).to(tl.int64) * N  # this split's row of the partials
     tl.store(m_ptr + part + rows, m, mask=rows < N)
     tl.store(s_ptr + part + rows, s, mask=rows < N)
-    if (HAS_TARGET and RESIDENT) or CLIP:
+    if (HAS_TARGET and RESIDENT) or (CLIP and PAIR == 1):  # paired tiles leave the diagonal to the combine
         tl.store(zy_ptr + part + rows, zy, mask=rows < N)
 
 

@@ -194,6 +194,53 @@ def test_clip_splits_merge_special_entries(backend, device, monkeypatch):
             assert torch.isnan(tau.grad).item() == torch.isnan(tau_ref.grad).item()  # host-ok: CPU test
 
 
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_clip_paired_tiles_against_the_reference(backend, device, monkeypatch):
+    """clip_loss's paired column tiles (the table's PAIR: two adjacent tiles from one walk over D, their
+    epilogue unmasked, the diagonal's y formed by the combine from the rows) where no tile is ragged: 64 pairs
+    in 16-row blocks, D = 48 in three 16-wide D-steps, splits of one pair.  Loss and every gradient, τ's
+    included (one τ and one per index), against float64; a NaN feature makes everything NaN, as the
+    composition; 40 pairs (ragged tiles) take single tiles."""
+    import fused_tau.kernels.tile_engine as tile_engine
+    import fused_tau.kernels.tile_fwd as tile_fwd
+
+    monkeypatch.setattr(tile_engine, "split_plan", _forced_plan(1))
+    key = (tile_engine.ARCH_OFF_GPU, "32", 128)
+    monkeypatch.setitem(tile_engine.TILE_CONFIGS, key,
+                        dict(tile_engine.TILE_CONFIGS[key], clip=dict(PAIR=2, BLOCK_D=16)))
+    pairs = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def call(*args, **kwargs):
+                pairs.append(kwargs.get("PAIR", 1))
+                return launch(*args, **kwargs)
+            return call
+
+    monkeypatch.setattr(tile_fwd, "_tile_fwd_kernel", Spy(tile_fwd._tile_fwd_kernel))
+    D = 48
+    for N, pair in ((64, 2), (40, 1)):
+        a, b = torch.randn(N, D, device=device), torch.randn(N, D, device=device)
+        for tau in (torch.tensor(0.3, device=device, requires_grad=True),
+                    (torch.rand(N, device=device) * 0.3 + 0.1).requires_grad_()):
+            check_against_reference(fused_tau.clip_loss, reference.clip_loss, [a, b], dtype=torch.float32, tau=tau,
+                                    tau_scale=N)
+        assert pairs and set(pairs) == {pair}
+        pairs.clear()
+    a, b = torch.randn(64, D, device=device), torch.randn(64, D, device=device)
+    a[5, 7] = float("nan")
+    xs = [t.clone().requires_grad_() for t in (a, b)]
+    loss = fused_tau.clip_loss(*xs, tau=0.5)
+    loss.backward()
+    assert torch.isnan(loss).item() and set(pairs) == {2}  # host-ok: CPU test
+    assert torch.isnan(xs[0].grad).all() and torch.isnan(xs[1].grad).all()
+
+
 # ---------------------------------------------------------------------------- τ layout
 
 @pytest.mark.parametrize("fn", ["infonce_queue", "infonce_in_batch", "nt_xent", "linear_cross_entropy", "clip_loss"])
@@ -311,6 +358,9 @@ def test_tile_table_per_arch_and_d_bin(arch):
         assert cfg == tile_engine.tile_config(arch, torch.float16, D)
     assert tile_engine.tile_config(arch, torch.bfloat16, 4096)["BLOCK_N"] == 256
     assert tile_engine.tile_config(arch, torch.float32, 4096)["BLOCK_D"] == 32
+    # clip_loss's forward pairs its 512-bin tiles on sm_90 only (16-wide D-steps); every other kernel alike
+    clip = tile_engine.tile_config(arch, torch.bfloat16, 512, "clip")
+    assert (clip.get("PAIR", 1), clip["BLOCK_D"]) == ((2, 16) if arch == 90 else (1, 64))
 
 
 # ---------------------------------------------------------------------------- infonce's backward on the device
