@@ -4,6 +4,7 @@ In order, each result written as one JSON line the moment it is measured (a kill
 it had), and printed beside the prediction of the newest committed bench/results/model-*.json:
   0. the row engine's last-arriver combines (few long rows: the programs of a split row take a ticket,
      the last one combines), which no GPU has run yet: repeated runs bit-identical, and against float64;
+     sample's draws by inversion against their softmax (χ²);
   1. the ceilings the model takes as constants: device-to-device copy bandwidth (bytes read + written),
      the 8192^3 bf16 matmul rate on random data, a copy that stays in L2 (its read + write bandwidth),
      the time of a tiny kernel back to back (eager launches and replayed from a CUDA graph), and the
@@ -99,6 +100,27 @@ def check_last_arrivers(device, repeats=20, shape=(64, 256000)):
     return results
 
 
+def check_sample_distribution(device, rows=512, cols=65536, repeats=20):
+    """sample's draws by inversion on split rows: ``rows`` rows of ``cols`` logits, -inf but for four
+    classes spread over the row (in different groups and splits) whose softmax at τ = 0.5 is p; the
+    counts of ``rows · repeats`` draws against p by Pearson's χ² (3 degrees of freedom: above 16.3 has
+    probability 1e-3 for a correct sampler), and no draw outside the four."""
+    import fused_tau
+
+    x = torch.full((rows, cols), float("-inf"), device=device)
+    where = torch.tensor([3, cols // 3, cols // 2 + 5, cols - 1], device=device)
+    logits = torch.tensor([0.0, 0.4, 0.8, 1.2], device=device)
+    x[:, where] = logits
+    tau = 0.5
+    p = torch.softmax(logits.double() / tau, 0)
+    gen = torch.Generator(device=device).manual_seed(7)
+    draws = torch.cat([fused_tau.sample(x.to(torch.bfloat16), tau=tau, generator=gen) for _ in range(repeats)])
+    counts = torch.stack([(draws == w).sum() for w in where]).double()
+    n = float(draws.numel())
+    chi2 = float(((counts - n * p.to(counts.device)) ** 2 / (n * p.to(counts.device))).sum())
+    return dict(chi2=chi2, draws=int(n), outside=int(n - counts.sum()), counts=counts.tolist(), p=p.tolist())
+
+
 def _footprint(inp):
     seen = {}
     for v in inp.values():
@@ -182,6 +204,14 @@ def main(argv=None):
     except Exception as e:  # noqa: BLE001 - a failing check is a result, not the end of the lease
         emit(dict(kind="check", name="last_arrivers", status="error", error=f"{type(e).__name__}: {e}"[:500]))
         print(f"check last_arrivers: error {type(e).__name__}: {e}", flush=True)
+    try:
+        dist = check_sample_distribution(device)
+        emit(dict(kind="check", name="sample_distribution", results=dist))
+        print(f"check sample distribution: chi2 {dist['chi2']:.2f} (3 dof; > 16.3 at p = 1e-3), "
+              f"{dist['outside']} of {dist['draws']} draws outside the four classes", flush=True)
+    except Exception as e:  # noqa: BLE001 - as above
+        emit(dict(kind="check", name="sample_distribution", status="error", error=f"{type(e).__name__}: {e}"[:500]))
+        print(f"check sample distribution: error {type(e).__name__}: {e}", flush=True)
     ceil = measure_ceilings(device)
     emit(dict(kind="ceilings", **ceil))
     from .model import roofline as R
