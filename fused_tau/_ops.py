@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._dispatch import MODE_LSE, engine
 from .kernels import CLIP_STATS, TILE_STATS_LSE, TILE_STATS_POS
-from ._tau import compute_dtype
+from ._tau import compute_dtype, kept_tensor
 
 _IMPLS = {}
 
@@ -305,22 +305,14 @@ def _sample(x2: Tensor, tau: Tensor, seed: Tensor, greedy: bool, backend: str, i
     engine(backend, "sample").sample_fwd(x2, tau, seed, greedy, idx, ok)
 
 
-# sample's verdicts: a one-element int32 flag a (device, stream) holding 1, to which the kernels store 0 when a row
-# holds a NaN, so that the check costs no launch of its own (the caller asserts the flag: torch._assert_async on
-# CUDA, whose failure ends the CUDA context and the flag with it; elsewhere it sets the flag back before raising).
-# A flag made while a CUDA graph is captured is the graph's own and is not kept (as row_engine.tickets).
-_VERDICTS = {}
-
-
 def _kept_verdict(device):
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
-    flag = None if capturing else _VERDICTS.get(key)
-    if flag is None:
-        flag = torch.ones(1, device=device, dtype=torch.int32)
-        if not capturing:
-            _VERDICTS[key] = flag
-    return flag
+    """sample's verdict: a one-element int32 flag holding 1, kept per (device, stream) by _tau.kept_tensor (a
+    fresh one while tracing or capturing a CUDA graph), to which the kernels store 0 when a row holds a NaN,
+    so that the check costs no launch of its own.  The caller asserts it: torch._assert_async on CUDA, whose
+    failure ends the CUDA context and the flag with it; elsewhere it sets the flag back before raising."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    return kept_tensor(("sample verdict", device, stream), device,
+                       lambda: torch.ones(1, device=device, dtype=torch.int32))
 
 
 def sample(backend, x2, tau, seed, greedy):

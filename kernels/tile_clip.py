@@ -25,7 +25,8 @@ from . import CLIP_SHIFT_C, CLIP_SHIFT_R, CLIP_W_C, CLIP_W_R, tile_bwd, tile_eng
 from .row_ce_reduce import DENOM_ROWS, _ce_reduce_rows
 from .row_engine import last_arrival, tickets
 from .tile_engine import (_block_do, _common, _config, _dots_tile, _exp2_scale, _infonce_row, _interpreted, _load_tile,
-                          _merge_partials, _partial_cap, _precision, _row_tau, _split_parts, _splits_block, _sum_parts)
+                          _merge_partials, _partial_cap, _precision, _row_dots, _row_tau, _split_parts, _splits_block,
+                          _sum_parts)
 from .tl_math import to_store
 
 
@@ -63,14 +64,7 @@ def _clip_combine_kernel(
         if not POS_FROM_ROWS:
             pos += tl.sum(tl.load(zy_ptr + offs, mask=mask, other=0.0), 0)
     if POS_FROM_ROWS:
-        idx64 = idx.to(tl.int64)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            dmask = live[:, None] & (dd[None, :] < D)
-            dd64 = dd.to(tl.int64)
-            q = tl.load(a_ptr + idx64[:, None] * stride_am + dd64[None, :] * stride_ad, mask=dmask, other=0.0)
-            k = tl.load(b_ptr + idx64[:, None] * stride_bm + dd64[None, :] * stride_bd, mask=dmask, other=0.0)
-            pos += tl.sum(q.to(tl.float32) * k.to(tl.float32), 1)
+        pos += _row_dots(a_ptr, b_ptr, idx, idx, live, live, D, stride_am, stride_ad, stride_bm, stride_bd, BLOCK_D)
     m_c = tl.full([BLOCK], float("-inf"), tl.float32)
     s_c = tl.zeros([BLOCK], tl.float32)
     for k0 in range(0, row_blocks, SPLITS_BLOCK):

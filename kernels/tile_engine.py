@@ -177,9 +177,18 @@ def tile_config(arch, dtype, D, kernel="fwd"):
 def _load_tile(ptr, idx, n, D, stride_i, stride_d, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
     """ptr[idx, :BLOCK_D] as a (len(idx), BLOCK_D) tile, rows >= n and features >= D read as 0: the
     whole row when D <= BLOCK_D (a program's fixed tile, loaded once)."""
-    dd = tl.arange(0, BLOCK_D)
-    t = tl.load(ptr + idx.to(tl.int64)[:, None] * stride_i + dd.to(tl.int64)[None, :] * stride_d,
-                mask=(idx[:, None] < n) & (dd[None, :] < D), other=0.0)
+    return _load_dstep(ptr, idx.to(tl.int64), idx, n, tl.arange(0, BLOCK_D), D, stride_i, stride_d, False, UPCAST)
+
+
+@triton.jit
+def _load_dstep(ptr, idx64, idx, n, dd, D, stride_i, stride_d, EVEN: tl.constexpr, UPCAST: tl.constexpr):
+    """ptr[idx, dd] as a (len(idx), len(dd)) tile: one D-step of the rows ``idx`` (``idx64`` the same, int64);
+    rows >= n and features >= D read as 0 unless EVEN (neither can occur)."""
+    ptrs = ptr + idx64[:, None] * stride_i + dd.to(tl.int64)[None, :] * stride_d
+    if EVEN:
+        t = tl.load(ptrs)
+    else:
+        t = tl.load(ptrs, mask=(idx[:, None] < n) & (dd[None, :] < D), other=0.0)
     if UPCAST:
         t = t.to(tl.float32)
     return t
@@ -209,17 +218,30 @@ def _dots_tile(a_ptr, b_ptr, bias_ptr, rows, cols, N, K, D,
         cols64 = cols.to(tl.int64)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
-            dd64 = dd.to(tl.int64)
-            a = tl.load(a_ptr + rows64[:, None] * stride_am + dd64[None, :] * stride_ad,
-                        mask=(rows[:, None] < N) & (dd[None, :] < D), other=0.0)
-            b = tl.load(b_ptr + cols64[:, None] * stride_bk + dd64[None, :] * stride_bd,
-                        mask=(cols[:, None] < K) & (dd[None, :] < D), other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
+            a = _load_dstep(a_ptr, rows64, rows, N, dd, D, stride_am, stride_ad, False, UPCAST)
+            b = _load_dstep(b_ptr, cols64, cols, K, dd, D, stride_bk, stride_bd, False, UPCAST)
             acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _row_dots(a_ptr, b_ptr, rows, krow, live, k_live, D, stride_am, stride_ad, stride_bk, stride_bd,
+              BLOCK_D: tl.constexpr):
+    """Σ_d a[rows, d] · b[krow, d] in fp32 (0 where ``live`` or ``k_live`` is False): the combines' positives
+    formed from the rows (MoCo's a_i · key_i, a target's a_i · b_{t_i}, CLIP's diagonal a_k · b_k)."""
+    acc = tl.zeros([rows.shape[0]], tl.float32)
+    rows64 = rows.to(tl.int64)
+    krow64 = krow.to(tl.int64)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        dd64 = dd.to(tl.int64)
+        dmask = live[:, None] & (dd[None, :] < D)
+        q = tl.load(a_ptr + rows64[:, None] * stride_am + dd64[None, :] * stride_ad, mask=dmask, other=0.0)
+        k = tl.load(b_ptr + krow64[:, None] * stride_bk + dd64[None, :] * stride_bd, mask=dmask & k_live[:, None],
+                    other=0.0)
+        acc += tl.sum(q.to(tl.float32) * k.to(tl.float32), 1)
     return acc
 
 
@@ -233,26 +255,13 @@ def _dots_pair(a_ptr, b_ptr, rows, cols, N, K, D, stride_am, stride_ad, stride_b
     N, K and D are multiples of the blocks (no masks)."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_next = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    rows64 = rows.to(tl.int64)
     cols_next = cols + BLOCK_N
+    rows64, cols64, cols_next64 = rows.to(tl.int64), cols.to(tl.int64), cols_next.to(tl.int64)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
-        dd64 = dd.to(tl.int64)
-        a_ptrs = a_ptr + rows64[:, None] * stride_am + dd64[None, :] * stride_ad
-        b_ptrs = b_ptr + cols.to(tl.int64)[:, None] * stride_bk + dd64[None, :] * stride_bd
-        b_next_ptrs = b_ptr + cols_next.to(tl.int64)[:, None] * stride_bk + dd64[None, :] * stride_bd
-        if EVEN:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-            b_next = tl.load(b_next_ptrs)
-        else:
-            a = tl.load(a_ptrs, mask=(rows[:, None] < N) & (dd[None, :] < D), other=0.0)
-            b = tl.load(b_ptrs, mask=(cols[:, None] < K) & (dd[None, :] < D), other=0.0)
-            b_next = tl.load(b_next_ptrs, mask=(cols_next[:, None] < K) & (dd[None, :] < D), other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-            b_next = b_next.to(tl.float32)
+        a = _load_dstep(a_ptr, rows64, rows, N, dd, D, stride_am, stride_ad, EVEN, UPCAST)
+        b = _load_dstep(b_ptr, cols64, cols, K, dd, D, stride_bk, stride_bd, EVEN, UPCAST)
+        b_next = _load_dstep(b_ptr, cols_next64, cols_next, K, dd, D, stride_bk, stride_bd, EVEN, UPCAST)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
         acc_next = tl.dot(a, tl.trans(b_next), acc_next, input_precision=PRECISION)
     return acc, acc_next

@@ -20,7 +20,7 @@ from . import tile_engine
 from .row_ce_reduce import DENOM_NONE, DENOM_ROWS, _ce_reduce_rows
 from .row_engine import last_arrival, tickets
 from .tile_engine import (_autotuned, _common, _config, _dots_pair, _dots_tile, _exp2_scale, _infonce_row, _interpreted,
-                          _kept, _load_tile, _merge_partials, _row_tau, _splits_block, _target)
+                          _kept, _load_tile, _merge_partials, _row_dots, _row_tau, _splits_block, _target)
 from .tl_math import to_store
 
 # the loss a combine writes (LOSS): none (the statistics only), one per row (reduction 'none'), the
@@ -185,16 +185,8 @@ def _tile_combine_kernel(
             if POSITIVE == 3:
                 krow = tl.load(target_ptr + rows, mask=live, other=-1)
                 k_live = live & (krow >= 0) & (krow < K)
-            rows64 = rows.to(tl.int64)
-            krow64 = krow.to(tl.int64)
-            for d0 in range(0, D, BLOCK_D):
-                dd = d0 + tl.arange(0, BLOCK_D)
-                dd64 = dd.to(tl.int64)
-                dmask = live[:, None] & (dd[None, :] < D)
-                q = tl.load(a_ptr + rows64[:, None] * stride_am + dd64[None, :] * stride_ad, mask=dmask, other=0.0)
-                kk = tl.load(key_ptr + krow64[:, None] * stride_km + dd64[None, :] * stride_kd,
-                             mask=dmask & k_live[:, None], other=0.0)
-                pos += tl.sum(q.to(tl.float32) * kk.to(tl.float32), 1)
+            pos += _row_dots(a_ptr, key_ptr, rows, krow, live, k_live, D, stride_am, stride_ad, stride_km,
+                             stride_kd, BLOCK_D)
             if HAS_BIAS:
                 pos += tl.load(bias_ptr + krow, mask=k_live, other=0.0).to(tl.float32)
         nll, shift, e_pos, e_rest = _infonce_row(m, s, pos, _row_tau(tau_ptr, rows, N, TAU_PER_ROW))
