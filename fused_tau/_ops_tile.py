@@ -1,11 +1,13 @@
 """The tile engine's launchers as ``torch.library`` custom ops (``torch.ops.fused_tau.*``): the pattern and
 its reasons are fused_tau/_ops.py's (an ``*_outputs`` function allocates, the op writes into its arguments,
-one no-op fake), which registers the row engine's and imports these."""
+one no-op fake), which registers the row engine's and imports these.  The engine is looked up through
+_ops (``_ops.engine``), the one dispatch point that tests stand in for."""
 from typing import Optional
 
 from torch import Tensor
 
-from ._ops import _call, _op, engine
+from . import _ops
+from ._ops import _call, _op
 from ._tau import compute_dtype
 from .kernels import CLIP_STATS, TILE_STATS_LSE, TILE_STATS_POS
 
@@ -33,7 +35,7 @@ def tile_fwd_outputs(a, positive, reduction=None, out_dtype=None):
 def _tile_fwd(a: Tensor, b: Tensor, bias: Optional[Tensor], tau_rows: Tensor, target: Optional[Tensor],
               diag_offset: Optional[int], key: Optional[Tensor], reduction: str, backend: str, stats: Tensor,
               loss: Optional[Tensor]) -> None:
-    engine(backend, "tile").tile_fwd(a, b, bias, tau_rows, target, diag_offset, key, reduction, stats, loss)
+    _ops.engine(backend, "tile").tile_fwd(a, b, bias, tau_rows, target, diag_offset, key, reduction, stats, loss)
 
 
 def tile_fwd(backend, a, b, bias, tau_rows, target, diag_offset, key=None, reduction=None, out_dtype=None):
@@ -57,7 +59,8 @@ def tile_bwd_outputs(a, b, has_bias, need_da, need_db, need_zp):
 def _tile_bwd(a: Tensor, b: Tensor, bias: Optional[Tensor], tau_rows: Tensor, target: Optional[Tensor],
               diag_offset: Optional[int], shift: Tensor, scale: Tensor, ref: Tensor, backend: str,
               da: Optional[Tensor], db: Optional[Tensor], dbias: Optional[Tensor], zp: Optional[Tensor]) -> None:
-    engine(backend, "tile").tile_bwd(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref, da, db, dbias, zp)
+    _ops.engine(backend, "tile").tile_bwd(a, b, bias, tau_rows, target, diag_offset, shift, scale, ref, da, db, dbias,
+                                          zp)
 
 
 def tile_bwd(backend, a, b, bias, tau_rows, target, diag_offset, shift, scale, ref, need_da, need_db, need_zp):
@@ -80,8 +83,8 @@ def _infonce_bwd(a: Tensor, b: Tensor, tau_rows: Tensor, target: Optional[Tensor
                  shift: Tensor, ref: Tensor, e_pos: Tensor, e_rest: Tensor, g: Tensor, g_div: float, label_offset: int,
                  backend: str, da: Optional[Tensor], db: Optional[Tensor], dkey: Optional[Tensor],
                  dtau: Optional[Tensor]) -> None:
-    engine(backend, "tile").infonce_bwd(a, b, tau_rows, target, key, shift, ref, e_pos, e_rest, g, g_div, label_offset,
-                                        da, db, dkey, dtau)
+    _ops.engine(backend, "tile").infonce_bwd(a, b, tau_rows, target, key, shift, ref, e_pos, e_rest, g, g_div,
+                                             label_offset, da, db, dkey, dtau)
 
 
 def infonce_bwd(backend, a, b, tau_rows, target, key, shift, ref, e_pos, e_rest, g, g_div, label_offset, need_da,
@@ -99,7 +102,7 @@ def infonce_bwd(backend, a, b, tau_rows, target, key, shift, ref, e_pos, e_rest,
 @_op("ntxent_bwd", mutates_args=("dz", "dtau"))
 def _ntxent_bwd(z: Tensor, tau_rows: Tensor, target: Tensor, shift: Tensor, ref: Tensor, e_pos: Tensor, e_rest: Tensor,
                 g: Tensor, g_div: float, backend: str, dz: Optional[Tensor], dtau: Optional[Tensor]) -> None:
-    engine(backend, "tile").ntxent_bwd(z, tau_rows, target, shift, ref, e_pos, e_rest, g, g_div, dz, dtau)
+    _ops.engine(backend, "tile").ntxent_bwd(z, tau_rows, target, shift, ref, e_pos, e_rest, g, g_div, dz, dtau)
 
 
 def ntxent_bwd(backend, z, tau_rows, target, shift, ref, e_pos, e_rest, g, g_div, need_dz, need_dtau):
@@ -124,7 +127,7 @@ def clip_fwd_outputs(a, out_dtype):
 
 @_op("clip_fwd", mutates_args=("stats", "loss"))
 def _clip_fwd(a: Tensor, b: Tensor, tau_rows: Tensor, backend: str, stats: Tensor, loss: Tensor) -> None:
-    engine(backend, "tile").clip_fwd(a, b, tau_rows, stats, loss)
+    _ops.engine(backend, "tile").clip_fwd(a, b, tau_rows, stats, loss)
 
 
 def clip_fwd(backend, a, b, tau_rows, out_dtype):
@@ -137,7 +140,7 @@ def clip_fwd(backend, a, b, tau_rows, out_dtype):
 @_op("clip_bwd", mutates_args=("da", "db", "zp"))
 def _clip_bwd(a: Tensor, b: Tensor, tau_rows: Tensor, stats: Tensor, g: Tensor, backend: str, da: Optional[Tensor],
               db: Optional[Tensor], zp: Optional[Tensor]) -> None:
-    engine(backend, "tile").clip_bwd(a, b, tau_rows, stats, g, da, db, zp)
+    _ops.engine(backend, "tile").clip_bwd(a, b, tau_rows, stats, g, da, db, zp)
 
 
 def clip_bwd(backend, a, b, tau_rows, stats, g, need_da, need_db, need_zp):
