@@ -44,8 +44,8 @@ import triton
 import triton.language as tl
 
 from .row_engine import class_target, load_x, target_nll
-from .tl_math import (lane_scale, log1p, mul_inv, nan_if_posinf, online_finalize, online_finalize_x, psi_series,
-                      psi_series_f64, reciprocal_split, to_store)
+from .tl_math import (exp2_ftz, lane_scale, log1p, mul_inv, nan_if_posinf, online_finalize, online_finalize_x,
+                      psi_series, psi_series_f64, reciprocal_split, to_store)
 
 # fourteen per-lane accumulators (the student's and teacher's (max, Σ others), the moments A and R and
 # their compensations, the reference class (s, t), the mark of infinite x, the student's masked mass,
@@ -113,22 +113,6 @@ def _psi_over_square(x):
 
 
 _LOG2E = tl.constexpr(1.4426950408889634)
-_FLT_MIN = tl.constexpr(1.1754943508222875e-38)
-
-
-@triton.jit
-def _exp2(x, INTERPRETED: tl.constexpr):
-    """2^x by the hardware's ex2 alone (MUFU.EX2, ~2 ulp), results below 2^-126 flushed to 0: tl.exp and
-    tl.exp2 add a subnormal fix-up of three instructions per element (a weight below 2^-126 of the
-    row's max is a class of weight 0, its student mass in P_m).  The interpreter takes tl.exp2 and
-    flushes the same."""
-    if INTERPRETED:
-        y = tl.exp2(x)
-        return tl.where(y < _FLT_MIN, 0.0, y)
-    return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
-                                     pack=1)
-
-
 @triton.jit
 def exp2_split(tau):
     """log2(e)/τ as a pair (k2, k2_lo), k2 + k2_lo = log2(e)/τ to about ε² (formed in float64), for
@@ -213,7 +197,7 @@ def _online_chunk(m, s, x, y, k2, k2_lo, INTERPRETED: tl.constexpr, FLOOR_TIES: 
     m_gap = tl.where(m_new == float("-inf"), 0.0, m_new)
     gap = x - m_gap[:, None, None]
     g = mul_inv(gap, k2, k2_lo)
-    e = _exp2(g, INTERPRETED)
+    e = exp2_ftz(g, INTERPRETED)
     if FLOOR_TIES:
         whole = tl.floor(e)
         s_rest = _lane_sum(e - whole)
@@ -225,7 +209,7 @@ def _online_chunk(m, s, x, y, k2, k2_lo, INTERPRETED: tl.constexpr, FLOOR_TIES: 
         y_top = _lane_max(tl.where(top, y, float("-inf")))
         n_top = tl.floor((_lane_sum(e) - s_rest) + 0.5)
     g_c = tl.where(is_new, mul_inv(m - m_new, k2, k2_lo), 0.0)
-    c = _exp2(g_c, INTERPRETED)
+    c = exp2_ftz(g_c, INTERPRETED)
     # a moved max: the old max's own term c joins the others and one of the chunk's tops is the argmax
     s = tl.where(is_new, s * c + c + (n_top - 1.0), s + n_top) + s_rest
     return m_new, s, e, g, c, g_c, is_new, y_top, gap
@@ -253,7 +237,7 @@ def _moments_update(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, xs, xt, p, inv
     s_ref = tl.where(move, s_top, s_ref)
     t_ref = tl.where(move, mt, t_ref)
     small_d = tl.abs(d) <= 1.0
-    E_old = _exp2(g_c - d * _LOG2E, INTERPRETED)  # c e^-d
+    E_old = exp2_ftz(g_c - d * _LOG2E, INTERPRETED)  # c e^-d
     A_new, R_new = _recentre(A - cA, R - cR, W, c, E_old, d, psi_series(tl.where(small_d, d, 0.0)), small_d)
     A = tl.where(is_new, A_new, A)
     R = tl.where(is_new, R_new, R)
@@ -273,7 +257,7 @@ def _moments_update(mt, st, A, cA, R, cR, s_ref, t_ref, inf_mass, xs, xt, p, inv
     # tiny); the series' value where it is not taken does not matter (a select, not a product)
     wx = w * x
     w_psi = tl.where(tl.abs(x) <= 1.0, wx * (x * _psi_over_square(x)),
-                     _exp2(g + x * _LOG2E, INTERPRETED) - w * (1.0 + x))
+                     exp2_ftz(g + x * _LOG2E, INTERPRETED) - w * (1.0 + x))
     # a class of teacher weight whose x is not finite makes the chunk's Σ w x so: the lane is marked
     # (KL = +inf unless a later max drops it) and the chunk left out of the moments
     sum_wx = _lane_sum(wx)
@@ -349,9 +333,9 @@ def _log_ratio(xs, xt, zs_gap, zt_gap, inv, inv_lo, nu, kl, log_t, log_s):
 
 @triton.jit
 def _exp(x, INTERPRETED: tl.constexpr):
-    """e^x as tl.exp computes it, 2^(x log2 e), by the hardware's ex2 alone (:func:`_exp2`: results below
+    """e^x as tl.exp computes it, 2^(x log2 e), by the hardware's ex2 alone (:func:`tl_math.exp2_ftz`: results below
     2^-126 are 0)."""
-    return _exp2(x * _LOG2E, INTERPRETED)
+    return exp2_ftz(x * _LOG2E, INTERPRETED)
 
 
 @triton.jit

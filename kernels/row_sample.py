@@ -27,15 +27,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .row_engine import last_arrival, load_x, row_launch, row_splits, row_start, tau_stride, tickets
+from .row_engine import interpreted, last_arrival, load_x, row_launch, row_splits, row_start, tau_stride, tickets
 from .row_softmax import MODE_SOFTMAX, softmax_bwd, softmax_fwd
-from .tl_math import exp2_scale, online_update_log2
+from .tl_math import exp2_ftz, exp2_scale
+
 
 # sample's groups: a draw re-reads one group of its row, GROUP_BLOCKS blocks (16384 columns of the
 # 4096-column blocks of a long row: 64 fp32 values a thread over 8 warps when it is read again).  Each group
-# ends in two reductions (_group_mass): at 2 blocks they cost 24 instructions an element of the pass on sm_90,
-# at 4 blocks 15.8 (python -m bench.model --ops sample)
+# ends in its lanes' reductions (_group_mass): at 2 blocks the pass costs 12.4 instructions an element on sm_90,
+# at 4 blocks 9.5; 8 blocks spill (python -m bench.model --ops sample)
 GROUP_BLOCKS = 4
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
@@ -107,11 +109,12 @@ def _sample_kernel(
     stride_xr, stride_xc, stride_tau,
     # constants
     SPLIT: tl.constexpr, BLOCK: tl.constexpr, GROUP_BLOCKS: tl.constexpr, GROUPS_BLOCK: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     """idx[r]: a draw from softmax(x_r / τ) by inversion of its distribution function, one uniform a row.
 
-    One pass over the row keeps, for each group of GROUP columns, its (M_g, T_g) in x units (the
-    online softmax of the row engine: M_g = max x, T_g = Σ_j exp((x_j - M_g)/τ), _group_mass); then the
+    One pass over the row keeps, for each group of GROUP columns, its (M_g, T_g) in x units
+    (M_g = max x, T_g = Σ_j exp((x_j - M_g)/τ), _group_mass); then the
     row's last program (the row's only one, or the last arriver of its split programs: last_arrival)
     draws u ~ U[0, 1) from Philox (seed, r) and finds the class whose cumulative probability first
     exceeds u: among the groups by their masses w_g = T_g exp((M_g - M)/τ), then within the group
@@ -119,25 +122,27 @@ def _sample_kernel(
     summing exp((x_j - M)/τ) in column order (_draw_in_group).  The row is read once, plus one group
     of it; the noise of Gumbel-max (a Philox word and two logarithms a class) is not drawn at all.
 
-    τ = 0 (a greedy row of a per-row τ) or a +inf logit: the first index holding the row's max (as
+    τ = 0 (a greedy row of a per-row τ; also a τ below 4.2e-39, whose log2(e)/τ overflows fp32) or a
+    +inf logit: the first index holding the row's max (as
     torch.argmax); no finite logit: 0; a NaN logit: -1, and 0 stored to the verdict ``ok`` (the caller raises).  Exponents are formed in x
     units relative to the row's max, exp2((x - M)·log2(e)/τ), so the draw keeps its precision at any
     |x| / τ.  Deterministic for a seed: the ticket only elects the program that draws."""
     r, _, _, x_row, tau = row_start(x_ptr, tau_ptr, 1, stride_xr, 0, stride_tau)
     scale = exp2_scale(tau)
     GROUP: tl.constexpr = BLOCK * GROUP_BLOCKS
-    cols = tl.arange(0, BLOCK)
     stats = r * n_groups
-    col0 = tl.program_id(1) * span_groups * (BLOCK * GROUP_BLOCKS)
-    col_end = tl.minimum(col0 + span_groups * (BLOCK * GROUP_BLOCKS), C)
-    for start in range(col0, col_end, BLOCK * GROUP_BLOCKS):
-        m = tl.full([BLOCK], float("-inf"), tl.float32)
-        s = tl.zeros([BLOCK], tl.float32)
-        for b in tl.static_range(GROUP_BLOCKS):
-            m, s = online_update_log2(m, s, load_x(x_row, start + b * BLOCK + cols, C, stride_xc), scale)
-        M_g, T_g = _group_mass(m, s, scale)
+    g0 = tl.program_id(1) * span_groups
+    g_end = tl.minimum(g0 + span_groups, n_groups)
+    # the full groups' loads need no mask; a ragged last group is its program's last
+    for start in range(g0 * GROUP, tl.minimum(g_end, C // GROUP) * GROUP, GROUP):
+        M_g, T_g = _group_mass(x_row, start, C, stride_xc, scale, False, BLOCK, GROUP_BLOCKS, INTERPRETED)
         tl.store(group_m_ptr + stats + start // GROUP, M_g)
         tl.store(group_t_ptr + stats + start // GROUP, T_g)
+    if (g_end == n_groups) & (C % GROUP != 0) & (g0 < g_end):
+        M_g, T_g = _group_mass(x_row, (g_end - 1) * GROUP, C, stride_xc, scale, True, BLOCK, GROUP_BLOCKS,
+                               INTERPRETED)
+        tl.store(group_m_ptr + stats + g_end - 1, M_g)
+        tl.store(group_t_ptr + stats + g_end - 1, T_g)
     if SPLIT:
         draws = last_arrival(count_ptr + r, tl.num_programs(1))
     else:
@@ -160,7 +165,7 @@ def _sample_kernel(
         # up to the total)
         g_draw = tl.minimum(tl.sum((live & (cum <= t)).to(tl.int32), 0), tl.max(tl.where(live & (w > 0), j, 0), 0))
         before = tl.sum(tl.where(j == g_draw - 1, cum, 0.0), 0)
-        greedy = (tau == 0.0) | (M == float("inf"))
+        greedy = (scale == float("inf")) | (M == float("inf"))
         g_top = tl.min(tl.where(at_top, j, GROUPS_BLOCK), 0)
         g = tl.where(greedy, g_top, g_draw)
         k = _draw_in_group(x_row, g * GROUP, C, stride_xc, M, scale, t - before, greedy, GROUP)
@@ -170,13 +175,34 @@ def _sample_kernel(
 
 
 @triton.jit
-def _group_mass(m, s, scale):
-    """A group's (M_g, T_g) from the lanes of online_update_log2: M_g = max x, T_g = Σ_j exp((x_j - M_g)/τ)
-    (its argmax included; 0 with no finite logit; NaN when a lane saw a NaN, whose s is NaN whatever its m).
-    Lighter than online_finalize_log2 (two reductions): the draw needs the mass, not S's exact split."""
+def _group_mass(x_row, start, C, stride_xc, scale, MASKED: tl.constexpr, BLOCK: tl.constexpr,
+                GROUP_BLOCKS: tl.constexpr, INTERPRETED: tl.constexpr):
+    """The group [start, start + BLOCK · GROUP_BLOCKS) of a row as (M_g, T_g): M_g = max x,
+    T_g = Σ_j exp((x_j - M_g)/τ) (0 with no finite logit; NaN when it holds a NaN).
+
+    Two levels instead of the online update: the group is loaded whole as GROUP_BLOCKS × BLOCK, each
+    lane (a column of that tile) takes its max m first, then sums 2^((x - m)·c) over its GROUP_BLOCKS
+    values: a max, a subtraction, a multiply, an exp2 and an add an element, against the online
+    update's rescaling test and select (python -m bench.model --ops sample: 15.7 -> 8 instructions an
+    element on sm_90).  The lanes' sums meet at the group's max once, at the end.
+
+    Specials at the lane level: a lane with no finite x takes 0 as its reference (its terms are all
+    2^-inf = 0); a +inf lane takes FLT_MAX, so its +inf terms are +inf, never inf - inf: T_g is +inf,
+    the row is greedy (M = +inf), and T_g stays NaN only for a NaN logit, whatever max does with NaN.
+    c is capped at FLT_MAX (τ = 0: 0 · c = 0 at the lane's max, not NaN), which only moves the weights
+    of a greedy row's groups (log2(e)/τ overflows fp32 below τ = 4.2e-39, where sample is greedy)."""
+    k = start + tl.arange(0, GROUP_BLOCKS)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    if MASKED:
+        x = load_x(x_row, k, C, stride_xc)
+    else:
+        x = tl.load(x_row + k.to(tl.int64) * stride_xc).to(tl.float32)
+    c = tl.minimum(scale, _FLT_MAX)
+    m = tl.max(x, 0)
+    ref = tl.where(m > float("-inf"), tl.minimum(m, _FLT_MAX), 0.0)
+    s = tl.sum(exp2_ftz((x - ref[None, :]) * c, INTERPRETED), 0)
     M_g = tl.max(m, 0)
-    lane = tl.exp2(tl.where(m == M_g, 0.0, (m - M_g) * scale))  # τ = 0: the top lanes weigh 1, not inf · 0
-    return M_g, tl.sum(tl.where(m > float("-inf"), (1.0 + s) * lane, s * 0.0), 0)
+    lane = tl.where(m == M_g, 1.0, exp2_ftz((m - M_g) * c, INTERPRETED))
+    return M_g, tl.sum(s * lane, 0)
 
 
 @triton.jit
@@ -253,4 +279,5 @@ def sample_fwd(x2, tau, seed, greedy, idx, ok):
     _sample_kernel[(R, splits)](
         x2, idx, group_stats[0], group_stats[1], tau, seed, tickets(x2.device, R) if splits > 1 else idx, ok,
         C, span // group, n_groups, *x2.stride(), tau_stride(tau), SPLIT=splits > 1, BLOCK=block,
-        GROUP_BLOCKS=group_blocks, GROUPS_BLOCK=max(triton.next_power_of_2(n_groups), 2), **launch)
+        GROUP_BLOCKS=group_blocks, GROUPS_BLOCK=max(triton.next_power_of_2(n_groups), 2), INTERPRETED=interpreted(),
+        **launch)

@@ -102,6 +102,21 @@ def exp2_scale(tau):
     return (tl.full([], 1.4426950408889634, tl.float64) / tau.to(tl.float64)).to(tl.float32)
 
 
+_FLT_MIN = tl.constexpr(1.1754943508222875e-38)
+
+
+@triton.jit
+def exp2_ftz(x, INTERPRETED: tl.constexpr):
+    """2^x by the hardware's ex2 alone (MUFU.EX2, ~2 ulp), results below 2^-126 flushed to 0: tl.exp and
+    tl.exp2 may add a subnormal fix-up of three instructions per element (a weight below 2^-126 of the
+    row's max is a class of weight 0).  The interpreter takes tl.exp2 and flushes the same."""
+    if INTERPRETED:
+        y = tl.exp2(x)
+        return tl.where(y < _FLT_MIN, 0.0, y)
+    return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                     pack=1)
+
+
 @triton.jit
 def online_update_log2(m, s, x, c):
     """:func:`online_update` in x units: fold a block ``x`` (masked lanes -inf) into per-lane

@@ -33,7 +33,7 @@ def test_the_architecture_picks_the_entry(monkeypatch):
 
 
 def test_the_gpu_values(monkeypatch):
-    """The blocks and warps the model's table (bench/results/model-2026-11-30.md) was predicted with."""
+    """The blocks and warps the model's table (bench/results/model-2026-12-01.md) was predicted with."""
     from fused_tau.kernels import row_engine, tile_engine
 
     monkeypatch.setattr(row_engine, "MAX_BLOCK", 4096)

@@ -305,6 +305,15 @@ def test_sample_split_is_one_launch(split, device, monkeypatch):
     launched.clear()
     assert torch.equal(sample(x, tau=0.0), x.argmax(-1))
     assert launched == [("_argmax_kernel", (3, 10))]
+    launched.clear()
+    x = torch.randn(3, 128, device=device)  # two whole groups: loads without a mask, no ragged group
+    x[1, 70] = float("nan")
+    a = sample(x[::2], tau=0.7, generator=gen())
+    assert launched == [("_sample_kernel", (2, 2))]
+    split(False)
+    assert torch.equal(a, sample(x[::2], tau=0.7, generator=gen()))
+    with pytest.raises(ValueError, match="NaN"):
+        sample(x, tau=0.7, generator=gen())
 
 
 def test_logsumexp_split_is_one_launch(split, device, monkeypatch):

@@ -213,12 +213,16 @@ def _lookup_through(chain, level, args, kernel_name, dirs):
     # in the kernel itself, a name assigned once in its body (e.g. a split's first column from
     # tl.program_id) evaluates through its assignment
     kernel_fn = fn if fn is not None and fn.name == kernel_name else None
+    # (annotated ones too: ``GROUP: tl.constexpr = BLOCK * GROUP_BLOCKS``)
     assigned = {}
     if kernel_fn is not None:
+        single = [(st.targets[0] if isinstance(st, ast.Assign) and len(st.targets) == 1 else st.target, st.value)
+                  for st in kernel_fn.body if isinstance(st, (ast.Assign, ast.AnnAssign)) and st.value is not None]
         once = Counter(t.id for st in kernel_fn.body if isinstance(st, ast.Assign)
                        for t in st.targets if isinstance(t, ast.Name))
-        assigned = {st.targets[0].id: st.value for st in kernel_fn.body if isinstance(st, ast.Assign)
-                    and len(st.targets) == 1 and isinstance(st.targets[0], ast.Name) and once[st.targets[0].id] == 1}
+        once.update(st.target.id for st in kernel_fn.body
+                    if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name))
+        assigned = {t.id: v for t, v in single if isinstance(t, ast.Name) and once[t.id] == 1}
 
     def from_args(name):
         if name in args:
