@@ -121,6 +121,43 @@ def check_sample_distribution(device, rows=512, cols=65536, repeats=20):
     return dict(chi2=chi2, draws=int(n), outside=int(n - counts.sum()), counts=counts.tolist(), p=p.tolist())
 
 
+try:
+    import triton
+    import triton.language as tl
+
+    from fused_tau.kernels.tl_math import randint4x
+
+    @triton.jit
+    def _philox_probe(seed_ptr, q_ptr, diff_ptr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+        """Adds to diff how many of the four words of randint4x differ from tl.randint4x's."""
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        q = tl.load(q_ptr + i)
+        seed = tl.load(seed_ptr)
+        a0, a1, a2, a3 = randint4x(seed, q, INTERPRETED)
+        b0, b1, b2, b3 = tl.randint4x(seed, q)
+        d = (a0 != b0).to(tl.int32) + (a1 != b1).to(tl.int32) + (a2 != b2).to(tl.int32) + (a3 != b3).to(tl.int32)
+        tl.atomic_add(diff_ptr, tl.sum(d, 0))
+except ImportError:  # bench's CPU commands run without triton
+    _philox_probe = None
+
+
+def check_philox(device, n=4096):
+    """The noise's Philox (kernels/tl_math.randint4x: its 64-bit products are inline PTX, which the
+    interpreter never runs) against tl.randint4x, compiled, for 64-bit seeds and counters: the number
+    of words that differ a seed (0 expected)."""
+    from fused_tau.kernels.row_engine import interpreted
+
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randint(-2 ** 62, 2 ** 62, (n,), generator=gen).to(device)
+    differ = {}
+    for seed in (0, 2 ** 31 - 1, 0x1234_5678_9ABC_DEF0):
+        diff = torch.zeros(1, dtype=torch.int32, device=device)
+        _philox_probe[(n // 256,)](torch.tensor([seed], device=device), q, diff, BLOCK=256,
+                                   INTERPRETED=interpreted())
+        differ[hex(seed)] = int(diff.item())
+    return dict(words=4 * n, differ=differ)
+
+
 def _footprint(inp):
     seen = {}
     for v in inp.values():
@@ -204,6 +241,13 @@ def main(argv=None):
     except Exception as e:  # noqa: BLE001 - a failing check is a result, not the end of the lease
         emit(dict(kind="check", name="last_arrivers", status="error", error=f"{type(e).__name__}: {e}"[:500]))
         print(f"check last_arrivers: error {type(e).__name__}: {e}", flush=True)
+    try:
+        ph = check_philox(device)
+        emit(dict(kind="check", name="philox", results=ph))
+        print(f"check philox: words that differ from tl.randint4x {ph['differ']} of {ph['words']} a seed", flush=True)
+    except Exception as e:  # noqa: BLE001 - as above
+        emit(dict(kind="check", name="philox", status="error", error=f"{type(e).__name__}: {e}"[:500]))
+        print(f"check philox: error {type(e).__name__}: {e}", flush=True)
     try:
         dist = check_sample_distribution(device)
         emit(dict(kind="check", name="sample_distribution", results=dist))

@@ -245,6 +245,13 @@ def load_x(x_row, c, C, stride_xc):
 
 
 @triton.jit
+def load_x_full(x_row, c, stride_xc):
+    """load_x of columns ``c`` all inside the row: no mask (its compare and the -inf fill cost about an
+    instruction an element)."""
+    return tl.load(x_row + c.to(tl.int64) * stride_xc).to(tl.float32)
+
+
+@triton.jit
 def load_v(x_row, start, C, stride_xc, seed, noise_row, NOISY: tl.constexpr, BLOCK: tl.constexpr,
            INTERPRETED: tl.constexpr):
     """``load_x`` of columns ``start .. start + BLOCK``, plus, when NOISY, the Gumbel noise of each

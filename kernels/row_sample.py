@@ -5,7 +5,8 @@ Gumbel-softmax is the softmax kernels of row_softmax.py with their noisy load (N
 every load, HARD: the one-hot of the argmax); this module holds its launchers and sample's kernels.
 sample draws by inverting the row's distribution function with one uniform a row (_sample_kernel):
 Gumbel-max drew a 10-round Philox word and two logarithms for every class, which bound it by
-instruction issue at a quarter of an H200's bandwidth (issue 15); τ = 0 is _argmax_kernel.  The Gumbel noise (tl_math.gumbel_block) never exists in memory.  Column ``c`` of row
+instruction issue at a quarter of an H200's bandwidth (issue 15); τ = 0 is _argmax_kernel.  The Gumbel
+noise (tl_math.gumbel_block) never exists in memory.  Column ``c`` of row
 ``r`` gets word ``c % 4`` of the Philox counter ``r · ceil(C / 4) + c // 4`` (int64) under one seed
 per launch (one 10-round Philox call gives four columns their noise; -log(-log(1 - u)) with the
 hardware log2), so any pass over the row, any block size and any split of the row regenerates
@@ -20,14 +21,16 @@ a generator in a given state always gives the same draws.
 Memory traffic (bytes of the logits dtype, R rows × C): gumbel_softmax forward
 reads R·C (twice for rows longer than one block) and writes R·C; the hard
 backward reads x and the gradient and writes dx; sample reads R·C once, plus one group of
-GROUP_BLOCKS blocks a row again (from L2), and writes R int64.  Few long rows are split across programs (row_engine.row_splits),
+GROUP_BLOCKS blocks a row again (from L2), and writes R int64.  Few long rows are split across programs
+(row_engine.row_splits),
 with a few fp32 partials a split, combined by each row's last program in the same launch.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .row_engine import interpreted, last_arrival, load_x, row_launch, row_splits, row_start, tau_stride, tickets
+from .row_engine import (interpreted, last_arrival, load_x, load_x_full, row_launch, row_splits, row_start,
+                         tau_stride, tickets)
 from .row_softmax import MODE_SOFTMAX, softmax_bwd, softmax_fwd
 from .tl_math import exp2_ftz, exp2_scale
 
@@ -124,7 +127,8 @@ def _sample_kernel(
 
     τ = 0 (a greedy row of a per-row τ; also a τ below 4.2e-39, whose log2(e)/τ overflows fp32) or a
     +inf logit: the first index holding the row's max (as
-    torch.argmax); no finite logit: 0; a NaN logit: -1, and 0 stored to the verdict ``ok`` (the caller raises).  Exponents are formed in x
+    torch.argmax); no finite logit: 0; a NaN logit: -1, and 0 stored to the verdict ``ok`` (the caller
+    raises).  Exponents are formed in x
     units relative to the row's max, exp2((x - M)·log2(e)/τ), so the draw keeps its precision at any
     |x| / τ.  Deterministic for a seed: the ticket only elects the program that draws."""
     r, _, _, x_row, tau = row_start(x_ptr, tau_ptr, 1, stride_xr, 0, stride_tau)
@@ -195,7 +199,7 @@ def _group_mass(x_row, start, C, stride_xc, scale, MASKED: tl.constexpr, BLOCK: 
     if MASKED:
         x = load_x(x_row, k, C, stride_xc)
     else:
-        x = tl.load(x_row + k.to(tl.int64) * stride_xc).to(tl.float32)
+        x = load_x_full(x_row, k, stride_xc)
     c = tl.minimum(scale, _FLT_MAX)
     m = tl.max(x, 0)
     ref = tl.where(m > float("-inf"), tl.minimum(m, _FLT_MAX), 0.0)
@@ -255,8 +259,9 @@ def gumbel_bwd(g, tau, hard, src, seed, aux, dx):
 def sample_fwd(x2, tau, seed, greedy, idx, ok):
     """Writes one index per row of the (R, C) logits ``x2`` (C >= 1) into ``idx``, int64 of shape (R,); -1 for a
     row that holds a NaN, which also stores 0 to the one-element int32 verdict ``ok`` (left alone otherwise: a
-    kept flag holding 1, fused_tau._ops.sample).  ``greedy``: argmax (_argmax_kernel), ``seed`` and ``tau`` unread; else a draw by
-    inversion (_sample_kernel), groups of two blocks.  Few long rows are split across programs
+    kept flag holding 1, fused_tau._ops.sample).  ``greedy``: argmax (_argmax_kernel), ``seed`` and ``tau``
+    unread; else a draw by
+    inversion (_sample_kernel), groups of GROUP_BLOCKS blocks.  Few long rows are split across programs
     (row_engine.row_splits), finished by each row's last program in the same launch."""
     R, C = x2.shape
     cfg = row_launch("row", C, x2.device)

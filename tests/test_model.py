@@ -242,6 +242,29 @@ def test_pointer_access_ignores_an_offset_named_as_a_pointer_elsewhere():
     assert sass.pointer_access(ttir) == ({"x_ptr"}, {"dx_ptr"})
 
 
+def test_pointer_access_forgets_a_regions_names_when_it_ends():
+    """A loop's body and a later if's reuse SSA names: %26 is a splat of the logits' pointer in the loop and
+    the address of a statistic stored in the if; the store writes s_ptr only (it made the model count a
+    logits-sized write, cross_entropy's forward at twice its bytes).  An op's results outlive its region."""
+    ttir = """
+  tt.func public @k(%x_ptr: !tt.ptr<bf16> loc("x_ptr"), %s_ptr: !tt.ptr<f32> loc("s_ptr")) attributes {noinline = false} {
+    %2 = tt.addptr %x_ptr, %r : !tt.ptr<bf16>, i64 loc(#loc1)
+    %m:2 = scf.for %i = %c0 to %n step %c1 iter_args(%a = %z, %q = %2) -> (f32, !tt.ptr<bf16>)  : i32 {
+      %26 = tt.splat %q : !tt.ptr<bf16> -> tensor<2048x!tt.ptr<bf16>> loc(#loc2)
+      %27 = tt.addptr %26, %c : tensor<2048x!tt.ptr<bf16>>, tensor<2048xi32> loc(#loc3)
+      %28 = tt.load %27 : tensor<2048x!tt.ptr<bf16>> loc(#loc4)
+      scf.yield %a, %q : f32, !tt.ptr<bf16> loc(#loc5)
+    } loc(#loc6)
+    scf.if %last {
+      %26 = tt.addptr %s_ptr, %r : !tt.ptr<f32>, i64 loc(#loc7)
+      tt.store %26, %S : !tt.ptr<f32> loc(#loc8)
+    } else {
+      %w = tt.load %m#1 : !tt.ptr<bf16> loc(#loc9)
+    } loc(#loc10)
+"""
+    assert sass.pointer_access(ttir) == ({"x_ptr"}, {"s_ptr"})
+
+
 def test_second_reads_come_from_dram_when_the_rows_in_flight_overflow_l2():
     dev = R.H100
     row = 64_000  # bytes a program reads, twice

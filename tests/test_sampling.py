@@ -106,15 +106,31 @@ try:
     import triton
     import triton.language as tl
 
-    from fused_tau.kernels.tl_math import gumbel_of_word
+    from fused_tau.kernels.tl_math import gumbel_of_word, randint4x
 
     @triton.jit
     def _gumbel_transform(w_ptr, g_ptr, n, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
         i = tl.arange(0, BLOCK)
         w = tl.load(w_ptr + i, mask=i < n, other=0).to(tl.uint32)
         tl.store(g_ptr + i, gumbel_of_word(w, INTERPRETED), mask=i < n)
+
+    @triton.jit
+    def _philox_words(seed_ptr, q_ptr, ours_ptr, triton_ptr, n, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        q = tl.load(q_ptr + i, mask=i < n, other=0)
+        seed = tl.load(seed_ptr)
+        a0, a1, a2, a3 = randint4x(seed, q, INTERPRETED)
+        b0, b1, b2, b3 = tl.randint4x(seed, q)
+        tl.store(ours_ptr + i, a0.to(tl.int64), mask=i < n)
+        tl.store(ours_ptr + BLOCK + i, a1.to(tl.int64), mask=i < n)
+        tl.store(ours_ptr + 2 * BLOCK + i, a2.to(tl.int64), mask=i < n)
+        tl.store(ours_ptr + 3 * BLOCK + i, a3.to(tl.int64), mask=i < n)
+        tl.store(triton_ptr + i, b0.to(tl.int64), mask=i < n)
+        tl.store(triton_ptr + BLOCK + i, b1.to(tl.int64), mask=i < n)
+        tl.store(triton_ptr + 2 * BLOCK + i, b2.to(tl.int64), mask=i < n)
+        tl.store(triton_ptr + 3 * BLOCK + i, b3.to(tl.int64), mask=i < n)
 except ImportError:
-    _gumbel_transform = None
+    _gumbel_transform = _philox_words = None
 
 
 def test_gumbel_transform_matches_float64_over_the_tail(device):
@@ -140,6 +156,29 @@ def test_gumbel_transform_matches_float64_over_the_tail(device):
     expected = -torch.log(-torch.log1p(-u))
     assert expected.max() > 22.0 and expected.min() < -2.7
     torch.testing.assert_close(g.cpu().double(), expected, atol=2e-5, rtol=1e-6)
+
+
+def test_philox_is_tritons_bit_for_bit(device):
+    """tl_math.randint4x (one 64-bit product a multiply) gives tl.randint4x's four words for 64-bit seeds
+    and counters (high words set, negative ones), and Random123's known answer for key 0, counter 0
+    (philox4x32_10: 6627e8d5 e169c58d bc57ac4c 9b00dbd8)."""
+    if _philox_words is None:
+        pytest.skip("triton is not installed")
+    from fused_tau.kernels.row_engine import interpreted
+
+    if device == "cpu" and not interpreted():
+        pytest.skip("kernels on CPU tensors need the interpreter")
+    q = torch.tensor([0, 1, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1, 2 ** 32, 3 * 2 ** 40 + 17, -1, -2 ** 40],
+                     dtype=torch.int64)
+    q = torch.cat([q, torch.randint(0, 2 ** 62, (55,), generator=torch.Generator().manual_seed(3))]).to(device)
+    for seed in (0, 1, 2 ** 31 - 1, 0x1234_5678_9ABC_DEF0):
+        ours = torch.empty(4, 64, dtype=torch.int64, device=device)
+        theirs = torch.empty_like(ours)
+        _philox_words[(1,)](torch.tensor([seed], device=device), q, ours, theirs, len(q), BLOCK=64,
+                            INTERPRETED=interpreted())
+        assert torch.equal(ours, theirs), seed
+        if seed == 0:
+            assert (ours[:, 0] & 0xFFFFFFFF).tolist() == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
 
 
 def test_noise_does_not_depend_on_the_block(device, monkeypatch):

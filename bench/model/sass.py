@@ -200,9 +200,24 @@ def pointer_access(ttir):
             out |= origin.get("%" + r.split("#")[0], set())
         return out
 
+    def define(frames, name, o):
+        """name's origin gains o; the innermost region remembers what it was before."""
+        if frames and name not in frames[-1]:
+            frames[-1][name] = set(origin[name]) if name in origin else None
+        origin.setdefault(name, set()).update(o)
+
     for _ in range(2):  # a second pass carries loop-carried pointers defined after their first use
+        # the names a region defines die with it: sibling regions (a loop's body, an if's) reuse SSA names
+        frames = []
         for line in ttir.splitlines():
             body = line.split(" loc(")[0]
+            text = body.strip()
+            if text.startswith("}") and frames:
+                for name, before in frames.pop().items():
+                    if before is None:
+                        origin.pop(name, None)
+                    else:
+                        origin[name] = before
             if "tt.load" in body or "tt.descriptor_load" in body or "tt.atomic" in body:
                 m = re.search(r"tt\.(?:load|descriptor_load|atomic_rmw|atomic_cas)\s+(?:\w+,\s*\w+,\s*\w+,\s*)?(%[\w.$#-]+)",
                               body)
@@ -214,20 +229,22 @@ def pointer_access(ttir):
                 m = re.search(r"tt\.(?:store|descriptor_store)\s+(%[\w.$#-]+)", body)
                 if m:
                     writes |= refs(m.group(1))
-            if "scf.for" in body and "iter_args(" in body:
-                for new, init in _ITER_ARG.findall(body.split("iter_args(", 1)[1]):
-                    origin.setdefault(new, set()).update(origin.get(init.split("#")[0], set()))
             m = _DEF.match(body)
-            if not m:
-                continue
-            lhs, op, rest = m.groups()
-            if op in ("tt.load", "tt.descriptor_load"):
-                continue
-            is_pointer = "!tt.ptr" in rest or "tt.tensordesc" in rest or op == "tt.make_tensor_descriptor"
-            if is_pointer:
-                # addptr's offset is an integer: only its base carries an origin (sibling regions, such as
-                # two loops, may reuse an SSA name that is a pointer in one of them)
-                o = refs(rest.split(",")[0]) if op == "tt.addptr" else refs(rest)
+            if m and m.group(2) not in ("tt.load", "tt.descriptor_load"):
+                lhs, op, rest = m.groups()
+                is_pointer = "!tt.ptr" in rest or "tt.tensordesc" in rest or op == "tt.make_tensor_descriptor"
+                # addptr's offset is an integer: only its base carries an origin
+                o = (refs(rest.split(",")[0]) if op == "tt.addptr" else refs(rest)) if is_pointer else set()
                 if o:
-                    origin.setdefault(lhs, set()).update(o)
+                    define(frames, lhs, o)  # an op's results live in the region that holds the op
+            if text.endswith("{"):
+                frames.append({})
+            if "scf.for" in body and "iter_args(" in body:  # the loop's own values, in its region
+                for new, init in _ITER_ARG.findall(body.split("iter_args(", 1)[1]):
+                    o = origin.get(init.split("#")[0], set())
+                    if o:
+                        define(frames, new, o)
+        frames.clear()
+
+
     return reads, writes
