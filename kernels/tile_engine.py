@@ -87,10 +87,13 @@ for _arch in (90, 80):
 # clip_loss's forward on sm_90: paired 128 × 128 tiles (PAIR, kernels/tile_fwd.py; where no tile is ragged) read
 # the row tile through L2 once for 256 columns (the forward's limit in the model: 40.1 -> 30.2 µs at 4096 × 512),
 # in 16-wide D-steps, spill-free on sm_90 under Triton 3.9 and 3.6.  Not on sm_80: Triton 3.6 parks one value
-# there (an 8-byte stack frame; 32-wide D-steps: 168 bytes under 3.9), so sm_80 keeps single tiles.  The one
-# entry that differs between the two: the model compiles the sm_90 launch for sm_80 as well, and its sm_80
-# column for this launch is not what an sm_80 GPU runs.
+# there (an 8-byte stack frame; 32-wide D-steps: 168 bytes under 3.9), so sm_80 keeps single tiles (the model
+# runs the code as each architecture and compiles each one's own launch).
 TILE_CONFIGS[(90, "16", 512)]["clip"] = dict(PAIR=2, BLOCK_D=16)
+# infonce / NT-Xent's da at D = 128 on sm_90: 64-wide column tiles make it tensor-bound where 32-wide ones re-read
+# the row tile from shared memory for every 64 × 32 wgmma (the kernel's limit in the model); sm_80 keeps 32 (an
+# 8-byte stack frame there in the τ-gradient and clip variants)
+TILE_CONFIGS[(90, "16", 128)]["da"] = dict(BLOCK_N=64)
 # Tests cap every block (BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DO) so that odd sizes cross tile boundaries
 BLOCK_CAP = None
 # The architecture off the GPU (CPU tensors: the interpreter, a model compiling for sm_90)

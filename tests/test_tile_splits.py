@@ -359,3 +359,5 @@ def test_tile_table_per_arch_and_d_bin(arch):
     # clip_loss's forward pairs its 512-bin tiles on sm_90 only (16-wide D-steps); every other kernel alike
     clip = tile_engine.tile_config(arch, torch.bfloat16, 512, "clip")
     assert (clip.get("PAIR", 1), clip["BLOCK_D"]) == ((2, 16) if arch == 90 else (1, 64))
+    # infonce / NT-Xent's da walks 64-wide column tiles at D = 128 on sm_90, 32-wide on sm_80
+    assert tile_engine.tile_config(arch, torch.bfloat16, 128, "da")["BLOCK_N"] == (64 if arch == 90 else 32)

@@ -6,8 +6,10 @@ Two recorders work together while a case runs:
   kernel, whatever its name) with one that binds the arguments through Triton's own runtime
   binder for a CUDA backend, so the kernel is specialised exactly as a GPU run at that shape
   would specialise it (constexprs, ``num_warps`` / ``num_stages``, 16-byte pointer alignment and
-  divisibility by 16 of integer arguments), compiles it for each target architecture with
-  ``triton.compile`` and records the launch (grid, arguments) instead of launching it;
+  divisibility by 16 of integer arguments), compiles it for the architecture the code runs as
+  (``capture(arch)``: the tile table's choices follow it) with ``triton.compile`` and records the launch
+  (grid, arguments) instead of launching it; a case is run once as sm_90 (timed) and once as sm_80
+  (its resources), and :func:`merge_arch` pairs the two runs' launches;
 * every torch operator goes through :class:`TorchCost` (a ``TorchDispatchMode``): small ones run,
   heavy ones (a GEMM, a pass over a large tensor) are counted (FLOPs, bytes) and not run, their
   outputs allocated uninitialised with the shapes the op's meta kernel gives.  Large CPU
@@ -25,6 +27,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 ARCHS = (90, 80)  # sm_90 (H100 / H200) is what is timed; sm_80 is compiled for the resource checks
+# each architecture's launches come from running the code as that architecture (tile_engine.ARCH_OFF_GPU):
+# the tile table gives sm_90 and sm_80 their own tiles, and each is compiled for its own target
 HEAVY_BYTES = 1 << 20  # torch ops moving more than this are counted, not run
 HEAVY_FLOPS = 1 << 26
 
@@ -204,7 +208,8 @@ class TorchCost(TorchDispatchMode):
 
 @dataclasses.dataclass
 class Launch:
-    """One intercepted Triton launch: the kernel, its grid and arguments, and a compiled kernel per arch."""
+    """One intercepted Triton launch: the kernel, its grid and arguments, and a compiled kernel per arch
+    (the first arch's own; another's from the same place in a run as that arch: :func:`merge_arch`)."""
     name: str
     fn: object  # the JITFunction
     grid: tuple
@@ -212,6 +217,26 @@ class Launch:
     key: str  # the runtime specialisation (what Triton keys its kernel cache with)
     compiled: dict  # arch -> triton CompiledKernel
     phase: str
+    grids: dict = dataclasses.field(default_factory=dict)  # arch -> its launch's grid, where not ``grid``
+
+    def programs(self, arch):
+        g = self.grids.get(arch, self.grid)
+        return g[0] * g[1] * g[2]
+
+
+def merge_arch(launches, others, arch):
+    """Each of ``launches`` (a run as sm_90) takes the ``arch`` kernel and grid of the launch in the same
+    place of ``others`` (the same code run as ``arch``, which may pick other tiles); the two runs must
+    launch the same kernels in the same order."""
+    names, other_names = [lch.name for lch in launches], [lch.name for lch in others]
+    if names != other_names:
+        raise RuntimeError(f"the run as sm_{arch} launches {other_names}, the run as sm_90 {names}: the model "
+                           f"pairs each launch with its sm_{arch} twin by position")
+    for lch, twin in zip(launches, others):
+        lch.compiled[arch] = twin.compiled[arch]
+        if twin.grid != lch.grid:
+            lch.grids[arch] = twin.grid
+    return launches
 
 
 def _grid3(grid, bound_args):
@@ -288,10 +313,11 @@ def _zero_small_outputs(kernel, bound, benign=None):
 
 
 @contextlib.contextmanager
-def capture(archs=ARCHS):
-    """Within the block, fused_tau serves CPU tensors with its Triton kernels, each launch compiled and
-    recorded (not run), and torch operators are counted (heavy ones not run).  Yields
-    ``(TritonCapture, TorchCost)``; their ``phase`` attribute labels what is recorded next."""
+def capture(arch=ARCHS[0]):
+    """Within the block, fused_tau serves CPU tensors with its Triton kernels as on a GPU of compute
+    capability ``arch``, each launch compiled for it and recorded (not run), and torch operators are
+    counted (heavy ones not run).  Yields ``(TritonCapture, TorchCost)``; their ``phase`` attribute labels
+    what is recorded next."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("the model compiles kernels: run it without TRITON_INTERPRET=1")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.6's default, without 3.9's warning
@@ -302,15 +328,15 @@ def capture(archs=ARCHS):
 
     from .roofline import H100, H200
 
-    triton_rec = TritonCapture(archs)
+    triton_rec = TritonCapture((arch,))
     # the tile engine sizes its grid from the SM count and picks its tiles by architecture, both read
     # from the device on CUDA: the model's CPU tensors must get the modelled GPU's grid (both devices
-    # have the same count) and sm_90's tiles (the table keeps them spill-free and within shared memory
-    # on sm_80 too, so the same launch is compiled for both targets)
+    # have the same count; an A100's 108 SMs are not modelled: sm_80 is compiled for its resources) and
+    # ``arch``'s tiles
     assert H100.sms == H200.sms
     saved_sms, saved_arch = tile_engine.SM_COUNT_OFF_GPU, tile_engine.ARCH_OFF_GPU
     tile_engine.SM_COUNT_OFF_GPU = H200.sms
-    tile_engine.ARCH_OFF_GPU = 90
+    tile_engine.ARCH_OFF_GPU = arch
     saved_run, saved_interp, saved_tracing = JITFunction.run, _dispatch.interpreter_on, _ops._tracing
     saved_backend = os.environ.get("FUSED_TAU_BACKEND")
 

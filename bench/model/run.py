@@ -12,7 +12,7 @@ import torch
 from .. import cases as C
 from . import roofline as R
 from . import sass
-from .capture import ARCHS, capture, count_torch, unique_bytes
+from .capture import ARCHS, capture, count_torch, merge_arch, unique_bytes
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 REGRESSION = 0.10  # a case predicted more than 10% slower (or faster) than the committed table fails the check
@@ -144,7 +144,7 @@ def launch_record(launch, analyser):
                notes=list(f90.unmapped_loops), skipped_body=skipped_body)
     for arch in ARCHS:
         if arch != 90:
-            rec[f"sm{arch}"] = arch_facts(launch.compiled[arch], arch, programs)
+            rec[f"sm{arch}"] = arch_facts(launch.compiled[arch], arch, launch.programs(arch))
     rec["time_us"], rec["limit"], rec["terms_us"] = {}, {}, {}
     rec["reread_dram_bytes"] = {}
     loaded = programs * f90.num_warps * 32 * counts.load_bytes
@@ -216,11 +216,9 @@ def floor_seconds(case, dev):
     return b / dev.dram_bytes_s if b is not None else f / dev.matmul_flops_s
 
 
-def model_case(case, analyser):
-    """Predicted time of fused_tau and of the eager composition on one case, with every launch's facts."""
-    cpu = torch.device("cpu")
-    inp = C.make_inputs(case, cpu, values=False)
-    with capture() as (triton_rec, torch_rec):
+def _drive(case, inp, arch):
+    """(TritonCapture, TorchCost) of one step of fused_tau on ``case``, run as ``arch``."""
+    with capture(arch) as (triton_rec, torch_rec):
         step = C.runner(case, "fused_tau", inp)
         # a first step, not counted: the steady state is modelled, not what a first call does once (a
         # workspace made on first use and kept, as kernels/row_ce.py's tickets)
@@ -234,6 +232,17 @@ def model_case(case, analyser):
             out = C.PROVIDERS[case.op]["fused_tau"](inp)
             triton_rec.phase = torch_rec.phase = "bwd"
             out.backward(inp.get("upstream"))
+    return triton_rec, torch_rec
+
+
+def model_case(case, analyser):
+    """Predicted time of fused_tau and of the eager composition on one case, with every launch's facts."""
+    cpu = torch.device("cpu")
+    inp = C.make_inputs(case, cpu, values=False)
+    runs = {arch: _drive(case, inp, arch) for arch in ARCHS}
+    triton_rec, torch_rec = runs[ARCHS[0]]
+    for arch in ARCHS[1:]:
+        merge_arch(triton_rec.launches, runs[arch][0].launches, arch)
     with count_torch() as eager_rec:
         step = C.runner(case, "torch", inp)
         if case.mode == "fwd":
@@ -328,9 +337,8 @@ def variant_records(names=None, progress=None):
     for lch in launches_of_variants(names, progress):
         key = tuple(lch.compiled[a].hash for a in ARCHS)
         if key not in records:
-            programs = math.prod(lch.grid)
             records[key] = dict(kernel=lch.name, variants=[], **{
-                f"sm{a}": arch_facts(lch.compiled[a], a, programs) for a in ARCHS},
+                f"sm{a}": arch_facts(lch.compiled[a], a, lch.programs(a)) for a in ARCHS},
                 constexprs={k: getattr(v, "value", v) for k, v in lch.args.items()
                             if k.isupper() and isinstance(getattr(v, "value", v), (int, bool, str))})
         if lch.variant not in records[key]["variants"]:

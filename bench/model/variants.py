@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import fused_tau
 
-from .capture import capture
+from .capture import ARCHS, capture, merge_arch
 
 
 def _x(n, c, dtype, grad=True):
@@ -111,16 +111,21 @@ def variants():
 
 
 def launches_of_variants(names=None, progress=None):
-    """Every launch the variants make, each compiled for sm_90 and sm_80 (not run)."""
-    torch.manual_seed(0)
+    """Every launch the variants make, each run as sm_90 and as sm_80 and compiled for its own (not run)."""
     launches = []
     todo = [(name, call) for name, call in variants() if not names or any(n in name for n in names)]
     for i, (name, call) in enumerate(todo):
         if progress:
             progress(i, len(todo), name)
-        with capture() as (triton_rec, _):
-            call()
-        for lch in triton_rec.launches:
+        runs = {}
+        for arch in ARCHS:
+            torch.manual_seed(0)
+            with capture(arch) as (triton_rec, _):
+                call()
+            runs[arch] = triton_rec.launches
+        for arch in ARCHS[1:]:
+            merge_arch(runs[ARCHS[0]], runs[arch], arch)
+        for lch in runs[ARCHS[0]]:
             lch.variant = name
-        launches.extend(triton_rec.launches)
+        launches.extend(runs[ARCHS[0]])
     return launches
