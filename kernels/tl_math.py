@@ -81,11 +81,11 @@ _PHILOX_KEY_B = tl.constexpr(0xBB67AE85)
 
 
 @triton.jit
-def _mul_wide(a, B: tl.constexpr, INTERPRETED: tl.constexpr):
+def _mul_wide(a, B: tl.constexpr, EMULATED: tl.constexpr):
     """(high, low) words of the 64-bit product of the uint32 ``a`` and Philox's round constant ``B`` (A or B):
     one mul.wide.u32 (IMAD.WIDE.U32), kept in 32-bit registers (a uint64 tensor would move the noise's layout
-    through shared memory)."""
-    if INTERPRETED:
+    through shared memory); EMULATED: the same product as a uint64 multiply (the interpreter runs no PTX)."""
+    if EMULATED:
         p = a.to(tl.uint64) * B
         return (p >> 32).to(tl.uint32), p.to(tl.uint32)
     if B == _PHILOX_ROUND_A:
@@ -96,12 +96,10 @@ def _mul_wide(a, B: tl.constexpr, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def randint4x(seed, offset, INTERPRETED: tl.constexpr):
-    """tl.randint4x(seed, offset) bit for bit: the four words of Philox4x32-10 with key ``seed`` (64 bits)
-    and counter (offset's low word, its high word, 0, 0).  Each round's two 32 × 32-bit products are
-    one 64-bit multiply each (IMAD.WIDE.U32, both halves at once) where tl.randint4x takes umulhi and
-    mul apart (IMAD.HI and IMAD): two instructions fewer a round, 20 a call, 5 an element of Gumbel
-    noise."""
+def philox_rounds(seed, offset, EMULATED: tl.constexpr):
+    """The four words of Philox4x32-10 with key ``seed`` (64 bits) and counter (offset's low word, its high
+    word, 0, 0), as tl.randint4x computes them, with each round's two 32 × 32-bit products one 64-bit
+    multiply each (:func:`_mul_wide`; EMULATED: in uint64 arithmetic, for a CPU test of the rounds)."""
     s = seed.to(tl.uint64)
     k0 = (s & 0xFFFFFFFF).to(tl.uint32)
     k1 = (s >> 32).to(tl.uint32)
@@ -113,8 +111,8 @@ def randint4x(seed, offset, INTERPRETED: tl.constexpr):
     c2 = c0 * 0
     c3 = c0 * 0
     for _ in tl.static_range(10):
-        hi_b, lo_b = _mul_wide(c2, _PHILOX_ROUND_B, INTERPRETED)
-        hi_a, lo_a = _mul_wide(c0, _PHILOX_ROUND_A, INTERPRETED)
+        hi_b, lo_b = _mul_wide(c2, _PHILOX_ROUND_B, EMULATED)
+        hi_a, lo_a = _mul_wide(c0, _PHILOX_ROUND_A, EMULATED)
         c0 = hi_b ^ c1 ^ k0
         c2 = hi_a ^ c3 ^ k1
         c1 = lo_b
@@ -122,6 +120,18 @@ def randint4x(seed, offset, INTERPRETED: tl.constexpr):
         k0 = tl.add(k0, _PHILOX_KEY_A, sanitize_overflow=False)
         k1 = tl.add(k1, _PHILOX_KEY_B, sanitize_overflow=False)
     return c0, c1, c2, c3
+
+
+@triton.jit
+def randint4x(seed, offset, INTERPRETED: tl.constexpr):
+    """tl.randint4x(seed, offset) bit for bit.  Compiled: :func:`philox_rounds`, whose products are one
+    IMAD.WIDE.U32 each where tl.randint4x takes umulhi and mul apart (IMAD.HI and IMAD): two instructions
+    fewer a round, 20 a call, 5 an element of Gumbel noise.  The interpreter takes tl.randint4x itself (the
+    emulated rounds cost it 40% more time); tests/test_sampling.py checks the rounds against it, and
+    bench/gpu_quick.py the compiled words on a GPU."""
+    if INTERPRETED:
+        return tl.randint4x(seed, offset)
+    return philox_rounds(seed, offset, False)
 
 
 @triton.jit

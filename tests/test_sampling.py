@@ -106,7 +106,7 @@ try:
     import triton
     import triton.language as tl
 
-    from fused_tau.kernels.tl_math import gumbel_of_word, randint4x
+    from fused_tau.kernels.tl_math import gumbel_of_word, philox_rounds
 
     @triton.jit
     def _gumbel_transform(w_ptr, g_ptr, n, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
@@ -115,11 +115,11 @@ try:
         tl.store(g_ptr + i, gumbel_of_word(w, INTERPRETED), mask=i < n)
 
     @triton.jit
-    def _philox_words(seed_ptr, q_ptr, ours_ptr, triton_ptr, n, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+    def _philox_words(seed_ptr, q_ptr, ours_ptr, triton_ptr, n, BLOCK: tl.constexpr, EMULATED: tl.constexpr):
         i = tl.arange(0, BLOCK)
         q = tl.load(q_ptr + i, mask=i < n, other=0)
         seed = tl.load(seed_ptr)
-        a0, a1, a2, a3 = randint4x(seed, q, INTERPRETED)
+        a0, a1, a2, a3 = philox_rounds(seed, q, EMULATED)
         b0, b1, b2, b3 = tl.randint4x(seed, q)
         tl.store(ours_ptr + i, a0.to(tl.int64), mask=i < n)
         tl.store(ours_ptr + BLOCK + i, a1.to(tl.int64), mask=i < n)
@@ -159,9 +159,10 @@ def test_gumbel_transform_matches_float64_over_the_tail(device):
 
 
 def test_philox_is_tritons_bit_for_bit(device):
-    """tl_math.randint4x (one 64-bit product a multiply) gives tl.randint4x's four words for 64-bit seeds
-    and counters (high words set, negative ones), and Random123's known answer for key 0, counter 0
-    (philox4x32_10: 6627e8d5 e169c58d bc57ac4c 9b00dbd8)."""
+    """tl_math.philox_rounds (one 64-bit product a multiply; on CPU tensors its uint64 emulation, the
+    interpreter runs no PTX) gives tl.randint4x's four words for 64-bit seeds and counters (high words set,
+    negative ones), and Random123's known answer for key 0, counter 0 (philox4x32_10: 6627e8d5 e169c58d
+    bc57ac4c 9b00dbd8)."""
     if _philox_words is None:
         pytest.skip("triton is not installed")
     from fused_tau.kernels.row_engine import interpreted
@@ -175,7 +176,7 @@ def test_philox_is_tritons_bit_for_bit(device):
         ours = torch.empty(4, 64, dtype=torch.int64, device=device)
         theirs = torch.empty_like(ours)
         _philox_words[(1,)](torch.tensor([seed], device=device), q, ours, theirs, len(q), BLOCK=64,
-                            INTERPRETED=interpreted())
+                            EMULATED=interpreted())
         assert torch.equal(ours, theirs), seed
         if seed == 0:
             assert (ours[:, 0] & 0xFFFFFFFF).tolist() == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
