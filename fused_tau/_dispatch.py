@@ -89,8 +89,8 @@ def engine(backend, family):
     if backend == "triton":
         from .kernels import row, row_kd, row_sample, tile
         return {"row": row, "kd": row_kd, "sample": row_sample, "tile": tile}[family]
-    from . import _torch_kd, _torch_row, _torch_sample, _torch_tile
-    return {"row": _torch_row, "kd": _torch_kd, "sample": _torch_sample, "tile": _torch_tile}[family]
+    from . import _torch_kd, _torch_row, _torch_sample, _torch_tile_losses
+    return {"row": _torch_row, "kd": _torch_kd, "sample": _torch_sample, "tile": _torch_tile_losses}[family]
 
 
 # each public op and the argument whose device and dtype pick its backend

@@ -1,5 +1,5 @@
 """The tile engine's launchers, one namespace for fused_tau's dispatch (the torch path,
-fused_tau/_torch_tile.py, offers the same names).  The engine core (tile table, split plan, the
+fused_tau/_torch_tile_losses.py, offers the same names).  The engine core (tile table, split plan, the
 jit helpers of a tile) is tile_engine.py; the kernels are tile_fwd.py (the forward and its
 combine), tile_bwd.py (the backward, fused or through chunks of ds), tile_softmax_bwd.py (infonce's
 and NT-Xent's backward: the splits' sums and the positive's terms on the device) and tile_clip.py
