@@ -18,6 +18,7 @@ import torch
 
 pytest.importorskip("triton")
 from bench.model import roofline as R  # noqa: E402
+from bench.model import checks  # noqa: E402
 from bench.model import run as M  # noqa: E402
 from bench.model import sass, sass_loops  # noqa: E402
 
@@ -68,7 +69,7 @@ def test_no_spills_and_shared_memory_fits(report):
     entries = [(f"{case}: {lch['kernel']}", lch) for case, lch in _launches(report)]
     entries += [(f"{v['kernel']} ({'; '.join(v['variants'])})", v) for v in report["variants"]]
     for where, entry in entries:
-        for problem in M.arch_problems(where, entry):
+        for problem in checks.arch_problems(where, entry):
             arch = int(re.search(r"sm_(\d+)", problem).group(1))
             if " spills on " in problem and (entry["kernel"], arch) in KNOWN_SPILLS:
                 spilled.add((entry["kernel"], arch))
@@ -114,7 +115,7 @@ def test_no_case_moved_from_the_committed_table(report):
         pytest.skip(f"{table.name} was made with Triton {theirs}, this is {ours}: another compiler, another table")
     assert {r["case"] for r in baseline["cases"]} == {r["case"] for r in report["cases"]}, \
         "the model's cases changed: commit the new table (python -m bench.model)"
-    moved = M.regressions(report, baseline)
+    moved = checks.regressions(report, baseline)
     assert not moved, f"against {table.name}:\n" + "\n".join(moved)
 
 
@@ -124,7 +125,7 @@ def test_the_regression_check_fires(report):
     slower["predicted_ms"]["h100"] /= 1.2  # today's prediction is 20% over it
     faster["predicted_ms"]["h200"] *= 1.2
     within["predicted_ms"]["h100"] /= 1.05
-    moved = M.regressions(report, baseline)
+    moved = checks.regressions(report, baseline)
     assert len(moved) == 2
     assert slower["case"] in moved[0] and "slower" in moved[0] and "h100" in moved[0]
     assert faster["case"] in moved[1] and "faster" in moved[1] and "commit the new table" in moved[1]

@@ -57,6 +57,7 @@ def main(argv=None):
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("python -m bench.model compiles the kernels: unset TRITON_INTERPRET", file=sys.stderr)
         return 2
+    from . import checks
     from . import run as M
 
     ops = args.ops.split(",") if args.ops else None
@@ -71,7 +72,7 @@ def main(argv=None):
 
     report = M.run(cases, progress)
     if args.variants:
-        report["variants"] = M.variant_records(progress=progress)
+        report["variants"] = checks.variant_records(progress=progress)
     if args.json:
         print(json.dumps(report, indent=1, default=str))
     elif cases:
@@ -86,15 +87,15 @@ def main(argv=None):
             print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
     if not args.check:
         return 0
-    problems = M.resource_problems(report)
+    problems = checks.resource_problems(report)
     for v in report.get("variants", []):
-        problems += M.arch_problems(f"{v['kernel']} ({'; '.join(v['variants'])})", v)
+        problems += checks.arch_problems(f"{v['kernel']} ({'; '.join(v['variants'])})", v)
     if cases and baseline is None:
         problems.append("no committed table to compare with (bench/results/model-*.json)")
     elif cases:
         if ops:
             baseline = dict(baseline, cases=[c for c in baseline["cases"] if c["op"] in ops])
-        problems += M.regressions(report, baseline)
+        problems += checks.regressions(report, baseline)
     for p in problems:
         print(f"FAIL {p}", file=sys.stderr)
     print(f"{len(problems)} problem(s); {time.perf_counter() - t0:.0f} s", file=sys.stderr)

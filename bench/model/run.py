@@ -1,9 +1,8 @@
-"""The model's cases, their predictions, the checks, and the written table."""
+"""The model's cases, their predictions and the written table (its checks: checks.py)."""
 import dataclasses
 import datetime
 import inspect
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from . import sass
 from .capture import ARCHS, capture, count_torch, merge_arch, unique_bytes
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
-REGRESSION = 0.10  # a case predicted more than 10% slower (or faster) than the committed table fails the check
 
 # (op, N, C or K or V, D): bf16, every mode the op has (bench/cases.py OPS); a new op adds its case here
 MODEL_SIZES = [
@@ -120,7 +118,7 @@ def inflight_bytes(hot, counts, num_stages):
 
 
 def launch_record(launch, analyser):
-    programs = math.prod(launch.grid)
+    programs = launch.programs(90)
     f90 = analyser.facts(launch, 90)
     counts, hot, trips = analyser.counts(launch, 90)
     read_bytes, write_bytes, reads, writes = analyser.dram_bytes(launch)
@@ -292,86 +290,9 @@ def run(cases, progress=None):
     return dict(environment=environment(), cases=records)
 
 
-# ----------------------------------------------------------------------------- checks
-
-def resource_problems(report):
-    """Spills, shared memory over a block's limit, a streaming loop without 128-bit loads, loops the
-    model could not count: one sentence each."""
-    out = []
-    for rec in report["cases"]:
-        for lch in rec["launches"]:
-            where = f"{rec['case']}: {lch['kernel']}"
-            out += arch_problems(where, lch)
-            hot = lch["hot_loop"]
-            # the row engine's streaming loops (the tile engine's combine reads a few fp32 partials a row)
-            if hot and not hot["tensor"] and hot["loads"] and (hot["source"] or "").startswith("row"):
-                narrow = {k: v for k, v in hot["loads"].items() if not k.endswith(".128")}
-                if narrow:
-                    out.append(f"{where}: its streaming loop ({hot['source']}) loads with {narrow}, not only "
-                               f"128-bit loads")
-            for note in lch["notes"]:
-                out.append(f"{where}: the model cannot count {note}")
-    return out
-
-
-def arch_problems(where, lch):
-    out = []
-    for arch in ARCHS:
-        a = lch[f"sm{arch}"]
-        if spills_of(a):
-            out.append(f"{where} spills on sm_{arch} ({a['stack_bytes']} bytes of stack, {a['local_bytes']} of local "
-                       f"memory, {a['spill_instructions'] if a['spill_instructions'] is not None else 'unread'} "
-                       f"LDL / STL instructions; {a['registers']} registers)")
-        if a["shared_bytes"] > a["shared_limit"]:
-            out.append(f"{where} needs {a['shared_bytes']} bytes of shared memory on sm_{arch}, over the "
-                       f"{a['shared_limit']} a block may have")
-    return out
-
-
-def variant_records(names=None, progress=None):
-    """One record per distinct compiled kernel the variants launch (bench/model/variants.py): its
-    resources on every architecture, and the variants that launch it."""
-    from .variants import launches_of_variants
-
-    records = {}
-    for lch in launches_of_variants(names, progress):
-        key = tuple(lch.compiled[a].hash for a in ARCHS)
-        if key not in records:
-            records[key] = dict(kernel=lch.name, variants=[], **{
-                f"sm{a}": arch_facts(lch.compiled[a], a, lch.programs(a)) for a in ARCHS},
-                constexprs={k: getattr(v, "value", v) for k, v in lch.args.items()
-                            if k.isupper() and isinstance(getattr(v, "value", v), (int, bool, str))})
-        if lch.variant not in records[key]["variants"]:
-            records[key]["variants"].append(lch.variant)
-    return list(records.values())
-
-
 def latest_table(directory=RESULTS):
     tables = sorted(directory.glob("model-*.json"))
     return tables[-1] if tables else None
-
-
-def regressions(report, baseline, tolerance=REGRESSION):
-    """Cases whose prediction moved more than ``tolerance`` from ``baseline`` (a committed report)."""
-    old = {r["case"]: r for r in baseline["cases"]}
-    out = []
-    for rec in report["cases"]:
-        prev = old.get(rec["case"])
-        if prev is None:
-            out.append(f"{rec['case']}: not in the committed table (a new case: commit the new table)")
-            continue
-        for dev, ms in rec["predicted_ms"].items():
-            before = prev["predicted_ms"].get(dev)
-            if not before:
-                continue
-            change = ms / before - 1
-            if change > tolerance:
-                out.append(f"{rec['case']}: predicted {ms:.4g} ms on {dev}, {100 * change:.0f}% slower than the "
-                           f"committed {before:.4g} ms")
-            elif change < -tolerance:
-                out.append(f"{rec['case']}: predicted {ms:.4g} ms on {dev}, {-100 * change:.0f}% faster than the "
-                           f"committed {before:.4g} ms: commit the new table with the change")
-    return out
 
 
 # ----------------------------------------------------------------------------- the table
